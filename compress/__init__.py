@@ -1,0 +1,5 @@
+"""Compressors: each family in its own module, all behind one registry (see base.py)."""
+from edgeslim.compress.base import (CalibData, CompressResult, Compressor, LayerChange, get_compressor,
+                                    list_compressors, register)
+
+__all__ = ["CalibData", "CompressResult", "Compressor", "LayerChange", "get_compressor", "list_compressors", "register"]

@@ -1,0 +1,1 @@
+"""Target profiles shipped as TOML data files (see runtime/targets.py)."""
