@@ -1,0 +1,282 @@
+"""Low-rank factorization of nn.Linear layers: plain SVD, Fisher-weighted SVD and activation-aware SVD.
+
+All three solve min ||L (W - A B) R||_F over rank-r factors A (m x r), B (r x n) for a weighting L
+(rows) and R (columns): take the SVD of L W R, truncate it, and undo the weighting on the factors
+(A = L^-1 U_r S_r^1/2, B = S_r^1/2 V_r^T R^-1). At full rank A B = W exactly.
+- svd: L = R = I.
+- fwsvd (Hsu et al., "Language model compression with weighted low-rank factorization", ICLR 2022,
+  Sec. 3, row-wise simplification): L = diag(sqrt(I_i)) with I_i the empirical Fisher summed over row i.
+- asvd: R whitens the layer's inputs so the error is measured on real activations,
+  ||(W - W') X||_F = ||(W - W') C^1/2||_F (Cholesky of the damped input second moment, SVD-LLM,
+  Wang et al. 2024, Sec. 3.1), or scales columns by mean |x|^alpha (ASVD, Yuan et al. 2023, Sec. 3.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from edgeslim.compress.base import (BudgetConfig, CalibData, CompressResult, Compressor, LayerChange, register,
+                                    working_copy)
+from edgeslim.compress.calibration import CalibStats, collect_stats
+from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate_ranks
+from edgeslim.compress.replace import select_modules, set_submodule
+from edgeslim.errors import ConfigError
+
+
+class LowRankLinear(nn.Module):
+    """y = second(first(x)): a rank-r factorization of an m x n Linear as two thin Linears.
+
+    Parameters: r*(n + m) weights, plus m bias in `second`. Exports to ONNX as a MatMul/Gemm pair.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ConfigError(f"rank must be in [1, {min(in_features, out_features)}] for a "
+                              f"{out_features}x{in_features} layer, got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)  # B: r x n
+        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)  # A: m x r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_factors(cls, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """Build from A (m x r) and B (r x n) so that the layer computes x B^T A^T + bias."""
+        m, r = left.shape
+        dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+        layer = cls(right.shape[1], m, r, bias=bias is not None, dtype=dtype, device=left.device)
+        with torch.no_grad():
+            layer.first.weight.copy_(right.to(dtype))
+            layer.second.weight.copy_(left.to(dtype))
+            if bias is not None:
+                layer.second.bias.copy_(bias.to(dtype))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, row_weight: torch.Tensor | None = None,
+                    col_factor: torch.Tensor | None = None) -> "LowRankLinear":
+        """Truncated (weighted) SVD of a trained Linear; plain SVD when no weighting is given."""
+        fact = weighted_svd(linear.weight, row_weight, col_factor)
+        left, right = fact.factors(rank)
+        return cls.from_factors(left, right, linear.bias.detach() if linear.bias is not None else None,
+                                dtype=linear.weight.dtype)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent single Linear (weight = A B)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.second.bias is not None,
+                          dtype=self.first.weight.dtype, device=self.first.weight.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.second.weight @ self.first.weight)
+            if self.second.bias is not None:
+                dense.bias.copy_(self.second.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass
+class WeightedSVD:
+    """SVD of L W R in float64 with the weighting kept to undo it on the factors."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    row_weight: torch.Tensor | None  # diagonal of L
+    col_factor: torch.Tensor | None  # R: a vector (diagonal) or a lower-triangular n x n matrix
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (m x r), B (r x n) with the singular values split evenly between them."""
+        root = self.s[:rank].sqrt()
+        left = self.u[:, :rank] * root
+        right = root[:, None] * self.vh[:rank]
+        if self.row_weight is not None:
+            left = left / self.row_weight[:, None]
+        if self.col_factor is not None:
+            if self.col_factor.dim() == 1:
+                right = right / self.col_factor
+            else:  # B R = V_r^T  ->  B = V_r^T R^-1, R lower triangular
+                right = torch.linalg.solve_triangular(self.col_factor, right, upper=False, left=False)
+        return left, right
+
+    def rel_error(self, rank: int) -> float:
+        """Relative weighted error ||L (W - A B) R|| / ||L W R|| of truncation at `rank`."""
+        energy = self.s.square()
+        total = float(energy.sum())
+        return (float(energy[rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def weighted_svd(weight: torch.Tensor, row_weight: torch.Tensor | None = None,
+                 col_factor: torch.Tensor | None = None) -> WeightedSVD:
+    """SVD of diag(row_weight) W R in float64 (R = diag(col_factor) or a lower-triangular factor)."""
+    w = weight.detach().to(torch.float64)
+    if row_weight is not None:
+        row_weight = row_weight.to(torch.float64)
+        w = row_weight[:, None] * w
+    if col_factor is not None:
+        col_factor = col_factor.to(torch.float64)
+        w = w * col_factor if col_factor.dim() == 1 else w @ col_factor
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return WeightedSVD(u, s, vh, row_weight, col_factor)
+
+
+@dataclass(frozen=True)
+class SVDConfig(BudgetConfig):
+    """Plain truncated SVD; the budget forms are those of BudgetConfig."""
+
+
+@dataclass(frozen=True)
+class FWSVDConfig(BudgetConfig):
+    """Fisher-weighted SVD (Hsu et al., ICLR 2022)."""
+
+    floor: float = 1e-6  # rows with less Fisher than floor * mean row Fisher are raised to it
+
+
+@dataclass(frozen=True)
+class ASVDConfig(BudgetConfig):
+    """Activation-aware SVD: whiten by the input second moment, or scale columns by mean |x|^alpha."""
+
+    mode: str = "whiten"  # "whiten" (Cholesky of damped E[x x^T]) | "scale" (diag(mean |x|)^alpha)
+    damping: float = 1e-2  # added to the diagonal, relative to its mean, so the Cholesky exists
+    alpha: float = 0.5  # exponent of the column scaling in "scale" mode
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("whiten", "scale"):
+            raise ConfigError(f"asvd mode must be 'whiten' or 'scale', got {self.mode!r}")
+        if not self.damping > 0.0:
+            raise ConfigError(f"asvd damping must be > 0, got {self.damping}")
+
+
+class _LowRankCompressor(Compressor):
+    """Shared flow: select Linears, (weighted) SVD each, allocate ranks globally, replace."""
+
+    fisher = False  # which calibration statistics the weighting needs
+    activations = False
+
+    def weighting(self, name: str, linear: nn.Linear, config: BudgetConfig, stats: CalibStats | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(row_weight, col_factor, scale of the energy for global allocation) of one layer."""
+        return None, None, 1.0
+
+    def compress(self, model: nn.Module, config: BudgetConfig, calib: CalibData | None = None,
+                 inplace: bool = False) -> CompressResult:
+        config = self.make_config(config)
+        if self.needs_calibration and calib is None:
+            raise ConfigError(f"'{self.name}' needs calibration data (e.g. calib = \"bbc-news:256\")")
+        stats = None
+        if calib is not None and (self.fisher or self.activations):
+            names = [n for n, _ in select_modules(model, config.target, config.exclude)]
+            stats = collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
+        return self.compress_with_stats(model, config, stats, inplace=inplace)
+
+    def compress_with_stats(self, model: nn.Module, config: BudgetConfig, stats: CalibStats | None,
+                            inplace: bool = False) -> CompressResult:
+        """compress() with calibration statistics already collected (reused across budgets)."""
+        config = self.make_config(config)
+        model = working_copy(model, inplace)
+        chosen = select_modules(model, config.target, config.exclude)
+        facts, spectra = {}, []
+        for name, linear in chosen:
+            row, col, scale = self.weighting(name, linear, config, stats)
+            facts[name] = weighted_svd(linear.weight, row, col)
+            spectra.append(LayerSpectrum(name, linear.out_features, linear.in_features,
+                                         0 if linear.bias is None else linear.out_features,
+                                         facts[name].s.square(), scale))
+        ranks = allocate_ranks(spectra, config)
+        changes = []
+        for (name, linear), spec in zip(chosen, spectra):
+            rank = ranks[name]
+            if rank is None:
+                continue
+            left, right = facts[name].factors(rank)
+            bias = linear.bias.detach() if linear.bias is not None else None
+            set_submodule(model, name, LowRankLinear.from_factors(left, right, bias, dtype=linear.weight.dtype))
+            lost = float(spec.energy[rank:].sum())
+            changes.append(LayerChange(name, "Linear -> LowRankLinear", spec.dense_params,
+                                       spec.lowrank_params(rank), rank, facts[name].rel_error(rank),
+                                       self.sensitivity(lost, spec)))
+        resolved = {"ranks": {n: r for n, r in ranks.items() if r is not None},
+                    "dense": [n for n, r in ranks.items() if r is None]}
+        return CompressResult(model, self.name, config.to_dict(), changes, resolved)
+
+    def sensitivity(self, lost_energy: float, spec: LayerSpectrum) -> float | None:
+        """Estimated task-loss or output change from this layer's truncation; None when unknown."""
+        return None
+
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+        """Swap the recorded Linears for empty LowRankLinears of the recorded ranks (weights load after)."""
+        for name, rank in resolved.get("ranks", {}).items():
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError as exc:
+                raise ConfigError(f"replay: the model has no module '{name}'") from exc
+            if not isinstance(linear, nn.Linear):
+                raise ConfigError(f"replay: '{name}' is a {type(linear).__name__}, expected Linear")
+            set_submodule(model, name, LowRankLinear(linear.in_features, linear.out_features, int(rank),
+                                                     bias=linear.bias is not None, dtype=linear.weight.dtype,
+                                                     device=linear.weight.device))
+        return model
+
+
+@register
+class SVD(_LowRankCompressor):
+    """Truncated SVD of each targeted Linear (Eckart-Young optimal in the Frobenius norm)."""
+
+    name = "svd"
+    Config = SVDConfig
+
+    def weighting(self, name, linear, config, stats):
+        # no data: layers compared by the fraction of their spectral energy lost
+        return None, None, 1.0 / max(float(linear.weight.detach().double().square().sum()), 1e-30)
+
+
+@register
+class FWSVD(_LowRankCompressor):
+    """Fisher-weighted SVD, row-wise (Hsu et al., ICLR 2022, Sec. 3.2)."""
+
+    name = "fwsvd"
+    Config = FWSVDConfig
+    needs_calibration = True
+    fisher = True
+
+    def weighting(self, name, linear, config, stats):
+        # Mean Fisher per row: the row-wise estimate of the loss change is sum_i (I_i / n) ||dW_i||^2,
+        # so weighted energies of different layers are on one (loss) scale for global allocation.
+        row = stats.fisher[name].to(torch.float64).sum(dim=1) / linear.in_features
+        floor = config.floor * max(float(row.mean()), torch.finfo(torch.float64).tiny)
+        return row.clamp_min(floor).sqrt(), None, 1.0
+
+    def sensitivity(self, lost_energy, spec):
+        return 0.5 * lost_energy  # second-order estimate of the task-loss increase
+
+
+@register
+class ASVD(_LowRankCompressor):
+    """Activation-aware SVD: truncation error measured on the layer's calibration inputs."""
+
+    name = "asvd"
+    Config = ASVDConfig
+    needs_calibration = True
+    activations = True
+
+    def weighting(self, name, linear, config, stats):
+        if config.mode == "scale":
+            col = stats.mean_abs(name).to(torch.float64).clamp_min(1e-12).pow(config.alpha)
+            return None, col, 1.0 / max(float((linear.weight.detach().double() * col).square().sum()), 1e-30)
+        cov = stats.second_moment(name).to(torch.float64)
+        cov = cov + config.damping * float(cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(
+            cov.shape[0], dtype=cov.dtype)
+        chol = torch.linalg.cholesky(cov)
+        # relative output error: layers compared by the fraction of their output energy lost
+        return None, chol, 1.0 / max(float((linear.weight.detach().double() @ chol).square().sum()), 1e-30)
+
+    def sensitivity(self, lost_energy, spec):
+        return lost_energy  # E ||(W - W') x||^2 over the calibration inputs (whiten mode)

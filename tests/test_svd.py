@@ -1,0 +1,191 @@
+"""Low-rank family (svd, fwsvd, asvd): exactness, weighted optimality, budgets, replay, ONNX parity."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.compress.base import CalibData
+from edgeslim.compress.calibration import collect_stats
+from edgeslim.compress.replace import count_params
+from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear, weighted_svd
+from edgeslim.errors import ConfigError
+
+torch.set_num_threads(1)
+
+
+class TinyNet(nn.Module):
+    """Three hidden Linears of different shapes and a 1-output head (no rank saves parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(24, 48)
+        self.b = nn.Linear(48, 48)
+        self.c = nn.Linear(48, 32, bias=False)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def tiny_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet().eval()
+    with torch.no_grad():  # correlated inputs and uneven rows make the weighting matter
+        model.a.weight.mul_(torch.linspace(0.1, 3.0, 24))
+        model.b.weight.mul_(torch.linspace(0.2, 2.0, 48)[:, None])
+    return model
+
+
+def tiny_calib(n_batches: int = 4, targets: bool = True, seed: int = 1) -> CalibData:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(24, 24, generator=g) * torch.linspace(0.05, 2.0, 24)
+    batches = [{"x": torch.randn(16, 24, generator=g) @ mix} for _ in range(n_batches)]
+    labels = [torch.randn(16, 1, generator=g) for _ in range(n_batches)] if targets else None
+    return CalibData("tiny", batches, labels)
+
+
+def test_lowrank_linear_full_rank_is_exact_and_counts_params():
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 12)
+    x = torch.randn(5, 20)
+    low = LowRankLinear.from_linear(linear, 12)
+    torch.testing.assert_close(low(x), linear(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(low.to_dense().weight, linear.weight, atol=1e-5, rtol=1e-5)
+    for rank in (1, 5, 12):
+        assert count_params(LowRankLinear(20, 12, rank)) == rank * (20 + 12) + 12
+        assert count_params(LowRankLinear(20, 12, rank, bias=False)) == rank * (20 + 12)
+    with pytest.raises(ConfigError, match="rank"):
+        LowRankLinear(20, 12, 13)
+
+
+def test_truncated_svd_is_eckart_young():
+    torch.manual_seed(0)
+    linear = nn.Linear(30, 20, bias=False)
+    low = LowRankLinear.from_linear(linear, 6)
+    s = torch.linalg.svdvals(linear.weight.double())
+    err = torch.linalg.norm(low.to_dense().weight.double() - linear.weight.detach().double())
+    assert abs(float(err) - float(s[6:].square().sum().sqrt())) < 1e-5
+
+
+@pytest.mark.parametrize("compressor", [SVD(), FWSVD(), ASVD()], ids=lambda c: c.name)
+def test_each_weighting_is_exact_at_full_rank(compressor):
+    model, calib = tiny_model(), tiny_calib()
+    stats = collect_stats(model, calib, ["a", "b", "c"], progress=False)
+    config = compressor.make_config({})
+    x = calib.batches[0]["x"]
+    for name in ("a", "b", "c"):
+        linear = model.get_submodule(name)
+        row, col, _ = compressor.weighting(name, linear, config, stats)
+        left, right = weighted_svd(linear.weight, row, col).factors(min(linear.weight.shape))
+        low = LowRankLinear.from_factors(left, right, linear.bias)
+        inputs = x if name == "a" else torch.randn(16, linear.in_features)
+        torch.testing.assert_close(low(inputs), linear(inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_fwsvd_beats_svd_on_fisher_weighted_error():
+    model, calib = tiny_model(), tiny_calib()
+    stats = collect_stats(model, calib, ["b"], activations=False, progress=False)
+    w = model.b.weight.detach().double()
+    row = stats.fisher["b"].double().sum(1)
+    fw = FWSVD().compress_with_stats(model, {"rank": 8, "target": ["b"]}, stats).model.b.to_dense().weight
+    plain = SVD().compress(model, {"rank": 8, "target": ["b"]}).model.b.to_dense().weight
+
+    def weighted(approx):
+        return float((row[:, None] * (w - approx.detach().double()).square()).sum())
+
+    assert weighted(fw) < weighted(plain) * 0.999
+
+
+def test_asvd_beats_svd_on_calibration_outputs():
+    model, calib = tiny_model(), tiny_calib()
+    x = torch.cat([b["x"] for b in calib.batches])
+    fitted = ASVD().compress(model, {"rank": 4, "target": ["a"]}, calib).model.a
+    plain = SVD().compress(model, {"rank": 4, "target": ["a"]}).model.a
+    ref = model.a(x)
+    err_asvd = float((fitted(x) - ref).square().sum())
+    err_svd = float((plain(x) - ref).square().sum())
+    assert err_asvd < err_svd * 0.999
+    scaled = ASVD().compress(model, {"rank": 4, "target": ["a"], "mode": "scale"}, calib).model.a
+    assert float((scaled(x) - ref).square().sum()) < err_svd
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+@pytest.mark.parametrize("align", [1, 4])
+@pytest.mark.parametrize("ratio", [0.7, 0.4])
+def test_ratio_budget_and_align_are_honoured(allocation, align, ratio):
+    model = tiny_model()
+    result = FWSVD().compress(model, {"ratio": ratio, "allocation": allocation, "align": align}, tiny_calib())
+    layers = {"a": model.a, "b": model.b, "c": model.c, "head": model.head}
+    before = sum(count_params(m) for m in layers.values())
+    after = sum(count_params(result.model.get_submodule(n)) for n in layers)
+    max_step = max(align * (m.in_features + m.out_features) for m in layers.values())
+    assert after <= ratio * before + max_step
+    assert after >= ratio * before - 2 * len(layers) * max_step  # the budget is spent, not wasted
+    assert all(r % align == 0 for r in result.resolved["ranks"].values())
+    assert "head" in result.resolved["dense"]  # 1x32: r*(1+32) < 32 has no solution
+    assert isinstance(result.model.head, nn.Linear)
+    for change in result.changes:
+        assert change.params_after == change.rank * (sum(layers[change.name].weight.shape)) + (
+            0 if layers[change.name].bias is None else layers[change.name].out_features)
+        assert 0.0 <= change.rel_error <= 1.0 and change.sensitivity >= 0.0
+
+
+def test_sensitivity_allocation_is_uneven_where_it_matters():
+    model = tiny_model()
+    with torch.no_grad():  # b nearly rank 4: sensitivity gives the rank to the others
+        u, v = torch.randn(48, 4), torch.randn(4, 48)
+        model.b.weight.copy_(u @ v + 1e-3 * torch.randn(48, 48))
+    uni = SVD().compress(model, {"ratio": 0.5, "target": ["a", "b", "c"]})
+    sens = SVD().compress(model, {"ratio": 0.5, "target": ["a", "b", "c"], "allocation": "sensitivity"})
+    assert sens.resolved["ranks"]["b"] < uni.resolved["ranks"]["b"]
+    total_err = lambda r: sum(c.rel_error ** 2 for c in r.changes)  # noqa: E731
+    assert total_err(sens) < total_err(uni)
+
+
+def test_energy_and_rank_forms():
+    model = tiny_model()
+    result = SVD().compress(model, {"energy": 0.6, "target": ["a", "b", "c"]})
+    for change in result.changes:
+        assert 1.0 - change.rel_error ** 2 >= 0.6 - 1e-9
+    fixed = SVD().compress(model, {"rank": 6, "align": 4, "target": ["a", "b", "c"]})
+    assert fixed.resolved["ranks"] == {"a": 4, "b": 4, "c": 4} and fixed.resolved["dense"] == []
+    assert SVD().compress(model, {"rank": 1}).resolved["dense"] == ["head"]
+
+
+def test_config_errors():
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="one budget form"):
+        SVD().compress(model, {"ratio": 0.5, "rank": 4})
+    with pytest.raises(ConfigError, match="'c'"):
+        SVD().compress(model, {"rank": 40, "target": ["b", "c"]})  # c is 32x48: max rank 32
+    with pytest.raises(ConfigError, match="unknown key"):
+        SVD().compress(model, {"ratio": 0.5, "rnak": 3})
+    with pytest.raises(ConfigError, match="calibration"):
+        FWSVD().compress(model, {"ratio": 0.5})
+    with pytest.raises(ConfigError, match="mode"):
+        ASVD().make_config({"mode": "whatever"})
+    with pytest.raises(ConfigError, match="too small"):
+        SVD().compress(model, {"ratio": 0.01, "allocation": "sensitivity", "target": ["a", "b", "c"]})
+
+
+@pytest.mark.parametrize("compressor", [SVD(), FWSVD(), ASVD()], ids=lambda c: c.name)
+def test_replay_rebuilds_structure_without_data(compressor):
+    model, calib = tiny_model(), tiny_calib(targets=False)
+    result = compressor.compress(model, {"ratio": 0.5, "allocation": "sensitivity"}, calib)
+    assert isinstance(model.a, nn.Linear)  # the caller's model is untouched
+    fresh = compressor.replay(tiny_model(seed=7), result.resolved)
+    fresh.load_state_dict(result.model.state_dict(), strict=True)
+    x = calib.batches[0]["x"]
+    torch.testing.assert_close(fresh(x), result.model(x), atol=0, rtol=0)
+
+
+def test_onnx_parity_of_lowrank_model(tmp_path):
+    onnx_export = pytest.importorskip("edgeslim.export.onnx")
+    from edgeslim.specs import TensorSpec
+    result = SVD().compress(tiny_model(), {"ratio": 0.5})
+    exported = onnx_export.to_onnx(result.model, [TensorSpec("x", ("batch", 24))], tmp_path / "m.onnx")
+    assert max(exported.max_abs_diff.values()) < 1e-4
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(exported.path)).graph.node}
+    assert ops & {"Gemm", "MatMul"} and "Einsum" not in ops
