@@ -133,10 +133,8 @@ def _random(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) 
 
 def _sr_patches(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
     from edgeslim import images
-    probe = torch.zeros(1, 1, 8, 8)
-    with torch.no_grad():
-        scale = loaded.model(x=probe).shape[-1] // 8
-    return images.patch_calibration(scale, count or 1024, seed=seed, batch_size=batch_size)
+    from edgeslim.sources import sr_scale
+    return images.patch_calibration(sr_scale(loaded.model), count or 1024, seed=seed, batch_size=batch_size)
 
 
 def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: int) -> CalibData:

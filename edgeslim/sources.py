@@ -237,3 +237,12 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
                           f"and this file as --weights")
     raise SourceError(f"unknown model source {text!r}: not a folder, not 'pkg.module:factory', not a zoo "
                       f"name (zoo: {', '.join(zoo.names())})")
+
+
+def sr_scale(model: nn.Module) -> int:
+    """Upscaling factor of a super-resolution model `model(x=[B, 1, H, W])`, found by probing an 8x8 input."""
+    with torch.inference_mode():
+        out = model(x=torch.zeros(1, 1, 8, 8))
+    if out.dim() != 4 or out.shape[-1] % 8 or out.shape[-1] < 8:
+        raise ConfigError(f"not a super-resolution model: 8x8 input gave output shape {tuple(out.shape)}")
+    return out.shape[-1] // 8

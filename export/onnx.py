@@ -89,3 +89,21 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
             checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol)
         size = tmp.stat().st_size
     return ExportResult(path, size, opset, list(output_names), checks)
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
+
+
+def onnx_inputs(path: str | Path) -> list[TensorSpec]:
+    """Input specs read from an ONNX file's graph (named dims stay named)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf DecodeError and friends
+        from edgeslim.errors import SourceError
+        raise SourceError(f"cannot read ONNX file {path}: {exc}") from exc
+    inits = {i.name for i in graph.initializer}
+    return [TensorSpec(i.name, tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim),
+                       _ONNX_DTYPES.get(i.type.tensor_type.elem_type, "float32"))
+            for i in graph.input if i.name not in inits]

@@ -1,0 +1,6 @@
+"""`python -m edgeslim` = the `edgeslim` command."""
+import sys
+
+from edgeslim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,298 @@
+"""The `edgeslim` command: a thin shell over the library (parse, call one function, print)."""
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeslim.errors import ConfigError, EdgeslimError
+from edgeslim.pipeline import DEFAULT_OUT
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _value(text: str) -> Any:
+    """A --set value as TOML (numbers, booleans, lists), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--batch takes comma-separated integers, got {text!r}") from exc
+
+
+def _dims(pairs: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for p in pairs:
+        key, _, val = p.partition("=")
+        if not val.isdigit():
+            raise ConfigError(f"--dim takes NAME=SIZE (e.g. sequence=128), got {p!r}")
+        out[key] = int(val)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeslim")
+def cli() -> None:
+    """edgeslim: compress a trained PyTorch model, export it to a device runtime, profile it."""
+
+
+@cli.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", default=str(DEFAULT_OUT), show_default=True, help="output folder")
+@click.option("-q", "--quiet", is_flag=True, help="no progress output")
+def run(recipe: str | None, out_dir: str, quiet: bool) -> None:
+    """Whole pipeline from a RECIPE.toml; without one, the built-in demo on the packaged MiniLM."""
+    from edgeslim import pipeline
+    from edgeslim.report import speed_rows
+
+    plan = pipeline.load_recipe(recipe) if recipe else pipeline.parse_recipe(pipeline.DEMO_RECIPE, "demo")
+    summary = pipeline.run(plan, out_dir, quiet)
+    _print_summary(summary, speed_rows(summary))
+
+
+def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    models, cmp = summary["models"], summary["compare"]
+    table = Table(title=f"{summary['recipe']['name']}: original vs compressed")
+    table.add_column("")
+    for label in models:
+        table.add_column(label, justify="right")
+    table.add_row("parameters", *(f"{m['params']:,}" for m in models.values()))
+    table.add_row("GFLOPs (batch 1)", *(f"{m['flops'] / 1e9:.2f}" for m in models.values()))
+    table.add_row("ONNX file", *(f"{m.get('onnx_bytes', 0) / 1e6:.1f} MB" for m in models.values()))
+    for i, t in enumerate(next(iter(models.values())).get("timings", [])):
+        table.add_row(f"p50 ms, batch {t['batch']}", *(f"{m['timings'][i]['p50_ms']:.1f}" for m in models.values()))
+    table.add_row("max |output diff|", "-", f"{cmp['max_abs_diff']:.4g}")
+    if "cosine_mean" in cmp:
+        table.add_row(f"cosine sim. ({cmp['samples']} sentences)", "1", f"{cmp['cosine_mean']:.4f} (min {cmp['cosine_min']:.4f})")
+    if "top1_agreement" in cmp:
+        table.add_row("top-1 agreement", "1", f"{cmp['top1_agreement']:.4f}")
+    console = _console()
+    console.print(table)
+    for s in speed:
+        verdict = s["reason"] or "ok"
+        console.print(f"batch {s['batch']}: speedup {s['speedup']:.2f}x, FLOPs ratio {s['flops_ratio']:.3f}, "
+                      f"latency ratio {s['latency_ratio']:.3f} -> {verdict}")
+    console.print(f"artifact: {summary['artifact']}\nreport:   {summary['report']}")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-m", "--method", required=True, help="compressor (edgeslim list compressors)")
+@click.option("--ratio", type=float, help="kept fraction of the targeted layers' parameters")
+@click.option("--rank", type=int, help="fixed rank / bond dimension for every layer")
+@click.option("--energy", type=float, help="kept fraction of spectral energy per layer")
+@click.option("--calib", help="calibration data: NAME[:COUNT] (edgeslim list datasets) or a file/folder")
+@click.option("--target", help="regex (fullmatch) of module names to compress")
+@click.option("--exclude", help="regex of module names to leave alone")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
+@click.option("--weights", help="weights file for a pkg.mod:factory source")
+@click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
+@click.option("-o", "--out", help="output artifact folder (NAME.slim)")
+def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
+             calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
+             weights: str | None, inputs: str | None, out: str | None) -> None:
+    """Compress SOURCE with METHOD and save a replayable .slim artifact."""
+    from edgeslim.pipeline import compress_to_artifact
+
+    step: dict[str, Any] = {"method": method}
+    for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("calib", calib), ("target", target),
+                     ("exclude", exclude)):
+        if val is not None:
+            step[key] = val
+    for item in sets:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        step[key] = _value(val)
+    out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
+    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs)
+    before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
+    _console().print(f"{len(results[-1].changes)} module(s) replaced; targeted parameters {before:,} -> {after:,}; "
+                     f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
+                     f"{sum(p.numel() for p in compressed.model.parameters()):,}\nartifact: {path}")
+
+
+@cli.command()
+@click.argument("item")
+@click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
+@click.option("-o", "--out", help="output file")
+def export(item: str, to: str, profile: str | None, out: str | None) -> None:
+    """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
+    from edgeslim.pipeline import export_model
+    from edgeslim.sources import load_model
+
+    loaded = load_model(item)
+    suffix = ".engine" if to == "tensorrt" else ".onnx"
+    path = Path(out) if out else DEFAULT_OUT / (Path(item).name.removesuffix(".slim") + suffix)
+    info = export_model(loaded, to, path, profile)
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
+    _console().print(f"wrote {info.get('engine') or info['onnx']} ({info['onnx_bytes'] / 1e6:.2f} MB ONNX); "
+                     f"max |ONNX - PyTorch|: {diffs}")
+
+
+@cli.command()
+@click.argument("item")
+@click.option("--profile", "profile", default="cpu-ort-fp32", show_default=True, help="target profile")
+@click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--iters", default=30, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
+            as_json: bool) -> None:
+    """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
+    from rich.table import Table
+
+    from edgeslim.pipeline import profile_file, profile_target
+
+    target, loaded = profile_target(item, profile, quiet=as_json)
+    rows = profile_file(target, loaded, profile, _ints(batch), _dims(dims), warmup, iters)
+    if as_json:
+        click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
+        return
+    table = Table(title=f"{item} on {profile}")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.1f}",
+                      f"{r['peak_mem_bytes'] / 1e6:.1f}")
+    _console().print(table)
+
+
+@cli.command(name="list")
+@click.argument("what", type=click.Choice(["compressors", "profiles", "models", "datasets"]))
+def list_(what: str) -> None:
+    """List compressors, target profiles, zoo models or data sets."""
+    from rich.table import Table
+
+    table = Table(title=what)
+    if what == "compressors":
+        import dataclasses
+
+        from edgeslim.compress.base import list_compressors
+        for col in ("name", "needs calib", "config keys", "what it does"):
+            table.add_column(col)
+        for name, cls in list_compressors().items():
+            keys = ", ".join(f.name for f in dataclasses.fields(cls.Config))
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            table.add_row(name, "yes" if cls.needs_calibration else "no", keys, doc)
+    elif what == "profiles":
+        from edgeslim.runtime.targets import list_profiles
+        for col in ("name", "runtime", "device", "precision", "keys"):
+            table.add_column(col)
+        for name, p in list_profiles().items():
+            table.add_row(name, p.runtime, p.device, p.precision,
+                          ", ".join(f"{k}={v}" for k, v in p.to_dict().items() if k not in ("runtime", "device", "precision", "description")))
+    elif what == "models":
+        from edgeslim import zoo
+        for col in ("name", "available", "description"):
+            table.add_column(col)
+        for e in zoo.entries().values():
+            table.add_row(e.name, "yes" if e.available else f"no ({e.requires} missing)", e.description)
+    else:
+        from edgeslim.data import list_datasets
+        for col in ("name", "kind", "available", "description"):
+            table.add_column(col)
+        for d in list_datasets().values():
+            table.add_row(d.name, d.kind, "yes" if d.available else f"no ({d.requires} missing)", d.description)
+    _console().print(table)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def inspect(path: str, as_json: bool) -> None:
+    """Show an artifact's source, steps, per-layer decisions and file hashes (verified)."""
+    from edgeslim.artifact import read_manifest, verify
+
+    manifest = read_manifest(path)
+    status = verify(path, manifest)
+    if as_json:
+        click.echo(json.dumps(manifest | {"verified": status}, indent=2))
+        return
+    src = manifest["source"]
+    console = _console()
+    console.print(f"[bold]{path}[/]  format {manifest['format_version']}, edgeslim {manifest.get('edgeslim_version')}")
+    console.print(f"source: {src['kind']} {src['identifier']} (version {src.get('version')}, sha256 {str(src.get('sha256'))[:16]}...)")
+    console.print("inputs: " + ", ".join(f"{i['name']}{tuple(i['shape'])} {i['dtype']}" for i in manifest["inputs"]))
+    for i, step in enumerate(manifest["steps"]):
+        changes = step.get("changes", [])
+        before, after = sum(c["params_before"] for c in changes), sum(c["params_after"] for c in changes)
+        console.print(f"step {i + 1}: {step['method']} {json.dumps(step['config'])}")
+        console.print(f"  {len(changes)} module(s) changed, parameters {before:,} -> {after:,}; "
+                      f"calibration: {step.get('resolved', {}).get('calib')}")
+    for name, digest in manifest["files"].items():
+        console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
+
+
+@cli.group()
+def train() -> None:
+    """Train the models edgeslim ships (e.g. ESPCN super-resolution)."""
+
+
+@train.command(name="espcn")
+@click.option("--scale", type=click.Choice(["2", "3", "4"]), required=True, help="upscaling factor")
+@click.option("--steps", default=2000, show_default=True, help="training steps")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-o", "--out", help="output artifact folder (default edgeslim-out/espcn-xS.slim)")
+def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
+    """Train ESPCN (Shi et al. 2016) on patches of the bundled natural images."""
+    from edgeslim.pipeline import train_espcn_artifact
+
+    result, path = train_espcn_artifact(int(scale), steps, out or DEFAULT_OUT / f"espcn-x{scale}.slim", seed)
+    params = sum(p.numel() for p in result.model.parameters())
+    _console().print(f"ESPCN x{scale}: {params:,} parameters, {steps} steps\nartifact: {path}")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, help="output image file")
+@click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
+def upscale(image: str, out: str, model: str) -> None:
+    """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
+    from edgeslim.images import upscale_file
+    from edgeslim.sources import load_model, sr_scale
+
+    loaded = load_model(model)
+    scale = sr_scale(loaded.model)
+    upscale_file(image, out, loaded.model, scale)
+    _console().print(f"wrote {out} (x{scale} with {model})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turn edgeslim errors into a one-line message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
+    except EdgeslimError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

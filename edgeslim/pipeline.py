@@ -1,0 +1,274 @@
+"""compress -> export -> profile: the glue between compress/, export/ and runtime/ (and `edgeslim run`)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from edgeslim import artifact
+from edgeslim.compress.base import CompressResult, get_compressor
+from edgeslim.data import load_calibration
+from edgeslim.errors import ConfigError, SourceError
+from edgeslim.sources import LoadedModel, load_model
+from edgeslim.specs import example_feeds
+
+DEFAULT_OUT = Path("edgeslim-out")
+RECIPE_KEYS = ("source", "weights", "inputs", "name", "step", "export", "profile", "eval")
+STEP_KEYS = ("method", "calib", "calib_batch")  # plus the compressor's own config keys
+EXPORT_KEYS = ("to", "opset")
+PROFILE_KEYS = ("name", "batch", "dims", "warmup", "iters")
+
+# The built-in demo: packaged MiniLM, plain SVD at a 0.5 kept ratio of its encoder linears.
+DEMO_RECIPE: dict[str, Any] = {
+    "source": "minilm", "name": "minilm-svd",
+    "step": [{"method": "svd", "ratio": 0.5, "target": r".*encoder\.layer\.\d+\..*"}],
+    "export": {"to": "onnx"},
+    "profile": {"name": "cpu-ort-fp32", "batch": [1, 8], "dims": {"sequence": 128}, "iters": 20},
+    "eval": "sentences",
+}
+
+
+@dataclass
+class Recipe:
+    """A whole run: source, steps, export target, profile. Parsed from TOML, unknown keys are errors."""
+
+    source: str
+    steps: list[dict[str, Any]]
+    name: str
+    weights: str | None = None
+    inputs: str | None = None
+    export_to: str | None = "onnx"
+    opset: int = 20
+    profile: str | None = "cpu-ort-fp32"
+    batches: list[int] | None = None  # None: the profile's own batch list
+    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dims when profiling
+    warmup: int = 5
+    iters: int = 30
+    eval: str | None = None  # data to compare original and compressed outputs on
+
+
+def _only(keys: Sequence[str], data: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {list(keys)}")
+
+
+def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
+    """Check a parsed recipe and build a Recipe (errors name the key and the allowed ones)."""
+    _only(RECIPE_KEYS, data, origin)
+    if "source" not in data:
+        raise ConfigError(f"{origin}: 'source' is required (a zoo name, a Hugging Face folder, pkg.mod:factory)")
+    steps = data.get("step", [])
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and "method" in s for s in steps):
+        raise ConfigError(f"{origin}: each [[step]] needs a 'method' (see `edgeslim list compressors`)")
+    for i, step in enumerate(steps):  # validate configs now, before any slow work
+        comp = get_compressor(step["method"])
+        comp.make_config({k: v for k, v in step.items() if k not in STEP_KEYS})
+    exp, prof = data.get("export", {}), data.get("profile", {})
+    _only(EXPORT_KEYS, exp, f"{origin} [export]")
+    _only(PROFILE_KEYS, prof, f"{origin} [profile]")
+    if exp.get("to", "onnx") not in ("onnx", "tensorrt"):
+        raise ConfigError(f"{origin} [export]: 'to' must be 'onnx' or 'tensorrt', got {exp.get('to')!r}")
+    name = data.get("name") or Path(str(data["source"])).name.removesuffix(".slim") + "".join(
+        f"-{s['method']}" for s in steps)
+    return Recipe(source=str(data["source"]), steps=[dict(s) for s in steps], name=name, weights=data.get("weights"),
+                  inputs=data.get("inputs"), export_to=exp.get("to", "onnx"), opset=int(exp.get("opset", 20)),
+                  profile=prof.get("name", "cpu-ort-fp32"),
+                  batches=prof.get("batch"), dims=dict(prof.get("dims", {})), warmup=int(prof.get("warmup", 5)),
+                  iters=int(prof.get("iters", 30)), eval=data.get("eval"))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"recipe not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_recipe(data, str(path))
+
+
+@contextlib.contextmanager
+def stage(message: str, quiet: bool = False) -> Iterator[None]:
+    """Show a spinner with the elapsed time while a long stage runs (stderr), then a done line."""
+    if quiet:
+        yield
+        return
+    from rich.console import Console
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    with console.status(f"{message} ..."):
+        yield
+    console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
+
+
+def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False
+                ) -> tuple[LoadedModel, list[CompressResult]]:
+    """Run each compression step in order; returns the compressed model and each step's result."""
+    current, results = loaded, []
+    for step in steps:
+        params = {k: v for k, v in step.items() if k not in STEP_KEYS}
+        comp = get_compressor(step["method"])
+        config = comp.make_config(params)
+        calib = None
+        if step.get("calib"):
+            calib = load_calibration(step["calib"], current, batch_size=int(step.get("calib_batch", 16)))
+        elif comp.needs_calibration:
+            raise ConfigError(f"method '{comp.name}' needs calibration data: add --calib NAME[:COUNT] "
+                              "(see `edgeslim list datasets`) or a file of your own inputs")
+        with stage(f"{comp.name} on {loaded.source.identifier}", quiet):
+            result = comp.compress(current.model, config, calib)
+        result.resolved.setdefault("calib", calib.name if calib else None)
+        results.append(result)
+        current = dataclasses.replace(current, model=result.model.eval(),
+                                      steps=current.steps + [result.step_record()])
+    return current, results
+
+
+def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
+                         weights: str | None = None, inputs: str | None = None, quiet: bool = False
+                         ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
+    """Load `source`, apply `steps`, save the `.slim` artifact; returns (original, compressed, results, path)."""
+    with stage(f"load {source}", quiet):
+        original = load_model(source, weights=weights, inputs=inputs)
+    compressed, results = apply_steps(original, steps, quiet)
+    report = {"steps": [r.step_record() for r in results],
+              "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
+    new_steps = compressed.steps[len(original.steps):]
+    path = artifact.save(out, compressed.model, original.source, new_steps, compressed.inputs, report,
+                         compressed.task, compressed.dims)
+    return original, compressed, results, Path(path)
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: str | None) -> dict[str, float]:
+    """Max output difference (and for embeddings the cosine similarity, for classifiers top-1 agreement)."""
+    if data:
+        batches = [b for _, b, _ in load_calibration(data, original, batch_size=16)]
+    else:
+        feeds = example_feeds(original.inputs, original.dims, seed=3)
+        batches = [{k: torch.from_numpy(v) for k, v in feeds.items()}]
+    with torch.inference_mode():
+        a = torch.cat([original.model(**b) for b in batches]).flatten(1).double()
+        b = torch.cat([compressed(**b) for b in batches]).flatten(1).double()
+    out = {"max_abs_diff": float((a - b).abs().max()), "samples": int(a.shape[0])}
+    if original.task == "embedding":
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        out |= {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    if original.task == "classification":
+        out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
+    return out
+
+
+def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | None = None,
+                 opset: int = 20, quiet: bool = False) -> dict[str, Any]:
+    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`."""
+    from edgeslim.export.onnx import to_onnx
+
+    path = Path(path)
+    onnx_path = path.with_suffix(".onnx")
+    with stage(f"export {path.stem} to ONNX (validated in ONNX Runtime)", quiet):
+        res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
+    info = {"onnx": str(onnx_path), "onnx_bytes": res.file_bytes, "max_abs_diff": res.max_abs_diff}
+    if to == "tensorrt":
+        from edgeslim.export.tensorrt import to_tensorrt
+        from edgeslim.runtime.targets import load_profile
+        engine = path if path.suffix in (".engine", ".plan") else path.with_suffix(".engine")
+        with stage(f"build TensorRT engine {engine.name}", quiet):
+            to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine)
+        info["engine"] = str(engine)
+    return info
+
+
+def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
+                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30) -> list[dict[str, Any]]:
+    """Latency/throughput/memory of a model file (or module) per batch size on a profile."""
+    from edgeslim.runtime.measure import measure
+    from edgeslim.runtime.session import open_session
+    from edgeslim.runtime.targets import load_profile
+
+    prof = load_profile(profile)
+    rows = []
+    with open_session(model, prof) as session:
+        for b in batches or prof.batch:
+            feeds = example_feeds(loaded.inputs, {**loaded.dims, **dims, "batch": b}, seed=0)
+            rows.append(dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters)))
+    return rows
+
+
+def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
+    """FLOPs of one batch-1 forward pass at the given dimension sizes."""
+    from edgeslim.runtime.roofline import count_flops
+    feeds = example_feeds(loaded.inputs, {**loaded.dims, **dims, "batch": 1}, seed=0)
+    return count_flops(loaded.model, {k: torch.from_numpy(v) for k, v in feeds.items()})
+
+
+def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
+    """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
+    out_dir = Path(out_dir)
+    original, compressed, results, slim = compress_to_artifact(
+        recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet)
+    summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
+                               "changes": [c.to_dict() for r in results for c in r.changes],
+                               "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}
+    for label, loaded in (("original", original), ("compressed", compressed)):
+        row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
+        if recipe.export_to:
+            stem = recipe.name if label == "compressed" else f"{recipe.name}.original"
+            row |= export_model(loaded, recipe.export_to, out_dir / stem, recipe.profile, recipe.opset, quiet)
+        if recipe.profile:
+            target = row.get("engine") or row.get("onnx") or loaded.model
+            with stage(f"profile {label} on {recipe.profile}", quiet):
+                row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
+                                              recipe.warmup, recipe.iters)
+        summary["models"][label] = row
+    from edgeslim.report import write_report
+    summary["report"] = str(write_report(summary, out_dir / f"{recipe.name}.report.md"))
+    return summary
+
+
+def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple[Any, LoadedModel]:
+    """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
+    and exported when the profile's runtime needs a file. Returns (module or file path, loaded model)."""
+    from edgeslim.export.onnx import onnx_inputs
+    from edgeslim.runtime.targets import load_profile
+
+    prof = load_profile(profile)
+    path = Path(item)
+    if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
+        specs = onnx_inputs(path) if path.suffix == ".onnx" else []
+        dims = {d: 128 if d == "sequence" else 1 for s in specs for d in s.shape if isinstance(d, str)}
+        return path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+    if path.suffix in (".onnx", ".engine", ".plan"):
+        raise SourceError(f"model file not found: {path}")
+    loaded = load_model(item)
+    if prof.runtime == "torch":
+        return loaded.model, loaded
+    out = DEFAULT_OUT / f"{path.name.removesuffix('.slim')}.profile"
+    info = export_model(loaded, "tensorrt" if prof.runtime == "tensorrt" else "onnx", out, profile, quiet=quiet)
+    return info.get("engine") or info["onnx"], loaded
+
+
+def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0) -> tuple[CompressResult, Path]:
+    """Train ESPCN for `scale` on the bundled natural images and save it as an artifact whose source is
+    the bicubic upsampler it was trained beside (the manifest records data, steps and seed)."""
+    from edgeslim.compress.subpixel import train_espcn
+
+    teacher = load_model(f"bicubic-x{scale}")
+    result = train_espcn(scale, steps, seed=seed)
+    report = {"changes": [c.to_dict() for c in result.changes], "params": count(result.model)}
+    path = artifact.save(out, result.model, teacher.source, [result.step_record()], teacher.inputs, report,
+                         "super-resolution", teacher.dims)
+    return result, Path(path)

@@ -1,0 +1,134 @@
+"""The run report: Markdown tables, the speedup-or-explain verdict, and matplotlib plots."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgeslim.files import atomic_path
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or b is None else b / a
+
+
+def speed_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per batch size: latency ratio beside FLOPs and params ratios, with a reason when speed lags."""
+    from edgeslim.runtime.roofline import explain_speedup
+
+    orig, comp = summary["models"]["original"], summary["models"]["compressed"]
+    flops_ratio = _ratio(orig["flops"], comp["flops"])
+    params_ratio = _ratio(orig["params"], comp["params"])
+    rows = []
+    for t_o, t_c in zip(orig.get("timings", []), comp.get("timings", [])):
+        lat_ratio = _ratio(t_o["p50_ms"], t_c["p50_ms"])
+        reason = explain_speedup(flops_ratio=flops_ratio, params_ratio=params_ratio, latency_ratio=lat_ratio,
+                                 batch=t_o["batch"], profile=summary["recipe"]["profile"], changes=summary["changes"])
+        rows.append({"batch": t_o["batch"], "params_ratio": params_ratio, "flops_ratio": flops_ratio,
+                     "latency_ratio": lat_ratio, "speedup": 1 / lat_ratio if lat_ratio else None, "reason": reason})
+    return rows
+
+
+def _plot_latency(summary: Mapping[str, Any]) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    for label, row in summary["models"].items():
+        t = row.get("timings", [])
+        ax.errorbar([x["batch"] for x in t], [x["p50_ms"] for x in t],
+                    yerr=[[x["p50_ms"] - x["p50_ms"] for x in t], [x["p90_ms"] - x["p50_ms"] for x in t]],
+                    marker="o", capsize=3, label=label)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("p50 latency, ms (bar: p90)")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{summary['recipe']['name']} on {summary['recipe']['profile']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plot_layers(changes: list[Mapping[str, Any]]) -> bytes | None:
+    rows = [c for c in changes if c.get("rel_error") is not None]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.14 * len(rows))), dpi=110)
+    ax.barh(range(len(rows)), [c["rel_error"] for c in rows])
+    ax.set_yticks(range(len(rows)), [c["name"] for c in rows], fontsize=5)
+    ax.invert_yaxis()
+    ax.set_xlabel("relative reconstruction error of the layer")
+    ax.grid(alpha=0.3, axis="x")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None) -> str:
+    """The Markdown text of the report."""
+    r, models = summary["recipe"], summary["models"]
+    lines = [f"# edgeslim report: {r['name']}", "",
+             f"Source `{r['source']}`; steps: " + ", ".join(f"`{s['method']}`" for s in r["steps"]) +
+             f"; artifact `{summary['artifact']}`.", "",
+             "| model | parameters | FLOPs (batch 1) | ONNX file |", "|---|---:|---:|---:|"]
+    for label, row in models.items():
+        lines.append(f"| {label} | {row['params']:,} | {row['flops'] / 1e9:.2f} G | {_mb(row.get('onnx_bytes'))} |")
+    cmp = summary["compare"]
+    lines += ["", "## Output agreement", "",
+              ", ".join(f"{k} = {_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in cmp.items()), "",
+              f"## Latency on `{r['profile']}`", "",
+              "| model | batch | p50 ms | p90 ms | p99 ms | cv | throughput /s | peak mem |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, row in models.items():
+        for t in row.get("timings", []):
+            flag = " (unstable)" if t["unstable"] else ""
+            lines.append(f"| {label} | {t['batch']} | {t['p50_ms']:.2f} | {t['p90_ms']:.2f} | {t['p99_ms']:.2f} | "
+                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.1f} | {_mb(t['peak_mem_bytes'])} |")
+    lines += ["", f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
+              "| batch | params ratio | FLOPs ratio | latency ratio | speedup | verdict |", "|---:|---:|---:|---:|---:|---|"]
+    for s in speed_rows(summary):
+        lines.append(f"| {s['batch']} | {_fmt(s['params_ratio'])} | {_fmt(s['flops_ratio'])} | "
+                     f"{_fmt(s['latency_ratio'])} | {_fmt(s['speedup'], '.2f')}x | {s['reason'] or 'ok'} |")
+    costly = sorted((c for c in summary["changes"] if c.get("rel_error") is not None),
+                    key=lambda c: -(c.get("sensitivity") or c["rel_error"]))[:10]
+    if costly:
+        lines += ["", "## Layers that cost the most", "", "| layer | kind | rank | params | rel. error | sensitivity |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{c['name']}` | {c['kind']} | {c.get('rank') or '-'} | {c['params_before']:,} -> "
+                  f"{c['params_after']:,} | {c['rel_error']:.4f} | {_fmt(c.get('sensitivity'), '.4g')} |" for c in costly]
+        if layers_png:
+            lines += ["", f"![per-layer error]({layers_png})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the Markdown report and its plots beside it (each file written whole or not at all)."""
+    path = Path(path)
+    stem = path.name.removesuffix(".md")
+    latency_png, layers_png = f"{stem}_latency.png", f"{stem}_layers.png"
+    layers = _plot_layers(summary["changes"])
+    for name, data in ((latency_png, _plot_latency(summary)), (layers_png, layers)):
+        if data is not None:
+            with atomic_path(path.parent / name) as tmp:
+                tmp.write_bytes(data)
+    with atomic_path(path) as tmp:
+        tmp.write_text(render(summary, latency_png, layers_png if layers else None))
+    return path
