@@ -1,0 +1,165 @@
+"""Honest timing: warm-up, per-call wall clock, percentiles, spread, throughput and peak memory.
+
+Latency is `time.perf_counter` around each `session.run` call, with the device synchronized before
+and after the call, so queued GPU work is counted; warm-up calls are never timed. Feeds are
+prepared once, outside the timed window; output copies back to numpy are inside it (a deployed
+model pays them too).
+
+Peak memory (`peak_mem_bytes`) is the growth of memory in use while the model runs, over what was
+in use just before the session's first call (`session.baseline_mem_bytes`, weights already
+loaded): activations, workspaces and arenas the runtime allocates to run, NOT the weights, which
+the report gives separately as the file size. Measured in-process, it is approximate when several
+sessions share the process (freed memory one keeps may be reused by another); for exact figures
+profile one model per process. How it is read depends on the session (runtime/memory.py): CPU sessions report the
+process' peak RSS (VmHWM, reset before each measurement), torch CUDA sessions
+torch.cuda.max_memory_allocated, TensorRT and ORT-on-CUDA used device memory. `mem_method` names
+the reading. In a sweep of growing batches a runtime that keeps its arena between calls reports
+each batch's peak correctly; a smaller batch measured after a larger one may report the larger
+arena.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeslim.errors import ConfigError
+from edgeslim.runtime.memory import MemoryProbe
+
+Feeds = dict[str, np.ndarray]
+
+# Above this coefficient of variation the run-to-run spread (here usually other processes sharing
+# the cores) is as large as the 1.2-2x speedups compression is judged by, so ratios taken from such
+# runs are unreliable: the Timing is flagged `unstable` and a warning says so.
+UNSTABLE_CV = 0.15
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The result of timing one session at one batch size."""
+
+    batch: int  # leading dimension of the first input
+    p50_ms: float  # median latency per call
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float  # sample standard deviation (ddof=1; 0 for a single call)
+    cv: float  # std_ms / mean_ms
+    throughput_per_s: float  # samples per second = batch / mean seconds
+    peak_mem_bytes: int  # memory growth while running, over the session before its first call
+    mem_method: str  # how peak_mem_bytes was read
+    iters: int  # timed calls
+    warmup: int  # untimed calls before them
+    unstable: bool  # cv > UNSTABLE_CV
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batch_of(feeds: Feeds) -> int:
+    if not feeds:
+        raise ConfigError("feeds are empty: give one array per model input")
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+
+
+def _timed_calls(session, feeds: Feeds, iters: int, probe: MemoryProbe, advance: Callable[[], None]) -> np.ndarray:
+    sync = getattr(session, "synchronize", lambda: None)
+    times = np.empty(iters)
+    for i in range(iters):
+        sync()
+        start = time.perf_counter()
+        session.run(feeds)
+        sync()
+        times[i] = time.perf_counter() - start
+        probe.sample()
+        advance()
+    return times
+
+
+def _summarize(batch: int, times_s: np.ndarray, peak: int, method: str, warmup: int) -> Timing:
+    ms = times_s * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    mean = float(ms.mean())
+    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+    cv = std / mean if mean > 0 else 0.0
+    return Timing(batch=batch, p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=mean, std_ms=std,
+                  cv=cv, throughput_per_s=batch / (mean / 1e3) if mean > 0 else float("inf"),
+                  peak_mem_bytes=peak, mem_method=method, iters=len(ms), warmup=warmup, unstable=cv > UNSTABLE_CV)
+
+
+def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[], None]) -> Timing:
+    if iters < 1 or warmup < 0:
+        raise ConfigError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    batch = _batch_of(feeds)
+    probe = MemoryProbe(getattr(session, "memory_kind", "rss"))
+    before = probe.current()
+    probe.reset_peak()
+    for _ in range(warmup):
+        session.run(feeds)
+        probe.sample()
+        advance()
+    times = _timed_calls(session, feeds, iters, probe, advance)
+    baseline = getattr(session, "baseline_mem_bytes", None)  # set by the session's first call
+    baseline = before if baseline is None else baseline
+    timing = _summarize(batch, times, max(0, probe.peak() - baseline), probe.method, warmup)
+    if timing.unstable:
+        warnings.warn(f"unstable timing at batch {batch}: cv {timing.cv:.2f} > {UNSTABLE_CV} (p50 {timing.p50_ms:.2f} ms, "
+                      f"p99 {timing.p99_ms:.2f} ms); other work may share the device: compare ratios with care "
+                      "or rerun with more iterations", RuntimeWarning, stacklevel=3)
+    return timing
+
+
+def measure(session, feeds: Feeds, warmup: int = 5, iters: int = 30, progress: bool = False) -> Timing:
+    """Time `session.run(feeds)`: `warmup` untimed calls, then `iters` timed ones.
+
+    Args:
+        session: an open Session (anything with `run(feeds)`; `synchronize`, `memory_kind` and
+            `baseline_mem_bytes` are used when present).
+        feeds: one array per input; the batch size is the first input's leading dimension.
+        warmup: untimed calls first (lazy allocation, kernel selection, caches).
+        iters: timed calls.
+        progress: show a rich progress bar.
+
+    Returns:
+        Timing with p50/p90/p99, mean, std, cv, throughput and peak memory growth.
+
+    Raises:
+        ConfigError: iters < 1, warmup < 0 or empty feeds.
+    """
+    with _progress(progress) as bar:
+        task = bar.add_task(f"timing batch {_batch_of(feeds)}", total=warmup + iters)
+        return _measure(session, feeds, warmup, iters, lambda: bar.advance(task))
+
+
+def sweep(session, make_feeds: Callable[[int], Feeds], batches: Sequence[int], warmup: int = 5, iters: int = 30,
+          progress: bool = True) -> list[Timing]:
+    """Latency against batch size: `measure` at each batch (ascending), one progress bar for all.
+
+    Args:
+        session: an open Session.
+        make_feeds: batch size -> feeds (e.g. `lambda b: example_feeds(specs, {"batch": b, ...})`).
+        batches: batch sizes; measured in ascending order (see the module docstring on memory).
+        warmup, iters: per batch, as in `measure`.
+        progress: show a rich progress bar.
+    """
+    order = sorted(set(int(b) for b in batches))
+    if not order or order[0] < 1:
+        raise ConfigError(f"batches must be positive integers, got {list(batches)}")
+    with _progress(progress) as bar:
+        task = bar.add_task("profiling", total=len(order) * (warmup + iters))
+        results = []
+        for b in order:
+            bar.update(task, description=f"batch {b}")
+            results.append(_measure(session, make_feeds(b), warmup, iters, lambda: bar.advance(task)))
+    return results

@@ -1,0 +1,254 @@
+"""Sessions: one way to run a model per runtime, chosen by the target profile.
+
+Every session takes and returns numpy arrays by input/output name, so the profiler and the
+export checks treat PyTorch, ONNX Runtime and TensorRT alike. A session records the memory in use
+just before its first call (weights loaded, nothing run yet) as `baseline_mem_bytes`; the profiler
+reports growth over it. Taking it at the first call rather than at opening keeps out what the
+process allocated in between (another session opened beside it).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.runtime.memory import MemoryProbe
+from edgeslim.runtime.targets import Profile, load_profile
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan")
+DEFAULT_PROFILE = {"module": "cpu-torch-fp32", ".onnx": "cpu-ort-fp32", ".engine": "cuda-trt-fp16", ".plan": "cuda-trt-fp16"}
+
+
+class Session(Protocol):
+    """What the profiler and the export checks need from a running model."""
+
+    inputs: list[str]  # input names, in the model's order
+    profile: Profile  # the target it runs on
+    device: str  # "cpu" or "cuda"
+    memory_kind: str  # MemoryProbe kind that sees this session's allocations
+    baseline_mem_bytes: int | None  # memory in use just before the first run (None until then)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def synchronize(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class BaseSession:
+    """Shared pieces: context manager, feed-name checks, memory baseline, no-op sync on the CPU."""
+
+    inputs: list[str]
+    profile: Profile
+    device: str = "cpu"
+    memory_kind: str = "rss"
+    baseline_mem_bytes: int | None = None
+    _required: Sequence[str] = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (CUDA sessions override)."""
+
+    def close(self) -> None:
+        """Release the model (subclasses drop their handles)."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model once on numpy feeds keyed by input name; outputs keyed by output name.
+
+        Raises:
+            ConfigError: a required input is missing or a feed name is not an input.
+        """
+        unknown = sorted(set(feeds) - set(self.inputs))
+        missing = [n for n in self._required if n not in feeds]
+        if unknown or missing:
+            raise ConfigError(f"feeds do not match the model's inputs {self.inputs}: "
+                              f"missing {missing}, unknown {unknown}")
+        if self.baseline_mem_bytes is None:
+            self.baseline_mem_bytes = MemoryProbe(self.memory_kind).current()
+        return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _forward_params(model: nn.Module) -> tuple[list[str], list[str]]:
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in params], [p.name for p in params if p.default is p.empty]
+
+
+def require_cuda(profile: Profile) -> None:
+    """Raise MissingDependencyError when a CUDA profile is used where torch sees no GPU."""
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(f"profile '{profile.name}' runs on CUDA, but torch.cuda.is_available() is "
+                                     f"False (torch {torch.__version__}): use a CPU profile or a CUDA build of torch")
+
+
+class TorchSession(BaseSession):
+    """PyTorch eager: `model(**feeds)` under inference_mode, on the profile's device and precision.
+
+    The caller's module is never changed: a copy is moved to CUDA / cast to fp16 / put in eval mode
+    when needed. fp16 casts weights and float inputs to half (model.half()), outputs back to fp32.
+    torch's intra-op thread count is process-wide: the profile's `threads` is set at the first run
+    and the previous count restored by close() (changing it per call costs milliseconds).
+    """
+
+    def __init__(self, model: nn.Module, profile: Profile, inputs: Sequence[str] | None = None) -> None:
+        if profile.runtime != "torch":
+            raise ConfigError(f"TorchSession needs a 'torch' profile, got '{profile.name}' ({profile.runtime})")
+        self.profile, self.device = profile, profile.device
+        if self.device == "cuda":
+            require_cuda(profile)
+        self.memory_kind = "torch-cuda" if self.device == "cuda" else "rss"
+        self._half = profile.precision == "fp16"
+        if self.device != "cpu" or self._half or model.training:
+            model = copy.deepcopy(model).eval().to(self.device)
+            if self._half:
+                model = model.half()
+        self._model = model
+        names, self._required = _forward_params(model)
+        self.inputs = list(inputs) if inputs is not None else names
+        self._threads_before: int | None = None
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Call the model once; outputs are named "output" (one tensor) or "output_0", "output_1", ..."""
+        tensors = {}
+        for name, array in feeds.items():
+            t = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+            tensors[name] = t.half() if self._half and t.is_floating_point() else t
+        if self.profile.threads and self._threads_before is None:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.profile.threads)
+        with torch.inference_mode():
+            out = self._model(**tensors)
+        if isinstance(out, torch.Tensor):
+            return {"output": _to_numpy(out)}
+        if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            return {f"output_{i}": _to_numpy(o) for i, o in enumerate(out)}
+        raise ConfigError(f"the model returned {type(out).__name__}; a session needs a tensor or a tuple of tensors")
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def close(self) -> None:
+        self._model = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.cpu().numpy()
+
+
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OrtSession(BaseSession):
+    """ONNX Runtime InferenceSession with the profile's execution provider and intra-op threads."""
+
+    def __init__(self, path: str | Path, profile: Profile) -> None:
+        import onnxruntime as ort
+
+        if profile.runtime != "onnxruntime":
+            raise ConfigError(f"OrtSession needs an 'onnxruntime' profile, got '{profile.name}' ({profile.runtime})")
+        self.profile, self.device, self.path = profile, profile.device, Path(path)
+        _check_file(self.path)
+        available = ort.get_available_providers()
+        if profile.provider not in available:
+            hint = "pip install 'edgeslim[gpu]' (onnxruntime-gpu, replaces onnxruntime) and the CUDA libraries" \
+                if profile.provider != "CPUExecutionProvider" else "reinstall onnxruntime"
+            raise MissingDependencyError(f"profile '{profile.name}' needs ONNX Runtime's {profile.provider}, "
+                                         f"which this onnxruntime lacks (has {available}): {hint}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = profile.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        providers = [profile.provider] + (["CPUExecutionProvider"] if profile.provider != "CPUExecutionProvider" else [])
+        try:
+            self._sess = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own pybind classes (InvalidProtobuf, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SourceError(f"ONNX Runtime cannot load {self.path}: {first}") from exc
+        self.inputs = [i.name for i in self._sess.get_inputs()]
+        self._float_type = {i.name: _ORT_FLOAT.get(i.type) for i in self._sess.get_inputs()}
+        self.outputs = [o.name for o in self._sess.get_outputs()]
+        gpu = self.device == "cuda" and torch.cuda.is_available()
+        self.memory_kind = "cuda-device" if gpu else "rss"
+        self._required = self.inputs
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; float feeds are cast to the model's declared float type (fp32 or fp16)."""
+        cast = {n: a.astype(self._float_type[n], copy=False)
+                if self._float_type[n] is not None and a.dtype.kind == "f" else a for n, a in feeds.items()}
+        return dict(zip(self.outputs, self._sess.run(None, cast)))
+
+    def close(self) -> None:
+        self._sess = None
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise SourceError(f"model file {path} does not exist" if not path.exists() else f"{path} is not a file")
+
+
+def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str | None = None,
+                 inputs: Sequence[str] | None = None) -> Session:
+    """Open a session for an nn.Module, an ONNX file or a TensorRT engine on a target profile.
+
+    Args:
+        model_or_path: an nn.Module (runtime "torch"), a .onnx file (runtime "onnxruntime") or a
+            .engine/.plan file (runtime "tensorrt").
+        profile: a Profile, a shipped profile name or a TOML path; None picks cpu-torch-fp32 for a
+            module, cpu-ort-fp32 for .onnx, cuda-trt-fp16 for an engine.
+        inputs: input names of an nn.Module when its forward signature does not say them.
+
+    Raises:
+        SourceError: the file is missing or the runtime cannot load it.
+        ConfigError: the profile's runtime cannot run this kind of model (the message says how to get one).
+        MissingDependencyError: the runtime, its provider or CUDA is absent.
+    """
+    if isinstance(model_or_path, nn.Module):
+        kind = "module"
+    else:
+        path = Path(model_or_path)
+        kind = path.suffix.lower()
+        if kind not in ONNX_SUFFIXES + ENGINE_SUFFIXES:
+            _check_file(path)
+            raise SourceError(f"cannot tell the runtime for {path}: suffix '{path.suffix}' is not one of "
+                              f"{list(ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
+    if profile is None:
+        profile = DEFAULT_PROFILE[kind]
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    needs = {"module": "torch", ".onnx": "onnxruntime"}.get(kind, "tensorrt")
+    if profile.runtime != needs:
+        how = {"onnxruntime": "export it to ONNX first (edgeslim.export.onnx.to_onnx)",
+               "tensorrt": "build an engine first (edgeslim.export.tensorrt.to_tensorrt)",
+               "torch": "open the nn.Module itself"}[profile.runtime]
+        what = "an nn.Module" if kind == "module" else f"a '{kind}' file"
+        raise ConfigError(f"profile '{profile.name}' runs '{profile.runtime}', which cannot open {what}: {how}")
+    if kind == "module":
+        return TorchSession(model_or_path, profile, inputs)
+    if kind in ONNX_SUFFIXES:
+        return OrtSession(path, profile)
+    from edgeslim.runtime.trt_session import TensorRTSession
+
+    return TensorRTSession(path, profile)
