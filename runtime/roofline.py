@@ -7,14 +7,14 @@ measured latency can be read as a fraction of the hardware's best.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgeslim.runtime.targets import Profile
+from edgeslim.runtime.targets import Profile, load_profile
 
 _BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 # A compressed model is "short" of its FLOPs reduction when its speedup is below this fraction of
@@ -77,10 +77,9 @@ def memory_bound(flops: float, bytes_moved: float, profile: Profile) -> bool:
     return bytes_moved / (profile.mem_gbps * 1e9) > flops / (profile.peak_gflops * 1e9)
 
 
-def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: float, *, profile: Profile,
+def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: float, *, profile: Profile | str,
                     batch: int, flops: float | None = None, bytes_moved: float | None = None,
-                    latency_ms: float | None = None, dense_layers: Sequence[str] = (),
-                    dims: Mapping[str, int] | None = None) -> str | None:
+                    latency_ms: float | None = None, changes: Sequence[Mapping[str, Any]] = ()) -> str | None:
     """Why a compressed model is not as much faster as its FLOPs say, or None when it is.
 
     All ratios are compressed / original (0.5 = half). The model falls short when its measured
@@ -89,12 +88,13 @@ def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: floa
 
     Args:
         flops_ratio, params_ratio, latency_ratio: compressed / original.
-        profile: the target the latencies were measured on.
+        profile: the target the latencies were measured on (Profile or shipped name).
         batch: batch size of the measurement.
         flops, bytes_moved, latency_ms: the compressed model's FLOPs, bytes moved (e.g.
             min_bytes_moved) and measured latency at this batch, to place it on the roofline.
-        dense_layers: names of targeted layers that stayed dense (e.g. a rank above break-even).
-        dims: the new shape sizes by layer name (ranks, kept channels), checked against profile.align.
+        changes: per-layer change records as dicts with "name", "params_before", "params_after"
+            and "rank" (LayerChange.to_dict()): a layer whose params did not shrink stayed dense;
+            a rank (or kept channel count) not a multiple of profile.align is unaligned.
 
     Returns:
         One short sentence of "; "-joined causes, or None when the latency follows the FLOPs.
@@ -102,6 +102,9 @@ def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: floa
     for name, r in (("flops_ratio", flops_ratio), ("params_ratio", params_ratio), ("latency_ratio", latency_ratio)):
         if not r > 0:
             raise ValueError(f"{name} must be > 0, got {r}")
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    dense_layers = [c["name"] for c in changes if c.get("params_after", 0) >= c.get("params_before", 0)]
+    dims = {c["name"]: int(c["rank"]) for c in changes if c.get("rank") is not None}
     achieved = flops_ratio / latency_ratio  # measured speedup / FLOPs speedup
     if achieved >= 1 - SHORTFALL:
         return None
@@ -120,7 +123,7 @@ def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: floa
     if dense_layers:
         shown = ", ".join(list(dense_layers)[:3]) + (" ..." if len(dense_layers) > 3 else "")
         reasons.append(f"{len(dense_layers)} targeted layer(s) stayed dense ({shown})")
-    unaligned = {k: v for k, v in (dims or {}).items() if v % profile.align}
+    unaligned = {k: v for k, v in dims.items() if v % profile.align}
     if unaligned:
         k, v = next(iter(unaligned.items()))
         reasons.append(f"{len(unaligned)} shape(s) not a multiple of align={profile.align} for "
