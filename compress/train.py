@@ -103,8 +103,8 @@ def heal(model: nn.Module, data: CalibData, steps: int = 200, lr: float = 5e-5, 
                 check_finite({"gradient norm": norm}, where)
                 opt.step()
                 sched.step()
-                report.losses.append(float(loss))
-                bar.update(task, advance=1, description=f"healing on {data.name} loss {float(loss):.4f}")
+                report.losses.append(float(loss.detach()))
+                bar.update(task, advance=1, description=f"healing on {data.name} loss {report.losses[-1]:.4f}")
     finally:
         model.eval()
     return report

@@ -1,0 +1,125 @@
+"""Calibration statistics: Fisher equals summed squared batch gradients, moments equal X^T X, errors name the batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.compress.base import CalibData
+from edgeslim.compress.calibration import collect_stats
+from edgeslim.errors import ConfigError, SourceError
+
+torch.set_num_threads(1)
+
+
+class TokenNet(nn.Module):
+    """Token features (B, T, 8) -> q and k read the same tensor -> mean over valid tokens -> 3 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 6), nn.Linear(8, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.q(x)) * torch.sigmoid(self.k(x))
+        m = attention_mask.unsqueeze(-1).float()
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+def make(n_batches: int = 3, targets: bool = True, seed: int = 0) -> tuple[TokenNet, CalibData]:
+    torch.manual_seed(seed)
+    model = TokenNet().eval()
+    batches, labels = [], []
+    for _ in range(n_batches):
+        mask = torch.ones(4, 5, dtype=torch.long)
+        mask[:, 3:] = torch.randint(0, 2, (4, 2))
+        batches.append({"x": torch.randn(4, 5, 8), "attention_mask": mask})
+        labels.append(torch.randint(0, 3, (4,)))
+    return model, CalibData("toy", batches, labels if targets else None)
+
+
+def test_fisher_is_sum_of_squared_batch_gradients():
+    model, calib = make()
+    stats = collect_stats(model, calib, ["q", "out"], progress=False)
+    expected = {n: torch.zeros_like(model.get_submodule(n).weight) for n in ("q", "out")}
+    for _, batch, target in calib:
+        model.zero_grad()
+        F.cross_entropy(model(**batch), target).backward()
+        for n in expected:
+            expected[n] += model.get_submodule(n).weight.grad.square()
+    for n in expected:
+        torch.testing.assert_close(stats.fisher[n], expected[n], rtol=1e-5, atol=1e-10)
+        assert stats.fisher[n].shape == model.get_submodule(n).weight.shape
+    assert stats.batches == 3
+
+
+def test_activation_moments_skip_padding_and_share_inputs():
+    model, calib = make()
+    stats = collect_stats(model, calib, ["q", "k", "out"], fisher=False, progress=False)
+    rows = torch.cat([b["x"][b["attention_mask"].bool()] for b in calib.batches]).double()
+    torch.testing.assert_close(stats.second_moment("q"), rows.T @ rows / len(rows), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.mean_abs("q"), rows.abs().mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.second_moment("k"), stats.second_moment("q"), rtol=0, atol=0)
+    assert stats.rows["q"] == len(rows) and stats.second_moment("out").shape == (6, 6)
+    assert stats.fisher == {}
+
+
+def test_memory_does_not_grow_with_samples():
+    model, small = make(n_batches=2)
+    _, large = make(n_batches=8)
+    a = collect_stats(model, small, ["q", "out"], progress=False)
+    b = collect_stats(model, large, ["q", "out"], progress=False)
+    for field in ("fisher", "xtx", "abs_sum"):
+        assert {k: v.shape for k, v in getattr(a, field).items()} == {k: v.shape for k, v in getattr(b, field).items()}
+
+
+def test_distillation_fisher_without_targets():
+    model, calib = make(targets=False)
+    first = collect_stats(model, calib, ["q"], activations=False, progress=False, seed=3)
+    again = collect_stats(model, calib, ["q"], activations=False, progress=False, seed=3)
+    assert float(first.fisher["q"].sum()) > 0.0  # the noise target gives the Gauss-Newton diagonal, not 0
+    torch.testing.assert_close(first.fisher["q"], again.fisher["q"], rtol=0, atol=0)
+
+
+def test_model_is_left_as_it_was():
+    model, calib = make()
+    model.train()
+    model.out.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    collect_stats(model, calib, ["q", "out"], progress=False)
+    assert model.training and not model.out.weight.requires_grad and model.q.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.q._forward_pre_hooks
+
+
+@pytest.mark.parametrize("where, value, expected", [("x", float("nan"), "batch 2 of 'toy'.*'x'"),
+                                                    ("x", float("inf"), "batch 2 of 'toy'.*'x'"),
+                                                    ("weight", float("nan"), "batch 0 of 'toy'.*model output")])
+def test_non_finite_data_or_model_is_named(where, value, expected):
+    model, calib = make()
+    if where == "x":
+        calib.batches[2]["x"][0, 0, 0] = value
+    else:
+        with torch.no_grad():
+            model.out.weight[0, 0] = value
+    with pytest.raises(SourceError, match=expected):
+        collect_stats(model, calib, ["q"], progress=False)
+
+
+def test_non_finite_target_or_gradient_is_named():
+    model, calib = make()
+    bad = CalibData("toy", calib.batches, [torch.full((4, 3), float("inf"))] * 3)
+    with pytest.raises(SourceError, match="batch 0 of 'toy'.*target"):
+        collect_stats(model, bad, ["q"], progress=False)
+    model.q.weight.register_hook(lambda grad: grad * float("nan"))  # finite output, NaN gradient
+    with pytest.raises(SourceError, match="batch 0 of 'toy'.*gradient of q.weight"):
+        collect_stats(model, calib, ["q"], progress=False)
+
+
+def test_only_linears_can_be_calibrated():
+    model, calib = make()
+    model.q = nn.Sequential(nn.Linear(8, 6))
+    with pytest.raises(ConfigError, match="'q' is a Sequential"):
+        collect_stats(model, calib, ["q"], progress=False)
