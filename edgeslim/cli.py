@@ -159,22 +159,25 @@ def export(item: str, to: str, profile: str | None, out: str | None) -> None:
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
             as_json: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
+    import torch
     from rich.table import Table
 
     from edgeslim.pipeline import profile_file, profile_target
 
     target, loaded = profile_target(item, profile, quiet=as_json)
-    rows = profile_file(target, loaded, profile, _ints(batch), _dims(dims), warmup, iters)
+    rows = profile_file(target, loaded, profile, _ints(batch), _dims(dims), warmup, iters,
+                        roofline=not isinstance(loaded.model, torch.nn.Identity))
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
     table = Table(title=f"{item} on {profile}")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem MB"):
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem MB", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
                       f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.1f}",
-                      f"{r['peak_mem_bytes'] / 1e6:.1f}")
+                      f"{r['peak_mem_bytes'] / 1e6:.1f}",
+                      f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
     _console().print(table)
 
 

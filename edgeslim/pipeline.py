@@ -193,9 +193,15 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
 
 
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
-                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30) -> list[dict[str, Any]]:
-    """Latency/throughput/memory of a model file (or module) per batch size on a profile."""
+                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True
+                 ) -> list[dict[str, Any]]:
+    """Latency/throughput/memory of a model file (or module) per batch size on a profile.
+
+    With `roofline`, each row also holds the FLOPs and minimum bytes moved of `loaded.model` at that
+    batch, the target's roofline latency and the fraction of it the measurement reaches.
+    """
     from edgeslim.runtime.measure import measure
+    from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_ms
     from edgeslim.runtime.session import open_session
     from edgeslim.runtime.targets import load_profile
 
@@ -204,7 +210,13 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     with open_session(model, prof) as session:
         for b in batches or prof.batch:
             feeds = example_feeds(loaded.inputs, {**loaded.dims, **dims, "batch": b}, seed=0)
-            rows.append(dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters)))
+            row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters))
+            if roofline:
+                row["flops"] = count_flops(loaded.model, feeds)
+                row["bytes_moved"] = min_bytes_moved(loaded.model, feeds, prof.precision)
+                row["roofline_ms"] = roofline_ms(row["flops"], row["bytes_moved"], prof)
+                row["roofline_fraction"] = row["roofline_ms"] / row["p50_ms"]
+            rows.append(row)
     return rows
 
 
@@ -215,11 +227,27 @@ def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
     return count_flops(loaded.model, {k: torch.from_numpy(v) for k, v in feeds.items()})
 
 
+def with_profile_align(steps: Sequence[Mapping[str, Any]], profile: str | None) -> list[dict[str, Any]]:
+    """Steps whose compressor takes `align` and do not set it get the target profile's (shapes that suit
+    the hardware: e.g. ranks a multiple of 8 for CPU SIMD); the budget is still honoured by the compressor."""
+    if not profile:
+        return [dict(s) for s in steps]
+    from edgeslim.runtime.targets import load_profile
+
+    align = load_profile(profile).align
+    out = []
+    for step in steps:
+        fields = {f.name for f in dataclasses.fields(get_compressor(step["method"]).Config)}
+        out.append({**step, "align": align} if "align" in fields and "align" not in step else dict(step))
+    return out
+
+
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
     """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
     out_dir = Path(out_dir)
+    steps = with_profile_align(recipe.steps, recipe.profile)
     original, compressed, results, slim = compress_to_artifact(
-        recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet)
+        recipe.source, steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
                                "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}

@@ -26,8 +26,9 @@ def speed_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for t_o, t_c in zip(orig.get("timings", []), comp.get("timings", [])):
         lat_ratio = _ratio(t_o["p50_ms"], t_c["p50_ms"])
-        reason = explain_speedup(flops_ratio=flops_ratio, params_ratio=params_ratio, latency_ratio=lat_ratio,
-                                 batch=t_o["batch"], profile=summary["recipe"]["profile"], changes=summary["changes"])
+        reason = explain_speedup(flops_ratio, params_ratio, lat_ratio, profile=summary["recipe"]["profile"],
+                                 batch=t_o["batch"], flops=t_c.get("flops"), bytes_moved=t_c.get("bytes_moved"),
+                                 latency_ms=t_c["p50_ms"], changes=summary["changes"])
         rows.append({"batch": t_o["batch"], "params_ratio": params_ratio, "flops_ratio": flops_ratio,
                      "latency_ratio": lat_ratio, "speedup": 1 / lat_ratio if lat_ratio else None, "reason": reason})
     return rows
@@ -95,13 +96,14 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     lines += ["", "## Output agreement", "",
               ", ".join(f"{k} = {_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in cmp.items()), "",
               f"## Latency on `{r['profile']}`", "",
-              "| model | batch | p50 ms | p90 ms | p99 ms | cv | throughput /s | peak mem |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| model | batch | p50 ms | p90 ms | p99 ms | cv | throughput /s | peak mem | roofline ms | of roofline |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, row in models.items():
         for t in row.get("timings", []):
             flag = " (unstable)" if t["unstable"] else ""
             lines.append(f"| {label} | {t['batch']} | {t['p50_ms']:.2f} | {t['p90_ms']:.2f} | {t['p99_ms']:.2f} | "
-                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.1f} | {_mb(t['peak_mem_bytes'])} |")
+                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.1f} | {_mb(t['peak_mem_bytes'])} | "
+                         f"{_fmt(t.get('roofline_ms'), '.2f')} | {_fmt(t.get('roofline_fraction'), '.0%')} |")
     lines += ["", f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
               "| batch | params ratio | FLOPs ratio | latency ratio | speedup | verdict |", "|---:|---:|---:|---:|---:|---|"]
     for s in speed_rows(summary):

@@ -1,0 +1,22 @@
+"""Shared test settings: CPU threads, offline Hugging Face, GPU/TensorRT skips."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if ("gpu" in item.keywords or "tensorrt" in item.keywords) and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run the test inside an empty temporary folder."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
