@@ -202,12 +202,12 @@ class _LowRankCompressor(Compressor):
             lost = float(spec.energy[rank:].sum())
             changes.append(LayerChange(name, "Linear -> LowRankLinear", spec.dense_params,
                                        spec.lowrank_params(rank), rank, facts[name].rel_error(rank),
-                                       self.sensitivity(lost, spec)))
+                                       self.sensitivity(lost, config)))
         resolved = {"ranks": {n: r for n, r in ranks.items() if r is not None},
                     "dense": [n for n, r in ranks.items() if r is None]}
         return CompressResult(model, self.name, config.to_dict(), changes, resolved)
 
-    def sensitivity(self, lost_energy: float, spec: LayerSpectrum) -> float | None:
+    def sensitivity(self, lost_energy: float, config: BudgetConfig) -> float | None:
         """Estimated task-loss or output change from this layer's truncation; None when unknown."""
         return None
 
@@ -254,7 +254,7 @@ class FWSVD(_LowRankCompressor):
         floor = config.floor * max(float(row.mean()), torch.finfo(torch.float64).tiny)
         return row.clamp_min(floor).sqrt(), None, 1.0
 
-    def sensitivity(self, lost_energy, spec):
+    def sensitivity(self, lost_energy, config):
         return 0.5 * lost_energy  # second-order estimate of the task-loss increase
 
 
@@ -278,5 +278,6 @@ class ASVD(_LowRankCompressor):
         # relative output error: layers compared by the fraction of their output energy lost
         return None, chol, 1.0 / max(float((linear.weight.detach().double() @ chol).square().sum()), 1e-30)
 
-    def sensitivity(self, lost_energy, spec):
-        return lost_energy  # E ||(W - W') x||^2 over the calibration inputs (whiten mode)
+    def sensitivity(self, lost_energy, config):
+        # whiten: E ||(W - W') x||^2 over the calibration inputs; the scaled proxy has no such meaning
+        return lost_energy if config.mode == "whiten" else None

