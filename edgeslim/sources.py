@@ -241,8 +241,11 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
 
 def sr_scale(model: nn.Module) -> int:
     """Upscaling factor of a super-resolution model `model(x=[B, 1, H, W])`, found by probing an 8x8 input."""
-    with torch.inference_mode():
-        out = model(x=torch.zeros(1, 1, 8, 8))
-    if out.dim() != 4 or out.shape[-1] % 8 or out.shape[-1] < 8:
+    try:
+        with torch.inference_mode():
+            out = model(x=torch.zeros(1, 1, 8, 8))
+    except (TypeError, RuntimeError) as exc:
+        raise ConfigError(f"not a super-resolution model taking x=[B, 1, H, W]: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[-1] % 8 or out.shape[-1] < 8:
         raise ConfigError(f"not a super-resolution model: 8x8 input gave output shape {tuple(out.shape)}")
     return out.shape[-1] // 8

@@ -86,7 +86,8 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
                                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         checks: list[OutputCheck] = []
         for d in validate_dims or (dims, _shifted(dims)):
-            checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol)
+            checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
+                                   label=str(path))
         size = tmp.stat().st_size
     return ExportResult(path, size, opset, list(output_names), checks)
 

@@ -103,8 +103,11 @@ def locate_divergence(path: str | Path, model: nn.Module, feeds: Mapping[str, np
 
 
 def check_parity(path: str | Path, model: nn.Module, feeds: Mapping[str, np.ndarray], atol: float = 1e-4,
-                 rtol: float = 1e-3, locate: bool = True) -> list[OutputCheck]:
+                 rtol: float = 1e-3, locate: bool = True, label: str | None = None) -> list[OutputCheck]:
     """Run `path` in ONNX Runtime and `model` in PyTorch on `feeds`; raise once listing every output.
+
+    Args:
+        label: the name to use for the file in messages (default: `path`).
 
     Raises:
         SourceError: ONNX Runtime cannot load the file.
@@ -114,7 +117,7 @@ def check_parity(path: str | Path, model: nn.Module, feeds: Mapping[str, np.ndar
     try:
         session = _ort_session(path)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
-        raise SourceError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        raise SourceError(f"ONNX Runtime cannot load {label or path}: {exc}") from exc
     names = [o.name for o in session.get_outputs()]
     rows = compare(names, torch_outputs(model, feeds), session.run(None, dict(feeds)), atol, rtol)
     if all(r.ok for r in rows):
@@ -124,5 +127,5 @@ def check_parity(path: str | Path, model: nn.Module, feeds: Mapping[str, np.ndar
     culprit = locate_divergence(path, model, feeds, atol, rtol) if locate else None
     where = f"\nfirst diverging module: {culprit}" if culprit else ""
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
-    raise ExportValidationError(f"{path}: ONNX Runtime output differs from PyTorch (atol={atol}, rtol={rtol}) "
+    raise ExportValidationError(f"{label or path}: ONNX Runtime output differs from PyTorch (atol={atol}, rtol={rtol}) "
                                 f"for inputs {shapes}:\n{table}{where}")

