@@ -210,7 +210,8 @@ def list_(what: str) -> None:
         for col in ("name", "available", "description"):
             table.add_column(col)
         for e in zoo.entries().values():
-            table.add_row(e.name, "yes" if e.available else f"no ({e.requires} missing)", e.description)
+            missing = "not in this install" if e.shipped else f"{e.requires} missing"
+            table.add_row(e.name, "yes" if e.available else f"no ({missing})", e.description)
     else:
         from edgeslim.data import list_datasets
         for col in ("name", "kind", "available", "description"):

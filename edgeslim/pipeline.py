@@ -187,7 +187,7 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
         from edgeslim.runtime.targets import load_profile
         engine = path if path.suffix in (".engine", ".plan") else path.with_suffix(".engine")
         with stage(f"build TensorRT engine {engine.name}", quiet):
-            to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine)
+            to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
 
@@ -201,7 +201,7 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     batch, the target's roofline latency and the fraction of it the measurement reaches.
     """
     from edgeslim.runtime.measure import measure
-    from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_ms
+    from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_fraction, roofline_ms
     from edgeslim.runtime.session import open_session
     from edgeslim.runtime.targets import load_profile
 
@@ -215,7 +215,7 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
                 row["flops"] = count_flops(loaded.model, feeds)
                 row["bytes_moved"] = min_bytes_moved(loaded.model, feeds, prof.precision)
                 row["roofline_ms"] = roofline_ms(row["flops"], row["bytes_moved"], prof)
-                row["roofline_fraction"] = row["roofline_ms"] / row["p50_ms"]
+                row["roofline_fraction"] = roofline_fraction(row["p50_ms"], row["flops"], row["bytes_moved"], prof)
             rows.append(row)
     return rows
 

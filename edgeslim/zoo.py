@@ -25,9 +25,12 @@ class ZooEntry:
     description: str
     build: Callable[[], LoadedModel]
     requires: str | None = None  # module that must be importable (the extra that brings it)
+    shipped: Path | None = None  # artifact folder inside the package, for models edgeslim trains itself
 
     @property
     def available(self) -> bool:
+        if self.shipped is not None:
+            return self.shipped.is_dir()
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
@@ -85,14 +88,29 @@ def _tiny_mlp() -> LoadedModel:
                        [TensorSpec("x", ("batch", 16))], "generic", {"batch": 4})
 
 
+def _tiny_tokenizer():
+    """A character-level WordPiece tokenizer built in memory (vocabulary of 5 specials + 2 x 40 symbols)."""
+    transformers = require("transformers", "data", "the tiny BERT test model")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789.,'-")
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + symbols +
+                                        [f"##{c}" for c in symbols])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
 def _tiny_bert() -> LoadedModel:
     transformers = require("transformers", "data", "the tiny BERT test model")
-    from edgeslim.sources import TextModel
+    from edgeslim.sources import TextModel, make_encoder
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
     model = _seeded(lambda: TextModel(transformers.BertModel(config, add_pooling_layer=False), "mean_pool"))
     return LoadedModel(model, SourceSpec("zoo", "tiny-bert", _version()), text_inputs(120), "embedding",
-                       {"batch": 2, "sequence": 16})
+                       {"batch": 2, "sequence": 16}, make_encoder(_tiny_tokenizer(), max_length=16))
 
 
 def _sr_entry(name: str, build: Callable[[], nn.Module]) -> Callable[[], LoadedModel]:
@@ -128,7 +146,8 @@ def _entries() -> list[ZooEntry]:
         ZooEntry("tiny-bert", "2-layer BERT, hidden 32, seeded (tests)", _tiny_bert, "transformers"),
     ]
     for s in (2, 3, 4):
-        out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", _shipped(f"espcn-x{s}")))
+        out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", _shipped(f"espcn-x{s}"),
+                            shipped=MODELS_DIR / f"espcn-x{s}.slim"))
         out.append(ZooEntry(f"bicubic-x{s}", f"bicubic x{s} upsampler (baseline / ESPCN teacher)",
                             _sr_entry(f"bicubic-x{s}", lambda s=s: sp.BicubicUpsampler(s))))
     out.append(ZooEntry("deconv-sr-x3", "FSRCNN-style x3 model with a ConvTranspose2d upsampler, seeded",
