@@ -1,0 +1,454 @@
+"""Sub-pixel super-resolution: ESPCN, the SubPixelConv2d layer, and exact deconvolution-to-sub-pixel.
+
+Shi et al., "Real-Time Single Image and Video Super-Resolution Using an Efficient Sub-Pixel
+Convolutional Neural Network" (CVPR 2016): features are computed in low-resolution (LR) space and a
+last convolution to r^2 channels is rearranged by PixelShuffle (periodic shuffling, eq. 4).
+Shi et al., "Is the deconvolution layer the same as a convolutional layer?" (arXiv 1609.07009, 2016):
+a stride-r ConvTranspose2d equals a convolution in LR space with r^2 sub-kernels followed by that
+shuffle, which `SubPixelConv2d.from_conv_transpose` builds exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from edgeslim.compress.base import (CalibData, CompressResult, Compressor, ConfigBase, LayerChange, _check_targets,
+                                    register, working_copy)
+from edgeslim.compress.replace import count_params, select_modules, set_submodule
+from edgeslim.compress.train import check_finite
+from edgeslim.errors import ConfigError
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _quad(value: int | tuple[int, ...], key: str) -> tuple[int, int, int, int]:
+    quad = (value,) * 4 if isinstance(value, int) else tuple(value)
+    if len(quad) != 4 or not all(isinstance(v, int) for v in quad):
+        raise ConfigError(f"{key} must be an int or 4 ints (top, bottom, left, right), got {value!r}")
+    return quad  # type: ignore[return-value]
+
+
+def _check_scale(scale: Any) -> int:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ConfigError(f"scale must be a positive integer (2, 3 or 4 for the shipped models), got {scale!r}")
+    return scale
+
+
+def _pad_or_crop(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Zero-pad (positive amounts) or crop (negative amounts) the last two dims; exports as Pad/Slice."""
+    if max(top, bottom, left, right) > 0:
+        x = F.pad(x, (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)))
+    if min(top, bottom, left, right) < 0:
+        h, w = x.shape[-2], x.shape[-1]
+        x = x[..., max(-top, 0):h - max(-bottom, 0), max(-left, 0):w - max(-right, 0)]
+    return x
+
+
+class SubPixelConv2d(nn.Module):
+    """Conv2d in LR space, PixelShuffle by `scale`, then an HR crop: a stride-`scale` deconvolution.
+
+    Args:
+        in_channels, out_channels: channels before and after the upsampling.
+        scale: upscaling factor r (the conv has out_channels * r^2 output channels).
+        kernel_size: LR kernel size (int or (h, w)).
+        padding: LR zero padding (top, bottom, left, right); negative values crop. "same" keeps
+            the output at exactly r*H x r*W.
+        crop: HR pixels removed after the shuffle (top, bottom, left, right), each >= 0.
+        bias: whether the conv has a bias (one per sub-pixel channel).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, scale: int, kernel_size: int | tuple[int, int],
+                 padding: str | int | tuple[int, ...] = "same", crop: int | tuple[int, ...] = 0, bias: bool = True):
+        super().__init__()
+        self.scale = _check_scale(scale)
+        kh, kw = _pair(kernel_size)
+        if padding == "same":
+            padding = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+        self.padding = _quad(padding, "padding")
+        self.crop = _quad(crop, "crop")
+        if min(self.crop) < 0:
+            raise ConfigError(f"crop must be >= 0, got {self.crop}")
+        # The symmetric non-negative part of the padding goes into the conv (ONNX Conv pads attribute).
+        t, b, left, r = self.padding
+        self._conv_pad = (max(0, min(t, b)), max(0, min(left, r)))
+        ph, pw = self._conv_pad
+        self._extra = (t - ph, b - ph, left - pw, r - pw)
+        self.conv = nn.Conv2d(in_channels, out_channels * self.scale ** 2, (kh, kw), padding=self._conv_pad, bias=bias)
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels // self.scale ** 2
+
+    def geometry(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this layer's structure (JSON-ready)."""
+        return {"in_channels": self.conv.in_channels, "out_channels": self.out_channels, "scale": self.scale,
+                "kernel_size": list(self.conv.kernel_size), "padding": list(self.padding), "crop": list(self.crop),
+                "bias": self.conv.bias is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.pixel_shuffle(self.conv(_pad_or_crop(x, *self._extra)), self.scale)
+        t, b, left, r = self.crop
+        if t or b or left or r:
+            y = y[..., t:y.shape[-2] - b, left:y.shape[-1] - r]
+        return y
+
+    @classmethod
+    def from_conv_transpose(cls, deconv: nn.ConvTranspose2d) -> "SubPixelConv2d":
+        """The sub-pixel layer computing exactly what `deconv` computes (same weights, rearranged).
+
+        Output phase r of the deconvolution uses the taps w[j*s + r], j = 0..ceil(k/s)-1, on
+        x[q - j]: a correlation in LR space with the flipped sub-kernel (Shi et al. 2016b, sec. 3).
+
+        Raises:
+            ConfigError: groups != 1, dilation != 1, unequal strides, or non-zero padding mode.
+        """
+        if not isinstance(deconv, nn.ConvTranspose2d):
+            raise ConfigError(f"expected nn.ConvTranspose2d, got {type(deconv).__name__}")
+        unsupported = {"groups": deconv.groups != 1, "dilation": tuple(deconv.dilation) != (1, 1),
+                       "padding_mode": deconv.padding_mode != "zeros",
+                       "stride (unequal in h and w)": deconv.stride[0] != deconv.stride[1]}
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ConfigError(f"ConvTranspose2d with {bad} is not supported by SubPixelConv2d (needs groups=1, "
+                              f"dilation=1, padding_mode='zeros', equal strides); got groups={deconv.groups}, "
+                              f"dilation={deconv.dilation}, stride={deconv.stride}")
+        s = deconv.stride[0]
+        taps, pads, crops = [], [], []
+        for k, p, op in zip(deconv.kernel_size, deconv.padding, deconv.output_padding):
+            n = math.ceil(k / s)  # LR taps per phase
+            q_lo = p // s  # first LR position of the output, whose phase offset is p % s
+            delta = k - 2 * p + op - s  # output length is s*H + delta
+            extra = (p + delta - 1) // s - q_lo + 1  # LR positions computed beyond H
+            lead = n - 1 - q_lo
+            taps.append(n)
+            pads += [lead, extra + n - 1 - lead]
+            crops += [p - q_lo * s, s * extra - (p - q_lo * s) - delta]
+        cin, cout = deconv.in_channels, deconv.out_channels
+        layer = cls(cin, cout, s, tuple(taps), padding=tuple(pads), crop=tuple(crops), bias=deconv.bias is not None)
+        with torch.no_grad():
+            w = deconv.weight.new_zeros(cin, cout, taps[0] * s, taps[1] * s)
+            w[..., :deconv.kernel_size[0], :deconv.kernel_size[1]] = deconv.weight
+            w = w.reshape(cin, cout, taps[0], s, taps[1], s).flip(2, 4)
+            layer.conv.weight.copy_(w.permute(1, 3, 5, 0, 2, 4).reshape(cout * s * s, cin, taps[0], taps[1]))
+            if deconv.bias is not None:
+                layer.conv.bias.copy_(deconv.bias.repeat_interleave(s * s))
+        return layer
+
+    def to_conv_transpose(self) -> nn.ConvTranspose2d:
+        """The ConvTranspose2d computing exactly what this layer computes.
+
+        Raises:
+            ConfigError: the sub-pixel biases differ within an output channel, or the padding/crop
+                has no deconvolution equivalent (padding beyond the kernel, too much crop).
+        """
+        s, (nh, nw) = self.scale, self.conv.kernel_size
+        cin, cout = self.conv.in_channels, self.out_channels
+        bias = self.conv.bias
+        if bias is not None and not torch.equal(bias.view(cout, s * s), bias.view(cout, s * s)[:, :1].expand(-1, s * s)):
+            raise ConfigError("this SubPixelConv2d has a different bias per sub-pixel position, which a "
+                              "ConvTranspose2d (one bias per output channel) cannot express")
+        w = self.conv.weight.detach().reshape(cout, s, s, cin, nh, nw).permute(3, 0, 4, 1, 5, 2)
+        w = w.flip(2, 4).reshape(cin, cout, nh * s, nw * s)
+        geometry = []
+        for dim, n in enumerate((nh, nw)):
+            (lead, trail), (c0, c1) = self.padding[2 * dim:2 * dim + 2], self.crop[2 * dim:2 * dim + 2]
+            p = c0 + (n - 1 - lead) * s
+            op = s * (lead + trail - 2 * n + 2) - c0 - c1 + 2 * p
+            k = n * s
+            while k > 1 and op + 1 < s and not w.narrow(2 + dim, k - 1, 1).any():
+                k, op = k - 1, op + 1  # a trailing all-zero tap is the same as one more output_padding
+            if p < 0 or not 0 <= op < s:
+                raise ConfigError(f"padding {self.padding} / crop {self.crop} has no ConvTranspose2d equivalent "
+                                  f"(would need padding={p}, output_padding={op} along dim {dim})")
+            geometry.append((k, p, op))
+        (kh, ph, oph), (kw, pw, opw) = geometry
+        deconv = nn.ConvTranspose2d(cin, cout, (kh, kw), stride=s, padding=(ph, pw), output_padding=(oph, opw),
+                                    bias=bias is not None)
+        with torch.no_grad():
+            deconv.weight.copy_(w[..., :kh, :kw])
+            if bias is not None:
+                deconv.bias.copy_(bias.view(cout, s * s)[:, 0])
+        return deconv
+
+
+class ESPCN(nn.Module):
+    """ESPCN (Shi et al. 2016): convs with tanh in LR space, a last conv to r^2 channels, PixelShuffle.
+
+    Works on the Y channel of YCbCr (in_channels=1), values in [0, 1]; forward(x) maps
+    [B, C, H, W] to [B, C, rH, rW]. Parameters: sum over layers of c_in*c_out*k^2 + c_out, the last
+    layer having c_out = C*r^2.
+    """
+
+    def __init__(self, scale: int, channels: tuple[int, ...] = (64, 32), kernels: tuple[int, ...] = (5, 3, 3),
+                 activation: str = "tanh", in_channels: int = 1):
+        super().__init__()
+        _check_scale(scale)
+        channels, kernels = tuple(channels), tuple(kernels)
+        if len(kernels) != len(channels) + 1:
+            raise ConfigError(f"ESPCN needs one kernel size per hidden layer plus the last: {len(channels)} "
+                              f"channels need {len(channels) + 1} kernels, got {kernels}")
+        if activation not in _ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if not all(isinstance(v, int) and v > 0 for v in channels + kernels + (in_channels,)):
+            raise ConfigError(f"channels, kernels and in_channels must be positive integers, got "
+                              f"{channels}, {kernels}, {in_channels}")
+        self.architecture = {"scale": scale, "channels": list(channels), "kernels": list(kernels),
+                             "activation": activation, "in_channels": in_channels}
+        layers: list[nn.Module] = []
+        c = in_channels
+        for ch, k in zip(channels, kernels):
+            layers += [nn.Conv2d(c, ch, k, padding=k // 2), _ACTIVATIONS[activation]()]
+            c = ch
+        self.features = nn.Sequential(*layers)
+        self.upsample = SubPixelConv2d(c, in_channels, scale, kernels[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.features(x))
+
+
+class BicubicUpsampler(nn.Module):
+    """Bicubic interpolation by `scale` as a module (the baseline, and the default ESPCN teacher).
+
+    torch's bicubic uses a = -0.75 (PIL and MATLAB use -0.5); it exports to ONNX Resize (cubic).
+    """
+
+    def __init__(self, scale: int):
+        super().__init__()
+        self.scale = _check_scale(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+
+
+class DeconvSR(nn.Module):
+    """FSRCNN-style model (Dong, Loy & Tang 2016): LR convs with PReLU, then a stride-r ConvTranspose2d.
+
+    Defaults are the small FSRCNN-s (d=32, s=5, m=1, 9x9 deconvolution); output is exactly r*H x r*W.
+    """
+
+    def __init__(self, scale: int, d: int = 32, s: int = 5, m: int = 1, kernel: int = 9, in_channels: int = 1):
+        super().__init__()
+        _check_scale(scale)
+        pad = math.ceil((kernel - scale) / 2)
+        if pad < 0:
+            raise ConfigError(f"deconvolution kernel {kernel} must be at least the scale {scale}")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, d, 5, padding=2), nn.PReLU(d), nn.Conv2d(d, s, 1), nn.PReLU(s)]
+        for _ in range(m):
+            layers += [nn.Conv2d(s, s, 3, padding=1), nn.PReLU(s)]
+        layers += [nn.Conv2d(s, d, 1), nn.PReLU(d)]
+        self.features = nn.Sequential(*layers)
+        self.upsample = nn.ConvTranspose2d(d, in_channels, kernel, stride=scale, padding=pad,
+                                           output_padding=2 * pad - (kernel - scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.features(x))
+
+
+class SRCNN(nn.Module):
+    """SRCNN (Dong et al. 2014/2016, 9-5-5): bicubic upsampling first, then three convs in HR space."""
+
+    def __init__(self, scale: int, channels: tuple[int, int] = (64, 32), kernels: tuple[int, int, int] = (9, 5, 5),
+                 in_channels: int = 1):
+        super().__init__()
+        self.upscale = BicubicUpsampler(scale)
+        (c1, c2), (k1, k2, k3) = channels, kernels
+        self.body = nn.Sequential(nn.Conv2d(in_channels, c1, k1, padding=k1 // 2), nn.ReLU(),
+                                  nn.Conv2d(c1, c2, k2, padding=k2 // 2), nn.ReLU(),
+                                  nn.Conv2d(c2, in_channels, k3, padding=k3 // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.upscale(x))
+
+
+@dataclass(frozen=True)
+class DeconvToSubpixelConfig(ConfigBase):
+    """Which strided ConvTranspose2d layers to convert (all by default); the conversion is exact."""
+
+    target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
+    exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
+
+    def __post_init__(self) -> None:
+        for key in ("target", "exclude"):
+            _check_targets(getattr(self, key), key)
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+
+
+@register
+class DeconvToSubpixel(Compressor):
+    """Replace every strided ConvTranspose2d by the equal SubPixelConv2d (Shi et al. 2016b)."""
+
+    name = "deconv_to_subpixel"
+    Config = DeconvToSubpixelConfig
+
+    def compress(self, model: nn.Module, config: ConfigBase, calib: CalibData | None = None,
+                 inplace: bool = False) -> CompressResult:
+        config = self.make_config(config)
+        model = working_copy(model, inplace)
+        chosen = [(n, m) for n, m in select_modules(model, config.target, config.exclude, types=(nn.ConvTranspose2d,))
+                  if tuple(m.stride) != (1, 1)]
+        if not chosen:
+            raise ConfigError("no strided ConvTranspose2d (stride > 1) among the selected layers; "
+                              "a stride-1 deconvolution is already a plain convolution")
+        gen = torch.Generator().manual_seed(0)
+        changes, layers = [], {}
+        for name, deconv in chosen:
+            layer = SubPixelConv2d.from_conv_transpose(deconv)
+            probe = torch.randn(2, deconv.in_channels, 7, 9, generator=gen, dtype=deconv.weight.dtype)
+            with torch.no_grad():
+                ref, out = deconv(probe), layer(probe)
+            diff = (out - ref).abs().max().item()
+            changes.append(LayerChange(name, "ConvTranspose2d -> SubPixelConv2d", count_params(deconv),
+                                       count_params(layer), rel_error=((out - ref).norm() / ref.norm()).item(),
+                                       note=f"exact conversion; max abs diff {diff:.2e} on a random probe"))
+            set_submodule(model, name, layer)
+            layers[name] = layer.geometry()
+        return CompressResult(model, self.name, config.to_dict(), changes, {"layers": layers})
+
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+        for name, geometry in resolved["layers"].items():
+            try:
+                model.get_submodule(name)
+            except AttributeError as exc:
+                raise ConfigError(f"deconv_to_subpixel replay: the model has no module '{name}'") from exc
+            set_submodule(model, name, SubPixelConv2d(**geometry))
+        return model
+
+
+@dataclass(frozen=True)
+class ESPCNConfig(ConfigBase):
+    """ESPCN student architecture and its training (Adam, cosine learning-rate decay, MSE loss)."""
+
+    scale: int = 3  # upscaling factor r
+    channels: tuple[int, ...] = (64, 32)  # hidden layer widths (paper: 64, 32)
+    kernels: tuple[int, ...] = (5, 3, 3)  # kernel sizes, one more than channels (paper: 5, 3, 3)
+    activation: str = "tanh"  # "tanh" (paper) or "relu"
+    in_channels: int = 1  # 1 = Y channel of YCbCr
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 64  # patches per step, drawn at random from the calibration pool
+    lr: float = 1e-3  # Adam learning rate, decayed by cosine to lr/100
+    augment: bool = True  # random flips and 90-degree rotations of each batch
+    seed: int = 0  # student initialisation and batch sampling
+
+    def __post_init__(self) -> None:
+        for key in ("channels", "kernels"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+        ints = {k: getattr(self, k) for k in ("steps", "batch_size", "in_channels")}
+        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ConfigError(f"espcn: these must be positive integers: {bad}")
+        if not float(self.lr) > 0:
+            raise ConfigError(f"espcn: lr must be > 0, got {self.lr}")
+        ESPCN(self.scale, self.channels, self.kernels, self.activation, self.in_channels)  # validates the rest
+
+
+def _dihedral(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    t = torch.rot90(t, k, dims=(2, 3))
+    return t.flip(3) if flip else t
+
+
+@register
+class ESPCNTrainer(Compressor):
+    """Train an ESPCN student on HR targets, or distil the source model (the teacher) into ESPCN form."""
+
+    name = "espcn"
+    Config = ESPCNConfig
+    needs_calibration = True
+
+    def compress(self, model: nn.Module, config: ConfigBase, calib: CalibData | None = None,
+                 inplace: bool = False) -> CompressResult:
+        config = self.make_config(config)
+        if calib is None:
+            raise ConfigError("espcn trains a model: give calibration data (LR patches, optionally HR targets)")
+        if any("x" not in batch for batch in calib.batches):
+            raise ConfigError(f"espcn: every batch of '{calib.name}' needs the LR images under key 'x'")
+        pool_x = torch.cat([batch["x"] for batch in calib.batches]).float()
+        pool_y = None if calib.targets is None else torch.cat(list(calib.targets)).float()
+        n, c, h, w = pool_x.shape
+        r = config.scale
+        if c != config.in_channels or (pool_y is not None and tuple(pool_y.shape) != (n, c, r * h, r * w)):
+            got = None if pool_y is None else tuple(pool_y.shape)
+            raise ConfigError(f"espcn x{r}: LR batches {tuple(pool_x.shape)} and HR targets {got} do not fit "
+                              f"in_channels={config.in_channels} and scale={r}")
+        teacher = model.eval()
+        torch.manual_seed(config.seed)
+        student = ESPCN(r, config.channels, config.kernels, config.activation, config.in_channels)
+        gen = torch.Generator().manual_seed(config.seed)
+        opt = torch.optim.Adam(student.parameters(), lr=config.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps, eta_min=config.lr / 100)
+        losses = []
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"training ESPCN x{r}", total=config.steps)
+            for _ in range(config.steps):
+                idx = torch.randint(n, (config.batch_size,), generator=gen)
+                k, flip = (int(torch.randint(4, (1,), generator=gen)), bool(torch.randint(2, (1,), generator=gen))) \
+                    if config.augment else (0, False)
+                x = _dihedral(pool_x[idx], k, flip)
+                target = self._target(teacher, x, None if pool_y is None else _dihedral(pool_y[idx], k, flip), r)
+                loss = F.mse_loss(student(x=x), target)
+                check_finite({"loss": loss}, f"espcn x{r} training")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                progress.update(task, advance=1, description=f"training ESPCN x{r} (MSE {loss.item():.2e})")
+        student.eval()
+        rel = self._rel_error(student, teacher, pool_x[:256], None if pool_y is None else pool_y[:256], r)
+        tail = sum(losses[-50:]) / len(losses[-50:])
+        change = LayerChange("model", f"{type(teacher).__name__} -> ESPCN", count_params(teacher),
+                             count_params(student), rel_error=rel,
+                             note=f"{'ground truth' if pool_y is not None else 'distilled'} on {calib.name}; "
+                                  f"MSE {losses[0]:.2e} -> {tail:.2e} (last 50 steps)")
+        resolved = {"architecture": student.architecture,
+                    "training": {"data": calib.name, "samples": n, "targets": pool_y is not None,
+                                 "loss_first": losses[0], "loss_last50": tail}}
+        return CompressResult(student, self.name, config.to_dict(), [change], resolved)
+
+    @staticmethod
+    def _target(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor | None, r: int) -> torch.Tensor:
+        if y is not None:
+            return y
+        with torch.no_grad():
+            y = teacher(x=x)
+        if tuple(y.shape) != (x.shape[0], x.shape[1], r * x.shape[2], r * x.shape[3]):
+            raise ConfigError(f"the teacher maps {tuple(x.shape)} to {tuple(y.shape)}, not a x{r} upscale")
+        return y
+
+    def _rel_error(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                   r: int) -> float:
+        with torch.no_grad():
+            ref = self._target(teacher, x, y, r)
+            return ((student(x=x) - ref).norm() / ref.norm()).item()
+
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+        return ESPCN(**resolved["architecture"])
+
+
+def train_espcn(scale: int, steps: int = 2000, seed: int = 0, count: int = 8192, patch: int = 17,
+                batch_size: int = 64, lr: float = 1e-3) -> CompressResult:
+    """Train ESPCN x`scale` on patches of the bundled training images (ground truth, bicubic teacher).
+
+    Args:
+        count: LR/HR patch pairs drawn once from the training images (never the held-out ones).
+        patch: LR patch side (the HR patch is scale * patch), 17 as in Shi et al. 2016.
+
+    Returns:
+        The `espcn` CompressResult; its model is the trained ESPCN (eval mode).
+    """
+    from edgeslim.images import patch_calibration
+
+    config = ESPCNConfig(scale=scale, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    calib = patch_calibration(scale, count, patch=patch, seed=seed)
+    return ESPCNTrainer().compress(BicubicUpsampler(scale), config, calib)

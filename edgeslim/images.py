@@ -1,0 +1,227 @@
+"""Images for super-resolution: file I/O, BT.601 YCbCr, bicubic degradation, PSNR/SSIM, bundled data.
+
+Evaluation follows the super-resolution literature (Dong et al. 2014; Shi et al. 2016): the HR image is
+cropped to a multiple of the scale and downscaled bicubically (PIL, antialiased); PSNR and SSIM are
+taken on the Y channel of studio-range YCbCr with `scale` border pixels removed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeslim.compress.base import CalibData
+from edgeslim.errors import ConfigError, SourceError, require
+
+# scikit-image images bundled in its wheel (no download). Held-out ones are never used for training.
+BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
+                  "camera", "brick", "grass", "gravel", "moon", "coins", "text", "page")
+HELD_OUT = ("astronaut", "chelsea", "camera", "coins")
+TRAINING = tuple(n for n in BUNDLED_IMAGES if n not in HELD_OUT)
+
+# ITU-R BT.601 studio range, R, G, B in 0..255 (the MATLAB rgb2ycbcr convention).
+_RGB_TO_YCBCR = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
+_YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def _pil() -> Any:
+    return require("PIL.Image", "data", "reading and writing images")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as an RGB uint8 array [H, W, 3] (grey and palette images are converted).
+
+    Raises:
+        SourceError: the file is missing, unreadable or not a decodable image.
+    """
+    image_mod = _pil()
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"image file not found: {path}")
+    try:
+        with image_mod.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        raise SourceError(f"cannot read image {path}: {exc}") from exc
+
+
+def write_image(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 array atomically (temporary file beside `path`, then os.replace).
+
+    Raises:
+        ConfigError: the array is not [H, W, 3] uint8 or the file extension is not an image format.
+    """
+    image_mod = _pil()
+    path = Path(path)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ConfigError(f"write_image needs an [H, W, 3] uint8 array, got {rgb.shape} {rgb.dtype}")
+    fmt = image_mod.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"cannot tell the image format from '{path.name}'; use e.g. .png or .jpg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image_mod.fromarray(rgb, "RGB").save(fh, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 studio-range YCbCr (float64, Y in 16..235) of RGB values in 0..255, [..., 3]."""
+    return np.asarray(rgb, dtype=np.float64) @ _RGB_TO_YCBCR.T + _YCBCR_OFFSET
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    """Inverse of rgb_to_ycbcr (float64 RGB in 0..255, not clipped)."""
+    return (np.asarray(ycbcr, dtype=np.float64) - _YCBCR_OFFSET) @ np.linalg.inv(_RGB_TO_YCBCR).T
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Round and clip to 0..255 uint8, as an image written to disk would be."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right so height and width are multiples of `scale`."""
+    h, w = image.shape[0] - image.shape[0] % scale, image.shape[1] - image.shape[1] % scale
+    return image[:h, :w]
+
+
+def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PIL bicubic resize (antialiased when shrinking): uint8 [H, W, 3] stays uint8, a float plane stays float."""
+    image_mod = _pil()
+    if image.dtype == np.uint8:
+        return np.asarray(image_mod.fromarray(image).resize((width, height), image_mod.BICUBIC))
+    plane = image_mod.fromarray(np.asarray(image, dtype=np.float32), "F")
+    return np.asarray(plane.resize((width, height), image_mod.BICUBIC), dtype=np.float64)
+
+
+def degrade(image: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(HR, LR): the image cropped to a multiple of `scale`, and its bicubic downscale by `scale`."""
+    hr = modcrop(image, scale)
+    return hr, resize_bicubic(hr, hr.shape[0] // scale, hr.shape[1] // scale)
+
+
+def _shave(a: np.ndarray, b: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ConfigError(f"compare two Y planes of the same [H, W] shape, got {a.shape} and {b.shape}")
+    if border:
+        a, b = a[border:-border, border:-border], b[border:-border, border:-border]
+    return a, b
+
+
+def psnr(a: np.ndarray, b: np.ndarray, border: int = 0, peak: float = 255.0) -> float:
+    """PSNR in dB, 10 log10(peak^2 / MSE), of two Y planes with `border` pixels cropped (inf if equal)."""
+    a, b = _shave(a, b, border)
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(peak ** 2 / mse)
+
+
+def _gaussian_valid(x: np.ndarray, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * sigma ** 2))
+    g /= g.sum()
+    rows = sum(g[i] * x[i:x.shape[0] - size + 1 + i] for i in range(size))
+    return sum(g[i] * rows[:, i:x.shape[1] - size + 1 + i] for i in range(size))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, border: int = 0, peak: float = 255.0) -> float:
+    """Mean SSIM (Wang et al. 2004, eq. 13) with an 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03.
+
+    Computed over the window positions fully inside the image (`border` pixels cropped first).
+    """
+    a, b = _shave(a, b, border)
+    if min(a.shape) < 11:
+        raise ConfigError(f"SSIM needs at least 11x11 pixels after the border crop, got {a.shape}")
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    mu_a, mu_b = _gaussian_valid(a), _gaussian_valid(b)
+    var_a = _gaussian_valid(a * a) - mu_a ** 2
+    var_b = _gaussian_valid(b * b) - mu_b ** 2
+    cov = _gaussian_valid(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map.mean())
+
+
+def load_bundled(name: str) -> np.ndarray:
+    """A scikit-image bundled image as RGB uint8 [H, W, 3] (grey images replicated to 3 channels).
+
+    Raises:
+        ConfigError: the name is not one of BUNDLED_IMAGES.
+        SourceError: scikit-image cannot load it offline.
+    """
+    if name not in BUNDLED_IMAGES:
+        raise ConfigError(f"unknown bundled image '{name}'; available: {list(BUNDLED_IMAGES)}")
+    data = require("skimage.data", "data", "the bundled test images")
+    try:
+        image = np.asarray(getattr(data, name)())
+    except Exception as exc:  # skimage may try a download for images missing from its wheel
+        raise SourceError(f"scikit-image could not load '{name}' offline: {exc}") from exc
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    return image[:, :, :3].astype(np.uint8)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """The Y plane (float64, 16..235) of an RGB image."""
+    return rgb_to_ycbcr(rgb)[..., 0]
+
+
+def patch_calibration(scale: int, count: int, patch: int = 17, seed: int = 0, batch_size: int = 64) -> CalibData:
+    """LR/HR Y patch pairs (values / 255) from the training images only, for the `espcn` compressor.
+
+    Each image is degraded whole (as in evaluation), then `count` aligned patches are drawn: an image
+    chosen uniformly, a position uniformly inside it. Batches are [{"x": [B, 1, patch, patch]}] with
+    targets [B, 1, scale*patch, scale*patch].
+    """
+    if count < 1 or patch < 1 or batch_size < 1:
+        raise ConfigError(f"count, patch and batch_size must be >= 1, got {count}, {patch}, {batch_size}")
+    pairs = []
+    for name in TRAINING:
+        hr, lr = degrade(load_bundled(name), scale)
+        if min(lr.shape[:2]) >= patch:
+            pairs.append((luma(hr) / 255.0, luma(lr) / 255.0))
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for i in rng.integers(len(pairs), size=count):
+        hr, lr = pairs[i]
+        top, left = rng.integers(lr.shape[0] - patch + 1), rng.integers(lr.shape[1] - patch + 1)
+        xs.append(lr[top:top + patch, left:left + patch])
+        ys.append(hr[scale * top:scale * (top + patch), scale * left:scale * (left + patch)])
+    x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
+    y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
+    starts = range(0, count, batch_size)
+    return CalibData(f"bundled-train-x{scale}:{count}", [{"x": x[s:s + batch_size]} for s in starts],
+                     [y[s:s + batch_size] for s in starts])
+
+
+def upscale_luma(model: torch.nn.Module, y_lr: np.ndarray) -> np.ndarray:
+    """Run a Y-channel model on an LR Y plane (0..255): returns the HR Y plane (float64, unclipped)."""
+    x = torch.from_numpy(np.asarray(y_lr, dtype=np.float32) / 255.0)[None, None]
+    with torch.no_grad():
+        out = model.eval()(x=x)
+    return out[0, 0].double().numpy() * 255.0
+
+
+def upscale_file(in_path: str | Path, out_path: str | Path, model: torch.nn.Module, scale: int) -> Path:
+    """Upscale an image file: Y through the model, Cb/Cr bicubic (PIL), written atomically.
+
+    Raises:
+        SourceError: the input image is missing or corrupt.
+        ConfigError: the model's output is not `scale` times the input size.
+    """
+    ycbcr = rgb_to_ycbcr(read_image(in_path))
+    h, w = ycbcr.shape[:2]
+    y = upscale_luma(model, ycbcr[..., 0])
+    if y.shape != (scale * h, scale * w):
+        raise ConfigError(f"the model turned a {h}x{w} Y plane into {y.shape[0]}x{y.shape[1]}, "
+                          f"not the x{scale} size {scale * h}x{scale * w}")
+    chroma = [resize_bicubic(ycbcr[..., c], scale * h, scale * w) for c in (1, 2)]
+    return write_image(out_path, to_uint8(ycbcr_to_rgb(np.stack([y] + chroma, axis=-1))))
