@@ -1,0 +1,201 @@
+"""Benchmark ESPCN (Shi et al. 2016) against bicubic, and the exact deconvolution-to-sub-pixel conversion.
+
+- Quality: PSNR / SSIM on the Y channel (BT.601), `scale` border pixels cropped, on the held-out
+  bundled images, bicubic (PIL) vs the shipped ESPCN x2/x3/x4 (edgeslim/models/espcn-x*.slim).
+- Speed: ONNX Runtime CPU latency to produce one 1920x1080 output frame (LR 960x540, 640x360, 480x270).
+- Conversion: an FSRCNN-style model's ConvTranspose2d replaced by SubPixelConv2d: max output difference
+  and ORT latency ratio, both models measured side by side in this run.
+
+Writes bench/results/espcn.json and bench/results/espcn_*.png. `--quick` runs in seconds on tiny
+inputs (untrained models when the shipped ones are absent) and writes to a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeslim import images
+from edgeslim.compress import get_compressor
+from edgeslim.compress.replace import count_params
+from edgeslim.compress.subpixel import ESPCN, DeconvSR
+from edgeslim.export.onnx import to_onnx
+from edgeslim.runtime.measure import measure
+from edgeslim.runtime.session import open_session
+from edgeslim.specs import TensorSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "edgeslim" / "models"
+SCALES = (2, 3, 4)
+FRAME = (1080, 1920)  # output height, width
+SPEC = [TensorSpec("x", ("batch", 1, "height", "width"))]
+PAPER = {"x3_set5_gain_db": 2.6, "source": "Shi et al. 2016, Table 1 (ImageNet training): bicubic 30.39, ESPCN 33.00 dB"}
+
+
+def load_espcn(scale: int, quick: bool) -> tuple[torch.nn.Module, str]:
+    """The shipped ESPCN for `scale` (an untrained one only in --quick mode when it is absent)."""
+    from edgeslim import artifact
+
+    path = MODELS / f"espcn-x{scale}.slim"
+    if path.is_dir():
+        return artifact.load(path).model.eval(), str(path.relative_to(ROOT))
+    if not quick:
+        raise SystemExit(f"{path} is missing: run python bench/train_espcn.py first")
+    torch.manual_seed(0)
+    return ESPCN(scale).eval(), "untrained (quick mode)"
+
+
+def quality(model: torch.nn.Module, scale: int, crop: int | None) -> tuple[list[dict], dict]:
+    """Per held-out image PSNR/SSIM of bicubic and the model, plus an example crop for the figure."""
+    rows, example = [], {}
+    for name in images.HELD_OUT:
+        rgb = images.load_bundled(name)
+        if crop:
+            rgb = rgb[:crop, :crop]
+        hr, lr = images.degrade(rgb, scale)
+        y_hr, y_lr = images.luma(hr), images.luma(lr)
+        bicubic = images.to_uint8(images.resize_bicubic(y_lr, *y_hr.shape))
+        sr = images.to_uint8(images.upscale_luma(model, y_lr))
+        rows.append({"image": name, "size": list(hr.shape[:2]),
+                     "bicubic_psnr": images.psnr(bicubic, y_hr, scale), "espcn_psnr": images.psnr(sr, y_hr, scale),
+                     "bicubic_ssim": images.ssim(bicubic, y_hr, scale), "espcn_ssim": images.ssim(sr, y_hr, scale)})
+        if not example:
+            example = {"name": name, "hr": y_hr, "bicubic": bicubic, "espcn": sr}
+    return rows, example
+
+
+def ort_latency(model: torch.nn.Module, scale: int, folder: Path, tag: str, frame: tuple[int, int],
+                iters: int) -> dict:
+    """Export to ONNX (validated against PyTorch) and time one output frame in ONNX Runtime on the CPU."""
+    h, w = frame[0] // scale, frame[1] // scale
+    export = to_onnx(model, SPEC, folder / f"{tag}.onnx", dims={"batch": 1, "height": 24, "width": 20})
+    feeds = {"x": np.random.default_rng(0).random((1, 1, h, w), dtype=np.float32)}
+    session = open_session(export.path, "cpu-ort-fp32")
+    try:
+        timing = measure(session, feeds, warmup=2, iters=iters)
+        output = next(iter(session.run(feeds).values()))
+    finally:
+        session.close()
+    return {"lr_input": [h, w], "p50_ms": timing.p50_ms, "p90_ms": timing.p90_ms, "cv": timing.cv,
+            "unstable": timing.unstable, "onnx_bytes": export.file_bytes,
+            "export_max_abs_diff": max(export.max_abs_diff.values()), "output": output}
+
+
+def conversion(scale: int, folder: Path, frame: tuple[int, int], iters: int) -> dict:
+    """DeconvSR before/after `deconv_to_subpixel`: output difference and ORT latency, side by side."""
+    torch.manual_seed(0)
+    before = DeconvSR(scale).eval()
+    result = get_compressor("deconv_to_subpixel").compress(before, {})
+    after = result.model.eval()
+    x = torch.rand(1, 1, frame[0] // scale, frame[1] // scale, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch_diff = (before(x=x) - after(x=x)).abs().max().item()
+    ort_before = ort_latency(before, scale, folder, f"deconv-x{scale}", frame, iters)
+    ort_after = ort_latency(after, scale, folder, f"subpixel-x{scale}", frame, iters)
+    ort_diff = float(np.abs(ort_before.pop("output") - ort_after.pop("output")).max())
+    return {"scale": scale, "params_before": count_params(before), "params_after": count_params(after),
+            "layer": result.changes[0].to_dict(), "torch_max_abs_diff": torch_diff, "ort_max_abs_diff": ort_diff,
+            "deconv": ort_before, "subpixel": ort_after,
+            "latency_ratio_subpixel_over_deconv": ort_after["p50_ms"] / ort_before["p50_ms"]}
+
+
+def plot(results: dict, examples: dict, out: Path) -> list[str]:
+    """Bar chart of mean PSNR per scale, and a visual crop at x3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    means = results["summary"]
+    xs = np.arange(len(means))
+    ax.bar(xs - 0.2, [m["bicubic_psnr"] for m in means], 0.4, label="bicubic")
+    ax.bar(xs + 0.2, [m["espcn_psnr"] for m in means], 0.4, label="ESPCN (ours)")
+    ax.set_xticks(xs, [f"x{m['scale']}" for m in means])
+    ax.set_ylabel("mean Y PSNR (dB), held-out images")
+    ax.set_ylim(min(m["bicubic_psnr"] for m in means) - 2, max(m["espcn_psnr"] for m in means) + 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "espcn_psnr.png", dpi=120)
+    plt.close(fig)
+    ex = examples[3 if 3 in examples else min(examples)]
+    h, w = ex["hr"].shape
+    size = min(96, h, w)
+    top, left = (h - size) // 2, (w - size) // 2
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+    for axis, key in zip(axes, ("hr", "bicubic", "espcn")):
+        axis.imshow(ex[key][top:top + size, left:left + size], cmap="gray", vmin=16, vmax=235)
+        axis.set_title({"hr": "original", "bicubic": "bicubic", "espcn": "ESPCN"}[key])
+        axis.axis("off")
+    fig.suptitle(f"{ex['name']}, Y channel, x3 (centre crop)")
+    fig.tight_layout()
+    fig.savefig(out / "espcn_crops.png", dpi=120)
+    plt.close(fig)
+    return ["espcn_psnr.png", "espcn_crops.png"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny inputs, few timings, temporary output folder")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results; a temp folder with --quick)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="espcn-bench-")) if args.quick else ROOT / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    frame, iters, crop = ((108, 192), 2, 96) if args.quick else (FRAME, 10, None)
+    start = time.time()
+    results: dict = {"held_out_images": list(images.HELD_OUT), "training_images": list(images.TRAINING),
+                     "protocol": "HR cropped to a multiple of the scale, PIL bicubic downscale (antialiased) of "
+                                 "the RGB image; Y of BT.601 studio-range YCbCr, outputs rounded to 8 bits; "
+                                 "PSNR/SSIM (11x11 Gaussian, sigma 1.5) with `scale` border pixels cropped; "
+                                 "bicubic baseline = PIL bicubic upscale of the LR Y plane",
+                     "paper": PAPER, "quick": args.quick, "output_frame": list(frame), "per_image": [], "summary": [],
+                     "latency": [], "conversion": [],
+                     "gpu": "CUDA device present" if torch.cuda.is_available() else
+                            "no CUDA device in this run: GPU timing not measured",
+                     "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": args.threads,
+                                 "ort_profile": "cpu-ort-fp32"}}
+    examples = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in SCALES:
+            model, origin = load_espcn(scale, args.quick)
+            rows, examples[scale] = quality(model, scale, crop)
+            results["per_image"] += [{"scale": scale, **r} for r in rows]
+            results["summary"].append({"scale": scale, "model": origin, "params": count_params(model),
+                                       **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.endswith(("psnr", "ssim"))}})
+            latency = ort_latency(model, scale, Path(tmp), f"espcn-x{scale}", frame, iters)
+            latency.pop("output")
+            results["latency"].append({"scale": scale, "model": "espcn", **latency})
+            results["conversion"].append(conversion(scale, Path(tmp), frame, iters))
+    results["figures"] = plot(results, examples, out)
+    results["seconds"] = time.time() - start
+    (out / "espcn.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"results: {out / 'espcn.json'}")
+
+
+def table(results: dict) -> str:
+    """Markdown tables of quality, latency and conversion."""
+    lines = ["| scale | params | bicubic PSNR / SSIM | ESPCN PSNR / SSIM | gain dB | ORT 1080p p50 ms |",
+             "|---|---|---|---|---|---|"]
+    for s, lat in zip(results["summary"], results["latency"]):
+        lines.append(f"| x{s['scale']} | {s['params']:,} | {s['bicubic_psnr']:.2f} / {s['bicubic_ssim']:.4f} | "
+                     f"{s['espcn_psnr']:.2f} / {s['espcn_ssim']:.4f} | {s['espcn_psnr'] - s['bicubic_psnr']:+.2f} | "
+                     f"{lat['p50_ms']:.1f} |")
+    lines += ["", "| scale | deconv p50 ms | sub-pixel p50 ms | ratio | max abs diff torch / ORT |", "|---|---|---|---|---|"]
+    for c in results["conversion"]:
+        lines.append(f"| x{c['scale']} | {c['deconv']['p50_ms']:.1f} | {c['subpixel']['p50_ms']:.1f} | "
+                     f"{c['latency_ratio_subpixel_over_deconv']:.2f} | "
+                     f"{c['torch_max_abs_diff']:.1e} / {c['ort_max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
