@@ -335,8 +335,8 @@ class ESPCNConfig(ConfigBase):
     activation: str = "tanh"  # "tanh" (paper) or "relu"
     in_channels: int = 1  # 1 = Y channel of YCbCr
     steps: int = 2000  # optimizer steps
-    batch_size: int = 64  # patches per step, drawn at random from the calibration pool
-    lr: float = 1e-3  # Adam learning rate, decayed by cosine to lr/100
+    batch_size: int = 16  # patches per step, drawn at random from the calibration pool
+    lr: float = 3e-3  # Adam learning rate, decayed by cosine to lr/100
     augment: bool = True  # random flips and 90-degree rotations of each batch
     seed: int = 0  # student initialisation and batch sampling
 
@@ -437,18 +437,19 @@ class ESPCNTrainer(Compressor):
 
 
 def train_espcn(scale: int, steps: int = 2000, seed: int = 0, count: int = 8192, patch: int = 17,
-                batch_size: int = 64, lr: float = 1e-3) -> CompressResult:
+                **settings: Any) -> CompressResult:
     """Train ESPCN x`scale` on patches of the bundled training images (ground truth, bicubic teacher).
 
     Args:
         count: LR/HR patch pairs drawn once from the training images (never the held-out ones).
         patch: LR patch side (the HR patch is scale * patch), 17 as in Shi et al. 2016.
+        settings: other ESPCNConfig fields (batch_size, lr, channels, ...); their defaults otherwise.
 
     Returns:
         The `espcn` CompressResult; its model is the trained ESPCN (eval mode).
     """
     from edgeslim.images import patch_calibration
 
-    config = ESPCNConfig(scale=scale, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    calib = patch_calibration(scale, count, patch=patch, seed=seed)
+    config = ESPCNConfig.from_dict({**settings, "scale": scale, "steps": steps, "seed": seed})
+    calib = patch_calibration(scale, count, patch=patch, seed=seed, batch_size=config.batch_size)
     return ESPCNTrainer().compress(BicubicUpsampler(scale), config, calib)

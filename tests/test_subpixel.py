@@ -156,7 +156,7 @@ def test_espcn_config_errors():
 
 def test_train_espcn_on_bundled_patches():
     pytest.importorskip("skimage")
-    result = train_espcn(2, steps=3, count=16, batch_size=4)
+    result = train_espcn(2, steps=3, count=16, batch_size=4, lr=1e-3)
     assert result.resolved["training"]["data"] == "bundled-train-x2:16"
     assert result.model(x=torch.rand(1, 1, 4, 4)).shape == (1, 1, 8, 8)
 
@@ -186,3 +186,20 @@ class _Keyword(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_shipped_espcn_beats_bicubic_on_held_out_images(scale):
+    pytest.importorskip("skimage")
+    from edgeslim import images
+    from edgeslim.sources import load_model
+
+    model = load_model(f"espcn-x{scale}").model
+    assert isinstance(model, ESPCN) and model.architecture["scale"] == scale
+    for name in images.HELD_OUT:
+        hr, lr = images.degrade(images.load_bundled(name)[:240, :240], scale)
+        y_hr, y_lr = images.luma(hr), images.luma(lr)
+        bicubic = images.to_uint8(images.resize_bicubic(y_lr, *y_hr.shape))
+        sr = images.to_uint8(images.upscale_luma(model, y_lr))
+        assert images.psnr(sr, y_hr, scale) > images.psnr(bicubic, y_hr, scale), name
