@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -161,7 +162,8 @@ def main() -> None:
                      "gpu": "CUDA device present" if torch.cuda.is_available() else
                             "no CUDA device in this run: GPU timing not measured",
                      "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": args.threads,
-                                 "ort_profile": "cpu-ort-fp32"}}
+                                 "ort_profile": "cpu-ort-fp32",
+                                 "load_avg_1min_at_start": os.getloadavg()[0]}}
     examples = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scale in SCALES:
