@@ -93,7 +93,7 @@ class WeightedSVD:
     col_factor: torch.Tensor | None  # R: a vector (diagonal) or a lower-triangular n x n matrix
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (m x r), B (r x n) with the singular values split evenly between them."""
+        """A (m x r), B (r x n) with A B the truncated, unweighted approximation; columns of A and rows of B balanced."""
         root = self.s[:rank].sqrt()
         left = self.u[:, :rank] * root
         right = root[:, None] * self.vh[:rank]
@@ -104,7 +104,11 @@ class WeightedSVD:
                 right = right / self.col_factor
             else:  # B R = V_r^T  ->  B = V_r^T R^-1, R lower triangular
                 right = torch.linalg.solve_triangular(self.col_factor, right, upper=False, left=False)
-        return left, right
+        # Undoing the weighting leaves A and B on very different scales (Fisher ~1e-8 makes B tiny),
+        # which a fine-tune with one learning rate destroys: rescale each rank component so that
+        # ||a_k|| = ||b_k||, which keeps A B unchanged.
+        scale = (right.norm(dim=1) / left.norm(dim=0).clamp_min(1e-300)).sqrt().clamp_min(1e-150)
+        return left * scale, right / scale[:, None]
 
     def rel_error(self, rank: int) -> float:
         """Relative weighted error ||L (W - A B) R|| / ||L W R|| of truncation at `rank`."""

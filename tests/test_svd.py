@@ -212,3 +212,12 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert any(r["healed"] for r in summary["rows"])
     assert (tmp_path / "lowrank_minilm_accuracy.png").stat().st_size > 0
     assert (tmp_path / "lowrank_minilm_latency.png").stat().st_size > 0
+
+
+def test_weighted_factors_are_balanced_for_fine_tuning():
+    torch.manual_seed(0)
+    w = torch.randn(12, 9)
+    row = torch.logspace(-6, 0, 12)  # Fisher-like row weights over six decades
+    left, right = weighted_svd(w, row).factors(9)
+    torch.testing.assert_close(left @ right, w.double(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(left.norm(dim=0), right.norm(dim=1), atol=1e-9, rtol=1e-9)
