@@ -68,16 +68,18 @@ def run(recipe: str | None, out_dir: str, quiet: bool) -> None:
 def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
+    from edgeslim.report import ms, si
+
     models, cmp = summary["models"], summary["compare"]
     table = Table(title=f"{summary['recipe']['name']}: original vs compressed")
     table.add_column("")
     for label in models:
         table.add_column(label, justify="right")
     table.add_row("parameters", *(f"{m['params']:,}" for m in models.values()))
-    table.add_row("GFLOPs (batch 1)", *(f"{m['flops'] / 1e9:.2f}" for m in models.values()))
-    table.add_row("ONNX file", *(f"{m.get('onnx_bytes', 0) / 1e6:.1f} MB" for m in models.values()))
+    table.add_row("work (batch 1)", *(si(m["flops"], "FLOP") for m in models.values()))
+    table.add_row("ONNX file", *(si(m.get("onnx_bytes"), "B") for m in models.values()))
     for i, t in enumerate(next(iter(models.values())).get("timings", [])):
-        table.add_row(f"p50 ms, batch {t['batch']}", *(f"{m['timings'][i]['p50_ms']:.1f}" for m in models.values()))
+        table.add_row(f"p50 ms, batch {t['batch']}", *(ms(m["timings"][i]["p50_ms"]) for m in models.values()))
     table.add_row("max |output diff|", "-", f"{cmp['max_abs_diff']:.4g}")
     if "cosine_mean" in cmp:
         table.add_row(f"cosine sim. ({cmp['samples']} sentences)", "1", f"{cmp['cosine_mean']:.4f} (min {cmp['cosine_min']:.4f})")
@@ -144,7 +146,9 @@ def export(item: str, to: str, profile: str | None, out: str | None) -> None:
     path = Path(out) if out else DEFAULT_OUT / (Path(item).name.removesuffix(".slim") + suffix)
     info = export_model(loaded, to, path, profile)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
-    _console().print(f"wrote {info.get('engine') or info['onnx']} ({info['onnx_bytes'] / 1e6:.2f} MB ONNX); "
+    from edgeslim.report import si
+
+    _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
                      f"max |ONNX - PyTorch|: {diffs}")
 
 
@@ -171,12 +175,12 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
     table = Table(title=f"{item} on {profile}")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem MB", "of roofline"):
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.1f}",
-                      f"{r['peak_mem_bytes'] / 1e6:.1f}",
+        table.add_row(str(r["batch"]), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+                      f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
+                      si(r["peak_mem_bytes"], "B"),
                       f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
     _console().print(table)
 
@@ -284,6 +288,8 @@ def upscale(image: str, out: str, model: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn edgeslim errors into a one-line message and an exit code."""
+    import warnings
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:

@@ -8,8 +8,19 @@ from typing import Any, Mapping
 from edgeslim.files import atomic_path
 
 
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB"
+def si(value: float | None, unit: str) -> str:
+    """A quantity with an SI prefix and 3 significant digits: 2.72 GFLOP, 91.0 MB, 35.2 kB."""
+    if value is None:
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def ms(value: float) -> str:
+    """Milliseconds with 3 significant digits (0.0213, 1.07, 1190)."""
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -89,9 +100,9 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     lines = [f"# edgeslim report: {r['name']}", "",
              f"Source `{r['source']}`; steps: " + ", ".join(f"`{s['method']}`" for s in r["steps"]) +
              f"; artifact `{summary['artifact']}`.", "",
-             "| model | parameters | FLOPs (batch 1) | ONNX file |", "|---|---:|---:|---:|"]
+             "| model | parameters | work (batch 1) | ONNX file |", "|---|---:|---:|---:|"]
     for label, row in models.items():
-        lines.append(f"| {label} | {row['params']:,} | {row['flops'] / 1e9:.2f} G | {_mb(row.get('onnx_bytes'))} |")
+        lines.append(f"| {label} | {row['params']:,} | {si(row['flops'], 'FLOP')} | {si(row.get('onnx_bytes'), 'B')} |")
     cmp = summary["compare"]
     lines += ["", "## Output agreement", "",
               ", ".join(f"{k} = {_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in cmp.items()), "",
@@ -101,9 +112,10 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     for label, row in models.items():
         for t in row.get("timings", []):
             flag = " (unstable)" if t["unstable"] else ""
-            lines.append(f"| {label} | {t['batch']} | {t['p50_ms']:.2f} | {t['p90_ms']:.2f} | {t['p99_ms']:.2f} | "
-                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.1f} | {_mb(t['peak_mem_bytes'])} | "
-                         f"{_fmt(t.get('roofline_ms'), '.2f')} | {_fmt(t.get('roofline_fraction'), '.0%')} |")
+            roof = ms(t["roofline_ms"]) if "roofline_ms" in t else "-"
+            lines.append(f"| {label} | {t['batch']} | {ms(t['p50_ms'])} | {ms(t['p90_ms'])} | {ms(t['p99_ms'])} | "
+                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.4g} | {si(t['peak_mem_bytes'], 'B')} | "
+                         f"{roof} | {_fmt(t.get('roofline_fraction'), '.0%')} |")
     lines += ["", f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
               "| batch | params ratio | FLOPs ratio | latency ratio | speedup | verdict |", "|---:|---:|---:|---:|---:|---|"]
     for s in speed_rows(summary):
