@@ -161,6 +161,7 @@ class Compressor:
     name: ClassVar[str]
     Config: ClassVar[type[ConfigBase]]
     needs_calibration: ClassVar[bool] = False  # True when calib is mandatory
+    distils: ClassVar[bool] = False  # True: without targets, train toward the ORIGINAL model's outputs
 
     def make_config(self, data: Mapping[str, Any] | ConfigBase | None = None) -> ConfigBase:
         if isinstance(data, ConfigBase):

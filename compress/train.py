@@ -134,6 +134,7 @@ class Heal(Compressor):
     name = "heal"
     Config = HealConfig
     needs_calibration = True
+    distils = True
 
     def compress(self, model: nn.Module, config: HealConfig, calib: CalibData | None = None,
                  inplace: bool = False) -> CompressResult:

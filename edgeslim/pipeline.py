@@ -122,6 +122,9 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
         calib = None
         if step.get("calib"):
             calib = load_calibration(step["calib"], current, batch_size=int(step.get("calib_batch", 16)))
+            if comp.distils and calib.targets is None:  # e.g. heal an embedding model toward the original
+                from edgeslim.compress.train import teacher_targets
+                calib = teacher_targets(loaded.model, calib)
         elif comp.needs_calibration:
             raise ConfigError(f"method '{comp.name}' needs calibration data: add --calib NAME[:COUNT] "
                               "(see `edgeslim list datasets`) or a file of your own inputs")

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from edgeslim import artifact, pipeline
 from edgeslim.errors import ConfigError, SourceError
@@ -55,3 +56,19 @@ def test_run_writes_artifact_onnx_and_report(tmp_path):
     assert ranks and all(r % 8 == 0 for r in ranks)
     assert sum(p.numel() for p in loaded.model.parameters()) == comp["params"]
     assert 0 < summary["compare"]["max_abs_diff"] < 10
+
+
+def test_heal_step_distils_toward_the_original_model(tmp_path):
+    recipe = {"source": "tiny-mlp", "step": [{"method": "svd", "rank": 2, "align": 1},
+                                             {"method": "heal", "steps": 60, "lr": 1e-2, "calib": "random:64"}]}
+    from edgeslim.sources import load_model
+    original = load_model("tiny-mlp")
+    _, compressed, results, path = pipeline.compress_to_artifact(
+        recipe["source"], pipeline.parse_recipe(recipe).steps, tmp_path / "h.slim", quiet=True)
+    svd_only, _ = pipeline.apply_steps(original, recipe["step"][:1], quiet=True)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        err_svd = (svd_only.model(x=x) - original.model(x=x)).square().mean()
+        err_healed = (compressed.model(x=x) - original.model(x=x)).square().mean()
+    assert err_healed < err_svd
+    assert torch.equal(artifact.load(path).model(x=x), compressed.model(x=x))
