@@ -167,6 +167,7 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     from rich.table import Table
 
     from edgeslim.pipeline import profile_file, profile_target
+    from edgeslim.report import ms, si
 
     target, loaded = profile_target(item, profile, quiet=as_json)
     rows = profile_file(target, loaded, profile, _ints(batch), _dims(dims), warmup, iters,

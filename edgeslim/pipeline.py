@@ -257,7 +257,7 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     for label, loaded in (("original", original), ("compressed", compressed)):
         row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
         if recipe.export_to:
-            stem = recipe.name if label == "compressed" else f"{recipe.name}.original"
+            stem = recipe.name if label == "compressed" else f"{recipe.name}-original"
             row |= export_model(loaded, recipe.export_to, out_dir / stem, recipe.profile, recipe.opset, quiet)
         if recipe.profile:
             target = row.get("engine") or row.get("onnx") or loaded.model
