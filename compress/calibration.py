@@ -1,4 +1,5 @@
-"""Calibration statistics of targeted Linear layers: empirical Fisher and input-activation moments.
+"""Calibration statistics of targeted linear maps (nn.Linear, GPT-2's Conv1D): empirical Fisher and
+input-activation moments.
 
 Batches stream through the model once; memory is O(weights): one Fisher accumulator per targeted
 weight and one n x n second-moment matrix per targeted input width, never the samples themselves.
@@ -12,6 +13,7 @@ from rich.progress import Progress
 from torch import nn
 
 from edgeslim.compress.base import CalibData
+from edgeslim.compress.replace import linear_view
 from edgeslim.compress.train import check_finite, task_loss
 from edgeslim.errors import ConfigError
 
@@ -20,7 +22,7 @@ from edgeslim.errors import ConfigError
 class CalibStats:
     """Accumulated statistics, keyed by module name."""
 
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # sum over batches of grad(W)^2
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # sum over batches of grad(W)^2, m x n
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of x x^T over input rows, float64
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of |x| per input feature
     rows: dict[str, int] = field(default_factory=dict)  # number of input rows seen per layer
@@ -57,20 +59,25 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
     Args:
         model: the model to calibrate (not modified; called as model(**batch) -> Tensor).
         calib: batches (and optional targets).
-        names: dotted names of the nn.Linear modules to collect for.
+        names: dotted names of the linear maps (nn.Linear, Conv1D) to collect for; the Fisher is kept in
+            the m x n layout of linear_view whatever the module's own layout.
         fisher, activations: which statistics to collect.
         progress: show a progress bar.
         seed: seed of the distillation noise.
 
     Raises:
-        ConfigError: a name is not an nn.Linear of the model.
+        ConfigError: a name is not a linear map of the model.
         SourceError: a batch, target, output or gradient holds NaN/Inf (the batch index is named).
     """
-    modules: dict[str, nn.Linear] = {}
+    modules: dict[str, nn.Module] = {}
+    transposed: dict[str, bool] = {}
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise ConfigError(f"calibration: '{name}' is a {type(module).__name__}, expected Linear")
+        try:
+            transposed[name] = linear_view(module).kind == "conv1d"
+        except ConfigError as exc:
+            raise ConfigError(f"calibration: '{name}' is a {type(module).__name__}, expected a linear map "
+                              "(nn.Linear or transformers Conv1D)") from exc
         modules[name] = module
     stats = CalibStats()
     current: dict[str, torch.Tensor] = {}  # the batch being run (its attention mask)
@@ -103,7 +110,7 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
         if fisher:
             for name, mod in modules.items():
                 mod.weight.requires_grad_(True)
-                stats.fisher[name] = torch.zeros_like(mod.weight, dtype=torch.float32)
+                stats.fisher[name] = torch.zeros_like(linear_view(mod).weight, dtype=torch.float32)
         with Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task(f"calibrating on {calib.name}", total=len(calib.batches))
             for i, batch, target in calib:
@@ -124,7 +131,8 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
                     task_loss(out, target).backward()
                     for name, mod in modules.items():
                         check_finite({f"gradient of {name}.weight": mod.weight.grad}, where)
-                        stats.fisher[name] += mod.weight.grad.detach().float().square()
+                        grad = mod.weight.grad.detach().float()
+                        stats.fisher[name] += (grad.T if transposed[name] else grad).square()
                 stats.batches += 1
                 bar.advance(task)
     finally:
