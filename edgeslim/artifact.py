@@ -15,6 +15,7 @@ from edgeslim.errors import SourceError
 from edgeslim.files import atomic_path, sha256_file
 from edgeslim.sources import LoadedModel, SourceSpec
 from edgeslim.specs import TensorSpec
+from edgeslim.tasks import canonical_task
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS, REPORT = "manifest.json", "weights.safetensors", "report.json"
@@ -109,11 +110,13 @@ def load(path: str | Path) -> LoadedModel:
     verify(path, manifest)
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
-    base = load_model(spec.identifier, weights=spec.weights, inputs=inputs if spec.kind == "factory" else None)
+    task = canonical_task(manifest.get("task") or "generic", inputs)
+    base = load_model(spec.identifier, weights=spec.weights, inputs=inputs if spec.kind == "factory" else None,
+                      task=task if spec.kind == "hf" else None)
     model = replay(base.model, manifest["steps"])
     try:
         load_safetensors(model, str(path / WEIGHTS), strict=True)
     except (RuntimeError, SafetensorError) as exc:
         raise SourceError(f"{path / WEIGHTS} does not fit the replayed model: {exc}") from exc
-    return LoadedModel(model.eval(), spec, inputs, manifest.get("task", base.task), manifest.get("dims") or base.dims,
+    return LoadedModel(model.eval(), spec, inputs, task if manifest.get("task") else base.task, manifest.get("dims") or base.dims,
                        base.encode, list(base.steps) + list(manifest["steps"]))

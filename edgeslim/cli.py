@@ -12,6 +12,9 @@ import click
 from edgeslim.errors import ConfigError, EdgeslimError
 from edgeslim.pipeline import DEFAULT_OUT
 
+TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-classification, feature-extraction, "
+             "image-classification, seq2seq (default: its config.json's architectures)")
+
 
 def _console():
     from rich.console import Console
@@ -106,10 +109,11 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("--weights", help="weights file for a pkg.mod:factory source")
 @click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
+@click.option("--task", help=TASK_HELP)
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, out: str | None) -> None:
+             weights: str | None, inputs: str | None, task: str | None, out: str | None) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.pipeline import compress_to_artifact
 
@@ -124,24 +128,28 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         step[key] = _value(val)
     out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
-    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs)
+    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, task=task)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
-    _console().print(f"{len(results[-1].changes)} module(s) replaced; targeted parameters {before:,} -> {after:,}; "
-                     f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
-                     f"{sum(p.numel() for p in compressed.model.parameters()):,}\nartifact: {path}")
+    console = _console()
+    for name, reason in results[-1].resolved.get("skipped", {}).items():
+        console.print(f"note: {name}: {reason}")
+    console.print(f"{len(results[-1].changes)} module(s) replaced; targeted parameters {before:,} -> {after:,}; "
+                  f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
+                  f"{sum(p.numel() for p in compressed.model.parameters()):,} ({original.task})\nartifact: {path}")
 
 
 @cli.command()
 @click.argument("item")
 @click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
+@click.option("--task", help=TASK_HELP)
 @click.option("-o", "--out", help="output file")
-def export(item: str, to: str, profile: str | None, out: str | None) -> None:
+def export(item: str, to: str, profile: str | None, task: str | None, out: str | None) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import export_model
     from edgeslim.sources import load_model
 
-    loaded = load_model(item)
+    loaded = load_model(item, task=task)
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (Path(item).name.removesuffix(".slim") + suffix)
     info = export_model(loaded, to, path, profile)

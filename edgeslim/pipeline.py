@@ -138,11 +138,12 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
 
 
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
-                         weights: str | None = None, inputs: str | None = None, quiet: bool = False
-                         ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
-    """Load `source`, apply `steps`, save the `.slim` artifact; returns (original, compressed, results, path)."""
+                         weights: str | None = None, inputs: str | None = None, quiet: bool = False,
+                         task: str | None = None) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
+    """Load `source` (a Hugging Face folder for `task`), apply `steps`, save the `.slim` artifact;
+    returns (original, compressed, results, path)."""
     with stage(f"load {source}", quiet):
-        original = load_model(source, weights=weights, inputs=inputs)
+        original = load_model(source, weights=weights, inputs=inputs, task=task)
     compressed, results = apply_steps(original, steps, quiet)
     report = {"steps": [r.step_record() for r in results],
               "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
@@ -167,10 +168,10 @@ def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: st
         a = torch.cat([original.model(**b) for b in batches]).flatten(1).double()
         b = torch.cat([compressed(**b) for b in batches]).flatten(1).double()
     out = {"max_abs_diff": float((a - b).abs().max()), "samples": int(a.shape[0])}
-    if original.task == "embedding":
+    if original.task == "feature-extraction":
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
         out |= {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
-    if original.task == "classification":
+    if original.task in ("sequence-classification", "image-classification"):
         out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
     return out
 

@@ -11,11 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError, require
+from edgeslim.errors import ConfigError, SourceError
 from edgeslim.files import sha256_file
 from edgeslim.specs import TensorSpec
 
-TASKS = ("embedding", "classification", "super-resolution", "generic")
+from edgeslim.tasks import TASKS, canonical_task, load_task_model, text_encoder  # noqa: F401  (TASKS re-exported)
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,17 @@ def text_inputs(vocab_size: int) -> list[TensorSpec]:
 
 def make_encoder(tokenizer: Any, max_length: int = 128) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
     """Texts -> padded/truncated `input_ids` and `attention_mask` tensors."""
-    def encode(texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    return encode
+    return text_encoder(tokenizer, max_length)
 
 
 def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "hf",
-                   identifier: str | None = None) -> LoadedModel:
-    """Load a Hugging Face model folder offline (safetensors only).
+                   identifier: str | None = None, task: str | None = None) -> LoadedModel:
+    """Load a Hugging Face model folder offline (safetensors only) for `task` (edgeslim/tasks.py).
 
-    A `*ForSequenceClassification` folder gives logits (task "classification"); any other encoder
-    gives the attention-masked mean of its last hidden state (task "embedding").
+    Without a task, the one the config's `architectures` names: a `*ForCausalLM` gives next-token
+    logits, a `*ForSequenceClassification` class logits, a bare encoder the attention-masked mean of
+    its last hidden state (feature-extraction), a vision model `pixel_values` inputs.
     """
-    transformers = require("transformers", "data", "Hugging Face model folders")
     folder = Path(folder)
     weights = folder / "model.safetensors"
     if not (folder / "config.json").is_file():
@@ -98,18 +94,9 @@ def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "
     if not weights.is_file():
         raise SourceError(f"{folder} has no model.safetensors; edgeslim loads only safetensors weights "
                           "(re-save with model.save_pretrained(folder, safe_serialization=True))")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        classify = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        auto = transformers.AutoModelForSequenceClassification if classify else transformers.AutoModel
-        hf = auto.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot load the Hugging Face folder {folder}: {exc}") from exc
-    model = TextModel(hf, "logits" if classify else "mean_pool").eval()
+    loaded = load_task_model(folder, task)
     spec = SourceSpec(kind, identifier or str(folder.resolve()), None, version, sha256_file(weights))
-    return LoadedModel(model, spec, text_inputs(config.vocab_size), "classification" if classify else "embedding",
-                       {"batch": 8, "sequence": 128}, make_encoder(tokenizer))
+    return LoadedModel(loaded.model, spec, loaded.inputs, loaded.task, loaded.dims, loaded.encode)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -206,7 +193,7 @@ def _package_version(dist: str) -> str | None:
 
 
 def load_model(source: str | os.PathLike, weights: str | None = None,
-               inputs: str | Sequence[TensorSpec] | None = None) -> LoadedModel:
+               inputs: str | Sequence[TensorSpec] | None = None, task: str | None = None) -> LoadedModel:
     """Load a model from a source string.
 
     Args:
@@ -214,6 +201,8 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
             or an edgeslim artifact folder (`NAME.slim`).
         weights: weights file for a factory source (.safetensors, or .pt read with weights_only=True).
         inputs: inputs of a factory source, as text ("x:batch,3,32,32") or TensorSpecs.
+        task: what a Hugging Face folder is loaded for (`causal-lm`, `sequence-classification`,
+            `feature-extraction`, `image-classification`, `seq2seq`); default from its config.json.
 
     Raises:
         SourceError: the path does not exist, the file is corrupt, or a pickle would be needed.
@@ -226,7 +215,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
         from edgeslim import artifact
         return artifact.load(path)
     if path.is_dir():
-        return load_hf_folder(path)
+        return load_hf_folder(path, task=task)
     if text in zoo.names():
         return zoo.build(text)
     if ":" in text and not path.exists() and all(p.isidentifier() for p in text.partition(":")[0].split(".")):

