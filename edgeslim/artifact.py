@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -93,6 +94,20 @@ def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]]) -> nn.Module:
     return model
 
 
+def load_source(manifest: Mapping[str, Any]) -> LoadedModel:
+    """The original model an artifact's manifest names, loaded for the recorded task (with the
+    manifest's source spec, inputs and task; no step applied)."""
+    from edgeslim.sources import load_model
+
+    spec = SourceSpec.from_dict(manifest["source"])
+    inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
+    recorded = manifest.get("task")
+    task = canonical_task(recorded, inputs) if recorded else None
+    base = load_model(spec.identifier, weights=spec.weights, inputs=inputs if spec.kind == "factory" else None,
+                      task=task if spec.kind == "hf" else None)
+    return dataclasses.replace(base, source=spec, inputs=inputs, task=task or base.task)
+
+
 def load(path: str | Path) -> LoadedModel:
     """Rebuild the compressed model of artifact `path`.
 
@@ -103,20 +118,15 @@ def load(path: str | Path) -> LoadedModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors
 
-    from edgeslim.sources import load_model
-
     path = Path(path)
     manifest = read_manifest(path)
     verify(path, manifest)
-    spec = SourceSpec.from_dict(manifest["source"])
-    inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
-    task = canonical_task(manifest.get("task") or "generic", inputs)
-    base = load_model(spec.identifier, weights=spec.weights, inputs=inputs if spec.kind == "factory" else None,
-                      task=task if spec.kind == "hf" else None)
+    base = load_source(manifest)
+    spec, inputs, task = base.source, base.inputs, base.task
     model = replay(base.model, manifest["steps"])
     try:
         load_safetensors(model, str(path / WEIGHTS), strict=True)
     except (RuntimeError, SafetensorError) as exc:
         raise SourceError(f"{path / WEIGHTS} does not fit the replayed model: {exc}") from exc
-    return LoadedModel(model.eval(), spec, inputs, task if manifest.get("task") else base.task, manifest.get("dims") or base.dims,
+    return LoadedModel(model.eval(), spec, inputs, task, manifest.get("dims") or base.dims,
                        base.encode, list(base.steps) + list(manifest["steps"]))

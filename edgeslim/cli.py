@@ -194,6 +194,27 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     _console().print(table)
 
 
+@cli.command(name="eval")
+@click.argument("item")
+@click.option("--data", required=True, help="a data set name (bbc-news, sentences) or your file/folder: text file "
+              "(one document a line) for perplexity, JSONL/CSV {text, label} or an image folder (one subfolder "
+              "per class) for classifiers, high-resolution images for super-resolution")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False, exists=True),
+              help="evaluate this exported ONNX file (ITEM supplies task, tokenizer and the original)")
+@click.option("--task", help=TASK_HELP)
+@click.option("--batch", "batch_size", default=8, show_default=True, help="batch size")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_size: int, as_json: bool) -> None:
+    """The task's metric on your data: perplexity, accuracy + macro-F1, cosine agreement or Y-PSNR/SSIM."""
+    from edgeslim.evaluate import evaluate, reference_of
+    from edgeslim.sources import load_model
+
+    loaded = load_model(item, task=task)
+    result = evaluate(loaded, data, reference_of(item), onnx_file, batch_size, progress=not as_json)
+    result.model = str(onnx_file or item)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["compressors", "profiles", "models", "datasets"]))
 def list_(what: str) -> None:
@@ -259,6 +280,26 @@ def inspect(path: str, as_json: bool) -> None:
                       f"calibration: {step.get('resolved', {}).get('calib')}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
+
+
+@cli.command(name="cache")
+@click.argument("action", type=click.Choice(["list", "clear"]))
+@click.argument("name", required=False)
+def cache_(action: str, name: str | None) -> None:
+    """List or clear the local cache of converted models ($EDGESLIM_CACHE, default ~/.cache/edgeslim)."""
+    from edgeslim import cache
+    from edgeslim.report import si
+
+    console = _console()
+    if action == "clear":
+        removed = cache.clear(name)
+        console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.root()}"
+                      + (f": {', '.join(removed)}" if removed else ""))
+        return
+    entries = cache.list_entries()
+    console.print(f"cache {cache.root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        console.print(f"  {e.name}  {si(e.size_bytes, 'B')}")
 
 
 @cli.group()

@@ -132,17 +132,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file into `model` strictly, with an error naming missing/unexpected/mismatched keys."""
+    """Load a weights file into `model` strictly, with an error naming missing/unexpected/mismatched keys.
+
+    A tied parameter (an LM head sharing the input embedding) may appear under any one of its names:
+    safetensors.torch.save_model keeps one, a torch state dict keeps all.
+    """
+    from edgeslim.compress.replace import tied_parameters
+
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    tied = tied_parameters(model)
+    missing = sorted(k for k in set(own) - set(state) if not any(t in state for t in tied.get(k, ())))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise SourceError(f"weights {path} do not fit the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not tied)  # every key was checked above
 
 
 def parse_inputs(text: str) -> list[TensorSpec]:

@@ -156,6 +156,7 @@ def text_encoder(tokenizer: Any, max_length: int, decoder_start: int | None = No
             ids = enc["input_ids"]
             feeds["decoder_input_ids"] = torch.cat([torch.full_like(ids[:, :1], decoder_start), ids[:, :-1]], 1)
         return feeds
+    encode.tokenizer = tokenizer  # for whole-document work (perplexity windows)
     return encode
 
 
