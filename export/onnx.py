@@ -31,6 +31,7 @@ class ExportResult:
     opset: int
     outputs: list[str]
     checks: list[OutputCheck] = field(default_factory=list)  # one per output per validation shape
+    exporter: str = "dynamo"  # "dynamo", or "torchscript" when torch.export could not trace the model
 
     @property
     def max_abs_diff(self) -> dict[str, float]:
@@ -81,15 +82,25 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
             try:
                 torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False, verbose=False,
                                   dynamic_shapes=dynamic, output_names=list(output_names), opset_version=opset)
+                exporter = "dynamo"
             except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
-                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                # Some models trace in TorchScript but not in torch.export (transformers' T5 attention
+                # reshapes a transposed tensor with symbolic sizes): fall back, validated the same way.
+                try:
+                    torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=False, verbose=False,
+                                      input_names=[s.name for s in inputs], output_names=list(output_names),
+                                      dynamic_axes=dynamic, opset_version=opset)
+                    exporter = "torchscript"
+                except Exception:  # noqa: BLE001  (the first failure is the one to report)
+                    raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
+                                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                                ) from exc
         checks: list[OutputCheck] = []
         for d in validate_dims or (dims, _shifted(dims)):
             checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
                                    label=str(path))
         size = tmp.stat().st_size
-    return ExportResult(path, size, opset, list(output_names), checks)
+    return ExportResult(path, size, opset, list(output_names), checks, exporter)
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
