@@ -83,17 +83,18 @@ def _texts(data: str) -> list[str]:
 
 
 def perplexity(model: Callable[..., torch.Tensor], tokenizer: Any, texts: Sequence[str], window: int,
-               batch_size: int = 4, progress: bool = True) -> tuple[float, int]:
-    """(perplexity, tokens scored) of a causal LM over `texts`, each tokenized whole and scored in
-    windows of `window` tokens with stride window // 2 (a token is scored once, from the window that
-    first covers it with at least half a window of context; the first window scores from token 1)."""
+               batch_size: int = 4, progress: bool = True, max_tokens: int | None = None) -> tuple[float, int]:
+    """(perplexity, tokens scored) of a causal LM over `texts`, each tokenized whole (or its first
+    `max_tokens` tokens) and scored in windows of `window` tokens with stride window // 2 (a token is
+    scored once, from the window that first covers it with at least half a window of context; the
+    first window scores from token 1)."""
     if window < 2:
         raise ConfigError(f"perplexity needs a window of at least 2 tokens, got {window}")
     stride = max(1, window // 2)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows: list[tuple[list[int], int]] = []  # (window ids, index of the first scored token in it)
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
         scored = 1
         for begin in range(0, max(len(ids) - 1, 1), stride):
             end = min(begin + window, len(ids))

@@ -71,7 +71,8 @@ def t5_encoder(folder):
 
 def bert64(folder):
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                                     id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
     return save(transformers.BertForSequenceClassification(config), folder, tokenizer())
 
 
