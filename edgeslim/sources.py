@@ -15,7 +15,7 @@ from edgeslim.errors import ConfigError, SourceError
 from edgeslim.files import sha256_file
 from edgeslim.specs import TensorSpec
 
-from edgeslim.tasks import TASKS, canonical_task, load_task_model, text_encoder  # noqa: F401  (TASKS re-exported)
+from edgeslim.tasks import TASKS, load_task_model, text_encoder  # noqa: F401  (TASKS re-exported)
 
 
 @dataclass(frozen=True)
