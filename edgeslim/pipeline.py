@@ -16,11 +16,14 @@ from edgeslim import artifact
 from edgeslim.compress.base import CompressResult, get_compressor
 from edgeslim.data import load_calibration
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.files import ARTIFACT, ONNX, REPORT, check_output, plain_stem, safe_stem
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.specs import example_feeds
+from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
-RECIPE_KEYS = ("source", "weights", "inputs", "name", "step", "export", "profile", "eval")
+RECIPE_KEYS = ("source", "weights", "inputs", "name", "step", "export", "profile", "eval", "source_factory",
+               "trust_source")
 STEP_KEYS = ("method", "calib", "calib_batch")  # plus the compressor's own config keys
 EXPORT_KEYS = ("to", "opset")
 PROFILE_KEYS = ("name", "batch", "dims", "warmup", "iters")
@@ -52,6 +55,12 @@ class Recipe:
     warmup: int = 5
     iters: int = 30
     eval: str | None = None  # data to compare original and compressed outputs on
+    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (as --source)
+    trust_source: bool = False  # replay any factory an artifact source names (as --trust-source)
+
+    @property
+    def trust(self) -> Trust:
+        return Trust(self.source_factory, self.trust_source)
 
 
 def _only(keys: Sequence[str], data: Mapping[str, Any], where: str) -> None:
@@ -61,28 +70,78 @@ def _only(keys: Sequence[str], data: Mapping[str, Any], where: str) -> None:
 
 
 def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
-    """Check a parsed recipe and build a Recipe (errors name the key and the allowed ones)."""
+    """Check a whole parsed recipe and build a Recipe (errors name the key and the allowed ones).
+
+    Everything is checked before any work: keys, sections, step configs, the profile and eval names.
+    """
     _only(RECIPE_KEYS, data, origin)
-    if "source" not in data:
+    if not isinstance(data.get("source"), str) or not data["source"]:
         raise ConfigError(f"{origin}: 'source' is required (a zoo name, a Hugging Face folder, pkg.mod:factory)")
     steps = data.get("step", [])
-    if not isinstance(steps, list) or not all(isinstance(s, dict) and "method" in s for s in steps):
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("method"), str) for s in steps):
         raise ConfigError(f"{origin}: each [[step]] needs a 'method' (see `edgeslim list compressors`)")
     for i, step in enumerate(steps):  # validate configs now, before any slow work
         comp = get_compressor(step["method"])
         comp.make_config({k: v for k, v in step.items() if k not in STEP_KEYS})
+    exp, prof = _sections(data, origin)
+    default = safe_stem(Path(str(data["source"])).name.removesuffix(".slim")) + "".join(f"-{s['method']}" for s in steps)
+    name = plain_stem(data["name"], f"{origin}: 'name'") if "name" in data else safe_stem(default)
+    recipe = Recipe(source=data["source"], steps=[dict(s) for s in steps], name=name, weights=data.get("weights"),
+                    inputs=data.get("inputs"), export_to=exp.get("to", "onnx"), opset=exp.get("opset", 20),
+                    profile=prof.get("name", "cpu-ort-fp32"), batches=prof.get("batch"),
+                    dims=dict(prof.get("dims", {})), warmup=prof.get("warmup", 5), iters=prof.get("iters", 30),
+                    eval=data.get("eval"), source_factory=data.get("source_factory"),
+                    trust_source=data.get("trust_source", False))
+    return recipe
+
+
+def _at_least(table: Mapping[str, Any], key: str, low: int, origin: str) -> None:
+    if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int) or table[key] < low):
+        raise ConfigError(f"{origin}: '{key}' must be an integer >= {low}, got {table[key]!r}")
+
+
+def _sections(data: Mapping[str, Any], origin: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """Check the recipe's [export] and [profile] tables, eval and trust keys; returns the two tables."""
+    from edgeslim.data import list_datasets, parse_spec
+    from edgeslim.runtime.targets import load_profile
+
     exp, prof = data.get("export", {}), data.get("profile", {})
+    for key, table in (("export", exp), ("profile", prof)):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: [{key}] must be a table, got {table!r}")
     _only(EXPORT_KEYS, exp, f"{origin} [export]")
     _only(PROFILE_KEYS, prof, f"{origin} [profile]")
     if exp.get("to", "onnx") not in ("onnx", "tensorrt"):
         raise ConfigError(f"{origin} [export]: 'to' must be 'onnx' or 'tensorrt', got {exp.get('to')!r}")
-    name = data.get("name") or Path(str(data["source"])).name.removesuffix(".slim") + "".join(
-        f"-{s['method']}" for s in steps)
-    return Recipe(source=str(data["source"]), steps=[dict(s) for s in steps], name=name, weights=data.get("weights"),
-                  inputs=data.get("inputs"), export_to=exp.get("to", "onnx"), opset=int(exp.get("opset", 20)),
-                  profile=prof.get("name", "cpu-ort-fp32"),
-                  batches=prof.get("batch"), dims=dict(prof.get("dims", {})), warmup=int(prof.get("warmup", 5)),
-                  iters=int(prof.get("iters", 30)), eval=data.get("eval"))
+
+    _at_least(exp, "opset", 7, origin)
+    _at_least(prof, "warmup", 0, origin)
+    _at_least(prof, "iters", 1, origin)
+    batch = prof.get("batch")
+    if batch is not None and (not isinstance(batch, list) or not batch or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch)):
+        raise ConfigError(f"{origin} [profile]: 'batch' must be a non-empty list of positive integers, got {batch!r}")
+    dims = prof.get("dims", {})
+    if not isinstance(dims, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                             for v in dims.values()):
+        raise ConfigError(f"{origin} [profile]: 'dims' must be a table of positive sizes, got {dims!r}")
+    if "name" in prof:
+        if not isinstance(prof["name"], str):
+            raise ConfigError(f"{origin} [profile]: 'name' must be a profile name, got {prof['name']!r}")
+        load_profile(prof["name"])
+    for key in ("weights", "inputs", "eval", "source_factory"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{origin}: '{key}' must be a string, got {data[key]!r}")
+    if not isinstance(data.get("trust_source", False), bool):
+        raise ConfigError(f"{origin}: 'trust_source' must be true or false")
+    Trust(data.get("source_factory"))  # a malformed factory name is an error now
+    if "eval" in data and parse_spec(data["eval"])[0] not in list_datasets() and not Path(data["eval"]).exists():
+        raise ConfigError(f"{origin}: eval data {data['eval']!r} is not a file and not one of "
+                          f"{sorted(list_datasets())} (see `edgeslim list datasets`)")
+    if "inputs" in data:
+        from edgeslim.sources import parse_inputs
+        parse_inputs(data["inputs"])
+    return exp, prof
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -137,18 +196,33 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
     return current, results
 
 
+def check_not_input(out: str | Path, source: str | Path) -> None:
+    """Refuse an output that is the input artifact or lies inside it (exit 2): the input stays intact."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        return
+    src, dest = src.resolve(), Path(out).expanduser().resolve()
+    if dest == src or src in dest.parents:
+        raise ConfigError(f"output {out} is the input {source} (or inside it); write the result elsewhere")
+
+
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
-                         weights: str | None = None, inputs: str | None = None, quiet: bool = False
-                         ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
-    """Load `source`, apply `steps`, save the `.slim` artifact; returns (original, compressed, results, path)."""
+                         weights: str | None = None, inputs: str | None = None, quiet: bool = False,
+                         trust: Trust | None = None) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
+    """Load `source`, apply `steps`, save the `.slim` artifact; returns (original, compressed, results, path).
+
+    The artifact records every step from the original source (an artifact source's own steps first),
+    so it loads, exports and compresses again. `out` is checked before any work: never the input.
+    """
+    check_not_input(out, source)
+    check_output(out, ARTIFACT)
     with stage(f"load {source}", quiet):
-        original = load_model(source, weights=weights, inputs=inputs)
+        original = load_model(source, weights=weights, inputs=inputs, trust=trust)
     compressed, results = apply_steps(original, steps, quiet)
     report = {"steps": [r.step_record() for r in results],
               "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
-    new_steps = compressed.steps[len(original.steps):]
-    path = artifact.save(out, compressed.model, original.source, new_steps, compressed.inputs, report,
-                         compressed.task, compressed.dims)
+    path = artifact.save(out, compressed.model, original.source, compressed.steps, compressed.inputs, report,
+                         compressed.task, compressed.dims, source_files=original.files)
     return original, compressed, results, Path(path)
 
 
@@ -248,9 +322,15 @@ def with_profile_align(steps: Sequence[Mapping[str, Any]], profile: str | None) 
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
     """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {out_dir} is a file; name a folder with -o")
+    for name in (f"{recipe.name}.onnx", f"{recipe.name}-original.onnx"):
+        check_output(out_dir / name, ONNX)
+    for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
+        check_output(out_dir / name, REPORT)
     steps = with_profile_align(recipe.steps, recipe.profile)
     original, compressed, results, slim = compress_to_artifact(
-        recipe.source, steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet)
+        recipe.source, steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet, recipe.trust)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
                                "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}
@@ -270,9 +350,14 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     return summary
 
 
-def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple[Any, LoadedModel]:
+@contextlib.contextmanager
+def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: Trust | None = None
+                   ) -> Iterator[tuple[Any, LoadedModel]]:
     """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
-    and exported when the profile's runtime needs a file. Returns (module or file path, loaded model)."""
+    and, when the profile's runtime needs a file, exported to a temporary folder that is removed when the
+    block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model)."""
+    import tempfile
+
     from edgeslim.export.onnx import onnx_inputs
     from edgeslim.runtime.targets import load_profile
 
@@ -281,15 +366,18 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
         dims = {d: 128 if d == "sequence" else 1 for s in specs for d in s.shape if isinstance(d, str)}
-        return path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        yield path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        return
     if path.suffix in (".onnx", ".engine", ".plan"):
         raise SourceError(f"model file not found: {path}")
-    loaded = load_model(item)
+    loaded = load_model(item, trust=trust)
     if prof.runtime == "torch":
-        return loaded.model, loaded
-    out = DEFAULT_OUT / f"{path.name.removesuffix('.slim')}.profile"
-    info = export_model(loaded, "tensorrt" if prof.runtime == "tensorrt" else "onnx", out, profile, quiet=quiet)
-    return info.get("engine") or info["onnx"], loaded
+        yield loaded.model, loaded
+        return
+    with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
+        out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.profile"
+        info = export_model(loaded, "tensorrt" if prof.runtime == "tensorrt" else "onnx", out, profile, quiet=quiet)
+        yield info.get("engine") or info["onnx"], loaded
 
 
 def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0) -> tuple[CompressResult, Path]:
@@ -297,6 +385,7 @@ def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0)
     the bicubic upsampler it was trained beside (the manifest records data, steps and seed)."""
     from edgeslim.compress.subpixel import train_espcn
 
+    check_output(out, ARTIFACT)
     teacher = load_model(f"bicubic-x{scale}")
     result = train_espcn(scale, steps, seed=seed)
     report = {"changes": [c.to_dict() for c in result.changes], "params": count(result.model)}
