@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -159,6 +160,10 @@ def check_manifest(manifest: Mapping[str, Any], file: Path) -> None:
     _require(isinstance(src.get("identifier"), str) and bool(src["identifier"]), file, "source has no identifier")
     for key in ("weights", "version", "sha256"):
         _require(src.get(key) is None or isinstance(src[key], str), file, f"source '{key}' must be a string or null")
+    if src["kind"] == "zoo":
+        from edgeslim import zoo
+        _require(src["identifier"] in zoo.names(), file,
+                 f"unknown zoo model {src['identifier']!r} (available: {', '.join(zoo.names())})")
     if src["kind"] == "factory":
         _require(is_factory_name(src["identifier"]), file, f"factory {src['identifier']!r} is not pkg.mod:factory")
     source_files = src.get("files", [])
@@ -170,6 +175,8 @@ def check_manifest(manifest: Mapping[str, Any], file: Path) -> None:
         _require(isinstance(spec.get("name"), str) and spec["name"].isidentifier(), file, f"input {i} has no valid name")
         _require(isinstance(shape, list) and all(_count(d, 1) or (isinstance(d, str) and d.isidentifier())
                                                  for d in shape), file, f"input {i} shape {shape!r} is not a list of sizes and names")
+        _require(math.prod(d for d in shape if isinstance(d, int)) <= MAX_ELEMENTS, file,
+                 f"input {i} shape {shape!r} has more than {MAX_ELEMENTS:,} elements")
         _require(spec.get("high") is None or _count(spec["high"], 1), file, f"input {i} 'high' must be a positive integer")
         try:
             TensorSpec.from_dict(spec)

@@ -328,6 +328,8 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
         check_output(out_dir / name, ONNX)
     for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
         check_output(out_dir / name, REPORT)
+    from edgeslim.runtime.targets import load_profile
+    runtime = load_profile(recipe.profile).runtime if recipe.profile else None
     steps = with_profile_align(recipe.steps, recipe.profile)
     original, compressed, results, slim = compress_to_artifact(
         recipe.source, steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet, recipe.trust)
@@ -340,7 +342,7 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
             stem = recipe.name if label == "compressed" else f"{recipe.name}-original"
             row |= export_model(loaded, recipe.export_to, out_dir / stem, recipe.profile, recipe.opset, quiet)
         if recipe.profile:
-            target = row.get("engine") or row.get("onnx") or loaded.model
+            target = loaded.model if runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
             with stage(f"profile {label} on {recipe.profile}", quiet):
                 row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
                                               recipe.warmup, recipe.iters)
