@@ -164,16 +164,13 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @trust_options
 def export(item: str, to: str, profile: str | None, out: str | None, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
-    from edgeslim.files import ENGINE, ONNX, check_output
-    from edgeslim.pipeline import export_model
+    from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
 
     trust = _trust(trusted, trust_source)
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
-    check_output(path.with_suffix(".onnx"), ONNX)  # before any work: never over a foreign file or folder
-    if to == "tensorrt":
-        check_output(path if path.suffix in (".engine", ".plan") else path.with_suffix(".engine"), ENGINE)
+    check_export_paths(path, to)  # before any work: never over a foreign file or folder
     loaded = load_model(item, trust=trust)
     info = export_model(loaded, to, path, profile)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())

@@ -249,20 +249,39 @@ def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: st
     return out
 
 
+def export_paths(path: str | Path, to: str) -> tuple[Path, Path | None]:
+    """(ONNX file, engine file or None) that exporting to `path` writes: for ONNX `path` itself; for
+    TensorRT the engine at `path` and its ONNX beside it."""
+    path = Path(path)
+    if to != "tensorrt":
+        return path, None
+    engine = path if path.suffix in (".engine", ".plan") else path.with_name(path.name + ".engine")
+    return engine.with_suffix(".onnx"), engine
+
+
+def check_export_paths(path: str | Path, to: str) -> None:
+    """Refuse (exit 2, before any work) an export destination that is not edgeslim's own kind of file."""
+    from edgeslim.files import ENGINE
+    onnx_path, engine = export_paths(path, to)
+    check_output(onnx_path, ONNX)
+    if engine is not None:
+        check_output(engine, ENGINE)
+
+
 def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | None = None,
                  opset: int = 20, quiet: bool = False) -> dict[str, Any]:
-    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`."""
+    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`
+    (the files written: `export_paths`)."""
     from edgeslim.export.onnx import to_onnx
 
-    path = Path(path)
-    onnx_path = path.with_suffix(".onnx")
-    with stage(f"export {path.stem} to ONNX (validated in ONNX Runtime)", quiet):
+    onnx_path, engine = export_paths(path, to)
+    check_export_paths(path, to)
+    with stage(f"export {onnx_path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
     info = {"onnx": str(onnx_path), "onnx_bytes": res.file_bytes, "max_abs_diff": res.max_abs_diff}
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
-        engine = path if path.suffix in (".engine", ".plan") else path.with_suffix(".engine")
         with stage(f"build TensorRT engine {engine.name}", quiet):
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
@@ -324,8 +343,10 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output folder {out_dir} is a file; name a folder with -o")
-    for name in (f"{recipe.name}.onnx", f"{recipe.name}-original.onnx"):
-        check_output(out_dir / name, ONNX)
+    suffix = ".engine" if recipe.export_to == "tensorrt" else ".onnx"
+    if recipe.export_to:
+        for name in (recipe.name, f"{recipe.name}-original"):
+            check_export_paths(out_dir / f"{name}{suffix}", recipe.export_to)
     for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
         check_output(out_dir / name, REPORT)
     from edgeslim.runtime.targets import load_profile
@@ -340,7 +361,8 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
         row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
         if recipe.export_to:
             stem = recipe.name if label == "compressed" else f"{recipe.name}-original"
-            row |= export_model(loaded, recipe.export_to, out_dir / stem, recipe.profile, recipe.opset, quiet)
+            row |= export_model(loaded, recipe.export_to, out_dir / f"{stem}{suffix}", recipe.profile, recipe.opset,
+                                quiet)
         if recipe.profile:
             target = loaded.model if runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
             with stage(f"profile {label} on {recipe.profile}", quiet):
@@ -377,8 +399,9 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         yield loaded.model, loaded
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
-        out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.profile"
-        info = export_model(loaded, "tensorrt" if prof.runtime == "tensorrt" else "onnx", out, profile, quiet=quiet)
+        to = "tensorrt" if prof.runtime == "tensorrt" else "onnx"
+        out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
+        info = export_model(loaded, to, out, profile, quiet=quiet)
         yield info.get("engine") or info["onnx"], loaded
 
 

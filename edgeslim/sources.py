@@ -124,11 +124,12 @@ def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "
     except Exception as exc:  # transformers and safetensors raise many classes for a bad folder
         raise SourceError(f"cannot load the Hugging Face folder {folder}: {_one_line(exc)}") from exc
     model = TextModel(hf, "logits" if classify else "mean_pool").eval()
+    sequence = min(128, getattr(config, "max_position_embeddings", 128))  # a tiny model may take fewer
     files = {n: (folder / n).read_bytes() for n in HF_SOURCE_FILES if (folder / n).is_file()} if kind == "hf" else {}
     spec = SourceSpec(kind, identifier or folder.resolve().name, None, version,
                       sha256_file(weights_file) if weights else None, tuple(files))
     return LoadedModel(model, spec, text_inputs(config.vocab_size), "classification" if classify else "embedding",
-                       {"batch": 8, "sequence": 128}, make_encoder(tokenizer), files=files)
+                       {"batch": 8, "sequence": sequence}, make_encoder(tokenizer, sequence), files=files)
 
 
 def _one_line(exc: BaseException) -> str:
