@@ -177,6 +177,7 @@ def check_manifest(manifest: Mapping[str, Any], file: Path) -> None:
                                                  for d in shape), file, f"input {i} shape {shape!r} is not a list of sizes and names")
         _require(math.prod(d for d in shape if isinstance(d, int)) <= MAX_ELEMENTS, file,
                  f"input {i} shape {shape!r} has more than {MAX_ELEMENTS:,} elements")
+        _require(isinstance(spec.get("dtype"), str), file, f"input {i} 'dtype' must be a string")
         _require(spec.get("high") is None or _count(spec["high"], 1), file, f"input {i} 'high' must be a positive integer")
         try:
             TensorSpec.from_dict(spec)
