@@ -24,6 +24,7 @@ from typing import Any, Callable
 import pytest
 
 import edgeslim_test_factories as factories
+from edgeslim import pipeline
 from edgeslim.cli import main
 from edgeslim.files import sha256_file
 
@@ -244,7 +245,8 @@ def test_hostile_artifact_is_refused_everywhere(case, good_artifacts, tmp_path, 
 
 def test_good_artifacts_load_and_factory_needs_to_be_named(good_artifacts, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["export", str(good_artifacts["zoo"]), "-o", "zoo.onnx"]) == 0
+    torch_profile = ["--profile", "cpu-torch-fp32", "--batch", "1", "--iters", "1", "--warmup", "0"]
+    assert main(["profile", str(good_artifacts["zoo"])] + torch_profile) == 0
     factory = str(good_artifacts["factory"])
     assert main(["export", factory, "-o", "f.onnx"]) == 3
     assert main(["export", factory, "-o", "f.onnx", "--source", "edgeslim_test_factories:raises"]) == 3
@@ -252,9 +254,10 @@ def test_good_artifacts_load_and_factory_needs_to_be_named(good_artifacts, tmp_p
     assert main(["export", factory, "-o", "f.onnx", "--source", "not a factory"]) == 2
     assert not Path("f.onnx").exists()
     assert main(["export", factory, "-o", "f.onnx", "--source", "edgeslim_test_factories:tiny"]) == 0
-    assert main(["profile", factory, "--profile", "cpu-torch-fp32", "--batch", "1", "--iters", "1",
-                 "--trust-source"]) == 0
-    Path("r.toml").write_text(f'source = "{factory}"\nsource_factory = "edgeslim_test_factories:tiny"\n'
-                              '[profile]\nname = "cpu-torch-fp32"\nbatch = [1]\niters = 1\n')
-    assert main(["run", "r.toml", "-q", "-o", "out"]) == 0
-    assert (tmp_path / "out" / "factory.slim" / "manifest.json").is_file()
+    assert main(["profile", factory, "--trust-source"] + torch_profile) == 0
+    Path("r.toml").write_text(f'source = "{factory}"\n[profile]\nname = "cpu-torch-fp32"\n')
+    assert main(["run", "r.toml", "-q", "-o", "out"]) == 3 and not Path("out").exists()
+    Path("r.toml").write_text(f'source = "{factory}"\nsource_factory = "edgeslim_test_factories:tiny"\n')
+    recipe = pipeline.load_recipe("r.toml")
+    pipeline.compress_to_artifact(recipe.source, recipe.steps, "out.slim", quiet=True, trust=recipe.trust)
+    assert main(["inspect", "out.slim"]) == 0
