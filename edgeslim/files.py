@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,7 @@ from edgeslim.errors import ConfigError
 TEMP_SUFFIX = ".edgeslim-tmp"
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
+_COMMAND_START = time.time()  # this process's temps and any made after it started are never stale
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -122,11 +124,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _started_at() -> float:
-    import psutil
-    return psutil.Process().create_time()
-
-
 def clean_stale_temps(folder: str | Path) -> list[Path]:
     """Remove temporary folders of killed writers in `folder`; returns what was removed.
 
@@ -138,7 +135,7 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    started = _started_at()
+    started = _COMMAND_START
     for entry in folder.iterdir():
         match = _TEMP.fullmatch(entry.name)
         if not match or entry.is_symlink() or not entry.is_dir() or _alive(int(match["pid"])):
