@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.svd import SVD
 from edgeslim.compress.train import Heal, HealConfig, heal, task_loss, teacher_targets
 from edgeslim.errors import ConfigError, SourceError
@@ -75,7 +75,7 @@ def test_heal_by_distillation_recovers_a_compressed_model():
 
 def test_heal_errors():
     model, data = net(), blobs()
-    with pytest.raises(ConfigError, match="teacher_targets"):
+    with pytest.raises(ConfigError, match="teacher="):
         heal(model, CalibData("raw", data.batches), steps=2, progress=False)
     with pytest.raises(ConfigError, match="steps"):
         heal(model, data, steps=0, progress=False)
@@ -98,10 +98,10 @@ def test_heal_step_is_a_registered_compressor_that_replays_as_no_op():
     original = copy.deepcopy(model.state_dict())
     result = Heal().compress(model, config, data)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # caller's model untouched
-    assert result.changes == [] and result.resolved["steps"] == 20
+    assert result.changes == [] and result.resolved["steps"] == 20 and result.resolved["schema"] == Heal.schema
     assert mean_loss(result.model, data) < mean_loss(model, data)
     fresh = net(seed=5)
-    assert Heal().replay(fresh, result.resolved) is fresh
+    assert Heal().replay(fresh, result.resolved, []) is fresh
     fresh.load_state_dict(result.model.state_dict())
     x = data.batches[0]["x"]
     torch.testing.assert_close(fresh(x), result.model(x), rtol=0, atol=0)
