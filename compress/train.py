@@ -129,7 +129,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - (1.0 - end) * s / total)
     report, order = FitReport(total), []
     modes = [(m, m.training) for m in (model, teacher) if m is not None]
-    with torch.random.fork_rng(devices=[]):
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         model.train()

@@ -9,7 +9,7 @@ from torch import nn
 
 from edgeslim.calib import CalibData
 from edgeslim.compress.svd import SVD
-from edgeslim.compress.train import Heal, HealConfig, heal, task_loss, teacher_targets
+from edgeslim.compress.train import Heal, HealConfig, fit, heal, task_loss, teacher_targets
 from edgeslim.errors import ConfigError, SourceError
 
 torch.set_num_threads(1)
@@ -105,3 +105,23 @@ def test_heal_step_is_a_registered_compressor_that_replays_as_no_op():
     fresh.load_state_dict(result.model.state_dict())
     x = data.batches[0]["x"]
     torch.testing.assert_close(fresh(x), result.model(x), rtol=0, atol=0)
+
+
+def test_fit_forks_the_rng_restores_modes_and_distils_toward_a_teacher():
+    teacher, data = net(), blobs()
+    heal(teacher, data, steps=60, lr=1e-2, progress=False)
+    raw = CalibData("raw", data.batches)  # no targets: fit distils toward the teacher
+    student = SVD().compress(teacher, {"rank": 2, "target": ["fc1"]}).model
+    gap = mean_loss(student, teacher_targets(teacher, raw))
+    twin = copy.deepcopy(student).train()
+    student.train()
+    state = torch.random.get_rng_state()
+    report = fit(student, raw, epochs=10, lr=5e-3, teacher=teacher, seed=3, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert student.training and not teacher.training  # modes as they came in
+    assert report.steps == len(report.losses) == 60  # 10 passes over 6 batches
+    assert mean_loss(student.eval(), teacher_targets(teacher, raw)) < 0.5 * gap
+    again = fit(twin, raw, epochs=10, lr=5e-3, teacher=teacher, seed=3, progress=False)
+    assert again.losses == report.losses  # the seed alone decides the run (dropout included)
+    with pytest.raises(ConfigError, match="steps or epochs"):
+        fit(student, data, lr=1e-3)
