@@ -84,7 +84,7 @@ def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence
         manifest = {"format_version": FORMAT_VERSION, "edgeslim_version": __version__, "source": source.to_dict(),
                     "task": task, "inputs": [s.to_dict() for s in inputs], "dims": dict(dims or {}),
                     "steps": [dict(s) for s in steps], "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # a value that is not JSON is a bug
     return Path(path)
 
 
@@ -224,21 +224,31 @@ def verify(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     return status
 
 
-def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]], where: str = "artifact") -> nn.Module:
+def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]], inputs: Sequence[TensorSpec],
+           where: str = "artifact") -> nn.Module:
     """Apply each step's recorded structure to `base` (no data, no recomputation).
 
     Raises:
-        SourceError: a step names an unknown method or its recorded decisions do not apply.
+        SourceError: a step names an unknown method, its `resolved` has a schema its compressor does
+            not read, or its recorded decisions do not apply.
     """
     from edgeslim.compress.base import get_compressor
 
     model = base
     for i, step in enumerate(steps, 1):
         try:
-            model = get_compressor(step["method"]).replay(model, step.get("resolved", {}))
+            comp, resolved = get_compressor(step["method"]), step.get("resolved", {})
+        except EdgeslimError as exc:
+            raise SourceError(f"{where}: step {i}: {exc}") from exc
+        schema = resolved.get("schema", 1)  # artifacts written before schemas were recorded are schema 1
+        if schema != comp.schema:
+            raise SourceError(f"{where}: step {i} ({comp.name}) was written with resolved schema {schema!r}; this "
+                              f"edgeslim's {comp.name} reads schema {comp.schema}")
+        try:
+            model = comp.replay(model, resolved, inputs)
         except (EdgeslimError, TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError,
                 MemoryError) as exc:  # decisions read from a file: any misfit is a corrupt artifact
-            raise SourceError(f"{where}: step {i} ({step.get('method')}) cannot be replayed from its recorded "
+            raise SourceError(f"{where}: step {i} ({comp.name}) cannot be replayed from its recorded "
                               f"decisions: {' '.join(str(exc).split())[:300]}") from exc
     return model
 
@@ -279,7 +289,7 @@ def load(path: str | Path, trust: Trust | None = None) -> LoadedModel:
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     base = _base(path, spec, inputs, trust or Trust())
-    model = replay(base.model, manifest["steps"], str(path))
+    model = replay(base.model, manifest["steps"], inputs, str(path))
     try:
         load_safetensors(model, str(path / WEIGHTS), strict=True)
     except (RuntimeError, SafetensorError) as exc:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +11,12 @@ import click
 
 from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
-from edgeslim.pipeline import DEFAULT_OUT
+from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
 
 def _console():
     from rich.console import Console
     return Console()
-
-
-def _value(text: str) -> Any:
-    """A --set value as TOML (numbers, booleans, lists), else the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -129,29 +121,38 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("--weights", help="weights file for a pkg.mod:factory source")
 @click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
+@click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
+              help="target the decisions are made for (its align rounds ranks), as in `run`")
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
 @trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, out: str | None, trusted: str | None, trust_source: bool) -> None:
+             weights: str | None, inputs: str | None, profile: str, out: str | None, trusted: str | None,
+             trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
-    from edgeslim.pipeline import compress_to_artifact
+    from edgeslim.compress.base import get_compressor
+    from edgeslim.config import parse_text
+    from edgeslim.pipeline import StepSection, compress_to_artifact
 
     step: dict[str, Any] = {"method": method}
     for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("calib", calib), ("target", target),
                      ("exclude", exclude)):
         if val is not None:
             step[key] = val
+    config_cls = get_compressor(method).Config
     for item in sets:
         key, eq, val = item.partition("=")
         if not eq:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        step[key] = _value(val)
+        owner = StepSection if key in StepSection.__dataclass_fields__ else config_cls
+        step[key] = parse_text(owner, key, val, where=f"--set {key}")
     out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
-    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs,
+    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
                                                                trust=_trust(trusted, trust_source))
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
-    _console().print(f"{len(results[-1].changes)} module(s) replaced; targeted parameters {before:,} -> {after:,}; "
+    counts = Counter(c.status for r in results for c in r.changes)
+    _console().print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
+                     f"targeted parameters {before:,} -> {after:,}; "
                      f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
                      f"{sum(p.numel() for p in compressed.model.parameters()):,}\nartifact: {path}")
 
@@ -182,7 +183,7 @@ def export(item: str, to: str, profile: str | None, out: str | None, trusted: st
 
 @cli.command()
 @click.argument("item")
-@click.option("--profile", "profile", default="cpu-ort-fp32", show_default=True, help="target profile")
+@click.option("--profile", "profile", default=DEFAULT_PROFILE, show_default=True, help="target profile")
 @click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
 @click.option("--warmup", default=5, show_default=True)
@@ -229,12 +230,12 @@ def list_(what: str) -> None:
         import dataclasses
 
         from edgeslim.compress.base import list_compressors
-        for col in ("name", "needs calib", "config keys", "what it does"):
+        for col in ("name", "kind", "needs calib", "config keys", "what it does"):
             table.add_column(col)
         for name, cls in list_compressors().items():
             keys = ", ".join(f.name for f in dataclasses.fields(cls.Config))
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            table.add_row(name, "yes" if cls.needs_calibration else "no", keys, doc)
+            table.add_row(name, cls.kind, "yes" if cls.needs_calibration else "no", keys, doc)
     elif what == "profiles":
         from edgeslim.runtime.targets import list_profiles
         for col in ("name", "runtime", "device", "precision", "keys"):
@@ -279,7 +280,8 @@ def inspect(path: str, as_json: bool) -> None:
         changes = step.get("changes", [])
         before, after = sum(c["params_before"] for c in changes), sum(c["params_after"] for c in changes)
         console.print(f"step {i + 1}: {step['method']} {json.dumps(step['config'])}")
-        console.print(f"  {len(changes)} module(s) changed, parameters {before:,} -> {after:,}; "
+        changed = sum(c.get("status", "replaced") not in ("dense", "skipped") for c in changes)
+        console.print(f"  {changed} of {len(changes)} targeted module(s) changed, parameters {before:,} -> {after:,}; "
                       f"calibration: {step.get('resolved', {}).get('calib')}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")

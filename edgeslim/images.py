@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.errors import ConfigError, SourceError, require
 from edgeslim.files import IMAGE, replace_output
 

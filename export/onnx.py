@@ -90,7 +90,9 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
 
     Every named dimension of `inputs` ("batch", "sequence", "height", ...) becomes a dynamic axis.
     The file is validated in ONNX Runtime against PyTorch at the export sizes and at a second set of
-    sizes (each named dimension + 1), and only then moved into place.
+    sizes (each named dimension + 1), and only then moved into place. The model is exported and
+    checked in eval mode and handed back in the mode it came in; torch's own log lines and warnings
+    are kept off stdout/stderr while it runs (logging is restored after).
 
     Args:
         dims: sizes of the named dimensions for the example inputs (defaults: DEFAULT_DIMS).
@@ -100,25 +102,30 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
         ExportValidationError: an output differs beyond atol + rtol * |expected| (the message lists
             every output and the first diverging module); nothing is written then.
     """
-    model = model.eval()
+    was_training = model.training
+    model.eval()
     dims = _dims_for(inputs, dims)
     feeds = example_feeds(inputs, dims, seed=0)
     kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs}
     path = Path(path)
-    with replace_output(path, ONNX) as tmp:
-        with _quiet_torch():
-            try:
-                torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False, verbose=False,
-                                  dynamic_shapes=dynamic, output_names=list(output_names), opset_version=opset)
-            except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
-                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                            f"{export_cause(exc)}") from exc
-        checks: list[OutputCheck] = []
-        for d in validate_dims or (dims, _shifted(dims)):
-            checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
-                                   label=str(path))
-        size = tmp.stat().st_size
+    try:
+        with replace_output(path, ONNX) as tmp:
+            with _quiet_torch():
+                try:
+                    torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False,
+                                      verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),
+                                      opset_version=opset)
+                except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
+                    raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
+                                                f"{export_cause(exc)}") from exc
+            checks: list[OutputCheck] = []
+            for d in validate_dims or (dims, _shifted(dims)):
+                checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
+                                       label=str(path))
+            size = tmp.stat().st_size
+    finally:
+        model.train(was_training)
     return ExportResult(path, size, opset, list(output_names), checks)
 
 

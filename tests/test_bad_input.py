@@ -1,5 +1,6 @@
 """Every bad input is one line with its exit code, never a traceback; and a property-based fuzz of
 manifests, recipes and CLI options that holds every case to the same rule."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -148,8 +149,9 @@ def test_fuzz_manifests(good_manifest, tmp_path, monkeypatch, capfd, data):
         assert _snapshot(tmp_path) == before
 
 
-RECIPE_KEYS = list(pipeline.RECIPE_KEYS) + ["junk"]
-SECTION_KEYS = list(pipeline.PROFILE_KEYS) + list(pipeline.EXPORT_KEYS) + ["junk"]
+RECIPE_KEYS = [f.name for f in dataclasses.fields(pipeline.RecipeSection)] + ["junk"]
+SECTION_KEYS = [f.name for f in dataclasses.fields(pipeline.ProfileSection) + dataclasses.fields(pipeline.ExportSection)
+                ] + ["junk"]
 RECIPE_VALUES = JSON | st.sampled_from(["tiny-mlp", "cpu-ort-fp32", "onnx", "../../x", "/tmp/x", [1, 8], []]) | \
     st.dictionaries(st.sampled_from(SECTION_KEYS), JSON | st.sampled_from(["cpu-ort-fp32", "onnx", [1]]), max_size=3)
 
