@@ -165,7 +165,7 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
     model = loaded.model
     split = _split(recipe)
     enc = make_encoder(require("transformers").AutoTokenizer.from_pretrained(folder), recipe["seq"])
-    test = _batches(split["test"], enc, 16)
+    test = _batches(split["test"][:cfg.get("test_docs") or len(split["test"])], enc, 16)
     train = _batches(split["train"], enc, 16)
     calib = CalibData("bbc-news", train.batches[:cfg["calib_samples"] // 16], train.targets[:cfg["calib_samples"] // 16])
     feeds = example_feeds(loaded.inputs, cfg["latency_dims"], seed=0)
@@ -185,7 +185,8 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
                "latency_dims": cfg["latency_dims"], "latency": "ORT p50, median of alternating rounds vs the original",
                "export": "lean (transformers eager attention), validated in ONNX Runtime",
                "amdahl_bound": "(1 - m) + m * f, m = original's GEMM share of ORT kernel time, f = FLOPs ratio",
-               "profile": "cpu-ort-fp32", "calib_samples": cfg["calib_samples"], "test_docs": len(split["test"]),
+               "profile": "cpu-ort-fp32", "calib_samples": cfg["calib_samples"],
+               "test_docs": sum(len(t) for t in test.targets),
                "heal_methods": cfg["heal_methods"], "cut": cfg.get("cut", ""), "machine_start": machine_info(),
                "original": base, "rows": []}
     rows = summary["rows"]
@@ -217,15 +218,24 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
             print(f"{label:9s} ratio {ratio:.2f}: accuracy {row['accuracy']:.4f} latency x{row['latency_ratio']:.3f} "
                   f"(bound x{row['amdahl_bound']:.3f}) FLOPs x{row['flops_ratio']:.3f} load {row['load_avg'][0]:.1f}",
                   flush=True)
-            if ratio in cfg["heal_ratios"] and label in cfg["heal_methods"]:
-                heal(small, train, steps=cfg["heal_steps"], lr=1e-4, seed=0)
-                rows.append({**row, "healed": True, "heal_steps": cfg["heal_steps"], "accuracy": accuracy(small, test)})
-                print(f"{label:9s} ratio {ratio:.2f} healed: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
-            summary["expectations"] = expectations(rows, base)
-            summary["machine_end"] = machine_info()
-            write_results(summary, out)  # after every variant, so a cut-off run keeps what it measured
+            _checkpoint(summary, rows, base, out)
     base_session.close()
+    for row in [r for r in list(rows) if r["ratio"] in cfg["heal_ratios"] and r["method"] in cfg["heal_methods"]]:
+        compressor, extra = METHODS[row["method"]]  # healing last: every plain variant is measured first
+        small = compressor.compress_with_stats(model, {"ratio": row["ratio"], "target": TARGET, "align": cfg["align"],
+                                                       **extra}, stats[compressor.name]).model
+        heal(small, train, steps=cfg["heal_steps"], lr=1e-4, seed=0)
+        rows.append({**row, "healed": True, "heal_steps": cfg["heal_steps"], "accuracy": accuracy(small, test)})
+        print(f"{row['method']:9s} ratio {row['ratio']:.2f} healed: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
+        _checkpoint(summary, rows, base, out)
     return summary
+
+
+def _checkpoint(summary: dict, rows: list[dict], base: dict, out: Path) -> None:
+    """Write what is measured so far, so a cut-off run keeps it."""
+    summary["expectations"] = expectations(rows, base)
+    summary["machine_end"] = machine_info()
+    write_results(summary, out)
 
 
 def expectations(rows: list[dict], base: dict) -> dict:
@@ -307,12 +317,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the fine-tuned model is cached")
     parser.add_argument("--heal-steps", type=int, default=None, help="healing steps per healed variant")
     parser.add_argument("--heal-ratios", default=None, help="comma-separated kept ratios to heal ('' for none)")
+    parser.add_argument("--heal-methods", default=None, help=f"comma-separated methods to heal, of {list(METHODS)}")
+    parser.add_argument("--ratios", default=None, help="comma-separated kept ratios (default: 0.5,0.3,0.4,0.8,0.6)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration articles (multiple of 16)")
+    parser.add_argument("--test-docs", type=int, default=None, help="evaluate on the first N test articles only")
+    parser.add_argument("--cut", default="", help="what was cut from the full grid and why (recorded in the JSON)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.heal_steps is not None:
         cfg["heal_steps"] = args.heal_steps
     if args.heal_ratios is not None:
         cfg["heal_ratios"] = [float(r) for r in args.heal_ratios.split(",") if r]
+    if args.heal_methods is not None:
+        cfg["heal_methods"] = [m for m in args.heal_methods.split(",") if m]
+    if args.ratios:
+        cfg["ratios"] = [float(r) for r in args.ratios.split(",")]
+    if args.calib_samples:
+        cfg["calib_samples"] = args.calib_samples
+    cfg["test_docs"], cfg["cut"] = args.test_docs, args.cut
     out = args.out or (Path(tempfile.mkdtemp(prefix="lowrank_quick_")) if args.quick else RESULTS)
     summary = run(cfg, out, out / "cache" if args.quick else args.cache)
     print(table(summary))
