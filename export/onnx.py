@@ -47,6 +47,29 @@ def _dims_for(inputs: Sequence[TensorSpec], dims: Mapping[str, int] | None) -> d
     return full
 
 
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[list[str]]:
+    """Switch every Hugging Face model inside `model` to transformers' eager attention while exporting.
+
+    The SDPA path (transformers' default) exports its attention mask with `Where`/`IsNaN` nodes that
+    cost ~15% of MiniLM's ONNX Runtime time; the eager path computes the same attention with a plain
+    additive mask. Modules are matched by duck typing (`set_attn_implementation` and a config with
+    `_attn_implementation`), so export/ needs no transformers import. Yields the switched modules'
+    class names; the previous implementations are restored on exit.
+    """
+    switched: list[tuple[nn.Module, str]] = []
+    try:
+        for module in model.modules():
+            current = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            if current not in (None, "eager") and callable(getattr(module, "set_attn_implementation", None)):
+                module.set_attn_implementation("eager")
+                switched.append((module, current))
+        yield [type(m).__name__ for m, _ in switched]
+    finally:
+        for module, previous in reversed(switched):
+            module.set_attn_implementation(previous)
+
+
 def _shifted(dims: Mapping[str, int]) -> dict[str, int]:
     """Other sizes for every named dimension, to prove the exported axes really are dynamic."""
     return {k: v + 1 for k, v in dims.items()}
@@ -85,7 +108,7 @@ def export_cause(exc: BaseException) -> str:
 
 def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, dims: Mapping[str, int] | None = None,
             atol: float = 1e-4, rtol: float = 1e-3, opset: int = 20, output_names: Sequence[str] = ("output",),
-            validate_dims: Sequence[Mapping[str, int]] | None = None) -> ExportResult:
+            validate_dims: Sequence[Mapping[str, int]] | None = None, lean_attention: bool = True) -> ExportResult:
     """Export `model` (called as `model(**feeds)`) to a single-file ONNX model and validate it.
 
     Every named dimension of `inputs` ("batch", "sequence", "height", ...) becomes a dynamic axis.
@@ -97,6 +120,8 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
     Args:
         dims: sizes of the named dimensions for the example inputs (defaults: DEFAULT_DIMS).
         validate_dims: the sizes to validate at (default: `dims` and every named dimension + 1).
+        lean_attention: export Hugging Face models through their eager attention path (see
+            `eager_attention`); validation always runs the model as given, so it checks the switch too.
 
     Raises:
         ExportValidationError: an output differs beyond atol + rtol * |expected| (the message lists
@@ -111,7 +136,8 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
     path = Path(path)
     try:
         with replace_output(path, ONNX) as tmp:
-            with _quiet_torch():
+            lean = eager_attention(model) if lean_attention else contextlib.nullcontext()
+            with _quiet_torch(), lean:
                 try:
                     torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False,
                                       verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),

@@ -216,7 +216,8 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     bench.main(["--quick", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "lowrank_minilm.json").read_text())
     plain = [r for r in summary["rows"] if not r["healed"]]
-    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd"}
+    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd", "asvd-sens"}
+    assert 0.0 < summary["original"]["gemm_share"] <= 1.0 and all(r["amdahl_bound"] <= 1.0 for r in plain)
     for row in plain:
         assert row["params"] < summary["original"]["params"] and 0 < row["flops_ratio"] < 1
         assert row["targeted_kept"] <= row["ratio"] + 0.05 and 0.0 <= row["accuracy"] <= 1.0
