@@ -237,8 +237,18 @@ class SeparableConvNd(nn.Module):
             raise ConfigError(f"{cls.__name__} replaces nn.Conv{cls.ndim}d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ConfigError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        padding = conv.padding
+        if type(conv).forward is not _CONVS[cls.ndim].forward:
+            # EfficientNet's Conv2dStaticSamePadding: a ZeroPad2d (left, right, top, bottom) before the conv
+            extra = getattr(conv, "static_padding", None)
+            identity = isinstance(extra, nn.Module) and type(extra).__name__ == "Identity"  # theirs or torch's
+            if not (isinstance(extra, nn.ZeroPad2d) or identity) or isinstance(padding, str):
+                raise ConfigError(f"{type(conv).__name__} overrides Conv{cls.ndim}d.forward; only a static "
+                                  "ZeroPad2d before the convolution (Conv2dStaticSamePadding) is understood")
+            left, right, top, bottom = extra.padding if isinstance(extra, nn.ZeroPad2d) else (0, 0, 0, 0)
+            padding = (top + padding[0], bottom + padding[0], left + padding[1], right + padding[1])
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+                    padding=padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
         return layer.to(dtype=conv.weight.dtype, device=conv.weight.device)
 
     @classmethod

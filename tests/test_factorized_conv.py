@@ -252,3 +252,51 @@ def test_onnx_parity(tmp_path):
         assert result.checks and all(c.ok for c in result.checks)
         ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
         assert "Conv" in ops and ops <= {"Conv", "Pad", "Relu"}  # the asymmetric pad may fold into Conv's pads
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "apriori_wave.py"
+    spec = importlib.util.spec_from_file_location("apriori_wave", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.FASHION.is_dir():
+        pytest.skip(f"Fashion-MNIST is not installed at {bench.FASHION}")
+    bench.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "apriori_wave.json").read_text())
+    for task in ("wave", "fashion"):
+        rows = summary[task]["rows"]
+        assert [r["variant"] for r in rows] == ["dense", "rank 4", "rank 2"]
+        assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+        assert all(r["training_rss_bytes"] >= 0 and r["seconds_per_epoch"] > 0 and r["onnx_max_abs_diff"] < 1e-3
+                   for r in rows)
+    assert all(len(r["rollout_rel_l2"]) == 3 for r in summary["wave"]["rows"])
+    eff = summary["efficientnet"]["rows"][0]
+    assert eff["params"] < summary["efficientnet"]["original"]["params"] and 0.0 <= eff["top1_agreement"] <= 1.0
+    assert (tmp_path / "apriori_wave_summary.png").stat().st_size > 0
+
+
+def test_static_same_padding_subclass_is_understood_and_others_refused():
+    class StaticSame(nn.Conv2d):  # the shape of EfficientNet's Conv2dStaticSamePadding
+        def __init__(self):
+            super().__init__(3, 8, 3, stride=2)
+            self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+        def forward(self, x):
+            return super().forward(self.static_padding(x))
+
+    class Odd(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    conv = StaticSame()
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(SeparableConv2d.from_conv(conv)(x), conv(x), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="overrides"):
+        SeparableConv2d.from_conv(Odd(3, 8, 3), 2)
