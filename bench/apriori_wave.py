@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.compress import get_compressor
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.train import heal
 from edgeslim.runtime.machine import machine_info
@@ -177,7 +177,7 @@ def child(spec_path: str) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, spec["weights"])
     Path(spec["result"]).write_text(json.dumps({
         "seconds_per_epoch": seconds / spec["epochs"], "peak_rss_bytes": probe.peak(), "base_rss_bytes": base,
-        "training_rss_bytes": probe.peak() - base, "rss_method": probe.method, "final_loss": report.final_loss,
+        "training_rss_bytes": probe.peak() - base, "rss_method": probe.method, "final_loss": report.tail_loss(),
         "first_loss": float(np.mean(report.losses[:5]))}))
 
 
