@@ -134,6 +134,8 @@ CASES: dict[str, Case] = {
     "asvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "heal": Case("tiny-mlp", {"steps": 3, "lr": 1e-3}, distilled),
     "deconv_to_subpixel": Case("deconv-sr-x3", {}, lossless={}, dims={"height": 9, "width": 7}),
+    "factorize": Case("test_contract:rank4_cnn", {"ratio": 0.5, "n_iter": 5},
+                      lossless={"rank": 4, "target": ["c2", "c3"]}, dims={"height": 9, "width": 7}),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
 }
