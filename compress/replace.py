@@ -73,6 +73,22 @@ def skipped_change(name: str, module: nn.Module, reason: str) -> LayerChange:
                        bytes_after=tensor_bytes(module), note=f"skipped: {reason}")
 
 
+def recorded_module(model: nn.Module, name: str, types: tuple[type[nn.Module], ...]) -> nn.Module:
+    """The submodule `name` a replay is about to swap, checked to be one of `types`.
+
+    Raises:
+        ConfigError: no such module, or one of another type (both named).
+    """
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ConfigError(f"replay: the model has no module '{name}'") from exc
+    if not isinstance(module, types):
+        raise ConfigError(f"replay: '{name}' is a {type(module).__name__}, expected "
+                          f"{' or '.join(t.__name__ for t in types)}")
+    return module
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path `name` with `module`."""
     parent_name, _, child = name.rpartition(".")

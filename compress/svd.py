@@ -23,7 +23,8 @@ from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResul
                                     working_copy)
 from edgeslim.compress.calibration import CalibStats, collect_stats
 from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note
-from edgeslim.compress.replace import direct_weight_reader, select_modules, set_submodule, skipped_change
+from edgeslim.compress.replace import (direct_weight_reader, recorded_module, select_modules, set_submodule,
+                                       skipped_change)
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
 
@@ -243,12 +244,7 @@ class _LowRankCompressor(Compressor):
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Swap the recorded Linears for empty LowRankLinears of the recorded ranks (weights load after)."""
         for name, rank in resolved.get("ranks", {}).items():
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError as exc:
-                raise ConfigError(f"replay: the model has no module '{name}'") from exc
-            if not isinstance(linear, nn.Linear):
-                raise ConfigError(f"replay: '{name}' is a {type(linear).__name__}, expected Linear")
+            linear = recorded_module(model, name, (nn.Linear,))
             set_submodule(model, name, LowRankLinear(linear.in_features, linear.out_features, int(rank),
                                                      bias=linear.bias is not None, dtype=linear.weight.dtype,
                                                      device=linear.weight.device))

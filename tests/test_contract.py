@@ -71,6 +71,29 @@ def encoder() -> nn.Module:
     return Encoder().eval()
 
 
+class Rank4CNN(nn.Module):
+    """3x3 conv, then two 1x1 convs whose kernels are exactly rank 4: rank-4 factoring of those is lossless."""
+
+    edgeslim_inputs = [TensorSpec("x", ("batch", 2, "height", "width"))]
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = nn.Conv2d(2, 16, 3, padding=1), nn.Conv2d(16, 32, 1), nn.Conv2d(32, 8, 1)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for conv in (self.c2, self.c3):
+                m, n = conv.weight.shape[:2]
+                conv.weight.copy_((torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g) / n)[:, :, None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def rank4_cnn() -> nn.Module:
+    return Rank4CNN().eval()
+
+
 # ---------- tiny data
 
 def random_inputs(loaded: LoadedModel, batches: int = 3, seed: int = 0) -> CalibData:
@@ -111,6 +134,8 @@ CASES: dict[str, Case] = {
     "asvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "heal": Case("tiny-mlp", {"steps": 3, "lr": 1e-3}, distilled),
     "deconv_to_subpixel": Case("deconv-sr-x3", {}, lossless={}, dims={"height": 9, "width": 7}),
+    "factorize": Case("test_contract:rank4_cnn", {"ratio": 0.5, "n_iter": 5},
+                      lossless={"rank": 4, "target": ["c2", "c3"]}, dims={"height": 9, "width": 7}),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
 }
