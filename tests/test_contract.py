@@ -110,6 +110,8 @@ CASES: dict[str, Case] = {
     "fwsvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "asvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "heal": Case("tiny-mlp", {"steps": 3, "lr": 1e-3}, distilled),
+    "prune": Case("tiny-mlp", {"ratio": 0.5, "criterion": "merge"}, random_inputs, lossless={"ratio": 1.0}),
+    "sparsify": Case("tiny-mlp", {"pattern": "2:4"}, lossless={"sparsity": 0.0}),
     "deconv_to_subpixel": Case("deconv-sr-x3", {}, lossless={}, dims={"height": 9, "width": 7}),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
