@@ -108,7 +108,7 @@ class Group:
     root: str  # name of the root module (its output channels index the group)
     channels: int
     unit: int  # 1, or head_dim for attention heads
-    items: list  # Torch-Pruning's (dependency, idxs) items of the full group
+    items: Any  # Torch-Pruning's group with the full index lists ((dependency, idxs) items)
     dims: list[tuple[str, int, int]]  # (parameter key, dim, indices of that dim per unit) it shrinks
     scores: torch.Tensor | None = None  # importance per unit
     heads_of: nn.Module | None = None  # attention module whose head count changes
@@ -177,7 +177,7 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
             if any(p.numel() for p in d.target.module.parameters(recurse=False)):
                 for key, dim, per in _probe_dims(n, d.target.module, d.handler, len(_idxs(g, d)) // channels * unit):
                     dims.setdefault((key, dim), per)  # a depthwise conv is reached as both out and in
-        groups.append(Group(root, channels, unit, list(g), [(k, d, p) for (k, d), p in dims.items()], heads_of=head[0][0] if head else None))
+        groups.append(Group(root, channels, unit, g, [(k, d, p) for (k, d), p in dims.items()], heads_of=head[0][0] if head else None))
     if not groups:
         raise ConfigError(f"nothing to prune: {'; '.join(notes) or 'no Conv/Linear group matches target'}")
     return groups, notes
@@ -311,8 +311,7 @@ def score_groups(model: nn.Module, graph, groups: list[Group], config: PruneConf
             plans[g.root] = merge_plan(model, graph, g.items, g.unit)
             g.scores = plans[g.root].scores.double()
         else:
-            tg = graph.get_pruning_group(g.items[0].dep.target.module, g.items[0].dep.handler, list(range(g.channels)))
-            g.scores = _unit_scores(g, imp(tg).detach())
+            g.scores = _unit_scores(g, imp(g.items).detach())
     if config.criterion == "taylor":
         model.zero_grad(set_to_none=True)
     return plans
