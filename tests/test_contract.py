@@ -133,6 +133,8 @@ CASES: dict[str, Case] = {
     "fwsvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "asvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "heal": Case("tiny-mlp", {"steps": 3, "lr": 1e-3}, distilled),
+    "prune": Case("tiny-mlp", {"ratio": 0.5, "criterion": "merge"}, random_inputs, lossless={"ratio": 1.0}),
+    "sparsify": Case("tiny-mlp", {"pattern": "2:4"}, lossless={"sparsity": 0.0}),
     "deconv_to_subpixel": Case("deconv-sr-x3", {}, lossless={}, dims={"height": 9, "width": 7}),
     "factorize": Case("test_contract:rank4_cnn", {"ratio": 0.5, "n_iter": 5},
                       lossless={"rank": 4, "target": ["c2", "c3"]}, dims={"height": 9, "width": 7}),
