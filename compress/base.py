@@ -13,7 +13,7 @@ from torch import nn
 from edgeslim.errors import ConfigError
 
 # Compressor families shipped with edgeslim: importing one registers its compressors.
-FAMILY_MODULES = ("svd", "subpixel", "train")
+FAMILY_MODULES = ("svd", "subpixel", "train", "compacter")
 
 
 @dataclass(frozen=True)

@@ -22,27 +22,35 @@ MANIFEST, WEIGHTS, REPORT = "manifest.json", "weights.safetensors", "report.json
 
 def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence[Mapping[str, Any]],
          inputs: Sequence[TensorSpec], report: Mapping[str, Any] | None = None, task: str = "generic",
-         dims: Mapping[str, int] | None = None, extra_files: Mapping[str, bytes] | None = None) -> Path:
+         dims: Mapping[str, int] | None = None, extra_files: Mapping[str, bytes] | None = None,
+         only: Sequence[str] | None = None, manifest_extra: Mapping[str, Any] | None = None) -> Path:
     """Write the artifact folder `path` all at once (temporary folder renamed at the end).
 
     Args:
         steps: one record per applied step (`CompressResult.step_record()`).
         extra_files: more files to store and hash (e.g. the Markdown report and its plot).
+        only: store just these parameters (an adapter artifact: adapters and head, not the base).
+        manifest_extra: more manifest keys (an adapter artifact's "kind" and base identity).
     """
     from edgeslim import __version__
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / WEIGHTS))
+        if only is None:
+            save_model(model, str(tmp / WEIGHTS))
+        else:
+            wanted = set(only)
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in wanted},
+                      str(tmp / WEIGHTS))
         (tmp / REPORT).write_text(json.dumps(report or {}, indent=2, default=str))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "edgeslim_version": __version__, "source": source.to_dict(),
                     "task": task, "inputs": [s.to_dict() for s in inputs], "dims": dict(dims or {}),
-                    "steps": [dict(s) for s in steps], "files": files}
+                    "steps": [dict(s) for s in steps], "files": files, **dict(manifest_extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return path
 
@@ -92,8 +100,11 @@ def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]]) -> nn.Module:
     return model
 
 
-def load(path: str | Path) -> LoadedModel:
+def load(path: str | Path, base: str | None = None) -> LoadedModel:
     """Rebuild the compressed model of artifact `path`.
+
+    An adapter artifact (manifest kind "adapter") is attached to its base: `base` (a source the
+    user names) or the zoo model / folder its manifest records, checked by SHA-256.
 
     Raises:
         SourceError: not an artifact, unknown format version, a missing or modified file, or
@@ -107,6 +118,9 @@ def load(path: str | Path) -> LoadedModel:
     path = Path(path)
     manifest = read_manifest(path)
     verify(path, manifest)
+    if manifest.get("kind") == "adapter":
+        from edgeslim.adapter import load_adapter
+        return load_adapter(path, manifest, base)
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     base = load_model(spec.identifier, weights=spec.weights, inputs=inputs if spec.kind == "factory" else None)

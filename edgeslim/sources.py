@@ -206,7 +206,7 @@ def _package_version(dist: str) -> str | None:
 
 
 def load_model(source: str | os.PathLike, weights: str | None = None,
-               inputs: str | Sequence[TensorSpec] | None = None) -> LoadedModel:
+               inputs: str | Sequence[TensorSpec] | None = None, base: str | None = None) -> LoadedModel:
     """Load a model from a source string.
 
     Args:
@@ -214,6 +214,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
             or an edgeslim artifact folder (`NAME.slim`).
         weights: weights file for a factory source (.safetensors, or .pt read with weights_only=True).
         inputs: inputs of a factory source, as text ("x:batch,3,32,32") or TensorSpecs.
+        base: for an adapter artifact, the base model's source when not the one its manifest records.
 
     Raises:
         SourceError: the path does not exist, the file is corrupt, or a pickle would be needed.
@@ -224,7 +225,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
     path = Path(text).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
         from edgeslim import artifact
-        return artifact.load(path)
+        return artifact.load(path, base)
     if path.is_dir():
         return load_hf_folder(path)
     if text in zoo.names():
