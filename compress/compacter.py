@@ -35,22 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.compress.base import CalibData, CompressResult, Compressor, ConfigBase, LayerChange, register, working_copy
+from edgeslim.compress.adapter_sites import find_sites, no_fast_path
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
 from edgeslim.compress.train import heal
 from edgeslim.errors import ConfigError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
-# Where the attention output and the feed-forward output of a block come out, per architecture:
-# (name of the architecture family, path of the attention-output module, path of the FFN-output module).
-BLOCKS = (
-    ("bert", "attention.output.dense", "output.dense"),  # BERT, RoBERTa, ELECTRA, MiniLM, ...
-    ("distilbert", "attention.out_lin", "ffn.lin2"),
-    ("llama", "self_attn.o_proj", "mlp.down_proj"),  # LLaMA, Mistral, Qwen2, SmolLM2
-    ("gpt2", "attn.c_proj", "mlp.c_proj"),
-    ("torch", "dropout1", "dropout2"),  # nn.TransformerEncoderLayer: after the attention / FFN dropouts
-)
-
-
 class PHMLinear(nn.Module):
     """y = x W^T + b with W = sum_i A_i (x) (s_i t_i^T) (Mahabadi et al. 2021, Eq. 3-5).
 
@@ -200,60 +190,6 @@ def adapted_model(base: nn.Module, head: nn.Module | None, rule: nn.Parameter | 
     return cls(base, head, rule)
 
 
-def _width(module: nn.Module, block: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2)
-        return int(module.nf)
-    if isinstance(block, nn.TransformerEncoderLayer):
-        return block.linear2.out_features
-    raise ConfigError(f"cannot tell the output width of {type(module).__name__}; target Linear modules")
-
-
-def find_sites(model: nn.Module, placement: str, attn_target: str | None = None, ffn_target: str | None = None
-               ) -> list[dict[str, Any]]:
-    """Where adapters go: [{"name", "kind" ("attn" | "ffn"), "width"}] in module order.
-
-    Known blocks (BLOCKS) are found by their children's names; `attn_target` / `ffn_target` (regex,
-    fullmatch on Linear names) override the search for other architectures.
-
-    Raises:
-        ConfigError: no known block and no target given, or a target that matches nothing.
-    """
-    kinds = ("attn", "ffn") if placement == "both" else ("ffn",)
-    if attn_target or ffn_target:
-        sites = []
-        for kind, pattern in (("attn", attn_target), ("ffn", ffn_target)):
-            if kind in kinds and pattern:
-                sites += [{"name": n, "kind": kind, "width": m.out_features} for n, m in select_modules(model, pattern)]
-        return sorted(sites, key=lambda s: list(dict(model.named_modules())).index(s["name"]))
-    sites = []
-    for name, block in model.named_modules():
-        for _, attn, ffn in BLOCKS:
-            try:
-                found = {"attn": block.get_submodule(attn), "ffn": block.get_submodule(ffn)}
-            except AttributeError:
-                continue
-            for kind in kinds:
-                path = attn if kind == "attn" else ffn
-                sites.append({"name": f"{name}.{path}" if name else path, "kind": kind,
-                              "width": _width(found[kind], block)})
-            break
-    if not sites:
-        raise ConfigError(f"no transformer block found (known: {', '.join(b[0] for b in BLOCKS)}); give "
-                          "attn_target / ffn_target regexes naming the output Linears of your blocks")
-    return sites
-
-
-def _no_fast_path(model: nn.Module) -> None:
-    """nn.TransformerEncoder(Layer)'s fused inference path skips submodules: turn it off where adapted."""
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoderLayer):
-            m.activation_relu_or_gelu = 0  # the flag the fast path requires; the slow path ignores it
-        if isinstance(m, nn.TransformerEncoder):
-            m.use_nested_tensor = False
-
-
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
@@ -387,7 +323,7 @@ def build(model: nn.Module, resolved: Mapping[str, Any], seed: int = 0) -> Adapt
             set_submodule(model, name, LoRALinear.from_linear(model.get_submodule(name), resolved["rank"], resolved["alpha"]))
         head = resolved.get("head")
         head_module = nn.Linear(head["features"], len(head["labels"])) if head else None
-    _no_fast_path(model)
+    no_fast_path(model)
     return adapted_model(model, head_module, rule)
 
 

@@ -255,6 +255,9 @@ def inspect(path: str, as_json: bool) -> None:
     console = _console()
     console.print(f"[bold]{path}[/]  format {manifest['format_version']}, edgeslim {manifest.get('edgeslim_version')}")
     console.print(f"source: {src['kind']} {src['identifier']} (version {src.get('version')}, sha256 {str(src.get('sha256'))[:16]}...)")
+    if manifest.get("kind") == "adapter":
+        console.print(f"adapter artifact: needs its base (state sha256 {str(manifest.get('base_sha256'))[:16]}...); "
+                      f"labels {manifest.get('labels')}")
     console.print("inputs: " + ", ".join(f"{i['name']}{tuple(i['shape'])} {i['dtype']}" for i in manifest["inputs"]))
     for i, step in enumerate(manifest["steps"]):
         changes = step.get("changes", [])

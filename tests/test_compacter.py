@@ -49,6 +49,14 @@ def tiny_llama() -> nn.Module:
     return TextModel(transformers.LlamaModel(config), "mean_pool").eval()
 
 
+def tiny_distilbert() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                                           max_position_embeddings=32)
+    torch.manual_seed(0)
+    return TextModel(transformers.DistilBertModel(config), "mean_pool").eval()
+
+
 def text_feeds() -> dict:
     return {"input_ids": torch.randint(0, 60, (3, 10), generator=torch.Generator().manual_seed(1)),
             "attention_mask": torch.ones(3, 10, dtype=torch.long)}
@@ -101,13 +109,13 @@ def test_shared_slow_weights_are_one_parameter_and_counts_match_the_paper():
         "compacter_pp", blocks=2, width=32, bottleneck=8, n=4)
 
 
-@pytest.mark.parametrize("build", ["tiny-bert", "llama", "torch"])
+@pytest.mark.parametrize("build", ["tiny-bert", "distilbert", "llama", "torch"])
 @pytest.mark.parametrize("method", ADAPTERS)
 def test_adapters_start_as_the_identity_and_then_change_the_output(method, build):
     if build == "tiny-bert":
         base, feeds = zoo.build("tiny-bert").model, text_feeds()
-    elif build == "llama":
-        base, feeds = tiny_llama(), text_feeds()
+    elif build in ("distilbert", "llama"):
+        base, feeds = (tiny_llama if build == "llama" else tiny_distilbert)(), text_feeds()
     else:
         torch.manual_seed(0)
         base, feeds = PooledEncoder().eval(), {"x": torch.randn(3, 7, 16)}
