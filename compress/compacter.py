@@ -324,7 +324,9 @@ def build(model: nn.Module, resolved: Mapping[str, Any], seed: int = 0) -> Adapt
         head = resolved.get("head")
         head_module = nn.Linear(head["features"], len(head["labels"])) if head else None
     no_fast_path(model)
-    return adapted_model(model, head_module, rule)
+    adapted = adapted_model(model, head_module, rule)
+    adapted.labels = list(head["labels"]) if head else None  # class names of the head's outputs, in order
+    return adapted
 
 
 def _plan(model: nn.Module, method: str, config: HeadConfig) -> dict[str, Any]:
@@ -392,7 +394,7 @@ class _AdapterCompressor(Compressor):
 
 
 def changes(model: AdaptedModel) -> list[LayerChange]:
-    """One row per adapter, LoRA pair and new head: parameters added (params_before 0: nothing removed)."""
+    """One row per adapted module (params of the module before, module + adapter after), new head and A."""
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, AdaptedSite):
@@ -428,10 +430,11 @@ def paper_param_count(method: str, blocks: int, width: int, bottleneck: int = 0,
                       lora_layers: int = 0, lora_in: int = 0, lora_out: int = 0) -> int:
     """Added parameters by the papers' formulas (biases included, head and norms excluded).
 
-    Compacter (Mahabadi et al. 2021, Sec. 3.3): n^3 for the shared A plus per PHM layer r (k + d) for
-    the fast weights (k/n x r and r x d/n, n of each), two PHM layers per adapter; bottleneck adapter
-    2 d k; LoRA r (d_in + d_out) per targeted Linear. Adapters per block: 2 (Compacter, Houlsby), 1
-    (Compacter++, Pfeiffer).
+    Compacter (Mahabadi et al. 2021, "parameter efficiency": O(n^3 + 4 L (k + d)) for L blocks at r = 1):
+    n^3 for the shared A plus r (k + d) per PHM layer (n fast factors of k/n x r and r x d/n), two PHM
+    layers per adapter, two adapters per block (one in Compacter++); a bottleneck adapter 2 d k (Houlsby
+    2 per block, Pfeiffer "bottleneck_ffn" 1); LoRA r (d_in + d_out) per targeted Linear (Hu et al.
+    2022). Each adapter's biases (k + d) are added.
     """
     per_block = 2 if method in ("compacter", "bottleneck") else 1
     adapters = blocks * per_block

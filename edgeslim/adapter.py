@@ -108,7 +108,10 @@ def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | No
                           f"{str(manifest.get('base_sha256'))[:16]}...); the base given ({base.source.identifier}) "
                           f"has {found[:16]}...: attach it to the base it was trained on (--base)")
     shared = {id(t): t for t in base.model.state_dict(keep_vars=True).values()}
-    model = get_compressor(step["method"]).replay(copy.deepcopy(base.model, memo=dict(shared)), step["resolved"])
+    try:
+        model = get_compressor(step["method"]).replay(copy.deepcopy(base.model, memo=dict(shared)), step["resolved"])
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a manifest is data: say it is malformed
+        raise SourceError(f"{path}: the adapter step in the manifest is malformed ({type(exc).__name__}: {exc})") from exc
     try:
         tensors = load_file(str(path / artifact.WEIGHTS))
     except (SafetensorError, OSError) as exc:

@@ -289,3 +289,15 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     for method in ("compacter", "compacter_pp", "bottleneck", "lora"):
         assert rows[method]["adapter_params"] == rows[method]["paper_formula_params"]
         assert rows[method]["unmerged_max_abs_diff"] < 1e-4
+
+
+def test_a_malformed_adapter_manifest_is_a_source_error(trained, tmp_path):
+    import shutil
+    _, path = trained[0]
+    copy_path = tmp_path / "tampered.slim"
+    shutil.copytree(path, copy_path)
+    manifest = json.loads((copy_path / "manifest.json").read_text())
+    manifest["steps"][-1]["resolved"]["sites"][0]["name"] = "hf.no.such.module"
+    (copy_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SourceError, match="adapter step in the manifest is malformed"):
+        artifact.load(copy_path)
