@@ -98,9 +98,9 @@ def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | No
         artifact.verify(path, manifest)
     if manifest.get("kind") != KIND:
         raise SourceError(f"{path} is not an adapter artifact (its manifest has no kind 'adapter')")
-    step = manifest["steps"][-1]
-    if step.get("method") not in METHODS:
-        raise SourceError(f"{path}: step method {step.get('method')!r} is not an adapter method {sorted(METHODS)}")
+    step = manifest["steps"][-1] if isinstance(manifest["steps"], list) and manifest["steps"] else {}
+    if not isinstance(step, dict) or step.get("method") not in METHODS:
+        raise SourceError(f"{path}: the manifest's last step is not an adapter method {sorted(METHODS)}")
     found = state_sha256(base.model)
     if found != manifest.get("base_sha256"):
         src = manifest["source"]
