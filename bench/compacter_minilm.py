@@ -37,7 +37,7 @@ from lowrank_minilm import _minilm_path, _save, paired_latency  # noqa: E402  (t
 from edgeslim.adapter import encode_pairs, evaluate, save_adapter, trainable_count  # noqa: E402
 from edgeslim.compress.base import CompressResult, get_compressor  # noqa: E402
 from edgeslim.compress.compacter import adapted_model, merge_for_export, paper_param_count, state_sha256  # noqa: E402
-from edgeslim.compress.train import heal  # noqa: E402
+from edgeslim.compress.train import fit  # noqa: E402
 from edgeslim.data import load_labelled  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.files import atomic_path  # noqa: E402
@@ -64,7 +64,7 @@ def full_finetune(base, data, classes: int, epochs: int, lr: float) -> CompressR
     with torch.random.fork_rng():
         torch.manual_seed(0)
         adapted = adapted_model(model, torch.nn.Linear(features, classes), None)
-    heal(adapted, data, steps=epochs * len(data.batches), lr=lr, seed=0)
+    fit(adapted, data, epochs=epochs, lr=lr, seed=0, weight_decay=0.01, max_grad_norm=1.0, label="full fine-tuning")
     names = [n for n, p in adapted.named_parameters() if p.requires_grad]
     return CompressResult(adapted, "full", {"lr": lr}, [], {"trainable": names, "base_sha256": state_sha256(base.model)})
 

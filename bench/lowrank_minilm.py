@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from edgeslim.compress.base import CalibData  # noqa: E402
+from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
 from edgeslim.compress.svd import ASVD, FWSVD, SVD  # noqa: E402
@@ -181,7 +181,8 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
     summary["calib_seconds"] = time.perf_counter() - t0
     for ratio in cfg["ratios"]:
         for method, compressor in METHODS.items():
-            result = compressor.compress_with_stats(model, {"ratio": ratio, "target": TARGET, "align": cfg["align"]},
+            result = compressor.compress_with_stats(model, {"ratio": ratio, "target": TARGET, "align": cfg["align"],
+                                                           "allocation": "uniform"},
                                                     stats[method])
             small = result.model
             row = {"method": method, "ratio": ratio, "healed": False, "accuracy": accuracy(small, test),

@@ -11,7 +11,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.train import check_finite, task_loss
 from edgeslim.errors import ConfigError
 

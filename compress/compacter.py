@@ -18,7 +18,7 @@ adapted model at initialisation computes exactly what the base does (the lossles
 For export: LoRA merges into its Linear (W' = W + alpha / r * B A, exact); PHM layers become plain
 dense Linears (`to_dense`, exact); bottleneck and Compacter adapters cannot merge into the base
 weights because of the non-linearity between their projections, so they stay as small extra
-MatMuls. Training uses the shared loop `compress.train.heal`.
+MatMuls. Training uses the shared loop `compress.train.fit`.
 """
 from __future__ import annotations
 
@@ -28,16 +28,18 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.compress.base import CalibData, CompressResult, Compressor, ConfigBase, LayerChange, register, working_copy
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, register,
+                                     working_copy)
 from edgeslim.compress.adapter_sites import find_sites, no_fast_path
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
-from edgeslim.compress.train import heal
+from edgeslim.compress.train import fit
 from edgeslim.errors import ConfigError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
@@ -204,9 +206,10 @@ def state_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _positive_int(value: Any, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+def _at_least(config: ConfigBase, minimum: int, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) < minimum:
+            raise ConfigError(f"{key} must be at least {minimum}, got {getattr(config, key)}")
 
 
 @dataclass(frozen=True)
@@ -215,20 +218,17 @@ class HeadConfig(ConfigBase):
 
     labels: tuple[str | int, ...] | None = None  # class names: adds a new head Linear(features, len(labels))
     head_target: str = r"(.*\.)?(classifier|score)"  # existing head trained when labels is None
-    epochs: int = 1  # passes over the training data (none given: attach untrained, as the identity)
+    epochs: int = 1  # passes over the training data; 0 (or no data): attached untrained, as the identity
     lr: float = 3e-3  # peak AdamW learning rate, decayed linearly to 0
     seed: int = 0  # initialisation of the new weights and order of the batches
     train_layer_norms: bool = False  # also train the base's LayerNorm/RMSNorm weights
 
-    def __post_init__(self) -> None:
-        _positive_int(self.epochs, "epochs")
+    def validate(self) -> None:
+        _at_least(self, 0, "epochs")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.labels is not None:
-            labels = tuple(self.labels)
-            if len(labels) < 2 or len(set(labels)) != len(labels):
-                raise ConfigError(f"labels must be at least 2 distinct class names, got {list(labels)}")
-            object.__setattr__(self, "labels", labels)
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
+            raise ConfigError(f"labels must be at least 2 distinct class names, got {list(self.labels)}")
 
 
 @dataclass(frozen=True)
@@ -240,9 +240,9 @@ class LoRAConfig(HeadConfig):
     alpha: float = 16.0  # scale alpha / r
     target: str = r".*\.(query|value|q_proj|v_proj|q_lin|v_lin)"  # regex (fullmatch) on Linear names
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive_int(self.rank, "rank")
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "rank")
 
 
 @dataclass(frozen=True)
@@ -250,19 +250,15 @@ class BottleneckConfig(HeadConfig):
     """Bottleneck adapters: "both" = Houlsby (attention and FFN), "ffn" = Pfeiffer (FFN only)."""
 
     train_layer_norms: bool = True
-    placement: str = "both"  # "both" | "ffn"
+    placement: Literal["both", "ffn"] = "both"
     reduction: int = 16  # bottleneck width = hidden width / reduction
-    nonlinearity: str = "gelu"  # "gelu" | "relu" | "swish"
+    nonlinearity: Literal["gelu", "relu", "swish"] = "gelu"
     attn_target: str | None = None  # regex of attention-output Linears (when the architecture is unknown)
     ffn_target: str | None = None  # regex of FFN-output Linears
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.placement not in ("both", "ffn"):
-            raise ConfigError(f"placement must be 'both' or 'ffn', got {self.placement!r}")
-        if self.nonlinearity not in ACTIVATIONS:
-            raise ConfigError(f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {self.nonlinearity!r}")
-        _positive_int(self.reduction, "reduction")
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "reduction")
 
 
 @dataclass(frozen=True)
@@ -272,17 +268,16 @@ class CompacterConfig(BottleneckConfig):
     n: int = 4  # number of Kronecker terms; must divide the hidden and bottleneck widths
     rank: int = 1  # rank of B_i = s_i t_i^T
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive_int(self.n, "n")
-        _positive_int(self.rank, "rank")
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "n", "rank")
 
 
 @dataclass(frozen=True)
 class CompacterPPConfig(CompacterConfig):
     """Compacter++: adapters after the feed-forward output only."""
 
-    placement: str = "ffn"
+    placement: Literal["both", "ffn"] = "ffn"
 
 
 def _trainable(model: AdaptedModel, config: HeadConfig, head_added: bool) -> list[str]:
@@ -367,7 +362,7 @@ class _AdapterCompressor(Compressor):
     kind = "adapter"
 
     def compress(self, model: nn.Module, config: HeadConfig, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
         base = working_copy(model, inplace)
         resolved = _plan(base, self.name, config) | {"base_sha256": state_sha256(base)}
@@ -378,14 +373,15 @@ class _AdapterCompressor(Compressor):
         if not resolved["trainable"]:
             raise ConfigError(f"{self.name}: nothing to train (no head matches head_target={config.head_target!r}; "
                               "give labels=[...] to add one)")
-        if calib is not None:
+        if calib is not None and config.epochs:
             if calib.targets is None:
                 raise ConfigError(f"{self.name} trains on labelled data: '{calib.name}' has no targets")
-            report = heal(adapted, calib, steps=config.epochs * len(calib.batches), lr=config.lr, seed=config.seed)
+            report = fit(adapted, calib, epochs=config.epochs, lr=config.lr, seed=config.seed, max_grad_norm=1.0,
+                         weight_decay=0.01, label=f"{self.name} on {calib.name}")
             resolved["train"] = {"steps": report.steps, "final_loss": report.final_loss, "data": calib.name}
-        return CompressResult(adapted.eval(), self.name, config.to_dict(), changes(adapted), resolved)
+        return self.result(adapted.eval(), config, changes(adapted), resolved)
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[Any] = ()) -> nn.Module:
         adapted = build(model, resolved)
         trainable = set(resolved.get("trainable", []))
         for name, p in adapted.named_parameters():
@@ -401,14 +397,16 @@ def changes(model: AdaptedModel) -> list[LayerChange]:
             added = sum(p.numel() for n, p in m.adapter.named_parameters() if not n.endswith("rule"))
             kind = "PHM adapter" if isinstance(m.adapter.down, PHMLinear) else "bottleneck adapter"
             rows.append(LayerChange(name, f"{type(m.inner).__name__} -> + {kind}", count_params(m.inner),
-                                    count_params(m.inner) + added, m.adapter.down.out_features))
+                                    count_params(m.inner) + added, m.adapter.down.out_features, "adapter"))
         elif isinstance(m, LoRALinear):
             rows.append(LayerChange(name, "Linear -> + LoRA", count_params(m.inner),
-                                    count_params(m.inner) + m.lora_a.numel() + m.lora_b.numel(), m.rank))
+                                    count_params(m.inner) + m.lora_a.numel() + m.lora_b.numel(), m.rank, "adapter",
+                                    note="merges into the Linear for export"))
     if not isinstance(model.head, nn.Identity):
-        rows.append(LayerChange("head", "new head Linear", 0, count_params(model.head)))
+        rows.append(LayerChange("head", "new head Linear", 0, count_params(model.head), status="adapter"))
     if hasattr(model, "phm_rule"):
-        rows.append(LayerChange("phm_rule", "shared PHM rule A", 0, model.phm_rule.numel(), note="shared by all adapters"))
+        rows.append(LayerChange("phm_rule", "shared PHM rule A", 0, model.phm_rule.numel(), status="adapter",
+                                note="shared by all adapters"))
     return rows
 
 

@@ -7,9 +7,18 @@ from typing import Sequence
 
 from torch import nn
 
+from edgeslim.compress.base import LayerChange
 from edgeslim.errors import ConfigError
 
 Targets = str | Sequence[str] | None
+
+# Parents that read a child's tensors instead of calling it: a replacement there would never run.
+# (parent type, child attribute, why). Replacement layers that stand in for nn.Linear also expose a
+# computed `.weight`/`.bias`, so parents that merely peek at them (T5's dtype check) keep working.
+DIRECT_WEIGHT_READERS: tuple[tuple[type[nn.Module], str, str], ...] = (
+    (nn.MultiheadAttention, "out_proj", "nn.MultiheadAttention passes out_proj.weight to "
+                                        "F.multi_head_attention_forward instead of calling out_proj"),
+)
 
 
 def _matches(name: str, targets: Targets) -> bool:
@@ -47,6 +56,23 @@ def select_modules(model: nn.Module, target: Targets = None, exclude: Targets = 
     return chosen
 
 
+def direct_weight_reader(model: nn.Module, name: str) -> str | None:
+    """Why the module at `name` must be left alone (its parent reads its weight directly), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for kind, attribute, why in DIRECT_WEIGHT_READERS:
+        if isinstance(parent, kind) and child == attribute:
+            return why
+    return None
+
+
+def skipped_change(name: str, module: nn.Module, reason: str) -> LayerChange:
+    """The LayerChange row of a targeted module left as it was because of `reason`."""
+    size = count_params(module)
+    return LayerChange(name, type(module).__name__, size, size, status="skipped", bytes_before=tensor_bytes(module),
+                       bytes_after=tensor_bytes(module), note=f"skipped: {reason}")
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path `name` with `module`."""
     parent_name, _, child = name.rpartition(".")
@@ -57,3 +83,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def count_params(module: nn.Module) -> int:
     """Number of parameters (shared ones counted once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (shared ones counted once)."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

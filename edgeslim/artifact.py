@@ -51,7 +51,7 @@ def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence
         manifest = {"format_version": FORMAT_VERSION, "edgeslim_version": __version__, "source": source.to_dict(),
                     "task": task, "inputs": [s.to_dict() for s in inputs], "dims": dict(dims or {}),
                     "steps": [dict(s) for s in steps], "files": files, **dict(manifest_extra or {})}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # a value that is not JSON is a bug
     return path
 
 
@@ -90,13 +90,22 @@ def verify(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     return status
 
 
-def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]]) -> nn.Module:
-    """Apply each step's recorded structure to `base` (no data, no recomputation)."""
+def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]], inputs: Sequence[TensorSpec]) -> nn.Module:
+    """Apply each step's recorded structure to `base` (no data, no recomputation).
+
+    Raises:
+        SourceError: a step's `resolved` has a schema its compressor does not read.
+    """
     from edgeslim.compress.base import get_compressor
 
     model = base
-    for step in steps:
-        model = get_compressor(step["method"]).replay(model, step.get("resolved", {}))
+    for i, step in enumerate(steps):
+        comp, resolved = get_compressor(step["method"]), step.get("resolved", {})
+        schema = resolved.get("schema", 1)  # artifacts written before schemas were recorded are schema 1
+        if schema != comp.schema:
+            raise SourceError(f"step {i + 1} ({comp.name}) was written with resolved schema {schema!r}; this "
+                              f"edgeslim's {comp.name} reads schema {comp.schema}")
+        model = comp.replay(model, resolved, inputs)
     return model
 
 
@@ -124,7 +133,7 @@ def load(path: str | Path, base: str | None = None) -> LoadedModel:
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     base = load_model(spec.identifier, weights=spec.weights, inputs=inputs if spec.kind == "factory" else None)
-    model = replay(base.model, manifest["steps"])
+    model = replay(base.model, manifest["steps"], inputs)
     try:
         load_safetensors(model, str(path / WEIGHTS), strict=True)
     except (RuntimeError, SafetensorError) as exc:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
 
 from edgeslim.errors import ConfigError, EdgeslimError
-from edgeslim.pipeline import DEFAULT_OUT
+from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
 
 def _console():
@@ -18,22 +18,17 @@ def _console():
     return Console()
 
 
-def _value(text: str) -> Any:
-    """A --set value as TOML (numbers, booleans, lists), else the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+def _sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
+    """--set KEY=VALUE options, each value converted by the annotation of its config field."""
+    from edgeslim.config import parse_text
 
-
-def _sets(items: tuple[str, ...]) -> dict[str, Any]:
-    """--set KEY=VALUE options as a dict (values parsed as TOML where they can be)."""
     out = {}
     for item in items:
         key, eq, val = item.partition("=")
         if not eq:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key] = _value(val)
+        owner = step_keys if step_keys is not None and key in step_keys.__dataclass_fields__ else config_cls
+        out[key] = parse_text(owner, key, val, where=f"--set {key}")
     return out
 
 
@@ -117,23 +112,28 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("--weights", help="weights file for a pkg.mod:factory source")
 @click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
+@click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
+              help="target the decisions are made for (its align rounds ranks), as in `run`")
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, out: str | None) -> None:
+             weights: str | None, inputs: str | None, profile: str, out: str | None) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
-    from edgeslim.pipeline import compress_to_artifact
+    from edgeslim.compress.base import get_compressor
+    from edgeslim.pipeline import StepSection, compress_to_artifact
 
     step: dict[str, Any] = {"method": method}
     for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("calib", calib), ("target", target),
                      ("exclude", exclude)):
         if val is not None:
             step[key] = val
-    step |= _sets(sets)
+    step |= _sets(sets, get_compressor(method).Config, StepSection)
     out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
-    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs)
+    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
-    _console().print(f"{len(results[-1].changes)} module(s) replaced; targeted parameters {before:,} -> {after:,}; "
+    counts = Counter(c.status for r in results for c in r.changes)
+    _console().print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
+                     f"targeted parameters {before:,} -> {after:,}; "
                      f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
                      f"{sum(p.numel() for p in compressed.model.parameters()):,}\nartifact: {path}")
 
@@ -167,7 +167,7 @@ def export(item: str, to: str, profile: str | None, base: str | None, unmerged: 
 
 @cli.command()
 @click.argument("item")
-@click.option("--profile", "profile", default="cpu-ort-fp32", show_default=True, help="target profile")
+@click.option("--profile", "profile", default=DEFAULT_PROFILE, show_default=True, help="target profile")
 @click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
 @click.option("--warmup", default=5, show_default=True)
@@ -210,12 +210,12 @@ def list_(what: str) -> None:
         import dataclasses
 
         from edgeslim.compress.base import list_compressors
-        for col in ("name", "needs calib", "config keys", "what it does"):
+        for col in ("name", "kind", "needs calib", "config keys", "what it does"):
             table.add_column(col)
         for name, cls in list_compressors().items():
             keys = ", ".join(f.name for f in dataclasses.fields(cls.Config))
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            table.add_row(name, "yes" if cls.needs_calibration else "no", keys, doc)
+            table.add_row(name, cls.kind, "yes" if cls.needs_calibration else "no", keys, doc)
     elif what == "profiles":
         from edgeslim.runtime.targets import list_profiles
         for col in ("name", "runtime", "device", "precision", "keys"):
@@ -263,7 +263,8 @@ def inspect(path: str, as_json: bool) -> None:
         changes = step.get("changes", [])
         before, after = sum(c["params_before"] for c in changes), sum(c["params_after"] for c in changes)
         console.print(f"step {i + 1}: {step['method']} {json.dumps(step['config'])}")
-        console.print(f"  {len(changes)} module(s) changed, parameters {before:,} -> {after:,}; "
+        changed = sum(c.get("status", "replaced") not in ("dense", "skipped") for c in changes)
+        console.print(f"  {changed} of {len(changes)} targeted module(s) changed, parameters {before:,} -> {after:,}; "
                       f"calibration: {step.get('resolved', {}).get('calib')}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
@@ -303,10 +304,11 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
                   batch_size: int, sets: tuple[str, ...], out: str | None) -> None:
     """Train a task adapter on your labelled texts over a frozen SOURCE; the artifact holds only the adapter."""
     from edgeslim.adapter import train_adapter as train_fn
+    from edgeslim.compress.base import get_compressor
     from edgeslim.data import load_labelled
     from edgeslim.report import si
 
-    settings = _sets(sets) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    settings = _sets(sets, get_compressor(method).Config) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
     test = load_labelled(eval_data, "test") if eval_data else None
     out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
     summary = train_fn(source, load_labelled(data, "train"), out, method, settings, test, batch_size, data)

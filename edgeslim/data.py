@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.sources import LoadedModel
 from edgeslim.specs import example_feeds

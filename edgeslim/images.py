@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.errors import ConfigError, SourceError, require
 
 # scikit-image images bundled in its wheel (no download). Held-out ones are never used for training.

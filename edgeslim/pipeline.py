@@ -7,23 +7,22 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from edgeslim import artifact
-from edgeslim.compress.base import CompressResult, get_compressor
+from edgeslim.compress.base import CompressContext, CompressResult, get_compressor
+from edgeslim.config import ConfigBase
 from edgeslim.data import load_calibration
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.files import atomic_path
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.specs import example_feeds
 
 DEFAULT_OUT = Path("edgeslim-out")
-RECIPE_KEYS = ("source", "weights", "inputs", "name", "step", "export", "profile", "eval")
-STEP_KEYS = ("method", "calib", "calib_batch")  # plus the compressor's own config keys
-EXPORT_KEYS = ("to", "opset")
-PROFILE_KEYS = ("name", "batch", "dims", "warmup", "iters")
+DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
 
 # The built-in demo: packaged MiniLM, plain SVD at a 0.5 kept ratio of its encoder linears.
 DEMO_RECIPE: dict[str, Any] = {
@@ -35,54 +34,89 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class StepSection(ConfigBase):
+    """The pipeline's own keys of a [[step]]; every other key belongs to the compressor's config."""
+
+    method: str  # a registered compressor (edgeslim list compressors)
+    calib: str | None = None  # calibration data: NAME[:COUNT] or a file/folder of the user's inputs
+    calib_batch: int = 16  # batch size of the calibration data
+
+
+@dataclass(frozen=True)
+class ExportSection(ConfigBase):
+    """[export]: the device format."""
+
+    to: Literal["onnx", "tensorrt"] = "onnx"
+    opset: int = 20
+
+
+@dataclass(frozen=True)
+class ProfileSection(ConfigBase):
+    """[profile]: the target and how to measure on it."""
+
+    name: str = DEFAULT_PROFILE  # shipped profile name or a .toml path
+    batch: tuple[int, ...] | None = None  # None: the profile's own batch list
+    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dims when profiling
+    warmup: int = 5
+    iters: int = 30
+
+
+@dataclass(frozen=True)
+class RecipeSection(ConfigBase):
+    """The top level of a recipe."""
+
+    source: str  # a zoo name, a Hugging Face folder, pkg.mod:factory or an artifact
+    name: str | None = None  # output name stem (default: source stem + methods)
+    weights: str | None = None  # weights file of a factory source
+    inputs: str | None = None  # inputs of a factory source, e.g. "x:batch,16"
+    step: tuple[dict[str, Any], ...] = ()
+    export: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+    eval: str | None = None  # data to compare original and compressed outputs on
+
+
 @dataclass
 class Recipe:
-    """A whole run: source, steps, export target, profile. Parsed from TOML, unknown keys are errors."""
+    """A whole run, as parse_recipe builds it from the checked sections (their defaults apply)."""
 
     source: str
     steps: list[dict[str, Any]]
     name: str
-    weights: str | None = None
-    inputs: str | None = None
-    export_to: str | None = "onnx"
-    opset: int = 20
-    profile: str | None = "cpu-ort-fp32"
-    batches: list[int] | None = None  # None: the profile's own batch list
-    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dims when profiling
-    warmup: int = 5
-    iters: int = 30
-    eval: str | None = None  # data to compare original and compressed outputs on
+    weights: str | None
+    inputs: str | None
+    export_to: str
+    opset: int
+    profile: str
+    batches: list[int] | None  # None: the profile's own batch list
+    dims: dict[str, int]  # sizes of named dims when profiling
+    warmup: int
+    iters: int
+    eval: str | None  # data to compare original and compressed outputs on
 
 
-def _only(keys: Sequence[str], data: Mapping[str, Any], where: str) -> None:
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {list(keys)}")
+def split_step(step: Mapping[str, Any], where: str = "step") -> tuple[StepSection, dict[str, Any]]:
+    """A [[step]] as its pipeline keys (checked) and the compressor's own config keys."""
+    own = {f.name for f in dataclasses.fields(StepSection)}
+    return (StepSection.from_dict({k: v for k, v in step.items() if k in own}, where),
+            {k: v for k, v in step.items() if k not in own})
 
 
 def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
     """Check a parsed recipe and build a Recipe (errors name the key and the allowed ones)."""
-    _only(RECIPE_KEYS, data, origin)
-    if "source" not in data:
-        raise ConfigError(f"{origin}: 'source' is required (a zoo name, a Hugging Face folder, pkg.mod:factory)")
-    steps = data.get("step", [])
-    if not isinstance(steps, list) or not all(isinstance(s, dict) and "method" in s for s in steps):
+    top = RecipeSection.from_dict(data, origin)
+    if not all(isinstance(s, dict) and "method" in s for s in top.step):
         raise ConfigError(f"{origin}: each [[step]] needs a 'method' (see `edgeslim list compressors`)")
-    for i, step in enumerate(steps):  # validate configs now, before any slow work
-        comp = get_compressor(step["method"])
-        comp.make_config({k: v for k, v in step.items() if k not in STEP_KEYS})
-    exp, prof = data.get("export", {}), data.get("profile", {})
-    _only(EXPORT_KEYS, exp, f"{origin} [export]")
-    _only(PROFILE_KEYS, prof, f"{origin} [profile]")
-    if exp.get("to", "onnx") not in ("onnx", "tensorrt"):
-        raise ConfigError(f"{origin} [export]: 'to' must be 'onnx' or 'tensorrt', got {exp.get('to')!r}")
-    name = data.get("name") or Path(str(data["source"])).name.removesuffix(".slim") + "".join(
-        f"-{s['method']}" for s in steps)
-    return Recipe(source=str(data["source"]), steps=[dict(s) for s in steps], name=name, weights=data.get("weights"),
-                  inputs=data.get("inputs"), export_to=exp.get("to", "onnx"), opset=int(exp.get("opset", 20)),
-                  profile=prof.get("name", "cpu-ort-fp32"),
-                  batches=prof.get("batch"), dims=dict(prof.get("dims", {})), warmup=int(prof.get("warmup", 5)),
-                  iters=int(prof.get("iters", 30)), eval=data.get("eval"))
+    for i, step in enumerate(top.step):  # validate configs now, before any slow work
+        section, params = split_step(step, f"{origin} [[step]] {i + 1}")
+        get_compressor(section.method).make_config(params)
+    exp = ExportSection.from_dict(top.export, f"{origin} [export]")
+    prof = ProfileSection.from_dict(top.profile, f"{origin} [profile]")
+    name = top.name or Path(top.source).name.removesuffix(".slim") + "".join(f"-{s['method']}" for s in top.step)
+    return Recipe(source=top.source, steps=[dict(s) for s in top.step], name=name, weights=top.weights,
+                  inputs=top.inputs, export_to=exp.to, opset=exp.opset, profile=prof.name,
+                  batches=None if prof.batch is None else list(prof.batch), dims=dict(prof.dims),
+                  warmup=prof.warmup, iters=prof.iters, eval=top.eval)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -111,17 +145,29 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
     console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
 
 
-def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False
-                ) -> tuple[LoadedModel, list[CompressResult]]:
-    """Run each compression step in order; returns the compressed model and each step's result."""
+def compress_context(loaded: LoadedModel, profile: str | None) -> CompressContext:
+    """What a compressor gets to know beyond the model: its input spec and the target's alignment."""
+    align = None
+    if profile:
+        from edgeslim.runtime.targets import load_profile
+        align = load_profile(profile).align
+    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile)
+
+
+def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,
+                profile: str | None = None) -> tuple[LoadedModel, list[CompressResult]]:
+    """Run each compression step in order; returns the compressed model and each step's result.
+
+    `profile` is the target the decisions are made for (its `align` applies to steps that set none).
+    """
     current, results = loaded, []
     for step in steps:
-        params = {k: v for k, v in step.items() if k not in STEP_KEYS}
-        comp = get_compressor(step["method"])
+        section, params = split_step(step)
+        comp = get_compressor(section.method)
         config = comp.make_config(params)
         calib = None
-        if step.get("calib"):
-            calib = load_calibration(step["calib"], current, batch_size=int(step.get("calib_batch", 16)))
+        if section.calib:
+            calib = load_calibration(section.calib, current, batch_size=section.calib_batch)
             if comp.distils and calib.targets is None:  # e.g. heal an embedding model toward the original
                 from edgeslim.compress.train import teacher_targets
                 calib = teacher_targets(loaded.model, calib)
@@ -129,7 +175,7 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
             raise ConfigError(f"method '{comp.name}' needs calibration data: add --calib NAME[:COUNT] "
                               "(see `edgeslim list datasets`) or a file of your own inputs")
         with stage(f"{comp.name} on {loaded.source.identifier}", quiet):
-            result = comp.compress(current.model, config, calib)
+            result = comp.compress(current.model, config, calib, context=compress_context(current, profile))
         result.resolved.setdefault("calib", calib.name if calib else None)
         results.append(result)
         current = dataclasses.replace(current, model=result.model.eval(),
@@ -138,12 +184,16 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
 
 
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
-                         weights: str | None = None, inputs: str | None = None, quiet: bool = False
+                         weights: str | None = None, inputs: str | None = None, quiet: bool = False,
+                         profile: str | None = DEFAULT_PROFILE
                          ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
-    """Load `source`, apply `steps`, save the `.slim` artifact; returns (original, compressed, results, path)."""
+    """Load `source`, apply `steps` for target `profile`, save the `.slim` artifact.
+
+    Returns (original, compressed, results, path).
+    """
     with stage(f"load {source}", quiet):
         original = load_model(source, weights=weights, inputs=inputs)
-    compressed, results = apply_steps(original, steps, quiet)
+    compressed, results = apply_steps(original, steps, quiet, profile)
     report = {"steps": [r.step_record() for r in results],
               "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
     new_steps = compressed.steps[len(original.steps):]
@@ -184,7 +234,9 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
     onnx_path = path.with_suffix(".onnx")
     with stage(f"export {path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
-    info = {"onnx": str(onnx_path), "onnx_bytes": res.file_bytes, "max_abs_diff": res.max_abs_diff}
+    stages = apply_onnx_stages(loaded, onnx_path, profile, quiet)
+    info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
+            "onnx_stages": stages}
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
@@ -193,6 +245,21 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
+
+
+def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None = None,
+                      quiet: bool = False) -> list[str]:
+    """Run the ONNX-level stage of every step whose compressor has one (e.g. INT8 on the graph), in
+    step order, on the exported file; each stage replaces the file whole. Returns the methods run."""
+    ran = []
+    for step in loaded.steps:
+        comp = get_compressor(step["method"])
+        if not comp.has_onnx_stage:
+            continue
+        with stage(f"{comp.name} on the ONNX graph {onnx_path.name}", quiet), atomic_path(onnx_path) as tmp:
+            comp.onnx_stage(step.get("resolved", {}), onnx_path, tmp, compress_context(loaded, profile))
+        ran.append(comp.name)
+    return ran
 
 
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
@@ -230,27 +297,12 @@ def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
     return count_flops(loaded.model, {k: torch.from_numpy(v) for k, v in feeds.items()})
 
 
-def with_profile_align(steps: Sequence[Mapping[str, Any]], profile: str | None) -> list[dict[str, Any]]:
-    """Steps whose compressor takes `align` and do not set it get the target profile's (shapes that suit
-    the hardware: e.g. ranks a multiple of 8 for CPU SIMD); the budget is still honoured by the compressor."""
-    if not profile:
-        return [dict(s) for s in steps]
-    from edgeslim.runtime.targets import load_profile
-
-    align = load_profile(profile).align
-    out = []
-    for step in steps:
-        fields = {f.name for f in dataclasses.fields(get_compressor(step["method"]).Config)}
-        out.append({**step, "align": align} if "align" in fields and "align" not in step else dict(step))
-    return out
-
-
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
     """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
     out_dir = Path(out_dir)
-    steps = with_profile_align(recipe.steps, recipe.profile)
     original, compressed, results, slim = compress_to_artifact(
-        recipe.source, steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet)
+        recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet,
+        recipe.profile)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
                                "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}

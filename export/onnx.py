@@ -58,7 +58,9 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
 
     Every named dimension of `inputs` ("batch", "sequence", "height", ...) becomes a dynamic axis.
     The file is validated in ONNX Runtime against PyTorch at the export sizes and at a second set of
-    sizes (each named dimension + 1), and only then moved into place.
+    sizes (each named dimension + 1), and only then moved into place. The model is exported and
+    checked in eval mode and handed back in the mode it came in; the `torch.onnx` logger's level
+    is restored.
 
     Args:
         dims: sizes of the named dimensions for the example inputs (defaults: DEFAULT_DIMS).
@@ -68,27 +70,36 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
         ExportValidationError: an output differs beyond atol + rtol * |expected| (the message lists
             every output and the first diverging module); nothing is written then.
     """
-    model = model.eval()
+    was_training = model.training
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    model.eval()
     dims = _dims_for(inputs, dims)
     feeds = example_feeds(inputs, dims, seed=0)
     kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            try:
-                torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False, verbose=False,
-                                  dynamic_shapes=dynamic, output_names=list(output_names), opset_version=opset)
-            except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
-                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-        checks: list[OutputCheck] = []
-        for d in validate_dims or (dims, _shifted(dims)):
-            checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
-                                   label=str(path))
-        size = tmp.stat().st_size
+    try:
+        with atomic_path(path) as tmp:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                logger.setLevel(logging.ERROR)
+                try:
+                    torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False,
+                                      verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),
+                                      opset_version=opset)
+                except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
+                    raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
+                                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                finally:
+                    logger.setLevel(level)
+            checks: list[OutputCheck] = []
+            for d in validate_dims or (dims, _shifted(dims)):
+                checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
+                                       label=str(path))
+            size = tmp.stat().st_size
+    finally:
+        model.train(was_training)
     return ExportResult(path, size, opset, list(output_names), checks)
 
 

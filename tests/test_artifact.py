@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgeslim import artifact
-from edgeslim.compress import CalibData, get_compressor
+from edgeslim.calib import CalibData
+from edgeslim.compress import get_compressor
 from edgeslim.errors import SourceError
 from edgeslim.sources import load_model
 

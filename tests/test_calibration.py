@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.calibration import collect_stats
 from edgeslim.errors import ConfigError, SourceError
 

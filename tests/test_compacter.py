@@ -91,7 +91,7 @@ def test_n_that_does_not_divide_a_dimension_is_a_clear_error():
         PHMLinear(6, 8, init_rule(4))
     with pytest.raises(ConfigError, match=r"n=4 must divide .* bottleneck width 2"):
         get_compressor("compacter").compress(zoo.build("tiny-bert").model, {"reduction": 16})
-    with pytest.raises(ConfigError, match="n must be a positive integer"):
+    with pytest.raises(ConfigError, match="n must be at least 1, got 0"):
         get_compressor("compacter").make_config({"n": 0})
 
 
