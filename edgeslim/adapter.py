@@ -2,9 +2,8 @@
 
 An adapter artifact holds the adapter weights and the task head only (a few hundred KB for MiniLM),
 plus the base's identity: its source (kind, identifier, version, file SHA-256) and the SHA-256 of
-its state dict. It needs its base present: a zoo name or a folder the manifest records, or a source
-the user names (`--base`). The base is never a factory named by the file: a factory base must be
-named by the user. A base whose weights differ from the one trained on is refused.
+its state dict. It needs its base present: the zoo model its manifest names, or a source the user names
+(`--base`); a factory or a folder named only by the file is never loaded (the trust rules). A base whose weights differ from the one trained on is refused.
 """
 from __future__ import annotations
 
@@ -79,7 +78,8 @@ def save_adapter(path: str | Path, result: CompressResult, base: LoadedModel,
     """Write an adapter artifact: the trainable parameters only, and the base's identity."""
     extra = {"kind": KIND, "base_sha256": result.resolved["base_sha256"], "labels": result.resolved.get("head", {}).get("labels")}
     return artifact.save(path, result.model, base.source, [result.step_record()], base.inputs, report,
-                         "classification", base.dims, only=result.resolved["trainable"], manifest_extra=extra)
+                         "classification", base.dims, source_files=getattr(base, "files", None),
+                         only=result.resolved["trainable"], manifest_extra=extra)
 
 
 def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -137,15 +137,11 @@ def load_adapter(path: str | Path, manifest: Mapping[str, Any], base: str | None
     """Load the base (named by the user, else the zoo name or folder in the manifest) and attach."""
     src = manifest["source"]
     if base is None:
-        if src.get("kind") == "factory":
-            raise SourceError(f"{path} is an adapter for the factory base '{src.get('identifier')}': an artifact "
-                              "never names code to run; pass the base yourself with --base SOURCE")
-        if src.get("kind") not in ("zoo", "hf", "artifact") or not src.get("identifier"):
-            raise SourceError(f"{path}: the manifest names no usable base; pass it with --base SOURCE")
-        if src["kind"] != "zoo" and not Path(src["identifier"]).is_dir():
-            raise SourceError(f"{path} needs its base {src['kind']} '{src['identifier']}', which is not here: "
-                              "pass it with --base DIR")
-        base = src["identifier"]
+        if src.get("kind") != "zoo" or not isinstance(src.get("identifier"), str):
+            what = "names code to run" if src.get("kind") == "factory" else "is read from outside the artifact"
+            raise SourceError(f"{path} is an adapter for the {src.get('kind')} base '{src.get('identifier')}', which "
+                              f"{what}: an artifact never does that; pass the base yourself with --base SOURCE")
+        base = src["identifier"]  # a zoo name: built from the zoo's own table
     return attach(load_model(base), path, manifest)
 
 

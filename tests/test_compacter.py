@@ -232,7 +232,7 @@ def test_a_factory_base_named_by_the_file_is_never_loaded(trained, tmp_path):
     result = get_compressor("compacter").compress(base.model, {**TINY, "labels": ["neg", "pos"]},
                                                   encode_pairs(base, PAIRS, ["neg", "pos"], 4, "toy"))
     hostile = save_adapter(tmp_path / "hostile.slim", result, base)
-    with pytest.raises(SourceError, match="never names code to run; pass the base yourself with --base"):
+    with pytest.raises(SourceError, match="names code to run: an artifact never does that; pass the base yourself"):
         artifact.load(hostile)
     assert artifact.load(hostile, base="tiny-bert").task == "classification"  # the user names it: fine
 
