@@ -41,7 +41,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence[Mapping[str, Any]],
          inputs: Sequence[TensorSpec], report: Mapping[str, Any] | None = None, task: str = "generic",
          dims: Mapping[str, int] | None = None, extra_files: Mapping[str, bytes] | None = None,
-         source_files: Mapping[str, bytes] | None = None) -> Path:
+         source_files: Mapping[str, bytes] | None = None, only: Sequence[str] | None = None,
+         manifest_extra: Mapping[str, Any] | None = None) -> Path:
     """Write the artifact folder `path` all at once (temporary folder renamed in at the end).
 
     The model is run once on example inputs of `inputs` first, so an input spec that does not fit the
@@ -51,13 +52,15 @@ def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence
         steps: every step applied since `source` (`CompressResult.step_record()`), oldest first.
         extra_files: more files to store and hash (e.g. the Markdown report and its plot).
         source_files: the small files an "hf" source needs besides weights (`LoadedModel.files`).
+        only: store just these parameters (an adapter artifact: adapters and head, not the base).
+        manifest_extra: more manifest keys (an adapter artifact's "kind" and base identity).
 
     Raises:
         ConfigError: a file name that is not plain, an unknown source kind, a model that does not run on
             `inputs`, or an output path that may not be replaced (`edgeslim.files.check_output`).
     """
     from edgeslim import __version__
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     source_files = dict(source_files or {})
     extra = dict(extra_files or {})
@@ -74,7 +77,12 @@ def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence
     check_inputs(model, inputs, dims or {}, "the model to save")
     with replace_output(path, ARTIFACT) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / WEIGHTS))
+        if only is None:
+            save_model(model, str(tmp / WEIGHTS))
+        else:
+            wanted = set(only)
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if n in wanted},
+                      str(tmp / WEIGHTS))
         (tmp / REPORT).write_text(json.dumps(report or {}, indent=2, default=str))
         for name, data in extra.items():
             (tmp / name).write_bytes(data)
@@ -83,7 +91,7 @@ def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "edgeslim_version": __version__, "source": source.to_dict(),
                     "task": task, "inputs": [s.to_dict() for s in inputs], "dims": dict(dims or {}),
-                    "steps": [dict(s) for s in steps], "files": files}
+                    "steps": [dict(s) for s in steps], "files": files, **dict(manifest_extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # a value that is not JSON is a bug
     return Path(path)
 
@@ -269,11 +277,15 @@ def _base(path: Path, spec: SourceSpec, inputs: list[TensorSpec], trust: Trust) 
         return load_hf_folder(tmp, spec.version, "hf", spec.identifier, weights=False)
 
 
-def load(path: str | Path, trust: Trust | None = None) -> LoadedModel:
+def load(path: str | Path, trust: Trust | None = None, base: str | None = None) -> LoadedModel:
     """Rebuild the compressed model of artifact `path`.
+
+    An adapter artifact (manifest kind "adapter") is attached to its base: `base` (a source the
+    user names) or the zoo model / folder its manifest records, checked by SHA-256.
 
     Args:
         trust: the factories the user allows the manifest to name (default: none).
+        base: an adapter artifact's base, named by the user.
 
     Raises:
         SourceError: not an artifact, a corrupt manifest, an unknown format version, a missing or
@@ -286,6 +298,9 @@ def load(path: str | Path, trust: Trust | None = None) -> LoadedModel:
     path = Path(path)
     manifest = read_manifest(path)
     verify(path, manifest)
+    if manifest.get("kind") == "adapter":
+        from edgeslim.adapter import load_adapter
+        return load_adapter(path, manifest, base)
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     base = _base(path, spec, inputs, trust or Trust())

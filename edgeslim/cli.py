@@ -19,6 +19,20 @@ def _console():
     return Console()
 
 
+def _sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
+    """--set KEY=VALUE options, each value converted by the annotation of its config field."""
+    from edgeslim.config import parse_text
+
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        owner = step_keys if step_keys is not None and key in step_keys.__dataclass_fields__ else config_cls
+        out[key] = parse_text(owner, key, val, where=f"--set {key}")
+    return out
+
+
 def _ints(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -131,7 +145,6 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
              trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
-    from edgeslim.config import parse_text
     from edgeslim.pipeline import StepSection, compress_to_artifact
 
     step: dict[str, Any] = {"method": method}
@@ -139,13 +152,7 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
                      ("exclude", exclude)):
         if val is not None:
             step[key] = val
-    config_cls = get_compressor(method).Config
-    for item in sets:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        owner = StepSection if key in StepSection.__dataclass_fields__ else config_cls
-        step[key] = parse_text(owner, key, val, where=f"--set {key}")
+    step |= _sets(sets, get_compressor(method).Config, StepSection)
     out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
     original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
                                                                trust=_trust(trusted, trust_source))
@@ -161,9 +168,12 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.argument("item")
 @click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
+@click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
+@click.option("--unmerged", is_flag=True, help="adapters: keep LoRA and PHM layers as trained (default: merged)")
 @click.option("-o", "--out", help="output file")
 @trust_options
-def export(item: str, to: str, profile: str | None, out: str | None, trusted: str | None, trust_source: bool) -> None:
+def export(item: str, to: str, profile: str | None, base: str | None, unmerged: bool, out: str | None,
+           trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
@@ -172,7 +182,11 @@ def export(item: str, to: str, profile: str | None, out: str | None, trusted: st
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
     check_export_paths(path, to)  # before any work: never over a foreign file or folder
-    loaded = load_model(item, trust=trust)
+    loaded = load_model(item, trust=trust, base=base)
+    from edgeslim.compress.compacter import METHODS, merge_for_export
+    if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
+        import dataclasses
+        loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
     info = export_model(loaded, to, path, profile)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
@@ -275,6 +289,9 @@ def inspect(path: str, as_json: bool) -> None:
     console = _console()
     console.print(f"[bold]{path}[/]  format {manifest['format_version']}, edgeslim {manifest.get('edgeslim_version')}")
     console.print(f"source: {src['kind']} {src['identifier']} (version {src.get('version')}, sha256 {str(src.get('sha256'))[:16]}...)")
+    if manifest.get("kind") == "adapter":
+        console.print(f"adapter artifact: needs its base (state sha256 {str(manifest.get('base_sha256'))[:16]}...); "
+                      f"labels {manifest.get('labels')}")
     console.print("inputs: " + ", ".join(f"{i['name']}{tuple(i['shape'])} {i['dtype']}" for i in manifest["inputs"]))
     for i, step in enumerate(manifest["steps"]):
         changes = step.get("changes", [])
@@ -289,7 +306,7 @@ def inspect(path: str, as_json: bool) -> None:
 
 @cli.group()
 def train() -> None:
-    """Train the models edgeslim ships (e.g. ESPCN super-resolution)."""
+    """Train the models edgeslim ships (ESPCN super-resolution) and task adapters on your data."""
 
 
 @train.command(name="espcn")
@@ -304,6 +321,41 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
     result, path = train_espcn_artifact(int(scale), steps, out or DEFAULT_OUT / f"espcn-x{scale}.slim", seed)
     params = sum(p.numel() for p in result.model.parameters())
     _console().print(f"ESPCN x{scale}: {params:,} parameters, {steps} steps\nartifact: {path}")
+
+
+@train.command(name="adapter")
+@click.argument("source")
+@click.option("--data", required=True, help="training data: JSONL {\"text\", \"label\"} lines, CSV with those columns, or bbc-news[:N]")
+@click.option("--eval", "eval_data", help="held-out data in the same forms (bbc-news: its test split)")
+@click.option("-m", "--method", default="compacter", show_default=True,
+              type=click.Choice(["compacter", "compacter_pp", "lora", "bottleneck", "head"]))
+@click.option("--epochs", type=int, help="passes over the training data (default: the method's)")
+@click.option("--lr", type=float, help="peak learning rate (default: the method's)")
+@click.option("--batch", "batch_size", default=16, show_default=True, help="training batch size")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
+@click.option("-o", "--out", help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
+def train_adapter(source: str, data: str, eval_data: str | None, method: str, epochs: int | None, lr: float | None,
+                  batch_size: int, sets: tuple[str, ...], out: str | None) -> None:
+    """Train a task adapter on your labelled texts over a frozen SOURCE; the artifact holds only the adapter."""
+    from edgeslim.adapter import train_adapter as train_fn
+    from edgeslim.compress.base import get_compressor
+    from edgeslim.data import load_labelled
+    from edgeslim.report import si
+
+    settings = _sets(sets, get_compressor(method).Config) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    test = load_labelled(eval_data, "test") if eval_data else None
+    out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
+    summary = train_fn(source, load_labelled(data, "train"), out, method, settings, test, batch_size, data)
+    console = _console()
+    console.print(f"{method} on {source}: {len(summary['labels'])} labels {summary['labels'][:8]}; trainable "
+                  f"parameters {summary['trainable_params']:,} of {summary['total_params']:,} "
+                  f"({summary['trainable_fraction']:.3%})")
+    if "eval" in summary:
+        ev = summary["eval"]
+        console.print(f"eval on {eval_data} ({ev['samples']} examples): accuracy {ev['accuracy']:.4f}, "
+                      f"macro-F1 {ev['macro_f1']:.4f}")
+    console.print(f"adapter artifact: {summary['artifact']} ({si(summary['artifact_bytes'], 'B')}; weights "
+                  f"{si(summary['weights_bytes'], 'B')}; needs its base {source})")
 
 
 @cli.command()

@@ -221,3 +221,79 @@ def load_calibration(spec: str, loaded: LoadedModel, batch_size: int = 16, seed:
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise SourceError(f"calibration data '{calib.name}': NaN or Inf in input '{key}' of batch {i}")
     return calib
+
+
+def _label_value(value: object, where: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise SourceError(f"{where}: 'label' must be a string or an integer, got {value!r}")
+    if isinstance(value, str) and not value.strip():
+        raise SourceError(f"{where}: 'label' is empty")
+    return value
+
+
+def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
+    """(text, label) pairs from a JSONL file (`{"text": ..., "label": ...}` a line) or a CSV file with
+    `text` and `label` columns. Labels are strings or integers; in a CSV, a label column holding only
+    integers gives integers.
+
+    Raises:
+        SourceError: a missing file, or a line that does not parse or lacks a field (file and line named).
+    """
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"labelled data file not found: {path}")
+    rows: list[tuple[str, str | int]] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("text", "label") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SourceError(f"{path}, line 1: the header needs columns 'text' and 'label' "
+                                  f"(missing {missing}; found {reader.fieldnames})")
+            try:
+                for record in reader:
+                    where = f"{path}, line {reader.line_num}"
+                    if record.get("text") is None or record.get("label") is None or None in record:
+                        raise SourceError(f"{where}: expected 2+ columns matching the header, got {len(record)}")
+                    rows.append((record["text"], _label_value(record["label"].strip(), where)))
+            except csv.Error as exc:
+                raise SourceError(f"{path}, line {reader.line_num}: not valid CSV: {exc}") from exc
+        if rows and all(str(y).lstrip("-").isdigit() for _, y in rows):
+            rows = [(t, int(y)) for t, y in rows]
+    else:
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{where}: not valid JSON ({exc.msg}); expected "
+                                  '{"text": ..., "label": ...}') from exc
+            if not isinstance(record, dict) or "text" not in record or "label" not in record:
+                raise SourceError(f"{where}: expected an object with 'text' and 'label', got {line[:80]!r}")
+            if not isinstance(record["text"], str):
+                raise SourceError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+            rows.append((record["text"], _label_value(record["label"], where)))
+    if not rows:
+        raise SourceError(f"{path} holds no labelled examples")
+    if len({type(y) for _, y in rows}) > 1:
+        first = next(i for i, (_, y) in enumerate(rows) if type(y) is not type(rows[0][1]))
+        raise SourceError(f"{path}: labels mix strings and integers (example {first + 1} is "
+                          f"{rows[first][1]!r}, the first is {rows[0][1]!r})")
+    return rows
+
+
+def load_labelled(spec: str, part: str = "train") -> list[tuple[str, str | int]]:
+    """Labelled texts from a file (read_labelled) or a data set name: `bbc-news[:COUNT]` gives the
+    `part` ("train" or "test") of the fixed split with class names as labels."""
+    name, count = parse_spec(spec)
+    if name == "bbc-news":
+        classes = bbc_news_classes()
+        return [(t, classes[y]) for t, y in bbc_news_split()[part][:count]]
+    if Path(spec).expanduser().exists() or Path(spec).suffix.lower() in (".jsonl", ".json", ".csv"):
+        return read_labelled(Path(spec).expanduser())
+    raise ConfigError(f"unknown labelled data '{spec}': not a JSONL/CSV file and not 'bbc-news'")

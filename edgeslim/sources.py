@@ -276,7 +276,8 @@ def _package_version(dist: str) -> str | None:
 
 
 def load_model(source: str | os.PathLike, weights: str | None = None,
-               inputs: str | Sequence[TensorSpec] | None = None, trust: Trust | None = None) -> LoadedModel:
+               inputs: str | Sequence[TensorSpec] | None = None, trust: Trust | None = None,
+               base: str | None = None) -> LoadedModel:
     """Load a model from a source string the user gave.
 
     Args:
@@ -285,6 +286,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
         weights: weights file for a factory source (.safetensors, or .pt read with weights_only=True).
         inputs: inputs of a factory source, as text ("x:batch,3,32,32") or TensorSpecs.
         trust: the factories an artifact's manifest may name (`edgeslim.trust`); default none.
+        base: for an adapter artifact, the base model's source when not the one its manifest records.
 
     Raises:
         SourceError: the path does not exist, the file is corrupt, a pickle would be needed, or an
@@ -296,7 +298,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
     path = Path(text).expanduser()
     if path.is_dir() and (path / "manifest.json").exists():
         from edgeslim import artifact
-        return artifact.load(path, trust)
+        return artifact.load(path, trust, base)
     if path.is_dir():
         return load_hf_folder(path)
     if text in zoo.names():

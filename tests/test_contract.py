@@ -115,6 +115,13 @@ def sr_pairs(loaded: LoadedModel, scale: int = 2) -> CalibData:
     return CalibData("tiny-sr", [{"x": lr[:8]}, {"x": lr[8:]}], [hr[:8], hr[8:]])
 
 
+def labelled_text(loaded: LoadedModel) -> CalibData:
+    """Two classes of toy sentences for a text model (adapter training)."""
+    texts = ["good great fine", "bad awful poor", "nice good", "sad bad"] * 2
+    return CalibData("toy-labelled", [loaded.encode(texts[:4]), loaded.encode(texts[4:])],
+                     [torch.tensor([0, 1, 0, 1])] * 2)
+
+
 @dataclass
 class Case:
     """A family's tiny case: source, config, data, and its lossless setting if it has one."""
@@ -138,6 +145,14 @@ CASES: dict[str, Case] = {
     "deconv_to_subpixel": Case("deconv-sr-x3", {}, lossless={}, dims={"height": 9, "width": 7}),
     "factorize": Case("test_contract:rank4_cnn", {"ratio": 0.5, "n_iter": 5},
                       lossless={"rank": 4, "target": ["c2", "c3"]}, dims={"height": 9, "width": 7}),
+    "compacter": Case("tiny-bert", {"labels": ["neg", "pos"], "reduction": 4}, labelled_text,
+                      lossless={"reduction": 4, "epochs": 0}),
+    "compacter_pp": Case("tiny-bert", {"labels": ["neg", "pos"], "reduction": 4}, labelled_text,
+                         lossless={"reduction": 4, "epochs": 0}),
+    "bottleneck": Case("tiny-bert", {"labels": ["neg", "pos"], "reduction": 4, "placement": "ffn"}, labelled_text,
+                       lossless={"reduction": 4, "epochs": 0}),
+    "lora": Case("tiny-bert", {"labels": ["neg", "pos"], "rank": 2}, labelled_text, lossless={"epochs": 0}),
+    "head": Case("tiny-bert", {"labels": ["neg", "pos"]}, labelled_text),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
 }
@@ -194,7 +209,8 @@ def test_contract(name, tmp_path):
 def test_every_builtin_family_is_an_entry_point():
     from importlib.metadata import entry_points
     modules = {ep.value for ep in entry_points(group=base.ENTRY_POINT_GROUP)}
-    assert {"edgeslim.compress.svd", "edgeslim.compress.subpixel", "edgeslim.compress.train"} <= modules
+    assert {"edgeslim.compress.svd", "edgeslim.compress.subpixel", "edgeslim.compress.train",
+            "edgeslim.compress.compacter"} <= modules
     assert {type(get_compressor(n)).__module__ for n in list_compressors()} <= modules
 
 

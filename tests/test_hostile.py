@@ -172,6 +172,28 @@ HOSTILE: list[Case] = [
          3, "weights.safetensors is read by the loader"),
 ]
 
+def _adapter_step(**fields: Any) -> Callable[[dict, Path, Path], None]:
+    return lambda m, art, out: m["steps"][-1]["resolved"].update(fields)
+
+
+def _adapter_site(name: str) -> Callable[[dict, Path, Path], None]:
+    return lambda m, art, out: m["steps"][-1]["resolved"]["sites"][0].update(name=name)
+
+
+# adapter artifacts: the base is the zoo model named or one the user names, checked by its hash
+HOSTILE += [
+    Case("adapter: base of another hash", manifest(lambda m, art, out: m.update(base_sha256="0" * 64)), 3,
+         "was trained on base", base="adapter", inspect_code=0),
+    Case("adapter: factory base", manifest(_source(kind="factory", identifier="os:abort")), 3,
+         "names code to run", base="adapter", inspect_code=0),
+    Case("adapter: site of a missing module", manifest(_adapter_site("hf.no.such.module")), 3,
+         "adapter step in the manifest is malformed", base="adapter", inspect_code=0),
+    Case("adapter: stored tensors not the trained ones", manifest(_adapter_step(trainable=["head.weight"])), 3,
+         "does not fit the adapter's structure", base="adapter", inspect_code=0),
+    Case("adapter: huge bottleneck", manifest(lambda m, art, out: m["steps"][-1]["resolved"]["sites"][0].update(
+        bottleneck="many")), 3, "adapter step in the manifest is malformed", base="adapter", inspect_code=0),
+]
+
 COMMANDS = [
     ["export", "a.slim", "-o", "out.onnx"],
     ["profile", "a.slim", "--profile", "cpu-torch-fp32", "--batch", "1", "--iters", "1", "--warmup", "0"],
@@ -192,9 +214,13 @@ def good_artifacts(tmp_path_factory) -> dict[str, Path]:
         assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "--set", "align=1", "-o", "zoo.slim"]) == 0
         assert main(["compress", "edgeslim_test_factories:tiny", "--input", "x:batch,16", "-m", "svd",
                      "--rank", "4", "--set", "align=1", "-o", "factory.slim"]) == 0
+        Path("train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in
+                                               [("good fine", "pos"), ("bad poor", "neg")] * 2))
+        assert main(["train", "adapter", "tiny-bert", "--data", "train.jsonl", "-m", "compacter_pp", "--set",
+                     "reduction=4", "-o", "adapter.slim"]) == 0
     finally:
         os.chdir(cwd)
-    return {"zoo": root / "zoo.slim", "factory": root / "factory.slim"}
+    return {"zoo": root / "zoo.slim", "factory": root / "factory.slim", "adapter": root / "adapter.slim"}
 
 
 def snapshot(root: Path) -> dict[str, Any]:
