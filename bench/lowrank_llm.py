@@ -37,7 +37,7 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import DEMO_SENTENCES, text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
@@ -181,7 +181,7 @@ def expectations(summary: dict) -> dict:
 
 def write_results(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "lowrank_llm.json") as tmp:
+    with replace_output(out / "lowrank_llm.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:

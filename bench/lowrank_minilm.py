@@ -3,9 +3,11 @@
 Fine-tunes the packaged MiniLM with a classification head once (cached under ~/.cache/edgeslim/,
 keyed by the recipe), then factors the encoder's 36 Linears at several kept-parameter ratios and
 measures test accuracy, parameters, ONNX size, ONNX Runtime CPU p50 latency (batch 8, sequence
-128), FLOPs ratio and latency ratio; a few ratios are also healed by a short fine-tune.
+128, timed side by side with the original), FLOPs ratio, latency ratio and the Amdahl bound
+(1 - m) + m * f (m: the original's GEMM share of ORT kernel time, f: the FLOPs ratio); a few ratios
+are also healed by a short fine-tune.
 
-    python bench/lowrank_minilm.py            # full run (~40 min on 2 cores), writes bench/results/
+    python bench/lowrank_minilm.py            # full run (~25 min on 2 cores), writes bench/results/
     python bench/lowrank_minilm.py --quick    # tiny BERT, seconds; used by a test
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from edgeslim.compress.base import CalibData  # noqa: E402
+from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
 from edgeslim.compress.svd import ASVD, FWSVD, SVD  # noqa: E402
@@ -36,8 +38,10 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import bbc_news_classes, bbc_news_split  # noqa: E402
 from edgeslim.errors import require  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import HF_FOLDER, JSON, REPORT, replace_output  # noqa: E402
+from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
+from edgeslim.runtime.op_profile import amdahl_bound, gemm_fraction, op_breakdown  # noqa: E402
 from edgeslim.runtime.roofline import count_flops  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model, make_encoder  # noqa: E402
@@ -45,11 +49,14 @@ from edgeslim.specs import example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = r"hf\.bert\.encoder\.layer\.\d+\..*"  # the 36 encoder Linears (not pooler, not classifier)
-METHODS = {"svd": SVD(), "fwsvd": FWSVD(), "asvd": ASVD()}
-FULL = dict(ratios=[0.5, 0.3, 0.4, 0.8, 0.6], heal_ratios=[0.5, 0.3], heal_steps=40, calib_samples=256,  # low first
+# label -> (compressor, config keys beside the budget); svd/fwsvd compare weightings at one (uniform) allocation
+METHODS = {"svd": (SVD(), {"allocation": "uniform"}), "fwsvd": (FWSVD(), {"allocation": "uniform"}),
+           "asvd": (ASVD(), {"allocation": "uniform"}), "asvd-sens": (ASVD(), {"allocation": "sensitivity"})}
+FULL = dict(ratios=[0.5, 0.3, 0.4, 0.8, 0.6], heal_ratios=[0.5, 0.3], heal_methods=["svd", "fwsvd", "asvd-sens"],
+            heal_steps=40, calib_samples=256,  # low ratios first
             finetune=dict(epochs=2, lr=1e-4, batch=16, seq=128, seed=0, split_seed=0), latency_rounds=3,
             latency_iters=5, latency_dims={"batch": 8, "sequence": 128}, align=8)
-QUICK = dict(ratios=[0.4], heal_ratios=[0.4], heal_steps=3, calib_samples=16,
+QUICK = dict(ratios=[0.4], heal_ratios=[0.4], heal_methods=["asvd-sens"], heal_steps=3, calib_samples=16,
              finetune=dict(epochs=1, lr=1e-3, batch=8, seq=32, seed=0, split_seed=0, train_docs=64, test_docs=32,
                            tiny=True), latency_rounds=1, latency_iters=3, latency_dims={"batch": 2, "sequence": 32}, align=4)
 
@@ -110,7 +117,7 @@ def finetuned_folder(recipe: dict, cache_root: Path) -> Path:
             return self.hf(**feeds).logits
 
     heal(Logits(), _batches(train, encode, recipe["batch"]), steps=steps, lr=recipe["lr"], seed=recipe["seed"])
-    with atomic_path(folder) as tmp:
+    with replace_output(folder, HF_FOLDER) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "edgeslim_recipe.json").write_text(json.dumps(recipe, indent=1))
@@ -158,105 +165,146 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
     model = loaded.model
     split = _split(recipe)
     enc = make_encoder(require("transformers").AutoTokenizer.from_pretrained(folder), recipe["seq"])
-    test = _batches(split["test"], enc, 16)
+    test = _batches(split["test"][:cfg.get("test_docs") or len(split["test"])], enc, 16)
     train = _batches(split["train"], enc, 16)
     calib = CalibData("bbc-news", train.batches[:cfg["calib_samples"] // 16], train.targets[:cfg["calib_samples"] // 16])
     feeds = example_feeds(loaded.inputs, cfg["latency_dims"], seed=0)
+    names = [n for n, _ in select_modules(model, TARGET)]
     targeted = sum(count_params(m) for _, m in select_modules(model, TARGET))
     tmp = Path(tempfile.mkdtemp(prefix="lowrank_minilm_"))
     base = {"accuracy": accuracy(model, test), "params": count_params(model), "targeted_params": targeted,
             **export_and_count(model, loaded, feeds, tmp / "original.onnx")}
-    base_session = open_session(base.pop("onnx_path"), "cpu-ort-fp32")
+    base_path = base.pop("onnx_path")
+    base["op_breakdown"] = op_breakdown(base_path, feeds, iters=cfg["latency_iters"])
+    base["gemm_share"] = gemm_fraction(base["op_breakdown"])
+    base_session = open_session(base_path, "cpu-ort-fp32")
     base["p50_ms"] = measure(base_session, feeds, warmup=3, iters=cfg["latency_rounds"] * cfg["latency_iters"]).p50_ms
-    print(f"original: accuracy {base['accuracy']:.4f}, p50 {base['p50_ms']:.1f} ms", flush=True)
+    print(f"original: accuracy {base['accuracy']:.4f}, p50 {base['p50_ms']:.1f} ms, GEMM share of ORT kernel time "
+          f"{base['gemm_share']:.3f}", flush=True)
     summary = {"model": str(folder), "recipe": recipe, "target": TARGET, "align": cfg["align"],
                "latency_dims": cfg["latency_dims"], "latency": "ORT p50, median of alternating rounds vs the original",
-               "profile": "cpu-ort-fp32", "calib_samples": cfg["calib_samples"], "test_docs": len(split["test"]),
+               "export": "lean (transformers eager attention), validated in ONNX Runtime",
+               "amdahl_bound": "(1 - m) + m * f, m = original's GEMM share of ORT kernel time, f = FLOPs ratio",
+               "profile": "cpu-ort-fp32", "calib_samples": cfg["calib_samples"],
+               "test_docs": sum(len(t) for t in test.targets),
+               "heal_methods": cfg["heal_methods"], "cut": cfg.get("cut", ""), "machine_start": machine_info(),
                "original": base, "rows": []}
     rows = summary["rows"]
-    stats = {"svd": None}
-    t0 = time.perf_counter()
-    stats["fwsvd"] = collect_stats(model, calib, [n for n, _ in select_modules(model, TARGET)], activations=False)
-    stats["asvd"] = collect_stats(model, calib, [n for n, _ in select_modules(model, TARGET)], fisher=False)
-    summary["calib_seconds"] = time.perf_counter() - t0
+    stats, seconds = {"svd": None}, {}
+    for method, kwargs in (("fwsvd", {"activations": False}), ("asvd", {"fisher": False})):
+        t0 = time.perf_counter()
+        stats[method] = collect_stats(model, calib, names, **kwargs)
+        seconds[method] = time.perf_counter() - t0
+    summary["calib_seconds"] = seconds
     for ratio in cfg["ratios"]:
-        for method, compressor in METHODS.items():
-            result = compressor.compress_with_stats(model, {"ratio": ratio, "target": TARGET, "align": cfg["align"]},
-                                                    stats[method])
+        for label, (compressor, extra) in METHODS.items():
+            config = {"ratio": ratio, "target": TARGET, "align": cfg["align"], **extra}
+            result = compressor.compress_with_stats(model, config, stats[compressor.name])
             small = result.model
-            row = {"method": method, "ratio": ratio, "healed": False, "accuracy": accuracy(small, test),
-                   "params": count_params(small), "targeted_kept": (targeted - result.params_before + result.params_after) / targeted,
+            row = {"method": label, "allocation": extra["allocation"], "ratio": ratio, "healed": False,
+                   "accuracy": accuracy(small, test), "params": count_params(small),
+                   "targeted_kept": (targeted - result.params_before + result.params_after) / targeted,
                    "ranks": result.resolved["ranks"], "dense": result.resolved["dense"],
                    **export_and_count(small, loaded, feeds, tmp / "variant.onnx")}
             row["base_p50_ms"], row["p50_ms"] = paired_latency(base_session, row.pop("onnx_path"), feeds,
                                                                cfg["latency_rounds"], cfg["latency_iters"])
+            row["load_avg"] = list(os.getloadavg())
             row["flops_ratio"] = row["flops"] / base["flops"]
             row["latency_ratio"] = row["p50_ms"] / row["base_p50_ms"]
+            row["speedup"] = 1.0 / row["latency_ratio"]
+            row["amdahl_bound"] = amdahl_bound(base["gemm_share"], row["flops_ratio"])
+            row["latency_over_bound"] = row["latency_ratio"] / row["amdahl_bound"]
             rows.append(row)
-            print(f"{method:6s} ratio {ratio:.2f}: accuracy {row['accuracy']:.4f} latency x{row['latency_ratio']:.3f} "
-                  f"FLOPs x{row['flops_ratio']:.3f}", flush=True)
-            if ratio in cfg["heal_ratios"]:
-                heal(small, train, steps=cfg["heal_steps"], lr=1e-4, seed=0)
-                rows.append({**row, "healed": True, "heal_steps": cfg["heal_steps"], "accuracy": accuracy(small, test)})
-                print(f"{method:6s} ratio {ratio:.2f} healed: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
-            summary["expectations"] = expectations(rows)
-            write_results(summary, out)  # after every variant, so a cut-off run keeps what it measured
+            print(f"{label:9s} ratio {ratio:.2f}: accuracy {row['accuracy']:.4f} latency x{row['latency_ratio']:.3f} "
+                  f"(bound x{row['amdahl_bound']:.3f}) FLOPs x{row['flops_ratio']:.3f} load {row['load_avg'][0]:.1f}",
+                  flush=True)
+            _checkpoint(summary, rows, base, out)
     base_session.close()
+    for row in [r for r in list(rows) if r["ratio"] in cfg["heal_ratios"] and r["method"] in cfg["heal_methods"]]:
+        compressor, extra = METHODS[row["method"]]  # healing last: every plain variant is measured first
+        small = compressor.compress_with_stats(model, {"ratio": row["ratio"], "target": TARGET, "align": cfg["align"],
+                                                       **extra}, stats[compressor.name]).model
+        heal(small, train, steps=cfg["heal_steps"], lr=1e-4, seed=0)
+        rows.append({**row, "healed": True, "heal_steps": cfg["heal_steps"], "accuracy": accuracy(small, test)})
+        print(f"{row['method']:9s} ratio {row['ratio']:.2f} healed: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
+        _checkpoint(summary, rows, base, out)
     return summary
 
 
-def expectations(rows: list[dict]) -> dict:
-    """The two expectations of the issue, checked on the measured rows."""
+def _checkpoint(summary: dict, rows: list[dict], base: dict, out: Path) -> None:
+    """Write what is measured so far, so a cut-off run keeps it."""
+    summary["expectations"] = expectations(rows, base)
+    summary["machine_end"] = machine_info()
+    write_results(summary, out)
+
+
+def expectations(rows: list[dict], base: dict) -> dict:
+    """The issue's goals, checked on the measured rows (plain rows: no healing)."""
     plain = {(r["method"], r["ratio"]): r for r in rows if not r["healed"]}
     low = sorted({r for m, r in plain if r <= 0.5 and ("svd", r) in plain and ("fwsvd", r) in plain})
     fw_wins = {str(r): plain[("fwsvd", r)]["accuracy"] > plain[("svd", r)]["accuracy"] for r in low}
-    lat = {f"{m}@{r}": plain[(m, r)]["latency_ratio"] / plain[(m, r)]["flops_ratio"] for m, r in plain}
-    return {"fwsvd_beats_svd_at_ratio_le_0.5": fw_wins, "fwsvd_beats_svd_everywhere": all(fw_wins.values()),
-            "latency_over_flops_ratio": lat, "latency_within_1.15x_of_flops": all(v <= 1.15 for v in lat.values())}
+    bound = {f"{m}@{r}": v["latency_over_bound"] for (m, r), v in plain.items() if r in (0.3, 0.5)}
+    speed = {m: v["speedup"] for (m, r), v in plain.items() if r == 0.5}
+    alloc = {str(r): {"uniform": plain[("asvd", r)]["accuracy"], "sensitivity": plain[("asvd-sens", r)]["accuracy"]}
+             for m, r in plain if m == "asvd" and ("asvd-sens", r) in plain}
+    return {"fwsvd_beats_svd_at_ratio_le_0.5": fw_wins, "goal_fwsvd_beats_svd_everywhere": bool(low) and all(fw_wins.values()),
+            "original_gemm_share": base["gemm_share"], "goal_gemm_share_ge_0.65": base["gemm_share"] >= 0.65,
+            "latency_over_amdahl_bound_at_0.5_and_0.3": bound,
+            "goal_latency_within_1.15x_bound": bool(bound) and all(v <= 1.15 for v in bound.values()),
+            "speedup_at_kept_0.5": speed, "goal_speedup_ge_1.5_at_kept_0.5": {m: v >= 1.5 for m, v in speed.items()},
+            "asvd_accuracy_uniform_vs_sensitivity": alloc}
 
 
 def table(summary: dict) -> str:
     base = summary["original"]
-    lines = [f"{'method':7s} {'ratio':>5s} {'healed':>6s} {'acc':>7s} {'params':>10s} {'onnx MB':>8s} "
-             f"{'p50 ms':>8s} {'FLOPs x':>8s} {'lat x':>7s}",
-             f"{'dense':7s} {1.0:5.2f} {'-':>6s} {base['accuracy']:7.4f} {base['params']:10d} "
-             f"{base['onnx_bytes'] / 1e6:8.2f} {base['p50_ms']:8.1f} {1.0:8.3f} {1.0:7.3f}"]
+    lines = [f"{'method':9s} {'ratio':>5s} {'healed':>6s} {'acc':>7s} {'params':>10s} {'onnx MB':>8s} "
+             f"{'p50 ms':>8s} {'FLOPs x':>8s} {'lat x':>7s} {'bound x':>7s} {'speedup':>7s}",
+             f"{'dense':9s} {1.0:5.2f} {'-':>6s} {base['accuracy']:7.4f} {base['params']:10d} "
+             f"{base['onnx_bytes'] / 1e6:8.2f} {base['p50_ms']:8.1f} {1.0:8.3f} {1.0:7.3f} {1.0:7.3f} {1.0:7.2f}"]
     for r in summary["rows"]:
-        lines.append(f"{r['method']:7s} {r['ratio']:5.2f} {'yes' if r['healed'] else 'no':>6s} {r['accuracy']:7.4f} "
+        lines.append(f"{r['method']:9s} {r['ratio']:5.2f} {'yes' if r['healed'] else 'no':>6s} {r['accuracy']:7.4f} "
                      f"{r['params']:10d} {r['onnx_bytes'] / 1e6:8.2f} {r['p50_ms']:8.1f} {r['flops_ratio']:8.3f} "
-                     f"{r['latency_ratio']:7.3f}")
+                     f"{r['latency_ratio']:7.3f} {r['amdahl_bound']:7.3f} {r['speedup']:7.2f}")
     return "\n".join(lines)
 
 
 def write_results(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "lowrank_minilm.json") as tmp:
+    with replace_output(out / "lowrank_minilm.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = summary["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in METHODS:
         for healed, style in ((False, "-o"), (True, "s")):
-            pts = sorted((r["ratio"], r["accuracy"]) for r in summary["rows"] if r["method"] == method and r["healed"] == healed)
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"{method}{' + heal' if healed else ''}")
-    ax.axhline(summary["original"]["accuracy"], color="gray", ls="--", label="original")
-    ax.set(xlabel="kept ratio of encoder Linear parameters", ylabel="test accuracy", title="MiniLM-L6 on BBC News")
-    ax.legend(fontsize=8)
+            mine = sorted((r for r in rows if r["method"] == method and r["healed"] == healed), key=lambda r: r["ratio"])
+            if mine:
+                label = f"{method}{' + heal' if healed else ''}"
+                axes[0].plot([r["ratio"] for r in mine], [r["accuracy"] for r in mine], style, label=label)
+                axes[1].plot([r["speedup"] for r in mine], [r["accuracy"] for r in mine], style, label=label)
+    for ax in axes:
+        ax.axhline(summary["original"]["accuracy"], color="gray", ls="--", label="original")
+        ax.set(ylabel="test accuracy")
+    axes[0].set(xlabel="kept ratio of encoder Linear parameters", title="MiniLM-L6 on BBC News")
+    axes[1].set(xlabel="measured speedup (ORT CPU, batch 8, seq 128)", title="accuracy vs measured speedup")
+    axes[1].legend(fontsize=7)
     _save(fig, out / "lowrank_minilm_accuracy.png")
     fig, ax = plt.subplots(figsize=(5, 5))
-    plain = [r for r in summary["rows"] if not r["healed"]]
     for method in METHODS:
-        pts = [(r["flops_ratio"], r["latency_ratio"]) for r in plain if r["method"] == method]
-        ax.plot(*zip(*pts), "o", label=method)
+        pts = [(r["flops_ratio"], r["latency_ratio"]) for r in rows if r["method"] == method and not r["healed"]]
+        if pts:
+            ax.plot(*zip(*pts), "o", label=method)
+    m = summary["original"]["gemm_share"]
     lim = [0, 1.1]
     ax.plot(lim, lim, "k-", lw=0.8, label="latency = FLOPs")
-    ax.plot(lim, [1.15 * v for v in lim], "k:", lw=0.8, label="1.15 x FLOPs")
+    ax.plot(lim, [amdahl_bound(m, f) for f in lim], "b--", lw=0.8, label=f"Amdahl bound (GEMM share {m:.2f})")
+    ax.plot(lim, [1.15 * amdahl_bound(m, f) for f in lim], "b:", lw=0.8, label="1.15 x bound")
     ax.set(xlim=lim, ylim=[0, 1.3], xlabel="FLOPs ratio", ylabel="ORT CPU p50 latency ratio")
     ax.legend(fontsize=8)
     _save(fig, out / "lowrank_minilm_latency.png")
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
+    with replace_output(path, REPORT) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
 
@@ -269,12 +317,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the fine-tuned model is cached")
     parser.add_argument("--heal-steps", type=int, default=None, help="healing steps per healed variant")
     parser.add_argument("--heal-ratios", default=None, help="comma-separated kept ratios to heal ('' for none)")
+    parser.add_argument("--heal-methods", default=None, help=f"comma-separated methods to heal, of {list(METHODS)}")
+    parser.add_argument("--ratios", default=None, help="comma-separated kept ratios (default: 0.5,0.3,0.4,0.8,0.6)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration articles (multiple of 16)")
+    parser.add_argument("--test-docs", type=int, default=None, help="evaluate on the first N test articles only")
+    parser.add_argument("--cut", default="", help="what was cut from the full grid and why (recorded in the JSON)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.heal_steps is not None:
         cfg["heal_steps"] = args.heal_steps
     if args.heal_ratios is not None:
         cfg["heal_ratios"] = [float(r) for r in args.heal_ratios.split(",") if r]
+    if args.heal_methods is not None:
+        cfg["heal_methods"] = [m for m in args.heal_methods.split(",") if m]
+    if args.ratios:
+        cfg["ratios"] = [float(r) for r in args.ratios.split(",")]
+    if args.calib_samples:
+        cfg["calib_samples"] = args.calib_samples
+    cfg["test_docs"], cfg["cut"] = args.test_docs, args.cut
     out = args.out or (Path(tempfile.mkdtemp(prefix="lowrank_quick_")) if args.quick else RESULTS)
     summary = run(cfg, out, out / "cache" if args.quick else args.cache)
     print(table(summary))

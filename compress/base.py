@@ -1,54 +1,57 @@
-"""The Compressor protocol, its result types, the shared budget config and the one registry."""
+"""The Compressor protocol (contract v2), its result types, the shared budget config and the registry.
+
+A compressor family is one module under compress/ (or in another package) that defines
+`Compressor` subclasses decorated with `@register`, and is listed in the `edgeslim.compressors`
+entry-point group of its package's pyproject.toml (one line per module). See the README section
+"Adding a compressor".
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence, get_args
 
-import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError
+from edgeslim.calib import CalibData
+from edgeslim.config import ConfigBase
+from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError
+from edgeslim.specs import TensorSpec
 
-# Compressor families shipped with edgeslim: importing one registers its compressors.
-FAMILY_MODULES = ("svd", "subpixel", "train")
+ENTRY_POINT_GROUP = "edgeslim.compressors"
+
+Kind = Literal["structural", "adapter", "quantized", "sparsity", "training"]
+Status = Literal["replaced", "dense", "adapter", "quantized", "sparsified", "skipped"]
+Decision = int | tuple[int, ...]  # a rank, a kept channel count, or several (MPO bond dimensions)
+
+
+class Measure(Protocol):
+    """What the pipeline can measure for a compressor on the target (compress/ never imports runtime/)."""
+
+    def gemm_ms(self, m: int, k: int, n: int) -> float:
+        """Latency in ms of an (m x k) @ (k x n) matrix product on the target."""
+        ...
 
 
 @dataclass(frozen=True)
-class ConfigBase:
-    """Base of every compressor config: frozen, validated, unknown keys are errors."""
+class CompressContext:
+    """What the caller knows beyond model, config and data; every field may be absent.
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ConfigBase":
-        """Build the config from a mapping (recipe step, CLI options, manifest).
+    The pipeline fills it from the source and the target profile; library callers pass what they
+    have (or nothing).
+    """
 
-        Raises:
-            ConfigError: a key is not a field of this config (the allowed ones are listed).
-        """
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; allowed: {allowed}")
-        return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of the fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def _check_targets(value: Any, key: str) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return
-    raise ConfigError(f"'{key}' must be a regex string or a list of module names, got {value!r}")
+    inputs: tuple[TensorSpec, ...] = ()  # the model's input spec (example tensors: edgeslim.specs)
+    align: int | None = None  # the target profile's shape multiple (8 CPU SIMD, 16/32 tensor cores)
+    profile: str | None = None  # target profile name
+    measure: Measure | None = None  # e.g. a GEMM latency table of the target, for latency budgets
 
 
 @dataclass(frozen=True)
 class BudgetConfig(ConfigBase):
-    """Budget forms shared by every low-rank / tensor / pruning compressor.
+    """Budget forms shared by every low-rank / tensor / pruning / factorized-conv compressor.
 
     Exactly one of ratio, rank or energy is set; when none is, ratio=0.5.
     """
@@ -56,83 +59,83 @@ class BudgetConfig(ConfigBase):
     ratio: float | None = None  # kept fraction of the targeted layers' parameters, in (0, 1]
     rank: int | None = None  # fixed rank / bond dimension / kept channels for every layer
     energy: float | None = None  # kept fraction of (weighted) spectral energy per layer, in (0, 1]
-    allocation: str = "uniform"  # "uniform": same ratio per layer; "sensitivity": global greedy
-    align: int = 1  # ranks rounded down to a multiple of this (8 for CPU SIMD, 16/32 tensor cores)
-    target: str | list[str] | None = None  # regex (fullmatch) or list of names / dotted suffixes
-    exclude: str | list[str] | None = None  # same forms; removed from the selection
+    # "uniform": same ratio per layer; "sensitivity": global greedy on the layers' errors;
+    # "auto": sensitivity when calibration data is given and the method is data-aware, else uniform
+    allocation: Literal["auto", "uniform", "sensitivity"] = "auto"
+    align: int | None = None  # decisions rounded to a multiple of this; None: the profile's, else 1
+    target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
+    exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         set_forms = [k for k in ("ratio", "rank", "energy") if getattr(self, k) is not None]
         if len(set_forms) > 1:
             raise ConfigError(f"give one budget form, not {set_forms} (ratio, rank or energy)")
         if not set_forms:
             object.__setattr__(self, "ratio", 0.5)
-        if self.ratio is not None and not 0.0 < float(self.ratio) <= 1.0:
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in (0, 1], got {self.ratio}")
-        if self.energy is not None and not 0.0 < float(self.energy) <= 1.0:
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+        if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.allocation not in ("uniform", "sensitivity"):
-            raise ConfigError(f"allocation must be 'uniform' or 'sensitivity', got {self.allocation!r}")
-        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+        if self.align is not None and self.align < 1:
             raise ConfigError(f"align must be a positive integer, got {self.align!r}")
-        _check_targets(self.target, "target")
-        _check_targets(self.exclude, "exclude")
-        for key in ("target", "exclude"):  # lists become tuples so the config stays hashable
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
 
+    def resolve(self, *, data_aware: bool, context: CompressContext | None) -> "BudgetConfig":
+        """The config with its call-dependent defaults decided (the one place they are).
 
-@dataclass
-class CalibData:
-    """Calibration / training data for a compressor: keyword-input batches for `model(**batch)`.
-
-    targets holds one tensor per batch for the task loss (class labels, high-resolution images);
-    None means the compressor distils against the original model's outputs.
-    """
-
-    name: str
-    batches: Sequence[dict[str, torch.Tensor]]
-    targets: Sequence[torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        if not len(self.batches):
-            raise ConfigError(f"calibration data '{self.name}' has no batches")
-        if self.targets is not None and len(self.targets) != len(self.batches):
-            raise ConfigError(f"calibration data '{self.name}': {len(self.targets)} targets for {len(self.batches)} batches")
-
-    def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor | None]]:
-        for i, batch in enumerate(self.batches):
-            yield i, batch, None if self.targets is None else self.targets[i]
+        Args:
+            data_aware: calibration data (or statistics from it) is given and the method uses it.
+            context: the caller's context; its `align` is used when the config sets none.
+        """
+        allocation = self.allocation
+        if allocation == "auto":
+            allocation = "sensitivity" if data_aware else "uniform"
+        align = self.align if self.align is not None else (context.align if context and context.align else 1)
+        return dataclasses.replace(self, allocation=allocation, align=align)
 
 
 @dataclass
 class LayerChange:
-    """One replaced module: what it was, what it became, at what cost in accuracy."""
+    """One targeted module: what it was, what it became (or why it stayed), at what cost.
+
+    Every targeted layer gets a row, also those left dense or skipped (status and note say why).
+    """
 
     name: str
-    kind: str  # e.g. "Linear -> LowRankLinear"
+    kind: str  # e.g. "Linear -> LowRankLinear", or "Linear" for a layer left as it was
     params_before: int
     params_after: int
-    rank: int | None = None  # rank, bond dimension or kept channels
+    decision: Decision | None = None  # rank, bond dimensions, kept channels; None when not replaced
+    status: Status = "replaced"
+    bytes_before: int | None = None  # storage of the layer's tensors (what INT8 changes)
+    bytes_after: int | None = None
     rel_error: float | None = None  # relative (weighted) reconstruction error of the layer
     sensitivity: float | None = None  # task-loss or output change this layer alone causes
-    note: str = ""
+    note: str = ""  # e.g. "dense: factoring would not save parameters at rank 8"
+
+    def __post_init__(self) -> None:
+        if self.status not in get_args(Status):
+            raise ValueError(f"LayerChange status must be one of {get_args(Status)}, got {self.status!r}")
+        if isinstance(self.decision, list):
+            self.decision = tuple(self.decision)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if isinstance(self.decision, tuple):
+            out["decision"] = list(self.decision)
+        return out
 
 
 @dataclass
 class CompressResult:
-    """What a compressor returns: the new model, one row per change, and every decision made."""
+    """What a compressor returns: the new model, one row per targeted layer, and every decision made."""
 
     model: nn.Module
     method: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # the RESOLVED config (no "auto" left), as the manifest records it
     changes: list[LayerChange] = field(default_factory=list)
-    resolved: dict[str, Any] = field(default_factory=dict)  # enough to replay without data
+    resolved: dict[str, Any] = field(default_factory=dict)  # enough to replay without data, + "schema"
 
     @property
     def params_before(self) -> int:
@@ -149,32 +152,50 @@ class CompressResult:
 
 
 class Compressor:
-    """Protocol of a compressor family member.
+    """Protocol of a compressor family member (contract v2).
 
-    Subclasses set `name` and `Config` and implement `compress` and `replay`:
-    - `compress(model, config, calib=None, inplace=False) -> CompressResult` decides and applies;
-      the caller's model is left untouched unless inplace=True.
-    - `replay(model, resolved) -> nn.Module` applies the recorded structure without data (weights
-      are loaded afterwards by the artifact).
+    Subclasses set `name`, `Config` and `kind`, and implement `compress` and `replay`:
+    - `compress(model, config, calib=None, inplace=False, context=None) -> CompressResult` decides
+      and applies; the caller's model is left untouched unless inplace=True. Build the result with
+      `self.result(...)`, which records `schema` in `resolved`.
+    - `replay(model, resolved, inputs) -> nn.Module` applies the recorded structure without data
+      (the artifact loads the weights afterwards); `inputs` is the artifact's input spec, from
+      which example tensors are made with `edgeslim.specs.example_feeds`.
+    - optionally `onnx_stage(resolved, onnx_in, onnx_out, context)` with has_onnx_stage = True:
+      run by the pipeline on the exported ONNX file after export (e.g. INT8 on the graph).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[ConfigBase]]
+    kind: ClassVar[Kind]  # report wording: adapters and INT8 never "stayed dense"
+    schema: ClassVar[int] = 1  # layout version of `resolved`; bump it when the layout changes
     needs_calibration: ClassVar[bool] = False  # True when calib is mandatory
+    data_aware: ClassVar[bool] = False  # True: calibration data, when given, informs the decisions
     distils: ClassVar[bool] = False  # True: without targets, train toward the ORIGINAL model's outputs
+    has_onnx_stage: ClassVar[bool] = False  # True: onnx_stage runs on the exported graph
 
     def make_config(self, data: Mapping[str, Any] | ConfigBase | None = None) -> ConfigBase:
         if isinstance(data, ConfigBase):
             if not isinstance(data, self.Config):
                 raise ConfigError(f"{self.name} takes a {self.Config.__name__}, got {type(data).__name__}")
             return data
-        return self.Config.from_dict(data or {})
+        return self.Config.from_dict(data or {}, where=self.name)
+
+    def result(self, model: nn.Module, config: ConfigBase, changes: Sequence[LayerChange],
+               resolved: Mapping[str, Any]) -> CompressResult:
+        """The CompressResult of this compressor: resolved config, rows, and `resolved` with its schema."""
+        return CompressResult(model, self.name, config.to_dict(), list(changes), {**resolved, "schema": self.schema})
 
     def compress(self, model: nn.Module, config: ConfigBase, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         raise NotImplementedError
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
+        raise NotImplementedError
+
+    def onnx_stage(self, resolved: Mapping[str, Any], onnx_in: Path, onnx_out: Path,
+                   context: CompressContext) -> None:
+        """Transform the exported ONNX file `onnx_in` into `onnx_out` (only when has_onnx_stage)."""
         raise NotImplementedError
 
 
@@ -184,6 +205,7 @@ def working_copy(model: nn.Module, inplace: bool) -> nn.Module:
 
 
 _REGISTRY: dict[str, type[Compressor]] = {}
+_loaded: list[bool] = []  # set once the entry points have been imported
 
 
 def register(cls: type[Compressor]) -> type[Compressor]:
@@ -191,13 +213,28 @@ def register(cls: type[Compressor]) -> type[Compressor]:
     key = cls.name
     if key in _REGISTRY and _REGISTRY[key] is not cls:
         raise ValueError(f"compressor name '{key}' registered twice: {_REGISTRY[key].__module__} and {cls.__module__}")
+    if getattr(cls, "kind", None) not in get_args(Kind):
+        raise ValueError(f"compressor '{key}' ({cls.__module__}) must set kind to one of {get_args(Kind)}")
     _REGISTRY[key] = cls
     return cls
 
 
 def _load_families() -> None:
-    for mod in FAMILY_MODULES:
-        importlib.import_module(f"edgeslim.compress.{mod}")
+    """Import every module of the `edgeslim.compressors` entry-point group (once)."""
+    if _loaded:
+        return
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except ImportError as exc:
+            raise MissingDependencyError(f"compressor family '{ep.name}' ({ep.value}) cannot be imported: "
+                                         f"{exc}") from exc
+        except Exception as exc:  # a broken third-party family: name it, keep the cause chained
+            raise EdgeslimError(f"compressor family '{ep.name}' ({ep.value}) failed to import: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    _loaded.append(True)
 
 
 def get_compressor(name: str) -> Compressor:

@@ -1,18 +1,20 @@
 """Calibration statistics of targeted linear maps (nn.Linear, GPT-2's Conv1D): empirical Fisher and
 input-activation moments.
 
-Batches stream through the model once; memory is O(weights): one Fisher accumulator per targeted
-weight and one n x n second-moment matrix per targeted input width, never the samples themselves.
+Batches stream through the model once (one sample at a time for the per-sample Fisher); memory is
+O(weights): one Fisher accumulator per targeted weight and one n x n second-moment matrix per
+targeted input width, never the samples themselves or their gradients.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.replace import linear_view
 from edgeslim.compress.train import check_finite, task_loss
 from edgeslim.errors import ConfigError
@@ -22,11 +24,12 @@ from edgeslim.errors import ConfigError
 class CalibStats:
     """Accumulated statistics, keyed by module name."""
 
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # sum over batches of grad(W)^2, m x n
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # mean over samples of per-sample grad(W)^2, m x n
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of x x^T over input rows, float64
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of |x| per input feature
     rows: dict[str, int] = field(default_factory=dict)  # number of input rows seen per layer
     batches: int = 0
+    samples: int = 0  # samples the Fisher was averaged over
 
     def second_moment(self, name: str) -> torch.Tensor:
         """E[x x^T] of the layer's inputs (n x n, float64)."""
@@ -45,20 +48,32 @@ def _token_rows(x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return x.reshape(-1, x.shape[-1])
 
 
+def _samples(batch: dict[str, torch.Tensor], target: torch.Tensor | None
+             ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The batch one sample at a time (leading dimension kept, size 1), with its target."""
+    size = len(next(iter(batch.values())))
+    for j in range(size):
+        yield {k: v[j:j + 1] for k, v in batch.items()}, None if target is None else target[j:j + 1]
+
+
 def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: bool = True,
                   activations: bool = True, progress: bool = True, seed: int = 0) -> CalibStats:
-    """Empirical Fisher of each named Linear's weight and second moments of its input.
+    """Empirical Fisher of each named linear map's weight and second moments of its input.
 
-    The Fisher is the sum over batches of the squared gradient of the batch loss (Hsu et al., ICLR
-    2022, eq. 3). The loss is the task loss when calib.targets is given (cross-entropy on logits for
-    integer targets, MSE for float targets). Without targets it is distillation against the model's
-    own outputs: as the residual of MSE to the unchanged model is zero, the target is the original
-    output plus unit Gaussian noise, whose squared gradient is in expectation the Gauss-Newton
-    diagonal diag(J^T J), the Fisher of the Gaussian output model (Kunstner et al., 2019, Sec. 3).
+    The Fisher is the mean over samples of the squared PER-SAMPLE gradient of the loss,
+    I_w = 1/|D| sum_i (dL(d_i)/dw)^2 (Hsu et al., ICLR 2022, eq. 3): each sample is run and
+    differentiated on its own (micro-batches of one), so the gradients of different samples do not
+    cancel as they do in a batch-mean gradient, which vanishes when the model fits its data. Memory
+    stays O(weights): one accumulator per targeted weight. The loss is the task loss when
+    calib.targets is given (cross-entropy on logits for integer targets, MSE for float targets).
+    Without targets it is distillation against the model's own outputs: as the residual of MSE to the
+    unchanged model is zero, the target is the original output plus unit Gaussian noise drawn per
+    sample, whose squared gradient is in expectation the Gauss-Newton diagonal diag(J_i^T J_i), the
+    Fisher of the Gaussian output model (Kunstner et al., 2019, Sec. 3).
 
     Args:
         model: the model to calibrate (not modified; called as model(**batch) -> Tensor).
-        calib: batches (and optional targets).
+        calib: batches (and optional targets); every input and target has the samples on dim 0.
         names: dotted names of the linear maps (nn.Linear, Conv1D) to collect for; the Fisher is kept in
             the m x n layout of linear_view whatever the module's own layout.
         fisher, activations: which statistics to collect.
@@ -80,8 +95,8 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
                               "(nn.Linear or transformers Conv1D)") from exc
         modules[name] = module
     stats = CalibStats()
-    current: dict[str, torch.Tensor] = {}  # the batch being run (its attention mask)
-    shared: dict[int, tuple] = {}  # per-batch moments by input tensor id (tensor kept alive)
+    current: dict[str, torch.Tensor] = {}  # the inputs being run (their attention mask)
+    shared: dict[int, tuple] = {}  # per-call moments by input tensor id (tensor kept alive)
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -99,10 +114,19 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
             stats.rows[name] += count
         return hook
 
+    def run(feeds: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+        current.clear()
+        current.update(feeds)
+        shared.clear()
+        out = model(**feeds)
+        check_finite({"model output": out}, where)
+        return out
+
     handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in modules.items()] if activations else []
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     generator = torch.Generator().manual_seed(seed)
+    weights = [mod.weight for mod in modules.values()]
     model.eval()
     try:
         for p in model.parameters():
@@ -118,23 +142,23 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
                 check_finite(batch, where)
                 if target is not None:
                     check_finite({"target": target}, where)
-                current.clear()
-                current.update(batch)
-                shared.clear()
-                with torch.set_grad_enabled(fisher):
-                    out = model(**batch)
-                check_finite({"model output": out}, where)
-                if fisher:
-                    if target is None:
-                        target = out.detach() + torch.randn(out.shape, generator=generator).to(out)
-                    model.zero_grad(set_to_none=True)
-                    task_loss(out, target).backward()
-                    for name, mod in modules.items():
-                        check_finite({f"gradient of {name}.weight": mod.weight.grad}, where)
-                        grad = mod.weight.grad.detach().float()
+                if not fisher:
+                    with torch.no_grad():
+                        run(batch, where)
+                for j, (feeds, sample_target) in enumerate(_samples(batch, target) if fisher else ()):
+                    out = run(feeds, where)
+                    if sample_target is None:
+                        sample_target = out.detach() + torch.randn(out.shape, generator=generator).to(out)
+                    grads = torch.autograd.grad(task_loss(out, sample_target), weights)
+                    for (name, mod), grad in zip(modules.items(), grads):
+                        check_finite({f"gradient of {name}.weight (sample {j})": grad}, where)
+                        grad = grad.detach().float()
                         stats.fisher[name] += (grad.T if transposed[name] else grad).square()
+                    stats.samples += 1
                 stats.batches += 1
                 bar.advance(task)
+        for name in stats.fisher:
+            stats.fisher[name] /= max(stats.samples, 1)
     finally:
         for h in handles:
             h.remove()

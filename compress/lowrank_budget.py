@@ -1,24 +1,59 @@
-"""Rank allocation for low-rank factorization under one BudgetConfig (ratio, rank or energy).
+"""The shared budget allocator: one BudgetConfig (ratio, rank or energy) for every family.
 
-A layer W (m x n, optional bias of m) factored at rank r keeps r*(m+n) (+m) parameters; it saves
-parameters only when r*(m+n) < m*n, otherwise it stays dense. Allocation works on each layer's
-(weighted) spectrum: `energy[k]` is the squared k-th singular value, so truncating at rank r leaves
-the error sum(energy[r:]).
+The allocator sees each targeted layer through the small `BudgetLayer` protocol: its admissible
+non-dense decisions (a rank, a kept channel count, or a tuple such as MPO bond dimensions), the
+parameters and the (globally comparable) error at each, and how a fixed rank or an energy
+threshold maps to a decision. `allocate()` then implements
+- ratio, uniform: the same kept ratio per layer (layers that cannot save are paid for first);
+- ratio, sensitivity: a global greedy that spends the budget one decision step at a time where it
+  removes the most error per parameter;
+- rank and energy: each layer's own mapping.
+`LayerSpectrum` is the implementation for a factored m x n matrix (svd, fwsvd, asvd): rank r keeps
+r*(m+n) (+m bias) parameters and saves only when r*(m+n) < m*n; truncating the (weighted) spectrum
+at r leaves the error sum(energy[r:]).
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
-from edgeslim.compress.base import BudgetConfig
+from edgeslim.compress.base import BudgetConfig, Decision
 from edgeslim.errors import ConfigError
+
+
+class BudgetLayer(Protocol):
+    """One targeted layer as the allocator sees it."""
+
+    name: str
+    dense_params: int  # parameters of the layer as it is
+
+    def decisions(self, align: int) -> Sequence[Decision]:
+        """Admissible non-dense decisions that save parameters, ascending in params (may be empty)."""
+        ...
+
+    def params_at(self, d: Decision) -> int:
+        """Parameters the layer keeps at decision d."""
+        ...
+
+    def error_at(self, d: Decision) -> float:
+        """Error at decision d, scaled so that layers compare globally (sensitivity allocation)."""
+        ...
+
+    def rank_decision(self, rank: int, align: int) -> Decision | None:
+        """The decision for a fixed `rank` (None: stays dense). Raises ConfigError if it does not fit."""
+        ...
+
+    def energy_decision(self, fraction: float, align: int) -> Decision | None:
+        """The smallest decision keeping `fraction` of the energy (None: stays dense)."""
+        ...
 
 
 @dataclass
 class LayerSpectrum:
-    """What allocation needs to know about one targeted layer."""
+    """A factored m x n matrix (optional bias of m) with its (weighted) spectrum: a BudgetLayer."""
 
     name: str
     out_features: int  # m
@@ -31,7 +66,7 @@ class LayerSpectrum:
     def dense_params(self) -> int:
         return self.out_features * self.in_features + self.bias
 
-    def lowrank_params(self, rank: int) -> int:
+    def params_at(self, rank: int) -> int:
         return rank * (self.out_features + self.in_features) + self.bias
 
     def saves(self, rank: int) -> bool:
@@ -44,109 +79,125 @@ class LayerSpectrum:
         r = min((m * n - 1) // (m + n), min(m, n))
         return r - r % align
 
+    def decisions(self, align: int) -> range:
+        return range(align, self.max_saving_rank(align) + 1, align)
 
-def _round_down(rank: int, align: int) -> int:
-    return rank - rank % align
+    def error_at(self, rank: int) -> float:
+        return self.scale * float(self.energy[rank:].sum())
+
+    def rank_decision(self, rank: int, align: int) -> int | None:
+        top = min(self.out_features, self.in_features)
+        if rank > top:
+            raise ConfigError(f"rank {rank} is too large for layer '{self.name}' "
+                              f"({self.out_features}x{self.in_features}, max rank {top})")
+        rank = max(rank - rank % align, min(align, rank))
+        return rank if self.saves(rank) else None
+
+    def energy_decision(self, fraction: float, align: int) -> int | None:
+        """Smallest rank keeping `fraction` of the energy, rounded UP to align (the floor is honoured)."""
+        total = float(self.energy.sum())
+        rank = align
+        if total > 0.0:
+            kept = torch.cumsum(self.energy, 0) / total
+            rank = int(torch.searchsorted(kept, torch.tensor(fraction - 1e-12, dtype=kept.dtype)).item()) + 1
+            rank = -(-rank // align) * align
+        rank = min(rank, min(self.out_features, self.in_features))
+        return rank if self.saves(rank) else None
 
 
-def _energy_rank(energy: torch.Tensor, fraction: float, align: int) -> int:
-    """Smallest rank keeping `fraction` of the energy, rounded UP to align (the floor is honoured)."""
-    total = float(energy.sum())
-    if total <= 0.0:
-        return align
-    kept = torch.cumsum(energy, 0) / total
-    rank = int(torch.searchsorted(kept, torch.tensor(fraction - 1e-12, dtype=kept.dtype)).item()) + 1
-    return -(-rank // align) * align
-
-
-def _uniform_ranks(layers: list[LayerSpectrum], ratio: float, align: int) -> dict[str, int | None]:
-    """Same kept ratio for each factorable layer; layers that cannot save stay dense and are paid first."""
-    fixed = [l for l in layers if l.max_saving_rank(align) < align]
-    free = [l for l in layers if l.max_saving_rank(align) >= align]
+def _uniform(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[str, Decision | None]:
+    """Same kept ratio for each layer that can save; the others stay dense and are paid first."""
+    options = {l.name: list(l.decisions(align)) for l in layers}
+    fixed = [l for l in layers if not options[l.name]]
+    free = [l for l in layers if options[l.name]]
     budget = ratio * sum(l.dense_params for l in layers) - sum(l.dense_params for l in fixed)
-    free_total = sum(l.dense_params for l in free)
-    ranks: dict[str, int | None] = {l.name: None for l in fixed}
+    out: dict[str, Decision | None] = {l.name: None for l in fixed}
     if not free:
-        return ranks
-    layer_ratio = budget / free_total
+        return out
+    layer_ratio = budget / sum(l.dense_params for l in free)
     if layer_ratio <= 0.0:
         raise ConfigError(f"ratio {ratio} is below what the layers that cannot be factored already keep "
                           f"({[l.name for l in fixed]})")
     for l in free:
         if layer_ratio >= 1.0:
-            ranks[l.name] = None
+            out[l.name] = None
             continue
-        rank = int((layer_ratio * l.dense_params - l.bias) // (l.out_features + l.in_features))
-        ranks[l.name] = max(align, min(_round_down(rank, align), l.max_saving_rank(align)))
-    return ranks
+        fits = [d for d in options[l.name] if l.params_at(d) <= layer_ratio * l.dense_params]
+        out[l.name] = fits[-1] if fits else options[l.name][0]  # the largest that fits, else the smallest
+    return out
 
 
-def _greedy_ranks(layers: list[LayerSpectrum], ratio: float, align: int) -> dict[str, int | None]:
-    """Global greedy: spend the budget one aligned rank step at a time where it removes the most
-    (scaled) truncation error per parameter. Spectra are descending, so each layer's gain per step
-    shrinks and the greedy order is optimal for the relaxed problem."""
-    fixed = [l for l in layers if l.max_saving_rank(align) < align]
-    free = [l for l in layers if l.max_saving_rank(align) >= align]
+def _greedy(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[str, Decision | None]:
+    """Global greedy: each step moves one layer to its next decision where that removes the most
+    (scaled) error per added parameter. With errors that shrink less and less per step (descending
+    spectra), the greedy order is optimal for the relaxed problem."""
+    options = {l.name: list(l.decisions(align)) for l in layers}
+    fixed = [l for l in layers if not options[l.name]]
+    free = [l for l in layers if options[l.name]]
     budget = ratio * sum(l.dense_params for l in layers) - sum(l.dense_params for l in fixed)
-    ranks: dict[str, int | None] = {l.name: None for l in fixed}
-    ranks.update({l.name: align for l in free})
-    spent = sum(l.lowrank_params(align) for l in free)
+    out: dict[str, Decision | None] = {l.name: None for l in fixed}
+    index = {l.name: 0 for l in free}  # position in the layer's decision list
+    spent = sum(l.params_at(options[l.name][0]) for l in free)
     if free and spent > budget:
-        raise ConfigError(f"ratio {ratio} is too small: even rank {align} in every targeted layer keeps "
-                          f"{spent} parameters, over the budget of {int(budget)}")
+        raise ConfigError(f"ratio {ratio} is too small: even the smallest decision in every targeted layer "
+                          f"keeps {spent} parameters, over the budget of {int(budget)}")
 
-    def gain(l: LayerSpectrum, rank: int) -> float:
-        return l.scale * float(l.energy[rank:rank + align].sum()) / (align * (l.out_features + l.in_features))
+    def step(l: BudgetLayer) -> tuple[float, int]:
+        here, there = options[l.name][index[l.name]], options[l.name][index[l.name] + 1]
+        cost = l.params_at(there) - l.params_at(here)
+        return (l.error_at(here) - l.error_at(there)) / cost, cost
 
-    heap = [(-gain(l, align), i) for i, l in enumerate(free) if 2 * align <= l.max_saving_rank(align)]
+    heap = [(-step(l)[0], i) for i, l in enumerate(free) if len(options[l.name]) > 1]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
         l = free[i]
-        step = align * (l.out_features + l.in_features)
-        if spent + step > budget:
+        cost = step(l)[1]
+        if spent + cost > budget:
             continue  # a smaller layer may still fit
-        ranks[l.name] += align
-        spent += step
-        if ranks[l.name] + align <= l.max_saving_rank(align):
-            heapq.heappush(heap, (-gain(l, ranks[l.name]), i))
-    for l in free:  # a layer at its largest saving rank goes back to dense when the budget allows
-        extra = l.dense_params - l.lowrank_params(ranks[l.name])
-        if ranks[l.name] == l.max_saving_rank(align) and spent + extra <= budget:
-            ranks[l.name] = None
+        index[l.name] += 1
+        spent += cost
+        if index[l.name] + 1 < len(options[l.name]):
+            heapq.heappush(heap, (-step(l)[0], i))
+    for l in free:  # a layer at its largest saving decision goes back to dense when the budget allows
+        last = options[l.name][index[l.name]]
+        extra = l.dense_params - l.params_at(last)
+        if index[l.name] == len(options[l.name]) - 1 and spent + extra <= budget:
+            out[l.name] = None
             spent += extra
-    return ranks
+        else:
+            out[l.name] = last
+    return out
 
 
-def allocate_ranks(layers: list[LayerSpectrum], config: BudgetConfig) -> dict[str, int | None]:
-    """Rank per layer (None = stays dense) for the config's budget form and allocation.
+def allocate(layers: Sequence[BudgetLayer], config: BudgetConfig) -> dict[str, Decision | None]:
+    """Decide every layer under one budget; None means the layer stays dense.
 
-    - ratio: kept parameters of the targeted layers <= ratio * their dense parameters (within one
-      aligned rank step when a layer needs the minimum rank), uniform or sensitivity-driven.
-    - rank: that rank (rounded down to align) everywhere; a rank above min(m, n) is an error.
-    - energy: per layer, the smallest rank keeping that fraction of the (weighted) spectral energy.
-    In every form a layer whose rank would not save parameters stays dense.
+    `config` must be resolved (`BudgetConfig.resolve`): allocation is "uniform" or "sensitivity",
+    align is set. With a ratio, the kept parameters of all targeted layers stay within
+    ratio * (their dense parameters), up to one decision step per layer.
 
     Raises:
-        ConfigError: the rank exceeds a layer's dimensions (the layer is named) or the ratio cannot
-            be met.
+        ConfigError: a rank that a layer cannot take (the layer is named) or a ratio that cannot be met.
     """
     align = config.align
-    if config.rank is not None:
-        ranks: dict[str, int | None] = {}
-        for l in layers:
-            if config.rank > min(l.out_features, l.in_features):
-                raise ConfigError(f"rank {config.rank} is too large for layer '{l.name}' "
-                                  f"({l.out_features}x{l.in_features}, max rank {min(l.out_features, l.in_features)})")
-            rank = max(_round_down(config.rank, align), min(align, config.rank))
-            ranks[l.name] = rank if l.saves(rank) else None
-        return ranks
-    if config.energy is not None:
-        out: dict[str, int | None] = {}
-        for l in layers:
-            rank = min(_energy_rank(l.energy, float(config.energy), align), min(l.out_features, l.in_features))
-            out[l.name] = rank if l.saves(rank) else None
-        return out
+    if config.rank is not None and align is not None:
+        return {l.name: l.rank_decision(config.rank, align) for l in layers}
+    if config.energy is not None and align is not None:
+        return {l.name: l.energy_decision(config.energy, align) for l in layers}
+    if config.allocation == "auto" or align is None:
+        raise ValueError("allocate() needs a resolved BudgetConfig (call config.resolve(...) first)")
     if config.allocation == "sensitivity":
-        return _greedy_ranks(layers, float(config.ratio), align)
-    return _uniform_ranks(layers, float(config.ratio), align)
+        return _greedy(layers, config.ratio, align)
+    return _uniform(layers, config.ratio, align)
+
+
+def dense_note(layer: BudgetLayer, config: BudgetConfig) -> str:
+    """Why allocation left `layer` dense, for its LayerChange row."""
+    if not layer.decisions(config.align):
+        return f"dense: no decision that is a multiple of align={config.align} would save parameters"
+    if config.rank is not None:
+        return f"dense: factoring would not save parameters at rank {config.rank} (align {config.align})"
+    if config.energy is not None:
+        return f"dense: keeping {config.energy:g} of the energy would not save parameters"
+    return f"dense: the ratio {config.ratio:g} budget leaves room for the whole layer"

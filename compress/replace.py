@@ -16,9 +16,18 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
+from edgeslim.compress.base import LayerChange
 from edgeslim.errors import ConfigError
 
 Targets = str | Sequence[str] | None
+
+# Parents that read a child's tensors instead of calling it: a replacement there would never run.
+# (parent type, child attribute, why). Replacement layers that stand in for nn.Linear also expose a
+# computed `.weight`/`.bias`, so parents that merely peek at them (T5's dtype check) keep working.
+DIRECT_WEIGHT_READERS: tuple[tuple[type[nn.Module], str, str], ...] = (
+    (nn.MultiheadAttention, "out_proj", "nn.MultiheadAttention passes out_proj.weight to "
+                                        "F.multi_head_attention_forward instead of calling out_proj"),
+)
 
 
 def _matches(name: str, targets: Targets) -> bool:
@@ -111,28 +120,60 @@ def select_linear_maps(model: nn.Module, target: Targets = None, exclude: Target
     """Linear maps (nn.Linear, Conv1D) to factorize, and {name: reason} for the matching ones left alone.
 
     Left alone: a weight tied to another parameter (the input embedding of an LM head: factoring it
-    would untie it and add r(m+n) parameters), and the projections of nn.MultiheadAttention (it reads
-    their weight tensors directly, so a replacement module would never be called).
+    would untie it and add r(m+n) parameters), and a module whose parent reads its weight directly
+    (direct_weight_reader: nn.MultiheadAttention's out_proj, so a replacement would never be called).
 
     Raises:
         ConfigError: nothing matches, or every match is left alone (the reasons are named).
     """
     chosen = select_modules(model, target, exclude, types=linear_types())
     tied = tied_parameters(model)
-    in_mha = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-              for c, _ in m.named_children()}
     kept, skipped = [], {}
     for name, module in chosen:
         others = [t for t in tied.get(f"{name}.weight", []) if t != f"{name}.weight"]
+        reader = direct_weight_reader(model, name)
         if others:
             skipped[name] = f"weight tied to {others[0]}: left dense (factoring it would add parameters)"
-        elif name in in_mha:
-            skipped[name] = "read as a raw tensor by nn.MultiheadAttention: left dense"
+        elif reader is not None:
+            skipped[name] = reader
         else:
             kept.append((name, module))
     if not kept:
         raise ConfigError(f"no linear map left to compress: {skipped}")
     return kept, skipped
+
+
+def direct_weight_reader(model: nn.Module, name: str) -> str | None:
+    """Why the module at `name` must be left alone (its parent reads its weight directly), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for kind, attribute, why in DIRECT_WEIGHT_READERS:
+        if isinstance(parent, kind) and child == attribute:
+            return why
+    return None
+
+
+def skipped_change(name: str, module: nn.Module, reason: str) -> LayerChange:
+    """The LayerChange row of a targeted module left as it was because of `reason`."""
+    size = count_params(module)
+    return LayerChange(name, type(module).__name__, size, size, status="skipped", bytes_before=tensor_bytes(module),
+                       bytes_after=tensor_bytes(module), note=f"skipped: {reason}")
+
+
+def recorded_module(model: nn.Module, name: str, types: tuple[type[nn.Module], ...]) -> nn.Module:
+    """The submodule `name` a replay is about to swap, checked to be one of `types`.
+
+    Raises:
+        ConfigError: no such module, or one of another type (both named).
+    """
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ConfigError(f"replay: the model has no module '{name}'") from exc
+    if not isinstance(module, types):
+        raise ConfigError(f"replay: '{name}' is a {type(module).__name__}, expected "
+                          f"{' or '.join(t.__name__ for t in types)}")
+    return module
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -145,3 +186,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def count_params(module: nn.Module) -> int:
     """Number of parameters (shared ones counted once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (shared ones counted once)."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
-from edgeslim.compress.base import (CalibData, CompressResult, Compressor, ConfigBase, LayerChange, _check_targets,
-                                    register, working_copy)
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, register,
+                                    working_copy)
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
-from edgeslim.compress.train import check_finite
+from edgeslim.compress.train import fit
 from edgeslim.errors import ConfigError
+from edgeslim.specs import TensorSpec
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -277,12 +278,6 @@ class DeconvToSubpixelConfig(ConfigBase):
     target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
     exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
 
-    def __post_init__(self) -> None:
-        for key in ("target", "exclude"):
-            _check_targets(getattr(self, key), key)
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
-
 
 @register
 class DeconvToSubpixel(Compressor):
@@ -290,9 +285,10 @@ class DeconvToSubpixel(Compressor):
 
     name = "deconv_to_subpixel"
     Config = DeconvToSubpixelConfig
+    kind = "structural"
 
     def compress(self, model: nn.Module, config: ConfigBase, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
         model = working_copy(model, inplace)
         chosen = [(n, m) for n, m in select_modules(model, config.target, config.exclude, types=(nn.ConvTranspose2d,))
@@ -313,9 +309,9 @@ class DeconvToSubpixel(Compressor):
                                        note=f"exact conversion; max abs diff {diff:.2e} on a random probe"))
             set_submodule(model, name, layer)
             layers[name] = layer.geometry()
-        return CompressResult(model, self.name, config.to_dict(), changes, {"layers": layers})
+        return self.result(model, config, changes, {"layers": layers})
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         for name, geometry in resolved["layers"].items():
             try:
                 model.get_submodule(name)
@@ -332,7 +328,7 @@ class ESPCNConfig(ConfigBase):
     scale: int = 3  # upscaling factor r
     channels: tuple[int, ...] = (64, 32)  # hidden layer widths (paper: 64, 32)
     kernels: tuple[int, ...] = (5, 3, 3)  # kernel sizes, one more than channels (paper: 5, 3, 3)
-    activation: str = "tanh"  # "tanh" (paper) or "relu"
+    activation: Literal["tanh", "relu"] = "tanh"  # "tanh" as in the paper
     in_channels: int = 1  # 1 = Y channel of YCbCr
     steps: int = 2000  # optimizer steps
     batch_size: int = 16  # patches per step, drawn at random from the calibration pool
@@ -340,15 +336,12 @@ class ESPCNConfig(ConfigBase):
     augment: bool = True  # random flips and 90-degree rotations of each batch
     seed: int = 0  # student initialisation and batch sampling
 
-    def __post_init__(self) -> None:
-        for key in ("channels", "kernels"):
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
+    def validate(self) -> None:
         ints = {k: getattr(self, k) for k in ("steps", "batch_size", "in_channels")}
-        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in ints.items() if v < 1}
         if bad:
             raise ConfigError(f"espcn: these must be positive integers: {bad}")
-        if not float(self.lr) > 0:
+        if not self.lr > 0:
             raise ConfigError(f"espcn: lr must be > 0, got {self.lr}")
         ESPCN(self.scale, self.channels, self.kernels, self.activation, self.in_channels)  # validates the rest
 
@@ -358,16 +351,24 @@ def _dihedral(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return t.flip(3) if flip else t
 
 
+def _augment(batch: dict[str, torch.Tensor], target: torch.Tensor | None, gen: torch.Generator
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The same random rotation by k*90 degrees and flip of the LR batch and its HR target."""
+    k, flip = int(torch.randint(4, (1,), generator=gen)), bool(torch.randint(2, (1,), generator=gen))
+    return {"x": _dihedral(batch["x"], k, flip)}, None if target is None else _dihedral(target, k, flip)
+
+
 @register
 class ESPCNTrainer(Compressor):
     """Train an ESPCN student on HR targets, or distil the source model (the teacher) into ESPCN form."""
 
     name = "espcn"
     Config = ESPCNConfig
+    kind = "structural"
     needs_calibration = True
 
     def compress(self, model: nn.Module, config: ConfigBase, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
         if calib is None:
             raise ConfigError("espcn trains a model: give calibration data (LR patches, optionally HR targets)")
@@ -381,47 +382,41 @@ class ESPCNTrainer(Compressor):
             got = None if pool_y is None else tuple(pool_y.shape)
             raise ConfigError(f"espcn x{r}: LR batches {tuple(pool_x.shape)} and HR targets {got} do not fit "
                               f"in_channels={config.in_channels} and scale={r}")
-        teacher = model.eval()
-        torch.manual_seed(config.seed)
-        student = ESPCN(r, config.channels, config.kernels, config.activation, config.in_channels)
-        gen = torch.Generator().manual_seed(config.seed)
-        opt = torch.optim.Adam(student.parameters(), lr=config.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps, eta_min=config.lr / 100)
-        losses = []
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"training ESPCN x{r}", total=config.steps)
-            for _ in range(config.steps):
-                idx = torch.randint(n, (config.batch_size,), generator=gen)
-                k, flip = (int(torch.randint(4, (1,), generator=gen)), bool(torch.randint(2, (1,), generator=gen))) \
-                    if config.augment else (0, False)
-                x = _dihedral(pool_x[idx], k, flip)
-                target = self._target(teacher, x, None if pool_y is None else _dihedral(pool_y[idx], k, flip), r)
-                loss = F.mse_loss(student(x=x), target)
-                check_finite({"loss": loss}, f"espcn x{r} training")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                progress.update(task, advance=1, description=f"training ESPCN x{r} (MSE {loss.item():.2e})")
+        teacher = model
+        self._target(teacher, pool_x[:1], None if pool_y is None else pool_y[:1], r)  # a x`r` upscaler?
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            student = ESPCN(r, config.channels, config.kernels, config.activation, config.in_channels)
+        # the pool reshuffled once, cut into batches that fit() cycles through in a new order each pass
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+        chunks = [order[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
+        data = CalibData(calib.name, [{"x": pool_x[idx]} for idx in chunks],
+                         None if pool_y is None else [pool_y[idx] for idx in chunks])
+        report = fit(student, data, steps=config.steps, lr=config.lr, teacher=teacher, seed=config.seed,
+                     schedule="cosine", lr_end=config.lr / 100, augment=_augment if config.augment else None,
+                     label=f"training ESPCN x{r}")
         student.eval()
         rel = self._rel_error(student, teacher, pool_x[:256], None if pool_y is None else pool_y[:256], r)
-        tail = sum(losses[-50:]) / len(losses[-50:])
+        first, tail = report.losses[0], report.tail_loss(50)
         change = LayerChange("model", f"{type(teacher).__name__} -> ESPCN", count_params(teacher),
                              count_params(student), rel_error=rel,
                              note=f"{'ground truth' if pool_y is not None else 'distilled'} on {calib.name}; "
-                                  f"MSE {losses[0]:.2e} -> {tail:.2e} (last 50 steps)")
+                                  f"MSE {first:.2e} -> {tail:.2e} (last 50 steps)")
         resolved = {"architecture": student.architecture,
                     "training": {"data": calib.name, "samples": n, "targets": pool_y is not None,
-                                 "loss_first": losses[0], "loss_last50": tail}}
-        return CompressResult(student, self.name, config.to_dict(), [change], resolved)
+                                 "loss_first": first, "loss_last50": tail}}
+        return self.result(student, config, [change], resolved)
 
     @staticmethod
     def _target(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor | None, r: int) -> torch.Tensor:
         if y is not None:
             return y
-        with torch.no_grad():
-            y = teacher(x=x)
+        was_training = teacher.training
+        try:
+            with torch.no_grad():
+                y = teacher.eval()(x=x)
+        finally:
+            teacher.train(was_training)
         if tuple(y.shape) != (x.shape[0], x.shape[1], r * x.shape[2], r * x.shape[3]):
             raise ConfigError(f"the teacher maps {tuple(x.shape)} to {tuple(y.shape)}, not a x{r} upscale")
         return y
@@ -432,7 +427,7 @@ class ESPCNTrainer(Compressor):
             ref = self._target(teacher, x, y, r)
             return ((student(x=x) - ref).norm() / ref.norm()).item()
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         return ESPCN(**resolved["architecture"])
 
 

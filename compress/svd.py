@@ -14,25 +14,29 @@ All three solve min ||L (W - A B) R||_F over rank-r factors A (m x r), B (r x n)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from edgeslim.compress.base import (BudgetConfig, CalibData, CompressResult, Compressor, LayerChange, register,
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.calibration import CalibStats, collect_stats
-from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate_ranks
-from edgeslim.compress.replace import linear_view, select_linear_maps, set_submodule
+from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note
+from edgeslim.compress.replace import (linear_types, linear_view, recorded_module, select_linear_maps, set_submodule,
+                                       skipped_change)
 from edgeslim.errors import ConfigError
+from edgeslim.specs import TensorSpec
 
 
 class LowRankLinear(nn.Module):
     """y = second(first(x)): a rank-r factorization of an m x n Linear as two thin Linears.
 
     Parameters: r*(n + m) weights, plus m bias in `second`. Exports to ONNX as a MatMul/Gemm pair.
-    `weight` and `bias` read like a Linear's (the dense product A B), for code that takes a Linear's
-    tensors directly, such as the fused inference path of nn.TransformerEncoderLayer.
+    `weight` and `bias` read like nn.Linear's (weight = A B, computed), so a parent module that
+    peeks at them (T5 checks `wo.weight.dtype`, TransformerEncoderLayer's inference fast path
+    passes `linear1.weight` to a fused kernel) still computes the right thing.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -50,6 +54,7 @@ class LowRankLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The equivalent dense weight A B (m x n), computed on each access."""
         return self.second.weight @ self.first.weight
 
     @property
@@ -160,19 +165,22 @@ class FWSVDConfig(BudgetConfig):
 
     floor: float = 1e-6  # rows with less Fisher than floor * mean row Fisher are raised to it
 
+    def validate(self) -> None:
+        super().validate()
+        if not self.floor > 0.0:
+            raise ConfigError(f"fwsvd floor must be > 0, got {self.floor}")
+
 
 @dataclass(frozen=True)
 class ASVDConfig(BudgetConfig):
     """Activation-aware SVD: whiten by the input second moment, or scale columns by mean |x|^alpha."""
 
-    mode: str = "whiten"  # "whiten" (Cholesky of damped E[x x^T]) | "scale" (diag(mean |x|)^alpha)
+    mode: Literal["whiten", "scale"] = "whiten"  # Cholesky of damped E[x x^T] | diag(mean |x|)^alpha
     damping: float = 1e-2  # added to the diagonal, relative to its mean, so the Cholesky exists
     alpha: float = 0.5  # exponent of the column scaling in "scale" mode
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mode not in ("whiten", "scale"):
-            raise ConfigError(f"asvd mode must be 'whiten' or 'scale', got {self.mode!r}")
+    def validate(self) -> None:
+        super().validate()
         if not self.damping > 0.0:
             raise ConfigError(f"asvd damping must be > 0, got {self.damping}")
 
@@ -189,7 +197,7 @@ class _LowRankCompressor(Compressor):
         return None, None, 1.0
 
     def compress(self, model: nn.Module, config: BudgetConfig, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
         if self.needs_calibration and calib is None:
             raise ConfigError(f"'{self.name}' needs calibration data (e.g. calib = \"bbc-news:256\")")
@@ -197,14 +205,15 @@ class _LowRankCompressor(Compressor):
         if calib is not None and (self.fisher or self.activations):
             names = [n for n, _ in select_linear_maps(model, config.target, config.exclude)[0]]
             stats = collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
-        return self.compress_with_stats(model, config, stats, inplace=inplace)
+        return self.compress_with_stats(model, config, stats, inplace=inplace, context=context)
 
     def compress_with_stats(self, model: nn.Module, config: BudgetConfig, stats: CalibStats | None,
-                            inplace: bool = False) -> CompressResult:
+                            inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         """compress() with calibration statistics already collected (reused across budgets)."""
-        config = self.make_config(config)
+        config = self.make_config(config).resolve(data_aware=self.data_aware and stats is not None, context=context)
         model = working_copy(model, inplace)
         chosen, skipped = select_linear_maps(model, config.target, config.exclude)
+        changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]
         facts, spectra = {}, []
         for name, module in chosen:
             view = linear_view(module)
@@ -213,37 +222,35 @@ class _LowRankCompressor(Compressor):
             spectra.append(LayerSpectrum(name, view.out_features, view.in_features,
                                          0 if view.bias is None else view.out_features,
                                          facts[name].s.square(), scale))
-        ranks = allocate_ranks(spectra, config)
-        changes = []
+        ranks = allocate(spectra, config)
         for (name, module), spec in zip(chosen, spectra):
             rank = ranks[name]
+            weight, bias, _ = linear_view(module)
+            item = weight.element_size()
             if rank is None:
+                changes.append(LayerChange(name, type(module).__name__, spec.dense_params, spec.dense_params, status="dense",
+                                           bytes_before=item * spec.dense_params, bytes_after=item * spec.dense_params,
+                                           rel_error=0.0, note=dense_note(spec, config)))
                 continue
-            weight, bias, kind = linear_view(module)
             left, right = facts[name].factors(rank)
             bias = bias.detach() if bias is not None else None
             set_submodule(model, name, LowRankLinear.from_factors(left, right, bias, dtype=weight.dtype))
-            lost = float(spec.energy[rank:].sum())
             changes.append(LayerChange(name, f"{type(module).__name__} -> LowRankLinear", spec.dense_params,
-                                       spec.lowrank_params(rank), rank, facts[name].rel_error(rank),
-                                       self.sensitivity(lost, config)))
+                                       spec.params_at(rank), rank, bytes_before=item * spec.dense_params,
+                                       bytes_after=item * spec.params_at(rank), rel_error=facts[name].rel_error(rank),
+                                       sensitivity=self.sensitivity(float(spec.energy[rank:].sum()), config)))
         resolved = {"ranks": {n: r for n, r in ranks.items() if r is not None},
                     "dense": [n for n, r in ranks.items() if r is None], "skipped": skipped}
-        return CompressResult(model, self.name, config.to_dict(), changes, resolved)
+        return self.result(model, config, changes, resolved)
 
     def sensitivity(self, lost_energy: float, config: BudgetConfig) -> float | None:
         """Estimated task-loss or output change from this layer's truncation; None when unknown."""
         return None
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Swap the recorded linear maps for empty LowRankLinears of the recorded ranks (weights load after)."""
         for name, rank in resolved.get("ranks", {}).items():
-            try:
-                view = linear_view(model.get_submodule(name))
-            except AttributeError as exc:
-                raise ConfigError(f"replay: the model has no module '{name}'") from exc
-            except ConfigError as exc:
-                raise ConfigError(f"replay: '{name}': {exc}") from exc
+            view = linear_view(recorded_module(model, name, linear_types()))
             set_submodule(model, name, LowRankLinear(view.in_features, view.out_features, int(rank),
                                                      bias=view.bias is not None, dtype=view.weight.dtype,
                                                      device=view.weight.device))
@@ -256,6 +263,7 @@ class SVD(_LowRankCompressor):
 
     name = "svd"
     Config = SVDConfig
+    kind = "structural"
 
     def weighting(self, name, linear, config, stats):
         # no data: layers compared by the fraction of their spectral energy lost
@@ -268,7 +276,9 @@ class FWSVD(_LowRankCompressor):
 
     name = "fwsvd"
     Config = FWSVDConfig
+    kind = "structural"
     needs_calibration = True
+    data_aware = True
     fisher = True
 
     def weighting(self, name, linear, config, stats):
@@ -288,7 +298,9 @@ class ASVD(_LowRankCompressor):
 
     name = "asvd"
     Config = ASVDConfig
+    kind = "structural"
     needs_calibration = True
+    data_aware = True
     activations = True
 
     def weighting(self, name, linear, config, stats):

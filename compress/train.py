@@ -1,21 +1,25 @@
-"""Short fine-tuning ("healing") after compression, shared by every compressor family.
+"""The one training loop (`fit`), shared by every family, and the `heal` step built on it.
 
 Loss: the task loss of CalibData.targets (cross-entropy on logits for integer class targets, MSE
-for float targets). Distillation from the original model is the same loop with the original's
-outputs as float targets (`teacher_targets`), computed before the model is compressed.
+for float targets). Without targets, `fit` distils toward a teacher (the original model): the
+teacher's outputs on each batch are the targets.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
-from edgeslim.compress.base import CalibData, CompressResult, Compressor, ConfigBase, register, working_copy
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import CompressContext, CompressResult, Compressor, ConfigBase, register, working_copy
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.specs import TensorSpec
+
+Batch = dict[str, torch.Tensor]
+Augment = Callable[[Batch, torch.Tensor | None, torch.Generator], tuple[Batch, torch.Tensor | None]]
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor | None], where: str) -> None:
@@ -45,69 +49,134 @@ def teacher_targets(model: nn.Module, data: CalibData) -> CalibData:
     """The same batches with the model's current outputs as targets (distillation from the original)."""
     was_training = model.training
     model.eval()
-    outputs = [model(**batch).detach() for _, batch, _ in data]
-    model.train(was_training)
+    try:
+        outputs = [model(**batch).detach() for _, batch, _ in data]
+    finally:
+        model.train(was_training)
     return CalibData(f"{data.name} (distilled)", data.batches, outputs)
 
 
 @dataclass
-class HealReport:
-    """What a healing run did."""
+class FitReport:
+    """What a training run did."""
 
     steps: int
     losses: list[float] = field(default_factory=list)  # loss at every step
 
+    def tail_loss(self, last: int = 10) -> float:
+        """Mean loss of the last `last` steps."""
+        tail = self.losses[-last:]
+        return sum(tail) / len(tail)
+
     @property
     def final_loss(self) -> float:
-        tail = self.losses[-10:]
-        return sum(tail) / len(tail)
+        return self.tail_loss(10)
+
+
+def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: int | None = None, lr: float,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, teacher: nn.Module | None = None,
+        params: Iterable[nn.Parameter] | None = None, seed: int = 0, progress: bool = True,
+        weight_decay: float = 0.0, max_grad_norm: float | None = None,
+        schedule: Literal["linear", "cosine", "constant"] = "linear", lr_end: float = 0.0,
+        augment: Augment | None = None, label: str = "training") -> FitReport:
+    """Train `model` in place with AdamW over `data` (batches cycled, reshuffled every pass).
+
+    Every family that trains calls this: healing after low-rank/MPO/pruning, adapter training,
+    training a new model (ESPCN, factorized convs from scratch).
+
+    Args:
+        model: trained in place; its train/eval mode is restored at the end.
+        data: keyword batches for `model(**batch)`, with targets, or without them and a teacher.
+        steps, epochs: length of the run; exactly one (epochs = passes over data.batches).
+        lr: peak learning rate.
+        loss: loss(output, target) -> scalar; default `task_loss` (cross-entropy for integer
+            targets, MSE for float targets).
+        teacher: used when data has no targets: its outputs (eval mode, no grad) on each batch,
+            after augmentation, are the targets (distillation toward the original model).
+        params: the parameters to train (default: every parameter of model that requires grad).
+        seed: batch order, augmentation and the model's own randomness (dropout) come from a forked
+            RNG seeded with it; the caller's global RNG state is left as it was.
+        progress: show a tqdm progress bar with the current loss.
+        weight_decay, max_grad_norm: AdamW decoupled weight decay, gradient clipping (None: off).
+        schedule, lr_end: learning-rate decay from lr to lr_end over the run ("constant": none).
+        augment: augment(batch, target, generator) -> (batch, target), applied to every batch.
+        label: what the progress bar and error messages call this run.
+
+    Returns:
+        FitReport with the loss of every step.
+
+    Raises:
+        ConfigError: no targets and no teacher, bad steps/epochs/lr, or targets that do not fit.
+        SourceError: a batch, the loss or the gradient is NaN/Inf (step and batch named).
+    """
+    from tqdm.auto import tqdm
+
+    if (steps is None) == (epochs is None):
+        raise ConfigError(f"{label}: give steps or epochs (one of them), got steps={steps}, epochs={epochs}")
+    total = steps if steps is not None else epochs * len(data.batches)
+    if total < 1 or not lr > 0:
+        raise ConfigError(f"{label} needs steps (or epochs) >= 1 and lr > 0, got steps={steps}, epochs={epochs}, lr={lr}")
+    if data.targets is None and teacher is None:
+        raise ConfigError(f"{label} needs targets: '{data.name}' has none; pass teacher=<the original model> "
+                          "to distil toward it")
+    loss = loss or task_loss
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=lr_end)
+    else:
+        end = 1.0 if schedule == "constant" else lr_end / lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - (1.0 - end) * s / total)
+    report, order = FitReport(total), []
+    modes = [(m, m.training) for m in (model, teacher) if m is not None]
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        model.train()
+        if teacher is not None:
+            teacher.eval()
+        try:
+            with tqdm(total=total, desc=f"{label} on {data.name}", disable=not progress, leave=False) as bar:
+                for step in range(total):
+                    if not order:
+                        order = torch.randperm(len(data.batches), generator=gen).tolist()
+                    i = order.pop()
+                    where = f"{label} step {step}, batch {i} of '{data.name}'"
+                    batch, target = data.batches[i], None if data.targets is None else data.targets[i]
+                    if augment is not None:
+                        batch, target = augment(batch, target, gen)
+                    if target is None:
+                        with torch.no_grad():
+                            target = teacher(**batch).detach()
+                    check_finite({**batch, "target": target}, where)
+                    value = loss(model(**batch), target)
+                    check_finite({"loss": value}, where)
+                    opt.zero_grad(set_to_none=True)
+                    value.backward()
+                    if max_grad_norm is not None:
+                        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                        check_finite({"gradient norm": norm}, where)
+                    opt.step()
+                    sched.step()
+                    report.losses.append(float(value.detach()))
+                    bar.set_postfix(loss=f"{report.losses[-1]:.4g}", refresh=False)
+                    bar.update()
+        finally:
+            for m, was_training in modes:
+                m.train(was_training)
+    return report
 
 
 def heal(model: nn.Module, data: CalibData, steps: int = 200, lr: float = 5e-5, weight_decay: float = 0.01,
-         max_grad_norm: float = 1.0, seed: int = 0, progress: bool = True) -> HealReport:
-    """Fine-tune `model` in place for `steps` AdamW steps over `data` (cycled, reshuffled each pass).
+         max_grad_norm: float = 1.0, seed: int = 0, progress: bool = True,
+         teacher: nn.Module | None = None) -> FitReport:
+    """Fine-tune a compressed `model` in place: `fit` with AdamW, linear decay to 0, gradient clipping.
 
-    The learning rate decays linearly to zero. The model is left in eval mode.
-
-    Raises:
-        ConfigError: data has no targets (use teacher_targets for distillation) or a bad setting.
-        SourceError: a batch, the loss or the gradient is NaN/Inf (step and batch named).
+    Without targets in `data`, pass the original model as `teacher` to distil toward it.
     """
-    if data.targets is None:
-        raise ConfigError(f"healing needs targets: '{data.name}' has none; for distillation pass "
-                          "teacher_targets(original_model, data), computed before compression")
-    if steps < 1 or lr <= 0:
-        raise ConfigError(f"healing needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    report = HealReport(steps)
-    model.train()
-    try:
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task(f"healing on {data.name}", total=steps)
-            for step in range(steps):
-                if not order:
-                    order = torch.randperm(len(data.batches), generator=gen).tolist()
-                i = order.pop()
-                where = f"healing step {step}, batch {i} of '{data.name}'"
-                batch, target = data.batches[i], data.targets[i]
-                check_finite({**batch, "target": target}, where)
-                loss = task_loss(model(**batch), target)
-                check_finite({"loss": loss}, where)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                check_finite({"gradient norm": norm}, where)
-                opt.step()
-                sched.step()
-                report.losses.append(float(loss.detach()))
-                bar.update(task, advance=1, description=f"healing on {data.name} loss {report.losses[-1]:.4f}")
-    finally:
-        model.eval()
-    return report
+    return fit(model, data, steps=steps, lr=lr, teacher=teacher, seed=seed, progress=progress,
+               weight_decay=weight_decay, max_grad_norm=max_grad_norm, label="healing")
 
 
 @dataclass(frozen=True)
@@ -120,8 +189,8 @@ class HealConfig(ConfigBase):
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0  # order of the batches
 
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+    def validate(self) -> None:
+        if self.steps < 1:
             raise ConfigError(f"heal steps must be a positive integer, got {self.steps!r}")
         if not self.lr > 0:
             raise ConfigError(f"heal lr must be > 0, got {self.lr}")
@@ -133,18 +202,19 @@ class Heal(Compressor):
 
     name = "heal"
     Config = HealConfig
+    kind = "training"
     needs_calibration = True
     distils = True
 
     def compress(self, model: nn.Module, config: HealConfig, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
         if calib is None:
-            raise ConfigError("'heal' needs training data with targets (calib = ...)")
+            raise ConfigError("'heal' needs training data (calib = ...): with targets, or distilled from the "
+                              "original model (the pipeline does that; in Python use teacher_targets)")
         model = working_copy(model, inplace)
         report = heal(model, calib, config.steps, config.lr, config.weight_decay, config.max_grad_norm, config.seed)
-        return CompressResult(model, self.name, config.to_dict(), [],
-                              {"steps": report.steps, "final_loss": report.final_loss})
+        return self.result(model, config, [], {"steps": report.steps, "final_loss": report.final_loss})
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         return model

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from edgeslim.errors import ConfigError
-from edgeslim.files import atomic_path
+from edgeslim.files import OutputKind, replace_output
 
 ENV = "EDGESLIM_CACHE"
+ENTRY = OutputKind("edgeslim cache entry", True, marker="model.safetensors")  # built once, never replaced
 
 
 def root() -> Path:
@@ -35,7 +36,7 @@ def entry(name: str, build: Callable[[Path], None], announce: Callable[[str], No
         return path
     if announce:
         announce(f"building {name} once into the cache {path} (set {ENV} to move it)")
-    with atomic_path(path) as tmp:
+    with replace_output(path, ENTRY) as tmp:
         tmp.mkdir()
         build(tmp)
     return path

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edgeslim.errors import ConfigError, EdgeslimError
-from edgeslim.pipeline import DEFAULT_OUT
+from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
+from edgeslim.files import safe_stem
+from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
 TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-classification, feature-extraction, "
              "image-classification, seq2seq (default: its config.json's architectures)")
@@ -21,31 +22,53 @@ def _console():
     return Console()
 
 
-def _value(text: str) -> Any:
-    """A --set value as TOML (numbers, booleans, lists), else the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+def _sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
+    """--set KEY=VALUE options, each value converted by the annotation of its config field."""
+    from edgeslim.config import parse_text
+
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        owner = step_keys if step_keys is not None and key in step_keys.__dataclass_fields__ else config_cls
+        out[key] = parse_text(owner, key, val, where=f"--set {key}")
+    return out
 
 
 def _ints(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",")]
+        values = [int(x) for x in text.split(",")]
     except ValueError as exc:
-        raise ConfigError(f"--batch takes comma-separated integers, got {text!r}") from exc
+        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}") from exc
+    if min(values) < 1:
+        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _dims(pairs: tuple[str, ...]) -> dict[str, int]:
     out = {}
     for p in pairs:
         key, _, val = p.partition("=")
-        if not val.isdigit():
-            raise ConfigError(f"--dim takes NAME=SIZE (e.g. sequence=128), got {p!r}")
+        if not key.isidentifier() or not val.isdigit() or int(val) < 1:
+            raise ConfigError(f"--dim takes NAME=SIZE with a positive SIZE (e.g. sequence=128), got {p!r}")
         out[key] = int(val)
     return out
+
+
+def trust_options(command: Any) -> Any:
+    """--source and --trust-source: the factories an artifact's manifest may name (`edgeslim.trust`)."""
+    command = click.option("--trust-source", is_flag=True,
+                           help="replay whatever pkg.mod:factory an artifact names (imports and runs that code)")(command)
+    return click.option("--source", "trusted", metavar="PKG.MOD:FACTORY",
+                        help="the factory you allow an artifact to name as its source")(command)
+
+
+def _trust(trusted: str | None, trust_source: bool) -> Any:
+    from edgeslim.trust import Trust
+    return Trust(trusted, trust_source)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,12 +81,18 @@ def cli() -> None:
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", default=str(DEFAULT_OUT), show_default=True, help="output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
-def run(recipe: str | None, out_dir: str, quiet: bool) -> None:
+@trust_options
+def run(recipe: str | None, out_dir: str, quiet: bool, trusted: str | None, trust_source: bool) -> None:
     """Whole pipeline from a RECIPE.toml; without one, the built-in demo on the packaged MiniLM."""
+    import dataclasses
+
     from edgeslim import pipeline
     from edgeslim.report import speed_rows
 
     plan = pipeline.load_recipe(recipe) if recipe else pipeline.parse_recipe(pipeline.DEMO_RECIPE, "demo")
+    _trust(trusted, trust_source)  # a malformed --source is an error before any work
+    plan = dataclasses.replace(plan, source_factory=trusted or plan.source_factory,
+                               trust_source=trust_source or plan.trust_source)
     summary = pipeline.run(plan, out_dir, quiet)
     _print_summary(summary, speed_rows(summary))
 
@@ -110,30 +139,34 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--weights", help="weights file for a pkg.mod:factory source")
 @click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
 @click.option("--task", help=TASK_HELP)
+@click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
+              help="target the decisions are made for (its align rounds ranks), as in `run`")
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
+@trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, task: str | None, out: str | None) -> None:
+             weights: str | None, inputs: str | None, task: str | None, profile: str, out: str | None,
+             trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
-    from edgeslim.pipeline import compress_to_artifact
+    from edgeslim.compress.base import get_compressor
+    from edgeslim.pipeline import StepSection, compress_to_artifact
 
     step: dict[str, Any] = {"method": method}
     for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("calib", calib), ("target", target),
                      ("exclude", exclude)):
         if val is not None:
             step[key] = val
-    for item in sets:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        step[key] = _value(val)
-    out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
-    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, task=task)
+    step |= _sets(sets, get_compressor(method).Config, StepSection)
+    out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
+    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
+                                                               trust=_trust(trusted, trust_source), task=task)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
+    counts = Counter(c.status for r in results for c in r.changes)
     console = _console()
     for name, reason in results[-1].resolved.get("skipped", {}).items():
         console.print(f"note: {name}: {reason}")
-    console.print(f"{len(results[-1].changes)} module(s) replaced; targeted parameters {before:,} -> {after:,}; "
+    console.print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
+                  f"targeted parameters {before:,} -> {after:,}; "
                   f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
                   f"{sum(p.numel() for p in compressed.model.parameters()):,} ({original.task})\nartifact: {path}")
 
@@ -143,15 +176,25 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
 @click.option("--task", help=TASK_HELP)
+@click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
+@click.option("--unmerged", is_flag=True, help="adapters: keep LoRA and PHM layers as trained (default: merged)")
 @click.option("-o", "--out", help="output file")
-def export(item: str, to: str, profile: str | None, task: str | None, out: str | None) -> None:
+@trust_options
+def export(item: str, to: str, profile: str | None, task: str | None, base: str | None, unmerged: bool,
+           out: str | None, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
-    from edgeslim.pipeline import export_model
+    from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
 
-    loaded = load_model(item, task=task)
+    trust = _trust(trusted, trust_source)
     suffix = ".engine" if to == "tensorrt" else ".onnx"
-    path = Path(out) if out else DEFAULT_OUT / (Path(item).name.removesuffix(".slim") + suffix)
+    path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
+    check_export_paths(path, to)  # before any work: never over a foreign file or folder
+    loaded = load_model(item, task=task, trust=trust, base=base)
+    from edgeslim.compress.compacter import METHODS, merge_for_export
+    if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
+        import dataclasses
+        loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
     info = export_model(loaded, to, path, profile)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
@@ -162,14 +205,15 @@ def export(item: str, to: str, profile: str | None, task: str | None, out: str |
 
 @cli.command()
 @click.argument("item")
-@click.option("--profile", "profile", default="cpu-ort-fp32", show_default=True, help="target profile")
+@click.option("--profile", "profile", default=DEFAULT_PROFILE, show_default=True, help="target profile")
 @click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@trust_options
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool) -> None:
+            as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
     import torch
     from rich.table import Table
@@ -177,9 +221,12 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     from edgeslim.pipeline import profile_file, profile_target
     from edgeslim.report import ms, si
 
-    target, loaded = profile_target(item, profile, quiet=as_json)
-    rows = profile_file(target, loaded, profile, _ints(batch), _dims(dims), warmup, iters,
-                        roofline=not isinstance(loaded.model, torch.nn.Identity))
+    if warmup < 0 or iters < 1:
+        raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
+    batches, sizes = _ints(batch), _dims(dims)
+    with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
+        rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
+                            roofline=not isinstance(loaded.model, torch.nn.Identity))
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
@@ -203,14 +250,20 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
               help="evaluate this exported ONNX file (ITEM supplies task, tokenizer and the original)")
 @click.option("--task", help=TASK_HELP)
 @click.option("--batch", "batch_size", default=8, show_default=True, help="batch size")
+@click.option("--reference", help="the original model, for the agreement of an encoder artifact whose source "
+              "is not a zoo model (a Hugging Face folder or pkg.mod:factory)")
+@click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_size: int, as_json: bool) -> None:
+@trust_options
+def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_size: int, reference: str | None,
+          base: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """The task's metric on your data: perplexity, accuracy + macro-F1, cosine agreement or Y-PSNR/SSIM."""
     from edgeslim.evaluate import evaluate, reference_of
     from edgeslim.sources import load_model
 
-    loaded = load_model(item, task=task)
-    result = evaluate(loaded, data, reference_of(item), onnx_file, batch_size, progress=not as_json)
+    loaded = load_model(item, task=task, trust=_trust(trusted, trust_source), base=base)
+    original = reference_of(item, loaded, reference) if loaded.task == "feature-extraction" else None
+    result = evaluate(loaded, data, original, onnx_file, batch_size, progress=not as_json)
     result.model = str(onnx_file or item)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())
 
@@ -226,12 +279,12 @@ def list_(what: str) -> None:
         import dataclasses
 
         from edgeslim.compress.base import list_compressors
-        for col in ("name", "needs calib", "config keys", "what it does"):
+        for col in ("name", "kind", "needs calib", "config keys", "what it does"):
             table.add_column(col)
         for name, cls in list_compressors().items():
             keys = ", ".join(f.name for f in dataclasses.fields(cls.Config))
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            table.add_row(name, "yes" if cls.needs_calibration else "no", keys, doc)
+            table.add_row(name, cls.kind, "yes" if cls.needs_calibration else "no", keys, doc)
     elif what == "profiles":
         from edgeslim.runtime.targets import list_profiles
         for col in ("name", "runtime", "device", "precision", "keys"):
@@ -271,12 +324,16 @@ def inspect(path: str, as_json: bool) -> None:
     console = _console()
     console.print(f"[bold]{path}[/]  format {manifest['format_version']}, edgeslim {manifest.get('edgeslim_version')}")
     console.print(f"source: {src['kind']} {src['identifier']} (version {src.get('version')}, sha256 {str(src.get('sha256'))[:16]}...)")
+    if manifest.get("kind") == "adapter":
+        console.print(f"adapter artifact: needs its base (state sha256 {str(manifest.get('base_sha256'))[:16]}...); "
+                      f"labels {manifest.get('labels')}")
     console.print("inputs: " + ", ".join(f"{i['name']}{tuple(i['shape'])} {i['dtype']}" for i in manifest["inputs"]))
     for i, step in enumerate(manifest["steps"]):
         changes = step.get("changes", [])
         before, after = sum(c["params_before"] for c in changes), sum(c["params_after"] for c in changes)
         console.print(f"step {i + 1}: {step['method']} {json.dumps(step['config'])}")
-        console.print(f"  {len(changes)} module(s) changed, parameters {before:,} -> {after:,}; "
+        changed = sum(c.get("status", "replaced") not in ("dense", "skipped") for c in changes)
+        console.print(f"  {changed} of {len(changes)} targeted module(s) changed, parameters {before:,} -> {after:,}; "
                       f"calibration: {step.get('resolved', {}).get('calib')}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
@@ -304,7 +361,7 @@ def cache_(action: str, name: str | None) -> None:
 
 @cli.group()
 def train() -> None:
-    """Train the models edgeslim ships (e.g. ESPCN super-resolution)."""
+    """Train the models edgeslim ships (ESPCN super-resolution) and task adapters on your data."""
 
 
 @train.command(name="espcn")
@@ -321,36 +378,93 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
     _console().print(f"ESPCN x{scale}: {params:,} parameters, {steps} steps\nartifact: {path}")
 
 
+@train.command(name="adapter")
+@click.argument("source")
+@click.option("--data", required=True, help="training data: JSONL {\"text\", \"label\"} lines, CSV with those columns, or bbc-news[:N]")
+@click.option("--eval", "eval_data", help="held-out data in the same forms (bbc-news: its test split)")
+@click.option("-m", "--method", default="compacter", show_default=True,
+              type=click.Choice(["compacter", "compacter_pp", "lora", "bottleneck", "head"]))
+@click.option("--epochs", type=int, help="passes over the training data (default: the method's)")
+@click.option("--lr", type=float, help="peak learning rate (default: the method's)")
+@click.option("--batch", "batch_size", default=16, show_default=True, help="training batch size")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
+@click.option("-o", "--out", help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
+def train_adapter(source: str, data: str, eval_data: str | None, method: str, epochs: int | None, lr: float | None,
+                  batch_size: int, sets: tuple[str, ...], out: str | None) -> None:
+    """Train a task adapter on your labelled texts over a frozen SOURCE; the artifact holds only the adapter."""
+    from edgeslim.adapter import train_adapter as train_fn
+    from edgeslim.compress.base import get_compressor
+    from edgeslim.data import load_labelled
+    from edgeslim.report import si
+
+    settings = _sets(sets, get_compressor(method).Config) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    test = load_labelled(eval_data, "test") if eval_data else None
+    out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
+    summary = train_fn(source, load_labelled(data, "train"), out, method, settings, test, batch_size, data)
+    console = _console()
+    console.print(f"{method} on {source}: {len(summary['labels'])} labels {summary['labels'][:8]}; trainable "
+                  f"parameters {summary['trainable_params']:,} of {summary['total_params']:,} "
+                  f"({summary['trainable_fraction']:.3%})")
+    if "eval" in summary:
+        ev = summary["eval"]
+        console.print(f"eval on {eval_data} ({ev['samples']} examples): accuracy {ev['accuracy']:.4f}, "
+                      f"macro-F1 {ev['macro_f1']:.4f}")
+    console.print(f"adapter artifact: {summary['artifact']} ({si(summary['artifact_bytes'], 'B')}; weights "
+                  f"{si(summary['weights_bytes'], 'B')}; needs its base {source})")
+
+
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, help="output image file")
 @click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
-def upscale(image: str, out: str, model: str) -> None:
+@trust_options
+def upscale(image: str, out: str, model: str, trusted: str | None, trust_source: bool) -> None:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
+    from edgeslim.files import IMAGE, check_output
     from edgeslim.images import upscale_file
     from edgeslim.sources import load_model, sr_scale
 
-    loaded = load_model(model)
+    trust = _trust(trusted, trust_source)
+    check_output(out, IMAGE)
+    loaded = load_model(model, trust=trust)
     scale = sr_scale(loaded.model)
     upscale_file(image, out, loaded.model, scale)
     _console().print(f"wrote {out} (x{scale} with {model})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turn edgeslim errors into a one-line message and an exit code."""
+    """Entry point: run the CLI; every refusal is one line on stderr with its exit code.
+
+    Exit codes: 0 ok, 1 the system refused a read or write (disk full, ...), 2 bad config, option or
+    output path, 3 unreadable, corrupt or untrusted source/file, 4 missing optional dependency,
+    5 export validation failure, 130 interrupted. Anything else is a bug and keeps its traceback.
+    """
     import warnings
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:
-        click.echo(f"error: {exc}", err=True)
+        text = str(exc) if isinstance(exc, ExportValidationError) else " ".join(str(exc).split())
+        click.echo(f"error: {text}", err=True)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # `edgeslim` alone: the help
+            click.echo(exc.ctx.get_help())
+            return 0
+        if exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+        click.echo(f"error: {' '.join(exc.format_message().split())} (see edgeslim "
+                   f"{exc.ctx.command_path.partition(' ')[2] + ' ' if exc.ctx else ''}-h)", err=True)
         return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        return exc.exit_code
+    except OSError as exc:
+        click.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
+        return 1
     return 0
 
 

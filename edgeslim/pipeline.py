@@ -7,82 +7,156 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from edgeslim import artifact
-from edgeslim.compress.base import CompressResult, get_compressor
-from edgeslim.data import load_calibration
+from edgeslim.compress.base import CompressContext, CompressResult, get_compressor
+from edgeslim.config import ConfigBase
+from edgeslim.data import load_calibration, missing_calibration_message
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.files import ARTIFACT, ONNX, REPORT, check_output, plain_stem, replace_output, safe_stem
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.specs import example_feeds
+from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
-RECIPE_KEYS = ("source", "weights", "inputs", "name", "step", "export", "profile", "eval")
-STEP_KEYS = ("method", "calib", "calib_batch")  # plus the compressor's own config keys
-EXPORT_KEYS = ("to", "opset")
-PROFILE_KEYS = ("name", "batch", "dims", "warmup", "iters")
+DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
 
-# The built-in demo: packaged MiniLM, plain SVD at a 0.5 kept ratio of its encoder linears.
+# The built-in demo: packaged MiniLM, activation-aware SVD at a 0.5 kept ratio of its encoder linears with
+# sensitivity allocation, calibrated on BBC News TRAINING articles; checked on the demo sentences (other data).
 DEMO_RECIPE: dict[str, Any] = {
-    "source": "minilm", "name": "minilm-svd",
-    "step": [{"method": "svd", "ratio": 0.5, "target": r".*encoder\.layer\.\d+\..*"}],
+    "source": "minilm", "name": "minilm-asvd",
+    "step": [{"method": "asvd", "ratio": 0.5, "allocation": "sensitivity", "calib": "bbc-news:256",
+              "target": r".*encoder\.layer\.\d+\..*"}],
     "export": {"to": "onnx"},
     "profile": {"name": "cpu-ort-fp32", "batch": [1, 8], "dims": {"sequence": 128}, "iters": 20},
     "eval": "sentences",
 }
 
 
+@dataclass(frozen=True)
+class StepSection(ConfigBase):
+    """The pipeline's own keys of a [[step]]; every other key belongs to the compressor's config."""
+
+    method: str  # a registered compressor (edgeslim list compressors)
+    calib: str | None = None  # calibration data: NAME[:COUNT] or a file/folder of the user's inputs
+    calib_batch: int = 16  # batch size of the calibration data
+
+
+@dataclass(frozen=True)
+class ExportSection(ConfigBase):
+    """[export]: the device format."""
+
+    to: Literal["onnx", "tensorrt"] = "onnx"
+    opset: int = 20
+
+
+@dataclass(frozen=True)
+class ProfileSection(ConfigBase):
+    """[profile]: the target and how to measure on it."""
+
+    name: str = DEFAULT_PROFILE  # shipped profile name or a .toml path
+    batch: tuple[int, ...] | None = None  # None: the profile's own batch list
+    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dims when profiling
+    warmup: int = 5
+    iters: int = 30
+
+    def validate(self) -> None:
+        if self.batch is not None and (not self.batch or min(self.batch) < 1):
+            raise ConfigError(f"[profile]: 'batch' must be a non-empty list of positive integers, got {list(self.batch)}")
+        if any(v < 1 for v in self.dims.values()) or self.warmup < 0 or self.iters < 1:
+            raise ConfigError(f"[profile]: dims must be >= 1, warmup >= 0 and iters >= 1, got dims {self.dims}, "
+                              f"warmup {self.warmup}, iters {self.iters}")
+
+
+@dataclass(frozen=True)
+class RecipeSection(ConfigBase):
+    """The top level of a recipe."""
+
+    source: str  # a zoo name, a Hugging Face folder, pkg.mod:factory or an artifact
+    name: str | None = None  # output name stem (default: source stem + methods)
+    weights: str | None = None  # weights file of a factory source
+    inputs: str | None = None  # inputs of a factory source, e.g. "x:batch,16"
+    step: tuple[dict[str, Any], ...] = ()
+    export: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+    eval: str | None = None  # data to compare original and compressed outputs on
+    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (like --source)
+    trust_source: bool = False  # replay any factory an artifact source names (like --trust-source)
+
+
 @dataclass
 class Recipe:
-    """A whole run: source, steps, export target, profile. Parsed from TOML, unknown keys are errors."""
+    """A whole run, as parse_recipe builds it from the checked sections (their defaults apply)."""
 
     source: str
     steps: list[dict[str, Any]]
     name: str
-    weights: str | None = None
-    inputs: str | None = None
-    export_to: str | None = "onnx"
-    opset: int = 20
-    profile: str | None = "cpu-ort-fp32"
-    batches: list[int] | None = None  # None: the profile's own batch list
-    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dims when profiling
-    warmup: int = 5
-    iters: int = 30
-    eval: str | None = None  # data to compare original and compressed outputs on
+    weights: str | None
+    inputs: str | None
+    export_to: str
+    opset: int
+    profile: str
+    batches: list[int] | None  # None: the profile's own batch list
+    dims: dict[str, int]  # sizes of named dims when profiling
+    warmup: int
+    iters: int
+    eval: str | None  # data to compare original and compressed outputs on
+    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (as --source)
+    trust_source: bool = False  # replay any factory an artifact source names (as --trust-source)
+
+    @property
+    def trust(self) -> Trust:
+        return Trust(self.source_factory, self.trust_source)
 
 
-def _only(keys: Sequence[str], data: Mapping[str, Any], where: str) -> None:
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {list(keys)}")
+def split_step(step: Mapping[str, Any], where: str = "step") -> tuple[StepSection, dict[str, Any]]:
+    """A [[step]] as its pipeline keys (checked) and the compressor's own config keys."""
+    own = {f.name for f in dataclasses.fields(StepSection)}
+    return (StepSection.from_dict({k: v for k, v in step.items() if k in own}, where),
+            {k: v for k, v in step.items() if k not in own})
 
 
 def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
-    """Check a parsed recipe and build a Recipe (errors name the key and the allowed ones)."""
-    _only(RECIPE_KEYS, data, origin)
-    if "source" not in data:
-        raise ConfigError(f"{origin}: 'source' is required (a zoo name, a Hugging Face folder, pkg.mod:factory)")
-    steps = data.get("step", [])
-    if not isinstance(steps, list) or not all(isinstance(s, dict) and "method" in s for s in steps):
+    """Check a whole parsed recipe and build a Recipe (errors name the key and the allowed ones).
+
+    Everything is checked before any work: keys, types, step configs, the names of the profile and
+    the eval data, the factory to trust, and a plain output name.
+    """
+    top = RecipeSection.from_dict(data, origin)
+    if not all(isinstance(s, dict) and "method" in s for s in top.step):
         raise ConfigError(f"{origin}: each [[step]] needs a 'method' (see `edgeslim list compressors`)")
-    for i, step in enumerate(steps):  # validate configs now, before any slow work
-        comp = get_compressor(step["method"])
-        comp.make_config({k: v for k, v in step.items() if k not in STEP_KEYS})
-    exp, prof = data.get("export", {}), data.get("profile", {})
-    _only(EXPORT_KEYS, exp, f"{origin} [export]")
-    _only(PROFILE_KEYS, prof, f"{origin} [profile]")
-    if exp.get("to", "onnx") not in ("onnx", "tensorrt"):
-        raise ConfigError(f"{origin} [export]: 'to' must be 'onnx' or 'tensorrt', got {exp.get('to')!r}")
-    name = data.get("name") or Path(str(data["source"])).name.removesuffix(".slim") + "".join(
-        f"-{s['method']}" for s in steps)
-    return Recipe(source=str(data["source"]), steps=[dict(s) for s in steps], name=name, weights=data.get("weights"),
-                  inputs=data.get("inputs"), export_to=exp.get("to", "onnx"), opset=int(exp.get("opset", 20)),
-                  profile=prof.get("name", "cpu-ort-fp32"),
-                  batches=prof.get("batch"), dims=dict(prof.get("dims", {})), warmup=int(prof.get("warmup", 5)),
-                  iters=int(prof.get("iters", 30)), eval=data.get("eval"))
+    for i, step in enumerate(top.step):  # validate configs now, before any slow work
+        section, params = split_step(step, f"{origin} [[step]] {i + 1}")
+        get_compressor(section.method).make_config(params)
+    exp = ExportSection.from_dict(top.export, f"{origin} [export]")
+    prof = ProfileSection.from_dict(top.profile, f"{origin} [profile]")
+    _check_names(top, prof, origin)
+    default = Path(top.source).name.removesuffix(".slim") + "".join(f"-{s['method']}" for s in top.step)
+    name = safe_stem(default) if top.name is None else plain_stem(top.name, f"{origin}: 'name'")
+    return Recipe(source=top.source, steps=[dict(s) for s in top.step], name=name, weights=top.weights,
+                  inputs=top.inputs, export_to=exp.to, opset=exp.opset, profile=prof.name,
+                  batches=None if prof.batch is None else list(prof.batch), dims=dict(prof.dims),
+                  warmup=prof.warmup, iters=prof.iters, eval=top.eval, source_factory=top.source_factory,
+                  trust_source=top.trust_source)
+
+
+def _check_names(top: RecipeSection, prof: ProfileSection, origin: str) -> None:
+    """The names a recipe refers to exist (profile, eval data), its inputs parse, its factory is one."""
+    from edgeslim.data import list_datasets, parse_spec
+    from edgeslim.runtime.targets import load_profile
+    from edgeslim.sources import parse_inputs
+
+    load_profile(prof.name)
+    if top.eval is not None and parse_spec(top.eval)[0] not in list_datasets() and not Path(top.eval).exists():
+        raise ConfigError(f"{origin}: eval data {top.eval!r} is not a file and not one of "
+                          f"{sorted(list_datasets())} (see `edgeslim list datasets`)")
+    if top.inputs is not None:
+        parse_inputs(top.inputs)
+    Trust(top.source_factory)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -111,25 +185,36 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
     console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
 
 
-def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False
-                ) -> tuple[LoadedModel, list[CompressResult]]:
-    """Run each compression step in order; returns the compressed model and each step's result."""
+def compress_context(loaded: LoadedModel, profile: str | None) -> CompressContext:
+    """What a compressor gets to know beyond the model: its input spec and the target's alignment."""
+    align = None
+    if profile:
+        from edgeslim.runtime.targets import load_profile
+        align = load_profile(profile).align
+    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile)
+
+
+def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,
+                profile: str | None = None) -> tuple[LoadedModel, list[CompressResult]]:
+    """Run each compression step in order; returns the compressed model and each step's result.
+
+    `profile` is the target the decisions are made for (its `align` applies to steps that set none).
+    """
     current, results = loaded, []
     for step in steps:
-        params = {k: v for k, v in step.items() if k not in STEP_KEYS}
-        comp = get_compressor(step["method"])
+        section, params = split_step(step)
+        comp = get_compressor(section.method)
         config = comp.make_config(params)
         calib = None
-        if step.get("calib"):
-            calib = load_calibration(step["calib"], current, batch_size=int(step.get("calib_batch", 16)))
+        if section.calib:
+            calib = load_calibration(section.calib, current, batch_size=section.calib_batch)
             if comp.distils and calib.targets is None:  # e.g. heal an embedding model toward the original
                 from edgeslim.compress.train import teacher_targets
                 calib = teacher_targets(loaded.model, calib)
         elif comp.needs_calibration:
-            raise ConfigError(f"method '{comp.name}' needs calibration data: add --calib NAME[:COUNT] "
-                              "(see `edgeslim list datasets`) or a file of your own inputs")
+            raise ConfigError(missing_calibration_message(comp.name, current))
         with stage(f"{comp.name} on {loaded.source.identifier}", quiet):
-            result = comp.compress(current.model, config, calib)
+            result = comp.compress(current.model, config, calib, context=compress_context(current, profile))
         result.resolved.setdefault("calib", calib.name if calib else None)
         results.append(result)
         current = dataclasses.replace(current, model=result.model.eval(),
@@ -137,19 +222,36 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
     return current, results
 
 
+def check_not_input(out: str | Path, source: str | Path) -> None:
+    """Refuse an output that is the input artifact or lies inside it (exit 2): the input stays intact."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        return
+    src, dest = src.resolve(), Path(out).expanduser().resolve()
+    if dest == src or src in dest.parents:
+        raise ConfigError(f"output {out} is the input {source} (or inside it); write the result elsewhere")
+
+
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
                          weights: str | None = None, inputs: str | None = None, quiet: bool = False,
-                         task: str | None = None) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
-    """Load `source` (a Hugging Face folder for `task`), apply `steps`, save the `.slim` artifact;
-    returns (original, compressed, results, path)."""
+                         profile: str | None = DEFAULT_PROFILE, trust: Trust | None = None, task: str | None = None
+                         ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
+    """Load `source` (a Hugging Face folder for `task`), apply `steps` for target `profile`, save the
+    `.slim` artifact.
+
+    Returns (original, compressed, results, path). The artifact records every step from the original
+    source (an artifact source's own steps first), so it loads, exports and compresses again. `out`
+    is checked before any work: never the input, never something edgeslim did not write.
+    """
+    check_not_input(out, source)
+    check_output(out, ARTIFACT)
     with stage(f"load {source}", quiet):
-        original = load_model(source, weights=weights, inputs=inputs, task=task)
-    compressed, results = apply_steps(original, steps, quiet)
+        original = load_model(source, weights=weights, inputs=inputs, task=task, trust=trust)
+    compressed, results = apply_steps(original, steps, quiet, profile)
     report = {"steps": [r.step_record() for r in results],
               "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
-    new_steps = compressed.steps[len(original.steps):]
-    path = artifact.save(out, compressed.model, original.source, new_steps, compressed.inputs, report,
-                         compressed.task, compressed.dims)
+    path = artifact.save(out, compressed.model, original.source, compressed.steps, compressed.inputs, report,
+                         compressed.task, compressed.dims, source_files=original.files)
     return original, compressed, results, Path(path)
 
 
@@ -176,24 +278,60 @@ def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: st
     return out
 
 
+def export_paths(path: str | Path, to: str) -> tuple[Path, Path | None]:
+    """(ONNX file, engine file or None) that exporting to `path` writes: for ONNX `path` itself; for
+    TensorRT the engine at `path` and its ONNX beside it."""
+    path = Path(path)
+    if to != "tensorrt":
+        return path, None
+    engine = path if path.suffix in (".engine", ".plan") else path.with_name(path.name + ".engine")
+    return engine.with_suffix(".onnx"), engine
+
+
+def check_export_paths(path: str | Path, to: str) -> None:
+    """Refuse (exit 2, before any work) an export destination that is not edgeslim's own kind of file."""
+    from edgeslim.files import ENGINE
+    onnx_path, engine = export_paths(path, to)
+    check_output(onnx_path, ONNX)
+    if engine is not None:
+        check_output(engine, ENGINE)
+
+
 def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | None = None,
                  opset: int = 20, quiet: bool = False) -> dict[str, Any]:
-    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`."""
+    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`
+    (the files written: `export_paths`)."""
     from edgeslim.export.onnx import to_onnx
 
-    path = Path(path)
-    onnx_path = path.with_suffix(".onnx")
-    with stage(f"export {path.stem} to ONNX (validated in ONNX Runtime)", quiet):
+    onnx_path, engine = export_paths(path, to)
+    check_export_paths(path, to)
+    with stage(f"export {onnx_path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
-    info = {"onnx": str(onnx_path), "onnx_bytes": res.file_bytes, "max_abs_diff": res.max_abs_diff}
+    stages = apply_onnx_stages(loaded, onnx_path, profile, quiet)
+    info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
+            "onnx_stages": stages}
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
-        engine = path if path.suffix in (".engine", ".plan") else path.with_suffix(".engine")
         with stage(f"build TensorRT engine {engine.name}", quiet):
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
+
+
+def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None = None,
+                      quiet: bool = False) -> list[str]:
+    """Run the ONNX-level stage of every step whose compressor has one (e.g. INT8 on the graph), in
+    step order, on the exported file; each stage replaces the file whole. Returns the methods run."""
+    ran = []
+    for step in loaded.steps:
+        comp = get_compressor(step["method"])
+        if not comp.has_onnx_stage:
+            continue
+        with stage(f"{comp.name} on the ONNX graph {onnx_path.name}", quiet), replace_output(onnx_path, ONNX) as tmp:
+            comp.onnx_stage(step.get("resolved", {}), onnx_path, tmp, compress_context(loaded, profile))
+        ran.append(comp.name)
+    return ran
 
 
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
@@ -231,27 +369,21 @@ def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
     return count_flops(loaded.model, {k: torch.from_numpy(v) for k, v in feeds.items()})
 
 
-def with_profile_align(steps: Sequence[Mapping[str, Any]], profile: str | None) -> list[dict[str, Any]]:
-    """Steps whose compressor takes `align` and do not set it get the target profile's (shapes that suit
-    the hardware: e.g. ranks a multiple of 8 for CPU SIMD); the budget is still honoured by the compressor."""
-    if not profile:
-        return [dict(s) for s in steps]
-    from edgeslim.runtime.targets import load_profile
-
-    align = load_profile(profile).align
-    out = []
-    for step in steps:
-        fields = {f.name for f in dataclasses.fields(get_compressor(step["method"]).Config)}
-        out.append({**step, "align": align} if "align" in fields and "align" not in step else dict(step))
-    return out
-
-
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
     """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
     out_dir = Path(out_dir)
-    steps = with_profile_align(recipe.steps, recipe.profile)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {out_dir} is a file; name a folder with -o")
+    suffix = ".engine" if recipe.export_to == "tensorrt" else ".onnx"
+    for name in (recipe.name, f"{recipe.name}-original"):
+        check_export_paths(out_dir / f"{name}{suffix}", recipe.export_to)
+    for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
+        check_output(out_dir / name, REPORT)
+    from edgeslim.runtime.targets import load_profile
+    runtime = load_profile(recipe.profile).runtime
     original, compressed, results, slim = compress_to_artifact(
-        recipe.source, steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet)
+        recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet,
+        recipe.profile, recipe.trust)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
                                "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}
@@ -259,9 +391,10 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
         row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
         if recipe.export_to:
             stem = recipe.name if label == "compressed" else f"{recipe.name}-original"
-            row |= export_model(loaded, recipe.export_to, out_dir / stem, recipe.profile, recipe.opset, quiet)
+            row |= export_model(loaded, recipe.export_to, out_dir / f"{stem}{suffix}", recipe.profile, recipe.opset,
+                                quiet)
         if recipe.profile:
-            target = row.get("engine") or row.get("onnx") or loaded.model
+            target = loaded.model if runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
             with stage(f"profile {label} on {recipe.profile}", quiet):
                 row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
                                               recipe.warmup, recipe.iters)
@@ -271,9 +404,14 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     return summary
 
 
-def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple[Any, LoadedModel]:
+@contextlib.contextmanager
+def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: Trust | None = None
+                   ) -> Iterator[tuple[Any, LoadedModel]]:
     """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
-    and exported when the profile's runtime needs a file. Returns (module or file path, loaded model)."""
+    and, when the profile's runtime needs a file, exported to a temporary folder that is removed when the
+    block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model)."""
+    import tempfile
+
     from edgeslim.export.onnx import onnx_inputs
     from edgeslim.runtime.targets import load_profile
 
@@ -282,15 +420,19 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
         dims = {d: 128 if d == "sequence" else 1 for s in specs for d in s.shape if isinstance(d, str)}
-        return path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        yield path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        return
     if path.suffix in (".onnx", ".engine", ".plan"):
         raise SourceError(f"model file not found: {path}")
-    loaded = load_model(item)
+    loaded = load_model(item, trust=trust)
     if prof.runtime == "torch":
-        return loaded.model, loaded
-    out = DEFAULT_OUT / f"{path.name.removesuffix('.slim')}.profile"
-    info = export_model(loaded, "tensorrt" if prof.runtime == "tensorrt" else "onnx", out, profile, quiet=quiet)
-    return info.get("engine") or info["onnx"], loaded
+        yield loaded.model, loaded
+        return
+    with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
+        to = "tensorrt" if prof.runtime == "tensorrt" else "onnx"
+        out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
+        info = export_model(loaded, to, out, profile, quiet=quiet)
+        yield info.get("engine") or info["onnx"], loaded
 
 
 def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0) -> tuple[CompressResult, Path]:
@@ -298,6 +440,7 @@ def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0)
     the bicubic upsampler it was trained beside (the manifest records data, steps and seed)."""
     from edgeslim.compress.subpixel import train_espcn
 
+    check_output(out, ARTIFACT)
     teacher = load_model(f"bicubic-x{scale}")
     result = train_espcn(scale, steps, seed=seed)
     report = {"changes": [c.to_dict() for c in result.changes], "params": count(result.model)}

@@ -5,7 +5,9 @@ import io
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgeslim.files import atomic_path
+from edgeslim.files import REPORT, replace_output
+
+LEFT = ("dense", "skipped")  # statuses of targeted layers a step left as they were
 
 
 def si(value: float | None, unit: str) -> str:
@@ -45,12 +47,22 @@ def speed_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _plot_latency(summary: Mapping[str, Any]) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _figure(width: float, height: float):
+    """A matplotlib Figure outside pyplot's global state (no backend switch, nothing to close)."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), dpi=110)
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _plot_latency(summary: Mapping[str, Any]) -> bytes:
+    fig = _figure(5, 3.2)
+    ax = fig.subplots()
     for label, row in summary["models"].items():
         t = row.get("timings", [])
         ax.errorbar([x["batch"] for x in t], [x["p50_ms"] for x in t],
@@ -62,32 +74,40 @@ def _plot_latency(summary: Mapping[str, Any]) -> bytes:
     ax.set_title(f"{summary['recipe']['name']} on {summary['recipe']['profile']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def _changed(changes: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows of layers a step changed and measured (not those left dense or skipped)."""
+    return [c for c in changes if c.get("rel_error") is not None and c.get("status", "replaced") not in LEFT]
 
 
 def _plot_layers(changes: list[Mapping[str, Any]]) -> bytes | None:
-    rows = [c for c in changes if c.get("rel_error") is not None]
+    rows = _changed(changes)
     if not rows:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.14 * len(rows))), dpi=110)
+    fig = _figure(6, max(2.5, 0.14 * len(rows)))
+    ax = fig.subplots()
     ax.barh(range(len(rows)), [c["rel_error"] for c in rows])
     ax.set_yticks(range(len(rows)), [c["name"] for c in rows], fontsize=5)
     ax.invert_yaxis()
     ax.set_xlabel("relative reconstruction error of the layer")
     ax.grid(alpha=0.3, axis="x")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def decision_text(decision: Any) -> str:
+    """A rank as "8", bond dimensions as "4x8", no decision as "-"."""
+    if decision is None:
+        return "-"
+    return "x".join(str(d) for d in decision) if isinstance(decision, (list, tuple)) else str(decision)
+
+
+def size_text(change: Mapping[str, Any]) -> str:
+    """What a layer kept: bytes for a quantized layer (its count does not change), else parameters."""
+    if change.get("status") == "quantized" and change.get("bytes_before") is not None:
+        return f"{si(change['bytes_before'], 'B')} -> {si(change['bytes_after'], 'B')}"
+    return f"{change['params_before']:,} -> {change['params_after']:,}"
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -121,15 +141,19 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     for s in speed_rows(summary):
         lines.append(f"| {s['batch']} | {_fmt(s['params_ratio'])} | {_fmt(s['flops_ratio'])} | "
                      f"{_fmt(s['latency_ratio'])} | {_fmt(s['speedup'], '.2f')}x | {s['reason'] or 'ok'} |")
-    costly = sorted((c for c in summary["changes"] if c.get("rel_error") is not None),
-                    key=lambda c: -(c.get("sensitivity") or c["rel_error"]))[:10]
+    costly = sorted(_changed(summary["changes"]), key=lambda c: -(c.get("sensitivity") or c["rel_error"]))[:10]
     if costly:
-        lines += ["", "## Layers that cost the most", "", "| layer | kind | rank | params | rel. error | sensitivity |",
-                  "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| `{c['name']}` | {c['kind']} | {c.get('rank') or '-'} | {c['params_before']:,} -> "
-                  f"{c['params_after']:,} | {c['rel_error']:.4f} | {_fmt(c.get('sensitivity'), '.4g')} |" for c in costly]
+        lines += ["", "## Layers that cost the most", "",
+                  "| layer | kind | status | decision | params (bytes if quantized) | rel. error | sensitivity |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{c['name']}` | {c['kind']} | {c.get('status', 'replaced')} | {decision_text(c.get('decision'))} | "
+                  f"{size_text(c)} | {c['rel_error']:.4f} | {_fmt(c.get('sensitivity'), '.4g')} |" for c in costly]
         if layers_png:
             lines += ["", f"![per-layer error]({layers_png})"]
+    left = [c for c in summary["changes"] if c.get("status") in LEFT]
+    if left:
+        lines += ["", "## Targeted layers left as they were", "", "| layer | status | why |", "|---|---|---|"]
+        lines += [f"| `{c['name']}` | {c['status']} | {c.get('note') or '-'} |" for c in left]
     return "\n".join(lines) + "\n"
 
 
@@ -141,8 +165,8 @@ def write_report(summary: Mapping[str, Any], path: str | Path) -> Path:
     layers = _plot_layers(summary["changes"])
     for name, data in ((latency_png, _plot_latency(summary)), (layers_png, layers)):
         if data is not None:
-            with atomic_path(path.parent / name) as tmp:
+            with replace_output(path.parent / name, REPORT) as tmp:
                 tmp.write_bytes(data)
-    with atomic_path(path) as tmp:
+    with replace_output(path, REPORT) as tmp:
         tmp.write_text(render(summary, latency_png, layers_png if layers else None))
     return path

@@ -216,8 +216,10 @@ def _model_class(transformers: Any, config: Any, task: str) -> Any:
     return getattr(transformers, _AUTO[task])
 
 
-def load_task_model(folder: Path, task: str | None = None) -> TaskModel:
+def load_task_model(folder: Path, task: str | None = None, weights: bool = True) -> TaskModel:
     """Load a Hugging Face folder for `task` (default: the one its config's `architectures` names).
+
+    `weights=False` builds the architecture from config.json alone (an artifact supplies the weights).
 
     Raises:
         ConfigError: an unknown task, or one this model has no head for.
@@ -235,9 +237,10 @@ def load_task_model(folder: Path, task: str | None = None) -> TaskModel:
         raise ConfigError(f"task {task!r} is not a Hugging Face task; use one of {', '.join(_AUTO)}")
     if hasattr(config, "use_cache"):
         config.use_cache = False  # plain logits, no key/value cache in the outputs or the ONNX graph
+    auto = _model_class(transformers, config, task)
     try:
-        hf = _model_class(transformers, config, task).from_pretrained(folder, config=config, local_files_only=True,
-                                                                      use_safetensors=True)
+        hf = (auto.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True) if weights
+              else auto.from_config(config))
     except ValueError as exc:
         raise ConfigError(f"{folder} cannot be loaded for task {task!r}: {str(exc).splitlines()[0]}") from exc
     except OSError as exc:

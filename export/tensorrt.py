@@ -11,13 +11,13 @@ TensorRT could not be installed where this was written; it is tested where `tens
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
 import onnx
 
 from edgeslim.errors import ConfigError, ExportValidationError, SourceError
+from edgeslim.files import ENGINE, check_output, replace_output
 from edgeslim.runtime.session import require_cuda
 from edgeslim.runtime.targets import Profile, load_profile
 from edgeslim.runtime.trt_session import import_tensorrt
@@ -139,6 +139,7 @@ def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
         raise ConfigError(f"profile '{profile.name}' runs '{profile.runtime}'; a TensorRT engine needs a "
                           "'tensorrt' profile such as cuda-trt-fp16")
     onnx_path, path = Path(onnx_path), Path(path)
+    check_output(path, ENGINE)
     shapes = engine_shapes(onnx_path, profile, dims)
     model = _load_graph(onnx_path)
     trt = import_tensorrt()
@@ -167,12 +168,7 @@ def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
     if serialized is None:
         raise ExportValidationError(f"TensorRT could not build an engine from {onnx_path} for profile "
                                     f"'{profile.name}' (see the TensorRT log above)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replace_output(path, ENGINE) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(serialized))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

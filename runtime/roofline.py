@@ -92,9 +92,10 @@ def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: floa
         batch: batch size of the measurement.
         flops, bytes_moved, latency_ms: the compressed model's FLOPs, bytes moved (e.g.
             min_bytes_moved) and measured latency at this batch, to place it on the roofline.
-        changes: per-layer change records as dicts with "name", "params_before", "params_after"
-            and "rank" (LayerChange.to_dict()): a layer whose params did not shrink stayed dense;
-            a rank (or kept channel count) not a multiple of profile.align is unaligned.
+        changes: per-layer change records as dicts (LayerChange.to_dict()) with "name", "status"
+            ("dense" and "skipped" layers were left as they were; "adapter", "quantized", ... never
+            count as dense) and "decision" (a rank, kept channel count or a list of bond
+            dimensions; one not a multiple of profile.align is unaligned).
 
     Returns:
         One short sentence of "; "-joined causes, or None when the latency follows the FLOPs.
@@ -103,8 +104,8 @@ def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: floa
         if not r > 0:
             raise ValueError(f"{name} must be > 0, got {r}")
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    dense_layers = [c["name"] for c in changes if c.get("params_after", 0) >= c.get("params_before", 0)]
-    dims = {c["name"]: int(c["rank"]) for c in changes if c.get("rank") is not None}
+    left = {status: [c["name"] for c in changes if c.get("status") == status] for status in ("dense", "skipped")}
+    dims = {c["name"]: c["decision"] for c in changes if c.get("decision") is not None}
     achieved = flops_ratio / latency_ratio  # measured speedup / FLOPs speedup
     if achieved >= 1 - SHORTFALL:
         return None
@@ -120,10 +121,13 @@ def explain_speedup(flops_ratio: float, params_ratio: float, latency_ratio: floa
     if located and memory_bound(flops, bytes_moved, profile):
         reasons.append(f"memory-bound at this size per the roofline (bytes moved, which follow the params "
                        f"ratio {params_ratio:.2f}, not FLOPs, set the time)")
-    if dense_layers:
-        shown = ", ".join(list(dense_layers)[:3]) + (" ..." if len(dense_layers) > 3 else "")
-        reasons.append(f"{len(dense_layers)} targeted layer(s) stayed dense ({shown})")
-    unaligned = {k: v for k, v in dims.items() if v % profile.align}
+    for status, names in left.items():
+        if names:
+            shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            verb = "stayed dense" if status == "dense" else "were skipped (their parent reads the weight itself)"
+            reasons.append(f"{len(names)} targeted layer(s) {verb} ({shown})")
+    unaligned = {k: v for k, v in dims.items()
+                 if any(int(d) % profile.align for d in (v if isinstance(v, (list, tuple)) else [v]))}
     if unaligned:
         k, v = next(iter(unaligned.items()))
         reasons.append(f"{len(unaligned)} shape(s) not a multiple of align={profile.align} for "

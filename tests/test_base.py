@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from edgeslim.compress.base import BudgetConfig, CalibData, Compressor, get_compressor, list_compressors, register
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import BudgetConfig, Compressor, get_compressor, list_compressors, register
 from edgeslim.errors import ConfigError
 
 

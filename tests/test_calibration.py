@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.calibration import collect_stats
 from edgeslim.errors import ConfigError, SourceError
 
@@ -39,19 +39,51 @@ def make(n_batches: int = 3, targets: bool = True, seed: int = 0) -> tuple[Token
     return model, CalibData("toy", batches, labels if targets else None)
 
 
-def test_fisher_is_sum_of_squared_batch_gradients():
+def test_fisher_is_mean_of_squared_per_sample_gradients():
     model, calib = make()
     stats = collect_stats(model, calib, ["q", "out"], progress=False)
     expected = {n: torch.zeros_like(model.get_submodule(n).weight) for n in ("q", "out")}
+    batch_grad_sq = {n: torch.zeros_like(v) for n, v in expected.items()}
+    samples = 0
     for _, batch, target in calib:
+        for j in range(len(target)):  # one sample at a time: dL(d_j)/dW
+            model.zero_grad()
+            F.cross_entropy(model(**{k: v[j:j + 1] for k, v in batch.items()}), target[j:j + 1]).backward()
+            for n in expected:
+                expected[n] += model.get_submodule(n).weight.grad.square()
+            samples += 1
         model.zero_grad()
         F.cross_entropy(model(**batch), target).backward()
         for n in expected:
-            expected[n] += model.get_submodule(n).weight.grad.square()
+            batch_grad_sq[n] += model.get_submodule(n).weight.grad.square()
     for n in expected:
-        torch.testing.assert_close(stats.fisher[n], expected[n], rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(stats.fisher[n], expected[n] / samples, rtol=1e-5, atol=1e-10)
         assert stats.fisher[n].shape == model.get_submodule(n).weight.shape
-    assert stats.batches == 3
+        # the squared batch-mean gradient is not the Fisher: per-sample gradients cancel in the mean
+        assert not torch.allclose(stats.fisher[n], batch_grad_sq[n] / samples, rtol=0.1)
+        assert float(stats.fisher[n].sum()) > float(batch_grad_sq[n].sum()) / samples
+    assert stats.batches == 3 and stats.samples == 12
+
+
+def test_distillation_fisher_is_the_gauss_newton_diagonal():
+    # y = W x with MSE to y + noise: dL/dW_kj = -(2/D) eps_k x_j, so E[I_kj] = (4/D^2) E[x_j^2]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    scale = torch.tensor([0.5, 1.0, 2.0])
+    signs = [torch.randint(0, 2, (500, 3)) * 2.0 - 1.0 for _ in range(8)]  # x_j^2 fixed: only the noise varies
+    calib = CalibData("gn", [{"input": s * scale} for s in signs])
+
+    class Call(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, input):
+            return self.net(input)
+
+    stats = collect_stats(Call(), calib, ["net.0"], activations=False, progress=False)
+    x2 = torch.cat([b["input"] for b in calib.batches]).square().mean(0)
+    torch.testing.assert_close(stats.fisher["net.0"], (4 / 2 ** 2) * x2.expand(2, 3), rtol=0.1, atol=0)
 
 
 def test_activation_moments_skip_padding_and_share_inputs():

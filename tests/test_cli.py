@@ -1,6 +1,7 @@
 """The command line: commands chained on a tiny model, and exit codes mapped from the error classes."""
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
@@ -34,6 +35,8 @@ def test_default_output_folder(in_tmp):
     (["compress", "tiny-mlp", "-m", "svd", "--set", "rnak=3"], 2, "unknown key"),
     (["compress", "tiny-mlp", "-m", "svd", "--target", "nothing.*"], 2, "nearest names"),
     (["compress", "tiny-mlp", "-m", "fwsvd"], 2, "needs calibration data"),
+    (["compress", "tiny-mlp", "-m", "asvd"], 2, "fit this model: random"),  # no text or image data fits an MLP
+    (["compress", "tiny-bert", "-m", "asvd"], 2, "sentences (16 fixed English sentences"),
     (["compress", "no-such-model", "-m", "svd"], 3, "unknown model source"),
     (["profile", "missing.onnx"], 3, "model file not found"),
     (["profile", "tiny-mlp", "--profile", "no-such-profile"], 2, "no-such-profile"),
@@ -64,6 +67,9 @@ def test_demo_runs_on_packaged_minilm(in_tmp, capsys):
     assert main(["run", "-q"]) == 0
     out = capsys.readouterr().out
     assert "cosine sim." in out and "speedup" in out
-    report = (in_tmp / "edgeslim-out" / "minilm-svd.report.md").read_text()
+    cosine = float(re.search(r"cosine sim\. \(16 sentences\)\D*1\D*(\d\.\d+) \(min", out).group(1))
+    # a regression floor, not the goal of 0.9: asvd calibrated on BBC News measured 0.61-0.68 here, plain svd 0.40
+    assert cosine >= 0.55
+    report = (in_tmp / "edgeslim-out" / "minilm-asvd.report.md").read_text()
     assert "Speedup or explain" in report and "Layers that cost the most" in report
-    assert (in_tmp / "edgeslim-out" / "minilm-svd.onnx").stat().st_size < (in_tmp / "edgeslim-out" / "minilm-svd-original.onnx").stat().st_size
+    assert (in_tmp / "edgeslim-out" / "minilm-asvd.onnx").stat().st_size < (in_tmp / "edgeslim-out" / "minilm-asvd-original.onnx").stat().st_size

@@ -51,10 +51,10 @@ def test_eval_causal_lm_file_and_onnx(tmp_path):
 
 
 def test_read_labelled_jsonl_csv_and_errors(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "ab", "label": "pos"}\n\n{"text": "cd", "label": 1}\n')
-    assert read_labelled(tmp_path / "a.jsonl") == [("ab", "pos"), ("cd", 1)]
-    (tmp_path / "b.csv").write_text('text,label\n"a, b",2\ncd,neg\n')
-    assert read_labelled(tmp_path / "b.csv") == [("a, b", 2), ("cd", "neg")]
+    (tmp_path / "a.jsonl").write_text('{"text": "ab", "label": "pos"}\n\n{"text": "cd", "label": "neg"}\n')
+    assert read_labelled(tmp_path / "a.jsonl") == [("ab", "pos"), ("cd", "neg")]
+    (tmp_path / "b.csv").write_text('text,label\n"a, b",2\ncd,0\n')
+    assert read_labelled(tmp_path / "b.csv") == [("a, b", 2), ("cd", 0)]
     (tmp_path / "bad.jsonl").write_text('{"text": "ab", "label": 0}\n{"text": "ab"\n')
     with pytest.raises(SourceError, match="line 2: not valid JSON"):
         read_labelled(tmp_path / "bad.jsonl")
@@ -62,7 +62,7 @@ def test_read_labelled_jsonl_csv_and_errors(tmp_path):
     with pytest.raises(SourceError, match="line 1: expected"):
         read_labelled(tmp_path / "nolabel.jsonl")
     (tmp_path / "bad.csv").write_text("sentence,label\nab,1\n")
-    with pytest.raises(SourceError, match="'text' and 'label' columns"):
+    with pytest.raises(SourceError, match="header needs columns 'text' and 'label'"):
         read_labelled(tmp_path / "bad.csv")
 
 

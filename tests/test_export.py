@@ -23,6 +23,16 @@ def test_mlp_parity_and_dynamic_batch(tmp_path):
     assert onnx_inputs(res.path) == [TensorSpec("x", ("batch", 16))]
 
 
+def test_export_leaves_the_model_mode_and_the_onnx_logger_as_they_were(tmp_path):
+    import logging
+    loaded = load_model("tiny-mlp")
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    loaded.model.train()
+    to_onnx(loaded.model, loaded.inputs, tmp_path / "m.onnx")
+    assert loaded.model.training and logger.level == level
+
+
 def test_text_model_dynamic_batch_and_sequence(tmp_path):
     loaded = load_model("tiny-bert")
     res = to_onnx(loaded.model, loaded.inputs, tmp_path / "bert.onnx")

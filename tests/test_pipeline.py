@@ -33,10 +33,13 @@ def test_recipe_files(tmp_path):
         pipeline.load_recipe(tmp_path / "bad.toml")
 
 
-def test_profile_align_fills_steps_that_take_it():
-    steps = pipeline.with_profile_align([{"method": "svd"}, {"method": "svd", "align": 2}, {"method": "heal"}],
-                                        "cpu-ort-fp32")
-    assert [s.get("align") for s in steps] == [8, 2, None]
+def test_profile_align_applies_to_steps_that_set_none():
+    from edgeslim.sources import load_model
+    _, results = pipeline.apply_steps(load_model("tiny-mlp"), [{"method": "svd"}, {"method": "svd", "align": 2}],
+                                      quiet=True, profile="cpu-ort-fp32")
+    assert [r.config["align"] for r in results] == [8, 2]
+    _, (alone,) = pipeline.apply_steps(load_model("tiny-mlp"), [{"method": "svd"}], quiet=True)
+    assert alone.config["align"] == 1  # no target profile: no rounding
 
 
 def test_run_writes_artifact_onnx_and_report(tmp_path):
@@ -52,7 +55,7 @@ def test_run_writes_artifact_onnx_and_report(tmp_path):
     loaded = artifact.load(summary["artifact"])
     manifest = json.loads((tmp_path / "tiny-mlp-svd.slim" / "manifest.json").read_text())
     assert manifest["steps"][0]["config"]["align"] == 8  # the profile's alignment
-    ranks = [c["rank"] for c in manifest["steps"][0]["changes"]]
+    ranks = [c["decision"] for c in manifest["steps"][0]["changes"] if c["status"] == "replaced"]
     assert ranks and all(r % 8 == 0 for r in ranks)
     assert sum(p.numel() for p in loaded.model.parameters()) == comp["params"]
     assert 0 < summary["compare"]["max_abs_diff"] < 10

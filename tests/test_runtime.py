@@ -207,18 +207,23 @@ def test_explain_speedup_none_when_latency_follows_flops():
 def test_explain_speedup_gives_reasons_in_a_synthetic_case():
     p = load_profile("cpu-ort-fp32").override({"peak_gflops": 100, "mem_gbps": 10})
     # Half the FLOPs, 0.95 of the latency; 1e6 FLOP and 1e6 bytes: roofline 0.1 ms, measured 5 ms.
-    changes = [{"name": "encoder.layer.0.ffn", "params_before": 100, "params_after": 100, "rank": None},
-               {"name": "q", "params_before": 100, "params_after": 40, "rank": 37},
-               {"name": "k", "params_before": 100, "params_after": 60, "rank": 64}]
+    changes = [{"name": "encoder.layer.0.ffn", "params_before": 100, "params_after": 100, "decision": None,
+                "status": "dense"},
+               {"name": "q", "params_before": 100, "params_after": 40, "decision": 37, "status": "replaced"},
+               {"name": "k", "params_before": 100, "params_after": 60, "decision": [64, 8], "status": "replaced"},
+               {"name": "adapter", "params_before": 100, "params_after": 120, "decision": 8, "status": "adapter"},
+               {"name": "int8", "params_before": 100, "params_after": 100, "status": "quantized"},
+               {"name": "attn.out_proj", "params_before": 100, "params_after": 100, "status": "skipped"}]
     why = explain_speedup(0.5, 0.5, 0.95, profile=p, batch=1, flops=1e6, bytes_moved=1e6, latency_ms=5.0,
                           changes=changes)
     assert why is not None
     assert "batch 1 is too small" in why and "memory-bound" in why
-    assert "1 targeted layer(s) stayed dense (encoder.layer.0.ffn)" in why
+    assert "1 targeted layer(s) stayed dense (encoder.layer.0.ffn)" in why  # not the adapter nor INT8
+    assert "1 targeted layer(s) were skipped" in why and "attn.out_proj" in why
     assert "1 shape(s) not a multiple of align=8" in why and "q: 37" in why
     # Only an alignment problem.
     only_align = explain_speedup(0.5, 0.5, 0.8, profile="cpu-ort-fp32", batch=32,
-                                 changes=[{"name": "r", "params_before": 9, "params_after": 3, "rank": 30}])
+                                 changes=[{"name": "r", "params_before": 9, "params_after": 3, "decision": 30}])
     assert "align=8" in only_align and "too small" not in only_align and "memory-bound" not in only_align
     # Short, with no identifiable cause: still a sentence saying so.
     assert "no single cause" in explain_speedup(0.5, 0.5, 0.9, profile=p, batch=32)

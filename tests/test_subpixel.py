@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgeslim.compress import get_compressor
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.subpixel import (ESPCN, SRCNN, BicubicUpsampler, DeconvSR, ESPCNConfig, SubPixelConv2d,
                                         train_espcn)
@@ -107,7 +107,7 @@ def test_deconv_to_subpixel_compressor_and_replay():
     x = torch.rand(2, 1, 11, 8)
     with torch.no_grad():
         assert torch.allclose(result.model(x=x), model(x=x), atol=1e-5)
-    rebuilt = comp.replay(DeconvSR(3), result.resolved)
+    rebuilt = comp.replay(DeconvSR(3), result.resolved, [])
     rebuilt.load_state_dict(result.model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(rebuilt(x=x), result.model(x=x))
@@ -133,7 +133,7 @@ def test_espcn_compressor_trains_and_replays(targets):
     training = result.resolved["training"]
     assert training["loss_last50"] < 0.5 * training["loss_first"]
     assert result.changes[0].params_after == count_params(result.model)
-    rebuilt = comp.replay(BicubicUpsampler(2), result.resolved)
+    rebuilt = comp.replay(BicubicUpsampler(2), result.resolved, [])
     assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == \
            [(n, p.shape) for n, p in result.model.named_parameters()]
     rebuilt.load_state_dict(result.model.state_dict(), strict=True)

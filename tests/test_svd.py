@@ -1,15 +1,20 @@
 """Low-rank family (svd, fwsvd, asvd): exactness, weighted optimality, budgets, replay, ONNX parity."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.calibration import collect_stats
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear, weighted_svd
+from edgeslim.compress.base import BudgetConfig
+from edgeslim.compress.lowrank_budget import allocate
 from edgeslim.errors import ConfigError
+from edgeslim.specs import TensorSpec
 
 torch.set_num_threads(1)
 
@@ -125,9 +130,16 @@ def test_ratio_budget_and_align_are_honoured(allocation, align, ratio):
     assert all(r % align == 0 for r in result.resolved["ranks"].values())
     assert "head" in result.resolved["dense"]  # 1x32: r*(1+32) < 32 has no solution
     assert isinstance(result.model.head, nn.Linear)
+    assert [c.name for c in result.changes] == list(layers)  # every targeted layer has a row
     for change in result.changes:
-        assert change.params_after == change.rank * (sum(layers[change.name].weight.shape)) + (
+        if change.status == "dense":
+            assert change.decision is None and change.params_after == change.params_before
+            assert change.note.startswith("dense: ") and change.bytes_after == change.bytes_before
+            continue
+        assert change.status == "replaced"
+        assert change.params_after == change.decision * (sum(layers[change.name].weight.shape)) + (
             0 if layers[change.name].bias is None else layers[change.name].out_features)
+        assert change.bytes_after == 4 * change.params_after and change.bytes_before == 4 * change.params_before
         assert 0.0 <= change.rel_error <= 1.0 and change.sensitivity >= 0.0
 
 
@@ -174,7 +186,7 @@ def test_replay_rebuilds_structure_without_data(compressor):
     model, calib = tiny_model(), tiny_calib(targets=False)
     result = compressor.compress(model, {"ratio": 0.5, "allocation": "sensitivity"}, calib)
     assert isinstance(model.a, nn.Linear)  # the caller's model is untouched
-    fresh = compressor.replay(tiny_model(seed=7), result.resolved)
+    fresh = compressor.replay(tiny_model(seed=7), result.resolved, [TensorSpec("x", ("batch", 24))])
     fresh.load_state_dict(result.model.state_dict(), strict=True)
     x = calib.batches[0]["x"]
     torch.testing.assert_close(fresh(x), result.model(x), atol=0, rtol=0)
@@ -182,7 +194,6 @@ def test_replay_rebuilds_structure_without_data(compressor):
 
 def test_onnx_parity_of_lowrank_model(tmp_path):
     onnx_export = pytest.importorskip("edgeslim.export.onnx")
-    from edgeslim.specs import TensorSpec
     result = SVD().compress(tiny_model(), {"ratio": 0.5})
     exported = onnx_export.to_onnx(result.model, [TensorSpec("x", ("batch", 24))], tmp_path / "m.onnx")
     assert max(exported.max_abs_diff.values()) < 1e-4
@@ -205,7 +216,8 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     bench.main(["--quick", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "lowrank_minilm.json").read_text())
     plain = [r for r in summary["rows"] if not r["healed"]]
-    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd"}
+    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd", "asvd-sens"}
+    assert 0.0 < summary["original"]["gemm_share"] <= 1.0 and all(r["amdahl_bound"] <= 1.0 for r in plain)
     for row in plain:
         assert row["params"] < summary["original"]["params"] and 0 < row["flops_ratio"] < 1
         assert row["targeted_kept"] <= row["ratio"] + 0.05 and 0.0 <= row["accuracy"] <= 1.0
@@ -221,3 +233,81 @@ def test_weighted_factors_are_balanced_for_fine_tuning():
     left, right = weighted_svd(w, row).factors(9)
     torch.testing.assert_close(left @ right, w.double(), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(left.norm(dim=0), right.norm(dim=1), atol=1e-9, rtol=1e-9)
+
+
+# Ranks of the tiny model as the allocator gave them before the BudgetLayer protocol (contract v2):
+# the same inputs must keep giving the same ranks.
+@pytest.mark.parametrize("config, ranks", [
+    ({"ratio": 0.5, "allocation": "uniform", "align": 1}, {"a": 7, "b": 11, "c": 9}),
+    ({"ratio": 0.5, "allocation": "sensitivity", "align": 1}, {"a": 10, "b": 8, "c": 12}),
+    ({"ratio": 0.4, "allocation": "sensitivity", "align": 4}, {"a": 8, "b": 4, "c": 12}),
+    ({"energy": 0.8, "align": 2}, {"a": 10, "b": 16, "c": 16}),
+])
+def test_ranks_unchanged_by_the_protocol(config, ranks):
+    got = SVD().compress(tiny_model(), {**config, "target": ["a", "b", "c"]}).resolved["ranks"]
+    assert got == ranks
+
+
+@dataclass
+class BondLayer:
+    """A toy BudgetLayer whose decisions are tuples (two bond dimensions, as an MPO layer has)."""
+
+    name: str
+    dense_params: int
+    weight: float  # error per unit of missing bond
+
+    def decisions(self, align):
+        return [(a, b) for a, b in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4)) if a % align == 0 or a == 1]
+
+    def params_at(self, d):
+        return 10 * d[0] * d[1]
+
+    def error_at(self, d):
+        return self.weight / (d[0] * d[1])
+
+    def rank_decision(self, rank, align):
+        return (rank, rank) if 10 * rank * rank < self.dense_params else None
+
+    def energy_decision(self, fraction, align):
+        return next((d for d in self.decisions(align) if 1 - 1 / (d[0] * d[1]) >= fraction), None)
+
+
+def test_allocator_takes_tuple_decisions():
+    layers = [BondLayer("x", 200, 1.0), BondLayer("y", 200, 100.0)]
+    uniform = allocate(layers, BudgetConfig(ratio=0.3, allocation="uniform", align=1))
+    assert uniform == {"x": (2, 2), "y": (2, 2)}  # at most 60 of 200 each
+    greedy = allocate(layers, BudgetConfig(ratio=0.3, allocation="sensitivity", align=1))
+    assert greedy == {"x": (2, 2), "y": (4, 2)}  # y's error costs 100x more: it gets the bigger bonds
+    assert sum(10 * a * b for a, b in greedy.values()) <= 0.3 * 400
+    assert allocate(layers, BudgetConfig(rank=4, align=1)) == {"x": (4, 4), "y": (4, 4)}
+    assert allocate(layers, BudgetConfig(rank=5, align=1)) == {"x": None, "y": None}  # 250 >= 200: dense
+    assert allocate(layers, BudgetConfig(energy=0.7, align=1)) == {"x": (2, 2), "y": (2, 2)}
+    with pytest.raises(ValueError, match="resolved"):
+        allocate(layers, BudgetConfig(ratio=0.2))
+
+
+def test_auto_allocation_and_align_are_resolved_once_and_recorded():
+    from edgeslim.compress.base import CompressContext
+    model, calib = tiny_model(), tiny_calib()
+    assert SVD().compress(model, {"ratio": 0.5}, calib).config["allocation"] == "uniform"  # svd ignores data
+    fw = FWSVD().compress(model, {"ratio": 0.5}, calib, context=CompressContext(align=4))
+    assert fw.config["allocation"] == "sensitivity" and fw.config["align"] == 4
+    assert SVD().compress(model, {"ratio": 0.5, "align": 2}, context=CompressContext(align=8)).config["align"] == 2
+    assert SVD().compress(model, {"ratio": 0.5}).config["align"] == 1
+
+
+def test_multihead_attention_out_proj_is_skipped_and_the_rest_keeps_working():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0).eval()
+    result = SVD().compress(layer, {"rank": 4})
+    rows = {c.name: c for c in result.changes}
+    assert rows["self_attn.out_proj"].status == "skipped" and "out_proj.weight" in rows["self_attn.out_proj"].note
+    assert rows["linear1"].status == rows["linear2"].status == "replaced"
+    assert isinstance(result.model.self_attn.out_proj, nn.Linear)
+    low = result.model.linear1
+    torch.testing.assert_close(low.weight, low.to_dense().weight)  # read like nn.Linear's
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():  # eval + no grad: PyTorch's fused fast path reads linear1.weight itself
+        fast = result.model(x)
+    slow = result.model.train()(x)  # dropout 0: the same function through the modules
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)

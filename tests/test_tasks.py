@@ -93,7 +93,7 @@ def feeds_for(loaded, batch=2, **dims):
 
 def through_artifact(loaded, result, tmp_path, name):
     path = artifact.save(tmp_path / f"{name}.slim", result.model, loaded.source, [result.step_record()],
-                         loaded.inputs, {}, loaded.task, loaded.dims)
+                         loaded.inputs, {}, loaded.task, loaded.dims, source_files=loaded.files)
     return artifact.load(path)
 
 
@@ -152,7 +152,9 @@ def test_gpt2_conv1d_is_compressed_and_tied_head_left_alone(tmp_path):
     assert kinds == {"conv1d"} and len(chosen) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
     assert list(skipped) == ["hf.lm_head"] and "tied to hf.transformer.wte.weight" in skipped["hf.lm_head"]
     result = SVD().compress(loaded.model, {"ratio": 0.5})
-    assert {c.kind for c in result.changes} == {"Conv1D -> LowRankLinear"}
+    rows = {c.name: c for c in result.changes}
+    assert rows["hf.lm_head"].status == "skipped" and "tied to" in rows["hf.lm_head"].note
+    assert {c.kind for c in result.changes if c.status != "skipped"} == {"Conv1D -> LowRankLinear"}
     assert result.resolved["skipped"] == skipped
     assert count_params(result.model) < count_params(loaded.model)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.svd import SVD
-from edgeslim.compress.train import Heal, HealConfig, heal, task_loss, teacher_targets
+from edgeslim.compress.train import Heal, HealConfig, fit, heal, task_loss, teacher_targets
 from edgeslim.errors import ConfigError, SourceError
 
 torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def test_heal_by_distillation_recovers_a_compressed_model():
 
 def test_heal_errors():
     model, data = net(), blobs()
-    with pytest.raises(ConfigError, match="teacher_targets"):
+    with pytest.raises(ConfigError, match="teacher="):
         heal(model, CalibData("raw", data.batches), steps=2, progress=False)
     with pytest.raises(ConfigError, match="steps"):
         heal(model, data, steps=0, progress=False)
@@ -98,10 +98,30 @@ def test_heal_step_is_a_registered_compressor_that_replays_as_no_op():
     original = copy.deepcopy(model.state_dict())
     result = Heal().compress(model, config, data)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # caller's model untouched
-    assert result.changes == [] and result.resolved["steps"] == 20
+    assert result.changes == [] and result.resolved["steps"] == 20 and result.resolved["schema"] == Heal.schema
     assert mean_loss(result.model, data) < mean_loss(model, data)
     fresh = net(seed=5)
-    assert Heal().replay(fresh, result.resolved) is fresh
+    assert Heal().replay(fresh, result.resolved, []) is fresh
     fresh.load_state_dict(result.model.state_dict())
     x = data.batches[0]["x"]
     torch.testing.assert_close(fresh(x), result.model(x), rtol=0, atol=0)
+
+
+def test_fit_forks_the_rng_restores_modes_and_distils_toward_a_teacher():
+    teacher, data = net(), blobs()
+    heal(teacher, data, steps=60, lr=1e-2, progress=False)
+    raw = CalibData("raw", data.batches)  # no targets: fit distils toward the teacher
+    student = SVD().compress(teacher, {"rank": 2, "target": ["fc1"]}).model
+    gap = mean_loss(student, teacher_targets(teacher, raw))
+    twin = copy.deepcopy(student).train()
+    student.train()
+    state = torch.random.get_rng_state()
+    report = fit(student, raw, epochs=10, lr=5e-3, teacher=teacher, seed=3, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert student.training and not teacher.training  # modes as they came in
+    assert report.steps == len(report.losses) == 60  # 10 passes over 6 batches
+    assert mean_loss(student.eval(), teacher_targets(teacher, raw)) < 0.5 * gap
+    again = fit(twin, raw, epochs=10, lr=5e-3, teacher=teacher, seed=3, progress=False)
+    assert again.losses == report.losses  # the seed alone decides the run (dropout included)
+    with pytest.raises(ConfigError, match="steps or epochs"):
+        fit(student, data, lr=1e-3)

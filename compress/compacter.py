@@ -1,0 +1,458 @@
+"""Adapters on a frozen base: Compacter, Compacter++, bottleneck adapters, LoRA and head-only training.
+
+Compacter (Mahabadi, Henderson, Ruder, "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers",
+NeurIPS 2021): each adapter is down-projection, non-linearity, up-projection and a residual
+(Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"), with both projections
+parameterized hypercomplex multiplication (PHM) layers, Eq. (3)-(5):
+
+    W = sum_{i=1..n} A_i (x) B_i,   A_i in R^{n x n} shared by every adapter layer of the model,
+                                    B_i = s_i t_i^T of rank r (r = 1 in the paper), per layer.
+
+Compacter places an adapter after the attention output projection and after the feed-forward output
+of every block; Compacter++ only after the feed-forward. Baselines in the same framework: bottleneck
+adapters with dense projections (Houlsby placement "both", Pfeiffer et al. 2021 placement "ffn"),
+LoRA (Hu et al. 2022: W + (alpha / r) B A on chosen Linears, B initialised to zero) and training the
+task head only. Every adapter starts at the identity (zero up-projection, zero LoRA B), so the
+adapted model at initialisation computes exactly what the base does (the lossless setting).
+
+For export: LoRA merges into its Linear (W' = W + alpha / r * B A, exact); PHM layers become plain
+dense Linears (`to_dense`, exact); bottleneck and Compacter adapters cannot merge into the base
+weights because of the non-linearity between their projections, so they stay as small extra
+MatMuls. Training uses the shared loop `compress.train.fit`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, register,
+                                     working_copy)
+from edgeslim.compress.adapter_sites import find_sites, no_fast_path
+from edgeslim.compress.replace import count_params, select_modules, set_submodule
+from edgeslim.compress.train import fit
+from edgeslim.errors import ConfigError
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
+class PHMLinear(nn.Module):
+    """y = x W^T + b with W = sum_i A_i (x) (s_i t_i^T) (Mahabadi et al. 2021, Eq. 3-5).
+
+    Args:
+        rule: the shared slow weights A, shape [n, n, n]; the same Parameter object for every layer.
+        rank: rank r of the fast weights B_i = s_i t_i^T, s_i [out/n, r], t_i [r, in/n].
+        zero: start with s = 0 (W = 0), as the up-projection of an identity adapter does.
+
+    Raises:
+        ConfigError: n does not divide in_features or out_features.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rule: nn.Parameter, rank: int = 1,
+                 bias: bool = True, zero: bool = False) -> None:
+        super().__init__()
+        n = rule.shape[0]
+        for what, dim in (("in", in_features), ("out", out_features)):
+            if dim % n:
+                raise ConfigError(f"PHM layer {in_features}->{out_features}: n={n} does not divide the {what} "
+                                  f"dimension {dim}; choose n among the common divisors "
+                                  f"{[d for d in range(1, min(in_features, out_features) + 1) if not in_features % d and not out_features % d][:12]}")
+        self.in_features, self.out_features, self.n, self.rank = in_features, out_features, n, rank
+        self.rule = rule
+        scale = in_features ** -0.25  # var(W) = n * var(A) * var(s) * var(t) ~ 1 / in_features
+        self.s = nn.Parameter(torch.zeros(n, out_features // n, rank) if zero
+                              else torch.randn(n, out_features // n, rank) * scale / rank ** 0.25)
+        self.t = nn.Parameter(torch.randn(n, rank, in_features // n) * scale / rank ** 0.25)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def weight(self) -> torch.Tensor:
+        """The dense [out, in] matrix sum_i kron(A_i, s_i t_i^T)."""
+        fast = self.s @ self.t  # B_i, [n, out/n, in/n]
+        return torch.einsum("nij,nkl->ikjl", self.rule, fast).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear holding the same matrix (exact)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+def init_rule(n: int, generator: torch.Generator | None = None) -> nn.Parameter:
+    """Shared slow weights A [n, n, n], N(0, 1/n) so that W keeps the fast weights' scale."""
+    return nn.Parameter(torch.randn(n, n, n, generator=generator) / math.sqrt(n))
+
+
+class Adapter(nn.Module):
+    """h + up(act(down(h))) (Houlsby et al. 2019); up starts at zero so the adapter is the identity."""
+
+    def __init__(self, width: int, bottleneck: int, nonlinearity: str = "gelu", rule: nn.Parameter | None = None,
+                 rank: int = 1) -> None:
+        super().__init__()
+        if nonlinearity not in ACTIVATIONS:
+            raise ConfigError(f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        if rule is None:
+            self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        else:
+            self.down = PHMLinear(width, bottleneck, rule, rank)
+            self.up = PHMLinear(bottleneck, width, rule, rank, zero=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(ACTIVATIONS[self.nonlinearity](self.down(h)))
+
+
+class AdaptedSite(nn.Module):
+    """A trained module followed by an adapter: adapter(inner(...)); the first element of a tuple output."""
+
+    def __init__(self, inner: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.inner, self.adapter = inner, adapter
+
+    @classmethod
+    def from_module(cls, inner: nn.Module, adapter: Adapter) -> "AdaptedSite":
+        return cls(inner, adapter)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]),) + out[1:]
+        return self.adapter(out)
+
+
+class LoRALinear(nn.Module):
+    """x W^T + b + (alpha / r) x A^T B^T (Hu et al. 2022, Eq. 3); B starts at zero."""
+
+    def __init__(self, inner: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.inner, self.rank, self.scale = inner, rank, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, inner.in_features))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_b = nn.Parameter(torch.zeros(inner.out_features, rank))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float) -> "LoRALinear":
+        if rank > min(linear.in_features, linear.out_features):
+            raise ConfigError(f"LoRA rank {rank} exceeds the Linear's {linear.in_features}x{linear.out_features}")
+        return cls(linear, rank, alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    def merge(self) -> nn.Linear:
+        """The Linear with W + (alpha / r) B A (exact): no extra cost at inference."""
+        merged = copy.deepcopy(self.inner)
+        with torch.no_grad():
+            merged.weight.add_(self.scale * self.lora_b @ self.lora_a)
+        return merged
+
+
+class AdaptedModel(nn.Module):
+    """Frozen base (with adapters inside) + optional new task head + the shared PHM rule.
+
+    Built by `adapted_model`, which gives `forward` the base's own signature (named inputs for
+    sessions and ONNX export).
+    """
+
+    def __init__(self, base: nn.Module, head: nn.Module | None, rule: nn.Parameter | None) -> None:
+        super().__init__()
+        if rule is not None:
+            self.phm_rule = rule  # registered first: named_parameters() names the shared A "phm_rule"
+        self.base = base
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.head(self.base(*args, **kwargs))
+
+
+def adapted_model(base: nn.Module, head: nn.Module | None, rule: nn.Parameter | None) -> AdaptedModel:
+    """An AdaptedModel whose forward shows the base's parameters (input names) to inspect.signature."""
+    params = list(inspect.signature(base.forward).parameters.values())
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return AdaptedModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.Signature([self_param] + params)
+    cls = type("AdaptedModel", (AdaptedModel,), {"forward": forward, "__doc__": AdaptedModel.__doc__})
+    return cls(base, head, rule)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 over a model's state dict (names, dtypes, shapes, bytes): the identity of a base."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _at_least(config: ConfigBase, minimum: int, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) < minimum:
+            raise ConfigError(f"{key} must be at least {minimum}, got {getattr(config, key)}")
+
+
+@dataclass(frozen=True)
+class HeadConfig(ConfigBase):
+    """Settings shared by every adapter method (head-only training uses just these)."""
+
+    labels: tuple[str | int, ...] | None = None  # class names: adds a new head Linear(features, len(labels))
+    head_target: str = r"(.*\.)?(classifier|score)"  # existing head trained when labels is None
+    epochs: int = 1  # passes over the training data; 0 (or no data): attached untrained, as the identity
+    lr: float = 3e-3  # peak AdamW learning rate, decayed linearly to 0
+    seed: int = 0  # initialisation of the new weights and order of the batches
+    train_layer_norms: bool = False  # also train the base's LayerNorm/RMSNorm weights
+
+    def validate(self) -> None:
+        _at_least(self, 0, "epochs")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
+            raise ConfigError(f"labels must be at least 2 distinct class names, got {list(self.labels)}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(HeadConfig):
+    """LoRA on the attention query and value projections (Hu et al. 2022)."""
+
+    lr: float = 1e-3
+    rank: int = 8  # rank r of B A
+    alpha: float = 16.0  # scale alpha / r
+    target: str = r".*\.(query|value|q_proj|v_proj|q_lin|v_lin)"  # regex (fullmatch) on Linear names
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "rank")
+
+
+@dataclass(frozen=True)
+class BottleneckConfig(HeadConfig):
+    """Bottleneck adapters: "both" = Houlsby (attention and FFN), "ffn" = Pfeiffer (FFN only)."""
+
+    train_layer_norms: bool = True
+    placement: Literal["both", "ffn"] = "both"
+    reduction: int = 16  # bottleneck width = hidden width / reduction
+    nonlinearity: Literal["gelu", "relu", "swish"] = "gelu"
+    attn_target: str | None = None  # regex of attention-output Linears (when the architecture is unknown)
+    ffn_target: str | None = None  # regex of FFN-output Linears
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "reduction")
+
+
+@dataclass(frozen=True)
+class CompacterConfig(BottleneckConfig):
+    """Compacter: PHM projections, A shared by every adapter layer, rank-r fast weights."""
+
+    n: int = 4  # number of Kronecker terms; must divide the hidden and bottleneck widths
+    rank: int = 1  # rank of B_i = s_i t_i^T
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "n", "rank")
+
+
+@dataclass(frozen=True)
+class CompacterPPConfig(CompacterConfig):
+    """Compacter++: adapters after the feed-forward output only."""
+
+    placement: Literal["both", "ffn"] = "ffn"
+
+
+def _trainable(model: AdaptedModel, config: HeadConfig, head_added: bool) -> list[str]:
+    """Freeze the base; return the names of the parameters that train (adapters, head, norms)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Adapter, LoRALinear)):
+            for pname, p in module.named_parameters(prefix=name):
+                if not pname.startswith(f"{name}.inner."):
+                    chosen[pname] = p
+        elif config.train_layer_norms and _is_norm(module):
+            chosen.update(dict(module.named_parameters(prefix=name)))
+    if head_added:
+        chosen.update(dict(model.head.named_parameters(prefix="head")))
+    else:
+        for name, module in model.base.named_modules():
+            if name and re.fullmatch(config.head_target, name):
+                chosen.update(dict(module.named_parameters(prefix=f"base.{name}")))
+    if hasattr(model, "phm_rule"):
+        chosen["phm_rule"] = model.phm_rule
+    for p in chosen.values():
+        p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]  # shared ones named once
+
+
+def build(model: nn.Module, resolved: Mapping[str, Any], seed: int = 0) -> AdaptedModel:
+    """Insert the recorded adapters into `model` (in place) and wrap it with its head: compress and replay."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rule = init_rule(resolved["n"], gen) if "n" in resolved else None
+        for site in resolved.get("sites", []):
+            adapter = Adapter(site["width"], site["bottleneck"], resolved["nonlinearity"], rule, resolved.get("rank", 1))
+            set_submodule(model, site["name"], AdaptedSite.from_module(model.get_submodule(site["name"]), adapter))
+        for name in resolved.get("lora", []):
+            set_submodule(model, name, LoRALinear.from_linear(model.get_submodule(name), resolved["rank"], resolved["alpha"]))
+        head = resolved.get("head")
+        head_module = nn.Linear(head["features"], len(head["labels"])) if head else None
+    no_fast_path(model)
+    adapted = adapted_model(model, head_module, rule)
+    adapted.labels = list(head["labels"]) if head else None  # class names of the head's outputs, in order
+    return adapted
+
+
+def _plan(model: nn.Module, method: str, config: HeadConfig) -> dict[str, Any]:
+    """Every structural decision, as data: the sites with their widths, LoRA targets, widths of the head."""
+    plan: dict[str, Any] = {"method": method}
+    if isinstance(config, BottleneckConfig):
+        plan["nonlinearity"] = config.nonlinearity
+        plan["sites"] = find_sites(model, config.placement, config.attn_target, config.ffn_target)
+        for site in plan["sites"]:
+            site["bottleneck"] = max(1, site["width"] // config.reduction)
+    if isinstance(config, CompacterConfig):
+        plan["n"], plan["rank"] = config.n, config.rank
+        for site in plan["sites"]:
+            if site["width"] % config.n or site["bottleneck"] % config.n:
+                raise ConfigError(f"Compacter n={config.n} must divide the hidden width {site['width']} and the "
+                                  f"bottleneck width {site['bottleneck']} (= {site['width']} // reduction "
+                                  f"{config.reduction}) at {site['name']}; change n or reduction")
+    if isinstance(config, LoRAConfig):
+        plan["lora"] = [n for n, _ in select_modules(model, config.target)]
+        plan["rank"], plan["alpha"] = config.rank, config.alpha
+    return plan
+
+
+def _features(model: nn.Module, calib: CalibData | None) -> int:
+    if calib is None:
+        raise ConfigError("a new head (labels=...) needs training data to size it: pass calib with targets")
+    with torch.inference_mode():
+        out = model(**calib.batches[0])
+    if out.dim() != 2:
+        raise ConfigError(f"a classification head needs [batch, features] outputs; the model gives "
+                          f"{tuple(out.shape)} (pool its output first)")
+    return int(out.shape[-1])
+
+
+class _AdapterCompressor(Compressor):
+    """Shared compress/replay: plan, build, train with the shared loop, one LayerChange per adapter."""
+
+    kind = "adapter"
+
+    def compress(self, model: nn.Module, config: HeadConfig, calib: CalibData | None = None,
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
+        config = self.make_config(config)
+        base = working_copy(model, inplace)
+        resolved = _plan(base, self.name, config) | {"base_sha256": state_sha256(base)}
+        if config.labels is not None:
+            resolved["head"] = {"features": _features(base, calib), "labels": list(config.labels)}
+        adapted = build(base, resolved, config.seed)
+        resolved["trainable"] = _trainable(adapted, config, "head" in resolved)
+        if not resolved["trainable"]:
+            raise ConfigError(f"{self.name}: nothing to train (no head matches head_target={config.head_target!r}; "
+                              "give labels=[...] to add one)")
+        if calib is not None and config.epochs:
+            if calib.targets is None:
+                raise ConfigError(f"{self.name} trains on labelled data: '{calib.name}' has no targets")
+            report = fit(adapted, calib, epochs=config.epochs, lr=config.lr, seed=config.seed, max_grad_norm=1.0,
+                         weight_decay=0.01, label=f"{self.name} on {calib.name}")
+            resolved["train"] = {"steps": report.steps, "final_loss": report.final_loss, "data": calib.name}
+        return self.result(adapted.eval(), config, changes(adapted), resolved)
+
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[Any] = ()) -> nn.Module:
+        adapted = build(model, resolved)
+        trainable = set(resolved.get("trainable", []))
+        for name, p in adapted.named_parameters():
+            p.requires_grad_(name in trainable)
+        return adapted.eval()
+
+
+def changes(model: AdaptedModel) -> list[LayerChange]:
+    """One row per adapted module (params of the module before, module + adapter after), new head and A."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedSite):
+            added = sum(p.numel() for n, p in m.adapter.named_parameters() if not n.endswith("rule"))
+            kind = "PHM adapter" if isinstance(m.adapter.down, PHMLinear) else "bottleneck adapter"
+            rows.append(LayerChange(name, f"{type(m.inner).__name__} -> + {kind}", count_params(m.inner),
+                                    count_params(m.inner) + added, m.adapter.down.out_features, "adapter"))
+        elif isinstance(m, LoRALinear):
+            rows.append(LayerChange(name, "Linear -> + LoRA", count_params(m.inner),
+                                    count_params(m.inner) + m.lora_a.numel() + m.lora_b.numel(), m.rank, "adapter",
+                                    note="merges into the Linear for export"))
+    if not isinstance(model.head, nn.Identity):
+        rows.append(LayerChange("head", "new head Linear", 0, count_params(model.head), status="adapter"))
+    if hasattr(model, "phm_rule"):
+        rows.append(LayerChange("phm_rule", "shared PHM rule A", 0, model.phm_rule.numel(), status="adapter",
+                                note="shared by all adapters"))
+    return rows
+
+
+def merge_for_export(model: nn.Module) -> nn.Module:
+    """A copy for inference: LoRA merged into its Linear, PHM layers as dense Linears (both exact).
+
+    Bottleneck and Compacter adapters stay separate (the non-linearity prevents a merge).
+    """
+    merged = copy.deepcopy(model)
+    for name, m in list(merged.named_modules()):
+        if isinstance(m, LoRALinear):
+            set_submodule(merged, name, m.merge())
+        elif isinstance(m, PHMLinear):
+            set_submodule(merged, name, m.to_dense())
+    return merged.eval()
+
+
+def paper_param_count(method: str, blocks: int, width: int, bottleneck: int = 0, n: int = 4, rank: int = 1,
+                      lora_layers: int = 0, lora_in: int = 0, lora_out: int = 0) -> int:
+    """Added parameters by the papers' formulas (biases included, head and norms excluded).
+
+    Compacter (Mahabadi et al. 2021, "parameter efficiency": O(n^3 + 4 L (k + d)) for L blocks at r = 1):
+    n^3 for the shared A plus r (k + d) per PHM layer (n fast factors of k/n x r and r x d/n), two PHM
+    layers per adapter, two adapters per block (one in Compacter++); a bottleneck adapter 2 d k (Houlsby
+    2 per block, Pfeiffer "bottleneck_ffn" 1); LoRA r (d_in + d_out) per targeted Linear (Hu et al.
+    2022). Each adapter's biases (k + d) are added.
+    """
+    per_block = 2 if method in ("compacter", "bottleneck") else 1
+    adapters = blocks * per_block
+    biases = adapters * (width + bottleneck)
+    if method in ("compacter", "compacter_pp"):
+        return n ** 3 + adapters * 2 * rank * (width + bottleneck) + biases
+    if method in ("bottleneck", "bottleneck_ffn"):
+        return adapters * 2 * width * bottleneck + biases
+    if method == "lora":
+        return lora_layers * rank * (lora_in + lora_out)
+    return 0
+
+
+METHODS = {  # registry name -> (config, what it does)
+    "compacter": (CompacterConfig, "Compacter adapters (PHM, shared A) after attention and FFN; base frozen"),
+    "compacter_pp": (CompacterPPConfig, "Compacter++ adapters after the FFN only; base frozen"),
+    "bottleneck": (BottleneckConfig, "Houlsby ('both') or Pfeiffer ('ffn') bottleneck adapters; base frozen"),
+    "lora": (LoRAConfig, "LoRA on the query/value projections (merges into the weights for export); base frozen"),
+    "head": (HeadConfig, "train the task head only; base frozen"),
+}
+for _name, (_config, _doc) in METHODS.items():
+    register(type(f"Adapter_{_name}", (_AdapterCompressor,),
+                  {"name": _name, "Config": _config, "__doc__": _doc, "__module__": __name__}))
