@@ -57,6 +57,16 @@ def _balance(factors: tuple[int, ...]) -> tuple:
     return max(factors), -min(factors), factors
 
 
+def default_factors(in_features: int, out_features: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in_factors, out_factors): inputs descending, outputs ascending.
+
+    Contracting core j costs r_{j-1} r_j i_j o_j (i_{j+1}...i_k)(o_1...o_{j-1}) multiply-adds per
+    row, so a large i_1 (the first contraction removes most of the input) and a small o_1 (the
+    output grows last) keep the intermediate states, and the FLOPs, smallest.
+    """
+    return factorize(in_features, k)[::-1], factorize(out_features, k)
+
+
 def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_error: float | None = None
            ) -> tuple[list[torch.Tensor], list[float]]:
     """TT-SVD (Oseledets 2011, Algorithm 1): cores (r_{j-1}, d_j, r_j) and the energy each step drops.
@@ -191,8 +201,8 @@ class MPOLinear(nn.Module):
         With neither cap the layer is exact (maximal bond dimensions).
         """
         weight, bias = dense_weight(module)
-        in_factors = tuple(in_factors or factorize(weight.shape[1], cores))
-        out_factors = tuple(out_factors or factorize(weight.shape[0], len(in_factors)))
+        auto_in, auto_out = default_factors(weight.shape[1], weight.shape[0], len(in_factors or ()) or cores)
+        in_factors, out_factors = tuple(in_factors or auto_in), tuple(out_factors or auto_out)
         caps = None if rank is None else [rank] * (len(in_factors) - 1)
         eps = None if energy is None else math.sqrt(max(1.0 - energy, 0.0))
         got, _ = tt_svd(_paired(weight.double(), out_factors, in_factors), caps, eps)
@@ -226,8 +236,8 @@ class MPOPlan:
         weight, bias = dense_weight(module)
         m, n = weight.shape
         self.name, self.bias, self.dtype = name, bias, weight.dtype
-        self.in_factors = tuple(factors.get(n) or factorize(n, cores))
-        self.out_factors = tuple(factors.get(m) or factorize(m, cores))
+        auto_in, auto_out = default_factors(n, m, cores)
+        self.in_factors, self.out_factors = tuple(factors.get(n) or auto_in), tuple(factors.get(m) or auto_out)
         self.tensor = _paired(weight.double(), self.out_factors, self.in_factors)
         self.norm2 = max(float(self.tensor.square().sum()), 1e-300)
         d = self.dims = tuple(self.tensor.shape)

