@@ -105,7 +105,7 @@ def minilm(cfg: dict, cache_root: Path, summary: dict, out: Path) -> None:
     base["p50_ms"] = measure(base_session, feeds, warmup=2, iters=cfg["latency_rounds"] * cfg["latency_iters"]).p50_ms
     print(f"MiniLM original: accuracy {base['accuracy']:.4f}, p50 {base['p50_ms']:.1f} ms", flush=True)
     rows: list[dict] = []
-    summary["minilm"] = {"model": str(folder), "target": lr.TARGET, "cores": cfg["cores"], "align": cfg["align"],
+    summary["minilm"] = {"machine": machine_info(), "model": str(folder), "target": lr.TARGET, "cores": cfg["cores"], "align": cfg["align"],
                          "latency_dims": cfg["latency_dims"], "test_docs": sum(len(t) for t in test.targets),
                          "calib_samples": n * 16, "original": base, "rows": rows}
     stats = collect_stats(model, calib, names, fisher=False)
@@ -242,6 +242,7 @@ def smollm(cfg: dict, summary: dict, out: Path) -> None:
            else "tiny LLaMA", "target": LLAMA_TARGET, "targeted_params": targeted, "texts": llm["texts"],
            "tokens": llm["tokens"], "original_ppl": ppl["original"], "rows": []}
     summary["smollm2"] = res
+    res["machine"] = machine_info()
     print(f"SmolLM2 original: perplexity {ppl['original']:.2f}", flush=True)
     stats = collect_stats(model, calib, names, fisher=False)
     kept_models = {}
@@ -279,8 +280,14 @@ def smollm(cfg: dict, summary: dict, out: Path) -> None:
 
 
 def write_results(summary: dict, out: Path) -> None:
+    """Write the JSON and figures; a part this run skipped (--skip) is kept from the existing file."""
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "tensornet.json") as tmp:
+    path = out / "tensornet.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        summary.update({k: old[k] for k in summary.get("skipped", []) if k in old})
+        summary.update({k: v for k, v in old.items() if k.startswith("seconds_") and k not in summary})
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     m = summary.get("minilm")
     if m and m["rows"]:
@@ -301,7 +308,7 @@ def write_results(summary: dict, out: Path) -> None:
         bx.plot([0, 1.5], [0, 1.5], "k-", lw=0.8, label="latency = FLOPs")
         bx.set(xlabel="FLOPs ratio", ylabel="ORT CPU p50 latency ratio", title="speed (batch 8, seq 128)")
         bx.legend(fontsize=7)
-        _save(fig, out / "tensornet_minilm.png")
+        lr._save(fig, out / "tensornet_minilm.png")
     sens = (m or {}).get("sensitivity")
     llm = summary.get("smollm2", {}).get("block_sensitivity")
     if sens or llm:
@@ -317,13 +324,7 @@ def write_results(summary: dict, out: Path) -> None:
             pts = [(int(s["block"].rsplit(".", 1)[1]), s["delta_loss"]) for s in llm]
             axes[1].plot(*zip(*pts), "-o")
             axes[1].set(xlabel="decoder block", ylabel="LM loss change (one block as MPO)", title="SmolLM2-135M blocks")
-        _save(fig, out / "tensornet_sensitivity.png")
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
+        lr._save(fig, out / "tensornet_sensitivity.png")
 
 
 def table(summary: dict) -> str:
@@ -349,17 +350,17 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (Path(tempfile.mkdtemp(prefix="tensornet_quick_")) if args.quick else RESULTS)
     torch.set_num_threads(2)
     summary = {"machine": machine_info(), "config": {k: v for k, v in cfg.items() if k != "finetune"},
-               "recipe": cfg["finetune"], "cut": CUTS}
+               "recipe": cfg["finetune"], "cut": CUTS, "skipped": [p for p in args.skip.split(",") if p]}
     t0 = time.perf_counter()
     if "minilm" not in args.skip:
         minilm(cfg, out / "cache" if args.quick else args.cache, summary, out)
         print(table(summary))
     if "smollm2" not in args.skip:
         smollm(cfg, summary, out)
-    summary["seconds"] = time.perf_counter() - t0
+    summary[f"seconds_{'_'.join(p for p in ('minilm', 'smollm2') if p not in args.skip)}"] = time.perf_counter() - t0
     summary["machine_after"] = machine_info()
     write_results(summary, out)
-    print(f"results in {out} ({summary['seconds']:.0f} s)")
+    print(f"results in {out} ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
