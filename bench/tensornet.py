@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,7 +42,9 @@ from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
 from edgeslim.compress.sensitivity import layer_sensitivity, mean_loss  # noqa: E402
 from edgeslim.compress.svd import ASVD, SVD  # noqa: E402
-from edgeslim.compress.tensornet import MPO, _paired, factorize, tt_svd  # noqa: E402
+from edgeslim.compress.svd import LowRankLinear  # noqa: E402
+from edgeslim.compress.tensornet import MPO, MPOPlan, _paired, default_factors, tt_svd  # noqa: E402
+from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.errors import require  # noqa: E402
 from edgeslim.files import atomic_path  # noqa: E402
@@ -49,18 +52,21 @@ from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model, make_encoder  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
+from edgeslim.specs import TensorSpec, example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_TARGET = r"hf\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 8], sens_chi=32, heal_chis=[8], heal_steps=15,
             cores=3, calib_samples=64, profile_batches=2, test_docs=160, latency_rounds=3, latency_iters=2,
-            latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32],
+            latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32], layer_cores=[2, 3], layer_stride=2,
+            latency_kept=[0.25, 0.05], layer_latency_dims=[{"batch": 1, "sequence": 1}, {"batch": 8, "sequence": 128}],
+            layer_iters=5,
             llm=dict(texts=16, tokens=256, batch=4, ratios=[0.7, 0.5], calib_texts=8, profile_every=5,
                      profile_texts=2, profile_tokens=128, latency_batches=[1, 8], latency_seq=16, rounds=2, iters=2))
 QUICK = dict(finetune=lr.QUICK["finetune"], chis=[4], sens_chi=4, heal_chis=[4], heal_steps=2, cores=2,
              calib_samples=16, profile_batches=1, test_docs=16, latency_rounds=1, latency_iters=2,
-             latency_dims={"batch": 2, "sequence": 32}, align=2, tl_ranks=[2, 4],
+             latency_dims={"batch": 2, "sequence": 32}, align=2, tl_ranks=[2, 4], layer_cores=[2], layer_stride=8,
+             tiny_layers=True, latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}], layer_iters=2,
              llm=dict(tiny=True, texts=4, tokens=32, batch=2, ratios=[0.5], calib_texts=2, profile_every=1,
                       profile_texts=2, profile_tokens=16, latency_batches=[1, 2], latency_seq=16, rounds=1, iters=2))
 # What the full run leaves out to fit ~20 min on 2 shared cores.
@@ -135,19 +141,89 @@ def minilm(cfg: dict, cache_root: Path, summary: dict, out: Path) -> None:
                 print(f"{method:10s} healed: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
             write_results(summary, out)
     base_session.close()
-    summary["minilm"]["tensorly"] = tensorly_table(model, cfg)
+
+
+LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")
+
+
+def layers(cfg: dict, summary: dict, out: Path) -> None:
+    """Per layer of the packaged MiniLM: MPO (k=2, 3) vs SVD at equal parameters, error and FLOPs per row,
+    and paired ONNX Runtime latency of one layer at 1 row and at batch x sequence rows."""
+    transformers = require("transformers", "data", "MiniLM")
+    if cfg.get("tiny_layers"):
+        torch.manual_seed(0)
+        hf = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                            intermediate_size=64, vocab_size=120))
+    else:
+        hf = transformers.AutoModel.from_pretrained(lr._minilm_path())
+    res = summary["layers"] = {"machine": machine_info(), "model": "packaged all-MiniLM-L6-v2 (not fine-tuned)",
+                               "rows": [], "latency": []}
+    for name in LAYERS:
+        lin = hf.get_submodule(name)
+        m, n = lin.weight.shape
+        energy = torch.linalg.svdvals(lin.weight.detach().double()).square()
+        for k in cfg["layer_cores"]:
+            plan = MPOPlan(name, lin, k, {})
+            for bonds in plan.decisions(1)[::cfg["layer_stride"]]:
+                params = plan.params_at(bonds) - plan.bias_params
+                rank = max(params // (m + n), 1)
+                res["rows"].append({"layer": name, "shape": [m, n], "cores": k, "bonds": list(bonds),
+                                    "in_factors": list(plan.in_factors), "out_factors": list(plan.out_factors),
+                                    "kept": params / (m * n), "mpo_rel_error": math.sqrt(plan.error_at(bonds)),
+                                    "svd_rank": int(rank), "svd_kept": rank * (m + n) / (m * n),
+                                    "svd_rel_error": math.sqrt(float(energy[rank:].sum() / energy.sum())),
+                                    "mpo_flops_ratio": plan.build(bonds).flops_per_row() / (2 * m * n),
+                                    "svd_flops_ratio": rank * (m + n) / (m * n)})
+        write_results(summary, out)
+    name = LAYERS[1]
+    lin = hf.get_submodule(name)
+    tmp = Path(tempfile.mkdtemp(prefix="tensornet_layer_"))
+    spec = [TensorSpec("x", ("batch", "sequence", lin.in_features))]
+    for kept in cfg["latency_kept"]:
+        plan = MPOPlan(name, lin, 3, {})
+        bonds = [d for d in plan.decisions(1) if plan.params_at(d) <= kept * plan.dense_params][-1]
+        rank = max(int(kept * plan.dense_params) // (lin.in_features + lin.out_features), 1)
+        variants = {"dense": lin, "mpo": plan.build(bonds), "svd": LowRankLinear.from_linear(lin, rank)}
+        sessions = {}
+        for key, module in variants.items():
+            to_onnx(_Wrap(module), spec, tmp / f"{key}.onnx")
+            sessions[key] = open_session(tmp / f"{key}.onnx", "cpu-ort-fp32")
+        for dims in cfg["layer_latency_dims"]:
+            feeds = example_feeds(spec, dims, seed=0)
+            times: dict[str, list[float]] = {key: [] for key in sessions}
+            for _ in range(cfg["latency_rounds"]):
+                for key, session in sessions.items():
+                    times[key].append(measure(session, feeds, warmup=1, iters=cfg["layer_iters"]).p50_ms)
+            p50 = {key: statistics.median(v) for key, v in times.items()}
+            res["latency"].append({"layer": name, "kept": kept, "bonds": list(bonds), "svd_rank": rank, "dims": dims,
+                                   "p50_ms": p50, "mpo_latency_ratio": p50["mpo"] / p50["dense"],
+                                   "svd_latency_ratio": p50["svd"] / p50["dense"],
+                                   "mpo_flops_ratio": variants["mpo"].flops_per_row() / (2 * lin.in_features * lin.out_features)})
+            print(f"layer latency kept {kept} {dims}: {p50}", flush=True)
+        for session in sessions.values():
+            session.close()
+        write_results(summary, out)
+    summary["tensorly"] = tensorly_table(hf, cfg, LAYERS)
     write_results(summary, out)
 
 
-def tensorly_table(model, cfg: dict) -> list[dict]:
+class _Wrap(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def tensorly_table(model, cfg: dict, names: Sequence[str]) -> list[dict]:
     """Our TT-SVD vs TensorLy's tensor_train on the same paired weight tensors and ranks."""
     tl = require("tensorly", "data", "the TensorLy reference")
     from tensorly.decomposition import tensor_train
     rows = []
-    for name in ("hf.bert.encoder.layer.0.attention.self.query", "hf.bert.encoder.layer.0.intermediate.dense",
-                 "hf.bert.encoder.layer.0.output.dense"):
+    for name in names:
         w = model.get_submodule(name).weight.detach().double()
-        out_f, in_f = factorize(w.shape[0], cfg["cores"]), factorize(w.shape[1], cfg["cores"])
+        in_f, out_f = default_factors(w.shape[1], w.shape[0], cfg["cores"])
         tensor = _paired(w, out_f, in_f)
         for chi in cfg["tl_ranks"]:
             bonds = [chi] * (cfg["cores"] - 1)
@@ -279,16 +355,48 @@ def smollm(cfg: dict, summary: dict, out: Path) -> None:
     write_results(summary, out)
 
 
+def depth_trend(summary: dict) -> dict:
+    """Spearman correlation of depth with the profiled loss change (negative: deeper layers tolerate more)."""
+    from scipy.stats import spearmanr
+    pairs = {"minilm": [(int(s["layer"].split(".")[4]), s["delta_loss"]) for s in summary.get("minilm", {}).get("sensitivity", [])
+                        if s["delta_loss"] is not None],
+             "smollm2": [(int(s["block"].rsplit(".", 1)[1]), s["delta_loss"])
+                         for s in summary.get("smollm2", {}).get("block_sensitivity", [])]}
+    return {k: float(spearmanr(*zip(*v)).statistic) for k, v in pairs.items() if len(v) >= 3}
+
+
 def write_results(summary: dict, out: Path) -> None:
     """Write the JSON and figures; a part this run skipped (--skip) is kept from the existing file."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tensornet.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        summary.update({k: old[k] for k in summary.get("skipped", []) if k in old})
+        summary.update({k: old[k] for k in summary.get("skipped", []) if k in old and k not in summary})
+        if "layers" in summary.get("skipped", []) and "tensorly" in old:
+            summary.setdefault("tensorly", old["tensorly"])
         summary.update({k: v for k, v in old.items() if k.startswith("seconds_") and k not in summary})
+    summary["depth_trend"] = depth_trend(summary)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
+    lay = summary.get("layers", {}).get("rows")
+    if lay:
+        fig, axes = plt.subplots(2, len(LAYERS), figsize=(4 * len(LAYERS), 7), squeeze=False)
+        for col, name in enumerate(LAYERS):
+            rows = [r for r in lay if r["layer"] == name]
+            if not rows:
+                continue
+            for k in sorted({r["cores"] for r in rows}):
+                pts = [r for r in rows if r["cores"] == k]
+                axes[0][col].plot([r["kept"] for r in pts], [r["mpo_rel_error"] for r in pts], "-o", ms=3, label=f"MPO k={k}")
+                axes[1][col].plot([r["kept"] for r in pts], [r["mpo_flops_ratio"] for r in pts], "-o", ms=3, label=f"MPO k={k}")
+            pts = sorted((r["svd_kept"], r["svd_rel_error"], r["svd_flops_ratio"]) for r in rows)
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], "k-", label="SVD")
+            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], "k-", label="SVD")
+            axes[0][col].set(title=f"{name.split('.', 3)[-1]} {rows[0]['shape']}", xlabel="kept parameters",
+                             ylabel="relative Frobenius error")
+            axes[1][col].set(xlabel="kept parameters", ylabel="FLOPs ratio (vs dense)", yscale="log")
+            axes[0][col].legend(fontsize=7)
+        lr._save(fig, out / "tensornet_layers.png")
     m = summary.get("minilm")
     if m and m["rows"]:
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
@@ -309,7 +417,7 @@ def write_results(summary: dict, out: Path) -> None:
         bx.set(xlabel="FLOPs ratio", ylabel="ORT CPU p50 latency ratio", title="speed (batch 8, seq 128)")
         bx.legend(fontsize=7)
         lr._save(fig, out / "tensornet_minilm.png")
-    sens = (m or {}).get("sensitivity")
+    sens = [s for s in (m or {}).get("sensitivity", []) if s["delta_loss"] is not None]
     llm = summary.get("smollm2", {}).get("block_sensitivity")
     if sens or llm:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -344,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgeslim",
                         help="where the fine-tuned MiniLM is cached")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: minilm, smollm2")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: layers, minilm, smollm2")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="tensornet_quick_")) if args.quick else RESULTS)
@@ -352,12 +460,14 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"machine": machine_info(), "config": {k: v for k, v in cfg.items() if k != "finetune"},
                "recipe": cfg["finetune"], "cut": CUTS, "skipped": [p for p in args.skip.split(",") if p]}
     t0 = time.perf_counter()
+    if "layers" not in args.skip:
+        layers(cfg, summary, out)
     if "minilm" not in args.skip:
         minilm(cfg, out / "cache" if args.quick else args.cache, summary, out)
         print(table(summary))
     if "smollm2" not in args.skip:
         smollm(cfg, summary, out)
-    summary[f"seconds_{'_'.join(p for p in ('minilm', 'smollm2') if p not in args.skip)}"] = time.perf_counter() - t0
+    summary[f"seconds_{'_'.join(p for p in ('layers', 'minilm', 'smollm2') if p not in args.skip)}"] = time.perf_counter() - t0
     summary["machine_after"] = machine_info()
     write_results(summary, out)
     print(f"results in {out} ({time.perf_counter() - t0:.0f} s)")

@@ -224,6 +224,16 @@ class MPOLinear(nn.Module):
                 dense.bias.copy_(self.bias)
         return dense
 
+    def flops_per_row(self) -> int:
+        """FLOPs of the core contractions for one input row (a multiply-add counting 2).
+
+        Core j costs r_{j-1} r_j i_j o_j (i_{j+1}...i_k)(o_1...o_{j-1}) multiply-adds; a dense layer
+        costs in x out, a rank-r pair r (in + out).
+        """
+        r, k = (1, *self.bonds, 1), len(self.cores)
+        return 2 * sum(r[j] * r[j + 1] * self.in_factors[j] * self.out_factors[j] * math.prod(self.in_factors[j + 1:])
+                       * math.prod(self.out_factors[:j]) for j in range(k))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, in_factors={self.in_factors}, "
                 f"out_factors={self.out_factors}, bonds={self.bonds}")

@@ -65,6 +65,16 @@ def test_full_bond_dimension_is_exact(shape, k):
     assert count_params(mpo) == expected + shape[0]
 
 
+def test_flops_per_row_matches_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    for k, rank in ((2, 6), (3, 5), (4, 3)):
+        mpo = MPOLinear.from_linear(nn.Linear(96, 48), rank=rank, cores=k)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            mpo(torch.randn(10, 96))
+        assert counter.get_total_flops() == 10 * mpo.flops_per_row()
+
+
 def test_forward_matches_to_dense_when_truncated():
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=False)
@@ -251,7 +261,7 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "tensornet.json").read_text())
     methods = {r["method"] for r in summary["minilm"]["rows"]}
     assert methods == {"mpo", "mpo+sens", "svd", "asvd"} and any(r["healed"] for r in summary["minilm"]["rows"])
-    assert all(r["abs_diff"] < 1e-5 for r in summary["minilm"]["tensorly"])
+    assert all(r["abs_diff"] < 1e-5 for r in summary["tensorly"]) and summary["layers"]["rows"]
     assert {r["method"] for r in summary["smollm2"]["rows"]} == {"mpo", "asvd"}
     assert summary["smollm2"]["block_sensitivity"] and summary["machine"]["cpu_model"]
     for name in ("tensornet_minilm.png", "tensornet_sensitivity.png"):
