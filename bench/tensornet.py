@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import lowrank_minilm as lr  # noqa: E402
-from edgeslim.compress.base import CalibData  # noqa: E402
+from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
 from edgeslim.compress.sensitivity import layer_sensitivity, mean_loss  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.compress.base import CalibData
+from edgeslim.calib import CalibData
 from edgeslim.compress.replace import set_submodule
 from edgeslim.compress.train import check_finite, task_loss, teacher_targets
 

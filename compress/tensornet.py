@@ -11,7 +11,8 @@ prod_{l>j} o_l i_l) the decomposition is exact. Parameters: sum_j r_{j-1} o_j i_
 """
 from __future__ import annotations
 
-import heapq
+import copy
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.compress.base import (BudgetConfig, CalibData, CompressResult, Compressor, LayerChange, register,
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
-from edgeslim.compress.replace import select_modules, set_submodule
+from edgeslim.compress.lowrank_budget import allocate, dense_note
+from edgeslim.compress.replace import direct_weight_reader, select_modules, set_submodule, skipped_change
 from edgeslim.compress.sensitivity import layer_sensitivity
-from edgeslim.compress.train import heal, teacher_targets
+from edgeslim.compress.train import heal
 from edgeslim.errors import ConfigError
+from edgeslim.specs import TensorSpec
 
 
 def factorize(dim: int, k: int) -> tuple[int, ...]:
@@ -161,6 +165,11 @@ class MPOLinear(nn.Module):
             for j, (o, i) in enumerate(zip(self.out_factors, self.in_factors)))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense weight (out x in), rebuilt on each access (for parents that peek at it)."""
+        return self.to_dense().weight
+
     def core(self, j: int) -> torch.Tensor:
         """Core j as the tensor G_j of shape (r_{j-1}, o_j, i_j, r_j)."""
         r = (1, *self.bonds, 1)
@@ -209,7 +218,7 @@ class MPOLinear(nn.Module):
         return cls.from_cores(got, in_factors, out_factors, bias, dtype=weight.dtype)
 
     def to_dense(self) -> nn.Linear:
-        """The equivalent nn.Linear (weight rebuilt by contracting the cores)."""
+        """The equivalent nn.Linear (weight rebuilt by contracting the cores, differentiably)."""
         k = len(self.cores)
         t = self.core(0)  # (1, o_1, i_1, r_1) -> accumulate (o_1, i_1, ..., o_j, i_j, r_j)
         for j in range(1, k):
@@ -244,6 +253,7 @@ class MPOPlan:
 
     def __init__(self, name: str, module: nn.Module, cores: int, factors: Mapping[int, Sequence[int]]) -> None:
         weight, bias = dense_weight(module)
+        self.scale = 1.0  # multiplies the relative error in the global greedy (set from the layer profile)
         m, n = weight.shape
         self.name, self.bias, self.dtype = name, bias, weight.dtype
         auto_in, auto_out = default_factors(n, m, cores)
@@ -282,17 +292,23 @@ class MPOPlan:
             self._cache[key] = tt_svd(self.tensor, key)
         return self._cache[key]
 
-    def error_at(self, bonds: Sequence[int]) -> float:
+    def rel_error2(self, bonds: Sequence[int]) -> float:
         """Relative squared Frobenius error ||W - W_mpo||^2 / ||W||^2 of the TT-SVD at these bonds."""
         return sum(self.decompose(bonds)[1]) / self.norm2
 
-    def rank_decision(self, rank: int, align: int) -> tuple[int, ...]:
-        return self.bonds_at(max(rank - rank % align, min(align, rank)))
+    def error_at(self, bonds: Sequence[int]) -> float:
+        return self.scale * self.rel_error2(bonds)
 
-    def energy_decision(self, fraction: float, align: int) -> tuple[int, ...]:
+    def rank_decision(self, rank: int, align: int) -> tuple[int, ...] | None:
+        """Every bond capped at chi = rank (rounded down to align); None when that saves nothing."""
+        bonds = self.bonds_at(max(rank - rank % align, min(align, rank)))
+        return bonds if self.saves(bonds) else None
+
+    def energy_decision(self, fraction: float, align: int) -> tuple[int, ...] | None:
         """Bonds of the TT-SVD keeping `fraction` of the energy (Oseledets' delta), rounded up to align."""
         cores, _ = tt_svd(self.tensor, rel_error=math.sqrt(max(1.0 - fraction, 0.0)))
-        return tuple(min(-(-int(c.shape[-1]) // align) * align, b) for c, b in zip(cores[:-1], self.max_bonds))
+        bonds = tuple(min(-(-int(c.shape[-1]) // align) * align, b) for c, b in zip(cores[:-1], self.max_bonds))
+        return bonds if self.saves(bonds) else None
 
     def build(self, bonds: Sequence[int]) -> MPOLinear:
         return MPOLinear.from_cores(self.decompose(bonds)[0], self.in_factors, self.out_factors, self.bias, self.dtype)
@@ -303,107 +319,30 @@ class MPOPlan:
         return f"factors in {self.in_factors} out {self.out_factors}" + "".join(f"; {p}" for p in prime)
 
 
-def allocate(plans: Sequence[MPOPlan], config: BudgetConfig, weights: Mapping[str, float] | None = None
-             ) -> dict[str, tuple[int, ...] | None]:
-    """Bond tuple per layer (None = stays dense) for the config's budget form.
-
-    rank: every bond capped at chi; energy: Oseledets' per-step threshold; ratio, uniform: per layer
-    the largest chi within ratio x its parameters; ratio, sensitivity: a global greedy spending the
-    kept-parameter budget where it removes the most weighted error per parameter (weight 1: relative
-    Frobenius error; from layer profiling: estimated task-loss change). Layers that cannot save
-    parameters stay dense.
-
-    Raises:
-        ConfigError: the ratio is below what the smallest bond dimensions keep.
-    """
-    align = config.align
-    if config.rank is not None or config.energy is not None:
-        pick = {p.name: p.rank_decision(config.rank, align) if config.rank is not None
-                else p.energy_decision(float(config.energy), align) for p in plans}
-        return {p.name: d if p.saves(d) else None for p, d in ((p, pick[p.name]) for p in plans)}
-    ratio = float(config.ratio)
-    ladders = {p.name: p.decisions(align) for p in plans}
-    if config.allocation == "uniform":
-        out: dict[str, tuple[int, ...] | None] = {}
-        for p in plans:
-            ladder = ladders[p.name]
-            fits = [d for d in ladder if p.params_at(d) <= ratio * p.dense_params]
-            out[p.name] = None if ratio >= 1.0 or not ladder else fits[-1] if fits else ladder[0]
-        return out
-    free = [p for p in plans if ladders[p.name]]
-    budget = ratio * sum(p.dense_params for p in plans) - sum(p.dense_params for p in plans if not ladders[p.name])
-    at = {p.name: 0 for p in free}
-    spent = sum(p.params_at(ladders[p.name][0]) for p in free)
-    if free and spent > budget:
-        raise ConfigError(f"ratio {ratio} is too small: bond dimension {align} everywhere keeps {spent} parameters, "
-                          f"over the budget of {int(budget)}")
-    w = weights or {}
-
-    def step(p: MPOPlan, i: int) -> tuple[float, int] | None:
-        ladder = ladders[p.name]
-        if i + 1 > len(ladder):
-            return None
-        nxt = ladder[i + 1] if i + 1 < len(ladder) else None
-        cost = (p.params_at(nxt) if nxt else p.dense_params) - p.params_at(ladder[i])
-        gain = w.get(p.name, 1.0) * (p.error_at(ladder[i]) - (p.error_at(nxt) if nxt else 0.0))
-        return gain / max(cost, 1), cost
-
-    heap = [(-s[0], i) for i, p in enumerate(free) if (s := step(p, 0))]
-    heapq.heapify(heap)
-    while heap:
-        _, i = heapq.heappop(heap)
-        p = free[i]
-        _, cost = step(p, at[p.name])
-        if spent + cost > budget:
-            continue
-        spent += cost
-        at[p.name] += 1
-        if at[p.name] < len(ladders[p.name]) and (s := step(p, at[p.name])):
-            heapq.heappush(heap, (-s[0], i))
-    out = {p.name: None for p in plans}
-    out.update({p.name: ladders[p.name][at[p.name]] if at[p.name] < len(ladders[p.name]) else None for p in free})
-    return out
-
-
 @dataclass(frozen=True)
 class MPOConfig(BudgetConfig):
     """MPO (tensor-train matrix) compression; the budget forms are those of BudgetConfig (rank = chi)."""
 
     cores: int = 3  # k: MPO cores, i.e. factors of each layer's in and out dimension
-    factors: Any = None  # {dimension: [f_1, ..., f_k]} overriding the automatic factorization, e.g. {"384" = [8, 6, 8]}
+    factors: dict[str, tuple[int, ...]] | None = None  # {dimension: factors} overriding the automatic ones
     profile_batches: int = 4  # calibration batches for the one-layer-at-a-time sensitivity profile
     heal_steps: int = 0  # AdamW steps of healing after compression (distils toward the original without targets)
     heal_lr: float = 1e-4  # peak learning rate of the healing
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("cores", "profile_batches"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "cores" else 1):
-                raise ConfigError(f"mpo {key} must be an integer >= {2 if key == 'cores' else 1}, got {value!r}")
-        if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
-            raise ConfigError(f"mpo heal_steps must be an integer >= 0, got {self.heal_steps!r}")
-        if not self.heal_lr > 0:
-            raise ConfigError(f"mpo heal_lr must be > 0, got {self.heal_lr}")
-        if self.factors is not None:
-            items = self.factors.items() if isinstance(self.factors, Mapping) else self.factors
-            try:
-                pairs = tuple(sorted((int(dim), tuple(int(f) for f in fs)) for dim, fs in items))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"mpo factors must map a dimension to a list of factors, got {self.factors!r}") from exc
-            for dim, fs in pairs:
-                if len(fs) != self.cores or math.prod(fs) != dim or min(fs) < 1:
-                    raise ConfigError(f"mpo factors for dimension {dim}: {list(fs)} must be {self.cores} positive "
-                                      f"integers whose product is {dim}")
-            object.__setattr__(self, "factors", pairs)
+    def validate(self) -> None:
+        super().validate()
+        if self.cores < 2:
+            raise ConfigError(f"mpo cores must be >= 2, got {self.cores}")
+        if self.profile_batches < 1 or self.heal_steps < 0 or not self.heal_lr > 0:
+            raise ConfigError(f"mpo needs profile_batches >= 1, heal_steps >= 0 and heal_lr > 0, got "
+                              f"{self.profile_batches}, {self.heal_steps}, {self.heal_lr}")
+        for dim, fs in (self.factors or {}).items():
+            if not dim.isdigit() or len(fs) != self.cores or math.prod(fs) != int(dim) or min(fs) < 1:
+                raise ConfigError(f"mpo factors for dimension {dim!r}: {list(fs)} must be {self.cores} positive "
+                                  f"integers whose product is {dim}")
 
     def factor_map(self) -> dict[int, tuple[int, ...]]:
-        return dict(self.factors or ())
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["factors"] = None if self.factors is None else {str(d): list(f) for d, f in self.factors}
-        return out
+        return {int(d): tuple(f) for d, f in (self.factors or {}).items()}
 
 
 @register
@@ -412,65 +351,74 @@ class MPO(Compressor):
 
     name = "mpo"
     Config = MPOConfig
+    kind = "structural"
+    data_aware = True  # calibration data sets the per-layer bonds through the sensitivity profile
     distils = True
 
     def compress(self, model: nn.Module, config: MPOConfig, calib: CalibData | None = None,
-                 inplace: bool = False) -> CompressResult:
-        config = self.make_config(config)
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
+        config = self.make_config(config).resolve(data_aware=calib is not None, context=context)
         if config.heal_steps and calib is None:
             raise ConfigError("mpo heal_steps needs calibration data (calib = ...)")
         model = working_copy(model, inplace)
-        chosen = select_modules(model, config.target, config.exclude, types=linear_types())
-        plans = [MPOPlan(name, module, config.cores, config.factor_map()) for name, module in chosen]
-        sens, weights = None, None
+        teacher = copy.deepcopy(model) if config.heal_steps and calib.targets is None else None
+        plans, changes = [], []
+        for name, module in select_modules(model, config.target, config.exclude, types=linear_types()):
+            reason = direct_weight_reader(model, name)
+            if reason:
+                changes.append(skipped_change(name, module, reason))
+            else:
+                plans.append(MPOPlan(name, module, config.cores, config.factor_map()))
+        sens: dict[str, float] = {}
         if calib is not None and config.ratio is not None and config.allocation == "sensitivity":
-            sens, weights = self.profile(model, plans, config, calib)
-        decisions = allocate(plans, config, weights)
-        data = None
-        if config.heal_steps:  # teacher outputs from the original, before any layer is replaced
-            data = calib if calib.targets is not None else teacher_targets(model, calib)
-        changes, layers = [], {}
+            sens = self.profile(model, plans, config, calib)
+        decisions = allocate(plans, config)
+        layers = {}
         for plan in plans:
-            bonds = decisions[plan.name]
-            kind = f"{type(model.get_submodule(plan.name)).__name__} -> MPOLinear"
-            s = None if sens is None else sens.get(plan.name)
+            bonds, module = decisions[plan.name], model.get_submodule(plan.name)
+            item, kind = module.weight.element_size(), type(module).__name__
             if bonds is None:
-                changes.append(LayerChange(plan.name, kind.split(" ")[0] + " (dense)", plan.dense_params,
-                                           plan.dense_params, None, 0.0, s, "stays dense: no bond dimension saves "
-                                           "parameters within the budget; " + plan.note()))
+                changes.append(LayerChange(plan.name, kind, plan.dense_params, plan.dense_params, status="dense",
+                                           bytes_before=item * plan.dense_params, bytes_after=item * plan.dense_params,
+                                           rel_error=0.0, sensitivity=sens.get(plan.name),
+                                           note=f"{dense_note(plan, config)}; {plan.note()}"))
                 continue
             set_submodule(model, plan.name, plan.build(bonds))
             layers[plan.name] = {"in_factors": list(plan.in_factors), "out_factors": list(plan.out_factors),
                                  "bonds": list(bonds)}
-            changes.append(LayerChange(plan.name, kind, plan.dense_params, plan.params_at(bonds), max(bonds),
-                                       math.sqrt(plan.error_at(bonds)), s, f"bonds {bonds}; " + plan.note()))
+            after = plan.params_at(bonds)
+            changes.append(LayerChange(plan.name, f"{kind} -> MPOLinear", plan.dense_params, after, tuple(bonds),
+                                       bytes_before=item * plan.dense_params, bytes_after=item * after,
+                                       rel_error=math.sqrt(plan.rel_error2(bonds)), sensitivity=sens.get(plan.name),
+                                       note=plan.note()))
         resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None]}
-        if data is not None:
-            report = heal(model, data, steps=config.heal_steps, lr=config.heal_lr)
+        if config.heal_steps:
+            report = heal(model, calib, steps=config.heal_steps, lr=config.heal_lr, teacher=teacher)
             resolved["heal_final_loss"] = report.final_loss
-        return CompressResult(model, self.name, config.to_dict(), changes, resolved)
+        return self.result(model, config, changes, resolved)
 
     @staticmethod
-    def profile(model: nn.Module, plans: Sequence[MPOPlan], config: MPOConfig, calib: CalibData
-                ) -> tuple[dict[str, float], dict[str, float]]:
-        """Task-loss change per layer compressed alone at its uniform bonds, and allocation weights.
+    def profile(model: nn.Module, plans: Sequence[MPOPlan], config: MPOConfig, calib: CalibData) -> dict[str, float]:
+        """Task-loss change per layer compressed alone at its uniform bonds; sets each plan's scale.
 
-        The weight of a layer is its loss change per unit of relative squared error at the probe,
-        so the greedy allocation minimizes the estimated total loss increase (CompactifAI's
-        profiling turned into per-layer bond dimensions).
+        The scale of a layer is its loss change per unit of relative squared error at the probe, so
+        the global greedy minimizes the estimated total loss increase (CompactifAI's profiling
+        turned into per-layer bond dimensions).
         """
-        probe = allocate(plans, BudgetConfig(ratio=config.ratio, align=config.align))
+        probe = allocate(plans, dataclasses.replace(config, allocation="uniform"))
         n = config.profile_batches
         data = CalibData(calib.name, calib.batches[:n], None if calib.targets is None else calib.targets[:n])
-        by_name = {p.name: p for p in plans}
         builders = {p.name: (lambda _m, p=p: p.build(probe[p.name])) for p in plans if probe[p.name] is not None}
         sens = layer_sensitivity(model, data, builders)
-        raw = {name: max(loss, 0.0) / max(by_name[name].error_at(probe[name]), 1e-12) for name, loss in sens.items()}
+        by_name = {p.name: p for p in plans}
+        raw = {name: max(loss, 0.0) / max(by_name[name].rel_error2(probe[name]), 1e-12) for name, loss in sens.items()}
         positive = sorted(v for v in raw.values() if v > 0)
         floor = 0.01 * positive[len(positive) // 2] if positive else 1.0
-        return sens, {name: max(v, floor) for name, v in raw.items()}
+        for plan in plans:
+            plan.scale = max(raw.get(plan.name, floor), floor)
+        return sens
 
-    def replay(self, model: nn.Module, resolved: Mapping[str, Any]) -> nn.Module:
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Swap the recorded layers for empty MPOLinears of the recorded shapes (weights load after)."""
         for name, rec in resolved.get("layers", {}).items():
             try:

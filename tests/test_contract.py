@@ -111,6 +111,8 @@ CASES: dict[str, Case] = {
     "asvd": Case(RANK4, {"ratio": 0.5}, random_inputs, lossless={"rank": 4}),
     "heal": Case("tiny-mlp", {"steps": 3, "lr": 1e-3}, distilled),
     "deconv_to_subpixel": Case("deconv-sr-x3", {}, lossless={}, dims={"height": 9, "width": 7}),
+    # MPO: exactness needs full bonds, which never save parameters (tests/test_tensornet.py proves it)
+    "mpo": Case(RANK4, {"ratio": 0.5, "cores": 2}, random_inputs),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
 }

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from edgeslim import artifact
-from edgeslim.compress import CalibData, get_compressor
+from edgeslim.calib import CalibData
+from edgeslim.compress import get_compressor
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.tensornet import MPOLinear, MPOPlan, _paired, factorize, tt_svd
 from edgeslim.errors import ConfigError
@@ -103,9 +104,12 @@ def test_energy_threshold_is_honoured():
     torch.manual_seed(0)
     plan = MPOPlan("w", nn.Linear(96, 64), 3, {})
     for fraction in (0.5, 0.8, 0.95):
-        bonds = plan.energy_decision(fraction, align=1)
-        assert plan.error_at(bonds) <= 1.0 - fraction + 1e-9
-        assert plan.error_at(plan.energy_decision(fraction, align=4)) <= plan.error_at(bonds) + 1e-12
+        _, lost = tt_svd(plan.tensor, rel_error=math.sqrt(1.0 - fraction))
+        assert sum(lost) / plan.norm2 <= 1.0 - fraction + 1e-9
+        for align in (1, 4):
+            bonds = plan.energy_decision(fraction, align)
+            assert bonds is None or plan.rel_error2(bonds) <= 1.0 - fraction + 1e-9
+    assert plan.energy_decision(0.3, 1) is not None and plan.energy_decision(1.0, 1) is None
 
 
 def test_tt_svd_matches_tensorly():
@@ -150,7 +154,7 @@ def test_conv1d_layer_is_handled():
     comp = get_compressor("mpo")
     result = comp.compress(model, comp.make_config({"rank": 4, "cores": 2}))
     assert {c.name for c in result.changes} == {"attn", "out"} and isinstance(result.model.attn, MPOLinear)
-    replayed = comp.replay(Block(), result.resolved)
+    replayed = comp.replay(Block(), result.resolved, [TensorSpec("x", ("batch", "sequence", 24))])
     replayed.load_state_dict(result.model.state_dict())
     torch.testing.assert_close(replayed(x), result.model(x))
 
@@ -164,6 +168,8 @@ def test_config_validation_and_factor_override():
     cfg = comp.make_config({"rank": 3, "factors": {"24": [2, 3, 4], "48": [4, 4, 3]}})
     assert cfg.to_dict()["factors"] == {"24": [2, 3, 4], "48": [4, 4, 3]}
     assert comp.make_config(cfg.to_dict()) == cfg
+    from edgeslim.config import parse_text
+    assert parse_text(type(cfg), "factors", "{384=[8,8,6]}") == {"384": (8, 8, 6)}
     result = comp.compress(tiny(), cfg)
     assert result.resolved["layers"]["a"]["in_factors"] == [2, 3, 4]
     assert result.resolved["layers"]["b"]["out_factors"] == [4, 4, 3]
@@ -180,7 +186,9 @@ def test_budget_forms_keep_the_ratio_and_dense_when_nothing_saves():
     assert all(s is not None for s in sens[:3])
     nothing = comp.compress(model, comp.make_config({"energy": 1.0}))
     assert nothing.resolved["layers"] == {} and len(nothing.resolved["dense"]) == 4
-    assert all("dense" in c.kind for c in nothing.changes)
+    assert all(c.status == "dense" and c.decision is None for c in nothing.changes)
+    assert {c.status for c in result.changes} <= {"replaced", "dense"}
+    assert all(isinstance(c.decision, tuple) for c in result.changes if c.status == "replaced")
     with pytest.raises(ConfigError, match="too small"):
         comp.compress(model, comp.make_config({"ratio": 0.01, "allocation": "sensitivity", "align": 8}))
     x = torch.randn(2, 24)
