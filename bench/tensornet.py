@@ -58,14 +58,14 @@ RESULTS = Path(__file__).parent / "results"
 LLAMA_TARGET = r"hf\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 8], sens_chi=32, heal_chis=[8], heal_steps=15,
             cores=3, calib_samples=64, profile_batches=2, test_docs=160, latency_rounds=3, latency_iters=2,
-            latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32], layer_cores=[2, 3], layer_stride=2,
-            latency_kept=[0.25, 0.05], layer_latency_dims=[{"batch": 1, "sequence": 1}, {"batch": 8, "sequence": 128}],
+            latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32], layer_cores=[2, 3], layer_align=16,
+            latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}, {"batch": 8, "sequence": 128}],
             layer_iters=5,
             llm=dict(texts=16, tokens=256, batch=4, ratios=[0.7, 0.5], calib_texts=8, profile_every=5,
                      profile_texts=2, profile_tokens=128, latency_batches=[1, 8], latency_seq=16, rounds=2, iters=2))
 QUICK = dict(finetune=lr.QUICK["finetune"], chis=[4], sens_chi=4, heal_chis=[4], heal_steps=2, cores=2,
              calib_samples=16, profile_batches=1, test_docs=16, latency_rounds=1, latency_iters=2,
-             latency_dims={"batch": 2, "sequence": 32}, align=2, tl_ranks=[2, 4], layer_cores=[2], layer_stride=8,
+             latency_dims={"batch": 2, "sequence": 32}, align=2, tl_ranks=[2, 4], layer_cores=[2], layer_align=8,
              tiny_layers=True, latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}], layer_iters=2,
              llm=dict(tiny=True, texts=4, tokens=32, batch=2, ratios=[0.5], calib_texts=2, profile_every=1,
                       profile_texts=2, profile_tokens=16, latency_batches=[1, 2], latency_seq=16, rounds=1, iters=2))
@@ -164,7 +164,7 @@ def layers(cfg: dict, summary: dict, out: Path) -> None:
         energy = torch.linalg.svdvals(lin.weight.detach().double()).square()
         for k in cfg["layer_cores"]:
             plan = MPOPlan(name, lin, k, {})
-            for bonds in plan.decisions(1)[::cfg["layer_stride"]]:
+            for bonds in plan.decisions(cfg["layer_align"]):
                 params = plan.params_at(bonds) - plan.bias_params
                 rank = max(params // (m + n), 1)
                 res["rows"].append({"layer": name, "shape": [m, n], "cores": k, "bonds": list(bonds),
