@@ -1,10 +1,6 @@
 """Export a model to ONNX with named inputs and dynamic axes, always validated in ONNX Runtime."""
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,11 +11,8 @@ from torch import nn
 from edgeslim.errors import ExportValidationError
 from edgeslim.export.validate import OutputCheck, check_parity
 from edgeslim.files import atomic_path
+from edgeslim.onnx_io import dims_for as _dims_for, export_graph
 from edgeslim.specs import TensorSpec, example_feeds
-
-# Sizes used for named dimensions when none are given: not 0 or 1, which torch.export specializes.
-DEFAULT_DIMS = {"batch": 2, "sequence": 16, "height": 24, "width": 20}
-OTHER_DIM = 8
 
 
 @dataclass
@@ -38,12 +31,6 @@ class ExportResult:
         for c in self.checks:
             out[c.name] = max(out.get(c.name, 0.0), c.max_abs_diff)
         return out
-
-
-def _dims_for(inputs: Sequence[TensorSpec], dims: Mapping[str, int] | None) -> dict[str, int]:
-    full = {d: DEFAULT_DIMS.get(d, OTHER_DIM) for s in inputs for d in s.shape if isinstance(d, str)}
-    full.update(dims or {})
-    return full
 
 
 def _shifted(dims: Mapping[str, int]) -> dict[str, int]:
@@ -71,28 +58,13 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
             every output and the first diverging module); nothing is written then.
     """
     was_training = model.training
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
     model.eval()
     dims = _dims_for(inputs, dims)
     feeds = example_feeds(inputs, dims, seed=0)
-    kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs}
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                logger.setLevel(logging.ERROR)
-                try:
-                    torch.onnx.export(model, (), str(tmp), kwargs=kwargs, dynamo=True, external_data=False,
-                                      verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),
-                                      opset_version=opset)
-                except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
-                    raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-                finally:
-                    logger.setLevel(level)
+            export_graph(model, inputs, {k: torch.from_numpy(v) for k, v in feeds.items()}, tmp, opset, output_names)
             checks: list[OutputCheck] = []
             for d in validate_dims or (dims, _shifted(dims)):
                 checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
