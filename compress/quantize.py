@@ -112,11 +112,12 @@ def _record(fp32, quantized, full=None) -> dict[str, Any]:
 
 
 def _set_init(model, name: str, value: np.ndarray) -> None:
+    """Replace initializer `name` by `value`, whose dtype is kept: a zero point's int8/uint8 is part of
+    the record (NNCF picks unsigned for activations that were never negative in the calibration)."""
     from onnx import numpy_helper
     for i, init in enumerate(model.graph.initializer):
         if init.name == name:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(init).dtype),
-                                                                        name))
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
             return
     raise KeyError(name)
 
@@ -340,9 +341,10 @@ class Int8(Compressor):
             node = found[name]
             _set_init(model, node.input[1], np.asarray(q["scale"], dtype=np.float32))
             _set_init(model, node.input[2], np.asarray(q["zero_point"], dtype=q["dtype"]))
+        dtypes = {i.name: i.data_type for i in fp32.graph.initializer}
         for name, value in resolved["changed"].items():
             try:
-                _set_init(model, name, np.asarray(value))
+                _set_init(model, name, np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(dtypes[name])))
             except KeyError:
                 raise ExportValidationError(f"{onnx_in}: recorded initializer '{name}' is not in the exported "
                                             "graph") from None

@@ -135,8 +135,11 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.argument("item")
 @click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]),
+              help="fp16: convert the exported graph (fp32 inputs/outputs kept), checked at fp16 tolerance")
+@click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("-o", "--out", help="output file")
-def export(item: str, to: str, profile: str | None, out: str | None) -> None:
+def export(item: str, to: str, profile: str | None, precision: str | None, data: str | None, out: str | None) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import export_model
     from edgeslim.sources import load_model
@@ -144,12 +147,17 @@ def export(item: str, to: str, profile: str | None, out: str | None) -> None:
     loaded = load_model(item)
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (Path(item).name.removesuffix(".slim") + suffix)
-    info = export_model(loaded, to, path, profile)
+    info = export_model(loaded, to, path, profile, precision=precision, data=data)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
 
     _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
                      f"max |ONNX - PyTorch|: {diffs}")
+    if "agreement" in info:
+        a = info["agreement"]
+        _console().print(f"{info['precision']} graph ({', '.join(info['onnx_stages']) or 'converted'}) vs PyTorch "
+                         f"fp32 on {a['data']} inputs: relative L2 error {a['rel_l2']:.3g} (SNR {a['snr_db']:.1f} dB)"
+                         + (f", top-1 agreement {a['top1_agreement']:.3f}" if "top1_agreement" in a else ""))
 
 
 @cli.command()
@@ -280,11 +288,12 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
 def upscale(image: str, out: str, model: str) -> None:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
     from edgeslim.images import upscale_file
+    from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
-    loaded = load_model(model)
-    scale = sr_scale(loaded.model)
-    upscale_file(image, out, loaded.model, scale)
+    net = runnable(load_model(model))  # an INT8 artifact runs its exported QDQ graph in ONNX Runtime
+    scale = sr_scale(net)
+    upscale_file(image, out, net, scale)
     _console().print(f"wrote {out} (x{scale} with {model})")
 
 
