@@ -16,6 +16,8 @@ does not match the record is refused. ONNX Runtime fuses the Q/DQ pairs into INT
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +328,8 @@ class Int8(Compressor):
                  if k in names}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=False)
         kwargs["subset_size"] = 1
-        model = nncf.quantize(fp32, nncf.Dataset([feeds]), advanced_parameters=advanced, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar; nothing is calibrated here
+            model = nncf.quantize(fp32, nncf.Dataset([feeds]), advanced_parameters=advanced, **kwargs)
         found, wanted = _activation_quantizers(model), resolved["activations"]
         reverted = set(resolved.get("reverted", ()))
         dq_of = {n.input[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}

@@ -242,13 +242,24 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
             ranges an INT8 model was calibrated for.
     """
     from edgeslim.export.onnx import to_onnx
-    from edgeslim.export.validate import agreement
-    from edgeslim.onnx_io import dims_for
 
     path = Path(path)
     onnx_path = path.with_suffix(".onnx")
     with stage(f"export {path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
+    try:
+        return _finish_export(loaded, to, path, onnx_path, res, profile, quiet, precision, data)
+    except BaseException:
+        onnx_path.unlink(missing_ok=True)  # no fp32 file left where a failed INT8/fp16 one was asked for
+        raise
+
+
+def _finish_export(loaded: LoadedModel, to: str, path: Path, onnx_path: Path, res: Any, profile: str | None,
+                   quiet: bool, precision: str | None, data: str | None) -> dict[str, Any]:
+    """export_model after the validated fp32 file is written: ONNX stages, fp16, agreement, engine."""
+    from edgeslim.export.validate import agreement
+    from edgeslim.onnx_io import dims_for
+
     stages = apply_onnx_stages(loaded, onnx_path, profile, quiet)
     if precision is None and profile:
         from edgeslim.runtime.targets import load_profile
@@ -296,6 +307,7 @@ def runnable(loaded: LoadedModel, out_dir: str | Path = DEFAULT_OUT, quiet: bool
         return loaded.model
     from edgeslim.runtime.session import OrtModule
     stem = Path(loaded.source.identifier).name + "".join(f"-{s['method']}" for s in loaded.steps)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
     info = export_model(loaded, "onnx", Path(out_dir) / f"{stem}.run.onnx", quiet=quiet)
     return OrtModule(info["onnx"])
 
