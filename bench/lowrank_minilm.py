@@ -36,7 +36,7 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import bbc_news_classes, bbc_news_split  # noqa: E402
 from edgeslim.errors import require  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import HF_FOLDER, JSON, REPORT, replace_output  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.roofline import count_flops  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
@@ -110,7 +110,7 @@ def finetuned_folder(recipe: dict, cache_root: Path) -> Path:
             return self.hf(**feeds).logits
 
     heal(Logits(), _batches(train, encode, recipe["batch"]), steps=steps, lr=recipe["lr"], seed=recipe["seed"])
-    with atomic_path(folder) as tmp:
+    with replace_output(folder, HF_FOLDER) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "edgeslim_recipe.json").write_text(json.dumps(recipe, indent=1))
@@ -231,7 +231,7 @@ def table(summary: dict) -> str:
 
 def write_results(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "lowrank_minilm.json") as tmp:
+    with replace_output(out / "lowrank_minilm.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
@@ -257,7 +257,7 @@ def write_results(summary: dict, out: Path) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
+    with replace_output(path, REPORT) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
 

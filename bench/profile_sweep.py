@@ -31,7 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, REPORT, replace_output  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_fraction, roofline_ms  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
@@ -100,7 +100,7 @@ def plot(rows: list[dict], facts: dict, path: Path) -> None:
     ax.set_title(f"{facts['model']} ({shape}): latency vs batch")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with replace_output(path, REPORT) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -111,7 +111,7 @@ def write_results(rows: list[dict], facts: dict, cfg: dict, load_before: tuple, 
                # Other processes on the same cores slow every row alike and raise cv: read ratios, not ms.
                "load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": os.getloadavg()}
     summary = {"config": cfg, **facts, "machine": machine, "rows": rows}
-    with atomic_path(out / "profile_sweep.json") as tmp:
+    with replace_output(out / "profile_sweep.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     plot(rows, facts, out / "profile_sweep_latency.png")
 

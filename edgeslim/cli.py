@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from edgeslim.errors import ConfigError, EdgeslimError
+from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
+from edgeslim.files import safe_stem
 from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
 
@@ -22,19 +23,35 @@ def _ints(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",")]
+        values = [int(x) for x in text.split(",")]
     except ValueError as exc:
-        raise ConfigError(f"--batch takes comma-separated integers, got {text!r}") from exc
+        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}") from exc
+    if min(values) < 1:
+        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _dims(pairs: tuple[str, ...]) -> dict[str, int]:
     out = {}
     for p in pairs:
         key, _, val = p.partition("=")
-        if not val.isdigit():
-            raise ConfigError(f"--dim takes NAME=SIZE (e.g. sequence=128), got {p!r}")
+        if not key.isidentifier() or not val.isdigit() or int(val) < 1:
+            raise ConfigError(f"--dim takes NAME=SIZE with a positive SIZE (e.g. sequence=128), got {p!r}")
         out[key] = int(val)
     return out
+
+
+def trust_options(command: Any) -> Any:
+    """--source and --trust-source: the factories an artifact's manifest may name (`edgeslim.trust`)."""
+    command = click.option("--trust-source", is_flag=True,
+                           help="replay whatever pkg.mod:factory an artifact names (imports and runs that code)")(command)
+    return click.option("--source", "trusted", metavar="PKG.MOD:FACTORY",
+                        help="the factory you allow an artifact to name as its source")(command)
+
+
+def _trust(trusted: str | None, trust_source: bool) -> Any:
+    from edgeslim.trust import Trust
+    return Trust(trusted, trust_source)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,12 +64,18 @@ def cli() -> None:
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", default=str(DEFAULT_OUT), show_default=True, help="output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
-def run(recipe: str | None, out_dir: str, quiet: bool) -> None:
+@trust_options
+def run(recipe: str | None, out_dir: str, quiet: bool, trusted: str | None, trust_source: bool) -> None:
     """Whole pipeline from a RECIPE.toml; without one, the built-in demo on the packaged MiniLM."""
+    import dataclasses
+
     from edgeslim import pipeline
     from edgeslim.report import speed_rows
 
     plan = pipeline.load_recipe(recipe) if recipe else pipeline.parse_recipe(pipeline.DEMO_RECIPE, "demo")
+    _trust(trusted, trust_source)  # a malformed --source is an error before any work
+    plan = dataclasses.replace(plan, source_factory=trusted or plan.source_factory,
+                               trust_source=trust_source or plan.trust_source)
     summary = pipeline.run(plan, out_dir, quiet)
     _print_summary(summary, speed_rows(summary))
 
@@ -101,9 +124,11 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
               help="target the decisions are made for (its align rounds ranks), as in `run`")
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
+@trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, profile: str, out: str | None) -> None:
+             weights: str | None, inputs: str | None, profile: str, out: str | None, trusted: str | None,
+             trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
     from edgeslim.config import parse_text
@@ -121,8 +146,9 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         owner = StepSection if key in StepSection.__dataclass_fields__ else config_cls
         step[key] = parse_text(owner, key, val, where=f"--set {key}")
-    out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
-    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile)
+    out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
+    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
+                                                               trust=_trust(trusted, trust_source))
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
     _console().print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
@@ -139,14 +165,18 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
               help="fp16: convert the exported graph (fp32 inputs/outputs kept), checked at fp16 tolerance")
 @click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("-o", "--out", help="output file")
-def export(item: str, to: str, profile: str | None, precision: str | None, data: str | None, out: str | None) -> None:
+@trust_options
+def export(item: str, to: str, profile: str | None, precision: str | None, data: str | None, out: str | None,
+           trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
-    from edgeslim.pipeline import export_model
+    from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
 
-    loaded = load_model(item)
+    trust = _trust(trusted, trust_source)
     suffix = ".engine" if to == "tensorrt" else ".onnx"
-    path = Path(out) if out else DEFAULT_OUT / (Path(item).name.removesuffix(".slim") + suffix)
+    path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
+    check_export_paths(path, to)  # before any work: never over a foreign file or folder
+    loaded = load_model(item, trust=trust)
     info = export_model(loaded, to, path, profile, precision=precision, data=data)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
@@ -168,8 +198,9 @@ def export(item: str, to: str, profile: str | None, precision: str | None, data:
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@trust_options
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool) -> None:
+            as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
     import torch
     from rich.table import Table
@@ -177,9 +208,12 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     from edgeslim.pipeline import profile_file, profile_target
     from edgeslim.report import ms, si
 
-    target, loaded = profile_target(item, profile, quiet=as_json)
-    rows = profile_file(target, loaded, profile, _ints(batch), _dims(dims), warmup, iters,
-                        roofline=not isinstance(loaded.model, torch.nn.Identity))
+    if warmup < 0 or iters < 1:
+        raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
+    batches, sizes = _ints(batch), _dims(dims)
+    with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
+        rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
+                            roofline=not isinstance(loaded.model, torch.nn.Identity))
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
@@ -285,33 +319,55 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, help="output image file")
 @click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
-def upscale(image: str, out: str, model: str) -> None:
+@trust_options
+def upscale(image: str, out: str, model: str, trusted: str | None, trust_source: bool) -> None:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
+    from edgeslim.files import IMAGE, check_output
     from edgeslim.images import upscale_file
     from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
-    net = runnable(load_model(model))  # an INT8 artifact runs its exported QDQ graph in ONNX Runtime
+    trust = _trust(trusted, trust_source)
+    check_output(out, IMAGE)
+    net = runnable(load_model(model, trust=trust))  # an INT8 artifact runs its exported QDQ graph in ORT
     scale = sr_scale(net)
     upscale_file(image, out, net, scale)
     _console().print(f"wrote {out} (x{scale} with {model})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turn edgeslim errors into a one-line message and an exit code."""
+    """Entry point: run the CLI; every refusal is one line on stderr with its exit code.
+
+    Exit codes: 0 ok, 1 the system refused a read or write (disk full, ...), 2 bad config, option or
+    output path, 3 unreadable, corrupt or untrusted source/file, 4 missing optional dependency,
+    5 export validation failure, 130 interrupted. Anything else is a bug and keeps its traceback.
+    """
     import warnings
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:
-        click.echo(f"error: {exc}", err=True)
+        text = str(exc) if isinstance(exc, ExportValidationError) else " ".join(str(exc).split())
+        click.echo(f"error: {text}", err=True)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # `edgeslim` alone: the help
+            click.echo(exc.ctx.get_help())
+            return 0
+        if exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+        click.echo(f"error: {' '.join(exc.format_message().split())} (see edgeslim "
+                   f"{exc.ctx.command_path.partition(' ')[2] + ' ' if exc.ctx else ''}-h)", err=True)
         return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        return exc.exit_code
+    except OSError as exc:
+        click.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
+        return 1
     return 0
 
 

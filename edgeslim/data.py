@@ -5,7 +5,7 @@ import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -137,6 +137,20 @@ def _sr_patches(loaded: LoadedModel, count: int | None, batch_size: int, seed: i
     return images.patch_calibration(sr_scale(loaded.model), count or 1024, seed=seed, batch_size=batch_size)
 
 
+def _fit_spec(path: Path, spec: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as input `spec` takes it (cast within float or within integer types), else SourceError."""
+    fixed_ok = tensor.dim() == len(spec.shape) and all(
+        isinstance(d, str) or tensor.shape[i] == d for i, d in enumerate(spec.shape))
+    if not fixed_ok or tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise SourceError(f"{path}: tensor '{spec.name}' has shape {tuple(tensor.shape)}, but the model's input "
+                          f"is [{', '.join(map(str, spec.shape))}] (first dimension: the samples)")
+    wants_float = not spec.dtype.startswith("int")
+    if tensor.is_floating_point() != wants_float or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise SourceError(f"{path}: tensor '{spec.name}' is {str(tensor.dtype).removeprefix('torch.')}, "
+                          f"the model's input is {spec.dtype}")
+    return tensor.to(getattr(torch, spec.dtype))
+
+
 def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: int) -> CalibData:
     """User data: a .txt (one text a line), a folder of .txt files, or a .safetensors of input tensors."""
     if path.suffix == ".safetensors":
@@ -146,6 +160,8 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
         missing = [n for n in names if n not in tensors]
         if missing:
             raise SourceError(f"{path}: no tensor for input(s) {missing}; it holds {sorted(tensors)}")
+        for spec in loaded.inputs:
+            tensors[spec.name] = _fit_spec(path, spec, tensors[spec.name])
         n = min(len(tensors[k]) for k in names)
         n = min(n, count or n)
         batches = [{k: tensors[k][i:i + batch_size] for k in names} for i in range(0, n, batch_size)]

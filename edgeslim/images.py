@@ -6,8 +6,6 @@ taken on the Y channel of studio-range YCbCr with `scale` border pixels removed.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 
 from edgeslim.calib import CalibData
 from edgeslim.errors import ConfigError, SourceError, require
+from edgeslim.files import IMAGE, replace_output
 
 # scikit-image images bundled in its wheel (no download). Held-out ones are never used for training.
 BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
@@ -44,13 +43,33 @@ def read_image(path: str | Path) -> np.ndarray:
         raise SourceError(f"image file not found: {path}")
     try:
         with image_mod.open(path) as img:
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                return _deep_to_rgb8(np.asarray(img), img.mode, path)
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
         raise SourceError(f"cannot read image {path}: {exc}") from exc
 
 
+def _deep_to_rgb8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """A 16-bit (or 32-bit integer) grey image scaled with full precision to 8 bits (v * 255 / 65535, rounded);
+    a floating-point one is taken as 0..255 and clipped, with a warning when that changes values."""
+    import warnings
+
+    values = values.astype(np.float64)
+    if mode == "F":
+        if values.min() < 0 or values.max() > 255:
+            warnings.warn(f"{path}: floating-point image values outside 0..255 were clipped")
+        grey = values
+    else:
+        if values.min() < 0 or values.max() > 65535:
+            warnings.warn(f"{path}: integer image values outside 0..65535 were clipped")
+        grey = np.clip(values, 0, 65535) * (255.0 / 65535.0)
+    grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def write_image(path: str | Path, rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 array atomically (temporary file beside `path`, then os.replace).
+    """Write an RGB uint8 array atomically (`edgeslim.files.replace_output`: an existing image file only).
 
     Raises:
         ConfigError: the array is not [H, W, 3] uint8 or the file extension is not an image format.
@@ -62,15 +81,9 @@ def write_image(path: str | Path, rgb: np.ndarray) -> Path:
     fmt = image_mod.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ConfigError(f"cannot tell the image format from '{path.name}'; use e.g. .png or .jpg")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with replace_output(path, IMAGE) as tmp:
+        with open(tmp, "wb") as fh:
             image_mod.fromarray(rgb, "RGB").save(fh, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

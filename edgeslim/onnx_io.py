@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,27 +32,52 @@ def dims_for(inputs: Sequence[TensorSpec], dims: Mapping[str, int] | None = None
     return full
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Keep torch.export's own log lines, graph dumps and warnings off stdout/stderr while it runs."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+_CALL_SITE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\w+)\s*\n\s*(.*)')
+
+
+def export_cause(exc: BaseException) -> str:
+    """One line for a failed torch.onnx.export: the innermost cause and, when torch names it, the model line."""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(inner))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    out = f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+    site = _CALL_SITE.search(re.sub(r"\x1b\[[0-9;]*m", "", str(exc))) or _CALL_SITE.search(text)
+    if site:
+        out += f" (at {Path(site[1]).name}:{site[2]} in {site[3]}: {site[4].strip()})"
+    return out[:600]
+
+
 def export_graph(model: nn.Module, inputs: Sequence[TensorSpec], feeds: Mapping[str, torch.Tensor], path: Path,
                  opset: int = 20, output_names: Sequence[str] = ("output",)) -> None:
     """torch.onnx.export (dynamo) of `model(**feeds)` to one file, every named dim of `inputs` dynamic.
 
-    The exporter's chatter is silenced and the `torch.onnx` logger's level restored.
+    torch's own log lines, graph dumps and warnings are kept off stdout/stderr (logging restored after).
 
     Raises:
-        ExportValidationError: the exporter failed (its first message line is kept, the cause chained).
+        ExportValidationError: the exporter failed (its innermost cause and model line named, chained).
     """
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
     dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logger.setLevel(logging.ERROR)
+    with _quiet_torch():
         try:
             torch.onnx.export(model, (), str(path), kwargs=dict(feeds), dynamo=True, external_data=False,
                               verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),
                               opset_version=opset)
         except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
             raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-        finally:
-            logger.setLevel(level)
+                                        f"{export_cause(exc)}") from exc

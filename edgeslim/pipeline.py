@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ from edgeslim.compress.base import CompressContext, CompressResult, get_compress
 from edgeslim.config import ConfigBase
 from edgeslim.data import load_calibration
 from edgeslim.errors import ConfigError, SourceError
-from edgeslim.files import atomic_path
+from edgeslim.files import ARTIFACT, ONNX, REPORT, check_output, plain_stem, replace_output, safe_stem
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.specs import example_feeds
+from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
 DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
@@ -61,6 +63,13 @@ class ProfileSection(ConfigBase):
     warmup: int = 5
     iters: int = 30
 
+    def validate(self) -> None:
+        if self.batch is not None and (not self.batch or min(self.batch) < 1):
+            raise ConfigError(f"[profile]: 'batch' must be a non-empty list of positive integers, got {list(self.batch)}")
+        if any(v < 1 for v in self.dims.values()) or self.warmup < 0 or self.iters < 1:
+            raise ConfigError(f"[profile]: dims must be >= 1, warmup >= 0 and iters >= 1, got dims {self.dims}, "
+                              f"warmup {self.warmup}, iters {self.iters}")
+
 
 @dataclass(frozen=True)
 class RecipeSection(ConfigBase):
@@ -74,6 +83,8 @@ class RecipeSection(ConfigBase):
     export: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
     eval: str | None = None  # data to compare original and compressed outputs on
+    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (like --source)
+    trust_source: bool = False  # replay any factory an artifact source names (like --trust-source)
 
 
 @dataclass
@@ -93,6 +104,12 @@ class Recipe:
     warmup: int
     iters: int
     eval: str | None  # data to compare original and compressed outputs on
+    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (as --source)
+    trust_source: bool = False  # replay any factory an artifact source names (as --trust-source)
+
+    @property
+    def trust(self) -> Trust:
+        return Trust(self.source_factory, self.trust_source)
 
 
 def split_step(step: Mapping[str, Any], where: str = "step") -> tuple[StepSection, dict[str, Any]]:
@@ -103,7 +120,11 @@ def split_step(step: Mapping[str, Any], where: str = "step") -> tuple[StepSectio
 
 
 def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
-    """Check a parsed recipe and build a Recipe (errors name the key and the allowed ones)."""
+    """Check a whole parsed recipe and build a Recipe (errors name the key and the allowed ones).
+
+    Everything is checked before any work: keys, types, step configs, the names of the profile and
+    the eval data, the factory to trust, and a plain output name.
+    """
     top = RecipeSection.from_dict(data, origin)
     if not all(isinstance(s, dict) and "method" in s for s in top.step):
         raise ConfigError(f"{origin}: each [[step]] needs a 'method' (see `edgeslim list compressors`)")
@@ -112,11 +133,29 @@ def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
         get_compressor(section.method).make_config(params)
     exp = ExportSection.from_dict(top.export, f"{origin} [export]")
     prof = ProfileSection.from_dict(top.profile, f"{origin} [profile]")
-    name = top.name or Path(top.source).name.removesuffix(".slim") + "".join(f"-{s['method']}" for s in top.step)
+    _check_names(top, prof, origin)
+    default = Path(top.source).name.removesuffix(".slim") + "".join(f"-{s['method']}" for s in top.step)
+    name = safe_stem(default) if top.name is None else plain_stem(top.name, f"{origin}: 'name'")
     return Recipe(source=top.source, steps=[dict(s) for s in top.step], name=name, weights=top.weights,
                   inputs=top.inputs, export_to=exp.to, opset=exp.opset, profile=prof.name,
                   batches=None if prof.batch is None else list(prof.batch), dims=dict(prof.dims),
-                  warmup=prof.warmup, iters=prof.iters, eval=top.eval)
+                  warmup=prof.warmup, iters=prof.iters, eval=top.eval, source_factory=top.source_factory,
+                  trust_source=top.trust_source)
+
+
+def _check_names(top: RecipeSection, prof: ProfileSection, origin: str) -> None:
+    """The names a recipe refers to exist (profile, eval data), its inputs parse, its factory is one."""
+    from edgeslim.data import list_datasets, parse_spec
+    from edgeslim.runtime.targets import load_profile
+    from edgeslim.sources import parse_inputs
+
+    load_profile(prof.name)
+    if top.eval is not None and parse_spec(top.eval)[0] not in list_datasets() and not Path(top.eval).exists():
+        raise ConfigError(f"{origin}: eval data {top.eval!r} is not a file and not one of "
+                          f"{sorted(list_datasets())} (see `edgeslim list datasets`)")
+    if top.inputs is not None:
+        parse_inputs(top.inputs)
+    Trust(top.source_factory)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -183,22 +222,35 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
     return current, results
 
 
+def check_not_input(out: str | Path, source: str | Path) -> None:
+    """Refuse an output that is the input artifact or lies inside it (exit 2): the input stays intact."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        return
+    src, dest = src.resolve(), Path(out).expanduser().resolve()
+    if dest == src or src in dest.parents:
+        raise ConfigError(f"output {out} is the input {source} (or inside it); write the result elsewhere")
+
+
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
                          weights: str | None = None, inputs: str | None = None, quiet: bool = False,
-                         profile: str | None = DEFAULT_PROFILE
+                         profile: str | None = DEFAULT_PROFILE, trust: Trust | None = None
                          ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
     """Load `source`, apply `steps` for target `profile`, save the `.slim` artifact.
 
-    Returns (original, compressed, results, path).
+    Returns (original, compressed, results, path). The artifact records every step from the original
+    source (an artifact source's own steps first), so it loads, exports and compresses again. `out`
+    is checked before any work: never the input, never something edgeslim did not write.
     """
+    check_not_input(out, source)
+    check_output(out, ARTIFACT)
     with stage(f"load {source}", quiet):
-        original = load_model(source, weights=weights, inputs=inputs)
+        original = load_model(source, weights=weights, inputs=inputs, trust=trust)
     compressed, results = apply_steps(original, steps, quiet, profile)
     report = {"steps": [r.step_record() for r in results],
               "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
-    new_steps = compressed.steps[len(original.steps):]
-    path = artifact.save(out, compressed.model, original.source, new_steps, compressed.inputs, report,
-                         compressed.task, compressed.dims)
+    path = artifact.save(out, compressed.model, original.source, compressed.steps, compressed.inputs, report,
+                         compressed.task, compressed.dims, source_files=original.files)
     return original, compressed, results, Path(path)
 
 
@@ -225,11 +277,30 @@ def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: st
     return out
 
 
+def export_paths(path: str | Path, to: str) -> tuple[Path, Path | None]:
+    """(ONNX file, engine file or None) that exporting to `path` writes: for ONNX `path` itself; for
+    TensorRT the engine at `path` and its ONNX beside it."""
+    path = Path(path)
+    if to != "tensorrt":
+        return path, None
+    engine = path if path.suffix in (".engine", ".plan") else path.with_name(path.name + ".engine")
+    return engine.with_suffix(".onnx"), engine
+
+
+def check_export_paths(path: str | Path, to: str) -> None:
+    """Refuse (exit 2, before any work) an export destination that is not edgeslim's own kind of file."""
+    from edgeslim.files import ENGINE
+    onnx_path, engine = export_paths(path, to)
+    check_output(onnx_path, ONNX)
+    if engine is not None:
+        check_output(engine, ENGINE)
+
+
 def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | None = None,
                  opset: int = 20, quiet: bool = False, precision: str | None = None,
                  data: str | None = None) -> dict[str, Any]:
     """Export to ONNX (validated), run the steps' ONNX stages (INT8), convert to fp16 when asked, and
-    for `to="tensorrt"` build an engine from it for `profile`.
+    for `to="tensorrt"` build an engine from it for `profile` (the files written: `export_paths`).
 
     A lossy file (after an ONNX stage or fp16) is compared with PyTorch by agreement metrics
     (`info["agreement"]`) instead of allclose; fp16 must stay within export.fp16.FP16_REL_L2.
@@ -243,18 +314,18 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
     """
     from edgeslim.export.onnx import to_onnx
 
-    path = Path(path)
-    onnx_path = path.with_suffix(".onnx")
-    with stage(f"export {path.stem} to ONNX (validated in ONNX Runtime)", quiet):
+    onnx_path, engine = export_paths(path, to)
+    check_export_paths(path, to)
+    with stage(f"export {onnx_path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
     try:
-        return _finish_export(loaded, to, path, onnx_path, res, profile, quiet, precision, data)
+        return _finish_export(loaded, to, engine, onnx_path, res, profile, quiet, precision, data)
     except BaseException:
         onnx_path.unlink(missing_ok=True)  # no fp32 file left where a failed INT8/fp16 one was asked for
         raise
 
 
-def _finish_export(loaded: LoadedModel, to: str, path: Path, onnx_path: Path, res: Any, profile: str | None,
+def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path: Path, res: Any, profile: str | None,
                    quiet: bool, precision: str | None, data: str | None) -> dict[str, Any]:
     """export_model after the validated fp32 file is written: ONNX stages, fp16, agreement, engine."""
     from edgeslim.export.validate import agreement
@@ -271,7 +342,7 @@ def _finish_export(loaded: LoadedModel, to: str, path: Path, onnx_path: Path, re
         raise ConfigError(f"{loaded.source.identifier} has no INT8 step: compress it with -m int8 first")
     if precision == "fp16":
         from edgeslim.export.fp16 import to_fp16
-        with stage(f"convert {onnx_path.name} to fp16", quiet), atomic_path(onnx_path) as tmp:
+        with stage(f"convert {onnx_path.name} to fp16", quiet), replace_output(onnx_path, ONNX) as tmp:
             to_fp16(onnx_path, tmp)
     kinds = {get_compressor(s["method"]).kind for s in loaded.steps if get_compressor(s["method"]).has_onnx_stage}
     info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
@@ -288,7 +359,6 @@ def _finish_export(loaded: LoadedModel, to: str, path: Path, onnx_path: Path, re
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
-        engine = path if path.suffix in (".engine", ".plan") else path.with_suffix(".engine")
         with stage(f"build TensorRT engine {engine.name}", quiet):
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
@@ -300,16 +370,15 @@ def has_onnx_stage(loaded: LoadedModel) -> bool:
     return any(get_compressor(s["method"]).has_onnx_stage for s in loaded.steps)
 
 
-def runnable(loaded: LoadedModel, out_dir: str | Path = DEFAULT_OUT, quiet: bool = True) -> torch.nn.Module:
+def runnable(loaded: LoadedModel, quiet: bool = True) -> torch.nn.Module:
     """The module that computes what `loaded` deploys: its torch model, or, when a step lives in the
     ONNX graph (INT8), its exported graph run in ONNX Runtime behind an nn.Module."""
     if not has_onnx_stage(loaded):
         return loaded.model
     from edgeslim.runtime.session import OrtModule
-    stem = Path(loaded.source.identifier).name + "".join(f"-{s['method']}" for s in loaded.steps)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
-    info = export_model(loaded, "onnx", Path(out_dir) / f"{stem}.run.onnx", quiet=quiet)
-    return OrtModule(info["onnx"])
+    with tempfile.TemporaryDirectory(prefix="edgeslim-run-") as tmp:  # ORT holds the graph once loaded
+        info = export_model(loaded, "onnx", Path(tmp) / "model.onnx", quiet=quiet)
+        return OrtModule(info["onnx"])
 
 
 def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None = None,
@@ -321,7 +390,7 @@ def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None 
         comp = get_compressor(step["method"])
         if not comp.has_onnx_stage:
             continue
-        with stage(f"{comp.name} on the ONNX graph {onnx_path.name}", quiet), atomic_path(onnx_path) as tmp:
+        with stage(f"{comp.name} on the ONNX graph {onnx_path.name}", quiet), replace_output(onnx_path, ONNX) as tmp:
             comp.onnx_stage(step.get("resolved", {}), onnx_path, tmp, compress_context(loaded, profile))
         ran.append(comp.name)
     return ran
@@ -365,20 +434,30 @@ def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
     """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {out_dir} is a file; name a folder with -o")
+    suffix = ".engine" if recipe.export_to == "tensorrt" else ".onnx"
+    for name in (recipe.name, f"{recipe.name}-original"):
+        check_export_paths(out_dir / f"{name}{suffix}", recipe.export_to)
+    for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
+        check_output(out_dir / name, REPORT)
+    from edgeslim.runtime.targets import load_profile
+    runtime = load_profile(recipe.profile).runtime
     original, compressed, results, slim = compress_to_artifact(
         recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet,
-        recipe.profile)
+        recipe.profile, recipe.trust)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
-                               "compare": compare_outputs(original, runnable(compressed, out_dir), recipe.eval),
+                               "compare": compare_outputs(original, runnable(compressed), recipe.eval),
                                "models": {}}
     for label, loaded in (("original", original), ("compressed", compressed)):
         row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
         if recipe.export_to:
             stem = recipe.name if label == "compressed" else f"{recipe.name}-original"
-            row |= export_model(loaded, recipe.export_to, out_dir / stem, recipe.profile, recipe.opset, quiet)
+            row |= export_model(loaded, recipe.export_to, out_dir / f"{stem}{suffix}", recipe.profile, recipe.opset,
+                                quiet)
         if recipe.profile:
-            target = row.get("engine") or row.get("onnx") or loaded.model
+            target = loaded.model if runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
             with stage(f"profile {label} on {recipe.profile}", quiet):
                 row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
                                               recipe.warmup, recipe.iters)
@@ -388,9 +467,13 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     return summary
 
 
-def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple[Any, LoadedModel]:
+@contextlib.contextmanager
+def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: Trust | None = None
+                   ) -> Iterator[tuple[Any, LoadedModel]]:
     """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
-    and exported when the profile's runtime needs a file. Returns (module or file path, loaded model)."""
+    and, when the profile's runtime needs a file, exported to a temporary folder that is removed when the
+    block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model)."""
+
     from edgeslim.export.onnx import onnx_inputs
     from edgeslim.runtime.targets import load_profile
 
@@ -399,18 +482,22 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False) -> tuple
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
         dims = {d: 128 if d == "sequence" else 1 for s in specs for d in s.shape if isinstance(d, str)}
-        return path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        yield path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        return
     if path.suffix in (".onnx", ".engine", ".plan"):
         raise SourceError(f"model file not found: {path}")
-    loaded = load_model(item)
+    loaded = load_model(item, trust=trust)
     if prof.runtime == "torch":
         if has_onnx_stage(loaded):
             raise ConfigError(f"{item} is quantized in its ONNX graph, which runtime 'torch' cannot run: "
                               "profile it on an onnxruntime profile (e.g. cpu-ort-int8)")
-        return loaded.model, loaded
-    out = DEFAULT_OUT / f"{path.name.removesuffix('.slim')}.profile"
-    info = export_model(loaded, "tensorrt" if prof.runtime == "tensorrt" else "onnx", out, profile, quiet=quiet)
-    return info.get("engine") or info["onnx"], loaded
+        yield loaded.model, loaded
+        return
+    with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
+        to = "tensorrt" if prof.runtime == "tensorrt" else "onnx"
+        out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
+        info = export_model(loaded, to, out, profile, quiet=quiet)
+        yield info.get("engine") or info["onnx"], loaded
 
 
 def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0) -> tuple[CompressResult, Path]:
@@ -418,6 +505,7 @@ def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0)
     the bicubic upsampler it was trained beside (the manifest records data, steps and seed)."""
     from edgeslim.compress.subpixel import train_espcn
 
+    check_output(out, ARTIFACT)
     teacher = load_model(f"bicubic-x{scale}")
     result = train_espcn(scale, steps, seed=seed)
     report = {"changes": [c.to_dict() for c in result.changes], "params": count(result.model)}

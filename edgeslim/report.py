@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgeslim.files import atomic_path
+from edgeslim.files import REPORT, replace_output
 
 LEFT = ("dense", "skipped")  # statuses of targeted layers a step left as they were
 
@@ -165,8 +165,8 @@ def write_report(summary: Mapping[str, Any], path: str | Path) -> Path:
     layers = _plot_layers(summary["changes"])
     for name, data in ((latency_png, _plot_latency(summary)), (layers_png, layers)):
         if data is not None:
-            with atomic_path(path.parent / name) as tmp:
+            with replace_output(path.parent / name, REPORT) as tmp:
                 tmp.write_bytes(data)
-    with atomic_path(path) as tmp:
+    with replace_output(path, REPORT) as tmp:
         tmp.write_text(render(summary, latency_png, layers_png if layers else None))
     return path

@@ -14,6 +14,7 @@ from torch import nn
 from edgeslim.errors import ConfigError, SourceError, require
 from edgeslim.files import sha256_file
 from edgeslim.specs import TensorSpec
+from edgeslim.trust import Trust, is_factory_name
 
 TASKS = ("embedding", "classification", "super-resolution", "generic")
 
@@ -22,18 +23,20 @@ TASKS = ("embedding", "classification", "super-resolution", "generic")
 class SourceSpec:
     """The identity of a model source, recorded in every artifact's manifest."""
 
-    kind: str  # "hf" | "factory" | "zoo" | "artifact"
-    identifier: str  # folder path, "pkg.mod:factory", zoo name or artifact path
-    weights: str | None = None  # weights file for a factory source
+    kind: str  # "hf" | "factory" | "zoo" (a manifest never names an artifact: a chain records every step)
+    identifier: str  # Hugging Face folder name, "pkg.mod:factory" or zoo name
+    weights: str | None = None  # name of the weights file a factory source was loaded with (never re-read)
     version: str | None = None  # version of the package that provides the model
-    sha256: str | None = None  # SHA-256 of the weights file
+    sha256: str | None = None  # SHA-256 of the source's weights file
+    files: tuple[str, ...] = ()  # small files besides weights (config, tokenizer) an artifact stores for it
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"files": list(self.files)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SourceSpec":
-        return cls(**{k: d.get(k) for k in ("kind", "identifier", "weights", "version", "sha256")})
+        return cls(**{k: d.get(k) for k in ("kind", "identifier", "weights", "version", "sha256")},
+                   files=tuple(d.get("files") or ()))
 
 
 @dataclass
@@ -47,6 +50,7 @@ class LoadedModel:
     dims: dict[str, int] = field(default_factory=lambda: {"batch": 1})  # default sizes of named dims
     encode: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None  # texts -> feeds
     steps: list[dict[str, Any]] = field(default_factory=list)  # steps already applied (artifacts)
+    files: dict[str, bytes] = field(default_factory=dict)  # source.files by name, stored in artifacts
 
 
 class TextModel(nn.Module):
@@ -83,33 +87,54 @@ def make_encoder(tokenizer: Any, max_length: int = 128) -> Callable[[Sequence[st
     return encode
 
 
+# Small files a Hugging Face model needs besides its weights; an artifact of an "hf" source stores them.
+HF_SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "preprocessor_config.json",
+                   "processor_config.json")
+
+
 def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "hf",
-                   identifier: str | None = None) -> LoadedModel:
+                   identifier: str | None = None, weights: bool = True) -> LoadedModel:
     """Load a Hugging Face model folder offline (safetensors only).
 
     A `*ForSequenceClassification` folder gives logits (task "classification"); any other encoder
-    gives the attention-masked mean of its last hidden state (task "embedding").
+    gives the attention-masked mean of its last hidden state (task "embedding"). An "hf" source
+    records the folder's name and its weights' SHA-256 and keeps its small files (config, tokenizer)
+    so an artifact made from it loads without the folder.
+
+    Args:
+        weights: False builds the architecture from config.json alone (an artifact supplies the weights).
     """
     transformers = require("transformers", "data", "Hugging Face model folders")
     folder = Path(folder)
-    weights = folder / "model.safetensors"
+    weights_file = folder / "model.safetensors"
     if not (folder / "config.json").is_file():
         raise SourceError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    if not weights.is_file():
+    if weights and not weights_file.is_file():
         raise SourceError(f"{folder} has no model.safetensors; edgeslim loads only safetensors weights "
                           "(re-save with model.save_pretrained(folder, safe_serialization=True))")
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         classify = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         auto = transformers.AutoModelForSequenceClassification if classify else transformers.AutoModel
-        hf = auto.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        hf = (auto.from_pretrained(folder, local_files_only=True, use_safetensors=True) if weights
+              else auto.from_config(config))
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot load the Hugging Face folder {folder}: {exc}") from exc
+    except Exception as exc:  # transformers and safetensors raise many classes for a bad folder
+        raise SourceError(f"cannot load the Hugging Face folder {folder}: {_one_line(exc)}") from exc
     model = TextModel(hf, "logits" if classify else "mean_pool").eval()
-    spec = SourceSpec(kind, identifier or str(folder.resolve()), None, version, sha256_file(weights))
+    sequence = min(128, getattr(config, "max_position_embeddings", 128))  # a tiny model may take fewer
+    files = {n: (folder / n).read_bytes() for n in HF_SOURCE_FILES if (folder / n).is_file()} if kind == "hf" else {}
+    spec = SourceSpec(kind, identifier or folder.resolve().name, None, version,
+                      sha256_file(weights_file) if weights else None, tuple(files))
     return LoadedModel(model, spec, text_inputs(config.vocab_size), "classification" if classify else "embedding",
-                       {"batch": 8, "sequence": 128}, make_encoder(tokenizer))
+                       {"batch": 8, "sequence": sequence}, make_encoder(tokenizer, sequence), files=files)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -130,13 +155,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "can still be loaded" not in str(exc):  # torch's words for a real pickle of Python objects
+            raise SourceError(f"cannot read weights file {path}: not a torch state dict") from exc
         raise SourceError(
             f"{path} holds pickled Python objects (a whole saved module?), which edgeslim refuses to "
             "unpickle because loading it could run arbitrary code. Save the weights instead: "
             "torch.save(model.state_dict(), 'weights.pt') or safetensors.torch.save_model(model, "
             "'weights.safetensors'), and pass the factory that builds the model.") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise SourceError(f"cannot read weights file {path} (corrupt or not a torch file): {exc}") from exc
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, IndexError, ... on a foreign file
+        raise SourceError(f"cannot read weights file {path} (corrupt or not a torch file): {_one_line(exc)}") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -159,25 +186,64 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def parse_inputs(text: str) -> list[TensorSpec]:
-    """Parse an input description "x:batch,3,224,224[:float32];mask:batch,sequence:int64"."""
+    """Parse an input description "x:batch,3,224,224[:float32];mask:batch,sequence:int64".
+
+    A dimension is a positive integer (fixed) or a name (dynamic: "batch", "sequence", ...).
+    """
     specs = []
     for item in filter(None, (s.strip() for s in text.split(";"))):
         parts = item.split(":")
-        if len(parts) not in (2, 3) or not parts[1]:
-            raise ConfigError(f"input {item!r}: expected NAME:DIM,DIM,...[:DTYPE]")
-        dims = tuple(int(d) if d.strip().isdigit() else d.strip() for d in parts[1].split(","))
-        specs.append(TensorSpec(parts[0], dims, parts[2] if len(parts) == 3 else "float32"))
+        if len(parts) not in (2, 3) or not parts[0].strip().isidentifier() or not parts[1].strip():
+            raise ConfigError(f"input {item!r}: expected NAME:DIM,DIM,...[:DTYPE], e.g. 'x:batch,3,224,224'")
+        dims: list[int | str] = []
+        for d in (d.strip() for d in parts[1].split(",")):
+            if d.isdigit() and int(d) > 0:
+                dims.append(int(d))
+            elif d.isidentifier():
+                dims.append(d)
+            else:
+                raise ConfigError(f"input {item!r}: dimension {d!r} is neither a positive integer nor a name")
+        specs.append(TensorSpec(parts[0].strip(), tuple(dims), parts[2].strip() if len(parts) == 3 else "float32"))
+    if not specs:
+        raise ConfigError(f"--input {text!r} names no input; expected NAME:DIM,DIM,...[:DTYPE]")
     return specs
 
 
+def check_inputs(model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int], what: str) -> None:
+    """Run one forward pass on example inputs so a wrong input spec fails now, not in a saved artifact.
+
+    Named dimensions take their size from `dims` (batch 1), others 8.
+
+    Raises:
+        ConfigError: the model does not run on inputs of that spec (the model's own error is quoted).
+    """
+    from edgeslim.specs import dynamic_dims, example_feeds
+
+    sizes = {d: 8 for d in dynamic_dims(inputs)} | dict(dims) | {"batch": 1}
+    feeds = {k: torch.from_numpy(v) for k, v in example_feeds(inputs, sizes, seed=0).items()}
+    try:
+        with torch.inference_mode():
+            model(**feeds)
+    except Exception as exc:  # the user's model may raise anything on inputs it does not take
+        shown = "; ".join(f"{s.name}[{', '.join(map(str, s.shape))}] {s.dtype}" for s in inputs)
+        raise ConfigError(f"{what} does not run on its inputs {shown}: {_one_line(exc)} "
+                          "(give the right shapes with --input 'x:batch,3,224,224')") from exc
+
+
 def load_factory(target: str, weights: str | None, inputs: str | Sequence[TensorSpec] | None) -> LoadedModel:
-    """Build `pkg.mod:factory()` and load its weights file (safetensors or weights-only torch file)."""
+    """Build `pkg.mod:factory()` and load its weights file (safetensors or weights-only torch file).
+
+    Only for a factory the user named (command line, recipe) or allowed (`edgeslim.trust.Trust`).
+    """
     mod_name, _, fn_name = target.partition(":")
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise SourceError(f"cannot import factory '{target}': {exc}") from exc
-    model = factory()
+    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises on import
+        raise SourceError(f"cannot import factory '{target}': {_one_line(exc)}") from exc
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code
+        raise SourceError(f"factory '{target}' raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise SourceError(f"factory '{target}' returned {type(model).__name__}, not a torch.nn.Module")
     sha = None
@@ -188,12 +254,16 @@ def load_factory(target: str, weights: str | None, inputs: str | Sequence[Tensor
     if inputs:
         specs = parse_inputs(inputs) if isinstance(inputs, str) else list(inputs)
     elif declared:
-        specs = [s if isinstance(s, TensorSpec) else TensorSpec.from_dict(s) for s in declared]
+        try:
+            specs = [s if isinstance(s, TensorSpec) else TensorSpec.from_dict(s) for s in declared]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceError(f"factory '{target}': its edgeslim_inputs are not input specs: {_one_line(exc)}") from exc
     else:
         raise ConfigError(f"factory '{target}': say the model's inputs, e.g. --input 'x:batch,3,224,224' "
                           "(or set an `edgeslim_inputs` list on the module)")
+    check_inputs(model.eval(), specs, {}, f"factory '{target}'")
     version = _package_version(mod_name.split(".")[0])
-    return LoadedModel(model.eval(), SourceSpec("factory", target, str(weights) if weights else None, version, sha),
+    return LoadedModel(model.eval(), SourceSpec("factory", target, Path(weights).name if weights else None, version, sha),
                        specs, "generic", {"batch": 1})
 
 
@@ -206,30 +276,32 @@ def _package_version(dist: str) -> str | None:
 
 
 def load_model(source: str | os.PathLike, weights: str | None = None,
-               inputs: str | Sequence[TensorSpec] | None = None) -> LoadedModel:
-    """Load a model from a source string.
+               inputs: str | Sequence[TensorSpec] | None = None, trust: Trust | None = None) -> LoadedModel:
+    """Load a model from a source string the user gave.
 
     Args:
         source: a Hugging Face folder, `pkg.module:factory`, a zoo name (`edgeslim list models`),
             or an edgeslim artifact folder (`NAME.slim`).
         weights: weights file for a factory source (.safetensors, or .pt read with weights_only=True).
         inputs: inputs of a factory source, as text ("x:batch,3,32,32") or TensorSpecs.
+        trust: the factories an artifact's manifest may name (`edgeslim.trust`); default none.
 
     Raises:
-        SourceError: the path does not exist, the file is corrupt, or a pickle would be needed.
+        SourceError: the path does not exist, the file is corrupt, a pickle would be needed, or an
+            artifact names a factory the user did not allow.
     """
     from edgeslim import zoo
 
     text = str(source)
     path = Path(text).expanduser()
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if path.is_dir() and (path / "manifest.json").exists():
         from edgeslim import artifact
-        return artifact.load(path)
+        return artifact.load(path, trust)
     if path.is_dir():
         return load_hf_folder(path)
     if text in zoo.names():
         return zoo.build(text)
-    if ":" in text and not path.exists() and all(p.isidentifier() for p in text.partition(":")[0].split(".")):
+    if not path.exists() and is_factory_name(text):
         return load_factory(text, weights, inputs)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt") and path.is_file():
         read_state_dict(path)  # refuses a pickled module with the explanation

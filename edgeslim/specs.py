@@ -1,6 +1,7 @@
 """Declarative model inputs: names, symbolic shapes and dtypes, shared by export, artifact and runtime."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from edgeslim.errors import ConfigError
 
+MAX_ELEMENTS = 1 << 28  # the most elements one example input (or a size read from a manifest) may have
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -39,6 +41,10 @@ class TensorSpec:
                 out.append(int(dims[d]))
             else:
                 out.append(int(d))
+        elements = math.prod(out)
+        if elements > MAX_ELEMENTS or min(out, default=1) < 1:
+            raise ConfigError(f"input '{self.name}' of shape {tuple(out)} has {elements:,} elements; sizes must be "
+                              f">= 1 and the total at most {MAX_ELEMENTS:,}")
         return tuple(out)
 
     def example(self, dims: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:

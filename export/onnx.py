@@ -10,8 +10,8 @@ from torch import nn
 
 from edgeslim.errors import ExportValidationError
 from edgeslim.export.validate import OutputCheck, check_parity
-from edgeslim.files import atomic_path
-from edgeslim.onnx_io import dims_for as _dims_for, export_graph
+from edgeslim.files import ONNX, replace_output
+from edgeslim.onnx_io import dims_for as _dims_for, export_cause, export_graph  # noqa: F401 (export_cause re-exported)
 from edgeslim.specs import TensorSpec, example_feeds
 
 
@@ -46,8 +46,8 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
     Every named dimension of `inputs` ("batch", "sequence", "height", ...) becomes a dynamic axis.
     The file is validated in ONNX Runtime against PyTorch at the export sizes and at a second set of
     sizes (each named dimension + 1), and only then moved into place. The model is exported and
-    checked in eval mode and handed back in the mode it came in; the `torch.onnx` logger's level
-    is restored.
+    checked in eval mode and handed back in the mode it came in; torch's own log lines and warnings
+    are kept off stdout/stderr while it runs (logging is restored after).
 
     Args:
         dims: sizes of the named dimensions for the example inputs (defaults: DEFAULT_DIMS).
@@ -63,7 +63,7 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
     feeds = example_feeds(inputs, dims, seed=0)
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
+        with replace_output(path, ONNX) as tmp:
             export_graph(model, inputs, {k: torch.from_numpy(v) for k, v in feeds.items()}, tmp, opset, output_names)
             checks: list[OutputCheck] = []
             for d in validate_dims or (dims, _shifted(dims)):

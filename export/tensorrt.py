@@ -18,9 +18,9 @@ from typing import Mapping
 import onnx
 
 from edgeslim.errors import ConfigError, ExportValidationError, SourceError
+from edgeslim.files import ENGINE, check_output, replace_output, sha256_file
 from edgeslim.runtime.session import require_cuda
 from edgeslim.runtime.targets import Profile, load_profile
-from edgeslim.files import sha256_file
 from edgeslim.runtime.trt_session import gpu_name, import_tensorrt, write_sidecar
 
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -152,6 +152,7 @@ def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
         raise ConfigError(f"profile '{profile.name}' runs '{profile.runtime}'; a TensorRT engine needs a "
                           "'tensorrt' profile such as cuda-trt-fp16")
     onnx_path, path = Path(onnx_path), Path(path)
+    check_output(path, ENGINE)
     shapes = engine_shapes(onnx_path, profile, dims)
     model = _load_graph(onnx_path)
     trt = import_tensorrt()
@@ -185,14 +186,9 @@ def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
                                     f"'{profile.name}' (see the TensorRT log above)")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replace_output(path, ENGINE) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(serialized))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_sidecar(path, {"tensorrt": trt.__version__, "gpu": gpu_name(), "precision": profile.precision,
                          "profile": profile.name, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
                          "workspace_mib": workspace_mib or profile.workspace_mib, "onnx": str(onnx_path),

@@ -1,6 +1,7 @@
 """The .slim artifact: exact round trip, replay without data, refusal of corrupt or altered files."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,4 +107,37 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_model", boom)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path, loaded, result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_format_1_zoo_artifact_is_migrated_with_a_warning(tmp_path):
+    loaded, result = compressed_mlp()
+    path = save(tmp_path, loaded, result)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["source"] = {"kind": "zoo", "identifier": "tiny-mlp", "weights": "0.1.0", "version": None, "sha256": None}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="format-1 artifact read as format 2"):
+        again = artifact.load(path)
+    assert again.source.version == "0.1.0" and again.source.weights is None
+    x = torch.randn(2, 16)
+    assert torch.equal(again.model(x=x), result.model(x=x))
+
+
+def test_zoo_sources_record_their_version_in_the_version_field():
+    from edgeslim import __version__
+    source = load_model("tiny-mlp").source
+    assert source.version == __version__ and source.weights is None
+    shipped = json.loads((Path(__file__).parents[1] / "edgeslim" / "models" / "espcn-x3.slim" /
+                          "manifest.json").read_text())
+    assert shipped["format_version"] == artifact.FORMAT_VERSION and shipped["source"]["weights"] is None
+
+
+def test_saving_a_model_that_does_not_run_on_its_inputs_writes_nothing(tmp_path):
+    from edgeslim.errors import ConfigError
+    from edgeslim.specs import TensorSpec
+    loaded, result = compressed_mlp()
+    with pytest.raises(ConfigError, match="does not run on its inputs"):
+        artifact.save(tmp_path / "m.slim", result.model, loaded.source, [result.step_record()],
+                      [TensorSpec("x", ("batch", 99))])
     assert list(tmp_path.iterdir()) == []

@@ -159,7 +159,7 @@ def test_cli_compress_export_profile_int8(in_tmp, capsys):
 def test_runnable_runs_the_int8_graph(quantized, tmp_path):
     _, result = quantized
     loaded = artifact.load(_save(tmp_path, result))
-    net = pipeline.runnable(loaded, tmp_path)
+    net = pipeline.runnable(loaded)
     x = torch.rand(3, 1, 12, 12)
     out = net(x=x)
     ref = loaded.model(x=x).detach()
