@@ -34,7 +34,7 @@ from edgeslim import images  # noqa: E402
 from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.base import CompressContext, get_compressor  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.session import OrtModule, open_session  # noqa: E402
@@ -271,7 +271,7 @@ def plot(summary: dict, out: Path) -> None:
 def write(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary["goals"] = goals(summary)
-    with atomic_path(out / "int8.json") as tmp:
+    with replace_output(out / "int8.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))
 
 

@@ -76,9 +76,9 @@ def check_sidecar(engine: str | Path, tensorrt_version: str, gpu: str, precision
 
 def write_sidecar(engine: str | Path, meta: Mapping[str, Any]) -> Path:
     """Write the sidecar of `engine` (atomically)."""
-    from edgeslim.files import atomic_path
+    from edgeslim.files import JSON, replace_output
     path = sidecar_path(engine)
-    with atomic_path(path) as tmp:
+    with replace_output(path, JSON) as tmp:
         tmp.write_text(json.dumps(dict(meta), indent=2))
     return path
 

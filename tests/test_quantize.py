@@ -16,6 +16,7 @@ from edgeslim.cli import main
 from edgeslim.compress.base import CompressContext, get_compressor
 from edgeslim.errors import ConfigError, ExportValidationError, SourceError
 from edgeslim.specs import TensorSpec
+from edgeslim.trust import Trust
 
 pytest.importorskip("nncf")
 torch.set_num_threads(1)
@@ -35,6 +36,9 @@ class TinyCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
         return self.head(h.mean((2, 3)))
+
+
+FACTORY = "test_quantize:tiny_cnn"
 
 
 def tiny_cnn() -> nn.Module:
@@ -83,7 +87,7 @@ def test_export_rebuilds_the_qdq_graph_without_calibration_data(quantized, tmp_p
         raise AssertionError("calibration data must not be needed to export an int8 artifact")
     monkeypatch.setattr(pipeline, "load_calibration", no_data)
     monkeypatch.setattr("edgeslim.data.load_calibration", no_data)
-    loaded = artifact.load(path)
+    loaded = artifact.load(path, Trust(any_factory=True))
     info = pipeline.export_model(loaded, "onnx", tmp_path / "q.onnx", quiet=True)
     assert info["onnx_stages"] == ["int8"] and info["precision"] == "int8"
     qmodel = onnx.load(info["onnx"])
@@ -117,7 +121,7 @@ def test_a_graph_that_differs_from_the_record_is_refused(quantized, tmp_path):
     loaded = load_model("test_quantize:tiny_cnn")
     path = artifact.save(tmp_path / "bad.slim", result.model, loaded.source, [record], loaded.inputs)
     with pytest.raises(ExportValidationError, match="QuantizeLinear_nothing"):
-        pipeline.export_model(artifact.load(path), "onnx", tmp_path / "bad.onnx", quiet=True)
+        pipeline.export_model(artifact.load(path, Trust(any_factory=True)), "onnx", tmp_path / "bad.onnx", quiet=True)
     assert not (tmp_path / "bad.onnx").exists()
 
 
@@ -145,20 +149,20 @@ def test_int8_needs_calibration_and_inputs():
 
 
 def test_cli_compress_export_profile_int8(in_tmp, capsys):
-    assert main(["compress", "test_quantize:tiny_cnn", "-m", "int8", "--calib", "random:16", "-o", "q.slim"]) == 0
+    assert main(["compress", FACTORY, "-m", "int8", "--calib", "random:16", "-o", "q.slim"]) == 0
     assert "quantized" in capsys.readouterr().out
-    assert main(["export", "q.slim", "-o", "q.onnx", "--eval", "random:8"]) == 0
+    assert main(["export", "q.slim", "-o", "q.onnx", "--eval", "random:8", "--source", FACTORY]) == 0
     assert "int8 graph (int8) vs PyTorch fp32 on random:8 inputs" in capsys.readouterr().out.replace("\n", " ")
     assert main(["profile", "q.slim", "--profile", "cpu-ort-int8", "--batch", "1", "--warmup", "1", "--iters", "2",
-                 "--json"]) == 0
+                 "--json", "--source", FACTORY]) == 0
     assert json.loads(capsys.readouterr().out)["timings"][0]["batch"] == 1
-    assert main(["profile", "q.slim", "--profile", "cpu-torch-fp32"]) == 2
+    assert main(["profile", "q.slim", "--profile", "cpu-torch-fp32", "--source", FACTORY]) == 2
     assert "cpu-ort-int8" in capsys.readouterr().err
 
 
 def test_runnable_runs_the_int8_graph(quantized, tmp_path):
     _, result = quantized
-    loaded = artifact.load(_save(tmp_path, result))
+    loaded = artifact.load(_save(tmp_path, result), Trust(any_factory=True))
     net = pipeline.runnable(loaded)
     x = torch.rand(3, 1, 12, 12)
     out = net(x=x)
