@@ -181,10 +181,15 @@ def _quant_errors(fp32, record: Mapping[str, Any], quantized, batches: Sequence[
                 values[name].append(value)
     errors = {}
     for name, node in nodes.items():
-        a = np.concatenate([v.ravel() for v in values[node.input[0]]]).astype(np.float64)
+        a = np.concatenate(values[node.input[0]]).astype(np.float64)
         q = record["activations"][name]
         info = np.iinfo(q["dtype"])
         scale, zp = np.asarray(q["scale"]), np.asarray(q["zero_point"])
+        if scale.ndim:  # per-channel activation quantizer: along the node's axis (default 1)
+            axis = next((x.i for x in node.attribute if x.name == "axis"), 1) % a.ndim
+            shape = [1] * a.ndim
+            shape[axis] = scale.size
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
         fq = (np.clip(np.round(a / scale) + zp, info.min, info.max) - zp) * scale
         errors[name] = float(np.linalg.norm(fq - a) / max(np.linalg.norm(a), 1e-30))
     return errors
