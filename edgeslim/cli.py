@@ -170,9 +170,13 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
 @click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
 @click.option("--unmerged", is_flag=True, help="adapters: keep LoRA and PHM layers as trained (default: merged)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]),
+              help="fp16: convert the exported graph (fp32 inputs/outputs kept), checked at fp16 tolerance")
+@click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("-o", "--out", help="output file")
 @trust_options
-def export(item: str, to: str, profile: str | None, base: str | None, unmerged: bool, out: str | None,
+def export(item: str, to: str, profile: str | None, base: str | None, unmerged: bool, precision: str | None,
+           data: str | None, out: str | None,
            trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import check_export_paths, export_model
@@ -187,12 +191,17 @@ def export(item: str, to: str, profile: str | None, base: str | None, unmerged: 
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
-    info = export_model(loaded, to, path, profile)
+    info = export_model(loaded, to, path, profile, precision=precision, data=data)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
 
     _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
                      f"max |ONNX - PyTorch|: {diffs}")
+    if "agreement" in info:
+        a = info["agreement"]
+        _console().print(f"{info['precision']} graph ({', '.join(info['onnx_stages']) or 'converted'}) vs PyTorch "
+                         f"fp32 on {a['data']} inputs: relative L2 error {a['rel_l2']:.3g} (SNR {a['snr_db']:.1f} dB)"
+                         + (f", top-1 agreement {a['top1_agreement']:.3f}" if "top1_agreement" in a else ""))
 
 
 @cli.command()
@@ -367,13 +376,14 @@ def upscale(image: str, out: str, model: str, trusted: str | None, trust_source:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
     from edgeslim.files import IMAGE, check_output
     from edgeslim.images import upscale_file
+    from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
     trust = _trust(trusted, trust_source)
     check_output(out, IMAGE)
-    loaded = load_model(model, trust=trust)
-    scale = sr_scale(loaded.model)
-    upscale_file(image, out, loaded.model, scale)
+    net = runnable(load_model(model, trust=trust))  # an INT8 artifact runs its exported QDQ graph in ORT
+    scale = sr_scale(net)
+    upscale_file(image, out, net, scale)
     _console().print(f"wrote {out} (x{scale} with {model})")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -297,18 +298,65 @@ def check_export_paths(path: str | Path, to: str) -> None:
 
 
 def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | None = None,
-                 opset: int = 20, quiet: bool = False) -> dict[str, Any]:
-    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`
-    (the files written: `export_paths`)."""
+                 opset: int = 20, quiet: bool = False, precision: str | None = None,
+                 data: str | None = None) -> dict[str, Any]:
+    """Export to ONNX (validated), run the steps' ONNX stages (INT8), convert to fp16 when asked, and
+    for `to="tensorrt"` build an engine from it for `profile` (the files written: `export_paths`).
+
+    A lossy file (after an ONNX stage or fp16) is compared with PyTorch by agreement metrics
+    (`info["agreement"]`) instead of allclose; fp16 must stay within export.fp16.FP16_REL_L2.
+
+    Args:
+        precision: "fp16" converts the exported graph; None takes the profile's precision when it
+            is fp16 and the runtime is ONNX Runtime, else leaves the graph in fp32.
+        data: inputs for the agreement metrics (NAME[:COUNT] or a file, as for calibration; first
+            batch used); default random inputs from the input spec, which may lie outside the
+            ranges an INT8 model was calibrated for.
+    """
     from edgeslim.export.onnx import to_onnx
 
     onnx_path, engine = export_paths(path, to)
     check_export_paths(path, to)
     with stage(f"export {onnx_path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
+    try:
+        return _finish_export(loaded, to, engine, onnx_path, res, profile, quiet, precision, data)
+    except BaseException:
+        onnx_path.unlink(missing_ok=True)  # no fp32 file left where a failed INT8/fp16 one was asked for
+        raise
+
+
+def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path: Path, res: Any, profile: str | None,
+                   quiet: bool, precision: str | None, data: str | None) -> dict[str, Any]:
+    """export_model after the validated fp32 file is written: ONNX stages, fp16, agreement, engine."""
+    from edgeslim.export.validate import agreement
+    from edgeslim.onnx_io import dims_for
+
     stages = apply_onnx_stages(loaded, onnx_path, profile, quiet)
+    if precision is None and profile:
+        from edgeslim.runtime.targets import load_profile
+        prof = load_profile(profile)
+        precision = prof.precision if prof.runtime == "onnxruntime" and prof.precision == "fp16" else None
+    if precision not in (None, "fp32", "fp16", "int8"):
+        raise ConfigError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and not stages:
+        raise ConfigError(f"{loaded.source.identifier} has no INT8 step: compress it with -m int8 first")
+    if precision == "fp16":
+        from edgeslim.export.fp16 import to_fp16
+        with stage(f"convert {onnx_path.name} to fp16", quiet), replace_output(onnx_path, ONNX) as tmp:
+            to_fp16(onnx_path, tmp)
+    kinds = {get_compressor(s["method"]).kind for s in loaded.steps if get_compressor(s["method"]).has_onnx_stage}
     info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
-            "onnx_stages": stages}
+            "onnx_stages": stages, "precision": "int8" if "quantized" in kinds else precision or "fp32"}
+    if stages or precision == "fp16":
+        if data:
+            feeds = {k: v.numpy() for k, v in load_calibration(data, loaded, batch_size=16).batches[0].items()}
+        else:
+            feeds = example_feeds(loaded.inputs, dims_for(loaded.inputs, {**loaded.dims, "batch": 2}), seed=1)
+        info["agreement"] = agreement(onnx_path, loaded.model, feeds) | {"data": data or "random"}
+        if precision == "fp16" and not stages:
+            from edgeslim.export.fp16 import check_fp16
+            check_fp16(info["agreement"], onnx_path)
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
@@ -316,6 +364,22 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
+
+
+def has_onnx_stage(loaded: LoadedModel) -> bool:
+    """Whether a step of `loaded` (e.g. int8) lives in the exported graph rather than in the torch model."""
+    return any(get_compressor(s["method"]).has_onnx_stage for s in loaded.steps)
+
+
+def runnable(loaded: LoadedModel, quiet: bool = True) -> torch.nn.Module:
+    """The module that computes what `loaded` deploys: its torch model, or, when a step lives in the
+    ONNX graph (INT8), its exported graph run in ONNX Runtime behind an nn.Module."""
+    if not has_onnx_stage(loaded):
+        return loaded.model
+    from edgeslim.runtime.session import OrtModule
+    with tempfile.TemporaryDirectory(prefix="edgeslim-run-") as tmp:  # ORT holds the graph once loaded
+        info = export_model(loaded, "onnx", Path(tmp) / "model.onnx", quiet=quiet)
+        return OrtModule(info["onnx"])
 
 
 def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None = None,
@@ -385,7 +449,8 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
         recipe.profile, recipe.trust)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
-                               "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}
+                               "compare": compare_outputs(original, runnable(compressed), recipe.eval),
+                               "models": {}}
     for label, loaded in (("original", original), ("compressed", compressed)):
         row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
         if recipe.export_to:
@@ -409,7 +474,6 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
     """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
     and, when the profile's runtime needs a file, exported to a temporary folder that is removed when the
     block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model)."""
-    import tempfile
 
     from edgeslim.export.onnx import onnx_inputs
     from edgeslim.runtime.targets import load_profile
@@ -425,6 +489,9 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         raise SourceError(f"model file not found: {path}")
     loaded = load_model(item, trust=trust)
     if prof.runtime == "torch":
+        if has_onnx_stage(loaded):
+            raise ConfigError(f"{item} is quantized in its ONNX graph, which runtime 'torch' cannot run: "
+                              "profile it on an onnxruntime profile (e.g. cpu-ort-int8)")
         yield loaded.model, loaded
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:

@@ -157,6 +157,7 @@ CASES: dict[str, Case] = {
     "mpo": Case(RANK4, {"ratio": 0.5, "cores": 2}, random_inputs),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
+    "int8": Case(RANK4, {"subset_size": 16}, random_inputs),  # torch model unchanged; QDQ in the ONNX stage
 }
 
 
