@@ -47,7 +47,7 @@ from edgeslim.compress.tensornet import MPO, MPOPlan, _paired, default_factors, 
 from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.errors import require  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
@@ -376,7 +376,7 @@ def write_results(summary: dict, out: Path) -> None:
             summary.setdefault("tensorly", old["tensorly"])
         summary.update({k: v for k, v in old.items() if k.startswith("seconds_") and k not in summary})
     summary["depth_trend"] = depth_trend(summary)
-    with atomic_path(path) as tmp:
+    with replace_output(path, JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     lay = summary.get("layers", {}).get("rows")
     if lay:

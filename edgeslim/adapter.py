@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from edgeslim import artifact
-from edgeslim.compress.base import CalibData, CompressResult, get_compressor
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import CompressResult, get_compressor
 from edgeslim.compress.compacter import METHODS, state_sha256
 from edgeslim.errors import ConfigError, SourceError
 from edgeslim.sources import LoadedModel, load_model
