@@ -218,19 +218,27 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     batches, sizes = _ints(batch), _dims(dims)
     with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
-                            roofline=not isinstance(loaded.model, torch.nn.Identity))
+                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"))
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
     table = Table(title=f"{item} on {profile}")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
+    for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+        shown = ", ".join(f"{k}={v}" + ("" if r["size_sources"].get(k) in ("batch", "model", None) else
+                                        f" ({r['size_sources'][k]})") for k, v in r["sizes"].items() if k != "batch")
+        table.add_row(str(r["batch"]), shown or "-", ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
                       f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
                       si(r["peak_mem_bytes"], "B"),
                       f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
     _console().print(table)
+    peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
+    for source, p in peaks.items():
+        _console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
+    for r in rows:
+        if "roofline_warning" in r:
+            _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
 
 
 @cli.command(name="list")
