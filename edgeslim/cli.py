@@ -222,13 +222,20 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
+    if rows and rows[0].get("predicted"):
+        table = Table(title=f"{item} on {profile}: PREDICTED from the roofline (not measured here)")
+        for col in ("batch", "sizes", "predicted p50 ms (lower bound)", "GFLOP", "MB moved", "fits RAM"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), f"{r['flops'] / 1e9:.3g}",
+                          f"{r['bytes_moved'] / 1e6:.4g}", {True: "yes", False: "NO"}.get(r.get("fits_ram"), "-"))
+        _console().print(table)
+        return
     table = Table(title=f"{item} on {profile}")
     for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
-        shown = ", ".join(f"{k}={v}" + ("" if r["size_sources"].get(k) in ("batch", "model", None) else
-                                        f" ({r['size_sources'][k]})") for k, v in r["sizes"].items() if k != "batch")
-        table.add_row(str(r["batch"]), shown or "-", ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+        table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
                       f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
                       si(r["peak_mem_bytes"], "B"),
                       f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
@@ -239,6 +246,12 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     for r in rows:
         if "roofline_warning" in r:
             _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
+
+
+def _sizes_cell(row: dict) -> str:
+    """'sequence=128 (default), height=64 (--dim)': the sizes a row was measured at, and where from."""
+    return ", ".join(f"{k}={v}" + ("" if row["size_sources"].get(k) in ("batch", "model", None) else
+                                   f" ({row['size_sources'][k]})") for k, v in row["sizes"].items() if k != "batch") or "-"
 
 
 @cli.command(name="list")

@@ -186,12 +186,16 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
 
 
 def compress_context(loaded: LoadedModel, profile: str | None) -> CompressContext:
-    """What a compressor gets to know beyond the model: its input spec and the target's alignment."""
-    align = None
+    """What a compressor gets to know beyond the model: its input spec, the target's alignment (a local CPU
+    target's follows this CPU's SIMD width) and, for a local CPU target, GEMM latencies timed here."""
+    align, measure = None, None
     if profile:
+        from edgeslim.runtime.peak import GemmTable, is_local, machine_align
         from edgeslim.runtime.targets import load_profile
-        align = load_profile(profile).align
-    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile)
+        prof = load_profile(profile)
+        align = machine_align(prof)
+        measure = GemmTable(prof.threads) if is_local(prof) else None
+    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure)
 
 
 def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,
@@ -344,18 +348,18 @@ def resolve_sizes(loaded: LoadedModel, given: Mapping[str, int], batch: int) -> 
     from edgeslim.specs import dynamic_dims
 
     fixed = {s.shape[0] for s in loaded.inputs if s.shape and isinstance(s.shape[0], int)}
-    if fixed and any(isinstance(s.shape[0], str) for s in loaded.inputs if s.shape) is False and batch not in fixed:
+    if fixed and batch not in fixed:
         raise ConfigError(f"the model's inputs have a fixed batch {sorted(fixed)}, but batch {batch} was asked: "
                           f"export it with a dynamic batch or profile --batch {min(fixed)}")
     sizes, where = {"batch": batch}, {"batch": "batch"}
-    defaults = getattr(loaded, "default_dims", ())
+    bare_file = loaded.source.kind == "file"  # a bare model file has no config: its sizes are defaults
     for name in dynamic_dims(loaded.inputs):
         if name == "batch":
             continue
         if name in given:
             sizes[name], where[name] = int(given[name]), "--dim"
         elif name in loaded.dims:
-            sizes[name], where[name] = int(loaded.dims[name]), "default" if name in defaults else "model"
+            sizes[name], where[name] = int(loaded.dims[name]), "default" if bare_file else "model"
         else:
             raise ConfigError(f"dynamic dim '{name}' has no size: give it with --dim {name}=SIZE")
     extra = {k: int(v) for k, v in given.items() if k not in sizes}
@@ -375,6 +379,31 @@ def _work(model: Any, loaded: LoadedModel, feeds: Mapping[str, np.ndarray], size
     if isinstance(loaded.model, torch.nn.Identity):
         return None  # a TensorRT engine file: no graph to count
     return count_flops(loaded.model, feeds), min_bytes_moved(loaded.model, feeds, precision)
+
+
+def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tuple[int, dict, dict]]
+                 ) -> list[dict[str, Any]]:
+    """Rows for a board that is not the machine at hand: the roofline latency from the board's published
+    limits, labelled predicted (a lower bound: real kernels run below the roofline), and a RAM check
+    (weights + inputs + outputs against the board's `ram_gb`)."""
+    from edgeslim.runtime.peak import measured_peak
+    from edgeslim.runtime.roofline import roofline_ms
+
+    rows = []
+    for b, sizes, where in plan:
+        feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
+        work = _work(model, loaded, feeds, sizes, prof.precision)
+        if work is None:
+            raise ConfigError(f"cannot predict latency on '{prof.name}' for {model}: no graph to count the work of "
+                              "(give the ONNX file or the model)")
+        row: dict[str, Any] = {"batch": b, "sizes": sizes, "size_sources": where, "predicted": True,
+                               "flops": work[0], "bytes_moved": work[1], "p50_ms": roofline_ms(*work, prof),
+                               "peak": measured_peak(prof).to_dict()}
+        row["roofline_ms"], row["roofline_fraction"] = row["p50_ms"], 1.0
+        if prof.ram_gb is not None:
+            row["fits_ram"] = work[1] <= prof.ram_gb * 1e9
+        rows.append(row)
+    return rows
 
 
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
@@ -400,8 +429,10 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     prof = load_profile(profile)
     peak = measured_peak(prof) if roofline else None
     limits = prof.override({"peak_gflops": peak.gflops(prof.precision), "mem_gbps": peak.mem_gbps}) if peak else prof
-    rows = []
     plan = [(b, *resolve_sizes(loaded, dims, b)) for b in batches or prof.batch]
+    if prof.remote:
+        return predict_rows(model, loaded, prof, plan)
+    rows = []
     with open_session(model, prof) as session:
         for b, sizes, where in plan:
             feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
@@ -480,7 +511,6 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
         dims = {"sequence": 128} if any("sequence" in s.shape for s in specs) else {}
         loaded = LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
-        object.__setattr__(loaded, "default_dims", tuple(dims)) if False else None
         yield path, loaded
         return
     if path.suffix in (".onnx", ".engine", ".plan"):
@@ -490,7 +520,7 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         yield loaded.model, loaded
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
-        to = "tensorrt" if prof.runtime == "tensorrt" else "onnx"
+        to = "tensorrt" if prof.runtime == "tensorrt" and not prof.remote else "onnx"  # a board: predicted from ONNX
         out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
         info = export_model(loaded, to, out, profile, quiet=quiet)
         yield info.get("engine") or info["onnx"], loaded

@@ -118,7 +118,7 @@ class Peak:
     int8_gops: float | None  # None where the CPU has no VNNI/AMX INT8 (or the target is remote)
     mem_gbps: float
     source: str  # "measured on <key>" or "published (profile <name>)"
-    simd_lanes_fp32: int  # fp32 lanes of the widest vector unit (machine.simd_width_fp32)
+    simd_lanes_fp32: int | None  # fp32 lanes of this CPU's widest vector unit; None for a remote board
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,10 +148,9 @@ def measured_peak(profile: Profile, refresh: bool = False) -> Peak:
     (cached; `refresh` measures again), the profile's published figures for anything else."""
     from edgeslim.runtime.machine import simd_width_fp32
 
-    lanes = simd_width_fp32()
     if not is_local(profile):
         return Peak(profile.peak_gflops, profile.peak_gflops if profile.precision == "int8" else None,
-                    profile.mem_gbps, f"published (profile {profile.name})", lanes)
+                    profile.mem_gbps, f"published (profile {profile.name})", None)
     key = machine_key(profile.threads)
     cache = _read_cache()
     entry = cache.get("peak", {}).get(key)
@@ -159,7 +158,16 @@ def measured_peak(profile: Profile, refresh: bool = False) -> Peak:
         entry = _measure_peak(profile.threads)
         cache.setdefault("peak", {})[key] = entry
         _write_cache(cache)
-    return Peak(entry["fp32_gflops"], entry["int8_gops"], entry["mem_gbps"], f"measured on {key}", lanes)
+    return Peak(entry["fp32_gflops"], entry["int8_gops"], entry["mem_gbps"], f"measured on {key}", simd_width_fp32())
+
+
+def machine_align(profile: Profile) -> int:
+    """The shape multiple for `profile`: a local CPU target follows this CPU's fp32 SIMD width (AVX2: 8,
+    AVX-512: 16, NEON: 4), where the profile's fixed `align` was written for some other CPU; a board or
+    GPU keeps the profile's own."""
+    from edgeslim.runtime.machine import simd_width_fp32
+
+    return simd_width_fp32() if is_local(profile) and profile.device == "cpu" else profile.align
 
 
 class GemmTable:

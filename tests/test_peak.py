@@ -61,3 +61,19 @@ def test_gemm_table_times_each_shape_once(cache, monkeypatch):
 def test_real_gemm_and_copy_measure_something():
     assert peak.time_gemm_ms(16, 16, 16, threads=1, repeats=1) > 0
     assert peak.copy_bandwidth_gbps(1 << 20, repeats=1) > 0
+
+
+def test_local_cpu_align_follows_simd_width(monkeypatch):
+    from edgeslim.runtime import machine
+
+    for lanes in (8, 16):
+        monkeypatch.setattr(machine, "simd_width_fp32", lambda lanes=lanes: lanes)
+        assert peak.machine_align(load_profile("cpu-ort-fp32")) == lanes
+        assert peak.machine_align(load_profile("rpi5-ort-fp32")) == 4  # a board keeps its own
+        assert peak.machine_align(load_profile("cuda-trt-fp16")) == 16
+
+
+def test_board_profiles_carry_published_limits_and_ram():
+    for name in ("jetson-orin-nano", "jetson-agx-orin", "rpi5-ort-fp32", "minipc-n100-ort-fp32"):
+        prof = load_profile(name)
+        assert prof.remote and prof.ram_gb > 0 and not peak.is_local(prof)
