@@ -203,9 +203,10 @@ def export(item: str, to: str, profile: str | None, base: str | None, unmerged: 
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
 @trust_options
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, trusted: str | None, trust_source: bool) -> None:
+            as_json: bool, ops: bool, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
     import torch
     from rich.table import Table
@@ -218,7 +219,7 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     batches, sizes = _ints(batch), _dims(dims)
     with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
-                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"))
+                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
@@ -244,6 +245,9 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     for source, p in peaks.items():
         _console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
     for r in rows:
+        if "op_time_share" in r:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
+            _console().print(f"batch {r['batch']} kernel time by op type: {top}")
         if "roofline_warning" in r:
             _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
 

@@ -407,9 +407,12 @@ def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tupl
 
 
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
-                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True
-                 ) -> list[dict[str, Any]]:
+                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True,
+                 ops: bool = False) -> list[dict[str, Any]]:
     """Latency/throughput/memory of a model file (or module) per batch size on a profile.
+
+    With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_share`: the
+    fraction of ORT's kernel time per op type (runtime/op_profile.py), from separate profiled runs.
 
     With `roofline`, each row also holds the FLOPs and minimum bytes moved at that batch (counted
     from the ONNX graph for an .onnx file, from `loaded.model` otherwise), the target's roofline
@@ -448,6 +451,10 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
                     row["roofline_warning"] = (f"{row['roofline_fraction']:.0%} of the roofline is impossible: the "
                                                f"limits ({peak.source}) or the work count are wrong")
                     warnings.warn(row["roofline_warning"], RuntimeWarning, stacklevel=2)
+            if ops and isinstance(model, (str, Path)) and Path(model).suffix == ".onnx" and prof.device == "cpu":
+                from edgeslim.runtime.op_profile import op_breakdown
+
+                row["op_time_share"] = op_breakdown(model, feeds, iters=max(1, min(iters, 5)), threads=prof.threads)
             rows.append(row)
     return rows
 

@@ -50,3 +50,15 @@ def test_profiler_check_quick_runs(tmp_path):
     assert row["model"] == "tiny-mlp" and row["flops"] == 2 * (16 * 64 + 64 * 64 + 64 * 8)
     assert row["bare_script_max_rss_bytes"] > 0 and "load_avg" in summary["machine_before"]
     assert (tmp_path / "profiler_check_p50.png").stat().st_size > 0
+
+
+def test_profile_onnx_file_gets_graph_roofline_and_op_breakdown(in_tmp, capsys):
+    from edgeslim.cli import main
+
+    assert main(["export", "tiny-mlp", "--to", "onnx", "-o", "m.onnx"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "m.onnx", "--batch", "1,3", "--iters", "2", "--warmup", "0", "--ops", "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)["timings"]
+    assert [r["flops"] for r in rows] == [b * 2 * (16 * 64 + 64 * 64 + 64 * 8) for b in (1, 3)]
+    assert all(r["roofline_fraction"] > 0 and r["peak"]["source"].startswith("measured on ") for r in rows)
+    assert all(abs(sum(r["op_time_share"].values()) - 1) < 1e-6 for r in rows)
