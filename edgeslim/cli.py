@@ -212,9 +212,10 @@ def export(item: str, to: str, profile: str | None, base: str | None, unmerged: 
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
 @trust_options
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, trusted: str | None, trust_source: bool) -> None:
+            as_json: bool, ops: bool, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
     import torch
     from rich.table import Table
@@ -227,19 +228,43 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     batches, sizes = _ints(batch), _dims(dims)
     with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
-                            roofline=not isinstance(loaded.model, torch.nn.Identity))
+                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
+    if rows and rows[0].get("predicted"):
+        table = Table(title=f"{item} on {profile}: PREDICTED from the roofline (not measured here)")
+        for col in ("batch", "sizes", "predicted p50 ms (lower bound)", "GFLOP", "MB moved", "fits RAM"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), f"{r['flops'] / 1e9:.3g}",
+                          f"{r['bytes_moved'] / 1e6:.4g}", {True: "yes", False: "NO"}.get(r.get("fits_ram"), "-"))
+        _console().print(table)
+        return
     table = Table(title=f"{item} on {profile}")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
+    for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+        table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
                       f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
                       si(r["peak_mem_bytes"], "B"),
                       f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
     _console().print(table)
+    peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
+    for source, p in peaks.items():
+        _console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
+    for r in rows:
+        if "op_time_share" in r:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
+            _console().print(f"batch {r['batch']} kernel time by op type: {top}")
+        if "roofline_warning" in r:
+            _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
+
+
+def _sizes_cell(row: dict) -> str:
+    """'sequence=128 (default), height=64 (--dim)': the sizes a row was measured at, and where from."""
+    return ", ".join(f"{k}={v}" + ("" if row["size_sources"].get(k) in ("batch", "model", None) else
+                                   f" ({row['size_sources'][k]})") for k, v in row["sizes"].items() if k != "batch") or "-"
 
 
 @cli.command(name="list")

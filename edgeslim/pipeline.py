@@ -187,12 +187,16 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
 
 
 def compress_context(loaded: LoadedModel, profile: str | None) -> CompressContext:
-    """What a compressor gets to know beyond the model: its input spec and the target's alignment."""
-    align = None
+    """What a compressor gets to know beyond the model: its input spec, the target's alignment (a local CPU
+    target's follows this CPU's SIMD width) and, for a local CPU target, GEMM latencies timed here."""
+    align, measure = None, None
     if profile:
+        from edgeslim.runtime.peak import GemmTable, is_local, machine_align
         from edgeslim.runtime.targets import load_profile
-        align = load_profile(profile).align
-    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile)
+        prof = load_profile(profile)
+        align = machine_align(prof)
+        measure = GemmTable(prof.threads) if is_local(prof) else None
+    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure)
 
 
 def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,
@@ -397,30 +401,124 @@ def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None 
     return ran
 
 
-def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
-                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True
+def resolve_sizes(loaded: LoadedModel, given: Mapping[str, int], batch: int) -> tuple[dict[str, int], dict[str, str]]:
+    """A size for every dynamic input dim, and where each came from ("batch", "--dim", "model": the
+    artifact's input spec or the model's config, "default": sequence=128 of a bare ONNX file).
+
+    Raises:
+        ConfigError: a dim has no size (the message names it and --dim), or a fixed-batch model is
+            asked for another batch.
+    """
+    from edgeslim.specs import dynamic_dims
+
+    fixed = {s.shape[0] for s in loaded.inputs if s.shape and isinstance(s.shape[0], int)}
+    if fixed and batch not in fixed:
+        raise ConfigError(f"the model's inputs have a fixed batch {sorted(fixed)}, but batch {batch} was asked: "
+                          f"export it with a dynamic batch or profile --batch {min(fixed)}")
+    sizes, where = {"batch": batch}, {"batch": "batch"}
+    bare_file = loaded.source.kind == "file"  # a bare model file has no config: its sizes are defaults
+    for name in dynamic_dims(loaded.inputs):
+        if name == "batch":
+            continue
+        if name in given:
+            sizes[name], where[name] = int(given[name]), "--dim"
+        elif name in loaded.dims:
+            sizes[name], where[name] = int(loaded.dims[name]), "default" if bare_file else "model"
+        else:
+            raise ConfigError(f"dynamic dim '{name}' has no size: give it with --dim {name}=SIZE")
+    extra = {k: int(v) for k, v in given.items() if k not in sizes}
+    return {**sizes, **extra}, where
+
+
+def _work(model: Any, loaded: LoadedModel, feeds: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+          precision: str) -> tuple[int, int] | None:
+    """(FLOPs, bytes moved) of one call: from the ONNX graph for a file, from the module otherwise."""
+    from edgeslim.runtime.roofline import count_flops, min_bytes_moved
+
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".onnx":
+        from edgeslim.runtime.onnx_work import graph_work
+
+        work = graph_work(model, sizes)
+        return work.flops, work.bytes_moved
+    if isinstance(loaded.model, torch.nn.Identity):
+        return None  # a TensorRT engine file: no graph to count
+    return count_flops(loaded.model, feeds), min_bytes_moved(loaded.model, feeds, precision)
+
+
+def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tuple[int, dict, dict]]
                  ) -> list[dict[str, Any]]:
+    """Rows for a board that is not the machine at hand: the roofline latency from the board's published
+    limits, labelled predicted (a lower bound: real kernels run below the roofline), and a RAM check
+    (weights + inputs + outputs against the board's `ram_gb`)."""
+    from edgeslim.runtime.peak import measured_peak
+    from edgeslim.runtime.roofline import roofline_ms
+
+    rows = []
+    for b, sizes, where in plan:
+        feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
+        work = _work(model, loaded, feeds, sizes, prof.precision)
+        if work is None:
+            raise ConfigError(f"cannot predict latency on '{prof.name}' for {model}: no graph to count the work of "
+                              "(give the ONNX file or the model)")
+        row: dict[str, Any] = {"batch": b, "sizes": sizes, "size_sources": where, "predicted": True,
+                               "flops": work[0], "bytes_moved": work[1], "p50_ms": roofline_ms(*work, prof),
+                               "peak": measured_peak(prof).to_dict()}
+        row["roofline_ms"], row["roofline_fraction"] = row["p50_ms"], 1.0
+        if prof.ram_gb is not None:
+            row["fits_ram"] = work[1] <= prof.ram_gb * 1e9
+        rows.append(row)
+    return rows
+
+
+def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
+                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True,
+                 ops: bool = False) -> list[dict[str, Any]]:
     """Latency/throughput/memory of a model file (or module) per batch size on a profile.
 
-    With `roofline`, each row also holds the FLOPs and minimum bytes moved of `loaded.model` at that
-    batch, the target's roofline latency and the fraction of it the measurement reaches.
+    With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_share`: the
+    fraction of ORT's kernel time per op type (runtime/op_profile.py), from separate profiled runs.
+
+    With `roofline`, each row also holds the FLOPs and minimum bytes moved at that batch (counted
+    from the ONNX graph for an .onnx file, from `loaded.model` otherwise), the target's roofline
+    latency with the limits of `measured_peak` (measured on this machine for a local CPU target,
+    published for a board) and the fraction of it the measurement reaches. A fraction over 1 means
+    the limits or the work count are wrong: the row says so (`roofline_warning`) and a warning is
+    raised. `sizes` / `size_sources` say which size every dynamic dim was given and from where.
     """
+    import warnings
+
     from edgeslim.runtime.measure import measure
-    from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_fraction, roofline_ms
+    from edgeslim.runtime.peak import measured_peak
+    from edgeslim.runtime.roofline import roofline_fraction, roofline_ms
     from edgeslim.runtime.session import open_session
     from edgeslim.runtime.targets import load_profile
 
     prof = load_profile(profile)
+    peak = measured_peak(prof) if roofline else None
+    limits = prof.override({"peak_gflops": peak.gflops(prof.precision), "mem_gbps": peak.mem_gbps}) if peak else prof
+    plan = [(b, *resolve_sizes(loaded, dims, b)) for b in batches or prof.batch]
+    if prof.remote:
+        return predict_rows(model, loaded, prof, plan)
     rows = []
     with open_session(model, prof) as session:
-        for b in batches or prof.batch:
-            feeds = example_feeds(loaded.inputs, {**loaded.dims, **dims, "batch": b}, seed=0)
+        for b, sizes, where in plan:
+            feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
             row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters))
-            if roofline:
-                row["flops"] = count_flops(loaded.model, feeds)
-                row["bytes_moved"] = min_bytes_moved(loaded.model, feeds, prof.precision)
-                row["roofline_ms"] = roofline_ms(row["flops"], row["bytes_moved"], prof)
-                row["roofline_fraction"] = roofline_fraction(row["p50_ms"], row["flops"], row["bytes_moved"], prof)
+            row["sizes"], row["size_sources"] = sizes, where
+            work = _work(model, loaded, feeds, sizes, prof.precision) if roofline else None
+            if work is not None:
+                row["flops"], row["bytes_moved"] = work
+                row["roofline_ms"] = roofline_ms(*work, limits)
+                row["roofline_fraction"] = roofline_fraction(row["p50_ms"], *work, limits)
+                row["peak"] = peak.to_dict()
+                if row["roofline_fraction"] > 1:
+                    row["roofline_warning"] = (f"{row['roofline_fraction']:.0%} of the roofline is impossible: the "
+                                               f"limits ({peak.source}) or the work count are wrong")
+                    warnings.warn(row["roofline_warning"], RuntimeWarning, stacklevel=2)
+            if ops and isinstance(model, (str, Path)) and Path(model).suffix == ".onnx" and prof.device == "cpu":
+                from edgeslim.runtime.op_profile import op_breakdown
+
+                row["op_time_share"] = op_breakdown(model, feeds, iters=max(1, min(iters, 5)), threads=prof.threads)
             rows.append(row)
     return rows
 
@@ -482,8 +580,9 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
     path = Path(item)
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
-        dims = {d: 128 if d == "sequence" else 1 for s in specs for d in s.shape if isinstance(d, str)}
-        yield path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        dims = {"sequence": 128} if any("sequence" in s.shape for s in specs) else {}
+        loaded = LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        yield path, loaded
         return
     if path.suffix in (".onnx", ".engine", ".plan"):
         raise SourceError(f"model file not found: {path}")
@@ -495,7 +594,7 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         yield loaded.model, loaded
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
-        to = "tensorrt" if prof.runtime == "tensorrt" else "onnx"
+        to = "tensorrt" if prof.runtime == "tensorrt" and not prof.remote else "onnx"  # a board: predicted from ONNX
         out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
         info = export_model(loaded, to, out, profile, quiet=quiet)
         yield info.get("engine") or info["onnx"], loaded
