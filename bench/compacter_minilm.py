@@ -40,7 +40,7 @@ from edgeslim.compress.compacter import adapted_model, merge_for_export, paper_p
 from edgeslim.compress.train import fit  # noqa: E402
 from edgeslim.data import load_labelled  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.memory import MemoryProbe  # noqa: E402
@@ -156,7 +156,7 @@ def run(cfg: dict, out: Path) -> dict:
 
 def write_results(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "compacter_minilm.json") as tmp:
+    with replace_output(out / "compacter_minilm.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     rows = summary["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))

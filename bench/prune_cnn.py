@@ -30,11 +30,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from lowrank_minilm import _save, plt  # noqa: E402
 
-from edgeslim.compress.base import CalibData  # noqa: E402
+from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.prune import Prune  # noqa: E402
 from edgeslim.compress.replace import count_params  # noqa: E402
 from edgeslim.compress.train import heal, teacher_targets  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, OutputKind, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.roofline import count_flops  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
@@ -144,7 +144,7 @@ def trained_cnn(cfg: dict, cache: Path) -> nn.Module:
     x, y = load_fmnist("train", cfg["train_images"])
     heal(model, batches(x, y, cfg["train_batch"], "fashion-mnist train"), cfg["train_steps"], lr=3e-3, weight_decay=1e-4)
     cache.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache / key) as tmp:
+    with replace_output(cache / key, OutputKind("cached weights", False, suffixes=(".safetensors",))) as tmp:
         save_model(model, str(tmp))
     return model.eval()
 
@@ -329,7 +329,7 @@ def expectations(rows: list[dict], metric: str) -> dict:
 
 def write_results(summary: dict, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / f"{name}.json") as tmp:
+    with replace_output(out / f"{name}.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     rows = summary["rows"]
     fig, ax = plt.subplots(figsize=(5, 5))

@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lowrank_minilm import (_batches, _save, _split, accuracy, export_and_count, finetuned_folder,  # noqa: E402
                             paired_latency, plt)
 
-from edgeslim.compress.base import CalibData  # noqa: E402
+from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.prune import Prune  # noqa: E402
 from edgeslim.compress.replace import count_params  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.errors import require  # noqa: E402
-from edgeslim.files import atomic_path  # noqa: E402
+from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model, make_encoder  # noqa: E402
@@ -98,7 +98,7 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
 
 def write_results(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "prune_minilm.json") as tmp:
+    with replace_output(out / "prune_minilm.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for c in sorted({r["criterion"] for r in summary["rows"]}):

@@ -24,7 +24,8 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.compress.base import (BudgetConfig, CalibData, CompressContext, CompressResult, Compressor, LayerChange,
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange,
                                     register, working_copy)
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import _matches, count_params

@@ -19,7 +19,8 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.compress.base import (CalibData, CompressContext, CompressResult, Compressor, ConfigBase, LayerChange,
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange,
                                     register, working_copy)
 from edgeslim.specs import TensorSpec
 from edgeslim.compress.replace import select_modules

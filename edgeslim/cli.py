@@ -178,10 +178,13 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.option("--task", help=TASK_HELP)
 @click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
 @click.option("--unmerged", is_flag=True, help="adapters: keep LoRA and PHM layers as trained (default: merged)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]),
+              help="fp16: convert the exported graph (fp32 inputs/outputs kept), checked at fp16 tolerance")
+@click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("-o", "--out", help="output file")
 @trust_options
 def export(item: str, to: str, profile: str | None, task: str | None, base: str | None, unmerged: bool,
-           out: str | None, trusted: str | None, trust_source: bool) -> None:
+           precision: str | None, data: str | None, out: str | None, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
@@ -195,12 +198,17 @@ def export(item: str, to: str, profile: str | None, task: str | None, base: str 
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
-    info = export_model(loaded, to, path, profile)
+    info = export_model(loaded, to, path, profile, precision=precision, data=data)
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
 
     _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
                      f"max |ONNX - PyTorch|: {diffs}")
+    if "agreement" in info:
+        a = info["agreement"]
+        _console().print(f"{info['precision']} graph ({', '.join(info['onnx_stages']) or 'converted'}) vs PyTorch "
+                         f"fp32 on {a['data']} inputs: relative L2 error {a['rel_l2']:.3g} (SNR {a['snr_db']:.1f} dB)"
+                         + (f", top-1 agreement {a['top1_agreement']:.3f}" if "top1_agreement" in a else ""))
 
 
 @cli.command()
@@ -211,9 +219,10 @@ def export(item: str, to: str, profile: str | None, task: str | None, base: str 
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
 @trust_options
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, trusted: str | None, trust_source: bool) -> None:
+            as_json: bool, ops: bool, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
     import torch
     from rich.table import Table
@@ -226,19 +235,43 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     batches, sizes = _ints(batch), _dims(dims)
     with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
-                            roofline=not isinstance(loaded.model, torch.nn.Identity))
+                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
+    if rows and rows[0].get("predicted"):
+        table = Table(title=f"{item} on {profile}: PREDICTED from the roofline (not measured here)")
+        for col in ("batch", "sizes", "predicted p50 ms (lower bound)", "GFLOP", "MB moved", "fits RAM"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), f"{r['flops'] / 1e9:.3g}",
+                          f"{r['bytes_moved'] / 1e6:.4g}", {True: "yes", False: "NO"}.get(r.get("fits_ram"), "-"))
+        _console().print(table)
+        return
     table = Table(title=f"{item} on {profile}")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
+    for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+        table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
                       f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
                       si(r["peak_mem_bytes"], "B"),
                       f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
     _console().print(table)
+    peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
+    for source, p in peaks.items():
+        _console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
+    for r in rows:
+        if "op_time_share" in r:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
+            _console().print(f"batch {r['batch']} kernel time by op type: {top}")
+        if "roofline_warning" in r:
+            _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
+
+
+def _sizes_cell(row: dict) -> str:
+    """'sequence=128 (default), height=64 (--dim)': the sizes a row was measured at, and where from."""
+    return ", ".join(f"{k}={v}" + ("" if row["size_sources"].get(k) in ("batch", "model", None) else
+                                   f" ({row['size_sources'][k]})") for k, v in row["sizes"].items() if k != "batch") or "-"
 
 
 @cli.command(name="eval")
@@ -422,13 +455,14 @@ def upscale(image: str, out: str, model: str, trusted: str | None, trust_source:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
     from edgeslim.files import IMAGE, check_output
     from edgeslim.images import upscale_file
+    from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
     trust = _trust(trusted, trust_source)
     check_output(out, IMAGE)
-    loaded = load_model(model, trust=trust)
-    scale = sr_scale(loaded.model)
-    upscale_file(image, out, loaded.model, scale)
+    net = runnable(load_model(model, trust=trust))  # an INT8 artifact runs its exported QDQ graph in ORT
+    scale = sr_scale(net)
+    upscale_file(image, out, net, scale)
     _console().print(f"wrote {out} (x{scale} with {model})")
 
 

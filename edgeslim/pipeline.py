@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -186,12 +187,16 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
 
 
 def compress_context(loaded: LoadedModel, profile: str | None) -> CompressContext:
-    """What a compressor gets to know beyond the model: its input spec and the target's alignment."""
-    align = None
+    """What a compressor gets to know beyond the model: its input spec, the target's alignment (a local CPU
+    target's follows this CPU's SIMD width) and, for a local CPU target, GEMM latencies timed here."""
+    align, measure = None, None
     if profile:
+        from edgeslim.runtime.peak import GemmTable, is_local, machine_align
         from edgeslim.runtime.targets import load_profile
-        align = load_profile(profile).align
-    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile)
+        prof = load_profile(profile)
+        align = machine_align(prof)
+        measure = GemmTable(prof.threads) if is_local(prof) else None
+    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure)
 
 
 def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,
@@ -298,18 +303,65 @@ def check_export_paths(path: str | Path, to: str) -> None:
 
 
 def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | None = None,
-                 opset: int = 20, quiet: bool = False) -> dict[str, Any]:
-    """Export to ONNX (validated) and, for `to="tensorrt"`, build an engine from it for `profile`
-    (the files written: `export_paths`)."""
+                 opset: int = 20, quiet: bool = False, precision: str | None = None,
+                 data: str | None = None) -> dict[str, Any]:
+    """Export to ONNX (validated), run the steps' ONNX stages (INT8), convert to fp16 when asked, and
+    for `to="tensorrt"` build an engine from it for `profile` (the files written: `export_paths`).
+
+    A lossy file (after an ONNX stage or fp16) is compared with PyTorch by agreement metrics
+    (`info["agreement"]`) instead of allclose; fp16 must stay within export.fp16.FP16_REL_L2.
+
+    Args:
+        precision: "fp16" converts the exported graph; None takes the profile's precision when it
+            is fp16 and the runtime is ONNX Runtime, else leaves the graph in fp32.
+        data: inputs for the agreement metrics (NAME[:COUNT] or a file, as for calibration; first
+            batch used); default random inputs from the input spec, which may lie outside the
+            ranges an INT8 model was calibrated for.
+    """
     from edgeslim.export.onnx import to_onnx
 
     onnx_path, engine = export_paths(path, to)
     check_export_paths(path, to)
     with stage(f"export {onnx_path.stem} to ONNX (validated in ONNX Runtime)", quiet):
         res = to_onnx(loaded.model, loaded.inputs, onnx_path, opset=opset)
+    try:
+        return _finish_export(loaded, to, engine, onnx_path, res, profile, quiet, precision, data)
+    except BaseException:
+        onnx_path.unlink(missing_ok=True)  # no fp32 file left where a failed INT8/fp16 one was asked for
+        raise
+
+
+def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path: Path, res: Any, profile: str | None,
+                   quiet: bool, precision: str | None, data: str | None) -> dict[str, Any]:
+    """export_model after the validated fp32 file is written: ONNX stages, fp16, agreement, engine."""
+    from edgeslim.export.validate import agreement
+    from edgeslim.onnx_io import dims_for
+
     stages = apply_onnx_stages(loaded, onnx_path, profile, quiet)
+    if precision is None and profile:
+        from edgeslim.runtime.targets import load_profile
+        prof = load_profile(profile)
+        precision = prof.precision if prof.runtime == "onnxruntime" and prof.precision == "fp16" else None
+    if precision not in (None, "fp32", "fp16", "int8"):
+        raise ConfigError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and not stages:
+        raise ConfigError(f"{loaded.source.identifier} has no INT8 step: compress it with -m int8 first")
+    if precision == "fp16":
+        from edgeslim.export.fp16 import to_fp16
+        with stage(f"convert {onnx_path.name} to fp16", quiet), replace_output(onnx_path, ONNX) as tmp:
+            to_fp16(onnx_path, tmp)
+    kinds = {get_compressor(s["method"]).kind for s in loaded.steps if get_compressor(s["method"]).has_onnx_stage}
     info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
-            "onnx_stages": stages}
+            "onnx_stages": stages, "precision": "int8" if "quantized" in kinds else precision or "fp32"}
+    if stages or precision == "fp16":
+        if data:
+            feeds = {k: v.numpy() for k, v in load_calibration(data, loaded, batch_size=16).batches[0].items()}
+        else:
+            feeds = example_feeds(loaded.inputs, dims_for(loaded.inputs, {**loaded.dims, "batch": 2}), seed=1)
+        info["agreement"] = agreement(onnx_path, loaded.model, feeds) | {"data": data or "random"}
+        if precision == "fp16" and not stages:
+            from edgeslim.export.fp16 import check_fp16
+            check_fp16(info["agreement"], onnx_path)
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
@@ -317,6 +369,22 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
+
+
+def has_onnx_stage(loaded: LoadedModel) -> bool:
+    """Whether a step of `loaded` (e.g. int8) lives in the exported graph rather than in the torch model."""
+    return any(get_compressor(s["method"]).has_onnx_stage for s in loaded.steps)
+
+
+def runnable(loaded: LoadedModel, quiet: bool = True) -> torch.nn.Module:
+    """The module that computes what `loaded` deploys: its torch model, or, when a step lives in the
+    ONNX graph (INT8), its exported graph run in ONNX Runtime behind an nn.Module."""
+    if not has_onnx_stage(loaded):
+        return loaded.model
+    from edgeslim.runtime.session import OrtModule
+    with tempfile.TemporaryDirectory(prefix="edgeslim-run-") as tmp:  # ORT holds the graph once loaded
+        info = export_model(loaded, "onnx", Path(tmp) / "model.onnx", quiet=quiet)
+        return OrtModule(info["onnx"])
 
 
 def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None = None,
@@ -334,30 +402,124 @@ def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None 
     return ran
 
 
-def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
-                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True
+def resolve_sizes(loaded: LoadedModel, given: Mapping[str, int], batch: int) -> tuple[dict[str, int], dict[str, str]]:
+    """A size for every dynamic input dim, and where each came from ("batch", "--dim", "model": the
+    artifact's input spec or the model's config, "default": sequence=128 of a bare ONNX file).
+
+    Raises:
+        ConfigError: a dim has no size (the message names it and --dim), or a fixed-batch model is
+            asked for another batch.
+    """
+    from edgeslim.specs import dynamic_dims
+
+    fixed = {s.shape[0] for s in loaded.inputs if s.shape and isinstance(s.shape[0], int)}
+    if fixed and batch not in fixed:
+        raise ConfigError(f"the model's inputs have a fixed batch {sorted(fixed)}, but batch {batch} was asked: "
+                          f"export it with a dynamic batch or profile --batch {min(fixed)}")
+    sizes, where = {"batch": batch}, {"batch": "batch"}
+    bare_file = loaded.source.kind == "file"  # a bare model file has no config: its sizes are defaults
+    for name in dynamic_dims(loaded.inputs):
+        if name == "batch":
+            continue
+        if name in given:
+            sizes[name], where[name] = int(given[name]), "--dim"
+        elif name in loaded.dims:
+            sizes[name], where[name] = int(loaded.dims[name]), "default" if bare_file else "model"
+        else:
+            raise ConfigError(f"dynamic dim '{name}' has no size: give it with --dim {name}=SIZE")
+    extra = {k: int(v) for k, v in given.items() if k not in sizes}
+    return {**sizes, **extra}, where
+
+
+def _work(model: Any, loaded: LoadedModel, feeds: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+          precision: str) -> tuple[int, int] | None:
+    """(FLOPs, bytes moved) of one call: from the ONNX graph for a file, from the module otherwise."""
+    from edgeslim.runtime.roofline import count_flops, min_bytes_moved
+
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".onnx":
+        from edgeslim.runtime.onnx_work import graph_work
+
+        work = graph_work(model, sizes)
+        return work.flops, work.bytes_moved
+    if isinstance(loaded.model, torch.nn.Identity):
+        return None  # a TensorRT engine file: no graph to count
+    return count_flops(loaded.model, feeds), min_bytes_moved(loaded.model, feeds, precision)
+
+
+def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tuple[int, dict, dict]]
                  ) -> list[dict[str, Any]]:
+    """Rows for a board that is not the machine at hand: the roofline latency from the board's published
+    limits, labelled predicted (a lower bound: real kernels run below the roofline), and a RAM check
+    (weights + inputs + outputs against the board's `ram_gb`)."""
+    from edgeslim.runtime.peak import measured_peak
+    from edgeslim.runtime.roofline import roofline_ms
+
+    rows = []
+    for b, sizes, where in plan:
+        feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
+        work = _work(model, loaded, feeds, sizes, prof.precision)
+        if work is None:
+            raise ConfigError(f"cannot predict latency on '{prof.name}' for {model}: no graph to count the work of "
+                              "(give the ONNX file or the model)")
+        row: dict[str, Any] = {"batch": b, "sizes": sizes, "size_sources": where, "predicted": True,
+                               "flops": work[0], "bytes_moved": work[1], "p50_ms": roofline_ms(*work, prof),
+                               "peak": measured_peak(prof).to_dict()}
+        row["roofline_ms"], row["roofline_fraction"] = row["p50_ms"], 1.0
+        if prof.ram_gb is not None:
+            row["fits_ram"] = work[1] <= prof.ram_gb * 1e9
+        rows.append(row)
+    return rows
+
+
+def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
+                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True,
+                 ops: bool = False) -> list[dict[str, Any]]:
     """Latency/throughput/memory of a model file (or module) per batch size on a profile.
 
-    With `roofline`, each row also holds the FLOPs and minimum bytes moved of `loaded.model` at that
-    batch, the target's roofline latency and the fraction of it the measurement reaches.
+    With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_share`: the
+    fraction of ORT's kernel time per op type (runtime/op_profile.py), from separate profiled runs.
+
+    With `roofline`, each row also holds the FLOPs and minimum bytes moved at that batch (counted
+    from the ONNX graph for an .onnx file, from `loaded.model` otherwise), the target's roofline
+    latency with the limits of `measured_peak` (measured on this machine for a local CPU target,
+    published for a board) and the fraction of it the measurement reaches. A fraction over 1 means
+    the limits or the work count are wrong: the row says so (`roofline_warning`) and a warning is
+    raised. `sizes` / `size_sources` say which size every dynamic dim was given and from where.
     """
+    import warnings
+
     from edgeslim.runtime.measure import measure
-    from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_fraction, roofline_ms
+    from edgeslim.runtime.peak import measured_peak
+    from edgeslim.runtime.roofline import roofline_fraction, roofline_ms
     from edgeslim.runtime.session import open_session
     from edgeslim.runtime.targets import load_profile
 
     prof = load_profile(profile)
+    peak = measured_peak(prof) if roofline else None
+    limits = prof.override({"peak_gflops": peak.gflops(prof.precision), "mem_gbps": peak.mem_gbps}) if peak else prof
+    plan = [(b, *resolve_sizes(loaded, dims, b)) for b in batches or prof.batch]
+    if prof.remote:
+        return predict_rows(model, loaded, prof, plan)
     rows = []
     with open_session(model, prof) as session:
-        for b in batches or prof.batch:
-            feeds = example_feeds(loaded.inputs, {**loaded.dims, **dims, "batch": b}, seed=0)
+        for b, sizes, where in plan:
+            feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
             row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters))
-            if roofline:
-                row["flops"] = count_flops(loaded.model, feeds)
-                row["bytes_moved"] = min_bytes_moved(loaded.model, feeds, prof.precision)
-                row["roofline_ms"] = roofline_ms(row["flops"], row["bytes_moved"], prof)
-                row["roofline_fraction"] = roofline_fraction(row["p50_ms"], row["flops"], row["bytes_moved"], prof)
+            row["sizes"], row["size_sources"] = sizes, where
+            work = _work(model, loaded, feeds, sizes, prof.precision) if roofline else None
+            if work is not None:
+                row["flops"], row["bytes_moved"] = work
+                row["roofline_ms"] = roofline_ms(*work, limits)
+                row["roofline_fraction"] = roofline_fraction(row["p50_ms"], *work, limits)
+                row["peak"] = peak.to_dict()
+                if row["roofline_fraction"] > 1:
+                    row["roofline_warning"] = (f"{row['roofline_fraction']:.0%} of the roofline is impossible: the "
+                                               f"limits ({peak.source}) or the work count are wrong")
+                    warnings.warn(row["roofline_warning"], RuntimeWarning, stacklevel=2)
+            if ops and isinstance(model, (str, Path)) and Path(model).suffix == ".onnx" and prof.device == "cpu":
+                from edgeslim.runtime.op_profile import op_breakdown
+
+                row["op_time_share"] = op_breakdown(model, feeds, iters=max(1, min(iters, 5)), threads=prof.threads)
             rows.append(row)
     return rows
 
@@ -386,7 +548,8 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
         recipe.profile, recipe.trust)
     summary: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "artifact": str(slim),
                                "changes": [c.to_dict() for r in results for c in r.changes],
-                               "compare": compare_outputs(original, compressed.model, recipe.eval), "models": {}}
+                               "compare": compare_outputs(original, runnable(compressed), recipe.eval),
+                               "models": {}}
     for label, loaded in (("original", original), ("compressed", compressed)):
         row: dict[str, Any] = {"params": count(loaded.model), "flops": flops(loaded, recipe.dims)}
         if recipe.export_to:
@@ -410,7 +573,6 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
     """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
     and, when the profile's runtime needs a file, exported to a temporary folder that is removed when the
     block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model)."""
-    import tempfile
 
     from edgeslim.export.onnx import onnx_inputs
     from edgeslim.runtime.targets import load_profile
@@ -419,17 +581,21 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
     path = Path(item)
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
-        dims = {d: 128 if d == "sequence" else 1 for s in specs for d in s.shape if isinstance(d, str)}
-        yield path, LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        dims = {"sequence": 128} if any("sequence" in s.shape for s in specs) else {}
+        loaded = LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
+        yield path, loaded
         return
     if path.suffix in (".onnx", ".engine", ".plan"):
         raise SourceError(f"model file not found: {path}")
     loaded = load_model(item, trust=trust)
     if prof.runtime == "torch":
+        if has_onnx_stage(loaded):
+            raise ConfigError(f"{item} is quantized in its ONNX graph, which runtime 'torch' cannot run: "
+                              "profile it on an onnxruntime profile (e.g. cpu-ort-int8)")
         yield loaded.model, loaded
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
-        to = "tensorrt" if prof.runtime == "tensorrt" else "onnx"
+        to = "tensorrt" if prof.runtime == "tensorrt" and not prof.remote else "onnx"  # a board: predicted from ONNX
         out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
         info = export_model(loaded, to, out, profile, quiet=quiet)
         yield info.get("engine") or info["onnx"], loaded

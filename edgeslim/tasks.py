@@ -240,11 +240,12 @@ def load_task_model(folder: Path, task: str | None = None, weights: bool = True)
     auto = _model_class(transformers, config, task)
     try:
         hf = (auto.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True) if weights
-              else auto.from_config(config))
+              else auto.from_config(config) if hasattr(auto, "from_config") else auto(config))  # Auto* or a class
     except ValueError as exc:
         raise ConfigError(f"{folder} cannot be loaded for task {task!r}: {str(exc).splitlines()[0]}") from exc
-    except OSError as exc:
-        raise SourceError(f"cannot load the Hugging Face folder {folder}: {exc}") from exc
+    except Exception as exc:  # transformers and safetensors raise many classes for a bad folder
+        raise SourceError(f"cannot load the Hugging Face folder {folder}: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
     hf.eval()
     if task == "feature-extraction" and getattr(config, "is_encoder_decoder", False):
         hf = hf.get_encoder()  # a seq2seq model's encoder: no random or unused decoder

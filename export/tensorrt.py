@@ -11,16 +11,17 @@ TensorRT could not be installed where this was written; it is tested where `tens
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping
 
 import onnx
 
 from edgeslim.errors import ConfigError, ExportValidationError, SourceError
-from edgeslim.files import ENGINE, check_output, replace_output
+from edgeslim.files import ENGINE, check_output, replace_output, sha256_file
 from edgeslim.runtime.session import require_cuda
 from edgeslim.runtime.targets import Profile, load_profile
-from edgeslim.runtime.trt_session import import_tensorrt
+from edgeslim.runtime.trt_session import gpu_name, import_tensorrt, write_sidecar
 
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -114,20 +115,32 @@ def _parse(parser, onnx_path: Path) -> None:
                                 + "\n".join(lines))
 
 
+def default_timing_cache(trt) -> Path:
+    """Per TensorRT version and GPU: tactic timings are only valid for the pair that measured them."""
+    key = "".join(c if c.isalnum() else "-" for c in f"{trt.__version__}-{gpu_name()}")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeslim" / f"trt-timing-{key}.cache"
+
+
 def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
                 dims: Mapping[str, int | tuple[int, int, int]] | None = None,
-                workspace_mib: int | None = None) -> Path:
-    """Build and write a serialized TensorRT engine (.engine/.plan) for `profile`.
+                workspace_mib: int | None = None, timing_cache: str | Path | None = None) -> Path:
+    """Build and write a serialized TensorRT engine (.engine/.plan) for `profile`, plus its JSON sidecar.
 
     Args:
-        onnx_path: the ONNX model (external data next to it is read by the parser).
-        profile: a tensorrt profile (Profile or name), e.g. "cuda-trt-fp16".
+        onnx_path: the ONNX model (external data next to it is read by the parser). For int8 it must
+            hold Q/DQ nodes (edgeslim compress -m int8); for fp16 on TensorRT 11, fp16 weights
+            (edgeslim export --precision fp16).
+        profile: a tensorrt profile (Profile or name), e.g. "cuda-trt-fp16" or "cuda-trt-int8".
         path: where the engine goes; written to a temporary file, then moved into place.
         dims: sizes of named dynamic dimensions other than the batch (see engine_shapes).
         workspace_mib: builder workspace limit; default the profile's `workspace_mib`.
+        timing_cache: tactic timing cache file, read when present and written back after the build
+            (default: one per TensorRT version and GPU under ~/.cache/edgeslim).
 
     Returns:
-        The engine path.
+        The engine path. Beside it, `<engine>.json` records the TensorRT version, GPU, precision,
+        optimization-profile shapes and the ONNX file's SHA-256; TensorRTSession refuses an engine
+        whose sidecar does not match the TensorRT and GPU at hand.
 
     Raises:
         MissingDependencyError: TensorRT or CUDA is absent.
@@ -156,6 +169,9 @@ def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, (workspace_mib or profile.workspace_mib) << 20)
     for flag in flags:
         config.set_flag(flag)
+    cache_file = Path(timing_cache) if timing_cache else default_timing_cache(trt)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
@@ -168,7 +184,13 @@ def to_tensorrt(onnx_path: str | Path, profile: Profile | str, path: str | Path,
     if serialized is None:
         raise ExportValidationError(f"TensorRT could not build an engine from {onnx_path} for profile "
                                     f"'{profile.name}' (see the TensorRT log above)")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
     with replace_output(path, ENGINE) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(serialized))
+    write_sidecar(path, {"tensorrt": trt.__version__, "gpu": gpu_name(), "precision": profile.precision,
+                         "profile": profile.name, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
+                         "workspace_mib": workspace_mib or profile.workspace_mib, "onnx": str(onnx_path),
+                         "onnx_sha256": sha256_file(onnx_path)})
     return path

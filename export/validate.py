@@ -129,3 +129,24 @@ def check_parity(path: str | Path, model: nn.Module, feeds: Mapping[str, np.ndar
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
     raise ExportValidationError(f"{label or path}: ONNX Runtime output differs from PyTorch (atol={atol}, rtol={rtol}) "
                                 f"for inputs {shapes}:\n{table}{where}")
+
+
+def agreement(path: str | Path, model: nn.Module, feeds: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """How closely a lossy ONNX file (INT8, fp16) follows the PyTorch model, instead of an allclose check.
+
+    Returns the max abs diff, the relative L2 error ||onnx - torch|| / ||torch||, the SNR in dB of the
+    first output, and for 2-D outputs (logits, embeddings) the top-1 agreement and mean cosine similarity.
+    """
+    session = _ort_session(path)
+    expected = torch_outputs(model, feeds)[0].astype(np.float64)
+    actual = session.run(None, dict(feeds))[0].astype(np.float64)
+    if expected.shape != actual.shape:
+        raise ExportValidationError(f"{path}: output shape {actual.shape} differs from PyTorch's {expected.shape}")
+    err = float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+    out = {"max_abs_diff": float(np.max(np.abs(actual - expected))), "rel_l2": err,
+           "snr_db": float(-20 * np.log10(max(err, 1e-12)))}
+    if expected.ndim == 2:
+        e, a = expected, actual
+        cos = (e * a).sum(1) / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(a, axis=1), 1e-30)
+        out |= {"top1_agreement": float(np.mean(e.argmax(1) == a.argmax(1))), "cosine_mean": float(cos.mean())}
+    return out

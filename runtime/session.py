@@ -252,3 +252,21 @@ def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str |
     from edgeslim.runtime.trt_session import TensorRTSession
 
     return TensorRTSession(path, profile)
+
+
+class OrtModule(nn.Module):
+    """An ONNX file run in ONNX Runtime behind the nn.Module interface `model(**feeds) -> tensor`.
+
+    What code written for torch models (upscaling, output comparisons) uses to run a model whose
+    deployed form exists only as ONNX (an INT8 QDQ graph). Inference only: no gradients, CPU tensors.
+    """
+
+    def __init__(self, path: str | Path, profile: Profile | str = "cpu-ort-fp32") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._session = OrtSession(self.path, profile if isinstance(profile, Profile) else load_profile(profile))
+
+    def forward(self, **feeds: torch.Tensor) -> torch.Tensor:
+        out = self._session.run({k: v.detach().cpu().numpy() for k, v in feeds.items()})
+        values = [torch.from_numpy(np.ascontiguousarray(v)) for v in out.values()]
+        return values[0] if len(values) == 1 else tuple(values)

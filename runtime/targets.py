@@ -32,6 +32,8 @@ ALLOWED: dict[str, tuple[type, tuple[Any, ...] | None]] = {
     "peak_gflops": (float, None),
     "mem_gbps": (float, None),
     "workspace_mib": (int, None),
+    "remote": (bool, None),
+    "ram_gb": (float, None),
 }
 REQUIRED = ("device", "runtime", "precision", "peak_gflops", "mem_gbps")
 _PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
@@ -53,6 +55,8 @@ class Profile:
     batch: tuple[int, ...] = (1,)  # batch sizes a profiling sweep runs
     align: int = 1  # multiple that ranks / channel counts are rounded to (8 for SIMD, 16/32 tensor cores)
     workspace_mib: int = 1024  # TensorRT builder workspace limit
+    remote: bool = False  # a board that is not the machine at hand: latency is predicted, peaks are published
+    ram_gb: float | None = None  # the board's RAM, for the "does it fit" check
 
     def __post_init__(self) -> None:
         for key, value in self.to_dict().items():
@@ -60,6 +64,8 @@ class Profile:
         object.__setattr__(self, "batch", tuple(int(b) for b in self.batch))
         object.__setattr__(self, "peak_gflops", float(self.peak_gflops))
         object.__setattr__(self, "mem_gbps", float(self.mem_gbps))
+        if self.ram_gb is not None:
+            object.__setattr__(self, "ram_gb", float(self.ram_gb))
         self._check_combination()
 
     def _check_combination(self) -> None:
@@ -119,7 +125,11 @@ def _check_keys(name: str, data: Mapping[str, Any]) -> None:
 def _check_value(name: str, key: str, value: Any) -> None:
     kind, allowed = ALLOWED[key]
     where = f"profile '{name}': key '{key}'"
-    if key == "provider" and value is None:
+    if key in ("provider", "ram_gb") and value is None:
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

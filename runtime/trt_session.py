@@ -7,7 +7,9 @@ workplace this was written in, so this path is tested only where `tensorrt` impo
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +34,55 @@ def import_tensorrt():
     return trt
 
 
+def sidecar_path(engine: str | Path) -> Path:
+    """The JSON file beside an engine that says what it was built for (`m.engine` -> `m.engine.json`)."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def gpu_name() -> str:
+    """The current CUDA device's name and compute capability, as engines are keyed by it."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def check_sidecar(engine: str | Path, tensorrt_version: str, gpu: str, precision: str | None = None) -> dict[str, Any]:
+    """Read an engine's sidecar and refuse an engine this TensorRT / GPU / profile cannot use.
+
+    TensorRT engines are tied to the TensorRT version and the GPU model they were built with;
+    deserializing another one fails obscurely or not at all, so it is refused here first.
+
+    Raises:
+        SourceError: no sidecar, an unreadable one, or a TensorRT version, GPU or precision that differs
+            (both values named, and how to rebuild).
+    """
+    path = sidecar_path(engine)
+    rebuild = f"rebuild it: edgeslim export MODEL --to tensorrt -o {Path(engine).name}"
+    if not path.is_file():
+        raise SourceError(f"{engine} has no sidecar {path.name} saying which TensorRT and GPU built it; {rebuild}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise SourceError(f"cannot read the engine sidecar {path}: {exc}") from exc
+    checks: list[tuple[str, Any, Any]] = [("TensorRT version", meta.get("tensorrt"), tensorrt_version),
+                                          ("GPU", meta.get("gpu"), gpu)]
+    if precision is not None:
+        checks.append(("precision", meta.get("precision"), precision))
+    for what, built, here in checks:
+        if built != here:
+            raise SourceError(f"{engine} is stale: built for {what} {built!r}, but this is {here!r}; {rebuild}")
+    return meta
+
+
+def write_sidecar(engine: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Write the sidecar of `engine` (atomically)."""
+    from edgeslim.files import JSON, replace_output
+    path = sidecar_path(engine)
+    with replace_output(path, JSON) as tmp:
+        tmp.write_text(json.dumps(dict(meta), indent=2))
+    return path
+
+
 def _torch_dtype(trt, data_type) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=trt.nptype(data_type))).dtype
 
@@ -50,6 +101,7 @@ class TensorRTSession(BaseSession):
         require_cuda(profile)
         self.profile, self.device, self.path, self._trt = profile, "cuda", Path(path), trt
         _check_file(self.path)
+        check_sidecar(self.path, trt.__version__, gpu_name(), profile.precision)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())

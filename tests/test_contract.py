@@ -153,8 +153,11 @@ CASES: dict[str, Case] = {
                        lossless={"reduction": 4, "epochs": 0}),
     "lora": Case("tiny-bert", {"labels": ["neg", "pos"], "rank": 2}, labelled_text, lossless={"epochs": 0}),
     "head": Case("tiny-bert", {"labels": ["neg", "pos"]}, labelled_text),
+    # MPO: exactness needs full bonds, which never save parameters (tests/test_tensornet.py proves it)
+    "mpo": Case(RANK4, {"ratio": 0.5, "cores": 2}, random_inputs),
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
+    "int8": Case(RANK4, {"subset_size": 16}, random_inputs),  # torch model unchanged; QDQ in the ONNX stage
 }
 
 

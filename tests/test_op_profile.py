@@ -3,7 +3,8 @@ import onnx
 import pytest
 
 from edgeslim.errors import ConfigError
-from edgeslim.export.onnx import eager_attention, to_onnx
+from edgeslim.export.onnx import to_onnx
+from edgeslim.onnx_io import eager_attention
 from edgeslim.runtime.op_profile import _by_op_type, amdahl_bound, gemm_fraction, op_breakdown
 from edgeslim.sources import load_model
 from edgeslim.specs import example_feeds

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.compress.base import CalibData, CompressContext, list_compressors
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import CompressContext, list_compressors
 from edgeslim.compress.prune import Prune, PruneConfig
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.sparsify import NO_SPEEDUP, Sparsify, is_two_four

@@ -134,3 +134,11 @@ def test_invalid_toml_names_the_file(tmp_path):
 def test_to_dict_round_trips():
     p = load_profile("cuda-trt-fp16")
     assert Profile.from_dict(p.name, p.to_dict()) == p
+
+
+def test_remote_must_be_a_boolean(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text('device = "cpu"\nruntime = "torch"\nprecision = "fp32"\npeak_gflops = 1\nmem_gbps = 1\n'
+                    'remote = "yes"\n')
+    with pytest.raises(ConfigError, match="'remote' must be true or false"):
+        load_profile(path)

@@ -1,0 +1,432 @@
+"""Matrix product operators (MPO, tensor-train matrices) for Linear and GPT-2 Conv1D layers.
+
+An m x n weight with m = o_1...o_k and n = i_1...i_k is viewed as a k-way tensor with paired
+indices (o_1 i_1, ..., o_k i_k) and decomposed left to right by sequential truncated SVDs, the
+TT-SVD of Oseledets ("Tensor-train decomposition", SIAM J. Sci. Comput. 2011, Algorithm 1), into
+cores G_j of shape (r_{j-1}, o_j, i_j, r_j), r_0 = r_k = 1 (Novikov et al., "Tensorizing Neural
+Networks", NeurIPS 2015, eq. 3; CompactifAI, Tomut et al. 2024, Sec. 3). The bond dimensions r_j
+are capped by a rank chi, by an energy threshold (Oseledets' delta = eps / sqrt(k-1) ||W||_F per
+step) or by a kept-parameter budget. With all r_j at their maximum min(prod_{l<=j} o_l i_l,
+prod_{l>j} o_l i_l) the decomposition is exact. Parameters: sum_j r_{j-1} o_j i_j r_j (+ m bias).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
+                                    working_copy)
+from edgeslim.compress.lowrank_budget import allocate, dense_note
+from edgeslim.compress.replace import direct_weight_reader, select_modules, set_submodule, skipped_change
+from edgeslim.compress.sensitivity import layer_sensitivity
+from edgeslim.compress.train import heal
+from edgeslim.errors import ConfigError
+from edgeslim.specs import TensorSpec
+
+
+def factorize(dim: int, k: int) -> tuple[int, ...]:
+    """`dim` as a product of k ascending factors, as equal as possible (smallest largest factor).
+
+    A prime dimension becomes (1, ..., 1, p): the MPO then cannot split that side, which the
+    compressor reports. Raises ConfigError for dim < 1 or k < 1.
+    """
+    if dim < 1 or k < 1:
+        raise ConfigError(f"cannot factor dimension {dim} into {k} factors")
+    best: tuple[int, ...] | None = None
+
+    def search(rest: int, left: int, low: int, acc: tuple[int, ...]) -> None:
+        nonlocal best
+        if left == 1:
+            cand = acc + (rest,)
+            if rest >= low and (best is None or _balance(cand) < _balance(best)):
+                best = cand
+            return
+        for f in range(low, int(round(rest ** (1.0 / left))) + 2):
+            if rest % f == 0 and f ** left <= rest:
+                search(rest // f, left - 1, f, acc + (f,))
+
+    search(dim, k, 1, ())
+    return best
+
+
+def _balance(factors: tuple[int, ...]) -> tuple:
+    return max(factors), -min(factors), factors
+
+
+def default_factors(in_features: int, out_features: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in_factors, out_factors): inputs descending, outputs ascending.
+
+    Contracting core j costs r_{j-1} r_j i_j o_j (i_{j+1}...i_k)(o_1...o_{j-1}) multiply-adds per
+    row, so a large i_1 (the first contraction removes most of the input) and a small o_1 (the
+    output grows last) keep the intermediate states, and the FLOPs, smallest.
+    """
+    return factorize(in_features, k)[::-1], factorize(out_features, k)
+
+
+def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_error: float | None = None
+           ) -> tuple[list[torch.Tensor], list[float]]:
+    """TT-SVD (Oseledets 2011, Algorithm 1): cores (r_{j-1}, d_j, r_j) and the energy each step drops.
+
+    Args:
+        tensor: a k-way tensor (computed in float64).
+        max_bonds: cap on each of the k-1 bond dimensions (None: no cap).
+        rel_error: target relative Frobenius error eps; each step drops at most
+            (eps^2 / (k-1)) ||A||^2 of squared singular values (Oseledets' delta).
+
+    Returns:
+        (cores, lost): the squared error of the result is exactly sum(lost), because the left
+        cores are orthonormal and each truncation is an orthogonal projection.
+    """
+    dims = tensor.shape
+    k = len(dims)
+    limit = None if rel_error is None else rel_error ** 2 * float(tensor.double().square().sum()) / max(k - 1, 1)
+    rest = tensor.double().reshape(1, -1)
+    cores, lost, r = [], [], 1
+    for j in range(k - 1):
+        u, s, vh = torch.linalg.svd(rest.reshape(r * dims[j], -1), full_matrices=False)
+        keep = s.numel()
+        if max_bonds is not None:
+            keep = min(keep, int(max_bonds[j]))
+        if limit is not None:  # smallest rank whose dropped tail is within delta^2
+            tail = torch.flip(torch.cumsum(torch.flip(s.square(), [0]), 0), [0])  # tail[i] = sum s[i:]^2
+            keep = min(keep, int((tail > limit).sum()))
+        keep = max(keep, 1)
+        lost.append(float(s[keep:].square().sum()))
+        cores.append(u[:, :keep].reshape(r, dims[j], keep))
+        rest = s[:keep, None] * vh[:keep]
+        r = keep
+    cores.append(rest.reshape(r, dims[-1], 1))
+    return cores, lost
+
+
+def _paired(weight: torch.Tensor, out_factors: Sequence[int], in_factors: Sequence[int]) -> torch.Tensor:
+    """W (m x n) as the k-way tensor with modes (o_1 i_1, ..., o_k i_k)."""
+    k = len(out_factors)
+    t = weight.reshape(*out_factors, *in_factors)
+    t = t.permute(*[p for j in range(k) for p in (j, k + j)])
+    return t.reshape([o * i for o, i in zip(out_factors, in_factors)])
+
+
+def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight as out x in, bias) of an nn.Linear or a transformers GPT-2 Conv1D (stored in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if _is_conv1d(module):
+        return module.weight.detach().T, None if module.bias is None else module.bias.detach()
+    raise ConfigError(f"MPO replaces Linear or Conv1D layers, not {type(module).__name__}")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """The layer types MPO targets: nn.Linear, and Conv1D when transformers is already imported."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+class MPOLinear(nn.Module):
+    """y = x W^T + b with W held as k MPO cores; the forward pass never rebuilds W.
+
+    Core j is stored as the matrix C_j[(i_j, r_{j-1}), (o_j, r_j)] = G_j[r_{j-1}, o_j, i_j, r_j], and
+    the input is contracted with one core at a time (a Reshape, a Transpose and a MatMul each), so
+    the ONNX graph holds only MatMul/Reshape/Transpose (no Einsum) with dynamic leading dims.
+    """
+
+    def __init__(self, in_features: int, out_features: int, in_factors: Sequence[int], out_factors: Sequence[int],
+                 bonds: Sequence[int], bias: bool = True, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_factors, self.out_factors = tuple(int(f) for f in in_factors), tuple(int(f) for f in out_factors)
+        self.bonds = tuple(int(b) for b in bonds)
+        k = len(self.in_factors)
+        if k < 2 or len(self.out_factors) != k or len(self.bonds) != k - 1:
+            raise ConfigError(f"an MPO needs k >= 2 input and output factors and k-1 bonds, got in "
+                              f"{self.in_factors}, out {self.out_factors}, bonds {self.bonds}")
+        if math.prod(self.in_factors) != in_features or math.prod(self.out_factors) != out_features:
+            raise ConfigError(f"factors in {self.in_factors} / out {self.out_factors} do not multiply to "
+                              f"{in_features} / {out_features}")
+        if min(self.bonds) < 1:
+            raise ConfigError(f"bond dimensions must be >= 1, got {self.bonds}")
+        self.in_features, self.out_features = in_features, out_features
+        r = (1, *self.bonds, 1)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(i * r[j], o * r[j + 1], dtype=dtype, device=device))
+            for j, (o, i) in enumerate(zip(self.out_factors, self.in_factors)))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense weight (out x in), rebuilt on each access (for parents that peek at it)."""
+        return self.to_dense().weight
+
+    def core(self, j: int) -> torch.Tensor:
+        """Core j as the tensor G_j of shape (r_{j-1}, o_j, i_j, r_j)."""
+        r = (1, *self.bonds, 1)
+        return self.cores[j].reshape(self.in_factors[j], r[j], self.out_factors[j], r[j + 1]).permute(1, 2, 0, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        i1 = self.in_factors[0]
+        # state after core j: (i_{j+1} ... i_k, batch, o_1 ... o_j, r_j), flattened to 2-D for the MatMul
+        t = x.reshape(-1, i1, self.in_features // i1).permute(2, 0, 1).reshape(-1, i1) @ self.cores[0]
+        for j in range(1, len(self.cores)):
+            ij, r = self.in_factors[j], self.bonds[j - 1]
+            t = t.reshape(ij, -1, r).permute(1, 0, 2).reshape(-1, ij * r) @ self.cores[j]
+        y = t.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def from_cores(cls, cores: Sequence[torch.Tensor], in_factors: Sequence[int], out_factors: Sequence[int],
+                   bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "MPOLinear":
+        """Build from TT cores of shape (r_{j-1}, o_j i_j, r_j) or (r_{j-1}, o_j, i_j, r_j)."""
+        bonds = [int(c.shape[-1]) for c in cores[:-1]]
+        layer = cls(math.prod(in_factors), math.prod(out_factors), in_factors, out_factors, bonds,
+                    bias=bias is not None, dtype=dtype, device=cores[0].device)
+        with torch.no_grad():
+            for j, (c, o, i) in enumerate(zip(cores, out_factors, in_factors)):
+                g = c.reshape(c.shape[0], o, i, c.shape[-1])
+                layer.cores[j].copy_(g.permute(2, 0, 1, 3).reshape(i * g.shape[0], o * g.shape[-1]).to(dtype))
+            if bias is not None:
+                layer.bias.copy_(bias.to(dtype))
+        return layer
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, rank: int | None = None, energy: float | None = None,
+                    cores: int = 3, in_factors: Sequence[int] | None = None,
+                    out_factors: Sequence[int] | None = None) -> "MPOLinear":
+        """TT-SVD of a trained nn.Linear or Conv1D; bonds capped by `rank` and/or kept `energy`.
+
+        With neither cap the layer is exact (maximal bond dimensions).
+        """
+        weight, bias = dense_weight(module)
+        auto_in, auto_out = default_factors(weight.shape[1], weight.shape[0], len(in_factors or ()) or cores)
+        in_factors, out_factors = tuple(in_factors or auto_in), tuple(out_factors or auto_out)
+        caps = None if rank is None else [rank] * (len(in_factors) - 1)
+        eps = None if energy is None else math.sqrt(max(1.0 - energy, 0.0))
+        got, _ = tt_svd(_paired(weight.double(), out_factors, in_factors), caps, eps)
+        return cls.from_cores(got, in_factors, out_factors, bias, dtype=weight.dtype)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent nn.Linear (weight rebuilt by contracting the cores, differentiably)."""
+        k = len(self.cores)
+        t = self.core(0)  # (1, o_1, i_1, r_1) -> accumulate (o_1, i_1, ..., o_j, i_j, r_j)
+        for j in range(1, k):
+            t = torch.tensordot(t, self.core(j), dims=([t.dim() - 1], [0]))
+        t = t.reshape(*[f for o, i in zip(self.out_factors, self.in_factors) for f in (o, i)])
+        t = t.permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2)).reshape(self.out_features, self.in_features)
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          dtype=t.dtype, device=t.device)
+        with torch.no_grad():
+            dense.weight.copy_(t)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def flops_per_row(self) -> int:
+        """FLOPs of the core contractions for one input row (a multiply-add counting 2).
+
+        Core j costs r_{j-1} r_j i_j o_j (i_{j+1}...i_k)(o_1...o_{j-1}) multiply-adds; a dense layer
+        costs in x out, a rank-r pair r (in + out).
+        """
+        r, k = (1, *self.bonds, 1), len(self.cores)
+        return 2 * sum(r[j] * r[j + 1] * self.in_factors[j] * self.out_factors[j] * math.prod(self.in_factors[j + 1:])
+                       * math.prod(self.out_factors[:j]) for j in range(k))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, in_factors={self.in_factors}, "
+                f"out_factors={self.out_factors}, bonds={self.bonds}")
+
+
+class MPOPlan:
+    """One targeted layer as the budget allocator sees it: decisions are bond-dimension tuples."""
+
+    def __init__(self, name: str, module: nn.Module, cores: int, factors: Mapping[int, Sequence[int]]) -> None:
+        weight, bias = dense_weight(module)
+        self.scale = 1.0  # multiplies the relative error in the global greedy (set from the layer profile)
+        m, n = weight.shape
+        self.name, self.bias, self.dtype = name, bias, weight.dtype
+        auto_in, auto_out = default_factors(n, m, cores)
+        self.in_factors, self.out_factors = tuple(factors.get(n) or auto_in), tuple(factors.get(m) or auto_out)
+        self.tensor = _paired(weight.double(), self.out_factors, self.in_factors)
+        self.norm2 = max(float(self.tensor.square().sum()), 1e-300)
+        d = self.dims = tuple(self.tensor.shape)
+        self.max_bonds = tuple(min(math.prod(d[:j + 1]), math.prod(d[j + 1:])) for j in range(len(d) - 1))
+        self.bias_params = 0 if bias is None else m
+        self.dense_params = m * n + self.bias_params
+        self._cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[float]]] = {}
+
+    def params_at(self, bonds: Sequence[int]) -> int:
+        r = (1, *bonds, 1)
+        return sum(r[j] * d * r[j + 1] for j, d in enumerate(self.dims)) + self.bias_params
+
+    def bonds_at(self, chi: int) -> tuple[int, ...]:
+        """Every bond capped at chi (and at its maximum)."""
+        return tuple(min(chi, b) for b in self.max_bonds)
+
+    def saves(self, bonds: Sequence[int]) -> bool:
+        return self.params_at(bonds) < self.dense_params
+
+    def decisions(self, align: int) -> list[tuple[int, ...]]:
+        """Admissible bond tuples (chi = align, 2 align, ...), ascending in parameters, all saving some."""
+        out: list[tuple[int, ...]] = []
+        for chi in range(align, max(self.max_bonds) + align, align):
+            bonds = self.bonds_at(chi)
+            if self.saves(bonds) and (not out or bonds != out[-1]):
+                out.append(bonds)
+        return out
+
+    def decompose(self, bonds: Sequence[int]) -> tuple[list[torch.Tensor], list[float]]:
+        key = tuple(bonds)
+        if key not in self._cache:
+            self._cache[key] = tt_svd(self.tensor, key)
+        return self._cache[key]
+
+    def rel_error2(self, bonds: Sequence[int]) -> float:
+        """Relative squared Frobenius error ||W - W_mpo||^2 / ||W||^2 of the TT-SVD at these bonds."""
+        return sum(self.decompose(bonds)[1]) / self.norm2
+
+    def error_at(self, bonds: Sequence[int]) -> float:
+        return self.scale * self.rel_error2(bonds)
+
+    def rank_decision(self, rank: int, align: int) -> tuple[int, ...] | None:
+        """Every bond capped at chi = rank (rounded down to align); None when that saves nothing."""
+        bonds = self.bonds_at(max(rank - rank % align, min(align, rank)))
+        return bonds if self.saves(bonds) else None
+
+    def energy_decision(self, fraction: float, align: int) -> tuple[int, ...] | None:
+        """Bonds of the TT-SVD keeping `fraction` of the energy (Oseledets' delta), rounded up to align."""
+        cores, _ = tt_svd(self.tensor, rel_error=math.sqrt(max(1.0 - fraction, 0.0)))
+        bonds = tuple(min(-(-int(c.shape[-1]) // align) * align, b) for c, b in zip(cores[:-1], self.max_bonds))
+        return bonds if self.saves(bonds) else None
+
+    def build(self, bonds: Sequence[int]) -> MPOLinear:
+        return MPOLinear.from_cores(self.decompose(bonds)[0], self.in_factors, self.out_factors, self.bias, self.dtype)
+
+    def note(self) -> str:
+        prime = [f"{side} {math.prod(f)} is prime or 1" for side, f in (("in", self.in_factors), ("out", self.out_factors))
+                 if sorted(f)[-2] == 1]
+        return f"factors in {self.in_factors} out {self.out_factors}" + "".join(f"; {p}" for p in prime)
+
+
+@dataclass(frozen=True)
+class MPOConfig(BudgetConfig):
+    """MPO (tensor-train matrix) compression; the budget forms are those of BudgetConfig (rank = chi)."""
+
+    cores: int = 3  # k: MPO cores, i.e. factors of each layer's in and out dimension
+    factors: dict[str, tuple[int, ...]] | None = None  # {dimension: factors} overriding the automatic ones
+    profile_batches: int = 4  # calibration batches for the one-layer-at-a-time sensitivity profile
+    heal_steps: int = 0  # AdamW steps of healing after compression (distils toward the original without targets)
+    heal_lr: float = 1e-4  # peak learning rate of the healing
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cores < 2:
+            raise ConfigError(f"mpo cores must be >= 2, got {self.cores}")
+        if self.profile_batches < 1 or self.heal_steps < 0 or not self.heal_lr > 0:
+            raise ConfigError(f"mpo needs profile_batches >= 1, heal_steps >= 0 and heal_lr > 0, got "
+                              f"{self.profile_batches}, {self.heal_steps}, {self.heal_lr}")
+        for dim, fs in (self.factors or {}).items():
+            if not dim.isdigit() or len(fs) != self.cores or math.prod(fs) != int(dim) or min(fs) < 1:
+                raise ConfigError(f"mpo factors for dimension {dim!r}: {list(fs)} must be {self.cores} positive "
+                                  f"integers whose product is {dim}")
+
+    def factor_map(self) -> dict[int, tuple[int, ...]]:
+        return {int(d): tuple(f) for d, f in (self.factors or {}).items()}
+
+
+@register
+class MPO(Compressor):
+    """MPO layers as in CompactifAI (Tomut et al. 2024): TT-SVD per layer, profiled bonds, healing."""
+
+    name = "mpo"
+    Config = MPOConfig
+    kind = "structural"
+    data_aware = True  # calibration data sets the per-layer bonds through the sensitivity profile
+    distils = True
+
+    def compress(self, model: nn.Module, config: MPOConfig, calib: CalibData | None = None,
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
+        config = self.make_config(config).resolve(data_aware=calib is not None, context=context)
+        if config.heal_steps and calib is None:
+            raise ConfigError("mpo heal_steps needs calibration data (calib = ...)")
+        model = working_copy(model, inplace)
+        teacher = copy.deepcopy(model) if config.heal_steps and calib.targets is None else None
+        plans, changes = [], []
+        for name, module in select_modules(model, config.target, config.exclude, types=linear_types()):
+            reason = direct_weight_reader(model, name)
+            if reason:
+                changes.append(skipped_change(name, module, reason))
+            else:
+                plans.append(MPOPlan(name, module, config.cores, config.factor_map()))
+        sens: dict[str, float] = {}
+        if calib is not None and config.ratio is not None and config.allocation == "sensitivity":
+            sens = self.profile(model, plans, config, calib)
+        decisions = allocate(plans, config)
+        layers = {}
+        for plan in plans:
+            bonds, module = decisions[plan.name], model.get_submodule(plan.name)
+            item, kind = module.weight.element_size(), type(module).__name__
+            if bonds is None:
+                changes.append(LayerChange(plan.name, kind, plan.dense_params, plan.dense_params, status="dense",
+                                           bytes_before=item * plan.dense_params, bytes_after=item * plan.dense_params,
+                                           rel_error=0.0, sensitivity=sens.get(plan.name),
+                                           note=f"{dense_note(plan, config)}; {plan.note()}"))
+                continue
+            set_submodule(model, plan.name, plan.build(bonds))
+            layers[plan.name] = {"in_factors": list(plan.in_factors), "out_factors": list(plan.out_factors),
+                                 "bonds": list(bonds)}
+            after = plan.params_at(bonds)
+            changes.append(LayerChange(plan.name, f"{kind} -> MPOLinear", plan.dense_params, after, tuple(bonds),
+                                       bytes_before=item * plan.dense_params, bytes_after=item * after,
+                                       rel_error=math.sqrt(plan.rel_error2(bonds)), sensitivity=sens.get(plan.name),
+                                       note=plan.note()))
+        resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None]}
+        if config.heal_steps:
+            report = heal(model, calib, steps=config.heal_steps, lr=config.heal_lr, teacher=teacher)
+            resolved["heal_final_loss"] = report.final_loss
+        return self.result(model, config, changes, resolved)
+
+    @staticmethod
+    def profile(model: nn.Module, plans: Sequence[MPOPlan], config: MPOConfig, calib: CalibData) -> dict[str, float]:
+        """Task-loss change per layer compressed alone at its uniform bonds; sets each plan's scale.
+
+        The scale of a layer is its loss change per unit of relative squared error at the probe, so
+        the global greedy minimizes the estimated total loss increase (CompactifAI's profiling
+        turned into per-layer bond dimensions).
+        """
+        probe = allocate(plans, dataclasses.replace(config, allocation="uniform"))
+        n = config.profile_batches
+        data = CalibData(calib.name, calib.batches[:n], None if calib.targets is None else calib.targets[:n])
+        builders = {p.name: (lambda _m, p=p: p.build(probe[p.name])) for p in plans if probe[p.name] is not None}
+        sens = layer_sensitivity(model, data, builders)
+        by_name = {p.name: p for p in plans}
+        raw = {name: max(loss, 0.0) / max(by_name[name].rel_error2(probe[name]), 1e-12) for name, loss in sens.items()}
+        positive = sorted(v for v in raw.values() if v > 0)
+        floor = 0.01 * positive[len(positive) // 2] if positive else 1.0
+        for plan in plans:
+            plan.scale = max(raw.get(plan.name, floor), floor)
+        return sens
+
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
+        """Swap the recorded layers for empty MPOLinears of the recorded shapes (weights load after)."""
+        for name, rec in resolved.get("layers", {}).items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as exc:
+                raise ConfigError(f"replay: the model has no module '{name}'") from exc
+            weight, bias = dense_weight(module)
+            set_submodule(model, name, MPOLinear(weight.shape[1], weight.shape[0], rec["in_factors"],
+                                                 rec["out_factors"], rec["bonds"], bias=bias is not None,
+                                                 dtype=weight.dtype, device=weight.device))
+        return model

@@ -1,0 +1,189 @@
+"""Limits measured on the machine at hand: fp32 (and INT8) GEMM peak, memory bandwidth, GEMM timings.
+
+A profile's `peak_gflops` / `mem_gbps` are published figures for a board; on the machine at hand a
+roofline against another CPU's numbers is meaningless (109-118% "of the roofline" when the figure
+came from a slower CPU). For a local CPU target the profiler instead measures, once per machine:
+- fp32 GEMM peak: best GFLOP/s of ONNX Runtime's MatMul (the profile's runtime and thread count) on
+  a few large square products;
+- INT8 GEMM peak: ORT's MatMulInteger, only where the CPU has VNNI or AMX INT8 instructions;
+- memory bandwidth: a stream-like copy (Copy kernel of McCalpin's STREAM, 1995) of an array far
+  larger than the caches, counting read + write bytes.
+The results live in one JSON cache under ~/.cache/edgeslim (EDGESLIM_CACHE_DIR overrides), keyed by
+CPU model, runtime version and thread count. The same cache holds GEMM-shape timings (`gemm_ms`), the
+`Measure` a latency budget reads through CompressContext.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeslim.runtime.machine import _cpuinfo, cpu_model
+from edgeslim.runtime.targets import Profile
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_GEMM_SIZES = (1024, 2048)  # square fp32 products tried for the peak; the best GFLOP/s is kept
+_COPY_BYTES = 256 << 20  # 256 MiB source array: far beyond any L3
+
+
+def cache_path() -> Path:
+    """The JSON file holding every measured limit and GEMM timing of this user."""
+    root = os.environ.get("EDGESLIM_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "edgeslim") / "peak.json"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(data: dict) -> None:
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".peak-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def machine_key(threads: int) -> str:
+    """Cache key: CPU model, ONNX Runtime version and intra-op threads (0 = the runtime's default)."""
+    import onnxruntime as ort
+
+    return f"{cpu_model()}|onnxruntime-{ort.__version__}|threads={threads}"
+
+
+def _matmul_session(m: int, k: int, n: int, threads: int, int8: bool = False):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.UINT8 if int8 else TensorProto.FLOAT
+    b_elem = TensorProto.INT8 if int8 else TensorProto.FLOAT
+    out = TensorProto.INT32 if int8 else TensorProto.FLOAT
+    node = helper.make_node("MatMulInteger" if int8 else "MatMul", ["A", "B"], ["Y"])
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("A", elem, [m, k]),
+                                               helper.make_tensor_value_info("B", b_elem, [k, n])],
+                              [helper.make_tensor_value_info("Y", out, [m, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    sess = ort.InferenceSession(model.SerializeToString(),
+                                sess_options=opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    if int8:
+        feeds = {"A": rng.integers(0, 255, (m, k), dtype=np.uint8), "B": rng.integers(-127, 127, (k, n), dtype=np.int8)}
+    else:
+        feeds = {"A": rng.standard_normal((m, k), dtype=np.float32), "B": rng.standard_normal((k, n), dtype=np.float32)}
+    return sess, feeds
+
+
+def _best_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` calls after one warm-up: the least disturbed by other processes."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def time_gemm_ms(m: int, k: int, n: int, threads: int, repeats: int = 5, int8: bool = False) -> float:
+    """Fastest latency (ms) of one ORT (m x k) @ (k x n) product, fp32 MatMul or INT8 MatMulInteger."""
+    sess, feeds = _matmul_session(m, k, n, threads, int8)
+    return _best_seconds(lambda: sess.run(None, feeds), repeats) * 1e3
+
+
+def copy_bandwidth_gbps(nbytes: int = _COPY_BYTES, repeats: int = 5) -> float:
+    """Stream-like copy bandwidth in GB/s: (read + write bytes) / fastest np.copyto of a large array."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Limits of one machine for one runtime/thread count, and where they came from."""
+
+    fp32_gflops: float
+    int8_gops: float | None  # None where the CPU has no VNNI/AMX INT8 (or the target is remote)
+    mem_gbps: float
+    source: str  # "measured on <key>" or "published (profile <name>)"
+    simd_lanes_fp32: int | None  # fp32 lanes of this CPU's widest vector unit; None for a remote board
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def gflops(self, precision: str) -> float:
+        """Peak compute for a profile precision (int8 falls back to fp32 where no INT8 peak is known)."""
+        return self.int8_gops if precision == "int8" and self.int8_gops else self.fp32_gflops
+
+
+def is_local(profile: Profile) -> bool:
+    """True when the profile runs on this machine's CPU (its limits can be measured here)."""
+    return profile.device == "cpu" and profile.runtime in ("onnxruntime", "torch") and not profile.remote
+
+
+def _measure_peak(threads: int) -> dict:
+    flags = _cpuinfo()[1]
+    fp32 = max(2 * s ** 3 / time_gemm_ms(s, s, s, threads) / 1e6 for s in _GEMM_SIZES)
+    int8 = None
+    if any(f in flags for f in VNNI_FLAGS):
+        int8 = max(2 * s ** 3 / time_gemm_ms(s, s, s, threads, int8=True) / 1e6 for s in _GEMM_SIZES)
+    return {"fp32_gflops": fp32, "int8_gops": int8, "mem_gbps": copy_bandwidth_gbps(),
+            "load_avg": list(os.getloadavg()), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def measured_peak(profile: Profile, refresh: bool = False) -> Peak:
+    """The limits a roofline on `profile` should use: measured once per machine for a local CPU target
+    (cached; `refresh` measures again), the profile's published figures for anything else."""
+    from edgeslim.runtime.machine import simd_width_fp32
+
+    if not is_local(profile):
+        return Peak(profile.peak_gflops, profile.peak_gflops if profile.precision == "int8" else None,
+                    profile.mem_gbps, f"published (profile {profile.name})", None)
+    key = machine_key(profile.threads)
+    cache = _read_cache()
+    entry = cache.get("peak", {}).get(key)
+    if entry is None or refresh:
+        entry = _measure_peak(profile.threads)
+        cache.setdefault("peak", {})[key] = entry
+        _write_cache(cache)
+    return Peak(entry["fp32_gflops"], entry["int8_gops"], entry["mem_gbps"], f"measured on {key}", simd_width_fp32())
+
+
+def machine_align(profile: Profile) -> int:
+    """The shape multiple for `profile`: a local CPU target follows this CPU's fp32 SIMD width (AVX2: 8,
+    AVX-512: 16, NEON: 4), where the profile's fixed `align` was written for some other CPU; a board or
+    GPU keeps the profile's own."""
+    from edgeslim.runtime.machine import simd_width_fp32
+
+    return simd_width_fp32() if is_local(profile) and profile.device == "cpu" else profile.align
+
+
+class GemmTable:
+    """`Measure` (compress/base.py) for a local CPU target: ORT GEMM latency per shape, timed once per
+    machine and kept in the same cache as the peak."""
+
+    def __init__(self, threads: int = 0, repeats: int = 5) -> None:
+        self.threads, self.repeats = threads, repeats
+        self.key = machine_key(threads)
+
+    def gemm_ms(self, m: int, k: int, n: int) -> float:
+        """Latency in ms of an (m x k) @ (k x n) fp32 product on this machine (cached)."""
+        shape = f"{int(m)}x{int(k)}x{int(n)}"
+        cache = _read_cache()
+        table = cache.setdefault("gemm", {}).setdefault(self.key, {})
+        if shape not in table:
+            table[shape] = time_gemm_ms(m, k, n, self.threads, self.repeats)
+            _write_cache(cache)
+        return float(table[shape])

@@ -1,0 +1,79 @@
+"""Measured limits: cached per machine and reused, published figures for remote boards (no timing asserts)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeslim.runtime import peak
+from edgeslim.runtime.targets import load_profile
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESLIM_CACHE_DIR", str(tmp_path))
+    return tmp_path / "peak.json"
+
+
+def test_peak_is_measured_once_and_reused(cache, monkeypatch):
+    calls = []
+    real = peak._measure_peak
+
+    def counting(threads):
+        calls.append(threads)
+        monkeypatch.setattr(peak, "_GEMM_SIZES", (64,))
+        monkeypatch.setattr(peak, "_COPY_BYTES", 1 << 20)
+        return real(threads)
+
+    monkeypatch.setattr(peak, "_measure_peak", counting)
+    monkeypatch.setattr(peak, "copy_bandwidth_gbps", lambda: 12.5)
+    prof = load_profile("cpu-ort-fp32").override({"threads": 1})
+    first = peak.measured_peak(prof)
+    second = peak.measured_peak(prof)
+    assert calls == [1]
+    assert first == second and first.source.startswith("measured on ") and first.mem_gbps == 12.5
+    assert first.fp32_gflops > 0 and first.fp32_gflops != prof.peak_gflops
+    stored = json.loads(cache.read_text())["peak"]
+    assert list(stored) == [peak.machine_key(1)] and "load_avg" in stored[peak.machine_key(1)]
+    peak.measured_peak(prof, refresh=True)
+    assert calls == [1, 1]
+
+
+def test_remote_board_uses_published_figures(cache, monkeypatch):
+    monkeypatch.setattr(peak, "_measure_peak", lambda threads: pytest.fail("a board is never measured here"))
+    for name in ("cuda-trt-fp16", "jetson-orin-nano"):
+        prof = load_profile(name)
+        got = peak.measured_peak(prof)
+        assert (got.fp32_gflops, got.mem_gbps) == (prof.peak_gflops, prof.mem_gbps)
+        assert got.source == f"published (profile {name})"
+    assert not cache.exists()
+
+
+def test_gemm_table_times_each_shape_once(cache, monkeypatch):
+    timed = []
+    monkeypatch.setattr(peak, "time_gemm_ms", lambda m, k, n, threads, repeats: timed.append((m, k, n)) or 1.5)
+    table = peak.GemmTable(threads=1)
+    assert table.gemm_ms(8, 16, 32) == 1.5 and table.gemm_ms(8, 16, 32) == 1.5
+    assert peak.GemmTable(threads=1).gemm_ms(8, 16, 32) == 1.5  # a new table reads the same cache
+    assert timed == [(8, 16, 32)]
+
+
+def test_real_gemm_and_copy_measure_something():
+    assert peak.time_gemm_ms(16, 16, 16, threads=1, repeats=1) > 0
+    assert peak.copy_bandwidth_gbps(1 << 20, repeats=1) > 0
+
+
+def test_local_cpu_align_follows_simd_width(monkeypatch):
+    from edgeslim.runtime import machine
+
+    for lanes in (8, 16):
+        monkeypatch.setattr(machine, "simd_width_fp32", lambda lanes=lanes: lanes)
+        assert peak.machine_align(load_profile("cpu-ort-fp32")) == lanes
+        assert peak.machine_align(load_profile("rpi5-ort-fp32")) == 4  # a board keeps its own
+        assert peak.machine_align(load_profile("cuda-trt-fp16")) == 16
+
+
+def test_board_profiles_carry_published_limits_and_ram():
+    for name in ("jetson-orin-nano", "jetson-agx-orin", "rpi5-ort-fp32", "minipc-n100-ort-fp32"):
+        prof = load_profile(name)
+        assert prof.remote and prof.ram_gb > 0 and not peak.is_local(prof)

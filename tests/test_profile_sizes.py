@@ -1,0 +1,64 @@
+"""Every dynamic dim gets a size with its provenance; a fixed batch is never silently profiled at another."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeslim.errors import ConfigError
+from edgeslim.pipeline import resolve_sizes
+from edgeslim.sources import LoadedModel, SourceSpec
+from edgeslim.specs import TensorSpec
+
+
+def loaded(shape, kind="file", dims=None):
+    return LoadedModel(torch.nn.Identity(), SourceSpec(kind, "m.onnx"), [TensorSpec("x", shape)], "generic",
+                       dims or {})
+
+
+def test_sizes_say_where_they_came_from():
+    sizes, where = resolve_sizes(loaded(("batch", 3, "height", "width"), "zoo", {"height": 32, "width": 48}),
+                                 {"width": 64}, 4)
+    assert sizes == {"batch": 4, "height": 32, "width": 64}
+    assert where == {"batch": "batch", "height": "model", "width": "--dim"}
+    _, where = resolve_sizes(loaded(("batch", "sequence"), "file", {"sequence": 128}), {}, 1)
+    assert where["sequence"] == "default"
+
+
+def test_dynamic_dim_without_size_is_named():
+    with pytest.raises(ConfigError, match=r"'height' has no size: give it with --dim height=SIZE"):
+        resolve_sizes(loaded(("batch", 1, "height", 8)), {}, 1)
+
+
+def test_fixed_batch_asked_for_another_is_an_error():
+    assert resolve_sizes(loaded((1, 16)), {}, 1)[0] == {"batch": 1}
+    with pytest.raises(ConfigError, match=r"fixed batch \[1\], but batch 8 was asked"):
+        resolve_sizes(loaded((1, 16)), {}, 8)
+
+
+def test_profiler_check_quick_runs(tmp_path):
+    bench = Path(__file__).parents[1] / "bench" / "profiler_check.py"
+    res = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+    summary = json.loads((tmp_path / "profiler_check.json").read_text())
+    row = summary["results"][0]
+    assert row["model"] == "tiny-mlp" and row["flops"] == 2 * (16 * 64 + 64 * 64 + 64 * 8)
+    assert row["bare_script_max_rss_bytes"] > 0 and "load_avg" in summary["machine_before"]
+    assert (tmp_path / "profiler_check_p50.png").stat().st_size > 0
+
+
+def test_profile_onnx_file_gets_graph_roofline_and_op_breakdown(in_tmp, capsys):
+    from edgeslim.cli import main
+
+    assert main(["export", "tiny-mlp", "--to", "onnx", "-o", "m.onnx"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "m.onnx", "--batch", "1,3", "--iters", "2", "--warmup", "0", "--ops", "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)["timings"]
+    assert [r["flops"] for r in rows] == [b * 2 * (16 * 64 + 64 * 64 + 64 * 8) for b in (1, 3)]
+    assert all(r["roofline_fraction"] > 0 and r["peak"]["source"].startswith("measured on ") for r in rows)
+    assert all(abs(sum(r["op_time_share"].values()) - 1) < 1e-6 for r in rows)
