@@ -118,7 +118,7 @@ def run(cfg: dict, out: Path) -> dict:
                                                      data)
         seconds = time.perf_counter() - start
         row = {"method": method, "epoch_seconds": seconds / cfg["epochs"], "train_peak_rss_bytes": probe.peak(),
-               "train_peak_over_start_bytes": probe.peak() - rss_start, **evaluate(result.model, test_data, len(labels))}
+               "train_peak_over_start_bytes": probe.peak() - rss_start, **evaluate(result.model, test_data)}
         row["trainable_params"] = trainable_count(result)
         row["trainable_percent"] = 100 * row["trainable_params"] / summary["base_params"]
         if method != "full":

@@ -1,4 +1,5 @@
-"""Calibration statistics of targeted Linear layers: empirical Fisher and input-activation moments.
+"""Calibration statistics of targeted linear maps (nn.Linear, GPT-2's Conv1D): empirical Fisher and
+input-activation moments.
 
 Batches stream through the model once (one sample at a time for the per-sample Fisher); memory is
 O(weights): one Fisher accumulator per targeted weight and one n x n second-moment matrix per
@@ -14,6 +15,7 @@ from rich.progress import Progress
 from torch import nn
 
 from edgeslim.calib import CalibData
+from edgeslim.compress.replace import linear_view
 from edgeslim.compress.train import check_finite, task_loss
 from edgeslim.errors import ConfigError
 
@@ -22,7 +24,7 @@ from edgeslim.errors import ConfigError
 class CalibStats:
     """Accumulated statistics, keyed by module name."""
 
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # mean over samples of per-sample grad(W)^2
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # mean over samples of per-sample grad(W)^2, m x n
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of x x^T over input rows, float64
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of |x| per input feature
     rows: dict[str, int] = field(default_factory=dict)  # number of input rows seen per layer
@@ -56,7 +58,7 @@ def _samples(batch: dict[str, torch.Tensor], target: torch.Tensor | None
 
 def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: bool = True,
                   activations: bool = True, progress: bool = True, seed: int = 0) -> CalibStats:
-    """Empirical Fisher of each named Linear's weight and second moments of its input.
+    """Empirical Fisher of each named linear map's weight and second moments of its input.
 
     The Fisher is the mean over samples of the squared PER-SAMPLE gradient of the loss,
     I_w = 1/|D| sum_i (dL(d_i)/dw)^2 (Hsu et al., ICLR 2022, eq. 3): each sample is run and
@@ -72,20 +74,25 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
     Args:
         model: the model to calibrate (not modified; called as model(**batch) -> Tensor).
         calib: batches (and optional targets); every input and target has the samples on dim 0.
-        names: dotted names of the nn.Linear modules to collect for.
+        names: dotted names of the linear maps (nn.Linear, Conv1D) to collect for; the Fisher is kept in
+            the m x n layout of linear_view whatever the module's own layout.
         fisher, activations: which statistics to collect.
         progress: show a progress bar.
         seed: seed of the distillation noise.
 
     Raises:
-        ConfigError: a name is not an nn.Linear of the model.
+        ConfigError: a name is not a linear map of the model.
         SourceError: a batch, target, output or gradient holds NaN/Inf (the batch index is named).
     """
-    modules: dict[str, nn.Linear] = {}
+    modules: dict[str, nn.Module] = {}
+    transposed: dict[str, bool] = {}
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise ConfigError(f"calibration: '{name}' is a {type(module).__name__}, expected Linear")
+        try:
+            transposed[name] = linear_view(module).kind == "conv1d"
+        except ConfigError as exc:
+            raise ConfigError(f"calibration: '{name}' is a {type(module).__name__}, expected a linear map "
+                              "(nn.Linear or transformers Conv1D)") from exc
         modules[name] = module
     stats = CalibStats()
     current: dict[str, torch.Tensor] = {}  # the inputs being run (their attention mask)
@@ -127,7 +134,7 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
         if fisher:
             for name, mod in modules.items():
                 mod.weight.requires_grad_(True)
-                stats.fisher[name] = torch.zeros_like(mod.weight, dtype=torch.float32)
+                stats.fisher[name] = torch.zeros_like(linear_view(mod).weight, dtype=torch.float32)
         with Progress(transient=True, disable=not progress) as bar:
             task = bar.add_task(f"calibrating on {calib.name}", total=len(calib.batches))
             for i, batch, target in calib:
@@ -145,7 +152,8 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
                     grads = torch.autograd.grad(task_loss(out, sample_target), weights)
                     for (name, mod), grad in zip(modules.items(), grads):
                         check_finite({f"gradient of {name}.weight (sample {j})": grad}, where)
-                        stats.fisher[name] += grad.detach().float().square()
+                        grad = grad.detach().float()
+                        stats.fisher[name] += (grad.T if transposed[name] else grad).square()
                     stats.samples += 1
                 stats.batches += 1
                 bar.advance(task)

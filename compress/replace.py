@@ -1,10 +1,19 @@
-"""Select modules by regex, exact name, dotted suffix or type, and swap them in place."""
+"""Select modules by regex, exact name, dotted suffix or type, and swap them in place.
+
+Linear maps come in two layouts: `nn.Linear` (weight m x n, y = x W^T + b) and the `Conv1D` of
+Hugging Face GPT-2-style models (transformers.pytorch_utils.Conv1D, weight n x m, y = x W + b).
+`linear_view` shows both as (weight m x n, bias, kind) so every factorizing family treats them alike;
+`select_linear_maps` selects them and leaves out the ones that cannot be swapped (tied weights, the
+projections nn.MultiheadAttention reads as raw tensors), each with its reason.
+"""
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Sequence
+import sys
+from typing import NamedTuple, Sequence
 
+import torch
 from torch import nn
 
 from edgeslim.compress.base import LayerChange
@@ -54,6 +63,84 @@ def select_modules(model: nn.Module, target: Targets = None, exclude: Targets = 
         raise ConfigError(f"no {type_names} module matches target={target!r} exclude={exclude!r}; "
                           f"nearest names: {near}")
     return chosen
+
+
+class LinearView(NamedTuple):
+    """A linear map y = x W^T + b seen in the nn.Linear layout, whatever module holds it."""
+
+    weight: torch.Tensor  # m x n (out x in); for a Conv1D a transposed view of its weight
+    bias: torch.Tensor | None  # m, or None
+    kind: str  # "linear" | "conv1d"
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' Conv1D class when transformers is already imported (a model holding one imported it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None) if utils is not None else None
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """Module types that hold a plain linear map: nn.Linear and, when loaded, transformers' Conv1D."""
+    conv1d = conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def linear_view(module: nn.Module) -> LinearView:
+    """(weight m x n, bias, kind) of an nn.Linear or a GPT-2 style Conv1D (weight stored n x m).
+
+    Raises:
+        ConfigError: the module is neither.
+    """
+    if isinstance(module, nn.Linear):
+        return LinearView(module.weight, module.bias, "linear")
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return LinearView(module.weight.T, module.bias, "conv1d")
+    raise ConfigError(f"{type(module).__name__} is not a linear map (nn.Linear or transformers Conv1D)")
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter names that share one tensor with others: {name: [every name of that tensor]}."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {n: names for names in groups.values() if len(names) > 1 for n in names}
+
+
+def select_linear_maps(model: nn.Module, target: Targets = None, exclude: Targets = None
+                       ) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """Linear maps (nn.Linear, Conv1D) to factorize, and {name: reason} for the matching ones left alone.
+
+    Left alone: a weight tied to another parameter (the input embedding of an LM head: factoring it
+    would untie it and add r(m+n) parameters), and a module whose parent reads its weight directly
+    (direct_weight_reader: nn.MultiheadAttention's out_proj, so a replacement would never be called).
+
+    Raises:
+        ConfigError: nothing matches, or every match is left alone (the reasons are named).
+    """
+    chosen = select_modules(model, target, exclude, types=linear_types())
+    tied = tied_parameters(model)
+    kept, skipped = [], {}
+    for name, module in chosen:
+        others = [t for t in tied.get(f"{name}.weight", []) if t != f"{name}.weight"]
+        reader = direct_weight_reader(model, name)
+        if others:
+            skipped[name] = f"weight tied to {others[0]}: left dense (factoring it would add parameters)"
+        elif reader is not None:
+            skipped[name] = reader
+        else:
+            kept.append((name, module))
+    if not kept:
+        raise ConfigError(f"no linear map left to compress: {skipped}")
+    return kept, skipped
 
 
 def direct_weight_reader(model: nn.Module, name: str) -> str | None:

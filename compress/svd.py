@@ -1,4 +1,5 @@
-"""Low-rank factorization of nn.Linear layers: plain SVD, Fisher-weighted SVD and activation-aware SVD.
+"""Low-rank factorization of linear maps (nn.Linear, GPT-2's Conv1D): plain, Fisher-weighted and
+activation-aware SVD.
 
 All three solve min ||L (W - A B) R||_F over rank-r factors A (m x r), B (r x n) for a weighting L
 (rows) and R (columns): take the SVD of L W R, truncate it, and undo the weighting on the factors
@@ -23,7 +24,7 @@ from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResul
                                     working_copy)
 from edgeslim.compress.calibration import CalibStats, collect_stats
 from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note
-from edgeslim.compress.replace import (direct_weight_reader, recorded_module, select_modules, set_submodule,
+from edgeslim.compress.replace import (linear_types, linear_view, recorded_module, select_linear_maps, set_submodule,
                                        skipped_change)
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
@@ -75,13 +76,20 @@ class LowRankLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, row_weight: torch.Tensor | None = None,
+    def from_linear(cls, linear: nn.Module, rank: int, row_weight: torch.Tensor | None = None,
                     col_factor: torch.Tensor | None = None) -> "LowRankLinear":
-        """Truncated (weighted) SVD of a trained Linear; plain SVD when no weighting is given."""
-        fact = weighted_svd(linear.weight, row_weight, col_factor)
-        left, right = fact.factors(rank)
-        return cls.from_factors(left, right, linear.bias.detach() if linear.bias is not None else None,
-                                dtype=linear.weight.dtype)
+        """Truncated (weighted) SVD of a trained Linear (or Conv1D); plain SVD when no weighting is given."""
+        weight, bias, _ = linear_view(linear)
+        left, right = weighted_svd(weight, row_weight, col_factor).factors(rank)
+        return cls.from_factors(left, right, bias.detach() if bias is not None else None, dtype=weight.dtype)
+
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, rank: int, row_weight: torch.Tensor | None = None,
+                    col_factor: torch.Tensor | None = None) -> "LowRankLinear":
+        """Truncated SVD of a GPT-2 style Conv1D (y = x W + b, W stored n x m), as from_linear."""
+        if linear_view(conv1d).kind != "conv1d":
+            raise ConfigError(f"from_conv1d takes a transformers Conv1D, got {type(conv1d).__name__}")
+        return cls.from_linear(conv1d, rank, row_weight, col_factor)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent single Linear (weight = A B)."""
@@ -183,9 +191,9 @@ class _LowRankCompressor(Compressor):
     fisher = False  # which calibration statistics the weighting needs
     activations = False
 
-    def weighting(self, name: str, linear: nn.Linear, config: BudgetConfig, stats: CalibStats | None
+    def weighting(self, name: str, linear: nn.Module, config: BudgetConfig, stats: CalibStats | None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-        """(row_weight, col_factor, scale of the energy for global allocation) of one layer."""
+        """(row_weight, col_factor, scale of the energy for global allocation) of one linear map."""
         return None, None, 1.0
 
     def compress(self, model: nn.Module, config: BudgetConfig, calib: CalibData | None = None,
@@ -195,7 +203,7 @@ class _LowRankCompressor(Compressor):
             raise ConfigError(f"'{self.name}' needs calibration data (e.g. calib = \"bbc-news:256\")")
         stats = None
         if calib is not None and (self.fisher or self.activations):
-            names = [n for n, _ in select_modules(model, config.target, config.exclude)]
+            names = [n for n, _ in select_linear_maps(model, config.target, config.exclude)[0]]
             stats = collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
         return self.compress_with_stats(model, config, stats, inplace=inplace, context=context)
 
@@ -204,37 +212,35 @@ class _LowRankCompressor(Compressor):
         """compress() with calibration statistics already collected (reused across budgets)."""
         config = self.make_config(config).resolve(data_aware=self.data_aware and stats is not None, context=context)
         model = working_copy(model, inplace)
-        chosen, changes = [], []
-        for name, linear in select_modules(model, config.target, config.exclude):
-            reason = direct_weight_reader(model, name)
-            if reason:
-                changes.append(skipped_change(name, linear, reason))
-            else:
-                chosen.append((name, linear))
+        chosen, skipped = select_linear_maps(model, config.target, config.exclude)
+        changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]
         facts, spectra = {}, []
-        for name, linear in chosen:
-            row, col, scale = self.weighting(name, linear, config, stats)
-            facts[name] = weighted_svd(linear.weight, row, col)
-            spectra.append(LayerSpectrum(name, linear.out_features, linear.in_features,
-                                         0 if linear.bias is None else linear.out_features,
+        for name, module in chosen:
+            view = linear_view(module)
+            row, col, scale = self.weighting(name, module, config, stats)
+            facts[name] = weighted_svd(view.weight, row, col)
+            spectra.append(LayerSpectrum(name, view.out_features, view.in_features,
+                                         0 if view.bias is None else view.out_features,
                                          facts[name].s.square(), scale))
         ranks = allocate(spectra, config)
-        for (name, linear), spec in zip(chosen, spectra):
-            rank, item = ranks[name], linear.weight.element_size()
+        for (name, module), spec in zip(chosen, spectra):
+            rank = ranks[name]
+            weight, bias, _ = linear_view(module)
+            item = weight.element_size()
             if rank is None:
-                changes.append(LayerChange(name, "Linear", spec.dense_params, spec.dense_params, status="dense",
+                changes.append(LayerChange(name, type(module).__name__, spec.dense_params, spec.dense_params, status="dense",
                                            bytes_before=item * spec.dense_params, bytes_after=item * spec.dense_params,
                                            rel_error=0.0, note=dense_note(spec, config)))
                 continue
             left, right = facts[name].factors(rank)
-            bias = linear.bias.detach() if linear.bias is not None else None
-            set_submodule(model, name, LowRankLinear.from_factors(left, right, bias, dtype=linear.weight.dtype))
-            changes.append(LayerChange(name, "Linear -> LowRankLinear", spec.dense_params, spec.params_at(rank),
-                                       rank, bytes_before=item * spec.dense_params, bytes_after=item * spec.params_at(rank),
-                                       rel_error=facts[name].rel_error(rank),
+            bias = bias.detach() if bias is not None else None
+            set_submodule(model, name, LowRankLinear.from_factors(left, right, bias, dtype=weight.dtype))
+            changes.append(LayerChange(name, f"{type(module).__name__} -> LowRankLinear", spec.dense_params,
+                                       spec.params_at(rank), rank, bytes_before=item * spec.dense_params,
+                                       bytes_after=item * spec.params_at(rank), rel_error=facts[name].rel_error(rank),
                                        sensitivity=self.sensitivity(float(spec.energy[rank:].sum()), config)))
         resolved = {"ranks": {n: r for n, r in ranks.items() if r is not None},
-                    "dense": [n for n, r in ranks.items() if r is None]}
+                    "dense": [n for n, r in ranks.items() if r is None], "skipped": skipped}
         return self.result(model, config, changes, resolved)
 
     def sensitivity(self, lost_energy: float, config: BudgetConfig) -> float | None:
@@ -242,12 +248,12 @@ class _LowRankCompressor(Compressor):
         return None
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
-        """Swap the recorded Linears for empty LowRankLinears of the recorded ranks (weights load after)."""
+        """Swap the recorded linear maps for empty LowRankLinears of the recorded ranks (weights load after)."""
         for name, rank in resolved.get("ranks", {}).items():
-            linear = recorded_module(model, name, (nn.Linear,))
-            set_submodule(model, name, LowRankLinear(linear.in_features, linear.out_features, int(rank),
-                                                     bias=linear.bias is not None, dtype=linear.weight.dtype,
-                                                     device=linear.weight.device))
+            view = linear_view(recorded_module(model, name, linear_types()))
+            set_submodule(model, name, LowRankLinear(view.in_features, view.out_features, int(rank),
+                                                     bias=view.bias is not None, dtype=view.weight.dtype,
+                                                     device=view.weight.device))
         return model
 
 
@@ -261,7 +267,7 @@ class SVD(_LowRankCompressor):
 
     def weighting(self, name, linear, config, stats):
         # no data: layers compared by the fraction of their spectral energy lost
-        return None, None, 1.0 / max(float(linear.weight.detach().double().square().sum()), 1e-30)
+        return None, None, 1.0 / max(float(linear_view(linear).weight.detach().double().square().sum()), 1e-30)
 
 
 @register
@@ -278,7 +284,7 @@ class FWSVD(_LowRankCompressor):
     def weighting(self, name, linear, config, stats):
         # Mean Fisher per row: the row-wise estimate of the loss change is sum_i (I_i / n) ||dW_i||^2,
         # so weighted energies of different layers are on one (loss) scale for global allocation.
-        row = stats.fisher[name].to(torch.float64).sum(dim=1) / linear.in_features
+        row = stats.fisher[name].to(torch.float64).sum(dim=1) / linear_view(linear).in_features
         floor = config.floor * max(float(row.mean()), torch.finfo(torch.float64).tiny)
         return row.clamp_min(floor).sqrt(), None, 1.0
 
@@ -300,13 +306,14 @@ class ASVD(_LowRankCompressor):
     def weighting(self, name, linear, config, stats):
         if config.mode == "scale":
             col = stats.mean_abs(name).to(torch.float64).clamp_min(1e-12).pow(config.alpha)
-            return None, col, 1.0 / max(float((linear.weight.detach().double() * col).square().sum()), 1e-30)
+            weight = linear_view(linear).weight.detach().double()
+            return None, col, 1.0 / max(float((weight * col).square().sum()), 1e-30)
         cov = stats.second_moment(name).to(torch.float64)
         cov = cov + config.damping * float(cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(
             cov.shape[0], dtype=cov.dtype)
         chol = torch.linalg.cholesky(cov)
         # relative output error: layers compared by the fraction of their output energy lost
-        return None, chol, 1.0 / max(float((linear.weight.detach().double() @ chol).square().sum()), 1e-30)
+        return None, chol, 1.0 / max(float((linear_view(linear).weight.detach().double() @ chol).square().sum()), 1e-30)
 
     def sensitivity(self, lost_energy, config):
         # whiten: E ||(W - W') x||^2 over the calibration inputs; the scaled proxy has no such meaning

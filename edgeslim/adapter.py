@@ -21,6 +21,7 @@ from edgeslim.calib import CalibData
 from edgeslim.compress.base import CompressResult, get_compressor
 from edgeslim.compress.compacter import METHODS, state_sha256
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.evaluate import classification_metrics
 from edgeslim.sources import LoadedModel, load_model
 
 KIND = "adapter"
@@ -45,29 +46,15 @@ def encode_pairs(loaded: LoadedModel, pairs: Sequence[tuple[str, str | int]], la
                      [torch.tensor([index[y] for _, y in c]) for c in chunks])
 
 
-def classification_metrics(pred: Sequence[int], gold: Sequence[int], classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (mean over classes of 2PR / (P + R); a class never predicted nor present
-    counts 0 only when it occurs in `gold` or `pred`)."""
-    pred_t, gold_t = torch.as_tensor(list(pred)), torch.as_tensor(list(gold))
-    f1 = []
-    for c in range(classes):
-        tp = int(((pred_t == c) & (gold_t == c)).sum())
-        fp, fn = int(((pred_t == c) & (gold_t != c)).sum()), int(((pred_t != c) & (gold_t == c)).sum())
-        if tp + fp + fn:
-            f1.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float((pred_t == gold_t).double().mean()), "macro_f1": sum(f1) / max(len(f1), 1),
-            "samples": len(gold_t)}
-
-
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: CalibData, classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 of a classifier over labelled batches."""
+def evaluate(model: torch.nn.Module, data: CalibData) -> dict[str, float]:
+    """Accuracy and macro-F1 of a classifier over labelled batches (edgeslim.evaluate.classification_metrics)."""
     model.eval()
     pred, gold = [], []
     for _, batch, target in data:
         pred += model(**batch).argmax(-1).tolist()
         gold += target.tolist()
-    return classification_metrics(pred, gold, classes)
+    return classification_metrics(pred, gold) | {"samples": len(gold)}
 
 
 def trainable_count(result: CompressResult) -> int:
@@ -79,7 +66,7 @@ def save_adapter(path: str | Path, result: CompressResult, base: LoadedModel,
     """Write an adapter artifact: the trainable parameters only, and the base's identity."""
     extra = {"kind": KIND, "base_sha256": result.resolved["base_sha256"], "labels": result.resolved.get("head", {}).get("labels")}
     return artifact.save(path, result.model, base.source, [result.step_record()], base.inputs, report,
-                         "classification", base.dims, source_files=getattr(base, "files", None),
+                         "sequence-classification", base.dims, source_files=getattr(base, "files", None),
                          only=result.resolved["trainable"], manifest_extra=extra)
 
 
@@ -130,7 +117,7 @@ def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | No
             else:  # in place: the shared PHM rule stays one object
                 params[name].copy_(tensor)
     labels = manifest.get("labels")
-    return dataclasses.replace(base, model=model.eval(), task="classification" if labels else base.task,
+    return dataclasses.replace(base, model=model.eval(), task="sequence-classification" if labels else base.task,
                                steps=list(base.steps) + [dict(step)])
 
 
@@ -167,7 +154,7 @@ def train_adapter(source: str, train: Sequence[tuple[str, str | int]], out: str 
                                "total_params": total, "train": result.resolved.get("train")}
     summary["trainable_fraction"] = summary["trainable_params"] / total
     if test is not None:
-        summary["eval"] = evaluate(result.model, encode_pairs(base, list(test), labels, batch_size, "eval"), len(labels))
+        summary["eval"] = evaluate(result.model, encode_pairs(base, list(test), labels, batch_size, "eval"))
     path = save_adapter(out, result, base, summary)
     summary["artifact"] = str(path)
     summary["artifact_bytes"] = sum(f.stat().st_size for f in Path(path).iterdir())

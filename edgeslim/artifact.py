@@ -28,6 +28,7 @@ from edgeslim.errors import ConfigError, EdgeslimError, SourceError
 from edgeslim.files import ARTIFACT, is_plain_name, replace_output, sha256_file
 from edgeslim.sources import LoadedModel, SourceSpec, check_inputs
 from edgeslim.specs import MAX_ELEMENTS, TensorSpec
+from edgeslim.tasks import canonical_task
 from edgeslim.trust import Trust, is_factory_name
 
 FORMAT_VERSION = 2  # 2: every read file listed, plain names, sources stored or trusted, chained steps
@@ -261,8 +262,9 @@ def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]], inputs: Sequence
     return model
 
 
-def _base(path: Path, spec: SourceSpec, inputs: list[TensorSpec], trust: Trust) -> LoadedModel:
-    """The source model an artifact's steps start from, built without reading anything outside `path`."""
+def _base(path: Path, spec: SourceSpec, inputs: list[TensorSpec], trust: Trust, task: str) -> LoadedModel:
+    """The source model an artifact's steps start from (an "hf" one for the recorded `task`), built
+    without reading anything outside `path`."""
     from edgeslim import zoo
     from edgeslim.sources import load_factory, load_hf_folder
 
@@ -274,7 +276,7 @@ def _base(path: Path, spec: SourceSpec, inputs: list[TensorSpec], trust: Trust) 
     with tempfile.TemporaryDirectory(prefix="edgeslim-hf-") as tmp:
         for name in spec.files:
             shutil.copyfile(path / f"{SOURCE_PREFIX}{name}", Path(tmp) / name)
-        return load_hf_folder(tmp, spec.version, "hf", spec.identifier, weights=False)
+        return load_hf_folder(tmp, spec.version, "hf", spec.identifier, task=task, weights=False)
 
 
 def load(path: str | Path, trust: Trust | None = None, base: str | None = None) -> LoadedModel:
@@ -303,7 +305,11 @@ def load(path: str | Path, trust: Trust | None = None, base: str | None = None) 
         return load_adapter(path, manifest, base)
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
-    base = _base(path, spec, inputs, trust or Trust())
+    try:
+        task = canonical_task(manifest["task"], inputs)  # old task names map to the current ones
+    except ConfigError as exc:
+        raise SourceError(f"{path / MANIFEST}: {exc}") from exc
+    base = _base(path, spec, inputs, trust or Trust(), task)
     model = replay(base.model, manifest["steps"], inputs, str(path))
     try:
         load_safetensors(model, str(path / WEIGHTS), strict=True)
@@ -312,5 +318,5 @@ def load(path: str | Path, trust: Trust | None = None, base: str | None = None) 
                 "re-create it)" if manifest.get("migrated_from") == 1 else "")
         raise SourceError(f"{path / WEIGHTS} does not fit the replayed model{hint}: "
                           f"{' '.join(str(exc).split())[:400]}") from exc
-    return LoadedModel(model.eval(), spec, inputs, manifest["task"], dict(manifest["dims"]) or base.dims,
+    return LoadedModel(model.eval(), spec, inputs, task, dict(manifest["dims"]) or base.dims,
                        base.encode, list(manifest["steps"]), base.files)

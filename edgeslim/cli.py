@@ -13,6 +13,9 @@ from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
 from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
+TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-classification, feature-extraction, "
+             "image-classification, seq2seq (default: its config.json's architectures)")
+
 
 def _console():
     from rich.console import Console
@@ -135,14 +138,15 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("--weights", help="weights file for a pkg.mod:factory source")
 @click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
+@click.option("--task", help=TASK_HELP)
 @click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
               help="target the decisions are made for (its align rounds ranks), as in `run`")
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
 @trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, profile: str, out: str | None, trusted: str | None,
-             trust_source: bool) -> None:
+             weights: str | None, inputs: str | None, task: str | None, profile: str, out: str | None,
+             trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
     from edgeslim.pipeline import StepSection, compress_to_artifact
@@ -155,19 +159,23 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
     step |= _sets(sets, get_compressor(method).Config, StepSection)
     out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
     original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
-                                                               trust=_trust(trusted, trust_source))
+                                                               trust=_trust(trusted, trust_source), task=task)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
-    _console().print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
-                     f"targeted parameters {before:,} -> {after:,}; "
-                     f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
-                     f"{sum(p.numel() for p in compressed.model.parameters()):,}\nartifact: {path}")
+    console = _console()
+    for name, reason in results[-1].resolved.get("skipped", {}).items():
+        console.print(f"note: {name}: {reason}")
+    console.print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
+                  f"targeted parameters {before:,} -> {after:,}; "
+                  f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
+                  f"{sum(p.numel() for p in compressed.model.parameters()):,} ({original.task})\nartifact: {path}")
 
 
 @cli.command()
 @click.argument("item")
 @click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
+@click.option("--task", help=TASK_HELP)
 @click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
 @click.option("--unmerged", is_flag=True, help="adapters: keep LoRA and PHM layers as trained (default: merged)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]),
@@ -175,9 +183,8 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("-o", "--out", help="output file")
 @trust_options
-def export(item: str, to: str, profile: str | None, base: str | None, unmerged: bool, precision: str | None,
-           data: str | None, out: str | None,
-           trusted: str | None, trust_source: bool) -> None:
+def export(item: str, to: str, profile: str | None, task: str | None, base: str | None, unmerged: bool,
+           precision: str | None, data: str | None, out: str | None, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
@@ -186,7 +193,7 @@ def export(item: str, to: str, profile: str | None, base: str | None, unmerged: 
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
     check_export_paths(path, to)  # before any work: never over a foreign file or folder
-    loaded = load_model(item, trust=trust, base=base)
+    loaded = load_model(item, task=task, trust=trust, base=base)
     from edgeslim.compress.compacter import METHODS, merge_for_export
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
@@ -267,6 +274,33 @@ def _sizes_cell(row: dict) -> str:
                                    f" ({row['size_sources'][k]})") for k, v in row["sizes"].items() if k != "batch") or "-"
 
 
+@cli.command(name="eval")
+@click.argument("item")
+@click.option("--data", required=True, help="a data set name (bbc-news, sentences) or your file/folder: text file "
+              "(one document a line) for perplexity, JSONL/CSV {text, label} or an image folder (one subfolder "
+              "per class) for classifiers, high-resolution images for super-resolution")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False, exists=True),
+              help="evaluate this exported ONNX file (ITEM supplies task, tokenizer and the original)")
+@click.option("--task", help=TASK_HELP)
+@click.option("--batch", "batch_size", default=8, show_default=True, help="batch size")
+@click.option("--reference", help="the original model, for the agreement of an encoder artifact whose source "
+              "is not a zoo model (a Hugging Face folder or pkg.mod:factory)")
+@click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@trust_options
+def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_size: int, reference: str | None,
+          base: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
+    """The task's metric on your data: perplexity, accuracy + macro-F1, cosine agreement or Y-PSNR/SSIM."""
+    from edgeslim.evaluate import evaluate, reference_of
+    from edgeslim.sources import load_model
+
+    loaded = load_model(item, task=task, trust=_trust(trusted, trust_source), base=base)
+    original = reference_of(item, loaded, reference) if loaded.task == "feature-extraction" else None
+    result = evaluate(loaded, data, original, onnx_file, batch_size, progress=not as_json)
+    result.model = str(onnx_file or item)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["compressors", "profiles", "models", "datasets"]))
 def list_(what: str) -> None:
@@ -336,6 +370,26 @@ def inspect(path: str, as_json: bool) -> None:
                       f"calibration: {step.get('resolved', {}).get('calib')}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
+
+
+@cli.command(name="cache")
+@click.argument("action", type=click.Choice(["list", "clear"]))
+@click.argument("name", required=False)
+def cache_(action: str, name: str | None) -> None:
+    """List or clear the local cache of converted models ($EDGESLIM_CACHE, default ~/.cache/edgeslim)."""
+    from edgeslim import cache
+    from edgeslim.report import si
+
+    console = _console()
+    if action == "clear":
+        removed = cache.clear(name)
+        console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.root()}"
+                      + (f": {', '.join(removed)}" if removed else ""))
+        return
+    entries = cache.list_entries()
+    console.print(f"cache {cache.root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        console.print(f"  {e.name}  {si(e.size_bytes, 'B')}")
 
 
 @cli.group()

@@ -1,7 +1,9 @@
 """Calibration and evaluation sets by name (`edgeslim list datasets`) or from the user's own files."""
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,25 +123,43 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     return name, int(count)
 
 
+LM_CALIB_BATCH = 4  # causal LMs: [B, L, vocab] logits per batch, so fewer texts per batch
+
+
 def _batched_texts(texts: list[str], loaded: LoadedModel, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    if loaded.encode is None:
+    if loaded.encode is None or loaded.task == "image-classification":
         raise ConfigError("text calibration data needs a text model (this model has no tokenizer)")
     return [loaded.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
 
 
+def text_calibration(name: str, texts: list[str], loaded: LoadedModel, batch_size: int,
+                     labels: list[int] | None = None, num_classes: int | None = None) -> CalibData:
+    """Batches of texts with the task's targets: next-token ids for a causal LM, the labels for a
+    classifier whose head has exactly their classes, none otherwise (the compressor distils)."""
+    from edgeslim.tasks import hf_config, lm_targets
+
+    if loaded.task == "causal-lm":
+        batch_size = min(batch_size, LM_CALIB_BATCH)
+    batches = _batched_texts(texts, loaded, batch_size)
+    targets = None
+    if loaded.task == "causal-lm":
+        targets = [lm_targets(b["input_ids"], b["attention_mask"]) for b in batches]
+    elif loaded.task == "sequence-classification" and labels is not None:
+        head = getattr(hf_config(loaded.model), "num_labels", num_classes)
+        if head == num_classes:  # a head for other classes: no targets, the compressor distils
+            targets = list(torch.tensor(labels).split(batch_size))
+    return CalibData(name, batches, targets)
+
+
 def _bbc(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
     train = bbc_news_split(seed)["train"][:count or 256]
-    batches = _batched_texts([t for t, _ in train], loaded, batch_size)
-    targets = None
-    if loaded.task == "classification":
-        labels = torch.tensor([y for _, y in train])
-        targets = list(labels.split(batch_size))
-    return CalibData(f"bbc-news:{len(train)}", batches, targets)
+    return text_calibration(f"bbc-news:{len(train)}", [t for t, _ in train], loaded, batch_size,
+                            [y for _, y in train], len(bbc_news_classes()))
 
 
 def _sentences(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
     texts = list(DEMO_SENTENCES[:count or len(DEMO_SENTENCES)])
-    return CalibData(f"sentences:{len(texts)}", _batched_texts(texts, loaded, batch_size))
+    return text_calibration(f"sentences:{len(texts)}", texts, loaded, batch_size)
 
 
 def _random(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
@@ -186,6 +206,14 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
         batches = [{k: tensors[k][i:i + batch_size] for k in names} for i in range(0, n, batch_size)]
         targets = list(tensors["targets"][:n].split(batch_size)) if "targets" in tensors else None
         return CalibData(str(path), batches, targets)
+    if loaded.task == "image-classification":
+        from edgeslim.images import read_image
+        files = [f for f in sorted(path.rglob("*") if path.is_dir() else [path]) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise SourceError(f"calibration data {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = files[:count or len(files)]
+        return CalibData(str(path), [loaded.encode([read_image(f) for f in files[i:i + batch_size]])
+                                     for i in range(0, len(files), batch_size)])
     if path.is_dir():
         texts = [f.read_text(errors="ignore") for f in sorted(path.glob("*.txt"))]
     else:
@@ -193,8 +221,10 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
     if not texts:
         raise SourceError(f"calibration data {path} holds no text (one text a line, or a folder of .txt)")
     texts = texts[:count or len(texts)]
-    return CalibData(str(path), _batched_texts(texts, loaded, batch_size))
+    return text_calibration(str(path), texts, loaded, batch_size)
 
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 _BUILDERS: dict[str, Callable[[LoadedModel, int | None, int, int], CalibData]] = {
     "bbc-news": _bbc, "sentences": _sentences, "random": _random, "sr-patches": _sr_patches}
@@ -239,9 +269,6 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
     Raises:
         SourceError: a missing file, or a line that does not parse or lacks a field (file and line named).
     """
-    import csv
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"labelled data file not found: {path}")

@@ -87,13 +87,14 @@ def eager_attention(model: nn.Module) -> Iterator[list[str]]:
 
 
 def export_graph(model: nn.Module, inputs: Sequence[TensorSpec], feeds: Mapping[str, torch.Tensor], path: Path,
-                 opset: int = 20, output_names: Sequence[str] = ("output",), lean_attention: bool = True) -> None:
-    """torch.onnx.export (dynamo) of `model(**feeds)` to one file, every named dim of `inputs` dynamic.
+                 opset: int = 20, output_names: Sequence[str] = ("output",), lean_attention: bool = True) -> str:
+    """torch.onnx.export (dynamo) of `model(**feeds)` to one file, every named dim of `inputs` dynamic;
+    returns the exporter used: "dynamo", or "torchscript" for a model torch.export cannot trace.
 
     torch's own log lines, graph dumps and warnings are kept off stdout/stderr (logging restored after).
 
     Raises:
-        ExportValidationError: the exporter failed (its innermost cause and model line named, chained).
+        ExportValidationError: both exporters failed (torch.export's innermost cause and model line named, chained).
     """
     dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs}
     lean = eager_attention(model) if lean_attention else contextlib.nullcontext()
@@ -102,6 +103,18 @@ def export_graph(model: nn.Module, inputs: Sequence[TensorSpec], feeds: Mapping[
             torch.onnx.export(model, (), str(path), kwargs=dict(feeds), dynamo=True, external_data=False,
                               verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),
                               opset_version=opset)
+            return "dynamo"
         except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
-            raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: "
-                                        f"{export_cause(exc)}") from exc
+            # Some models trace in TorchScript but not in torch.export (transformers' T5 attention
+            # reshapes a transposed tensor with symbolic sizes): fall back, validated the same way.
+            # Never for data-dependent control flow: tracing would bake in the branch the example took.
+            cause = export_cause(exc)
+            if "DataDependent" in cause or "data-dependent" in cause.lower():
+                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: {cause}") from exc
+            try:
+                torch.onnx.export(model, (), str(path), kwargs=dict(feeds), dynamo=False, verbose=False,
+                                  input_names=[s.name for s in inputs], output_names=list(output_names),
+                                  dynamic_axes=dynamic, opset_version=opset)
+                return "torchscript"
+            except Exception:  # noqa: BLE001  (the first failure is the one to report)
+                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: {cause}") from exc

@@ -239,9 +239,10 @@ def check_not_input(out: str | Path, source: str | Path) -> None:
 
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,
                          weights: str | None = None, inputs: str | None = None, quiet: bool = False,
-                         profile: str | None = DEFAULT_PROFILE, trust: Trust | None = None
+                         profile: str | None = DEFAULT_PROFILE, trust: Trust | None = None, task: str | None = None
                          ) -> tuple[LoadedModel, LoadedModel, list[CompressResult], Path]:
-    """Load `source`, apply `steps` for target `profile`, save the `.slim` artifact.
+    """Load `source` (a Hugging Face folder for `task`), apply `steps` for target `profile`, save the
+    `.slim` artifact.
 
     Returns (original, compressed, results, path). The artifact records every step from the original
     source (an artifact source's own steps first), so it loads, exports and compresses again. `out`
@@ -250,7 +251,7 @@ def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: s
     check_not_input(out, source)
     check_output(out, ARTIFACT)
     with stage(f"load {source}", quiet):
-        original = load_model(source, weights=weights, inputs=inputs, trust=trust)
+        original = load_model(source, weights=weights, inputs=inputs, task=task, trust=trust)
     compressed, results = apply_steps(original, steps, quiet, profile)
     report = {"steps": [r.step_record() for r in results],
               "params": {"model_before": count(original.model), "model_after": count(compressed.model)}}
@@ -274,10 +275,10 @@ def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: st
         a = torch.cat([original.model(**b) for b in batches]).flatten(1).double()
         b = torch.cat([compressed(**b) for b in batches]).flatten(1).double()
     out = {"max_abs_diff": float((a - b).abs().max()), "samples": int(a.shape[0])}
-    if original.task == "embedding":
+    if original.task == "feature-extraction":
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
         out |= {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
-    if original.task == "classification":
+    if original.task in ("sequence-classification", "image-classification"):
         out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
     return out
 

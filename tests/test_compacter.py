@@ -234,7 +234,7 @@ def test_a_factory_base_named_by_the_file_is_never_loaded(trained, tmp_path):
     hostile = save_adapter(tmp_path / "hostile.slim", result, base)
     with pytest.raises(SourceError, match="names code to run: an artifact never does that; pass the base yourself"):
         artifact.load(hostile)
-    assert artifact.load(hostile, base="tiny-bert").task == "classification"  # the user names it: fine
+    assert artifact.load(hostile, base="tiny-bert").task == "sequence-classification"  # the user names it: fine
 
 
 @pytest.mark.parametrize("content, message", [

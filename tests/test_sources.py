@@ -117,7 +117,7 @@ def test_hugging_face_folder(tmp_path, classify):
     loaded = load_model(str(folder))
     feeds = loaded.encode(["the cat sat", "on the mat"])
     out = loaded.model(**feeds)
-    assert loaded.task == ("classification" if classify else "embedding")
+    assert loaded.task == ("sequence-classification" if classify else "feature-extraction")
     assert out.shape == ((2, 3) if classify else (2, 16))
     assert [s.name for s in loaded.inputs] == ["input_ids", "attention_mask"]
 
@@ -130,7 +130,7 @@ def test_hugging_face_folder_without_safetensors(tmp_path):
 
 
 def test_zoo_models_and_sr_scale():
-    assert load_model("tiny-bert").task == "embedding"
+    assert load_model("tiny-bert").task == "feature-extraction"
     assert sr_scale(load_model("bicubic-x3").model) == 3
     with pytest.raises(ConfigError, match="not a super-resolution model"):
         sr_scale(nn.Conv2d(1, 1, 3, padding=1))

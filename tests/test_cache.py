@@ -1,0 +1,33 @@
+"""The local cache of converted models: relocatable root, built once, list and clear (API and CLI)."""
+import pytest
+
+from edgeslim import cache
+from edgeslim.cli import main
+from edgeslim.errors import ConfigError
+
+
+def test_entry_built_once_listed_and_cleared(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "c"))
+    assert cache.root() == tmp_path / "c" and cache.list_entries() == []
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+
+    path = cache.entry("m1", build)
+    assert cache.entry("m1", build) == path and len(calls) == 1  # cached: not rebuilt
+    assert (path / "model.safetensors").is_file()
+
+    def broken(folder):
+        (folder / "half").write_text("partial")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        cache.entry("m2", broken)
+    assert [(e.name, e.size_bytes) for e in cache.list_entries()] == [("m1", 10)]  # nothing half-written
+    with pytest.raises(ConfigError, match="plain folder name"):
+        cache.entry("../x", build)
+    assert main(["cache", "list"]) == 0 and "m1" in capsys.readouterr().out
+    assert main(["cache", "clear", "nope"]) == 2
+    assert main(["cache", "clear"]) == 0 and cache.list_entries() == []
