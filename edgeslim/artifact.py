@@ -318,5 +318,10 @@ def load(path: str | Path, trust: Trust | None = None, base: str | None = None) 
                 "re-create it)" if manifest.get("migrated_from") == 1 else "")
         raise SourceError(f"{path / WEIGHTS} does not fit the replayed model{hint}: "
                           f"{' '.join(str(exc).split())[:400]}") from exc
-    return LoadedModel(model.eval(), spec, inputs, task, dict(manifest["dims"]) or base.dims,
+    dims = dict(manifest["dims"]) or base.dims
+    try:  # the input spec is the manifest's word too: one forward pass proves it fits the model
+        check_inputs(model.eval(), inputs, dims, f"artifact {path}")
+    except ConfigError as exc:
+        raise SourceError(f"{path / MANIFEST}: 'inputs' do not fit the model: {exc}") from exc
+    return LoadedModel(model.eval(), spec, inputs, task, dims,
                        base.encode, list(manifest["steps"]), base.files)
