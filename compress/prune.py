@@ -28,7 +28,7 @@ from edgeslim.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange,
                                     register, working_copy)
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
-from edgeslim.compress.replace import _matches, count_params
+from edgeslim.compress.replace import matches, count_params
 from edgeslim.compress.train import heal, task_loss, teacher_targets
 from edgeslim.errors import ConfigError, require
 from edgeslim.specs import TensorSpec
@@ -153,9 +153,9 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
                 d.handler)) for d, _ in g):  # a sink of the graph produces a model output
             notes.append(f"{root}: left whole (its channels reach the model's output)")
             continue
-        if config.target is not None and not any(_matches(n, config.target) for n in producers):
+        if config.target is not None and not any(matches(n, config.target) for n in producers):
             continue
-        if config.exclude is not None and any(_matches(n, config.exclude) for n, _ in layers):
+        if config.exclude is not None and any(matches(n, config.exclude) for n, _ in layers):
             notes.append(f"{root}: left whole (protected by exclude)")
             continue
         if any(isinstance(d.target.module, nn.Embedding) for _, d in layers):

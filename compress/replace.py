@@ -30,7 +30,7 @@ DIRECT_WEIGHT_READERS: tuple[tuple[type[nn.Module], str, str], ...] = (
 )
 
 
-def _matches(name: str, targets: Targets) -> bool:
+def matches(name: str, targets: Targets) -> bool:
     """PEFT-style matching: a string is re.fullmatch; a list holds exact names or dotted suffixes."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -52,7 +52,7 @@ def select_modules(model: nn.Module, target: Targets = None, exclude: Targets = 
                 raise ConfigError(f"invalid module pattern {pattern!r}: {exc}") from exc
     candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
     chosen = [(n, m) for n, m in candidates
-              if (target is None or _matches(n, target)) and not (exclude is not None and _matches(n, exclude))]
+              if (target is None or matches(n, target)) and not (exclude is not None and matches(n, exclude))]
     if not chosen:
         type_names = "/".join(t.__name__ for t in types)
         names = [n for n, _ in candidates]

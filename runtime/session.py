@@ -169,7 +169,7 @@ class OrtSession(BaseSession):
         if profile.runtime != "onnxruntime":
             raise ConfigError(f"OrtSession needs an 'onnxruntime' profile, got '{profile.name}' ({profile.runtime})")
         self.profile, self.device, self.path = profile, profile.device, Path(path)
-        _check_file(self.path)
+        check_file(self.path)
         available = ort.get_available_providers()
         if profile.provider not in available:
             hint = "pip install 'edgeslim[gpu]' (onnxruntime-gpu, replaces onnxruntime) and the CUDA libraries" \
@@ -204,7 +204,7 @@ class OrtSession(BaseSession):
         self._sess = None
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     if not path.is_file():
         raise SourceError(f"model file {path} does not exist" if not path.exists() else f"{path} is not a file")
 
@@ -231,7 +231,7 @@ def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str |
         path = Path(model_or_path)
         kind = path.suffix.lower()
         if kind not in ONNX_SUFFIXES + ENGINE_SUFFIXES:
-            _check_file(path)
+            check_file(path)
             raise SourceError(f"cannot tell the runtime for {path}: suffix '{path.suffix}' is not one of "
                               f"{list(ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
     if profile is None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError, SourceError
-from edgeslim.runtime.session import BaseSession, _check_file, require_cuda
+from edgeslim.runtime.session import BaseSession, check_file, require_cuda
 from edgeslim.runtime.targets import Profile
 
 
@@ -100,7 +100,7 @@ class TensorRTSession(BaseSession):
         trt = import_tensorrt()
         require_cuda(profile)
         self.profile, self.device, self.path, self._trt = profile, "cuda", Path(path), trt
-        _check_file(self.path)
+        check_file(self.path)
         check_sidecar(self.path, trt.__version__, gpu_name(), profile.precision)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
