@@ -22,7 +22,7 @@ from edgeslim.compress.base import CompressResult, get_compressor
 from edgeslim.compress.compacter import METHODS, state_sha256
 from edgeslim.errors import ConfigError, SourceError
 from edgeslim.evaluate import classification_metrics
-from edgeslim.sources import LoadedModel, load_model
+from edgeslim.loaded import LoadedModel
 
 KIND = "adapter"
 
@@ -121,8 +121,13 @@ def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | No
                                steps=list(base.steps) + [dict(step)])
 
 
-def load_adapter(path: str | Path, manifest: Mapping[str, Any], base: str | None = None) -> LoadedModel:
-    """Load the base (named by the user, else the zoo name or folder in the manifest) and attach."""
+def base_source(path: str | Path, manifest: Mapping[str, Any], base: str | None = None) -> str:
+    """The source to load an adapter artifact's base from: `base` when the user names one, else the zoo
+    name its manifest records (`edgeslim.sources.load_model` loads it and calls `attach`).
+
+    Raises:
+        SourceError: no `base` and the manifest names a factory or a folder, which an artifact never loads.
+    """
     src = manifest["source"]
     if base is None:
         if src.get("kind") != "zoo" or not isinstance(src.get("identifier"), str):
@@ -130,20 +135,20 @@ def load_adapter(path: str | Path, manifest: Mapping[str, Any], base: str | None
             raise SourceError(f"{path} is an adapter for the {src.get('kind')} base '{src.get('identifier')}', which "
                               f"{what}: an artifact never does that; pass the base yourself with --base SOURCE")
         base = src["identifier"]  # a zoo name: built from the zoo's own table
-    return attach(load_model(base), path, manifest)
+    return base
 
 
-def train_adapter(source: str, train: Sequence[tuple[str, str | int]], out: str | Path, method: str = "compacter",
+def train_adapter(base: LoadedModel, train: Sequence[tuple[str, str | int]], out: str | Path, method: str = "compacter",
                   settings: Mapping[str, Any] | None = None, test: Sequence[tuple[str, str | int]] | None = None,
                   batch_size: int = 16, data_name: str = "train") -> dict[str, Any]:
-    """Train adapter `method` on labelled pairs over the frozen `source`, save the adapter artifact.
+    """Train adapter `method` on labelled pairs over the frozen `base` (`edgeslim.sources.load_model`),
+    save the adapter artifact.
 
     Returns a summary: trainable parameters (count, fraction of the model), artifact bytes, labels,
     and the accuracy and macro-F1 on `test` when given.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown adapter method '{method}'; choose one of {sorted(METHODS)}")
-    base = load_model(source)
     labels = label_set(train)
     comp = get_compressor(method)
     config = comp.make_config({**dict(settings or {}), "labels": labels})

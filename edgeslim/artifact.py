@@ -26,7 +26,9 @@ from torch import nn
 
 from edgeslim.errors import ConfigError, EdgeslimError, SourceError
 from edgeslim.files import ARTIFACT, is_plain_name, replace_output, sha256_file
-from edgeslim.sources import LoadedModel, SourceSpec, check_inputs
+from edgeslim import zoo
+from edgeslim.loaded import LoadedModel, SourceSpec
+from edgeslim.loaders import check_inputs, load_factory, load_hf_folder
 from edgeslim.specs import MAX_ELEMENTS, TensorSpec
 from edgeslim.tasks import canonical_task
 from edgeslim.trust import Trust, is_factory_name
@@ -170,7 +172,6 @@ def check_manifest(manifest: Mapping[str, Any], file: Path) -> None:
     for key in ("weights", "version", "sha256"):
         _require(src.get(key) is None or isinstance(src[key], str), file, f"source '{key}' must be a string or null")
     if src["kind"] == "zoo":
-        from edgeslim import zoo
         _require(src["identifier"] in zoo.names(), file,
                  f"unknown zoo model {src['identifier']!r} (available: {', '.join(zoo.names())})")
     if src["kind"] == "factory":
@@ -265,11 +266,8 @@ def replay(base: nn.Module, steps: Sequence[Mapping[str, Any]], inputs: Sequence
 def _base(path: Path, spec: SourceSpec, inputs: list[TensorSpec], trust: Trust, task: str) -> LoadedModel:
     """The source model an artifact's steps start from (an "hf" one for the recorded `task`), built
     without reading anything outside `path`."""
-    from edgeslim import zoo
-    from edgeslim.sources import load_factory, load_hf_folder
-
     if spec.kind == "zoo":
-        return zoo.build(spec.identifier)  # the zoo's own table only: never a path or a module
+        return load_zoo(spec.identifier)  # the zoo's own table only: never a path or a module
     if spec.kind == "factory":
         trust.allow_factory(spec.identifier, str(path))
         return load_factory(spec.identifier, None, inputs)  # the artifact holds every tensor
@@ -279,20 +277,37 @@ def _base(path: Path, spec: SourceSpec, inputs: list[TensorSpec], trust: Trust, 
         return load_hf_folder(tmp, spec.version, "hf", spec.identifier, task=task, weights=False)
 
 
-def load(path: str | Path, trust: Trust | None = None, base: str | None = None) -> LoadedModel:
+def load_zoo(name: str) -> LoadedModel:
+    """Zoo model `name`: built by its entry, or, for a model edgeslim trains itself, loaded from the
+    artifact shipped inside the package and recorded as the zoo model (its own steps folded in).
+
+    Raises:
+        SourceError: an unknown name, or a packaged artifact missing from this install.
+    """
+    entry = zoo.entry(name)
+    if entry.shipped is None:
+        return entry.build()
+    if not entry.shipped.is_dir():
+        raise SourceError(f"the packaged model '{name}' is missing from this install ({entry.shipped}); "
+                          f"retrain it with: python bench/train_espcn.py")
+    loaded = load(entry.shipped)
+    return dataclasses.replace(loaded, steps=[], source=SourceSpec(
+        "zoo", name, version=zoo.edgeslim_version(), sha256=sha256_file(entry.shipped / WEIGHTS)))
+
+
+def load(path: str | Path, trust: Trust | None = None) -> LoadedModel:
     """Rebuild the compressed model of artifact `path`.
 
-    An adapter artifact (manifest kind "adapter") is attached to its base: `base` (a source the
-    user names) or the zoo model / folder its manifest records, checked by SHA-256.
+    An adapter artifact (manifest kind "adapter") needs its base, which may be any source:
+    `edgeslim.sources.load_model` loads and attaches it.
 
     Args:
         trust: the factories the user allows the manifest to name (default: none).
-        base: an adapter artifact's base, named by the user.
 
     Raises:
         SourceError: not an artifact, a corrupt manifest, an unknown format version, a missing or
-            modified file, a factory source the user did not allow, or weights that do not fit the
-            replayed structure.
+            modified file, a factory source the user did not allow, weights that do not fit the
+            replayed structure, or an adapter artifact.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors
@@ -301,8 +316,8 @@ def load(path: str | Path, trust: Trust | None = None, base: str | None = None) 
     manifest = read_manifest(path)
     verify(path, manifest)
     if manifest.get("kind") == "adapter":
-        from edgeslim.adapter import load_adapter
-        return load_adapter(path, manifest, base)
+        raise SourceError(f"{path} is an adapter artifact, which needs its base: load it with "
+                          "edgeslim.sources.load_model(path, base=...) (or the edgeslim command, --base)")
     spec = SourceSpec.from_dict(manifest["source"])
     inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
     try:

@@ -291,8 +291,8 @@ def _sizes_cell(row: dict) -> str:
 def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_size: int, reference: str | None,
           base: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """The task's metric on your data: perplexity, accuracy + macro-F1, cosine agreement or Y-PSNR/SSIM."""
-    from edgeslim.evaluate import evaluate, reference_of
-    from edgeslim.sources import load_model
+    from edgeslim.evaluate import evaluate
+    from edgeslim.sources import load_model, reference_of
 
     loaded = load_model(item, task=task, trust=_trust(trusted, trust_source), base=base)
     original = reference_of(item, loaded, reference) if loaded.task == "feature-extraction" else None
@@ -429,11 +429,12 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
     from edgeslim.compress.base import get_compressor
     from edgeslim.data import load_labelled
     from edgeslim.report import si
+    from edgeslim.sources import load_model
 
     settings = _sets(sets, get_compressor(method).Config) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
     test = load_labelled(eval_data, "test") if eval_data else None
     out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
-    summary = train_fn(source, load_labelled(data, "train"), out, method, settings, test, batch_size, data)
+    summary = train_fn(load_model(source), load_labelled(data, "train"), out, method, settings, test, batch_size, data)
     console = _console()
     console.print(f"{method} on {source}: {len(summary['labels'])} labels {summary['labels'][:8]}; trainable "
                   f"parameters {summary['trainable_params']:,} of {summary['total_params']:,} "

@@ -13,7 +13,7 @@ import torch
 
 from edgeslim.calib import CalibData
 from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
-from edgeslim.sources import LoadedModel
+from edgeslim.loaded import LoadedModel
 from edgeslim.specs import example_feeds
 
 # A fixed set of sentences, for comparing sentence embeddings before and after compression.
@@ -172,7 +172,7 @@ def _random(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) 
 
 def _sr_patches(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
     from edgeslim import images
-    from edgeslim.sources import sr_scale
+    from edgeslim.loaders import sr_scale
     return images.patch_calibration(sr_scale(loaded.model), count or 1024, seed=seed, batch_size=batch_size)
 
 
@@ -193,7 +193,7 @@ def _fit_spec(path: Path, spec: Any, tensor: torch.Tensor) -> torch.Tensor:
 def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: int) -> CalibData:
     """User data: a .txt (one text a line), a folder of .txt files, or a .safetensors of input tensors."""
     if path.suffix == ".safetensors":
-        from edgeslim.sources import read_state_dict
+        from edgeslim.loaders import read_state_dict
         tensors = read_state_dict(path)
         names = [s.name for s in loaded.inputs]
         missing = [n for n in names if n not in tensors]

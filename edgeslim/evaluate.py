@@ -23,7 +23,7 @@ from rich.progress import track
 from torch import nn
 
 from edgeslim.errors import ConfigError, SourceError
-from edgeslim.sources import LoadedModel
+from edgeslim.loaded import LoadedModel
 
 TEXT_SETS = ("bbc-news", "sentences")
 
@@ -271,7 +271,7 @@ def evaluate(loaded: LoadedModel, data: str, reference: LoadedModel | None = Non
 def _super_resolution(model: Callable[..., torch.Tensor], loaded: LoadedModel, data: str, name: str) -> EvalResult:
     from edgeslim.data import IMAGE_SUFFIXES
     from edgeslim.images import degrade, luma, psnr, read_image, ssim, upscale_luma
-    from edgeslim.sources import sr_scale
+    from edgeslim.loaders import sr_scale
 
     scale = sr_scale(loaded.model)
     path = Path(data)
@@ -286,28 +286,3 @@ def _super_resolution(model: Callable[..., torch.Tensor], loaded: LoadedModel, d
         s.append(ssim(sr, luma(hr), border=scale))
     metrics = {"psnr_y": float(np.mean(p)), "ssim_y": float(np.mean(s))}
     return EvalResult("super-resolution", data, "psnr_y", metrics["psnr_y"], len(files), metrics, name)
-
-
-def reference_of(item: str | Path, loaded: LoadedModel, reference: str | None = None) -> LoadedModel | None:
-    """The original model `loaded` (loaded from `item`) was compressed from, for the encoder agreement:
-    `reference` when the user names it, else the zoo model an artifact records; None when `item` is
-    not an artifact (its agreement with itself is the baseline).
-
-    An artifact holds no copy of its source's weights and never reads files outside itself, so the
-    original of a Hugging Face folder or factory source is named by the user.
-
-    Raises:
-        ConfigError: an artifact of a non-zoo source and no `reference`.
-    """
-    from edgeslim import zoo
-    from edgeslim.sources import load_model
-
-    if reference is not None:
-        return load_model(reference, task=loaded.task)
-    path = Path(item)
-    if not (path.is_dir() and (path / "manifest.json").is_file()):
-        return None
-    if loaded.source.kind == "zoo":
-        return zoo.build(loaded.source.identifier)
-    raise ConfigError(f"{item} was made from the {loaded.source.kind} source '{loaded.source.identifier}', whose "
-                      "weights the artifact does not hold: name the original with --reference SOURCE")

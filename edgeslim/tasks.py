@@ -69,19 +69,40 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-class ImageModel(nn.Module):
-    """A Hugging Face vision model as a plain module: logits for a task head, else mean-pooled tokens."""
+class _HeadOrPool(nn.Module):
+    """A Hugging Face model as a plain module: logits for a task head (`output="logits"`), else the
+    mean-pooled last hidden state (`output="mean_pool"`)."""
 
     def __init__(self, hf: nn.Module, output: str) -> None:
         super().__init__()
         if output not in ("logits", "mean_pool"):
-            raise ConfigError(f"ImageModel output must be 'logits' or 'mean_pool', got {output!r}")
+            raise ConfigError(f"{type(self).__name__} output must be 'logits' or 'mean_pool', got {output!r}")
         self.hf = hf
         self.output = output
+
+
+class TextModel(_HeadOrPool):
+    """A Hugging Face encoder: logits, or the attention-masked mean of its tokens (an embedding)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask)
+        if self.output == "logits":
+            return out.logits
+        return _mean_pool(out.last_hidden_state, attention_mask)
+
+
+class ImageModel(_HeadOrPool):
+    """A Hugging Face vision model: logits, or the mean of its tokens."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.hf(pixel_values=pixel_values)
         return out.logits if self.output == "logits" else _mean_pool(out.last_hidden_state, None)
+
+
+def text_inputs(vocab_size: int) -> list[TensorSpec]:
+    """Input specs of a BERT-style text model with dynamic batch and sequence."""
+    return [TensorSpec("input_ids", ("batch", "sequence"), "int64", high=vocab_size),
+            TensorSpec("attention_mask", ("batch", "sequence"), "int64")]
 
 
 class Seq2SeqModel(nn.Module):
@@ -253,8 +274,6 @@ def load_task_model(folder: Path, task: str | None = None, weights: bool = True)
 
 
 def _wrap(hf: nn.Module, folder: Path, config: Any, task: str, transformers: Any) -> TaskModel:
-    from edgeslim.sources import TextModel, text_inputs
-
     output = "mean_pool" if task == "feature-extraction" else "logits"
     if getattr(hf, "main_input_name", "input_ids") == "pixel_values":
         height, width = image_size(folder, config)

@@ -11,8 +11,10 @@ from torch import nn
 
 from edgeslim.errors import SourceError, require
 from edgeslim.files import sha256_file
-from edgeslim.sources import LoadedModel, SourceSpec, load_hf_folder, text_inputs
+from edgeslim.loaded import LoadedModel, SourceSpec
+from edgeslim.loaders import load_hf_folder, make_encoder
 from edgeslim.specs import TensorSpec
+from edgeslim.tasks import TextModel, text_inputs
 
 MODELS_DIR = Path(__file__).parent / "models"  # artifacts of the models edgeslim trains itself
 
@@ -23,7 +25,7 @@ class ZooEntry:
 
     name: str
     description: str
-    build: Callable[[], LoadedModel]
+    build: Callable[[], LoadedModel] | None  # None for a shipped artifact (edgeslim.artifact.load_zoo loads it)
     requires: str | None = None  # module that must be importable (the extra that brings it)
     shipped: Path | None = None  # artifact folder inside the package, for models edgeslim trains itself
 
@@ -34,7 +36,7 @@ class ZooEntry:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
-def _version() -> str:
+def edgeslim_version() -> str:
     from edgeslim import __version__
     return __version__
 
@@ -116,7 +118,7 @@ class TinyMLP(nn.Module):
 
 
 def _tiny_mlp() -> LoadedModel:
-    return LoadedModel(_seeded(TinyMLP), SourceSpec("zoo", "tiny-mlp", version=_version()),
+    return LoadedModel(_seeded(TinyMLP), SourceSpec("zoo", "tiny-mlp", version=edgeslim_version()),
                        [TensorSpec("x", ("batch", 16))], "generic", {"batch": 4})
 
 
@@ -137,34 +139,18 @@ def _tiny_tokenizer():
 
 def _tiny_bert() -> LoadedModel:
     transformers = require("transformers", "data", "the tiny BERT test model")
-    from edgeslim.sources import TextModel, make_encoder
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
     model = _seeded(lambda: TextModel(transformers.BertModel(config, add_pooling_layer=False), "mean_pool"))
-    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", version=_version()), text_inputs(120), "feature-extraction",
+    return LoadedModel(model, SourceSpec("zoo", "tiny-bert", version=edgeslim_version()), text_inputs(120), "feature-extraction",
                        {"batch": 2, "sequence": 16}, make_encoder(_tiny_tokenizer(), max_length=16))
 
 
 def _sr_entry(name: str, build: Callable[[], nn.Module]) -> Callable[[], LoadedModel]:
     def load() -> LoadedModel:
-        return LoadedModel(_seeded(build), SourceSpec("zoo", name, version=_version()),
+        return LoadedModel(_seeded(build), SourceSpec("zoo", name, version=edgeslim_version()),
                            [TensorSpec("x", ("batch", 1, "height", "width"))], "super-resolution",
                            {"batch": 1, "height": 64, "width": 64})
-    return load
-
-
-def _shipped(name: str) -> Callable[[], LoadedModel]:
-    def load() -> LoadedModel:
-        from edgeslim import artifact
-        path = MODELS_DIR / f"{name}.slim"
-        if not path.is_dir():
-            raise SourceError(f"the packaged model '{name}' is missing from this install ({path}); "
-                              f"retrain it with: python bench/train_espcn.py")
-        loaded = artifact.load(path)
-        loaded.source = SourceSpec("zoo", name, version=_version(),
-                                    sha256=sha256_file(path / "weights.safetensors"))
-        loaded.steps = []
-        return loaded
     return load
 
 
@@ -181,7 +167,7 @@ def _entries() -> list[ZooEntry]:
         ZooEntry("tiny-bert", "2-layer BERT, hidden 32, seeded (tests)", _tiny_bert, "transformers"),
     ]
     for s in (2, 3, 4):
-        out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", _shipped(f"espcn-x{s}"),
+        out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", None,
                             shipped=MODELS_DIR / f"espcn-x{s}.slim"))
         out.append(ZooEntry(f"bicubic-x{s}", f"bicubic x{s} upsampler (baseline / ESPCN teacher)",
                             _sr_entry(f"bicubic-x{s}", lambda s=s: sp.BicubicUpsampler(s))))
@@ -201,9 +187,22 @@ def names() -> list[str]:
     return list(entries())
 
 
-def build(name: str) -> LoadedModel:
-    """Load zoo model `name` (SourceError for an unknown name, MissingDependencyError for a missing extra)."""
+def entry(name: str) -> ZooEntry:
+    """The table's entry for `name` (SourceError naming the available ones for an unknown name)."""
     table = entries()
     if name not in table:
         raise SourceError(f"unknown zoo model '{name}'; available: {', '.join(table)}")
-    return table[name].build()
+    return table[name]
+
+
+def build(name: str) -> LoadedModel:
+    """Build zoo model `name` (MissingDependencyError for a missing extra).
+
+    Raises:
+        SourceError: an unknown name, or a model shipped as an artifact (load it with
+            `edgeslim.sources.load_model(name)`, which replays it).
+    """
+    found = entry(name)
+    if found.build is None:
+        raise SourceError(f"zoo model '{name}' ships as an artifact: load it with edgeslim.sources.load_model")
+    return found.build()

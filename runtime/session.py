@@ -11,89 +11,26 @@ from __future__ import annotations
 import copy
 import inspect
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
-from edgeslim.runtime.memory import MemoryProbe
+from edgeslim.runtime.session_base import BaseSession, Session, check_file, require_cuda  # noqa: F401 (re-exported)
 from edgeslim.runtime.targets import Profile, load_profile
+from edgeslim.runtime.trt_session import TensorRTSession
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 DEFAULT_PROFILE = {"module": "cpu-torch-fp32", ".onnx": "cpu-ort-fp32", ".engine": "cuda-trt-fp16", ".plan": "cuda-trt-fp16"}
 
 
-class Session(Protocol):
-    """What the profiler and the export checks need from a running model."""
-
-    inputs: list[str]  # input names, in the model's order
-    profile: Profile  # the target it runs on
-    device: str  # "cpu" or "cuda"
-    memory_kind: str  # MemoryProbe kind that sees this session's allocations
-    baseline_mem_bytes: int | None  # memory in use just before the first run (None until then)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-    def synchronize(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class BaseSession:
-    """Shared pieces: context manager, feed-name checks, memory baseline, no-op sync on the CPU."""
-
-    inputs: list[str]
-    profile: Profile
-    device: str = "cpu"
-    memory_kind: str = "rss"
-    baseline_mem_bytes: int | None = None
-    _required: Sequence[str] = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def synchronize(self) -> None:
-        """Wait for queued device work (CUDA sessions override)."""
-
-    def close(self) -> None:
-        """Release the model (subclasses drop their handles)."""
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model once on numpy feeds keyed by input name; outputs keyed by output name.
-
-        Raises:
-            ConfigError: a required input is missing or a feed name is not an input.
-        """
-        unknown = sorted(set(feeds) - set(self.inputs))
-        missing = [n for n in self._required if n not in feeds]
-        if unknown or missing:
-            raise ConfigError(f"feeds do not match the model's inputs {self.inputs}: "
-                              f"missing {missing}, unknown {unknown}")
-        if self.baseline_mem_bytes is None:
-            self.baseline_mem_bytes = MemoryProbe(self.memory_kind).current()
-        return self._run(feeds)
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-
 def _forward_params(model: nn.Module) -> tuple[list[str], list[str]]:
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return [p.name for p in params], [p.name for p in params if p.default is p.empty]
-
-
-def require_cuda(profile: Profile) -> None:
-    """Raise MissingDependencyError when a CUDA profile is used where torch sees no GPU."""
-    if not torch.cuda.is_available():
-        raise MissingDependencyError(f"profile '{profile.name}' runs on CUDA, but torch.cuda.is_available() is "
-                                     f"False (torch {torch.__version__}): use a CPU profile or a CUDA build of torch")
 
 
 class TorchSession(BaseSession):
@@ -204,11 +141,6 @@ class OrtSession(BaseSession):
         self._sess = None
 
 
-def check_file(path: Path) -> None:
-    if not path.is_file():
-        raise SourceError(f"model file {path} does not exist" if not path.exists() else f"{path} is not a file")
-
-
 def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str | None = None,
                  inputs: Sequence[str] | None = None) -> Session:
     """Open a session for an nn.Module, an ONNX file or a TensorRT engine on a target profile.
@@ -249,8 +181,6 @@ def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str |
         return TorchSession(model_or_path, profile, inputs)
     if kind in ONNX_SUFFIXES:
         return OrtSession(path, profile)
-    from edgeslim.runtime.trt_session import TensorRTSession
-
     return TensorRTSession(path, profile)
 
 

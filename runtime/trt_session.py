@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError, SourceError
-from edgeslim.runtime.session import BaseSession, check_file, require_cuda
+from edgeslim.runtime.session_base import BaseSession, check_file, require_cuda
 from edgeslim.runtime.targets import Profile
 
 

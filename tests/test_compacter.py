@@ -16,7 +16,7 @@ from edgeslim.compress.compacter import (Adapter, LoRALinear, PHMLinear, init_ru
                                          paper_param_count, state_sha256)
 from edgeslim.data import read_labelled
 from edgeslim.errors import ConfigError, SourceError
-from edgeslim.sources import LoadedModel, SourceSpec, TextModel
+from edgeslim.sources import LoadedModel, SourceSpec, TextModel, load_model
 from edgeslim.specs import TensorSpec
 
 ADAPTERS = ("compacter", "compacter_pp", "bottleneck", "lora")
@@ -177,7 +177,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     out = []
     for method, seed in (("compacter", 0), ("bottleneck", 1)):
-        summary = train_adapter("tiny-bert", PAIRS, folder / f"{method}.slim", method,
+        summary = train_adapter(load_model("tiny-bert"), PAIRS, folder / f"{method}.slim", method,
                                 {**TINY, "seed": seed, "epochs": 2}, PAIRS, batch_size=4)
         out.append((summary, Path(summary["artifact"])))
     return out
@@ -185,7 +185,7 @@ def trained(tmp_path_factory):
 
 def test_adapter_artifact_round_trip_and_size(trained):
     summary, path = trained[0]
-    loaded = artifact.load(path)
+    loaded = load_model(path)
     manifest = artifact.read_manifest(path)
     from safetensors.torch import load_file
     stored = load_file(str(path / "weights.safetensors"))
@@ -194,7 +194,7 @@ def test_adapter_artifact_round_trip_and_size(trained):
     assert summary["trainable_params"] == sum(t.numel() for t in stored.values())
     assert manifest["kind"] == "adapter" and manifest["labels"] == ["neg", "pos"]
     assert manifest["base_sha256"] == state_sha256(zoo.build("tiny-bert").model)
-    again = artifact.load(path)
+    again = load_model(path)
     feeds = text_feeds()
     with torch.inference_mode():
         assert torch.equal(loaded.model(**feeds), again.model(**feeds))
@@ -233,8 +233,8 @@ def test_a_factory_base_named_by_the_file_is_never_loaded(trained, tmp_path):
                                                   encode_pairs(base, PAIRS, ["neg", "pos"], 4, "toy"))
     hostile = save_adapter(tmp_path / "hostile.slim", result, base)
     with pytest.raises(SourceError, match="names code to run: an artifact never does that; pass the base yourself"):
-        artifact.load(hostile)
-    assert artifact.load(hostile, base="tiny-bert").task == "sequence-classification"  # the user names it: fine
+        load_model(hostile)
+    assert load_model(hostile, base="tiny-bert").task == "sequence-classification"  # the user names it: fine
 
 
 @pytest.mark.parametrize("content, message", [
@@ -300,4 +300,10 @@ def test_a_malformed_adapter_manifest_is_a_source_error(trained, tmp_path):
     manifest["steps"][-1]["resolved"]["sites"][0]["name"] = "hf.no.such.module"
     (copy_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SourceError, match="adapter step in the manifest is malformed"):
-        artifact.load(copy_path)
+        load_model(copy_path)
+
+
+def test_artifact_load_sends_an_adapter_artifact_to_load_model(trained):
+    _, path = trained[0]
+    with pytest.raises(SourceError, match=r"adapter artifact, which needs its base: load it with edgeslim.sources.load_model"):
+        artifact.load(path)
