@@ -66,6 +66,20 @@ def trust_options(command: Any) -> Any:
                         help="the factory you allow an artifact to name as its source")(command)
 
 
+def source_options(command: Any) -> Any:
+    """--weights, --input and --task: how a SOURCE loads (a `pkg.mod:factory` and its weights, a Hugging
+    Face folder's task), the same on every command that takes one (`edgeslim.sources.load_model`)."""
+    command = click.option("--task", help=TASK_HELP)(command)
+    command = click.option("--input", "inputs", metavar="SPEC",
+                           help="inputs of a factory source, e.g. 'x:batch,3,224,224' (NAME:DIMS[:DTYPE];...)")(command)
+    return click.option("--weights", help="weights file for a pkg.mod:factory source (.safetensors or .pt)")(command)
+
+
+def json_option(command: Any) -> Any:
+    """--json: print one JSON object (the result) on stdout instead of the human-readable lines."""
+    return click.option("--json", "as_json", is_flag=True, help="print the result as JSON")(command)
+
+
 def _trust(trusted: str | None, trust_source: bool) -> Any:
     from edgeslim.trust import Trust
     return Trust(trusted, trust_source)
@@ -136,17 +150,16 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--target", help="regex (fullmatch) of module names to compress")
 @click.option("--exclude", help="regex of module names to leave alone")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
-@click.option("--weights", help="weights file for a pkg.mod:factory source")
-@click.option("--input", "inputs", help="inputs of a factory source, e.g. 'x:batch,3,224,224'")
-@click.option("--task", help=TASK_HELP)
+@source_options
 @click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
               help="target the decisions are made for (its align rounds ranks), as in `run`")
 @click.option("-o", "--out", help="output artifact folder (NAME.slim)")
+@json_option
 @trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
              weights: str | None, inputs: str | None, task: str | None, profile: str, out: str | None,
-             trusted: str | None, trust_source: bool) -> None:
+             as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
     from edgeslim.pipeline import StepSection, compress_to_artifact
@@ -159,11 +172,22 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
     step |= _sets(sets, get_compressor(method).Config, StepSection)
     out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
     original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
-                                                               trust=_trust(trusted, trust_source), task=task)
+                                                               trust=_trust(trusted, trust_source), task=task,
+                                                               quiet=as_json)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
+    skipped = results[-1].resolved.get("skipped", {})
+    if as_json:
+        from edgeslim.pipeline import count
+        click.echo(json.dumps({
+            "source": source, "method": method, "profile": profile, "task": original.task, "artifact": str(path),
+            "artifact_bytes": _folder_bytes(path), "modules": dict(counts),
+            "params": {"targeted_before": before, "targeted_after": after, "model_before": count(original.model),
+                       "model_after": count(compressed.model)},
+            "notes": skipped, "steps": [r.step_record() for r in results]}, indent=2))
+        return
     console = _console()
-    for name, reason in results[-1].resolved.get("skipped", {}).items():
+    for name, reason in skipped.items():
         console.print(f"note: {name}: {reason}")
     console.print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
                   f"targeted parameters {before:,} -> {after:,}; "
@@ -175,16 +199,18 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.argument("item")
 @click.option("--to", "to", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
 @click.option("--profile", help="target profile (for TensorRT: precision and shapes)")
-@click.option("--task", help=TASK_HELP)
+@source_options
 @click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
 @click.option("--unmerged", is_flag=True, help="adapters: keep LoRA and PHM layers as trained (default: merged)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]),
               help="fp16: convert the exported graph (fp32 inputs/outputs kept), checked at fp16 tolerance")
 @click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("-o", "--out", help="output file")
+@json_option
 @trust_options
-def export(item: str, to: str, profile: str | None, task: str | None, base: str | None, unmerged: bool,
-           precision: str | None, data: str | None, out: str | None, trusted: str | None, trust_source: bool) -> None:
+def export(item: str, to: str, profile: str | None, weights: str | None, inputs: str | None, task: str | None,
+           base: str | None, unmerged: bool, precision: str | None, data: str | None, out: str | None, as_json: bool,
+           trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
@@ -193,12 +219,17 @@ def export(item: str, to: str, profile: str | None, task: str | None, base: str 
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
     check_export_paths(path, to)  # before any work: never over a foreign file or folder
-    loaded = load_model(item, task=task, trust=trust, base=base)
+    loaded = load_model(item, weights, inputs, task=task, trust=trust, base=base)
     from edgeslim.compress.compacter import METHODS, merge_for_export
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
-    info = export_model(loaded, to, path, profile, precision=precision, data=data)
+    info = export_model(loaded, to, path, profile, precision=precision, data=data, quiet=as_json)
+    if as_json:
+        engine = {"engine_bytes": Path(info["engine"]).stat().st_size} if "engine" in info else {}
+        click.echo(json.dumps({"source": item, "to": to, "profile": profile, "task": loaded.task,
+                               "params": sum(p.numel() for p in loaded.model.parameters())} | info | engine, indent=2))
+        return
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
 
@@ -220,9 +251,11 @@ def export(item: str, to: str, profile: str | None, task: str | None, base: str 
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
+@source_options
 @trust_options
 def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, ops: bool, trusted: str | None, trust_source: bool) -> None:
+            as_json: bool, ops: bool, weights: str | None, inputs: str | None, task: str | None,
+            trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
     import torch
     from rich.table import Table
@@ -233,7 +266,8 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     if warmup < 0 or iters < 1:
         raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
     batches, sizes = _ints(batch), _dims(dims)
-    with profile_target(item, profile, as_json, _trust(trusted, trust_source)) as (target, loaded):
+    source = {"weights": weights, "inputs": inputs, "task": task}
+    with profile_target(item, profile, as_json, _trust(trusted, trust_source), source) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
                             roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
     if as_json:
@@ -266,6 +300,10 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
             _console().print(f"batch {r['batch']} kernel time by op type: {top}")
         if "roofline_warning" in r:
             _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
+
+
+def _folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
 def _sizes_cell(row: dict) -> str:
@@ -402,12 +440,19 @@ def train() -> None:
 @click.option("--steps", default=2000, show_default=True, help="training steps")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--out", help="output artifact folder (default edgeslim-out/espcn-xS.slim)")
-def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
+@json_option
+def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: bool) -> None:
     """Train ESPCN (Shi et al. 2016) on patches of the bundled natural images."""
     from edgeslim.pipeline import train_espcn_artifact
 
     result, path = train_espcn_artifact(int(scale), steps, out or DEFAULT_OUT / f"espcn-x{scale}.slim", seed)
     params = sum(p.numel() for p in result.model.parameters())
+    if as_json:
+        click.echo(json.dumps({"model": f"espcn-x{scale}", "scale": int(scale), "steps": steps, "seed": seed,
+                               "params": params, "artifact": str(path), "artifact_bytes": _folder_bytes(path),
+                               "architecture": result.resolved.get("architecture"),
+                               "training": result.resolved.get("training")}, indent=2))
+        return
     _console().print(f"ESPCN x{scale}: {params:,} parameters, {steps} steps\nartifact: {path}")
 
 
@@ -422,8 +467,9 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None) -> None:
 @click.option("--batch", "batch_size", default=16, show_default=True, help="training batch size")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("-o", "--out", help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
+@json_option
 def train_adapter(source: str, data: str, eval_data: str | None, method: str, epochs: int | None, lr: float | None,
-                  batch_size: int, sets: tuple[str, ...], out: str | None) -> None:
+                  batch_size: int, sets: tuple[str, ...], out: str | None, as_json: bool) -> None:
     """Train a task adapter on your labelled texts over a frozen SOURCE; the artifact holds only the adapter."""
     from edgeslim.adapter import train_adapter as train_fn
     from edgeslim.compress.base import get_compressor
@@ -435,6 +481,9 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
     test = load_labelled(eval_data, "test") if eval_data else None
     out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
     summary = train_fn(load_model(source), load_labelled(data, "train"), out, method, settings, test, batch_size, data)
+    if as_json:
+        click.echo(json.dumps({"source": source, "data": data, "eval_data": eval_data} | summary, indent=2))
+        return
     console = _console()
     console.print(f"{method} on {source}: {len(summary['labels'])} labels {summary['labels'][:8]}; trainable "
                   f"parameters {summary['trainable_params']:,} of {summary['total_params']:,} "

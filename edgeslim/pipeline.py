@@ -568,17 +568,24 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
 
 
 @contextlib.contextmanager
-def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: Trust | None = None
-                   ) -> Iterator[tuple[Any, LoadedModel]]:
+def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: Trust | None = None,
+                   source: Mapping[str, Any] | None = None) -> Iterator[tuple[Any, LoadedModel]]:
     """What to open for `edgeslim profile ITEM`: a model file as is, or an artifact/source loaded by replay
     and, when the profile's runtime needs a file, exported to a temporary folder that is removed when the
-    block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model)."""
+    block ends (profiling writes nothing the user did not ask for). Yields (module or file path, loaded model).
+
+    `source` holds the source options (`weights`, `inputs`, `task` of `load_model`); a model file takes none.
+    """
+    given = {k: v for k, v in (source or {}).items() if v is not None}
 
     from edgeslim.export.onnx import onnx_inputs
     from edgeslim.runtime.targets import load_profile
 
     prof = load_profile(profile)
     path = Path(item)
+    if path.suffix in (".onnx", ".engine", ".plan") and given:
+        raise ConfigError(f"{', '.join('--' + ('input' if k == 'inputs' else k) for k in given)} describe a model "
+                          f"SOURCE; {path.name} is a model file, which carries its own inputs")
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
         dims = {"sequence": 128} if any("sequence" in s.shape for s in specs) else {}
@@ -587,7 +594,7 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         return
     if path.suffix in (".onnx", ".engine", ".plan"):
         raise SourceError(f"model file not found: {path}")
-    loaded = load_model(item, trust=trust)
+    loaded = load_model(item, trust=trust, **given)
     if prof.runtime == "torch":
         if has_onnx_stage(loaded):
             raise ConfigError(f"{item} is quantized in its ONNX graph, which runtime 'torch' cannot run: "
