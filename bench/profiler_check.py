@@ -3,8 +3,9 @@
 For each model the ONNX file is exported once; then, round by round (so load drift hits both alike),
 the profiler (`pipeline.profile_file`, the code behind `edgeslim profile`) and a bare loop (an ORT
 session with the same threads, `timeit.repeat(number=1)`, median) time the same file at the same
-sizes. The ratio of the two p50s should be within 10%. The maximum RSS `/usr/bin/time -v` reports for
-a bare script doing the same runs is recorded beside the profiler's memory figure. The roofline
+sizes. The ratio of the two p50s should be within 10%. The profiler's peak resident memory (measured
+in a fresh child process per batch, runtime/child.py) should be within 15% of the maximum RSS
+`/usr/bin/time -v` reports for a bare script doing the same runs. The roofline
 efficiency uses the limits measured on this machine (runtime/peak.py) and the work counted from the
 ONNX graph (runtime/onnx_work.py).
 
@@ -96,13 +97,16 @@ def check_model(name: str, dims: dict, cfg: dict, profile: str, work: Path) -> d
         b = bare_p50_ms(bare, feeds, cfg["warmup"], cfg["iters"])
         rounds.append({"round": r, "profiler_p50_ms": row["p50_ms"], "bare_p50_ms": b, "load_avg": os.getloadavg(),
                        "roofline_fraction": row.get("roofline_fraction"), "profiler_peak_mem_bytes":
-                       row["peak_mem_bytes"], "profiler_mem_method": row["mem_method"]})
+                       row["peak_mem_bytes"], "profiler_mem_method": row["mem_method"],
+                       "profiler_peak_rss_bytes": row.get("peak_rss_bytes"), "profiler_memory": row.get("memory")})
     rss, script_p50 = max_rss_bytes(bare_script(onnx_path, feeds_file, prof.threads, cfg["warmup"], cfg["iters"]))
     ratio = statistics.median(x["profiler_p50_ms"] / x["bare_p50_ms"] for x in rounds)
+    rss_ratio = statistics.median(x["profiler_peak_rss_bytes"] for x in rounds) / rss
     return {"model": name, "dims": dims, "onnx_bytes": onnx_path.stat().st_size, "flops": row.get("flops"),
             "bytes_moved": row.get("bytes_moved"), "sizes": row["sizes"], "size_sources": row["size_sources"],
             "rounds": rounds, "p50_ratio_profiler_over_bare": ratio, "within_10pct": abs(ratio - 1) <= 0.10,
             "bare_script_max_rss_bytes": rss, "bare_script_p50_ms": script_p50,
+            "rss_ratio_profiler_child_over_bare": rss_ratio, "rss_within_15pct": abs(rss_ratio - 1) <= 0.15,
             "roofline_fraction_median": statistics.median(x["roofline_fraction"] for x in rounds
                                                           if x["roofline_fraction"] is not None)
             if row.get("flops") else None}
@@ -149,7 +153,8 @@ def main() -> None:
     plot(results, out / "profiler_check_p50.png")
     for r in results:
         print(f"{r['model']}: profiler/bare p50 {r['p50_ratio_profiler_over_bare']:.3f}, roofline "
-              f"{r['roofline_fraction_median']}, bare max RSS {r['bare_script_max_rss_bytes'] / 2**20:.0f} MiB")
+              f"{r['roofline_fraction_median']}, bare max RSS {r['bare_script_max_rss_bytes'] / 2**20:.0f} MiB, "
+              f"profiler (child) / bare RSS {r['rss_ratio_profiler_child_over_bare']:.3f}")
     print(f"results in {out}")
 
 

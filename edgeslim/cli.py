@@ -243,7 +243,7 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
 
 
 @cli.command()
-@click.argument("item")
+@click.argument("items", nargs=-1, required=True, metavar="ITEM [ITEM2 ...]")
 @click.option("--profile", "profile", default=DEFAULT_PROFILE, show_default=True, help="target profile")
 @click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
@@ -251,22 +251,34 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
 @click.option("--iters", default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
+@click.option("--rounds", default=5, show_default=True,
+              help="several ITEMs: rounds the timed calls alternate over (ratios are to the first ITEM)")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="several ITEMs: also write an HTML report with plots (latency vs batch, size, op breakdown)")
 @source_options
 @trust_options
-def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, ops: bool, weights: str | None, inputs: str | None, task: str | None,
-            trusted: str | None, trust_source: bool) -> None:
-    """Latency percentiles, throughput and peak memory of a model file or artifact on a target."""
+def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
+            as_json: bool, ops: bool, rounds: int, html_out: str | None, weights: str | None, inputs: str | None,
+            task: str | None, trusted: str | None, trust_source: bool) -> None:
+    """Latency percentiles, throughput and peak memory of a model file or artifact on a target; with
+    several, the candidates interleaved round by round with ratios to the first."""
     import torch
     from rich.table import Table
 
     from edgeslim.pipeline import profile_file, profile_target
-    from edgeslim.report import ms, si
+    from edgeslim.report import ms, peak_mem_text
 
     if warmup < 0 or iters < 1:
         raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
     batches, sizes = _ints(batch), _dims(dims)
     source = {"weights": weights, "inputs": inputs, "task": task}
+    if len(items) > 1:
+        _compare(items, profile, batches, sizes, warmup, iters, rounds, ops, html_out, as_json,
+                 _trust(trusted, trust_source), source)
+        return
+    if html_out:
+        raise ConfigError("--html draws a comparison: give two or more ITEMs (the first is the reference)")
+    item = items[0]
     with profile_target(item, profile, as_json, _trust(trusted, trust_source), source) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
                             roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
@@ -286,11 +298,19 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
     for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
+        if "crashed" in r:
+            table.add_row(str(r["batch"]), _sizes_cell(r), "[red]crashed[/red]", *["-"] * 6)
+            continue
         table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
                       f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
-                      si(r["peak_mem_bytes"], "B"),
-                      f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
+                      peak_mem_text(r), f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
     _console().print(table)
+    _console().print("peak mem: " + ("peak resident memory of a fresh process running the model (weights included)"
+                                     if any("peak_rss_bytes" in r for r in rows) else
+                                     "+ growth while running in this process (weights not included)"))
+    for r in rows:
+        if "crashed" in r:
+            _console().print(f"[red]batch {r['batch']} crashed[/red]: {r['crashed']}")
     peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
     for source, p in peaks.items():
         _console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
@@ -300,6 +320,46 @@ def profile(item: str, profile: str, batch: str | None, dims: tuple[str, ...], w
             _console().print(f"batch {r['batch']} kernel time by op type: {top}")
         if "roofline_warning" in r:
             _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
+
+
+def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, sizes: dict[str, int], warmup: int,
+             iters: int, rounds: int, ops: bool, html_out: str | None, as_json: bool, trust: Any,
+             source: dict[str, Any]) -> None:
+    """`profile A B C`: edgeslim.compare, printed as a table (or JSON) and drawn as HTML when asked."""
+    from rich.table import Table
+
+    from edgeslim.compare import compare, write_html
+    from edgeslim.files import REPORT, check_output
+    from edgeslim.report import ms, peak_mem_text, si
+
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    if html_out:
+        check_output(html_out, REPORT)  # before any work
+    result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json)
+    if html_out:
+        result["html"] = str(write_html(result, html_out))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{len(items)} candidates on {profile}, interleaved over {rounds} rounds (ratios to the first)")
+    for col in ("candidate", "batch", "p50 ms", "x first", "cv", "file", "peak mem", "GFLOP"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    first = result["candidates"][0]["rows"]
+    for cand in result["candidates"]:
+        for ref, r in zip(first, cand["rows"]):
+            table.add_row(cand["item"], str(r["batch"]), ms(r["p50_ms"]), f"{r['p50_ms'] / ref['p50_ms']:.3f}",
+                          f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), si(cand["file_bytes"], "B"),
+                          peak_mem_text(r), f"{r['flops'] / 1e9:.3g}" if "flops" in r else "-")
+    console = _console()
+    console.print(table)
+    for cand in result["candidates"]:
+        for r in cand["rows"]:
+            if "op_time_share" in r:
+                top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
+                console.print(f"{cand['item']} batch {r['batch']} kernel time by op type: {top}")
+    if html_out:
+        console.print(f"report: {result['html']}")
 
 
 def _folder_bytes(path: str | Path) -> int:
@@ -521,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit codes: 0 ok, 1 the system refused a read or write (disk full, ...), 2 bad config, option or
     output path, 3 unreadable, corrupt or untrusted source/file, 4 missing optional dependency,
-    5 export validation failure, 130 interrupted. Anything else is a bug and keeps its traceback.
+    5 export validation failure, 6 the inference process died (crash, out of memory),
+    130 interrupted. Anything else is a bug and keeps its traceback.
     """
     import warnings
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

@@ -32,6 +32,12 @@ class ExportValidationError(EdgeslimError):
     exit_code = 5
 
 
+class InferenceCrashError(EdgeslimError):
+    """The process running a model died (a runtime crash, out of memory, a timeout); the message says how."""
+
+    exit_code = 6
+
+
 def require(module: str, extra: str | None = None, purpose: str = ""):
     """Import an optional dependency or raise MissingDependencyError with the install command.
 

@@ -431,7 +431,7 @@ def resolve_sizes(loaded: LoadedModel, given: Mapping[str, int], batch: int) -> 
     return {**sizes, **extra}, where
 
 
-def _work(model: Any, loaded: LoadedModel, feeds: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+def work_of(model: Any, loaded: LoadedModel, feeds: Mapping[str, np.ndarray], sizes: Mapping[str, int],
           precision: str) -> tuple[int, int] | None:
     """(FLOPs, bytes moved) of one call: from the ONNX graph for a file, from the module otherwise."""
     from edgeslim.runtime.roofline import count_flops, min_bytes_moved
@@ -457,7 +457,7 @@ def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tupl
     rows = []
     for b, sizes, where in plan:
         feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
-        work = _work(model, loaded, feeds, sizes, prof.precision)
+        work = work_of(model, loaded, feeds, sizes, prof.precision)
         if work is None:
             raise ConfigError(f"cannot predict latency on '{prof.name}' for {model}: no graph to count the work of "
                               "(give the ONNX file or the model)")
@@ -473,8 +473,14 @@ def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tupl
 
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
                  dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True,
-                 ops: bool = False) -> list[dict[str, Any]]:
+                 ops: bool = False, child_memory: bool = True) -> list[dict[str, Any]]:
     """Latency/throughput/memory of a model file (or module) per batch size on a profile.
+
+    With `child_memory` (a model file on a local target), each batch's memory is first measured in a
+    fresh child process (runtime/child.py): `memory` (baseline, loaded, peak resident bytes, arena
+    settings) and `peak_rss_bytes`, what the inference holds. A child that dies makes that batch a
+    `crashed` row (with how it died; warned) and profiling goes on with the next batch, without
+    running the model that crashed in this process.
 
     With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_share`: the
     fraction of ORT's kernel time per op type (runtime/op_profile.py), from separate profiled runs.
@@ -500,13 +506,27 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     plan = [(b, *resolve_sizes(loaded, dims, b)) for b in batches or prof.batch]
     if prof.remote:
         return predict_rows(model, loaded, prof, plan)
+    from edgeslim.errors import InferenceCrashError
+    from edgeslim.runtime import child
+
+    in_child = child_memory and isinstance(model, (str, Path))
     rows = []
     with open_session(model, prof) as session:
         for b, sizes, where in plan:
             feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
+            memory = None
+            if in_child:
+                try:
+                    memory = child.child_memory(model, profile, feeds, warmup=min(warmup, 1), iters=min(iters, 2))
+                except InferenceCrashError as exc:
+                    rows.append({"batch": b, "sizes": sizes, "size_sources": where, "crashed": str(exc)})
+                    warnings.warn(f"batch {b}: {exc}", RuntimeWarning, stacklevel=2)
+                    continue
             row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters))
             row["sizes"], row["size_sources"] = sizes, where
-            work = _work(model, loaded, feeds, sizes, prof.precision) if roofline else None
+            if memory is not None:
+                row["memory"], row["peak_rss_bytes"] = memory.to_dict(), memory.peak_rss_bytes
+            work = work_of(model, loaded, feeds, sizes, prof.precision) if roofline else None
             if work is not None:
                 row["flops"], row["bytes_moved"] = work
                 row["roofline_ms"] = roofline_ms(*work, limits)
@@ -561,6 +581,10 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
             with stage(f"profile {label} on {recipe.profile}", quiet):
                 row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
                                               recipe.warmup, recipe.iters)
+            crashed = [t for t in row["timings"] if "crashed" in t]
+            if crashed:
+                from edgeslim.errors import InferenceCrashError
+                raise InferenceCrashError(f"{label} model, batch {crashed[0]['batch']}: {crashed[0]['crashed']}")
         summary["models"][label] = row
     from edgeslim.report import write_report
     summary["report"] = str(write_report(summary, out_dir / f"{recipe.name}.report.md"))

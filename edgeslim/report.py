@@ -20,6 +20,14 @@ def si(value: float | None, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
+def peak_mem_text(row: Mapping[str, Any]) -> str:
+    """A profile row's memory: the peak RSS of its child process (what the inference holds), else "+" the
+    growth measured in this process (`peak_mem_bytes`, weights not included)."""
+    if row.get("peak_rss_bytes") is not None:
+        return si(row["peak_rss_bytes"], "B")
+    return "-" if row.get("peak_mem_bytes") is None else "+" + si(row["peak_mem_bytes"], "B")
+
+
 def ms(value: float) -> str:
     """Milliseconds with 3 significant digits (0.0213, 1.07, 1190)."""
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
@@ -47,13 +55,13 @@ def speed_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure outside pyplot's global state (no backend switch, nothing to close)."""
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height), dpi=110)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -61,7 +69,7 @@ def _png(fig) -> bytes:
 
 
 def _plot_latency(summary: Mapping[str, Any]) -> bytes:
-    fig = _figure(5, 3.2)
+    fig = figure(5, 3.2)
     ax = fig.subplots()
     for label, row in summary["models"].items():
         t = row.get("timings", [])
@@ -74,7 +82,7 @@ def _plot_latency(summary: Mapping[str, Any]) -> bytes:
     ax.set_title(f"{summary['recipe']['name']} on {summary['recipe']['profile']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _changed(changes: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -86,14 +94,14 @@ def _plot_layers(changes: list[Mapping[str, Any]]) -> bytes | None:
     rows = _changed(changes)
     if not rows:
         return None
-    fig = _figure(6, max(2.5, 0.14 * len(rows)))
+    fig = figure(6, max(2.5, 0.14 * len(rows)))
     ax = fig.subplots()
     ax.barh(range(len(rows)), [c["rel_error"] for c in rows])
     ax.set_yticks(range(len(rows)), [c["name"] for c in rows], fontsize=5)
     ax.invert_yaxis()
     ax.set_xlabel("relative reconstruction error of the layer")
     ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def decision_text(decision: Any) -> str:
@@ -127,14 +135,14 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     lines += ["", "## Output agreement", "",
               ", ".join(f"{k} = {_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in cmp.items()), "",
               f"## Latency on `{r['profile']}`", "",
-              "| model | batch | p50 ms | p90 ms | p99 ms | cv | throughput /s | peak mem | roofline ms | of roofline |",
+              "| model | batch | p50 ms | p90 ms | p99 ms | cv | throughput /s | peak mem (RSS of a child; +growth) | roofline ms | of roofline |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, row in models.items():
         for t in row.get("timings", []):
             flag = " (unstable)" if t["unstable"] else ""
             roof = ms(t["roofline_ms"]) if "roofline_ms" in t else "-"
             lines.append(f"| {label} | {t['batch']} | {ms(t['p50_ms'])} | {ms(t['p90_ms'])} | {ms(t['p99_ms'])} | "
-                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.4g} | {si(t['peak_mem_bytes'], 'B')} | "
+                         f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.4g} | {peak_mem_text(t)} | "
                          f"{roof} | {_fmt(t.get('roofline_fraction'), '.0%')} |")
     lines += ["", f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
               "| batch | params ratio | FLOPs ratio | latency ratio | speedup | verdict |", "|---:|---:|---:|---:|---:|---|"]

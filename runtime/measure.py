@@ -49,7 +49,8 @@ class Timing:
     std_ms: float  # sample standard deviation (ddof=1; 0 for a single call)
     cv: float  # std_ms / mean_ms
     throughput_per_s: float  # samples per second = batch / mean seconds
-    peak_mem_bytes: int  # memory growth while running, over the session before its first call
+    peak_mem_bytes: int | None  # memory growth while running, over the session before its first call (None:
+    # not measured, as in `interleave`, where sessions share one process: runtime/child.py measures it alone)
     mem_method: str  # how peak_mem_bytes was read
     iters: int  # timed calls
     warmup: int  # untimed calls before them
@@ -87,7 +88,7 @@ def _timed_calls(session, feeds: Feeds, iters: int, probe: MemoryProbe, advance:
     return times
 
 
-def _summarize(batch: int, times_s: np.ndarray, peak: int, method: str, warmup: int) -> Timing:
+def _summarize(batch: int, times_s: np.ndarray, peak: int | None, method: str, warmup: int) -> Timing:
     ms = times_s * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     mean = float(ms.mean())
@@ -98,9 +99,20 @@ def _summarize(batch: int, times_s: np.ndarray, peak: int, method: str, warmup: 
                   peak_mem_bytes=peak, mem_method=method, iters=len(ms), warmup=warmup, unstable=cv > UNSTABLE_CV)
 
 
-def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[], None]) -> Timing:
+def _check_counts(warmup: int, iters: int) -> None:
     if iters < 1 or warmup < 0:
         raise ConfigError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+
+
+def _warn_unstable(timing: Timing, what: str = "") -> None:
+    if timing.unstable:
+        warnings.warn(f"unstable timing{what} at batch {timing.batch}: cv {timing.cv:.2f} > {UNSTABLE_CV} (p50 "
+                      f"{timing.p50_ms:.2f} ms, p99 {timing.p99_ms:.2f} ms); other work may share the device: compare "
+                      "ratios with care or rerun with more iterations", RuntimeWarning, stacklevel=4)
+
+
+def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[], None]) -> Timing:
+    _check_counts(warmup, iters)
     batch = _batch_of(feeds)
     probe = MemoryProbe(getattr(session, "memory_kind", "rss"))
     before = probe.current()
@@ -113,10 +125,7 @@ def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[
     baseline = getattr(session, "baseline_mem_bytes", None)  # set by the session's first call
     baseline = before if baseline is None else baseline
     timing = _summarize(batch, times, max(0, probe.peak() - baseline), probe.method, warmup)
-    if timing.unstable:
-        warnings.warn(f"unstable timing at batch {batch}: cv {timing.cv:.2f} > {UNSTABLE_CV} (p50 {timing.p50_ms:.2f} ms, "
-                      f"p99 {timing.p99_ms:.2f} ms); other work may share the device: compare ratios with care "
-                      "or rerun with more iterations", RuntimeWarning, stacklevel=3)
+    _warn_unstable(timing)
     return timing
 
 
@@ -163,3 +172,47 @@ def sweep(session, make_feeds: Callable[[int], Feeds], batches: Sequence[int], w
             bar.update(task, description=f"batch {b}")
             results.append(_measure(session, make_feeds(b), warmup, iters, lambda: bar.advance(task)))
     return results
+
+
+INTERLEAVED_MEM = "not measured: interleaved sessions share one process (see runtime/child.py)"
+
+
+def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5, iters: int = 30, rounds: int = 5,
+               progress: bool = False) -> list[Timing]:
+    """Time several sessions side by side, round by round, so drift (other jobs, clock changes) hits all alike.
+
+    Each session gets `warmup` untimed calls first; then each of `rounds` rounds runs every session in
+    turn for its share of the `iters` timed calls (the first rounds get one more when `iters` does not
+    divide). Ratios between the returned timings are what to read.
+
+    Args:
+        sessions: open Sessions (e.g. an original and its compressed candidates).
+        feeds: one feeds dict per session (the same shapes for a fair comparison).
+        rounds: how many times the order cycles through the sessions (clamped to `iters`).
+
+    Returns:
+        one Timing per session, in order; peak memory is not measured here (None).
+
+    Raises:
+        ConfigError: iters < 1, warmup < 0, rounds < 1, or a feeds list of another length.
+    """
+    _check_counts(warmup, iters)
+    if rounds < 1 or len(feeds) != len(sessions) or not sessions:
+        raise ConfigError(f"interleave needs rounds >= 1 and one feeds dict per session, got rounds={rounds}, "
+                          f"{len(sessions)} session(s) and {len(feeds)} feeds")
+    rounds = min(rounds, iters)
+    shares = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    times: list[list[np.ndarray]] = [[] for _ in sessions]
+    with _progress(progress) as bar:
+        task = bar.add_task(f"{len(sessions)} candidates, {rounds} rounds", total=len(sessions) * (warmup + iters))
+        for session, f in zip(sessions, feeds):
+            for _ in range(warmup):
+                session.run(f)
+                bar.advance(task)
+        for share in shares:
+            for i, (session, f) in enumerate(zip(sessions, feeds)):
+                times[i].append(_timed_calls(session, f, share, MemoryProbe("rss"), lambda: bar.advance(task)))
+    out = [_summarize(_batch_of(f), np.concatenate(t), None, INTERLEAVED_MEM, warmup) for f, t in zip(feeds, times)]
+    for timing in out:
+        _warn_unstable(timing, " (interleaved)")
+    return out

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
-import torch
 
 from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.runtime.memory import MemoryProbe
@@ -76,6 +75,8 @@ class BaseSession:
 
 def require_cuda(profile: Profile) -> None:
     """Raise MissingDependencyError when a CUDA profile is used where torch sees no GPU."""
+    import torch
+
     if not torch.cuda.is_available():
         raise MissingDependencyError(f"profile '{profile.name}' runs on CUDA, but torch.cuda.is_available() is "
                                      f"False (torch {torch.__version__}): use a CPU profile or a CUDA build of torch")

@@ -1,0 +1,90 @@
+"""Interleaved timing of several sessions and `edgeslim profile A B C` (ratios to the first, JSON, HTML)."""
+import json
+
+import numpy as np
+import pytest
+
+from edgeslim.cli import main
+from edgeslim.errors import ConfigError
+from edgeslim.runtime.measure import INTERLEAVED_MEM, interleave
+
+
+class Recorder:
+    """A session that records the order of its calls in a shared log."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def run(self, feeds):
+        self.log.append(self.name)
+        return {}
+
+
+def test_interleave_alternates_round_by_round():
+    log = []
+    feeds = [{"x": np.zeros((2, 3))}, {"x": np.zeros((4, 3))}]
+    a, b = interleave([Recorder("a", log), Recorder("b", log)], feeds, warmup=1, iters=5, rounds=2)
+    assert log[:2] == ["a", "b"]  # one warm-up call each
+    assert log[2:] == ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2  # 5 calls split 3 + 2 over 2 rounds
+    assert (a.iters, b.iters, a.batch, b.batch) == (5, 5, 2, 4)
+    assert a.peak_mem_bytes is None and a.mem_method == INTERLEAVED_MEM
+
+
+def test_interleave_clamps_rounds_to_iters():
+    log = []
+    interleave([Recorder("a", log), Recorder("b", log)], [{"x": np.zeros(1)}] * 2, warmup=0, iters=2, rounds=9)
+    assert log == ["a", "b", "a", "b"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rounds": 0}, "rounds >= 1"), ({"iters": 0}, "iters >= 1"), ({"feeds": [{"x": np.zeros(1)}]}, "one feeds dict"),
+])
+def test_interleave_refuses_bad_counts(kwargs, message):
+    sessions = [Recorder("a", []), Recorder("b", [])]
+    feeds = kwargs.pop("feeds", [{"x": np.zeros(1)}] * 2)
+    with pytest.raises(ConfigError, match=message):
+        interleave(sessions, feeds, **kwargs)
+
+
+@pytest.fixture
+def two_files(in_tmp):
+    assert main(["export", "tiny-mlp", "-o", "orig.onnx"]) == 0
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "--set", "align=4", "-o", "c.slim"]) == 0
+    return "orig.onnx", "c.slim"
+
+
+def test_profile_several_candidates_json_and_html(two_files, in_tmp, capsys):
+    capsys.readouterr()
+    code = main(["profile", *two_files, "--batch", "1,4", "--iters", "4", "--warmup", "1", "--rounds", "2", "--ops",
+                 "--json", "--html", "cmp.html"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    first, second = result["candidates"]
+    assert [c["item"] for c in result["candidates"]] == list(two_files) and result["rounds"] == 2
+    assert [r["batch"] for r in first["rows"]] == [1, 4] == [r["batch"] for r in second["rows"]]
+    for ratio, ref, row in zip(result["ratios"], first["rows"], second["rows"]):
+        assert ratio["latency_ratio"] == pytest.approx(row["p50_ms"] / ref["p50_ms"])
+        assert ratio["flops_ratio"] < 1  # rank 4 of 16..64 wide layers: less work
+        assert row["peak_rss_bytes"] > 0 and sum(row["op_time_share"].values()) == pytest.approx(1)
+    assert first["file_bytes"] == (in_tmp / "orig.onnx").stat().st_size
+    page = (in_tmp / "cmp.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "orig.onnx" in page and "c.slim" in page
+
+
+def test_profile_several_candidates_table(two_files, capsys):
+    capsys.readouterr()
+    assert main(["profile", *two_files, "--batch", "2", "--iters", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "2 candidates on cpu-ort-fp32, interleaved over 5 rounds" in out and "x first" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["orig.onnx", "--html", "r.html"], "--html draws a comparison: give two or more ITEMs"),
+    (["orig.onnx", "c.slim", "--profile", "jetson-orin-nano"], "predicted, not measured"),
+    (["orig.onnx", "c.slim", "--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_profile_comparison_refusals(two_files, capsys, args, message):
+    capsys.readouterr()
+    assert main(["profile", *args]) == 2
+    assert message in capsys.readouterr().err
