@@ -1,7 +1,8 @@
 """Honest timing: warm-up, per-call wall clock, percentiles, spread, throughput and peak memory.
 
 Latency is `time.perf_counter` around each `session.run` call, with the device synchronized before
-and after the call, so queued GPU work is counted; warm-up calls are never timed. Feeds are
+and after the call, so queued GPU work is counted, or, for a CUDA session, CUDA events around it
+(runtime/cuda_timing.py; `Timing.clock` says which); warm-up calls are never timed. Feeds are
 prepared once, outside the timed window; output copies back to numpy are inside it (a deployed
 model pays them too).
 
@@ -19,7 +20,6 @@ arena.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeslim.errors import ConfigError
+from edgeslim.runtime.cuda_timing import resolve_clock, timer
 from edgeslim.runtime.memory import MemoryProbe
 
 Feeds = dict[str, np.ndarray]
@@ -55,6 +56,7 @@ class Timing:
     iters: int  # timed calls
     warmup: int  # untimed calls before them
     unstable: bool  # cv > UNSTABLE_CV
+    clock: str = "wall"  # "wall" (perf_counter around a synchronized call) or "cuda-events"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,21 +76,19 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=True)
 
 
-def _timed_calls(session, feeds: Feeds, iters: int, probe: MemoryProbe, advance: Callable[[], None]) -> np.ndarray:
-    sync = getattr(session, "synchronize", lambda: None)
+def _timed_calls(session, feeds: Feeds, iters: int, probe: MemoryProbe, advance: Callable[[], None],
+                 clock: str = "wall") -> np.ndarray:
+    timed = timer(session, clock)
     times = np.empty(iters)
     for i in range(iters):
-        sync()
-        start = time.perf_counter()
-        session.run(feeds)
-        sync()
-        times[i] = time.perf_counter() - start
+        times[i] = timed(lambda: session.run(feeds))
         probe.sample()
         advance()
     return times
 
 
-def _summarize(batch: int, times_s: np.ndarray, peak: int | None, method: str, warmup: int) -> Timing:
+def _summarize(batch: int, times_s: np.ndarray, peak: int | None, method: str, warmup: int,
+               clock: str = "wall") -> Timing:
     ms = times_s * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     mean = float(ms.mean())
@@ -96,7 +96,8 @@ def _summarize(batch: int, times_s: np.ndarray, peak: int | None, method: str, w
     cv = std / mean if mean > 0 else 0.0
     return Timing(batch=batch, p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=mean, std_ms=std,
                   cv=cv, throughput_per_s=batch / (mean / 1e3) if mean > 0 else float("inf"),
-                  peak_mem_bytes=peak, mem_method=method, iters=len(ms), warmup=warmup, unstable=cv > UNSTABLE_CV)
+                  peak_mem_bytes=peak, mem_method=method, iters=len(ms), warmup=warmup, unstable=cv > UNSTABLE_CV,
+                  clock=clock)
 
 
 def _check_counts(warmup: int, iters: int) -> None:
@@ -111,8 +112,9 @@ def _warn_unstable(timing: Timing, what: str = "") -> None:
                       "ratios with care or rerun with more iterations", RuntimeWarning, stacklevel=4)
 
 
-def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[], None]) -> Timing:
+def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[], None], clock: str = "auto") -> Timing:
     _check_counts(warmup, iters)
+    clock = resolve_clock(session, clock)
     batch = _batch_of(feeds)
     probe = MemoryProbe(getattr(session, "memory_kind", "rss"))
     before = probe.current()
@@ -121,15 +123,16 @@ def _measure(session, feeds: Feeds, warmup: int, iters: int, advance: Callable[[
         session.run(feeds)
         probe.sample()
         advance()
-    times = _timed_calls(session, feeds, iters, probe, advance)
+    times = _timed_calls(session, feeds, iters, probe, advance, clock)
     baseline = getattr(session, "baseline_mem_bytes", None)  # set by the session's first call
     baseline = before if baseline is None else baseline
-    timing = _summarize(batch, times, max(0, probe.peak() - baseline), probe.method, warmup)
+    timing = _summarize(batch, times, max(0, probe.peak() - baseline), probe.method, warmup, clock)
     _warn_unstable(timing)
     return timing
 
 
-def measure(session, feeds: Feeds, warmup: int = 5, iters: int = 30, progress: bool = False) -> Timing:
+def measure(session, feeds: Feeds, warmup: int = 5, iters: int = 30, progress: bool = False,
+            clock: str = "auto") -> Timing:
     """Time `session.run(feeds)`: `warmup` untimed calls, then `iters` timed ones.
 
     Args:
@@ -139,16 +142,18 @@ def measure(session, feeds: Feeds, warmup: int = 5, iters: int = 30, progress: b
         warmup: untimed calls first (lazy allocation, kernel selection, caches).
         iters: timed calls.
         progress: show a rich progress bar.
+        clock: "auto" (CUDA events for a session on CUDA, else the wall clock), "wall" or "cuda-events".
 
     Returns:
         Timing with p50/p90/p99, mean, std, cv, throughput and peak memory growth.
 
     Raises:
-        ConfigError: iters < 1, warmup < 0 or empty feeds.
+        ConfigError: iters < 1, warmup < 0, empty feeds, or CUDA events for a session not on CUDA.
+        MissingDependencyError: CUDA events where torch sees no CUDA device.
     """
     with _progress(progress) as bar:
         task = bar.add_task(f"timing batch {_batch_of(feeds)}", total=warmup + iters)
-        return _measure(session, feeds, warmup, iters, lambda: bar.advance(task))
+        return _measure(session, feeds, warmup, iters, lambda: bar.advance(task), clock)
 
 
 def sweep(session, make_feeds: Callable[[int], Feeds], batches: Sequence[int], warmup: int = 5, iters: int = 30,
@@ -178,7 +183,7 @@ INTERLEAVED_MEM = "not measured: interleaved sessions share one process (see run
 
 
 def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5, iters: int = 30, rounds: int = 5,
-               progress: bool = False) -> list[Timing]:
+               progress: bool = False, clock: str = "auto") -> list[Timing]:
     """Time several sessions side by side, round by round, so drift (other jobs, clock changes) hits all alike.
 
     Each session gets `warmup` untimed calls first; then each of `rounds` rounds runs every session in
@@ -189,6 +194,7 @@ def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5,
         sessions: open Sessions (e.g. an original and its compressed candidates).
         feeds: one feeds dict per session (the same shapes for a fair comparison).
         rounds: how many times the order cycles through the sessions (clamped to `iters`).
+        clock: as in `measure`, resolved per session.
 
     Returns:
         one Timing per session, in order; peak memory is not measured here (None).
@@ -200,6 +206,7 @@ def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5,
     if rounds < 1 or len(feeds) != len(sessions) or not sessions:
         raise ConfigError(f"interleave needs rounds >= 1 and one feeds dict per session, got rounds={rounds}, "
                           f"{len(sessions)} session(s) and {len(feeds)} feeds")
+    clocks = [resolve_clock(s, clock) for s in sessions]
     rounds = min(rounds, iters)
     shares = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
     times: list[list[np.ndarray]] = [[] for _ in sessions]
@@ -211,8 +218,9 @@ def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5,
                 bar.advance(task)
         for share in shares:
             for i, (session, f) in enumerate(zip(sessions, feeds)):
-                times[i].append(_timed_calls(session, f, share, MemoryProbe("rss"), lambda: bar.advance(task)))
-    out = [_summarize(_batch_of(f), np.concatenate(t), None, INTERLEAVED_MEM, warmup) for f, t in zip(feeds, times)]
+                times[i].append(_timed_calls(session, f, share, MemoryProbe("rss"), lambda: bar.advance(task), clocks[i]))
+    out = [_summarize(_batch_of(f), np.concatenate(t), None, INTERLEAVED_MEM, warmup, c)
+           for f, t, c in zip(feeds, times, clocks)]
     for timing in out:
         _warn_unstable(timing, " (interleaved)")
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,14 +41,22 @@ class TorchSession(BaseSession):
     when needed. fp16 casts weights and float inputs to half (model.half()), outputs back to fp32.
     torch's intra-op thread count is process-wide: the profile's `threads` is set at the first run
     and the previous count restored by close() (changing it per call costs milliseconds).
+
+    With `cuda_graph` (a CUDA profile), the forward pass is captured once per input shape as a CUDA
+    graph (torch.cuda.CUDAGraph, after warm-up calls on a side stream) and each run copies the feeds
+    into the graph's static inputs and replays it: kernel launches cost one call, not one per op.
     """
 
-    def __init__(self, model: nn.Module, profile: Profile, inputs: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, profile: Profile, inputs: Sequence[str] | None = None,
+                 cuda_graph: bool = False) -> None:
         if profile.runtime != "torch":
             raise ConfigError(f"TorchSession needs a 'torch' profile, got '{profile.name}' ({profile.runtime})")
         self.profile, self.device = profile, profile.device
+        if cuda_graph and self.device != "cuda":
+            raise ConfigError(f"CUDA graphs need a CUDA profile; '{profile.name}' runs on {self.device}")
         if self.device == "cuda":
             require_cuda(profile)
+        self._graphs: dict[tuple, tuple[Any, dict[str, torch.Tensor], Any]] | None = {} if cuda_graph else None
         self.memory_kind = "torch-cuda" if self.device == "cuda" else "rss"
         self._half = profile.precision == "fp16"
         if self.device != "cpu" or self._half or model.training:
@@ -69,13 +77,37 @@ class TorchSession(BaseSession):
         if self.profile.threads and self._threads_before is None:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.profile.threads)
-        with torch.inference_mode():
-            out = self._model(**tensors)
+        if self._graphs is not None:
+            out = self._replay(tensors)
+        else:
+            with torch.inference_mode():
+                out = self._model(**tensors)
         if isinstance(out, torch.Tensor):
             return {"output": _to_numpy(out)}
         if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
             return {f"output_{i}": _to_numpy(o) for i, o in enumerate(out)}
         raise ConfigError(f"the model returned {type(out).__name__}; a session needs a tensor or a tuple of tensors")
+
+    def _replay(self, tensors: dict[str, torch.Tensor]) -> Any:
+        """Run through the CUDA graph captured for these input shapes (captured on first sight)."""
+        key = tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(tensors.items()))
+        if key not in self._graphs:
+            static = {n: t.clone() for n, t in tensors.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(3):  # warm-up outside the graph (allocator, cuBLAS workspaces)
+                    self._model(**static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                out = self._model(**static)
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        for name, t in tensors.items():
+            static[name].copy_(t)
+        graph.replay()
+        return out
 
     def synchronize(self) -> None:
         if self.device == "cuda":
@@ -83,6 +115,7 @@ class TorchSession(BaseSession):
 
     def close(self) -> None:
         self._model = None
+        self._graphs = {} if self._graphs is not None else None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
@@ -96,7 +129,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str | None = None,
-                 inputs: Sequence[str] | None = None) -> Session:
+                 inputs: Sequence[str] | None = None, cuda_graph: bool = False) -> Session:
     """Open a session for an nn.Module, an ONNX file or a TensorRT engine on a target profile.
 
     Args:
@@ -105,6 +138,7 @@ def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str |
         profile: a Profile, a shipped profile name or a TOML path; None picks cpu-torch-fp32 for a
             module, cpu-ort-fp32 for .onnx, cuda-trt-fp16 for an engine.
         inputs: input names of an nn.Module when its forward signature does not say them.
+        cuda_graph: an nn.Module on a CUDA profile runs as captured CUDA graphs (TorchSession).
 
     Raises:
         SourceError: the file is missing or the runtime cannot load it.
@@ -132,7 +166,7 @@ def open_session(model_or_path: nn.Module | str | Path, profile: Profile | str |
         what = "an nn.Module" if kind == "module" else f"a '{kind}' file"
         raise ConfigError(f"profile '{profile.name}' runs '{profile.runtime}', which cannot open {what}: {how}")
     if kind == "module":
-        return TorchSession(model_or_path, profile, inputs)
+        return TorchSession(model_or_path, profile, inputs, cuda_graph)
     if kind in ONNX_SUFFIXES:
         return OrtSession(path, profile)
     return TensorRTSession(path, profile)
