@@ -32,6 +32,7 @@ from edgeslim.compress import get_compressor
 from edgeslim.calib import CalibData
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.train import heal
+from edgeslim.files import JSON, replace_output
 from edgeslim.runtime.machine import machine_info
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -396,14 +397,16 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         part = SECTIONS[section](s)
         part["wall_seconds"] = time.perf_counter() - start
-        parts[section].write_text(json.dumps(part, indent=2, default=float))
+        with replace_output(parts[section], JSON) as tmp:
+            tmp.write_text(json.dumps(part, indent=2, default=float))
     if not (args.merge or all(p.exists() for p in parts.values())):
         return {}
     missing = {"rows": [], "not_run": "did not finish within the time box of this run"}
     summary: dict = {"settings": s, "machine": machine_info(),
                      **{k: json.loads(p.read_text()) if p.exists() else missing for k, p in parts.items()}}
     summary["figures"] = plots(summary, out)
-    (out / "apriori_wave.json").write_text(json.dumps(summary, indent=2, default=float))
+    with replace_output(out / "apriori_wave.json", JSON) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
     for p in parts.values():
         p.unlink(missing_ok=True)
     return summary
