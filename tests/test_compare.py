@@ -88,3 +88,21 @@ def test_profile_comparison_refusals(two_files, capsys, args, message):
     capsys.readouterr()
     assert main(["profile", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_profile_sweep_quick_interleaves_and_records_the_machine(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench" / "profile_sweep.py"
+    res = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "profile_sweep.json").read_text())
+    assert summary["machine_info"]["cpu_model"] and "simd_flags" in summary["machine_info"]
+    torch_rows = [r for r in summary["rows"] if r["runtime"] == "torch"]
+    ort_rows = [r for r in summary["rows"] if r["runtime"] == "onnxruntime"]
+    for t, o in zip(torch_rows, ort_rows):
+        assert t["torch_over_ort_p50"] == pytest.approx(t["p50_ms"] / o["p50_ms"]) and t["mem_method"] == INTERLEAVED_MEM
+    assert summary["peak"]["source"]
