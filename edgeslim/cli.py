@@ -255,10 +255,12 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
               help="several ITEMs: rounds the timed calls alternate over (ratios are to the first ITEM)")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False),
               help="several ITEMs: also write an HTML report with plots (latency vs batch, size, op breakdown)")
+@click.option("--eval", "eval_data", help="several ITEMs: also the task's metric on this data (as `edgeslim eval --data`)")
 @source_options
 @trust_options
 def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, ops: bool, rounds: int, html_out: str | None, weights: str | None, inputs: str | None,
+            as_json: bool, ops: bool, rounds: int, html_out: str | None, eval_data: str | None, weights: str | None,
+            inputs: str | None,
             task: str | None, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target; with
     several, the candidates interleaved round by round with ratios to the first."""
@@ -274,10 +276,11 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
     source = {"weights": weights, "inputs": inputs, "task": task}
     if len(items) > 1:
         _compare(items, profile, batches, sizes, warmup, iters, rounds, ops, html_out, as_json,
-                 _trust(trusted, trust_source), source)
+                 _trust(trusted, trust_source), source, eval_data)
         return
-    if html_out:
-        raise ConfigError("--html draws a comparison: give two or more ITEMs (the first is the reference)")
+    if html_out or eval_data:
+        raise ConfigError("--html and --eval belong to a comparison: give two or more ITEMs (the first is the "
+                          "reference); for one model's metric use `edgeslim eval`")
     item = items[0]
     with profile_target(item, profile, as_json, _trust(trusted, trust_source), source) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
@@ -324,7 +327,7 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
 
 def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, sizes: dict[str, int], warmup: int,
              iters: int, rounds: int, ops: bool, html_out: str | None, as_json: bool, trust: Any,
-             source: dict[str, Any]) -> None:
+             source: dict[str, Any], eval_data: str | None) -> None:
     """`profile A B C`: edgeslim.compare, printed as a table (or JSON) and drawn as HTML when asked."""
     from rich.table import Table
 
@@ -336,7 +339,8 @@ def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, si
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
     if html_out:
         check_output(html_out, REPORT)  # before any work
-    result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json)
+    result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json,
+                     eval_data=eval_data)
     if html_out:
         result["html"] = str(write_html(result, html_out))
     if as_json:
@@ -354,6 +358,10 @@ def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, si
     console = _console()
     console.print(table)
     for cand in result["candidates"]:
+        if "eval" in cand or "eval_error" in cand:
+            ev = cand.get("eval")
+            console.print(f"{cand['item']}: " + (f"{ev['metric']} {ev['value']:.4f} on {ev['data']}" if ev else
+                                                 f"no metric ({cand['eval_error']})"))
         for r in cand["rows"]:
             if "op_time_share" in r:
                 top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
