@@ -9,86 +9,20 @@ from typing import Any
 
 import click
 
-from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
+from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, sets as _sets,  # noqa: F401
+                                  source_options, trust_of, trust_options)
+from edgeslim.cli_profile import profile
+from edgeslim.errors import EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
 from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
-
-TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-classification, feature-extraction, "
-             "image-classification, seq2seq (default: its config.json's architectures)")
-
-
-def _console():
-    from rich.console import Console
-    return Console()
-
-
-def _sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
-    """--set KEY=VALUE options, each value converted by the annotation of its config field."""
-    from edgeslim.config import parse_text
-
-    out = {}
-    for item in items:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        owner = step_keys if step_keys is not None and key in step_keys.__dataclass_fields__ else config_cls
-        out[key] = parse_text(owner, key, val, where=f"--set {key}")
-    return out
-
-
-def _ints(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError as exc:
-        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}") from exc
-    if min(values) < 1:
-        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}")
-    return values
-
-
-def _dims(pairs: tuple[str, ...]) -> dict[str, int]:
-    out = {}
-    for p in pairs:
-        key, _, val = p.partition("=")
-        if not key.isidentifier() or not val.isdigit() or int(val) < 1:
-            raise ConfigError(f"--dim takes NAME=SIZE with a positive SIZE (e.g. sequence=128), got {p!r}")
-        out[key] = int(val)
-    return out
-
-
-def trust_options(command: Any) -> Any:
-    """--source and --trust-source: the factories an artifact's manifest may name (`edgeslim.trust`)."""
-    command = click.option("--trust-source", is_flag=True,
-                           help="replay whatever pkg.mod:factory an artifact names (imports and runs that code)")(command)
-    return click.option("--source", "trusted", metavar="PKG.MOD:FACTORY",
-                        help="the factory you allow an artifact to name as its source")(command)
-
-
-def source_options(command: Any) -> Any:
-    """--weights, --input and --task: how a SOURCE loads (a `pkg.mod:factory` and its weights, a Hugging
-    Face folder's task), the same on every command that takes one (`edgeslim.sources.load_model`)."""
-    command = click.option("--task", help=TASK_HELP)(command)
-    command = click.option("--input", "inputs", metavar="SPEC",
-                           help="inputs of a factory source, e.g. 'x:batch,3,224,224' (NAME:DIMS[:DTYPE];...)")(command)
-    return click.option("--weights", help="weights file for a pkg.mod:factory source (.safetensors or .pt)")(command)
-
-
-def json_option(command: Any) -> Any:
-    """--json: print one JSON object (the result) on stdout instead of the human-readable lines."""
-    return click.option("--json", "as_json", is_flag=True, help="print the result as JSON")(command)
-
-
-def _trust(trusted: str | None, trust_source: bool) -> Any:
-    from edgeslim.trust import Trust
-    return Trust(trusted, trust_source)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeslim")
 def cli() -> None:
     """edgeslim: compress a trained PyTorch model, export it to a device runtime, profile it."""
+
+
+cli.add_command(profile)
 
 
 @cli.command()
@@ -104,7 +38,7 @@ def run(recipe: str | None, out_dir: str, quiet: bool, trusted: str | None, trus
     from edgeslim.report import speed_rows
 
     plan = pipeline.load_recipe(recipe) if recipe else pipeline.parse_recipe(pipeline.DEMO_RECIPE, "demo")
-    _trust(trusted, trust_source)  # a malformed --source is an error before any work
+    trust_of(trusted, trust_source)  # a malformed --source is an error before any work
     plan = dataclasses.replace(plan, source_factory=trusted or plan.source_factory,
                                trust_source=trust_source or plan.trust_source)
     summary = pipeline.run(plan, out_dir, quiet)
@@ -172,7 +106,7 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
     step |= _sets(sets, get_compressor(method).Config, StepSection)
     out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
     original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
-                                                               trust=_trust(trusted, trust_source), task=task,
+                                                               trust=trust_of(trusted, trust_source), task=task,
                                                                quiet=as_json)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
@@ -215,7 +149,7 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
     from edgeslim.pipeline import check_export_paths, export_model
     from edgeslim.sources import load_model
 
-    trust = _trust(trusted, trust_source)
+    trust = trust_of(trusted, trust_source)
     suffix = ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
     check_export_paths(path, to)  # before any work: never over a foreign file or folder
@@ -242,134 +176,8 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
                          + (f", top-1 agreement {a['top1_agreement']:.3f}" if "top1_agreement" in a else ""))
 
 
-@cli.command()
-@click.argument("items", nargs=-1, required=True, metavar="ITEM [ITEM2 ...]")
-@click.option("--profile", "profile", default=DEFAULT_PROFILE, show_default=True, help="target profile")
-@click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
-@click.option("--warmup", default=5, show_default=True)
-@click.option("--iters", default=30, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
-@click.option("--rounds", default=5, show_default=True,
-              help="several ITEMs: rounds the timed calls alternate over (ratios are to the first ITEM)")
-@click.option("--html", "html_out", type=click.Path(dir_okay=False),
-              help="several ITEMs: also write an HTML report with plots (latency vs batch, size, op breakdown)")
-@source_options
-@trust_options
-def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, ops: bool, rounds: int, html_out: str | None, weights: str | None, inputs: str | None,
-            task: str | None, trusted: str | None, trust_source: bool) -> None:
-    """Latency percentiles, throughput and peak memory of a model file or artifact on a target; with
-    several, the candidates interleaved round by round with ratios to the first."""
-    import torch
-    from rich.table import Table
-
-    from edgeslim.pipeline import profile_file, profile_target
-    from edgeslim.report import ms, peak_mem_text
-
-    if warmup < 0 or iters < 1:
-        raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
-    batches, sizes = _ints(batch), _dims(dims)
-    source = {"weights": weights, "inputs": inputs, "task": task}
-    if len(items) > 1:
-        _compare(items, profile, batches, sizes, warmup, iters, rounds, ops, html_out, as_json,
-                 _trust(trusted, trust_source), source)
-        return
-    if html_out:
-        raise ConfigError("--html draws a comparison: give two or more ITEMs (the first is the reference)")
-    item = items[0]
-    with profile_target(item, profile, as_json, _trust(trusted, trust_source), source) as (target, loaded):
-        rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
-                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
-    if as_json:
-        click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
-        return
-    if rows and rows[0].get("predicted"):
-        table = Table(title=f"{item} on {profile}: PREDICTED from the roofline (not measured here)")
-        for col in ("batch", "sizes", "predicted p50 ms (lower bound)", "GFLOP", "MB moved", "fits RAM"):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), f"{r['flops'] / 1e9:.3g}",
-                          f"{r['bytes_moved'] / 1e6:.4g}", {True: "yes", False: "NO"}.get(r.get("fits_ram"), "-"))
-        _console().print(table)
-        return
-    table = Table(title=f"{item} on {profile}")
-    for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        if "crashed" in r:
-            table.add_row(str(r["batch"]), _sizes_cell(r), "[red]crashed[/red]", *["-"] * 6)
-            continue
-        table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
-                      f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
-                      peak_mem_text(r), f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
-    _console().print(table)
-    _console().print("peak mem: " + ("peak resident memory of a fresh process running the model (weights included)"
-                                     if any("peak_rss_bytes" in r for r in rows) else
-                                     "+ growth while running in this process (weights not included)"))
-    for r in rows:
-        if "crashed" in r:
-            _console().print(f"[red]batch {r['batch']} crashed[/red]: {r['crashed']}")
-    peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
-    for source, p in peaks.items():
-        _console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
-    for r in rows:
-        if "op_time_share" in r:
-            top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
-            _console().print(f"batch {r['batch']} kernel time by op type: {top}")
-        if "roofline_warning" in r:
-            _console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
-
-
-def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, sizes: dict[str, int], warmup: int,
-             iters: int, rounds: int, ops: bool, html_out: str | None, as_json: bool, trust: Any,
-             source: dict[str, Any]) -> None:
-    """`profile A B C`: edgeslim.compare, printed as a table (or JSON) and drawn as HTML when asked."""
-    from rich.table import Table
-
-    from edgeslim.compare import compare, write_html
-    from edgeslim.files import REPORT, check_output
-    from edgeslim.report import ms, peak_mem_text, si
-
-    if rounds < 1:
-        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
-    if html_out:
-        check_output(html_out, REPORT)  # before any work
-    result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json)
-    if html_out:
-        result["html"] = str(write_html(result, html_out))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    table = Table(title=f"{len(items)} candidates on {profile}, interleaved over {rounds} rounds (ratios to the first)")
-    for col in ("candidate", "batch", "p50 ms", "x first", "cv", "file", "peak mem", "GFLOP"):
-        table.add_column(col, justify="left" if col == "candidate" else "right")
-    first = result["candidates"][0]["rows"]
-    for cand in result["candidates"]:
-        for ref, r in zip(first, cand["rows"]):
-            table.add_row(cand["item"], str(r["batch"]), ms(r["p50_ms"]), f"{r['p50_ms'] / ref['p50_ms']:.3f}",
-                          f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), si(cand["file_bytes"], "B"),
-                          peak_mem_text(r), f"{r['flops'] / 1e9:.3g}" if "flops" in r else "-")
-    console = _console()
-    console.print(table)
-    for cand in result["candidates"]:
-        for r in cand["rows"]:
-            if "op_time_share" in r:
-                top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
-                console.print(f"{cand['item']} batch {r['batch']} kernel time by op type: {top}")
-    if html_out:
-        console.print(f"report: {result['html']}")
-
-
 def _folder_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-
-
-def _sizes_cell(row: dict) -> str:
-    """'sequence=128 (default), height=64 (--dim)': the sizes a row was measured at, and where from."""
-    return ", ".join(f"{k}={v}" + ("" if row["size_sources"].get(k) in ("batch", "model", None) else
-                                   f" ({row['size_sources'][k]})") for k, v in row["sizes"].items() if k != "batch") or "-"
 
 
 @cli.command(name="eval")
@@ -392,7 +200,7 @@ def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_s
     from edgeslim.evaluate import evaluate
     from edgeslim.sources import load_model, reference_of
 
-    loaded = load_model(item, task=task, trust=_trust(trusted, trust_source), base=base)
+    loaded = load_model(item, task=task, trust=trust_of(trusted, trust_source), base=base)
     original = reference_of(item, loaded, reference) if loaded.task == "feature-extraction" else None
     result = evaluate(loaded, data, original, onnx_file, batch_size, progress=not as_json)
     result.model = str(onnx_file or item)
@@ -568,7 +376,7 @@ def upscale(image: str, out: str, model: str, trusted: str | None, trust_source:
     from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
-    trust = _trust(trusted, trust_source)
+    trust = trust_of(trusted, trust_source)
     check_output(out, IMAGE)
     net = runnable(load_model(model, trust=trust))  # an INT8 artifact runs its exported QDQ graph in ORT
     scale = sr_scale(net)

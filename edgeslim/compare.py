@@ -4,8 +4,10 @@ Each candidate (a model file, an artifact or any source) is opened the way a sin
 it (`pipeline.profile_target`), all sessions stay open, and at each batch size the timed calls
 alternate between them (`runtime.measure.interleave`), so drift on a shared machine hits every
 candidate alike. Memory is measured per candidate in its own child process (`runtime.child`), the
-per-op breakdown (`--ops`) from ONNX Runtime's profiler. The result is JSON-ready; `write_html`
-draws it: latency vs batch, size and latency side by side, kernel time by op type per candidate.
+per-op breakdown (`--ops`) from ONNX Runtime's profiler, the task's metric on the user's data
+(`--eval`, `edgeslim.evaluate`) where a candidate has a task. The result is JSON-ready; `write_html`
+draws it: latency vs batch, size and latency side by side, kernel time by op type per candidate,
+and the metric against latency.
 """
 from __future__ import annotations
 
@@ -35,8 +37,13 @@ def _params(loaded: Any) -> int | None:
 
 def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, dims: Mapping[str, int],
             warmup: int = 5, iters: int = 30, rounds: int = 5, ops: bool = False, trust: Trust | None = None,
-            source: Mapping[str, Any] | None = None, quiet: bool = True) -> dict[str, Any]:
+            source: Mapping[str, Any] | None = None, quiet: bool = True, eval_data: str | None = None
+            ) -> dict[str, Any]:
     """Profile several candidates interleaved on one target; ratios are to the first.
+
+    With `eval_data`, each candidate that has a task also gets `eval` (edgeslim.evaluate on that data,
+    its exported file when it is one; an encoder's agreement is with the first candidate), or
+    `eval_error` saying why not (a bare model file has no task).
 
     Returns:
         {"profile", "rounds", "candidates": [{"item", "file_bytes", "params", "rows"}], "ratios": per
@@ -83,8 +90,26 @@ def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, d
                 if ops and str(target).endswith(".onnx") and prof.device == "cpu":
                     row["op_time_share"] = op_breakdown(target, f, iters=max(1, min(iters, 5)), threads=prof.threads)
                 cand["rows"].append(row)
+        if eval_data:
+            _evaluate(candidates, opened, eval_data)
     return {"profile": profile, "rounds": rounds, "warmup": warmup, "iters": iters, "candidates": candidates,
             "ratios": ratios(candidates)}
+
+
+def _evaluate(candidates: Sequence[dict[str, Any]], opened: Sequence[tuple[Any, Any]], data: str) -> None:
+    from edgeslim.errors import EdgeslimError
+    from edgeslim.evaluate import evaluate
+
+    reference = opened[0][1]
+    for cand, (target, loaded) in zip(candidates, opened):
+        onnx = target if str(target).endswith(".onnx") and loaded.task != "generic" else None
+        try:
+            result = evaluate(loaded, data, reference if loaded.task == "feature-extraction" else None, onnx,
+                              progress=False)
+        except EdgeslimError as exc:  # e.g. a bare ONNX file: no task, no tokenizer
+            cand["eval_error"] = " ".join(str(exc).split())
+            continue
+        cand["eval"] = result.to_dict()
 
 
 def _over(a: float | None, b: float | None) -> float | None:
@@ -159,6 +184,21 @@ def _plot_ops(result: Mapping[str, Any], top: int = 8) -> bytes | None:
     return png_bytes(fig)
 
 
+def _plot_metric(result: Mapping[str, Any]) -> bytes | None:
+    known = [(n, c) for n, c in zip(_names(result), result["candidates"]) if "eval" in c]
+    if len(known) < 2:
+        return None
+    fig = figure(5, 3.2)
+    ax = fig.subplots()
+    for name, cand in known:
+        ax.scatter(cand["rows"][0]["p50_ms"], cand["eval"]["value"], s=30)
+        ax.annotate(name, (cand["rows"][0]["p50_ms"], cand["eval"]["value"]), fontsize=7)
+    ax.set_xlabel(f"p50 latency at batch {known[0][1]['rows'][0]['batch']}, ms")
+    ax.set_ylabel(f"{known[0][1]['eval']['metric']} on {known[0][1]['eval']['data']}")
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -180,9 +220,12 @@ def write_html(result: Mapping[str, Any], path: str | Path) -> Path:
                                                          + (" unstable" if r["unstable"] else "") for r in rows]))
         lines.append(_row(f"peak memory, batch {ref['batch']}", [peak_mem_text(r) for r in rows]))
     plots = [_img(_plot_latency(result), "latency vs batch"), _img(_plot_size_latency(result), "size and latency")]
-    ops = _plot_ops(result)
-    if ops is not None:
-        plots.append(_img(ops, "kernel time by op type"))
+    for extra, alt in ((_plot_ops(result), "kernel time by op type"), (_plot_metric(result), "metric vs latency")):
+        if extra is not None:
+            plots.append(_img(extra, alt))
+    if any("eval" in c for c in cands):
+        lines.append(_row("metric", [f"{c['eval']['metric']} {c['eval']['value']:.4g}" if "eval" in c else "-"
+                                     for c in cands]))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>edgeslim comparison on "
             f"{html.escape(result['profile'])}</title></head><body><h1>Comparison on {html.escape(result['profile'])}</h1>"
             f"<p>Timed calls interleaved over {result['rounds']} rounds; ratios are to {html.escape(names[0])}. "

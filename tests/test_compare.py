@@ -80,7 +80,7 @@ def test_profile_several_candidates_table(two_files, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["orig.onnx", "--html", "r.html"], "--html draws a comparison: give two or more ITEMs"),
+    (["orig.onnx", "--html", "r.html"], "--html and --eval belong to a comparison: give two or more ITEMs"),
     (["orig.onnx", "c.slim", "--profile", "jetson-orin-nano"], "predicted, not measured"),
     (["orig.onnx", "c.slim", "--rounds", "0"], "--rounds must be >= 1"),
 ])
@@ -88,3 +88,36 @@ def test_profile_comparison_refusals(two_files, capsys, args, message):
     capsys.readouterr()
     assert main(["profile", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_profile_sweep_quick_interleaves_and_records_the_machine(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench" / "profile_sweep.py"
+    res = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "profile_sweep.json").read_text())
+    assert summary["machine_info"]["cpu_model"] and "simd_flags" in summary["machine_info"]
+    torch_rows = [r for r in summary["rows"] if r["runtime"] == "torch"]
+    ort_rows = [r for r in summary["rows"] if r["runtime"] == "onnxruntime"]
+    for t, o in zip(torch_rows, ort_rows):
+        assert t["torch_over_ort_p50"] == pytest.approx(t["p50_ms"] / o["p50_ms"]) and t["mem_method"] == INTERLEAVED_MEM
+    assert summary["peak"]["source"]
+
+
+def test_compare_with_eval_draws_metric_against_latency(in_tmp, capsys):
+    pytest.importorskip("transformers")
+    assert main(["compress", "tiny-bert", "-m", "svd", "--rank", "4", "--set", "align=4", "-o", "b.slim"]) == 0
+    capsys.readouterr()
+    code = main(["profile", "tiny-bert", "b.slim", "--profile", "cpu-torch-fp32", "--batch", "2", "--iters", "2",
+                 "--warmup", "0", "--eval", "sentences", "--json", "--html", "e.html"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    first, second = json.loads(out.out)["candidates"]
+    assert first["eval"]["metric"] == second["eval"]["metric"]
+    assert first["eval"]["value"] == pytest.approx(1.0)  # the reference agrees with itself
+    assert second["eval"]["value"] < 1.0  # rank 4 of 32: the embeddings move
+    assert (in_tmp / "e.html").read_text().count("data:image/png;base64,") == 3  # latency, size, metric

@@ -49,6 +49,7 @@ def test_profiler_check_quick_runs(tmp_path):
     row = summary["results"][0]
     assert row["model"] == "tiny-mlp" and row["flops"] == 2 * (16 * 64 + 64 * 64 + 64 * 8)
     assert row["bare_script_max_rss_bytes"] > 0 and "load_avg" in summary["machine_before"]
+    assert row["rss_ratio_profiler_child_over_bare"] > 0 and row["rounds"][0]["profiler_memory"]["peak_rss_bytes"] > 0
     assert (tmp_path / "profiler_check_p50.png").stat().st_size > 0
 
 

@@ -1,0 +1,79 @@
+"""What the `edgeslim` commands share: option decorators (source, trust, JSON) and option parsing."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from edgeslim.errors import ConfigError
+
+TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-classification, feature-extraction, "
+             "image-classification, seq2seq (default: its config.json's architectures)")
+
+
+def console():
+    from rich.console import Console
+    return Console()
+
+
+def sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
+    """--set KEY=VALUE options, each value converted by the annotation of its config field."""
+    from edgeslim.config import parse_text
+
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        owner = step_keys if step_keys is not None and key in step_keys.__dataclass_fields__ else config_cls
+        out[key] = parse_text(owner, key, val, where=f"--set {key}")
+    return out
+
+
+def ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}") from exc
+    if min(values) < 1:
+        raise ConfigError(f"--batch takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def dims(pairs: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for p in pairs:
+        key, _, val = p.partition("=")
+        if not key.isidentifier() or not val.isdigit() or int(val) < 1:
+            raise ConfigError(f"--dim takes NAME=SIZE with a positive SIZE (e.g. sequence=128), got {p!r}")
+        out[key] = int(val)
+    return out
+
+
+def trust_options(command: Any) -> Any:
+    """--source and --trust-source: the factories an artifact's manifest may name (`edgeslim.trust`)."""
+    command = click.option("--trust-source", is_flag=True,
+                           help="replay whatever pkg.mod:factory an artifact names (imports and runs that code)")(command)
+    return click.option("--source", "trusted", metavar="PKG.MOD:FACTORY",
+                        help="the factory you allow an artifact to name as its source")(command)
+
+
+def source_options(command: Any) -> Any:
+    """--weights, --input and --task: how a SOURCE loads (a `pkg.mod:factory` and its weights, a Hugging
+    Face folder's task), the same on every command that takes one (`edgeslim.sources.load_model`)."""
+    command = click.option("--task", help=TASK_HELP)(command)
+    command = click.option("--input", "inputs", metavar="SPEC",
+                           help="inputs of a factory source, e.g. 'x:batch,3,224,224' (NAME:DIMS[:DTYPE];...)")(command)
+    return click.option("--weights", help="weights file for a pkg.mod:factory source (.safetensors or .pt)")(command)
+
+
+def json_option(command: Any) -> Any:
+    """--json: print one JSON object (the result) on stdout instead of the human-readable lines."""
+    return click.option("--json", "as_json", is_flag=True, help="print the result as JSON")(command)
+
+
+def trust_of(trusted: str | None, trust_source: bool) -> Any:
+    from edgeslim.trust import Trust
+    return Trust(trusted, trust_source)

@@ -1,0 +1,145 @@
+"""`edgeslim profile`: one model's latency, memory and roofline, or several candidates side by side."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from edgeslim.cli_options import console, dims as parse_dims, ints, source_options, trust_of, trust_options
+from edgeslim.errors import ConfigError
+from edgeslim.pipeline import DEFAULT_PROFILE
+
+
+@click.command()
+@click.argument("items", nargs=-1, required=True, metavar="ITEM [ITEM2 ...]")
+@click.option("--profile", "profile", default=DEFAULT_PROFILE, show_default=True, help="target profile")
+@click.option("--batch", help="batch sizes, e.g. 1,8,32 (default: the profile's)")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--iters", default=30, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
+@click.option("--rounds", default=5, show_default=True,
+              help="several ITEMs: rounds the timed calls alternate over (ratios are to the first ITEM)")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="several ITEMs: also write an HTML report with plots (latency vs batch, size, op breakdown)")
+@click.option("--eval", "eval_data", help="several ITEMs: also the task's metric on this data (as `edgeslim eval --data`)")
+@source_options
+@trust_options
+def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
+            as_json: bool, ops: bool, rounds: int, html_out: str | None, eval_data: str | None, weights: str | None,
+            inputs: str | None,
+            task: str | None, trusted: str | None, trust_source: bool) -> None:
+    """Latency percentiles, throughput and peak memory of a model file or artifact on a target; with
+    several, the candidates interleaved round by round with ratios to the first."""
+    import torch
+    from rich.table import Table
+
+    from edgeslim.pipeline import profile_file, profile_target
+    from edgeslim.report import ms, peak_mem_text
+
+    if warmup < 0 or iters < 1:
+        raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
+    batches, sizes = ints(batch), parse_dims(dims)
+    source = {"weights": weights, "inputs": inputs, "task": task}
+    if len(items) > 1:
+        _compare(items, profile, batches, sizes, warmup, iters, rounds, ops, html_out, as_json,
+                 trust_of(trusted, trust_source), source, eval_data)
+        return
+    if html_out or eval_data:
+        raise ConfigError("--html and --eval belong to a comparison: give two or more ITEMs (the first is the "
+                          "reference); for one model's metric use `edgeslim eval`")
+    item = items[0]
+    with profile_target(item, profile, as_json, trust_of(trusted, trust_source), source) as (target, loaded):
+        rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
+                            roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
+    if as_json:
+        click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
+        return
+    if rows and rows[0].get("predicted"):
+        table = Table(title=f"{item} on {profile}: PREDICTED from the roofline (not measured here)")
+        for col in ("batch", "sizes", "predicted p50 ms (lower bound)", "GFLOP", "MB moved", "fits RAM"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), f"{r['flops'] / 1e9:.3g}",
+                          f"{r['bytes_moved'] / 1e6:.4g}", {True: "yes", False: "NO"}.get(r.get("fits_ram"), "-"))
+        console().print(table)
+        return
+    table = Table(title=f"{item} on {profile}")
+    for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if "crashed" in r:
+            table.add_row(str(r["batch"]), _sizes_cell(r), "[red]crashed[/red]", *["-"] * 6)
+            continue
+        table.add_row(str(r["batch"]), _sizes_cell(r), ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+                      f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), f"{r['throughput_per_s']:.4g}",
+                      peak_mem_text(r), f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "-")
+    console().print(table)
+    console().print("peak mem: " + ("peak resident memory of a fresh process running the model (weights included)"
+                                     if any("peak_rss_bytes" in r for r in rows) else
+                                     "+ growth while running in this process (weights not included)"))
+    for r in rows:
+        if "crashed" in r:
+            console().print(f"[red]batch {r['batch']} crashed[/red]: {r['crashed']}")
+    peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
+    for source, p in peaks.items():
+        console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
+    for r in rows:
+        if "op_time_share" in r:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
+            console().print(f"batch {r['batch']} kernel time by op type: {top}")
+        if "roofline_warning" in r:
+            console().print(f"[red]warning[/red] batch {r['batch']}: {r['roofline_warning']}")
+
+
+def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, sizes: dict[str, int], warmup: int,
+             iters: int, rounds: int, ops: bool, html_out: str | None, as_json: bool, trust: Any,
+             source: dict[str, Any], eval_data: str | None) -> None:
+    """`profile A B C`: edgeslim.compare, printed as a table (or JSON) and drawn as HTML when asked."""
+    from rich.table import Table
+
+    from edgeslim.compare import compare, write_html
+    from edgeslim.files import REPORT, check_output
+    from edgeslim.report import ms, peak_mem_text, si
+
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    if html_out:
+        check_output(html_out, REPORT)  # before any work
+    result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json,
+                     eval_data=eval_data)
+    if html_out:
+        result["html"] = str(write_html(result, html_out))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{len(items)} candidates on {profile}, interleaved over {rounds} rounds (ratios to the first)")
+    for col in ("candidate", "batch", "p50 ms", "x first", "cv", "file", "peak mem", "GFLOP"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    first = result["candidates"][0]["rows"]
+    for cand in result["candidates"]:
+        for ref, r in zip(first, cand["rows"]):
+            table.add_row(cand["item"], str(r["batch"]), ms(r["p50_ms"]), f"{r['p50_ms'] / ref['p50_ms']:.3f}",
+                          f"{r['cv']:.3f}" + (" unstable" if r["unstable"] else ""), si(cand["file_bytes"], "B"),
+                          peak_mem_text(r), f"{r['flops'] / 1e9:.3g}" if "flops" in r else "-")
+    out = console()
+    out.print(table)
+    for cand in result["candidates"]:
+        if "eval" in cand or "eval_error" in cand:
+            ev = cand.get("eval")
+            out.print(f"{cand['item']}: " + (f"{ev['metric']} {ev['value']:.4f} on {ev['data']}" if ev else
+                                                 f"no metric ({cand['eval_error']})"))
+        for r in cand["rows"]:
+            if "op_time_share" in r:
+                top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
+                out.print(f"{cand['item']} batch {r['batch']} kernel time by op type: {top}")
+    if html_out:
+        out.print(f"report: {result['html']}")
+
+
+def _sizes_cell(row: dict) -> str:
+    """'sequence=128 (default), height=64 (--dim)': the sizes a row was measured at, and where from."""
+    return ", ".join(f"{k}={v}" + ("" if row["size_sources"].get(k) in ("batch", "model", None) else
+                                   f" ({row['size_sources'][k]})") for k, v in row["sizes"].items() if k != "batch") or "-"
