@@ -25,7 +25,7 @@ import torch
 from edgeslim import images
 from edgeslim.compress import get_compressor
 from edgeslim.compress.replace import count_params
-from edgeslim.compress.subpixel import ESPCN, DeconvSR
+from edgeslim.sr_models import ESPCN, DeconvSR
 from edgeslim.export.onnx import to_onnx
 from edgeslim.runtime.measure import measure
 from edgeslim.runtime.session import open_session

@@ -106,7 +106,7 @@ def espcn_psnr(model: torch.nn.Module, crop: int | None) -> float:
 
 
 def espcn_part(cfg: dict, tmp: Path) -> dict:
-    from edgeslim.compress.subpixel import train_espcn
+    from edgeslim.sr_train import train_espcn
     calib = images.patch_calibration(3, cfg["calib_patches"], batch_size=32)
     calib = CalibData("sr-patches", calib.batches)
     shipped = load_model("espcn-x3")

@@ -1,6 +1,6 @@
 """Retrain the ESPCN x2/x3/x4 models that ship in edgeslim/models/espcn-x{2,3,4}.slim/.
 
-Each is trained by `edgeslim.compress.subpixel.train_espcn` (ground-truth HR patches of the bundled
+Each is trained by `edgeslim.sr_train.train_espcn` (ground-truth HR patches of the bundled
 training images, never the held-out ones) and saved as an artifact whose source is the bicubic
 upsampler of the same scale; the manifest records the data, steps, seed and every training setting.
 Run from the repository root: `python bench/train_espcn.py [--scales 2 3 4] [--steps N]`.

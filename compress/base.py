@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence, get_args
+from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, get_args
 
 from torch import nn
 
@@ -47,6 +47,7 @@ class CompressContext:
     align: int | None = None  # the target profile's shape multiple (8 CPU SIMD, 16/32 tensor cores)
     profile: str | None = None  # target profile name
     measure: Measure | None = None  # e.g. a GEMM latency table of the target, for latency budgets
+    monitor: Callable[[int, nn.Module], None] | None = None  # training families call it after each step
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Sub-pixel super-resolution: ESPCN, the SubPixelConv2d layer, and exact deconvolution-to-sub-pixel.
+"""Sub-pixel super-resolution: the SubPixelConv2d layer, exact deconvolution-to-sub-pixel, ESPCN training.
+
+The models themselves (ESPCN, BicubicUpsampler, DeconvSR, SRCNN) live in edgeslim/sr_models.py.
 
 Shi et al., "Real-Time Single Image and Video Super-Resolution Using an Efficient Sub-Pixel
 Convolutional Neural Network" (CVPR 2016): features are computed in low-resolution (LR) space and a
@@ -24,9 +26,7 @@ from edgeslim.compress.replace import count_params, select_modules, set_submodul
 from edgeslim.compress.train import fit
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
-
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
-
+from edgeslim.sr_models import ESPCN, BicubicUpsampler, check_scale
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -37,12 +37,6 @@ def _quad(value: int | tuple[int, ...], key: str) -> tuple[int, int, int, int]:
     if len(quad) != 4 or not all(isinstance(v, int) for v in quad):
         raise ConfigError(f"{key} must be an int or 4 ints (top, bottom, left, right), got {value!r}")
     return quad  # type: ignore[return-value]
-
-
-def _check_scale(scale: Any) -> int:
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ConfigError(f"scale must be a positive integer (2, 3 or 4 for the shipped models), got {scale!r}")
-    return scale
 
 
 def _pad_or_crop(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
@@ -71,7 +65,7 @@ class SubPixelConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, scale: int, kernel_size: int | tuple[int, int],
                  padding: str | int | tuple[int, ...] = "same", crop: int | tuple[int, ...] = 0, bias: bool = True):
         super().__init__()
-        self.scale = _check_scale(scale)
+        self.scale = check_scale(scale)
         kh, kw = _pair(kernel_size)
         if padding == "same":
             padding = ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
@@ -180,95 +174,6 @@ class SubPixelConv2d(nn.Module):
             if bias is not None:
                 deconv.bias.copy_(bias.view(cout, s * s)[:, 0])
         return deconv
-
-
-class ESPCN(nn.Module):
-    """ESPCN (Shi et al. 2016): convs with tanh in LR space, a last conv to r^2 channels, PixelShuffle.
-
-    Works on the Y channel of YCbCr (in_channels=1), values in [0, 1]; forward(x) maps
-    [B, C, H, W] to [B, C, rH, rW]. Parameters: sum over layers of c_in*c_out*k^2 + c_out, the last
-    layer having c_out = C*r^2.
-    """
-
-    def __init__(self, scale: int, channels: tuple[int, ...] = (64, 32), kernels: tuple[int, ...] = (5, 3, 3),
-                 activation: str = "tanh", in_channels: int = 1):
-        super().__init__()
-        _check_scale(scale)
-        channels, kernels = tuple(channels), tuple(kernels)
-        if len(kernels) != len(channels) + 1:
-            raise ConfigError(f"ESPCN needs one kernel size per hidden layer plus the last: {len(channels)} "
-                              f"channels need {len(channels) + 1} kernels, got {kernels}")
-        if activation not in _ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if not all(isinstance(v, int) and v > 0 for v in channels + kernels + (in_channels,)):
-            raise ConfigError(f"channels, kernels and in_channels must be positive integers, got "
-                              f"{channels}, {kernels}, {in_channels}")
-        self.architecture = {"scale": scale, "channels": list(channels), "kernels": list(kernels),
-                             "activation": activation, "in_channels": in_channels}
-        layers: list[nn.Module] = []
-        c = in_channels
-        for ch, k in zip(channels, kernels):
-            layers += [nn.Conv2d(c, ch, k, padding=k // 2), _ACTIVATIONS[activation]()]
-            c = ch
-        self.features = nn.Sequential(*layers)
-        self.upsample = SubPixelConv2d(c, in_channels, scale, kernels[-1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.features(x))
-
-
-class BicubicUpsampler(nn.Module):
-    """Bicubic interpolation by `scale` as a module (the baseline, and the default ESPCN teacher).
-
-    torch's bicubic uses a = -0.75 (PIL and MATLAB use -0.5); it exports to ONNX Resize (cubic).
-    """
-
-    def __init__(self, scale: int):
-        super().__init__()
-        self.scale = _check_scale(scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
-
-
-class DeconvSR(nn.Module):
-    """FSRCNN-style model (Dong, Loy & Tang 2016): LR convs with PReLU, then a stride-r ConvTranspose2d.
-
-    Defaults are the small FSRCNN-s (d=32, s=5, m=1, 9x9 deconvolution); output is exactly r*H x r*W.
-    """
-
-    def __init__(self, scale: int, d: int = 32, s: int = 5, m: int = 1, kernel: int = 9, in_channels: int = 1):
-        super().__init__()
-        _check_scale(scale)
-        pad = math.ceil((kernel - scale) / 2)
-        if pad < 0:
-            raise ConfigError(f"deconvolution kernel {kernel} must be at least the scale {scale}")
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, d, 5, padding=2), nn.PReLU(d), nn.Conv2d(d, s, 1), nn.PReLU(s)]
-        for _ in range(m):
-            layers += [nn.Conv2d(s, s, 3, padding=1), nn.PReLU(s)]
-        layers += [nn.Conv2d(s, d, 1), nn.PReLU(d)]
-        self.features = nn.Sequential(*layers)
-        self.upsample = nn.ConvTranspose2d(d, in_channels, kernel, stride=scale, padding=pad,
-                                           output_padding=2 * pad - (kernel - scale))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.features(x))
-
-
-class SRCNN(nn.Module):
-    """SRCNN (Dong et al. 2014/2016, 9-5-5): bicubic upsampling first, then three convs in HR space."""
-
-    def __init__(self, scale: int, channels: tuple[int, int] = (64, 32), kernels: tuple[int, int, int] = (9, 5, 5),
-                 in_channels: int = 1):
-        super().__init__()
-        self.upscale = BicubicUpsampler(scale)
-        (c1, c2), (k1, k2, k3) = channels, kernels
-        self.body = nn.Sequential(nn.Conv2d(in_channels, c1, k1, padding=k1 // 2), nn.ReLU(),
-                                  nn.Conv2d(c1, c2, k2, padding=k2 // 2), nn.ReLU(),
-                                  nn.Conv2d(c2, in_channels, k3, padding=k3 // 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.upscale(x))
 
 
 @dataclass(frozen=True)
@@ -394,7 +299,7 @@ class ESPCNTrainer(Compressor):
                          None if pool_y is None else [pool_y[idx] for idx in chunks])
         report = fit(student, data, steps=config.steps, lr=config.lr, teacher=teacher, seed=config.seed,
                      schedule="cosine", lr_end=config.lr / 100, augment=_augment if config.augment else None,
-                     label=f"training ESPCN x{r}")
+                     label=f"training ESPCN x{r}", monitor=context.monitor if context else None)
         student.eval()
         rel = self._rel_error(student, teacher, pool_x[:256], None if pool_y is None else pool_y[:256], r)
         first, tail = report.losses[0], report.tail_loss(50)
@@ -429,22 +334,3 @@ class ESPCNTrainer(Compressor):
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         return ESPCN(**resolved["architecture"])
-
-
-def train_espcn(scale: int, steps: int = 2000, seed: int = 0, count: int = 8192, patch: int = 17,
-                **settings: Any) -> CompressResult:
-    """Train ESPCN x`scale` on patches of the bundled training images (ground truth, bicubic teacher).
-
-    Args:
-        count: LR/HR patch pairs drawn once from the training images (never the held-out ones).
-        patch: LR patch side (the HR patch is scale * patch), 17 as in Shi et al. 2016.
-        settings: other ESPCNConfig fields (batch_size, lr, channels, ...); their defaults otherwise.
-
-    Returns:
-        The `espcn` CompressResult; its model is the trained ESPCN (eval mode).
-    """
-    from edgeslim.images import patch_calibration
-
-    config = ESPCNConfig.from_dict({**settings, "scale": scale, "steps": steps, "seed": seed})
-    calib = patch_calibration(scale, count, patch=patch, seed=seed, batch_size=config.batch_size)
-    return ESPCNTrainer().compress(BicubicUpsampler(scale), config, calib)

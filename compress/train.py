@@ -78,7 +78,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         params: Iterable[nn.Parameter] | None = None, seed: int = 0, progress: bool = True,
         weight_decay: float = 0.0, max_grad_norm: float | None = None,
         schedule: Literal["linear", "cosine", "constant"] = "linear", lr_end: float = 0.0,
-        augment: Augment | None = None, label: str = "training") -> FitReport:
+        augment: Augment | None = None, label: str = "training",
+        monitor: Callable[[int, nn.Module], None] | None = None) -> FitReport:
     """Train `model` in place with AdamW over `data` (batches cycled, reshuffled every pass).
 
     Every family that trains calls this: healing after low-rank/MPO/pruning, adapter training,
@@ -101,6 +102,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         schedule, lr_end: learning-rate decay from lr to lr_end over the run ("constant": none).
         augment: augment(batch, target, generator) -> (batch, target), applied to every batch.
         label: what the progress bar and error messages call this run.
+        monitor: monitor(steps_done, model) after every step (e.g. a learning curve on held-out
+            data); it must leave the model as it found it.
 
     Returns:
         FitReport with the loss of every step.
@@ -162,6 +165,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
                     report.losses.append(float(value.detach()))
                     bar.set_postfix(loss=f"{report.losses[-1]:.4g}", refresh=False)
                     bar.update()
+                    if monitor is not None:
+                        monitor(step + 1, model)
         finally:
             for m, was_training in modes:
                 m.train(was_training)

@@ -311,7 +311,7 @@ def train() -> None:
 @json_option
 def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: bool) -> None:
     """Train ESPCN (Shi et al. 2016) on patches of the bundled natural images."""
-    from edgeslim.pipeline import train_espcn_artifact
+    from edgeslim.sr_train import train_espcn_artifact
 
     result, path = train_espcn_artifact(int(scale), steps, out or DEFAULT_OUT / f"espcn-x{scale}.slim", seed)
     params = sum(p.numel() for p in result.model.parameters())

@@ -13,14 +13,21 @@ import numpy as np
 import torch
 
 from edgeslim.calib import CalibData
-from edgeslim.errors import ConfigError, SourceError, require
+from edgeslim.errors import ConfigError, EdgeslimError, SourceError, require
 from edgeslim.files import IMAGE, replace_output
 
-# scikit-image images bundled in its wheel (no download). Held-out ones are never used for training.
-BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
-                  "camera", "brick", "grass", "gravel", "moon", "coins", "text", "page")
-HELD_OUT = ("astronaut", "chelsea", "camera", "coins")
-TRAINING = tuple(n for n in BUNDLED_IMAGES if n not in HELD_OUT)
+# Images that install offline with the `data` extra: scikit-image's wheel (no download), scikit-learn's
+# sample photographs, PyWavelets' (`pywt.data.camera` is scikit-image's camera, so it is not listed twice).
+SKIMAGE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
+                  "camera", "brick", "grass", "gravel", "moon", "coins", "text", "page", "clock", "motorcycle")
+OTHER_IMAGES = {"china": "sklearn", "flower": "sklearn", "aero": "pywt", "ascent": "pywt"}
+BUNDLED_IMAGES = SKIMAGE_IMAGES + tuple(OTHER_IMAGES)
+HELD_OUT = ("astronaut", "chelsea", "camera", "coins")  # never used for training (chelsea is also skimage's cat)
+# Training: every natural photograph above (textures included; the scanned pages and the micrograph left out).
+TRAINING = ("coffee", "rocket", "hubble_deep_field", "retina", "brick", "grass", "gravel", "moon", "clock",
+            "motorcycle", "china", "flower", "aero", "ascent")
+# Multi-scale training data: each training image is also used bicubically shrunk by these factors.
+TRAINING_RESCALES = (1.0, 0.8, 0.6)
 
 # ITU-R BT.601 studio range, R, G, B in 0..255 (the MATLAB rgb2ycbcr convention).
 _RGB_TO_YCBCR = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
@@ -164,19 +171,27 @@ def ssim(a: np.ndarray, b: np.ndarray, border: int = 0, peak: float = 255.0) -> 
 
 
 def load_bundled(name: str) -> np.ndarray:
-    """A scikit-image bundled image as RGB uint8 [H, W, 3] (grey images replicated to 3 channels).
+    """A packaged image (BUNDLED_IMAGES) as RGB uint8 [H, W, 3] (grey images replicated to 3 channels).
 
     Raises:
         ConfigError: the name is not one of BUNDLED_IMAGES.
-        SourceError: scikit-image cannot load it offline.
+        SourceError: the package holding it cannot load it offline.
     """
     if name not in BUNDLED_IMAGES:
         raise ConfigError(f"unknown bundled image '{name}'; available: {list(BUNDLED_IMAGES)}")
-    data = require("skimage.data", "data", "the bundled test images")
     try:
-        image = np.asarray(getattr(data, name)())
+        if name in OTHER_IMAGES and OTHER_IMAGES[name] == "sklearn":
+            datasets = require("sklearn.datasets", "data", "scikit-learn's sample photographs")
+            image = np.asarray(datasets.load_sample_image(f"{name}.jpg"))
+        elif name in OTHER_IMAGES:
+            image = np.asarray(getattr(require("pywt.data", "data", "PyWavelets' sample images"), name)())
+        else:
+            data = require("skimage.data", "data", "the bundled test images")
+            image = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
     except Exception as exc:  # skimage may try a download for images missing from its wheel
-        raise SourceError(f"scikit-image could not load '{name}' offline: {exc}") from exc
+        if isinstance(exc, EdgeslimError):
+            raise
+        raise SourceError(f"could not load the bundled image '{name}' offline: {exc}") from exc
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     return image[:, :, :3].astype(np.uint8)
@@ -187,29 +202,43 @@ def luma(rgb: np.ndarray) -> np.ndarray:
     return rgb_to_ycbcr(rgb)[..., 0]
 
 
-def patch_calibration(scale: int, count: int, patch: int = 17, seed: int = 0, batch_size: int = 64) -> CalibData:
-    """LR/HR Y patch pairs (values / 255) from the training images only, for the `espcn` compressor.
+def training_pairs(scale: int, patch: int = 17) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, HR Y, LR Y) planes (values / 255) of every training image at every TRAINING_RESCALES factor.
 
-    Each image is degraded whole (as in evaluation), then `count` aligned patches are drawn: an image
-    chosen uniformly, a position uniformly inside it. Batches are [{"x": [B, 1, patch, patch]}] with
-    targets [B, 1, scale*patch, scale*patch].
+    Each rescaled image is a new HR image (PIL bicubic, antialiased), degraded whole as in evaluation;
+    those whose LR side is below `patch` are skipped.
+    """
+    pairs = []
+    for name in TRAINING:
+        rgb = load_bundled(name)
+        for factor in TRAINING_RESCALES:
+            size = (round(rgb.shape[0] * factor), round(rgb.shape[1] * factor))
+            hr, lr = degrade(rgb if factor == 1.0 else resize_bicubic(rgb, *size), scale)
+            if min(lr.shape[:2]) >= patch:
+                pairs.append((f"{name}@{factor:g}", luma(hr) / 255.0, luma(lr) / 255.0))
+    return pairs
+
+
+def patch_calibration(scale: int, count: int, patch: int = 17, seed: int = 0, batch_size: int = 64) -> CalibData:
+    """LR/HR Y patch pairs (values / 255) from the training images only (`training_pairs`).
+
+    `count` aligned patches are drawn: a (training image, rescale factor) pair chosen uniformly (an
+    area weighting would spend a third of the patches on the mostly black retina and Hubble field), a
+    position uniformly inside it. Batches are
+    [{"x": [B, 1, patch, patch]}] with targets [B, 1, scale*patch, scale*patch].
     """
     if count < 1 or patch < 1 or batch_size < 1:
         raise ConfigError(f"count, patch and batch_size must be >= 1, got {count}, {patch}, {batch_size}")
-    pairs = []
-    for name in TRAINING:
-        hr, lr = degrade(load_bundled(name), scale)
-        if min(lr.shape[:2]) >= patch:
-            pairs.append((luma(hr) / 255.0, luma(lr) / 255.0))
+    pairs = training_pairs(scale, patch)
     rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for i in rng.integers(len(pairs), size=count):
-        hr, lr = pairs[i]
+    x = np.empty((count, 1, patch, patch), dtype=np.float32)
+    y = np.empty((count, 1, scale * patch, scale * patch), dtype=np.float32)
+    for j, i in enumerate(rng.integers(len(pairs), size=count)):
+        _, hr, lr = pairs[i]
         top, left = rng.integers(lr.shape[0] - patch + 1), rng.integers(lr.shape[1] - patch + 1)
-        xs.append(lr[top:top + patch, left:left + patch])
-        ys.append(hr[scale * top:scale * (top + patch), scale * left:scale * (left + patch)])
-    x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
-    y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
+        x[j, 0] = lr[top:top + patch, left:left + patch]
+        y[j, 0] = hr[scale * top:scale * (top + patch), scale * left:scale * (left + patch)]
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
     starts = range(0, count, batch_size)
     return CalibData(f"bundled-train-x{scale}:{count}", [{"x": x[s:s + batch_size]} for s in starts],
                      [y[s:s + batch_size] for s in starts])

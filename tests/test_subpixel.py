@@ -8,8 +8,9 @@ from torch import nn
 from edgeslim.compress import get_compressor
 from edgeslim.calib import CalibData
 from edgeslim.compress.replace import count_params
-from edgeslim.compress.subpixel import (ESPCN, SRCNN, BicubicUpsampler, DeconvSR, ESPCNConfig, SubPixelConv2d,
-                                        train_espcn)
+from edgeslim.compress.subpixel import ESPCNConfig, SubPixelConv2d
+from edgeslim.sr_models import ESPCN, SRCNN, BicubicUpsampler, DeconvSR
+from edgeslim.sr_train import train_espcn
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
 
@@ -85,6 +86,8 @@ def test_espcn_rejects_bad_architecture():
         ESPCN(3, (64, 32), (5, 3))
     with pytest.raises(ConfigError, match="activation"):
         ESPCN(3, activation="gelu")
+    with pytest.raises(ConfigError, match="odd"):
+        ESPCN(3, (8,), (4, 3))
     with pytest.raises(ConfigError, match="scale"):
         ESPCN(0)
 
@@ -168,7 +171,7 @@ def test_onnx_parity(model, tmp_path):
     to_onnx = pytest.importorskip("edgeslim.export.onnx").to_onnx
     import onnx
 
-    cin = model.conv.in_channels if isinstance(model, SubPixelConv2d) else 1
+    cin = model.conv.in_channels if isinstance(model, SubPixelConv2d) else 1  # (ESPCN: Y only)
     wrapped = _Keyword(model).eval()
     result = to_onnx(wrapped, [TensorSpec("x", ("batch", cin, "height", "width"))], tmp_path / "m.onnx",
                      dims={"batch": 1, "height": 12, "width": 10}, atol=1e-5)
