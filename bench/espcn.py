@@ -2,7 +2,11 @@
 
 - Quality: PSNR / SSIM on the Y channel (BT.601), `scale` border pixels cropped, on the held-out
   bundled images, bicubic (PIL) vs the shipped ESPCN x2/x3/x4 (edgeslim/models/espcn-x*.slim).
-- Speed: ONNX Runtime CPU latency to produce one 1920x1080 output frame (LR 960x540, 640x360, 480x270).
+- Speed: ONNX Runtime CPU latency to produce one 1920x1080 output frame (LR 960x540, 640x360, 480x270);
+  for x3 the frame's GFLOP/s as a fraction of this machine's fp32 GEMM peak (ORT MatMul, as
+  edgeslim.runtime.peak measures it), both timed round by round in this run; tiled vs one pass
+  (`edgeslim.images.upscale_luma`): the 8-bit outputs compared pixel by pixel, and peak memory.
+- A side-by-side figure (bicubic | ESPCN | original, with PSNR) of the held-out images at x3.
 - Conversion: an FSRCNN-style model's ConvTranspose2d replaced by SubPixelConv2d: max output difference
   and ORT latency ratio, both models measured side by side in this run.
 
@@ -14,7 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +32,12 @@ from edgeslim.compress import get_compressor
 from edgeslim.compress.replace import count_params
 from edgeslim.sr_models import ESPCN, DeconvSR
 from edgeslim.export.onnx import to_onnx
+from edgeslim.runtime.machine import machine_info
 from edgeslim.runtime.measure import measure
-from edgeslim.runtime.session import open_session
+from edgeslim.runtime.peak import time_gemm_ms
+from edgeslim.runtime.session import OrtModule, open_session
 from edgeslim.specs import TensorSpec
+from edgeslim.sr_compare import panels
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "edgeslim" / "models"
@@ -53,22 +61,80 @@ def load_espcn(scale: int, quick: bool) -> tuple[torch.nn.Module, str]:
 
 
 def quality(model: torch.nn.Module, scale: int, crop: int | None) -> tuple[list[dict], dict]:
-    """Per held-out image PSNR/SSIM of bicubic and the model, plus an example crop for the figure."""
+    """Per held-out image PSNR/SSIM of bicubic and the model, plus the RGB images for the figure."""
     rows, example = [], {}
     for name in images.HELD_OUT:
         rgb = images.load_bundled(name)
         if crop:
             rgb = rgb[:crop, :crop]
+        r = images.compare_sr(model, rgb, scale)
+        rows.append({"image": name, "size": list(r["hr"].shape), "bicubic_psnr": r["bicubic_psnr"],
+                     "espcn_psnr": r["sr_psnr"], "bicubic_ssim": r["bicubic_ssim"], "espcn_ssim": r["sr_ssim"]})
         hr, lr = images.degrade(rgb, scale)
-        y_hr, y_lr = images.luma(hr), images.luma(lr)
-        bicubic = images.to_uint8(images.resize_bicubic(y_lr, *y_hr.shape))
-        sr = images.to_uint8(images.upscale_luma(model, y_lr))
-        rows.append({"image": name, "size": list(hr.shape[:2]),
-                     "bicubic_psnr": images.psnr(bicubic, y_hr, scale), "espcn_psnr": images.psnr(sr, y_hr, scale),
-                     "bicubic_ssim": images.ssim(bicubic, y_hr, scale), "espcn_ssim": images.ssim(sr, y_hr, scale)})
-        if not example:
-            example = {"name": name, "hr": y_hr, "bicubic": bicubic, "espcn": sr}
+        example[name] = panels(lr, images.upscale_rgb(lr, model, scale), scale, "ESPCN", hr)
     return rows, example
+
+
+def frame_flops(model: torch.nn.Module, lr: tuple[int, int]) -> float:
+    """Multiply-adds x 2 of one ESPCN pass on an LR frame (every conv, 'same' padding)."""
+    macs = sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    return 2.0 * macs * lr[0] * lr[1]
+
+
+def peak_fraction(model: torch.nn.Module, scale: int, folder: Path, frame: tuple[int, int], rounds: int,
+                  threads: int, gemm: int) -> dict:
+    """ESPCN frame GFLOP/s over the fp32 GEMM peak, interleaved round by round; tiled vs one pass."""
+    lr = (frame[0] // scale, frame[1] // scale)
+    export = to_onnx(model, SPEC, folder / "peak.onnx", dims={"batch": 1, "height": 24, "width": 20})
+    net = OrtModule(export.path)
+    net.halo = model.halo
+    y_lr = np.random.default_rng(0).random(lr) * 219 + 16
+    tile = max(lr[0] // 2, 8)  # several tiles per frame
+    runs = {"gemm_ms": [], "ort_one_pass_ms": [], "ort_tiled_ms": [], "torch_one_pass_ms": []}
+    calls = {"ort_one_pass_ms": lambda: images.upscale_luma(net, y_lr, None),
+             "ort_tiled_ms": lambda: images.upscale_luma(net, y_lr, tile),
+             "torch_one_pass_ms": lambda: images.upscale_luma(model, y_lr, None)}
+    for call in calls.values():
+        call()  # warm-up
+    for _ in range(rounds):
+        runs["gemm_ms"].append(time_gemm_ms(gemm, gemm, gemm, threads, repeats=2))
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            runs[key].append(1e3 * (time.perf_counter() - start))
+    peak = max(2 * gemm ** 3 / ms / 1e6 for ms in runs["gemm_ms"])
+    flops = frame_flops(model, lr)
+    out = {"lr_frame": list(lr), "gflop_per_frame": flops / 1e9, "gemm_size": gemm, "rounds": rounds,
+           "fp32_gemm_peak_gflops": peak, "timings_ms": runs}
+    for key in calls:
+        best = min(runs[key])
+        out[key.replace("_ms", "")] = {"best_ms": best, "gflops": flops / best / 1e6,
+                                       "fraction_of_peak": flops / best / 1e6 / peak}
+    one, tiled = images.to_uint8(calls["ort_one_pass_ms"]()), images.to_uint8(calls["ort_tiled_ms"]())
+    out["tiling"] = {"tile_lr": tile, "halo_lr": model.halo, "pixels_differing_8bit": int((one != tiled).sum()),
+                     "max_abs_diff_8bit": int(np.abs(one.astype(int) - tiled.astype(int)).max())}
+    out["goal_80pct_of_peak_met"] = out["ort_one_pass"]["fraction_of_peak"] >= 0.8
+    return out
+
+
+MEMORY_SNIPPET = """
+import resource, sys, numpy as np, torch
+from edgeslim import images
+from edgeslim.sources import load_model
+torch.set_num_threads(int(sys.argv[3]))
+model = load_model(sys.argv[1]).model
+side = int(sys.argv[2])
+images.upscale_luma(model, np.full((side, side), 128.0), None if sys.argv[4] == "0" else int(sys.argv[4]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory(name: str, side: int, tile: int, threads: int) -> float:
+    """Peak resident MB of a fresh process upscaling a side x side LR plane (tile 0: one pass)."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_SNIPPET, name, str(side), str(threads), str(tile)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
 
 
 def ort_latency(model: torch.nn.Module, scale: int, folder: Path, tag: str, frame: tuple[int, int],
@@ -126,17 +192,15 @@ def plot(results: dict, examples: dict, out: Path) -> list[str]:
     fig.savefig(out / "espcn_psnr.png", dpi=120)
     plt.close(fig)
     ex = examples[3 if 3 in examples else min(examples)]
-    h, w = ex["hr"].shape
-    size = min(96, h, w)
-    top, left = (h - size) // 2, (w - size) // 2
-    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
-    for axis, key in zip(axes, ("hr", "bicubic", "espcn")):
-        axis.imshow(ex[key][top:top + size, left:left + size], cmap="gray", vmin=16, vmax=235)
-        axis.set_title({"hr": "original", "bicubic": "bicubic", "espcn": "ESPCN"}[key])
-        axis.axis("off")
-    fig.suptitle(f"{ex['name']}, Y channel, x3 (centre crop)")
+    fig, axes = plt.subplots(len(ex), 3, figsize=(8, 2.8 * len(ex)), squeeze=False)
+    for row, (name, items) in zip(axes, ex.items()):
+        for axis, (title, img) in zip(row, items):
+            axis.imshow(img)
+            axis.set_title(f"{name}: {title}", fontsize=8)
+            axis.axis("off")
+    fig.suptitle("held-out images, x3 (centre crops; PSNR on the whole image, Y channel)")
     fig.tight_layout()
-    fig.savefig(out / "espcn_crops.png", dpi=120)
+    fig.savefig(out / "espcn_crops.png", dpi=110)
     plt.close(fig)
     return ["espcn_psnr.png", "espcn_crops.png"]
 
@@ -161,9 +225,10 @@ def main() -> None:
                      "latency": [], "conversion": [],
                      "gpu": "CUDA device present" if torch.cuda.is_available() else
                             "no CUDA device in this run: GPU timing not measured",
-                     "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": args.threads,
-                                 "ort_profile": "cpu-ort-fp32",
-                                 "load_avg_1min_at_start": os.getloadavg()[0]}}
+                     "machine": {"torch_threads": args.threads, "ort_profile": "cpu-ort-fp32",
+                                 "load_avg_1min_at_start": os.getloadavg()[0]},
+                     "machine_info": machine_info(),
+                     "goals_gain_db": {"2": 1.6, "3": 1.2, "4": 0.9}}
     examples = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scale in SCALES:
@@ -171,15 +236,35 @@ def main() -> None:
             rows, examples[scale] = quality(model, scale, crop)
             results["per_image"] += [{"scale": scale, **r} for r in rows]
             results["summary"].append({"scale": scale, "model": origin, "params": count_params(model),
-                                       **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.endswith(("psnr", "ssim"))}})
+                                       **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]
+                                          if k.endswith(("psnr", "ssim"))}})
             latency = ort_latency(model, scale, Path(tmp), f"espcn-x{scale}", frame, iters)
             latency.pop("output")
             results["latency"].append({"scale": scale, "model": "espcn", **latency})
             results["conversion"].append(conversion(scale, Path(tmp), frame, iters))
+            if scale == 3:
+                results["peak_1080p"] = peak_fraction(model, scale, Path(tmp), frame, 3 if args.quick else 7,
+                                                      args.threads, 256 if args.quick else 2048)
+    # x3 in torch: tiled at a 12-megapixel output; one pass only at 3 megapixels (12 took 10 GB before tiling)
+    big, small = (64, 32) if args.quick else (1155, 577)
+    results["memory_mb"] = {"scale": 3, "tile_lr": images.TILE,
+                            "tiled": {"output_megapixels": (3 * big) ** 2 / 1e6,
+                                      "peak_rss_mb": peak_memory("espcn-x3", big, images.TILE, args.threads)},
+                            "one_pass": {"output_megapixels": (3 * small) ** 2 / 1e6,
+                                         "peak_rss_mb": peak_memory("espcn-x3", small, 0, args.threads)}}
+    for row in results["summary"]:
+        gain = row["espcn_psnr"] - row["bicubic_psnr"]
+        row["gain_db"] = gain
+        row["goal_met"] = gain >= results["goals_gain_db"][str(row["scale"])]
     results["figures"] = plot(results, examples, out)
     results["seconds"] = time.time() - start
     (out / "espcn.json").write_text(json.dumps(results, indent=2))
     print(table(results))
+    p = results["peak_1080p"]
+    print(f"1080p x3: {p['gflop_per_frame']:.1f} GFLOP/frame; GEMM peak {p['fp32_gemm_peak_gflops']:.1f} GFLOP/s; "
+          + "; ".join(f"{k} {p[k]['best_ms']:.0f} ms = {p[k]['fraction_of_peak']:.0%}"
+                      for k in ("ort_one_pass", "ort_tiled", "torch_one_pass"))
+          + f"; tiled vs one pass: {p['tiling']['pixels_differing_8bit']} pixels differ; memory {results['memory_mb']}")
     print(f"results: {out / 'espcn.json'}")
 
 

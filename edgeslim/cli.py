@@ -14,6 +14,7 @@ from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, s
 from edgeslim.cli_profile import profile
 from edgeslim.errors import EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
+from edgeslim.images import TILE as TILE_DEFAULT
 from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -368,20 +369,45 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, help="output image file")
 @click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
+@click.option("--compare", "compare", is_flag=False, flag_value="", default=None, metavar="SIDE.png",
+              help="also write a side-by-side crop: bicubic | model | reference (default name OUT-compare.png)")
+@click.option("--reference", type=click.Path(dir_okay=False),
+              help="the high-resolution original IMAGE was made from: --compare shows it with each PSNR")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True,
+              help="engine for the model (ONNX Runtime is the fast one on CPUs)")
+@click.option("--tile", default=TILE_DEFAULT, show_default=True,
+              help="LR tile side for models with a known receptive field (bounded memory; 0: one pass)")
 @trust_options
-def upscale(image: str, out: str, model: str, trusted: str | None, trust_source: bool) -> None:
+def upscale(image: str, out: str, model: str, compare: str | None, reference: str | None, runtime: str, tile: int,
+            trusted: str | None, trust_source: bool) -> None:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
     from edgeslim.files import IMAGE, check_output
-    from edgeslim.images import upscale_file
+    from edgeslim.images import read_image, upscale_rgb, write_image
     from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
     trust = trust_of(trusted, trust_source)
     check_output(out, IMAGE)
-    net = runnable(load_model(model, trust=trust))  # an INT8 artifact runs its exported QDQ graph in ORT
+    side = None if compare is None else compare or str(Path(out).with_name(f"{Path(out).stem}-compare.png"))
+    if side is not None:
+        check_output(side, IMAGE)
+    if reference is not None and side is None:
+        raise ConfigError("--reference is shown by --compare: add --compare SIDE.png")
+    if tile < 0:
+        raise ConfigError(f"--tile must be >= 0 (0: one pass), got {tile}")
+    ref = read_image(reference) if reference is not None else None
+    lr = read_image(image)
+    loaded = load_model(model, trust=trust)
+    net = runnable(loaded, onnx=runtime == "onnxruntime")  # an INT8 artifact always runs its QDQ graph in ORT
     scale = sr_scale(net)
-    upscale_file(image, out, net, scale)
-    _console().print(f"wrote {out} (x{scale} with {model})")
+    sr = upscale_rgb(lr, net, scale, tile or None)
+    write_image(out, sr)
+    console = _console()
+    console.print(f"wrote {out} (x{scale} with {model}, {runtime})")
+    if side is not None:
+        from edgeslim.sr_compare import panels, side_by_side
+        side_by_side(panels(lr, sr, scale, Path(model).name.removesuffix(".slim"), ref), side)
+        console.print(f"wrote {side} (bicubic | {model}{' | reference, Y-PSNR' if ref is not None else ''})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,26 +244,90 @@ def patch_calibration(scale: int, count: int, patch: int = 17, seed: int = 0, ba
                      [y[s:s + batch_size] for s in starts])
 
 
-def upscale_luma(model: torch.nn.Module, y_lr: np.ndarray) -> np.ndarray:
-    """Run a Y-channel model on an LR Y plane (0..255): returns the HR Y plane (float64, unclipped)."""
-    x = torch.from_numpy(np.asarray(y_lr, dtype=np.float32) / 255.0)[None, None]
+def compare_sr(model: torch.nn.Module, rgb: np.ndarray, scale: int, with_ssim: bool = True) -> dict[str, Any]:
+    """The evaluation protocol on one HR image: its Y planes (HR, PIL bicubic, model; 8-bit) and the
+    PSNR (and SSIM unless `with_ssim` is False) of bicubic and the model against HR, `scale` border
+    pixels cropped."""
+    hr, lr = degrade(rgb, scale)
+    y_hr, y_lr = luma(hr), luma(lr)
+    bicubic = to_uint8(resize_bicubic(y_lr, *y_hr.shape))
+    sr = to_uint8(upscale_luma(model, y_lr))
+    row = {"hr": y_hr, "bicubic": bicubic, "sr": sr,
+           "bicubic_psnr": psnr(bicubic, y_hr, scale), "sr_psnr": psnr(sr, y_hr, scale)}
+    if with_ssim:
+        row.update(bicubic_ssim=ssim(bicubic, y_hr, scale), sr_ssim=ssim(sr, y_hr, scale))
+    return row
+
+
+def held_out_gain(model: torch.nn.Module, scale: int) -> float:
+    """Mean Y-PSNR gain in dB of `model` over bicubic on the HELD_OUT images (a learning-curve point)."""
+    rows = [compare_sr(model, load_bundled(name), scale, with_ssim=False) for name in HELD_OUT]
+    return float(np.mean([r["sr_psnr"] - r["bicubic_psnr"] for r in rows]))
+
+
+TILE = 640  # LR tile side for models that declare their receptive radius (`halo`): bounded memory
+
+
+def upscale_luma(model: torch.nn.Module, y_lr: np.ndarray, tile: int | None = TILE) -> np.ndarray:
+    """Run a Y-channel model on an LR Y plane (0..255): returns the HR Y plane (float64, unclipped).
+
+    A model with a `halo` attribute (LR pixels on each side that reach an output pixel, e.g. ESPCN)
+    runs tile by tile: each `tile` x `tile` LR block with `halo` more pixels of context on every side
+    that has any (the image's own border is zero-padded exactly as in one pass), so the result is the
+    one-pass result (equal up to float summation order) in bounded memory. tile=None: one pass.
+    """
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    plane = torch.from_numpy(np.asarray(y_lr, dtype=np.float32) / 255.0).to(dtype)
+    h, w = plane.shape
+    halo = getattr(model, "halo", None)
+    model.eval()
+    if tile is None or halo is None or (h <= tile and w <= tile):
+        with torch.no_grad():
+            return model(x=plane[None, None])[0, 0].double().numpy() * 255.0
+    if tile < 1:
+        raise ConfigError(f"tile must be a positive number of LR pixels, got {tile}")
+    out: np.ndarray | None = None
+    scale = 0
     with torch.no_grad():
-        out = model.eval()(x=x)
-    return out[0, 0].double().numpy() * 255.0
+        for top in range(0, h, tile):
+            for left in range(0, w, tile):
+                t0, l0 = max(top - halo, 0), max(left - halo, 0)
+                t1, l1 = min(top + tile + halo, h), min(left + tile + halo, w)
+                y = model(x=plane[t0:t1, l0:l1].contiguous()[None, None])[0, 0]
+                if out is None:
+                    scale = y.shape[0] // (t1 - t0)
+                    if y.shape != (scale * (t1 - t0), scale * (l1 - l0)):
+                        raise ConfigError(f"the model turned a {t1 - t0}x{l1 - l0} tile into "
+                                          f"{y.shape[0]}x{y.shape[1]}, not an integer upscale")
+                    out = np.empty((scale * h, scale * w))
+                bh, bw = min(tile, h - top), min(tile, w - left)
+                out[scale * top:scale * (top + bh), scale * left:scale * (left + bw)] = y[
+                    scale * (top - t0):scale * (top - t0 + bh), scale * (left - l0):scale * (left - l0 + bw)].double().numpy()
+    return out * 255.0
 
 
-def upscale_file(in_path: str | Path, out_path: str | Path, model: torch.nn.Module, scale: int) -> Path:
-    """Upscale an image file: Y through the model, Cb/Cr bicubic (PIL), written atomically.
+def upscale_rgb(rgb: np.ndarray, model: torch.nn.Module, scale: int, tile: int | None = TILE) -> np.ndarray:
+    """Upscale an RGB uint8 image: Y through the model (`upscale_luma`), Cb/Cr bicubic (PIL); uint8.
+
+    Raises:
+        ConfigError: the model's output is not `scale` times the input size.
+    """
+    ycbcr = rgb_to_ycbcr(rgb)
+    h, w = ycbcr.shape[:2]
+    y = upscale_luma(model, ycbcr[..., 0], tile)
+    if y.shape != (scale * h, scale * w):
+        raise ConfigError(f"the model turned a {h}x{w} Y plane into {y.shape[0]}x{y.shape[1]}, "
+                          f"not the x{scale} size {scale * h}x{scale * w}")
+    chroma = [resize_bicubic(ycbcr[..., c], scale * h, scale * w) for c in (1, 2)]
+    return to_uint8(ycbcr_to_rgb(np.stack([y] + chroma, axis=-1)))
+
+
+def upscale_file(in_path: str | Path, out_path: str | Path, model: torch.nn.Module, scale: int,
+                 tile: int | None = TILE) -> Path:
+    """Upscale an image file (`upscale_rgb`), written atomically.
 
     Raises:
         SourceError: the input image is missing or corrupt.
         ConfigError: the model's output is not `scale` times the input size.
     """
-    ycbcr = rgb_to_ycbcr(read_image(in_path))
-    h, w = ycbcr.shape[:2]
-    y = upscale_luma(model, ycbcr[..., 0])
-    if y.shape != (scale * h, scale * w):
-        raise ConfigError(f"the model turned a {h}x{w} Y plane into {y.shape[0]}x{y.shape[1]}, "
-                          f"not the x{scale} size {scale * h}x{scale * w}")
-    chroma = [resize_bicubic(ycbcr[..., c], scale * h, scale * w) for c in (1, 2)]
-    return write_image(out_path, to_uint8(ycbcr_to_rgb(np.stack([y] + chroma, axis=-1))))
+    return write_image(out_path, upscale_rgb(read_image(in_path), model, scale, tile))

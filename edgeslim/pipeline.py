@@ -376,15 +376,19 @@ def has_onnx_stage(loaded: LoadedModel) -> bool:
     return any(get_compressor(s["method"]).has_onnx_stage for s in loaded.steps)
 
 
-def runnable(loaded: LoadedModel, quiet: bool = True) -> torch.nn.Module:
+def runnable(loaded: LoadedModel, quiet: bool = True, onnx: bool = False) -> torch.nn.Module:
     """The module that computes what `loaded` deploys: its torch model, or, when a step lives in the
-    ONNX graph (INT8), its exported graph run in ONNX Runtime behind an nn.Module."""
-    if not has_onnx_stage(loaded):
+    ONNX graph (INT8) or `onnx` is asked for (ONNX Runtime is the faster CPU engine), its exported
+    graph run in ONNX Runtime behind an nn.Module (which keeps the model's receptive `halo`, if any)."""
+    if not (onnx or has_onnx_stage(loaded)):
         return loaded.model
     from edgeslim.runtime.session import OrtModule
     with tempfile.TemporaryDirectory(prefix="edgeslim-run-") as tmp:  # ORT holds the graph once loaded
         info = export_model(loaded, "onnx", Path(tmp) / "model.onnx", quiet=quiet)
-        return OrtModule(info["onnx"])
+        module = OrtModule(info["onnx"])
+    if hasattr(loaded.model, "halo"):
+        module.halo = loaded.model.halo
+    return module
 
 
 def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None = None,
