@@ -133,7 +133,8 @@ def main() -> None:
                      "held_out_images": list(images.HELD_OUT), "patches": result.resolved["training"]["samples"],
                      "name": result.resolved["training"]["data"],
                      "augment": "random flip and 90-degree rotation per batch"},
-            "steps": steps, "sized_by_time": sized, "seed": args.seed, "config": record["config"],
+            "steps": steps, "sized_by_time": sized, "seed": args.seed,
+            "reproduce": f"python bench/train_espcn.py --scales {scale} --steps {steps} --seed {args.seed}", "config": record["config"],
             "schedule": f"AdamW (no weight decay), cosine lr {record['config']['lr']:g} -> "
                         f"{record['config']['lr'] / 100:g}, MSE on Y/255",
             "seconds_total": seconds, "seconds_training": seconds - curve.eval_seconds,

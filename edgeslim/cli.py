@@ -15,6 +15,7 @@ from edgeslim.cli_profile import profile
 from edgeslim.errors import EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
 from edgeslim.images import TILE as TILE_DEFAULT
+from edgeslim.sr_train import RECIPE as SR_RECIPE
 from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -306,12 +307,12 @@ def train() -> None:
 
 @train.command(name="espcn")
 @click.option("--scale", type=click.Choice(["2", "3", "4"]), required=True, help="upscaling factor")
-@click.option("--steps", default=2000, show_default=True, help="training steps")
+@click.option("--steps", default=SR_RECIPE["steps"], show_default=True, help="training steps (batch 32)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--out", help="output artifact folder (default edgeslim-out/espcn-xS.slim)")
 @json_option
 def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: bool) -> None:
-    """Train ESPCN (Shi et al. 2016) on patches of the bundled natural images."""
+    """Train ESPCN (Shi et al. 2016) with the shipped models' recipe (edgeslim/sr_train.py) on the bundled photographs."""
     from edgeslim.sr_train import train_espcn_artifact
 
     result, path = train_espcn_artifact(int(scale), steps, out or DEFAULT_OUT / f"espcn-x{scale}.slim", seed)
