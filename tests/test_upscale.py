@@ -127,3 +127,11 @@ def test_train_espcn_quick(tmp_path, monkeypatch):
     assert set(sec["data"]["held_out_images"]).isdisjoint(sec["data"]["training_images"])
     assert [p["step"] for p in sec["learning_curve"]] == [3, 6]
     assert (tmp_path / "espcn-x2.slim" / "manifest.json").is_file() and (tmp_path / "train_espcn_curve.png").is_file()
+
+
+def test_sr_models_is_a_leaf():
+    import ast
+    tree = ast.parse((ROOT / "edgeslim" / "sr_models.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {n for n in names if n.startswith("edgeslim")} == {"edgeslim.errors"}  # compress/ may import it
