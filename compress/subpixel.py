@@ -297,12 +297,7 @@ class ESPCNTrainer(Compressor):
         chunks = [order[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
         data = CalibData(calib.name, [{"x": pool_x[idx]} for idx in chunks],
                          None if pool_y is None else [pool_y[idx] for idx in chunks])
-        # MSE only where the receptive field lies inside the patch (Shi et al. train with valid convolutions):
-        # on 17-pixel patches the zero padding would otherwise reach 72% of the outputs.
-        border = r * min(student.halo, (h - 1) // 2, (w - 1) // 2)
         report = fit(student, data, steps=config.steps, lr=config.lr, teacher=teacher, seed=config.seed,
-                     loss=lambda out, y: F.mse_loss(out[..., border:out.shape[-2] - border, border:out.shape[-1] - border],
-                                                    y[..., border:y.shape[-2] - border, border:y.shape[-1] - border]),
                      schedule="cosine", lr_end=config.lr / 100, augment=_augment if config.augment else None,
                      label=f"training ESPCN x{r}", monitor=context.monitor if context else None)
         student.eval()

@@ -23,7 +23,7 @@ from edgeslim.sources import load_model
 from edgeslim.sr_models import BicubicUpsampler
 
 # The shipped models' schedule (per scale): sized for ~13 minutes of 2 CPU cores each.
-RECIPE = {"steps": 6000, "batch_size": 32, "lr": 1e-3, "count": 32768, "patch": 25}
+RECIPE = {"steps": 6000, "batch_size": 32, "lr": 1e-3, "count": 32768, "patch": 17}
 
 
 def train_espcn(scale: int, steps: int = RECIPE["steps"], seed: int = 0, count: int = RECIPE["count"],
@@ -33,8 +33,7 @@ def train_espcn(scale: int, steps: int = RECIPE["steps"], seed: int = 0, count: 
 
     Args:
         count: LR/HR patch pairs drawn once from the training images (never the held-out ones).
-        patch: LR patch side (the HR patch is scale * patch); the loss skips the ESPCN's receptive
-            radius (4) at each side, leaving the 17-pixel outputs of Shi et al. 2016.
+        patch: LR patch side (the HR patch is scale * patch), 17 as in Shi et al. 2016.
         monitor: monitor(steps_done, model) after every step (learning curves).
         settings: other ESPCNConfig fields (batch_size, lr, channels, ...); RECIPE's or the config's
             defaults otherwise.
