@@ -12,11 +12,11 @@ import click
 from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, sets as _sets,  # noqa: F401
                                   source_options, trust_of, trust_options)
 from edgeslim.cli_profile import profile
-from edgeslim.errors import EdgeslimError, ExportValidationError
+from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
 from edgeslim.images import TILE as TILE_DEFAULT
-from edgeslim.sr_train import RECIPE as SR_RECIPE
 from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
+from edgeslim.sr_train import RECIPE as SR_RECIPE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeslim")
