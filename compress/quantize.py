@@ -270,7 +270,7 @@ class Int8(Compressor):
         with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
             path = Path(tmp) / "model.onnx"
             feeds = {k: torch.from_numpy(v) for k, v in example_feeds(inputs, dims_for(inputs), seed=0).items()}
-            export_graph(model, inputs, feeds, path, config.opset)
+            export_graph(model, inputs, feeds, path, config.opset)  # slimmed as the pipeline's export is
             fp32 = onnx.load(str(path))
         names = _graph_inputs(fp32)
         batches = _numpy_batches(calib, names)
