@@ -125,3 +125,36 @@ def test_an_op_without_onnx_translation_names_its_module(tmp_path):
     with pytest.raises(ExportValidationError, match=r"does not export: inner\.1\.1"):
         to_onnx(model, VEC, tmp_path / "w.onnx")
     assert not (tmp_path / "w.onnx").exists()
+
+
+def test_export_bundle_holds_model_tokenizer_spec_and_hashes(in_tmp):
+    import json
+
+    from edgeslim.cli import main
+    from edgeslim.files import sha256_file
+    assert main(["export", "tiny-bert", "--bundle", "-o", "b.bundle"]) == 0
+    folder = in_tmp / "b.bundle"
+    meta = json.loads((folder / "bundle.json").read_text())
+    assert meta["format"] == "edgeslim-bundle" and meta["model"] == "model.onnx" and meta["task"]
+    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask"]
+    assert "tokenizer_config.json" in meta["files"] and "model.onnx" in meta["files"]
+    assert all(sha256_file(folder / n) == h for n, h in meta["files"].items())
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))  # a device app needs nothing else to feed the model
+    import onnxruntime as ort
+    enc = tok(["a short sentence"], return_tensors="np")
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+                          "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+    assert out.shape[0] == 1
+    (folder / "stray.txt").write_text("x")  # an existing bundle is replaced whole
+    assert main(["export", "tiny-bert", "--bundle", "-o", "b.bundle"]) == 0
+    assert not (folder / "stray.txt").exists()
+
+
+def test_bundle_refuses_a_foreign_folder(in_tmp):
+    from edgeslim.cli import main
+    (in_tmp / "mine").mkdir()
+    (in_tmp / "mine" / "notes.txt").write_text("keep me")
+    assert main(["export", "tiny-mlp", "--bundle", "-o", "mine"]) == 2
+    assert (in_tmp / "mine" / "notes.txt").read_text() == "keep me"
