@@ -240,6 +240,23 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
         assert row["int8_bytes"] < row["fp32_bytes"] and row["int8"]["quantized_layers"] == 3
         assert row["fp32_psnr"] - row["int8_psnr"] < 3.0 and row["int8_p50_ms"] > 0
     rows = summary["text"]["rows"]
-    assert set(rows) == {"fp32", "int8", "asvd", "asvd+int8"} and rows["int8"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"]
+    assert set(rows) == {"fp32", "int8", "int8_performance", "asvd", "asvd+int8"}
+    assert rows["int8"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"]
+    assert "int8_nncf_placement_p50_ms" in summary["espcn"]["models"]["tanh"]
+    assert "QLinearConv" in summary["espcn"]["op_shares"]["relu/int8"]  # the op breakdown says what ran in INT8
     assert set(summary["goals"]) >= {"espcn_tanh_within_0.1dB", "minilm_2x_at_batch8"}
     assert (tmp_path / "int8_espcn.png").stat().st_size > 0 and (tmp_path / "int8_minilm.png").stat().st_size > 0
+
+
+def test_weight_only_llm_benchmark_quick_mode(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "bench" / "int8_llm.py"
+    spec = importlib.util.spec_from_file_location("bench_int8_llm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "int8_llm.json").read_text())["rows"]
+    assert set(rows) == {"fp32", "int8_asym", "int8_sym", "int4_asym", "int4_sym"}
+    assert rows["int4_sym"]["state_bytes"] < rows["int8_sym"]["state_bytes"] < rows["fp32"]["state_bytes"]
+    assert all(abs(r["perplexity_ratio"] - 1) < 0.2 for k, r in rows.items() if k != "fp32")
