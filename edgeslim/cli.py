@@ -176,6 +176,8 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
 
+    for note in info.get("export_notes", ()):
+        _console().print(f"note: {note}")
     if bundle:
         _console().print(f"bundle {info['bundle']}: {', '.join(info['files'])} + bundle.json")
     _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
