@@ -1,9 +1,13 @@
 """Benchmark: INT8 (edgeslim's NNCF stage) vs fp32, vs ONNX Runtime's quantize_static, and after ASVD.
 
 - ESPCN x3 (shipped, tanh) and a ReLU ESPCN x3 trained the same way for a short run: PSNR on the
-  held-out bundled images, ORT CPU latency for one 1080p output frame (input 360 x 640).
+  held-out bundled images, ORT CPU latency for one 1080p output frame (input 360 x 640). The tanh
+  model with edgeslim's tanh table (compress/int8_chains.py, the default) and with NNCF's own
+  placement (`tanh_table=false`, where every Conv stays fp32 behind Q/DQ).
+- ORT kernel time by op type (runtime/op_profile.py) of every variant: which ops run in INT8.
 - MiniLM-L6 sentence encoder on BBC News: a logistic-regression probe fitted on fp32 embeddings of
-  training articles, its test accuracy with fp32 / INT8 / ASVD / ASVD+INT8 embeddings, cosine to fp32,
+  training articles, its test accuracy with fp32 / INT8 (preset auto = mixed: uint8 activations) /
+  INT8 preset performance (int8 activations) / ASVD / ASVD+INT8 embeddings, cosine to fp32,
   ORT latency at batch 8, sequence 128. (The fine-tuned classifier of bench/lowrank_minilm.py is not
   cached on this machine and fine-tuning it does not fit the time box; the probe stands in for it.)
 - EfficientNet-Lite0: top-1 agreement with fp32 on crops of the bundled images.
@@ -37,6 +41,7 @@ from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
+from edgeslim.runtime.op_profile import op_breakdown  # noqa: E402
 from edgeslim.runtime.session import OrtModule, open_session  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
 from edgeslim.specs import TensorSpec  # noqa: E402
@@ -49,6 +54,7 @@ FULL = dict(frame=(1080, 1920), relu_steps=400, calib_patches=256, rounds=3, ite
 QUICK = dict(frame=(72, 96), relu_steps=3, calib_patches=16, rounds=1, iters=2, crop=96,
              text_model="tiny-bert", train_docs=24, test_docs=16, text_batch=4, asvd_ratio=0.5,
              effnet=False, effnet_crops=0)
+PARTS = ("espcn", "text", "effnet")
 
 
 def int8_onnx(loaded, calib: CalibData, fp32_path: Path, out: Path, **config) -> tuple[Path, dict]:
@@ -94,6 +100,12 @@ def interleaved(paths: dict[str, Path], feeds: dict, rounds: int, iters: int) ->
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def op_shares(paths: dict[str, Path], feeds: dict) -> dict[str, dict[str, float]]:
+    """Share of ORT kernel time per op type (2 threads, one profiled run after a warm-up), top 6."""
+    return {k: {op: round(v, 4) for op, v in list(op_breakdown(p, feeds, iters=1, threads=2).items())[:6]}
+            for k, p in paths.items()}
+
+
 def espcn_psnr(model: torch.nn.Module, crop: int | None) -> float:
     vals = []
     for name in images.HELD_OUT:
@@ -123,7 +135,11 @@ def espcn_part(cfg: dict, tmp: Path) -> dict:
         q, info = int8_onnx(loaded, calib, fp32, tmp / f"espcn-{act}-int8.onnx")
         peer = ort_static(fp32, calib, tmp / f"espcn-{act}-ortq.onnx")
         row = {"int8": info}
-        for tag, p in (("fp32", fp32), ("int8", q), ("ort_quantize_static", peer)):
+        tags = [("fp32", fp32), ("int8", q), ("ort_quantize_static", peer)]
+        if act == "tanh":  # NNCF's own placement, for comparison
+            tags.append(("int8_nncf_placement",
+                         int8_onnx(loaded, calib, fp32, tmp / "espcn-tanh-nncf.onnx", tanh_table=False)[0]))
+        for tag, p in tags:
             net = model if tag == "fp32" else OrtModule(p)
             row[f"{tag}_psnr"] = espcn_psnr(net, cfg["crop"])
             row[f"{tag}_bytes"] = p.stat().st_size
@@ -135,9 +151,13 @@ def espcn_part(cfg: dict, tmp: Path) -> dict:
     for key, ms in lat.items():
         act, tag = key.split("/")
         out["models"][act][f"{tag}_p50_ms"] = ms
+    out["op_shares"] = op_shares(paths, feeds)
     for act, row in out["models"].items():
         row["int8_speedup"] = row["fp32_p50_ms"] / row["int8_p50_ms"]
         row["ort_speedup"] = row["fp32_p50_ms"] / row["ort_quantize_static_p50_ms"]
+        if "int8_nncf_placement_p50_ms" in row:
+            row["int8_nncf_placement_speedup"] = row["fp32_p50_ms"] / row["int8_nncf_placement_p50_ms"]
+            row["int8_nncf_placement_psnr_drop_db"] = row["fp32_psnr"] - row["int8_nncf_placement_psnr"]
         row["int8_psnr_drop_db"] = row["fp32_psnr"] - row["int8_psnr"]
         print(f"ESPCN {act} 1080p: fp32 {row['fp32_p50_ms']:.1f} ms, int8 x{row['int8_speedup']:.2f}, "
               f"ort quantize_static x{row['ort_speedup']:.2f}", flush=True)
@@ -159,12 +179,13 @@ def text_part(cfg: dict, tmp: Path) -> dict:
     calib = CalibData("bbc-news", train_b[:4])
     fp32 = to_onnx(loaded.model, loaded.inputs, tmp / "text.onnx").path
     q, qinfo = int8_onnx(loaded, calib, fp32, tmp / "text-int8.onnx", model_type="transformer")
+    qp, _ = int8_onnx(loaded, calib, fp32, tmp / "text-int8-perf.onnx", model_type="transformer", preset="performance")
     asvd = get_compressor("asvd").compress(loaded.model, {"ratio": cfg["asvd_ratio"], "align": 8,
                                                           "target": r".*encoder\.layer\.\d+\..*"}, calib)
     small = type(loaded)(asvd.model.eval(), loaded.source, loaded.inputs, loaded.task, loaded.dims)
     small_path = to_onnx(small.model, loaded.inputs, tmp / "text-asvd.onnx").path
     sq, _ = int8_onnx(small, calib, small_path, tmp / "text-asvd-int8.onnx", model_type="transformer")
-    paths = {"fp32": fp32, "int8": q, "asvd": small_path, "asvd+int8": sq}
+    paths = {"fp32": fp32, "int8": q, "int8_performance": qp, "asvd": small_path, "asvd+int8": sq}
 
     def embed(path: Path, batches) -> np.ndarray:
         net = OrtModule(path)
@@ -185,12 +206,14 @@ def text_part(cfg: dict, tmp: Path) -> dict:
     for tag, ms in lat.items():
         rows[tag]["p50_ms"] = ms
         rows[tag]["speedup_vs_fp32"] = lat["fp32"] / ms
+    shares = op_shares({k: paths[k] for k in ("fp32", "int8", "int8_performance")}, feeds)
     for tag, r in rows.items():
         print(f"{cfg['text_model']} {tag}: probe accuracy {r['probe_accuracy']:.4f}, cosine {r['cosine_to_fp32']:.4f}, "
               f"p50 {r['p50_ms']:.1f} ms (x{r['speedup_vs_fp32']:.2f})", flush=True)
     return {"model": cfg["text_model"], "train_docs": len(train), "test_docs": len(test),
             "seq": int(feeds["input_ids"].shape[1]),
-            "batch": cfg["text_batch"], "asvd_ratio": cfg["asvd_ratio"], "int8": qinfo, "rows": rows}
+            "batch": cfg["text_batch"], "asvd_ratio": cfg["asvd_ratio"], "int8": qinfo, "rows": rows,
+            "op_shares": shares}
 
 
 def effnet_part(cfg: dict, tmp: Path) -> dict:
@@ -215,9 +238,10 @@ def effnet_part(cfg: dict, tmp: Path) -> dict:
     ref = OrtModule(fp32)(x=x).numpy()
     out = OrtModule(q)(x=x).numpy()
     lat = interleaved({"fp32": fp32, "int8": q}, {"x": x[:1].numpy()}, cfg["rounds"], cfg["iters"])
+    shares = op_shares({"fp32": fp32, "int8": q}, {"x": x[:1].numpy()})
     row = {"crops": len(x), "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
            "fp32_bytes": fp32.stat().st_size, "int8_bytes": q.stat().st_size, "fp32_p50_ms": lat["fp32"],
-           "int8_p50_ms": lat["int8"], "int8_speedup": lat["fp32"] / lat["int8"], "int8": info,
+           "int8_p50_ms": lat["int8"], "int8_speedup": lat["fp32"] / lat["int8"], "int8": info, "op_shares": shares,
            "note": "calibrated and evaluated on the same crops (no other images are bundled)"}
     print(f"EfficientNet-Lite0: top-1 agreement {row['top1_agreement']:.3f}, int8 x{row['int8_speedup']:.2f}", flush=True)
     return row
@@ -233,6 +257,9 @@ def goals(summary: dict) -> dict:
     if text:
         out["minilm_2x_at_batch8"] = text["int8"]["speedup_vs_fp32"] >= 2.0
         out["minilm_le_1pt_drop"] = text["fp32"]["probe_accuracy"] - text["int8"]["probe_accuracy"] <= 0.01
+    eff = summary.get("efficientnet_lite0", {})
+    if "top1_agreement" in eff:
+        out["efficientnet_int8_faster"] = eff["int8_speedup"] > 1.0
     return out
 
 
@@ -241,8 +268,10 @@ def plot(summary: dict, out: Path) -> None:
     esp = summary["espcn"]["models"]
     labels, speed, drop = [], [], []
     for act, r in esp.items():
-        for tag in ("int8", "ort_quantize_static"):
-            labels.append(f"{act}\n{'edgeslim' if tag == 'int8' else 'ORT qs'}")
+        for tag in ("int8", "int8_nncf_placement", "ort_quantize_static"):
+            if f"{tag}_p50_ms" not in r:
+                continue
+            labels.append(f"{act}\n" + {"int8": "edgeslim", "int8_nncf_placement": "NNCF place", "ort_quantize_static": "ORT qs"}[tag])
             speed.append(r["fp32_p50_ms"] / r[f"{tag}_p50_ms"])
             drop.append(r["fp32_psnr"] - r[f"{tag}_psnr"])
     axes[0].bar(labels, speed, color="tab:blue")
@@ -279,19 +308,26 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny inputs (seconds); used by a test")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}; the others "
+                    "are kept from an existing int8.json (so one run can be split into several lock holds)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    parts = args.parts.split(",")
     torch.set_num_threads(2)
     out = Path(args.out)
     tmp = Path(tempfile.mkdtemp(prefix="int8_bench_"))
-    summary: dict = {"machine": machine_info(), "config": cfg, "quick": args.quick,
-                     "latency": "ORT CPU p50 (2 threads), median of rounds alternating between the variants"}
-    summary["espcn"] = espcn_part(cfg, tmp)
-    write(summary, out)
-    summary["text"] = text_part(cfg, tmp)
-    write(summary, out)
-    if cfg["effnet"]:
-        summary["efficientnet_lite0"] = effnet_part(cfg, tmp)
+    old = out / "int8.json"
+    summary: dict = json.loads(old.read_text()) if old.is_file() and set(parts) != set(PARTS) else {}
+    summary.pop("goals", None)
+    summary |= {"config": cfg, "quick": args.quick,
+                "latency": "ORT CPU p50 (2 threads), median of rounds alternating between the variants"}
+    summary.setdefault("machine_per_part", {})
+    for part, key, fn in (("espcn", "espcn", espcn_part), ("text", "text", text_part),
+                          ("effnet", "efficientnet_lite0", effnet_part)):
+        if part in parts and (part != "effnet" or cfg["effnet"]):
+            summary["machine_per_part"][part] = summary["machine"] = machine_info()
+            summary[key] = fn(cfg, tmp)
+            write(summary, out)
     write(summary, out)
     plot(summary, out)
     print(json.dumps(summary["goals"], indent=1))

@@ -29,6 +29,7 @@ from torch import nn
 
 from edgeslim.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
+from edgeslim.compress.int8_chains import chain_sites, close_chains, site_ranges
 from edgeslim.config import ConfigBase
 from edgeslim.errors import ConfigError, ExportValidationError, require
 from edgeslim.onnx_io import dims_for, export_graph
@@ -41,7 +42,9 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 class Int8Config(ConfigBase):
     """NNCF post-training quantization settings (see nncf.quantize)."""
 
-    preset: Literal["performance", "mixed"] = "performance"  # symmetric activations, or asymmetric ("mixed")
+    # activations symmetric int8 ("performance") or asymmetric uint8 ("mixed"); auto: mixed for
+    # transformers (measured on MiniLM: closer to fp32, and uint8 x int8 is the fast GEMM on AVX2), else performance
+    preset: Literal["auto", "performance", "mixed"] = "auto"
     model_type: Literal["auto", "transformer", "generic"] = "auto"  # auto: transformer when the graph has Softmax
     subset_size: int = 300  # calibration samples used for the ranges
     fast_bias_correction: bool = True
@@ -49,6 +52,7 @@ class Int8Config(ConfigBase):
     max_drop: float | None = None  # accuracy-aware: largest allowed drop of the metric (absolute)
     eval_fraction: float = 0.25  # with max_drop: share of the calibration batches held out to measure it
     opset: int = 20  # must match the opset the artifact is exported with
+    tanh_table: bool = True  # Conv -> Tanh as QLinearConv + ORT's quantized sigmoid table (int8_chains)
 
     def validate(self) -> None:
         if self.subset_size < 1:
@@ -164,21 +168,26 @@ def _ort(model):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _quant_errors(fp32, record: Mapping[str, Any], quantized, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Relative error ||fq(a) - a|| / ||a|| of each activation quantizer on calibration batches."""
+def _probe(fp32, tensors: Sequence[str], batches: Sequence[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """The fp32 graph's values of `tensors` on `batches`."""
     import onnx
-    nodes = _activation_quantizers(quantized)
-    tensors = sorted({n.input[0] for n in nodes.values()})
     probe = onnx.ModelProto()
     probe.CopyFrom(fp32)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
     session = _ort(probe)
     values: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-    for feeds in batches[:2]:
+    for feeds in batches:
         for name, value in zip([o.name for o in session.get_outputs()], session.run(None, feeds)):
             if name in values:
                 values[name].append(value)
+    return values
+
+
+def _quant_errors(fp32, record: Mapping[str, Any], quantized, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Relative error ||fq(a) - a|| / ||a|| of each activation quantizer on calibration batches."""
+    nodes = _activation_quantizers(quantized)
+    values = _probe(fp32, sorted({n.input[0] for n in nodes.values()}), batches[:2])
     errors = {}
     for name, node in nodes.items():
         a = np.concatenate(values[node.input[0]]).astype(np.float64)
@@ -263,12 +272,14 @@ class Int8(Compressor):
         with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
             path = Path(tmp) / "model.onnx"
             feeds = {k: torch.from_numpy(v) for k, v in example_feeds(inputs, dims_for(inputs), seed=0).items()}
-            export_graph(model, inputs, feeds, path, config.opset)
+            export_graph(model, inputs, feeds, path, config.opset)  # slimmed as the pipeline's export is
             fp32 = onnx.load(str(path))
         names = _graph_inputs(fp32)
         batches = _numpy_batches(calib, names)
         per_batch = max(1, len(next(iter(batches[0].values()))))
-        resolved = {"nncf": {"preset": config.preset, "model_type": _detect_type(fp32, config),
+        model_type = _detect_type(fp32, config)
+        preset = config.preset if config.preset != "auto" else "mixed" if model_type == "transformer" else "performance"
+        resolved = {"nncf": {"preset": preset, "model_type": model_type,
                              "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored)},
                     "opset": config.opset, "nncf_version": nncf.__version__}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=config.fast_bias_correction)
@@ -281,7 +292,8 @@ class Int8(Compressor):
         record = _record(fp32, quantized, full)
         errors = _quant_errors(fp32, record, quantized, batches)
         changes = _changes(fp32, quantized, record, errors)
-        resolved |= record
+        sites = chain_sites(quantized) if config.tanh_table else []
+        resolved |= record | {"tanh_table": site_ranges(_probe(fp32, sites, batches)) if sites else {}}
         if drop is not None:
             resolved["accuracy"] = drop
         return self.result(model, config, changes, resolved)
@@ -358,4 +370,8 @@ class Int8(Compressor):
                                             "graph") from None
         if reverted:
             _revert(model, fp32, sorted(reverted))
+        try:
+            close_chains(model, resolved.get("tanh_table", {}))
+        except KeyError as exc:
+            raise ExportValidationError(f"{onnx_in}: recorded Conv -> Tanh site {exc} is not in the exported graph") from None
         onnx.save(model, str(onnx_out))

@@ -141,26 +141,35 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]),
               help="fp16: convert the exported graph (fp32 inputs/outputs kept), checked at fp16 tolerance")
 @click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
-@click.option("-o", "--out", help="output file")
+@click.option("--bundle", is_flag=True, help="write a deployable folder (-o NAME.bundle): the model, its tokenizer "
+              "or preprocessing, input spec, labels and bundle.json")
+@click.option("-o", "--out", help="output file (with --bundle: folder)")
 @json_option
 @trust_options
 def export(item: str, to: str, profile: str | None, weights: str | None, inputs: str | None, task: str | None,
-           base: str | None, unmerged: bool, precision: str | None, data: str | None, out: str | None, as_json: bool,
-           trusted: str | None, trust_source: bool) -> None:
+           base: str | None, unmerged: bool, precision: str | None, data: str | None, bundle: bool, out: str | None,
+           as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
-    from edgeslim.pipeline import check_export_paths, export_model
+    from edgeslim.files import BUNDLE, check_output
+    from edgeslim.pipeline import check_export_paths, export_bundle, export_model
     from edgeslim.sources import load_model
 
     trust = trust_of(trusted, trust_source)
-    suffix = ".engine" if to == "tensorrt" else ".onnx"
+    suffix = ".bundle" if bundle else ".engine" if to == "tensorrt" else ".onnx"
     path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
-    check_export_paths(path, to)  # before any work: never over a foreign file or folder
+    if bundle:
+        check_output(path, BUNDLE)
+    else:
+        check_export_paths(path, to)  # before any work: never over a foreign file or folder
     loaded = load_model(item, weights, inputs, task=task, trust=trust, base=base)
     from edgeslim.compress.compacter import METHODS, merge_for_export
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
-    info = export_model(loaded, to, path, profile, precision=precision, data=data, quiet=as_json)
+    if bundle:
+        info = export_bundle(loaded, to, path, profile, precision=precision, data=data, quiet=as_json)
+    else:
+        info = export_model(loaded, to, path, profile, precision=precision, data=data, quiet=as_json)
     if as_json:
         engine = {"engine_bytes": Path(info["engine"]).stat().st_size} if "engine" in info else {}
         click.echo(json.dumps({"source": item, "to": to, "profile": profile, "task": loaded.task,
@@ -169,6 +178,10 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
 
+    for note in info.get("export_notes", ()):
+        _console().print(f"note: {note}")
+    if bundle:
+        _console().print(f"bundle {info['bundle']}: {', '.join(info['files'])} + bundle.json")
     _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
                      f"max |ONNX - PyTorch|: {diffs}")
     if "agreement" in info:

@@ -67,6 +67,8 @@ class OutputKind:
 
 ARTIFACT = OutputKind("edgeslim artifact folder", True, marker="manifest.json")
 ONNX = OutputKind("ONNX file", False, suffixes=(".onnx",))
+ONNX_DATA = OutputKind("ONNX external data file", False, suffixes=(".data",))
+BUNDLE = OutputKind("edgeslim deployment bundle", True, marker="bundle.json")
 ENGINE = OutputKind("TensorRT engine", False, suffixes=(".engine", ".plan"))
 JSON = OutputKind("JSON file", False, suffixes=(".json",))
 REPORT = OutputKind("report file", False, suffixes=(".md", ".html", ".png", ".svg", ".json"))

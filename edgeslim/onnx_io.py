@@ -86,35 +86,137 @@ def eager_attention(model: nn.Module) -> Iterator[list[str]]:
             module.set_attn_implementation(previous)
 
 
+# Above this many bytes of weights the graph is written with external data (<file>.data beside it):
+# a protobuf message cannot exceed 2 GiB; the margin leaves room for the graph itself.
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, tied tensors counted once."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())}
+    return int(sum(seen.values()))
+
+
+def _failure(model: nn.Module, feeds: Mapping[str, torch.Tensor], cause: str) -> str:
+    where = failing_module(model, feeds)
+    return (f"torch.onnx.export failed for {type(model).__name__}: {cause}"
+            + (f"\nthe module that does not export: {where}" if where else ""))
+
+
 def export_graph(model: nn.Module, inputs: Sequence[TensorSpec], feeds: Mapping[str, torch.Tensor], path: Path,
-                 opset: int = 20, output_names: Sequence[str] = ("output",), lean_attention: bool = True) -> str:
-    """torch.onnx.export (dynamo) of `model(**feeds)` to one file, every named dim of `inputs` dynamic;
-    returns the exporter used: "dynamo", or "torchscript" for a model torch.export cannot trace.
+                 opset: int = 20, output_names: Sequence[str] = ("output",), lean_attention: bool = True,
+                 external: bool = False, slim: bool = True) -> tuple[str, str | None]:
+    """torch.onnx.export (dynamo) of `model(**feeds)` to `path`, every named dim of `inputs` dynamic,
+    then onnxslim's clean-up (`slim_onnx`). Returns the exporter used ("dynamo", or "torchscript" for a
+    model torch.export cannot trace) and a note when the clean-up could not run (None otherwise).
+
+    Args:
+        external: write the weights to `<path>.data` beside the graph (models over EXTERNAL_DATA_BYTES);
+            such a graph is not slimmed.
+        slim: run onnxslim on the written graph (callers validate the result; export/onnx.py falls back
+            to `slim=False` when parity fails after it).
 
     torch's own log lines, graph dumps and warnings are kept off stdout/stderr (logging restored after).
 
     Raises:
-        ExportValidationError: both exporters failed (torch.export's innermost cause and model line named, chained).
+        ExportValidationError: both exporters failed (torch.export's innermost cause and model line named,
+            and the innermost submodule that fails to export on its own; chained).
     """
     dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs}
     lean = eager_attention(model) if lean_attention else contextlib.nullcontext()
     with _quiet_torch(), lean:
         try:
-            torch.onnx.export(model, (), str(path), kwargs=dict(feeds), dynamo=True, external_data=False,
+            torch.onnx.export(model, (), str(path), kwargs=dict(feeds), dynamo=True, external_data=external,
                               verbose=False, dynamic_shapes=dynamic, output_names=list(output_names),
                               opset_version=opset)
-            return "dynamo"
+            exporter = "dynamo"
         except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
             # Some models trace in TorchScript but not in torch.export (transformers' T5 attention
             # reshapes a transposed tensor with symbolic sizes): fall back, validated the same way.
             # Never for data-dependent control flow: tracing would bake in the branch the example took.
             cause = export_cause(exc)
             if "DataDependent" in cause or "data-dependent" in cause.lower():
-                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: {cause}") from exc
+                raise ExportValidationError(_failure(model, feeds, cause)) from exc
             try:
                 torch.onnx.export(model, (), str(path), kwargs=dict(feeds), dynamo=False, verbose=False,
                                   input_names=[s.name for s in inputs], output_names=list(output_names),
                                   dynamic_axes=dynamic, opset_version=opset)
-                return "torchscript"
+                exporter = "torchscript"
             except Exception:  # noqa: BLE001  (the first failure is the one to report)
-                raise ExportValidationError(f"torch.onnx.export failed for {type(model).__name__}: {cause}") from exc
+                raise ExportValidationError(_failure(model, feeds, cause)) from exc
+    if not slim:
+        return exporter, None
+    if external:
+        return exporter, "not slimmed: onnxslim is not run on a graph with external data"
+    return exporter, slim_onnx(path)
+
+
+def slim_onnx(path: Path) -> str | None:
+    """onnxslim's graph clean-up (constant folding, dead nodes, shape ops) of the file at `path`, in
+    place, keeping each surviving node's exporter metadata (module scopes, used to name the module
+    behind a node). Returns a note when onnxslim is missing or fails (the file is left as it was)."""
+    import onnx
+    try:
+        import onnxslim
+    except ImportError:
+        return "not slimmed: onnxslim is not installed (pip install onnxslim)"
+    model = onnx.load(str(path))
+    meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name}
+    try:
+        with _quiet_torch():
+            slimmed = onnxslim.slim(model)
+    except Exception as exc:  # noqa: BLE001  (onnxslim raises plain exceptions; the unslimmed graph stays)
+        return f"not slimmed: onnxslim failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    for node in slimmed.graph.node:
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.extend(meta[node.name])
+    onnx.save(slimmed, str(path))
+    return None
+
+
+def failing_module(model: nn.Module, feeds: Mapping[str, torch.Tensor], max_probes: int = 40) -> str | None:
+    """The innermost submodule (qualified name) that fails torch.onnx.export on its own inputs.
+
+    One forward pass records each submodule's first inputs; then, from the root down, the first
+    child (in call order) whose own export fails is entered, until no child of it fails.
+    """
+    calls: dict[str, tuple[tuple, dict]] = {}
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs: calls.setdefault(names[mod], (args, kwargs)) and None,
+                                         with_kwargs=True) for m in names if m is not model]
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _quiet_torch():
+            model(**feeds)
+    except Exception:  # noqa: BLE001  (a model that does not even run: nothing to point at)
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    order = {n: i for i, n in enumerate(calls)}
+    culprit, probes = None, 0
+    current = model
+    while probes < max_probes:
+        children = sorted(((f"{culprit}.{n}" if culprit else n, c) for n, c in current.named_children()),
+                          key=lambda nc: order.get(nc[0], len(order)))
+        for name, child in children:
+            if name not in calls or probes >= max_probes:
+                continue
+            probes += 1
+            if not _exports(child, *calls[name]):
+                culprit, current = name, child
+                break
+        else:
+            return culprit
+    return culprit
+
+
+def _exports(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether torch.onnx.export (dynamo, static shapes) handles `module(*args, **kwargs)`."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="edgeslim-probe-") as tmp, _quiet_torch():
+        try:
+            torch.onnx.export(module, tuple(args), str(Path(tmp) / "m.onnx"), kwargs=dict(kwargs), dynamo=True,
+                              external_data=False, verbose=False)
+            return True
+        except Exception:  # noqa: BLE001  (any failure counts)
+            return False

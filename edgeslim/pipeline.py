@@ -352,6 +352,7 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
             to_fp16(onnx_path, tmp)
     kinds = {get_compressor(s["method"]).kind for s in loaded.steps if get_compressor(s["method"]).has_onnx_stage}
     info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
+            "export_notes": res.notes,
             "onnx_stages": stages, "precision": "int8" if "quantized" in kinds else precision or "fp32"}
     if stages or precision == "fp16":
         if data:
@@ -369,6 +370,37 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
+
+
+def export_bundle(loaded: LoadedModel, to: str, folder: str | Path, profile: str | None = None, quiet: bool = False,
+                  precision: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """`export_model` into a deployable folder (export/bundle.py): the model file(s), the source's
+    tokenizer / preprocessor / config files, and bundle.json (input spec, outputs, task, precision,
+    preprocessing constants, labels, provenance, SHA-256 of every file). Written whole or not at all."""
+    from edgeslim import __version__
+    from edgeslim.export.bundle import labels_from_config, write_bundle
+    from edgeslim.files import BUNDLE
+    from edgeslim.zoo import preprocessing
+
+    folder = Path(folder)
+    check_output(folder, BUNDLE)
+    with replace_output(folder, BUNDLE) as tmp:
+        info = export_model(loaded, to, tmp / ("model.engine" if to == "tensorrt" else "model.onnx"), profile,
+                            quiet=quiet, precision=precision, data=data)
+        files = dict(loaded.files)
+        tokenizer = getattr(loaded.encode, "tokenizer", None)
+        if tokenizer is not None and not any(n.startswith("tokenizer") or n.startswith("vocab") for n in files):
+            tokenizer.save_pretrained(str(tmp))  # e.g. a zoo encoder: its tokenizer files
+        meta = {"edgeslim_version": __version__, "task": loaded.task,
+                "model": Path(info.get("engine") or info["onnx"]).name, "onnx": Path(info["onnx"]).name,
+                "inputs": [s.to_dict() for s in loaded.inputs], "outputs": ["output"], "default_dims": loaded.dims,
+                "precision": info["precision"], "onnx_stages": info["onnx_stages"],
+                "preprocess": preprocessing(loaded.source.identifier) if loaded.source.kind == "zoo" else None,
+                "labels": labels_from_config(files),
+                "source": loaded.source.to_dict(), "steps": [s["method"] for s in loaded.steps],
+                "validation": {"max_abs_diff": info["max_abs_diff"], "agreement": info.get("agreement")}}
+        manifest = write_bundle(tmp, meta, files)
+    return info | {"bundle": str(folder), "files": sorted(manifest["files"])}
 
 
 def has_onnx_stage(loaded: LoadedModel) -> bool:

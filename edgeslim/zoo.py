@@ -178,6 +178,17 @@ def _entries() -> list[ZooEntry]:
     return out
 
 
+def preprocessing(name: str) -> dict[str, str] | None:
+    """How to turn raw data into the zoo model's input (for deployment bundles), or None."""
+    if name.startswith(("espcn-", "bicubic-")) or name in ("deconv-sr-x3", "srcnn-x3"):
+        return {"input": "x: the Y plane of BT.601 studio-range YCbCr (16..235) / 255, shape [batch, 1, H, W]",
+                "output": "the upscaled Y plane, * 255; Cb and Cr are upscaled bicubically"}
+    if name == "efficientnet-lite0":
+        return {"input": "x: RGB uint8 image resized to 224x224, (x - 127) / 128, shape [batch, 3, 224, 224]",
+                "output": "ImageNet-1k logits (1000; class names are not shipped)"}
+    return None
+
+
 def entries() -> dict[str, ZooEntry]:
     """Every zoo model by name."""
     return {e.name: e for e in _entries()}

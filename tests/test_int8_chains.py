@@ -1,0 +1,113 @@
+"""Conv -> Tanh as QLinearConv + ORT's quantized sigmoid table (compress/int8_chains.py)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import CompressContext, get_compressor
+from edgeslim.compress.int8_chains import SIGMOID_EDGE, chain_sites, uint8_grid
+from edgeslim.errors import ExportValidationError
+from edgeslim.export.onnx import to_onnx
+from edgeslim.specs import TensorSpec
+
+pytest.importorskip("nncf")
+torch.set_num_threads(1)
+SPEC = [TensorSpec("x", ("batch", 1, "height", "width"))]
+
+
+class TanhNet(nn.Module):
+    """ESPCN-like: conv-tanh-conv-tanh-conv, zero padding everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 16, 5, padding=2), nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x)))))
+
+
+def _session(path, level=None):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if level is not None:
+        opts.graph_optimization_level = level
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chains")
+    model = TanhNet().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = CalibData("tiny", [{"x": torch.rand(4, 1, 16, 16, generator=g)} for _ in range(4)])
+    comp, context = get_compressor("int8"), CompressContext(inputs=tuple(SPEC))
+    results = {flag: comp.compress(model, {"tanh_table": flag}, calib, context=context) for flag in (True, False)}
+    fp32 = to_onnx(model, SPEC, tmp / "f.onnx").path
+    paths = {}
+    for flag, result in results.items():
+        paths[flag] = tmp / f"q{int(flag)}.onnx"
+        comp.onnx_stage(result.resolved, fp32, paths[flag], context)
+    return model, results, paths, fp32, tmp
+
+
+def test_the_table_encodes_tanh_on_its_grid():
+    z = np.linspace(-8, 8, 20001)
+    q = np.clip(np.round(256 / (1 + np.exp(-2 * z))), 0, 255)  # QLinearSigmoid output on scale 1/256, zp 0
+    h = (q - 128) / 128  # what the next DequantizeLinear reads (scale 1/128, zero point 128)
+    assert np.max(np.abs(h - np.tanh(z))) <= 1 / 128 + 1e-9  # the same step as an int8 quantizer of tanh
+    assert h[np.argmin(np.abs(z))] == 0.0  # zero padding (q = zero point 128) is tanh(0) exactly
+    assert 1 / (1 + np.exp(-SIGMOID_EDGE)) * 256 == pytest.approx(255.5)  # past the edge the table is flat
+
+
+def test_uint8_grid_holds_zero_exactly():
+    scale, zp = uint8_grid(-1.3, 2.2)
+    assert scale == pytest.approx(3.5 / 255) and -zp * scale == pytest.approx(-1.3, abs=scale / 2)
+    assert uint8_grid(0.2, 0.9)[1] == 0  # zero is kept in range, at the bottom
+
+
+def test_records_sites_and_ort_runs_an_int8_chain(made):
+    model, results, paths, fp32, tmp = made
+    sites = results[True].resolved["tanh_table"]
+    assert len(sites) == 2 and results[False].resolved["tanh_table"] == {}
+    assert all(-SIGMOID_EDGE <= lo < 0 < hi <= SIGMOID_EDGE for lo, hi in sites.values())
+    import onnxruntime as ort
+    opt = tmp / "opt.onnx"
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath, opts.log_severity_level = str(opt), 3
+    ort.InferenceSession(str(paths[True]), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert ops.count("QLinearSigmoid") == 2 and ops.count("QLinearConv") >= 2 and "Tanh" not in ops
+    plain = onnx.load(str(paths[False]))
+    assert chain_sites(plain) == sorted(sites) or set(chain_sites(plain)) == set(sites)
+
+
+def test_the_chain_follows_fp32_within_int8_tolerance(made):
+    model, results, paths, fp32, _ = made
+    x = {"x": np.random.default_rng(1).random((2, 1, 20, 24), dtype=np.float32)}
+    with torch.inference_mode():
+        ref = model(x=torch.from_numpy(x["x"])).numpy()
+    import onnxruntime as ort
+    err = {}
+    for flag in (False, True):
+        for fused in (False, True):  # ORT's INT8 kernels, and the plain Q/DQ arithmetic they stand for
+            level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            out = _session(paths[flag], level).run(None, x)[0]
+            err[flag, fused] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    assert err[True, True] < 0.08 and err[True, True] < 1.3 * err[False, True], err
+    assert err[True, True] == pytest.approx(err[True, False], rel=0.1), err  # no kernel saturation
+
+
+def test_a_missing_site_is_refused(made):
+    _, results, _, fp32, tmp = made
+    resolved = copy.deepcopy(results[True].resolved)
+    resolved["tanh_table"]["no_such_tensor"] = [-1.0, 1.0]
+    with pytest.raises(ExportValidationError, match="no_such_tensor"):
+        get_compressor("int8").onnx_stage(resolved, fp32, tmp / "bad.onnx", CompressContext(inputs=tuple(SPEC)))
