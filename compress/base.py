@@ -34,6 +34,10 @@ class Measure(Protocol):
         """Latency in ms of an (m x k) @ (k x n) matrix product on the target."""
         ...
 
+    def model_ms(self, model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
+        """Latency in ms of one call of the whole `model` on the target at the input sizes `dims`."""
+        ...
+
 
 @dataclass(frozen=True)
 class CompressContext:
@@ -48,18 +52,23 @@ class CompressContext:
     profile: str | None = None  # target profile name
     measure: Measure | None = None  # e.g. a GEMM latency table of the target, for latency budgets
     monitor: Callable[[int, nn.Module], None] | None = None  # training families call it after each step
+    dims: Mapping[str, int] = field(default_factory=dict)  # input sizes a latency budget is for (batch, sequence)
 
 
 @dataclass(frozen=True)
 class BudgetConfig(ConfigBase):
     """Budget forms shared by every low-rank / tensor / pruning / factorized-conv compressor.
 
-    Exactly one of ratio, rank or energy is set; when none is, ratio=0.5.
+    Exactly one of ratio, rank, energy or speedup is set; when none is, ratio=0.5. A speedup budget
+    needs a family with a latency model of its layers (`latency_budget`) and a `Measure` in the context.
     """
+
+    latency_budget: ClassVar[bool] = False  # True: the family allocates for `speedup` (low-rank linear maps)
 
     ratio: float | None = None  # kept fraction of the targeted layers' parameters, in (0, 1]
     rank: int | None = None  # fixed rank / bond dimension / kept channels for every layer
     energy: float | None = None  # kept fraction of (weighted) spectral energy per layer, in (0, 1]
+    speedup: float | None = None  # measured whole-model speedup to reach on the target with the least error, > 1
     # "uniform": same ratio per layer; "sensitivity": global greedy on the layers' errors;
     # "auto": sensitivity when calibration data is given and the method is data-aware, else uniform
     allocation: Literal["auto", "uniform", "sensitivity"] = "auto"
@@ -68,15 +77,20 @@ class BudgetConfig(ConfigBase):
     exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
 
     def validate(self) -> None:
-        set_forms = [k for k in ("ratio", "rank", "energy") if getattr(self, k) is not None]
+        set_forms = [k for k in ("ratio", "rank", "energy", "speedup") if getattr(self, k) is not None]
         if len(set_forms) > 1:
-            raise ConfigError(f"give one budget form, not {set_forms} (ratio, rank or energy)")
+            raise ConfigError(f"give one budget form, not {set_forms} (ratio, rank, energy or speedup)")
         if not set_forms:
             object.__setattr__(self, "ratio", 0.5)
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
+        if self.speedup is not None and not self.speedup > 1.0:
+            raise ConfigError(f"speedup must be > 1 (e.g. 1.5), got {self.speedup}")
+        if self.speedup is not None and not self.latency_budget:
+            raise ConfigError(f"{type(self).__name__} has no latency model for a speedup budget; it is offered by "
+                              "the low-rank methods (svd, fwsvd, asvd): use ratio, rank or energy here")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.align is not None and self.align < 1:
@@ -114,6 +128,8 @@ class LayerChange:
     rel_error: float | None = None  # relative (weighted) reconstruction error of the layer
     sensitivity: float | None = None  # task-loss or output change this layer alone causes
     note: str = ""  # e.g. "dense: factoring would not save parameters at rank 8"
+    latency_ms_before: float | None = None  # the layer's GEMM time on the target (measured table), dense
+    latency_ms_after: float | None = None  # ... as it was left (factored pair, or dense)
 
     def __post_init__(self) -> None:
         if self.status not in get_args(Status):

@@ -14,7 +14,7 @@ All three solve min ||L (W - A B) R||_F over rank-r factors A (m x r), B (r x n)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResul
                                     working_copy)
 from edgeslim.compress.calibration import CalibStats, collect_stats
 from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note
+from edgeslim.compress.lowrank_latency import LayerTimes, allocate_latency, gemm_rows, timing_note
 from edgeslim.compress.replace import (linear_types, linear_view, recorded_module, select_linear_maps, set_submodule,
                                        skipped_change)
 from edgeslim.errors import ConfigError
@@ -156,12 +157,16 @@ def weighted_svd(weight: torch.Tensor, row_weight: torch.Tensor | None = None,
 
 @dataclass(frozen=True)
 class SVDConfig(BudgetConfig):
-    """Plain truncated SVD; the budget forms are those of BudgetConfig."""
+    """Plain truncated SVD; the budget forms are those of BudgetConfig, and speedup (lowrank_latency.py)."""
+
+    latency_budget: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
 class FWSVDConfig(BudgetConfig):
     """Fisher-weighted SVD (Hsu et al., ICLR 2022)."""
+
+    latency_budget: ClassVar[bool] = True
 
     floor: float = 1e-6  # rows with less Fisher than floor * mean row Fisher are raised to it
 
@@ -174,6 +179,8 @@ class FWSVDConfig(BudgetConfig):
 @dataclass(frozen=True)
 class ASVDConfig(BudgetConfig):
     """Activation-aware SVD: whiten by the input second moment, or scale columns by mean |x|^alpha."""
+
+    latency_budget: ClassVar[bool] = True
 
     mode: Literal["whiten", "scale"] = "whiten"  # Cholesky of damped E[x x^T] | diag(mean |x|)^alpha
     damping: float = 1e-2  # added to the diagonal, relative to its mean, so the Cholesky exists
@@ -222,15 +229,19 @@ class _LowRankCompressor(Compressor):
             spectra.append(LayerSpectrum(name, view.out_features, view.in_features,
                                          0 if view.bias is None else view.out_features,
                                          facts[name].s.square(), scale))
-        ranks = allocate(spectra, config)
+        ranks, times, latency = self.decide(model, config, chosen, spectra, context)
         for (name, module), spec in zip(chosen, spectra):
             rank = ranks[name]
             weight, bias, _ = linear_view(module)
             item = weight.element_size()
+            timing = times.get(name)
+            ms = {} if timing is None else {"latency_ms_before": timing.dense_ms, "latency_ms_after": timing.ms_at(rank)}
+            note = "" if timing is None else timing_note(timing, rank, config.align)
             if rank is None:
                 changes.append(LayerChange(name, type(module).__name__, spec.dense_params, spec.dense_params, status="dense",
                                            bytes_before=item * spec.dense_params, bytes_after=item * spec.dense_params,
-                                           rel_error=0.0, note=dense_note(spec, config)))
+                                           rel_error=0.0, note=note if config.speedup else dense_note(spec, config),
+                                           **ms))
                 continue
             left, right = facts[name].factors(rank)
             bias = bias.detach() if bias is not None else None
@@ -238,10 +249,41 @@ class _LowRankCompressor(Compressor):
             changes.append(LayerChange(name, f"{type(module).__name__} -> LowRankLinear", spec.dense_params,
                                        spec.params_at(rank), rank, bytes_before=item * spec.dense_params,
                                        bytes_after=item * spec.params_at(rank), rel_error=facts[name].rel_error(rank),
-                                       sensitivity=self.sensitivity(float(spec.energy[rank:].sum()), config)))
+                                       sensitivity=self.sensitivity(float(spec.energy[rank:].sum()), config),
+                                       note=note, **ms))
         resolved = {"ranks": {n: r for n, r in ranks.items() if r is not None},
                     "dense": [n for n, r in ranks.items() if r is None], "skipped": skipped}
+        if latency:
+            resolved["latency"] = latency
         return self.result(model, config, changes, resolved)
+
+    def decide(self, model: nn.Module, config: BudgetConfig, chosen: Sequence[tuple[str, nn.Module]],
+               spectra: Sequence[LayerSpectrum], context: CompressContext | None
+               ) -> tuple[dict[str, int | None], dict[str, LayerTimes], dict[str, Any]]:
+        """(ranks, per-layer GEMM times on the target, latency summary of a speedup budget).
+
+        With a `Measure` in the context every layer is timed on the target's GEMM table (so each row
+        says whether factoring paid off); a speedup budget is allocated in milliseconds from it.
+
+        Raises:
+            ConfigError: a speedup budget without a measure of the target (a profile that is not this
+                machine and no GEMM table measured on it).
+        """
+        measure = context.measure if context is not None else None
+        if config.speedup is not None and measure is None:
+            where = f"profile '{context.profile}'" if context is not None and context.profile else "no target profile"
+            raise ConfigError(f"a speedup budget needs GEMM timings measured on the target, and there are none for "
+                              f"{where}: it is not this machine, so give a table measured on that target "
+                              "(gemm_table = FILE in the step, --gemm-table FILE), or use ratio, rank or energy")
+        times: dict[str, LayerTimes] = {}
+        if measure is not None and chosen:
+            rows = gemm_rows(model, [n for n, _ in chosen], context)
+            times = {s.name: LayerTimes(s, rows[s.name], measure) for s in spectra}
+        if config.speedup is None:
+            return allocate(spectra, config), times, {}
+        model_ms = measure.model_ms(model, context.inputs, context.dims)
+        ranks, latency = allocate_latency(list(times.values()), config.speedup, config.align, model_ms)
+        return ranks, times, {**latency, "dims": dict(context.dims)}
 
     def sensitivity(self, lost_energy: float, config: BudgetConfig) -> float | None:
         """Estimated task-loss or output change from this layer's truncation; None when unknown."""

@@ -82,6 +82,8 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @click.option("--ratio", type=float, help="kept fraction of the targeted layers' parameters")
 @click.option("--rank", type=int, help="fixed rank / bond dimension for every layer")
 @click.option("--energy", type=float, help="kept fraction of spectral energy per layer")
+@click.option("--speedup", type=float, help="measured whole-model speedup to reach on the target (svd, fwsvd, asvd)")
+@click.option("--gemm-table", help="speedup on a target that is not this machine: its GEMM table (JSON) measured there")
 @click.option("--calib", help="calibration data: NAME[:COUNT] (edgeslim list datasets) or a file/folder")
 @click.option("--target", help="regex (fullmatch) of module names to compress")
 @click.option("--exclude", help="regex of module names to leave alone")
@@ -93,7 +95,7 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
 @json_option
 @trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
-             calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
+             speedup: float | None, gemm_table: str | None, calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
              weights: str | None, inputs: str | None, task: str | None, profile: str, out: str | None,
              as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
@@ -101,8 +103,8 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
     from edgeslim.pipeline import StepSection, compress_to_artifact
 
     step: dict[str, Any] = {"method": method}
-    for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("calib", calib), ("target", target),
-                     ("exclude", exclude)):
+    for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("speedup", speedup), ("calib", calib),
+                     ("gemm_table", gemm_table), ("target", target), ("exclude", exclude)):
         if val is not None:
             step[key] = val
     step |= _sets(sets, get_compressor(method).Config, StepSection)

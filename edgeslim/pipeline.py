@@ -45,6 +45,12 @@ class StepSection(ConfigBase):
     method: str  # a registered compressor (edgeslim list compressors)
     calib: str | None = None  # calibration data: NAME[:COUNT] or a file/folder of the user's inputs
     calib_batch: int = 16  # batch size of the calibration data
+    gemm_table: str | None = None  # a speedup budget for a target that is not this machine: GEMM table measured on it
+    latency_batch: int = 8  # batch size a speedup budget is measured at (other dims: the model's defaults)
+
+    def validate(self) -> None:
+        if self.latency_batch < 1:
+            raise ConfigError(f"latency_batch must be a positive integer, got {self.latency_batch}")
 
 
 @dataclass(frozen=True)
@@ -186,17 +192,21 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
     console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
 
 
-def compress_context(loaded: LoadedModel, profile: str | None) -> CompressContext:
+def compress_context(loaded: LoadedModel, profile: str | None, gemm_table: str | None = None,
+                     latency_batch: int = 8) -> CompressContext:
     """What a compressor gets to know beyond the model: its input spec, the target's alignment (a local CPU
-    target's follows this CPU's SIMD width) and, for a local CPU target, GEMM latencies timed here."""
+    target's follows this CPU's SIMD width) and the target's latencies (edgeslim/latency.py): timed here for a
+    local CPU target, read from `gemm_table` (measured on the target) for any other, else none."""
     align, measure = None, None
     if profile:
-        from edgeslim.runtime.peak import GemmTable, is_local, machine_align
+        from edgeslim.latency import LocalMeasure, TableMeasure
+        from edgeslim.runtime.peak import is_local, machine_align
         from edgeslim.runtime.targets import load_profile
         prof = load_profile(profile)
         align = machine_align(prof)
-        measure = GemmTable(prof.threads) if is_local(prof) else None
-    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure)
+        measure = TableMeasure(gemm_table) if gemm_table else LocalMeasure(profile) if is_local(prof) else None
+    return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure,
+                           dims={**loaded.dims, "batch": latency_batch})
 
 
 def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,
@@ -219,7 +229,8 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
         elif comp.needs_calibration:
             raise ConfigError(missing_calibration_message(comp.name, current))
         with stage(f"{comp.name} on {loaded.source.identifier}", quiet):
-            result = comp.compress(current.model, config, calib, context=compress_context(current, profile))
+            context = compress_context(current, profile, section.gemm_table, section.latency_batch)
+            result = comp.compress(current.model, config, calib, context=context)
         result.resolved.setdefault("calib", calib.name if calib else None)
         results.append(result)
         current = dataclasses.replace(current, model=result.model.eval(),

@@ -122,6 +122,16 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _paid(change: Mapping[str, Any]) -> str:
+    """Whether factoring a layer paid off on the target (its measured GEMM time against the dense layer's)."""
+    if change.get("status") != "replaced":
+        return "kept dense" + (f": {change['note'].removeprefix('dense: ')}" if change.get("note") else "")
+    gain = change["latency_ms_before"] / change["latency_ms_after"] if change["latency_ms_after"] else None
+    if gain is None or gain > 1:
+        return f"yes ({_fmt(gain, '.2f')}x)"
+    return f"no ({gain:.2f}x: slower than dense)"
+
+
 def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None) -> str:
     """The Markdown text of the report."""
     r, models = summary["recipe"], summary["models"]
@@ -149,6 +159,12 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     for s in speed_rows(summary):
         lines.append(f"| {s['batch']} | {_fmt(s['params_ratio'])} | {_fmt(s['flops_ratio'])} | "
                      f"{_fmt(s['latency_ratio'])} | {_fmt(s['speedup'], '.2f')}x | {s['reason'] or 'ok'} |")
+    timed = [c for c in summary["changes"] if c.get("latency_ms_before") is not None]
+    if timed:
+        lines += ["", "Per layer, from the target's GEMM table (GEMM time at the budget's input sizes):", "",
+                  "| layer | status | decision | dense ms | as left ms | factoring paid off |", "|---|---|---:|---:|---:|---|"]
+        lines += [f"| `{c['name']}` | {c['status']} | {decision_text(c.get('decision'))} | {ms(c['latency_ms_before'])} | "
+                  f"{ms(c['latency_ms_after'])} | {_paid(c)} |" for c in timed]
     costly = sorted(_changed(summary["changes"]), key=lambda c: -(c.get("sensitivity") or c["rel_error"]))[:10]
     if costly:
         lines += ["", "## Layers that cost the most", "",

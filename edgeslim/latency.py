@@ -1,0 +1,75 @@
+"""The `Measure` objects the pipeline hands to compressors for a latency budget (compress/ never measures).
+
+- `LocalMeasure`: a local CPU target: GEMM shapes timed here in ONNX Runtime (runtime/peak.GemmTable,
+  cached per machine) and the whole model exported to ONNX and timed in the profile's session.
+- `TableMeasure`: another target, from a JSON table measured ON that target:
+  `{"target": "jetson-orin-nano", "gemm_ms": {"MxKxN": ms, ...}, "model_ms": ms}` where model_ms is the
+  source model's latency there at the budget's input sizes. A shape the table lacks is an error that
+  names it (nothing is guessed for a machine that is not this one).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from torch import nn
+
+from edgeslim.errors import ConfigError, SourceError
+from edgeslim.specs import TensorSpec, example_feeds
+
+
+class LocalMeasure:
+    """GEMM table and model latency of a local CPU profile, measured on this machine."""
+
+    def __init__(self, profile: str, iters: int = 5) -> None:
+        from edgeslim.runtime.peak import GemmTable
+        from edgeslim.runtime.targets import load_profile
+
+        self.profile = load_profile(profile)
+        self.table = GemmTable(self.profile.threads)
+        self.iters = iters
+
+    def gemm_ms(self, m: int, k: int, n: int) -> float:
+        return self.table.gemm_ms(m, k, n)
+
+    def model_ms(self, model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
+        """p50 latency of `model` exported to ONNX (validated) and run in the profile's session."""
+        from edgeslim.export.onnx import to_onnx
+        from edgeslim.runtime.measure import measure
+        from edgeslim.runtime.session import open_session
+
+        with tempfile.TemporaryDirectory(prefix="edgeslim-latency-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            to_onnx(model, list(inputs), path)
+            with open_session(path, self.profile) as session:
+                return measure(session, example_feeds(inputs, dims), warmup=2, iters=self.iters).p50_ms
+
+
+class TableMeasure:
+    """GEMM and model latencies of another target, read from a table measured on it."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise SourceError(f"GEMM table {path} cannot be read: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"GEMM table {path} is not JSON: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("gemm_ms"), dict) or "model_ms" not in data:
+            raise ConfigError(f"GEMM table {path} needs 'gemm_ms' ({{\"MxKxN\": ms}}) and 'model_ms' (the source "
+                              "model's latency on that target)")
+        self.path, self.gemm, self.model = path, data["gemm_ms"], float(data["model_ms"])
+        self.target = data.get("target")
+
+    def gemm_ms(self, m: int, k: int, n: int) -> float:
+        shape = f"{int(m)}x{int(k)}x{int(n)}"
+        if shape not in self.gemm:
+            raise ConfigError(f"GEMM table {self.path} has no timing for shape {shape} (M x K x N): measure it on "
+                              "the target")
+        return float(self.gemm[shape])
+
+    def model_ms(self, model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
+        return self.model

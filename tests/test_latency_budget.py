@@ -1,0 +1,162 @@
+"""The latency-aware low-rank budget (`speedup`): fixed fake GEMM tables, no timing assertions."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim import pipeline
+from edgeslim.compress.base import CompressContext
+from edgeslim.compress.lowrank_budget import LayerSpectrum
+from edgeslim.compress.lowrank_latency import LayerTimes, allocate_latency
+from edgeslim.compress.prune import PruneConfig
+from edgeslim.compress.svd import SVD, LowRankLinear
+from edgeslim.errors import ConfigError
+from edgeslim.latency import TableMeasure
+from edgeslim.sources import load_model
+from edgeslim.specs import TensorSpec
+
+SPEC = (TensorSpec("x", ("batch", 64), "float32"),)
+
+
+class FakeMeasure:
+    """GEMM time = launch overhead + m*k*n work; the model spends `other_ms` outside the GEMMs."""
+
+    def __init__(self, overhead=0.005, other_ms=0.05, slow_k=None):
+        self.overhead, self.other_ms, self.slow_k, self.calls = overhead, other_ms, slow_k, []
+
+    def gemm_ms(self, m, k, n):
+        self.calls.append((m, k, n))
+        base = self.overhead + m * k * n * 1e-6
+        return base * (50 if k == self.slow_k and n < 64 else 1)  # thin products reading width slow_k: slow
+
+    def model_ms(self, model, inputs, dims):
+        rows = dims["batch"]
+        dense = sum(self.gemm_ms(rows, m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
+        return self.other_ms + dense
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 80), nn.ReLU(), nn.Linear(80, 64))
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _context(measure, batch=32):
+    return CompressContext(inputs=SPEC, align=4, profile="fake", measure=measure, dims={"batch": batch})
+
+
+@pytest.mark.parametrize("speedup", [1.2, 1.5, 2.0])
+def test_speedup_budget_meets_its_estimate_and_replays(speedup):
+    model, measure = Wrapped(), FakeMeasure()
+    res = SVD().compress(model, {"speedup": speedup}, context=_context(measure))
+    lat = res.resolved["latency"]
+    assert lat["estimated_speedup"] >= speedup - 1e-9 and lat["estimated_ms"] <= lat["model_ms"] / speedup + 1e-9
+    assert lat["dims"] == {"batch": 32}
+    assert all(m == 32 for m, _, _ in measure.calls)  # GEMMs sized by the budget's batch
+    factored = [c for c in res.changes if c.status == "replaced"]
+    assert factored and all(r % 4 == 0 for r in res.resolved["ranks"].values())  # on the profile's align
+    assert all(c.latency_ms_after < c.latency_ms_before and "paid off" in c.note for c in factored)
+    replayed = SVD().replay(Wrapped(), res.resolved, SPEC)
+    replayed.load_state_dict(res.model.state_dict())
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(replayed(x), res.model(x))
+
+
+def test_more_speedup_costs_more_error():
+    errors = []
+    for speedup in (1.2, 1.6, 2.2):
+        res = SVD().compress(Wrapped(), {"speedup": speedup}, context=_context(FakeMeasure()))
+        errors.append(sum(c.rel_error ** 2 for c in res.changes))
+    assert errors[0] <= errors[1] <= errors[2] and errors[2] > errors[0]
+
+
+def test_layer_not_faster_when_factored_stays_dense():
+    # a thin product reading width 96 is 50x slower: factoring the middle 96 -> 80 layer never gains
+    measure = FakeMeasure(slow_k=96)
+    res = SVD().compress(Wrapped(), {"speedup": 1.1}, context=_context(measure))
+    middle = next(c for c in res.changes if c.name == "net.2")
+    assert middle.status == "dense" and "no rank" in middle.note and "faster" in middle.note
+    assert not isinstance(res.model.net[2], LowRankLinear)
+
+
+def test_greedy_matches_brute_force_on_two_layers():
+    measure = FakeMeasure(overhead=0.002)
+    torch.manual_seed(1)
+    spectra = [LayerSpectrum(f"l{i}", 48, 32, 0, torch.sort(torch.rand(32).double() * (i + 1), descending=True)[0])
+               for i in range(2)]
+    times = [LayerTimes(s, 64, measure) for s in spectra]
+    model_ms = 0.2 + sum(t.dense_ms for t in times)
+    ranks, summary = allocate_latency(times, 1.3, 4, model_ms)
+    best = min((sum(o[2] for o in combo), combo) for combo in
+               ((a, b) for a in times[0].candidates(4) for b in times[1].candidates(4))
+               if 0.2 + combo[0][1] + combo[1][1] <= model_ms / 1.3 + 1e-12)
+    greedy_error = sum(t.spectrum.error_at(ranks[t.spectrum.name]) if ranks[t.spectrum.name] else 0.0 for t in times)
+    assert greedy_error <= best[0] * 1.05 + 1e-12
+    assert summary["estimated_ms"] <= model_ms / 1.3 + 1e-9
+
+
+def test_speedup_out_of_reach_names_the_best():
+    with pytest.raises(ConfigError, match="out of reach.*estimate is"):
+        SVD().compress(Wrapped(), {"speedup": 50.0}, context=_context(FakeMeasure()))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"speedup": 1.0}, "speedup must be > 1"),
+    ({"speedup": 1.5, "ratio": 0.5}, "one budget form"),
+])
+def test_bad_speedup_configs(config, message):
+    with pytest.raises(ConfigError, match=message):
+        SVD().make_config(config)
+
+
+def test_speedup_refused_by_a_family_without_a_latency_model():
+    with pytest.raises(ConfigError, match="no latency model"):
+        PruneConfig.from_dict({"speedup": 1.5})
+
+
+def test_speedup_without_a_measure_is_refused():
+    with pytest.raises(ConfigError, match="not this machine.*table measured on that target"):
+        SVD().compress(Wrapped(), {"speedup": 1.5}, context=CompressContext(inputs=SPEC, profile="jetson-orin-nano"))
+
+
+def test_remote_profile_refused_unless_a_table_is_given(tmp_path):
+    loaded = load_model("tiny-mlp")
+    step = {"method": "svd", "speedup": 1.2}
+    with pytest.raises(ConfigError, match="'jetson-orin-nano'.*not this machine"):
+        pipeline.apply_steps(loaded, [step], quiet=True, profile="jetson-orin-nano")
+    fake, shapes = FakeMeasure(overhead=0.001), {}
+    for m in (fc for fc in loaded.model.modules() if isinstance(fc, nn.Linear)):
+        for k, n in [(m.in_features, m.out_features)] + [(m.in_features, r) for r in range(1, 65)] + \
+                    [(r, m.out_features) for r in range(1, 65)]:
+            shapes[f"8x{k}x{n}"] = fake.gemm_ms(8, k, n)
+    table = tmp_path / "orin.json"
+    table.write_text(json.dumps({"target": "jetson-orin-nano", "gemm_ms": shapes,
+                                 "model_ms": 0.01 + shapes["8x16x64"] + shapes["8x64x64"] + shapes["8x64x8"]}))
+    _, (res,) = pipeline.apply_steps(loaded, [{**step, "gemm_table": str(table)}], quiet=True, profile="jetson-orin-nano")
+    assert res.resolved["latency"]["estimated_speedup"] >= 1.2 and res.config["speedup"] == 1.2
+    assert res.resolved["ranks"] and all(r % 8 == 0 for r in res.resolved["ranks"].values())  # the board's align
+
+
+def test_table_missing_a_shape_names_it(tmp_path):
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"gemm_ms": {}, "model_ms": 1.0}))
+    with pytest.raises(ConfigError, match="no timing for shape 8x16x64"):
+        TableMeasure(table).gemm_ms(8, 16, 64)
+    table.write_text(json.dumps({"gemm_ms": {}}))
+    with pytest.raises(ConfigError, match="model_ms"):
+        TableMeasure(table)
+
+
+def test_cli_speedup_on_a_remote_profile_exits_2(in_tmp, capsys):
+    from edgeslim.cli import main
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--speedup", "1.5", "--profile", "jetson-orin-nano"]) == 2
+    assert "not this machine" in capsys.readouterr().err
