@@ -9,6 +9,10 @@ are also healed by a short fine-tune.
 
     python bench/lowrank_minilm.py            # full run (~25 min on 2 cores), writes bench/results/
     python bench/lowrank_minilm.py --quick    # tiny BERT, seconds; used by a test
+    python bench/lowrank_minilm.py --sections heal,speedup --merge   # add rows to an earlier run's JSON
+
+The latency-aware rows (`speedup = 1.3 / 1.5 / 2.0`, asvd with the GEMM table of this machine) are
+labelled "asvd-speedup"; their `speedup_target` is what was asked, `speedup` what was measured.
 """
 from __future__ import annotations
 
@@ -31,14 +35,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from edgeslim.calib import CalibData  # noqa: E402
+from edgeslim.compress.base import CompressContext  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
 from edgeslim.compress.svd import ASVD, FWSVD, SVD  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import bbc_news_classes, bbc_news_split  # noqa: E402
-from edgeslim.errors import require  # noqa: E402
+from edgeslim.errors import ConfigError, require  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.files import HF_FOLDER, JSON, REPORT, replace_output  # noqa: E402
+from edgeslim.latency import LocalMeasure  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.op_profile import amdahl_bound, gemm_fraction, op_breakdown  # noqa: E402
@@ -53,10 +59,10 @@ TARGET = r"hf\.bert\.encoder\.layer\.\d+\..*"  # the 36 encoder Linears (not poo
 METHODS = {"svd": (SVD(), {"allocation": "uniform"}), "fwsvd": (FWSVD(), {"allocation": "uniform"}),
            "asvd": (ASVD(), {"allocation": "uniform"}), "asvd-sens": (ASVD(), {"allocation": "sensitivity"})}
 FULL = dict(ratios=[0.5, 0.3, 0.4, 0.8, 0.6], heal_ratios=[0.5, 0.3], heal_methods=["svd", "fwsvd", "asvd-sens"],
-            heal_steps=40, calib_samples=256,  # low ratios first
+            heal_steps=40, calib_samples=256, speedups=[1.3, 1.5, 2.0],  # low ratios first
             finetune=dict(epochs=2, lr=1e-4, batch=16, seq=128, seed=0, split_seed=0), latency_rounds=3,
             latency_iters=5, latency_dims={"batch": 8, "sequence": 128}, align=8)
-QUICK = dict(ratios=[0.4], heal_ratios=[0.4], heal_methods=["asvd-sens"], heal_steps=3, calib_samples=16,
+QUICK = dict(ratios=[0.4], heal_ratios=[0.4], heal_methods=["asvd-sens"], heal_steps=3, calib_samples=16, speedups=[1.05],
              finetune=dict(epochs=1, lr=1e-3, batch=8, seq=32, seed=0, split_seed=0, train_docs=64, test_docs=32,
                            tiny=True), latency_rounds=1, latency_iters=3, latency_dims={"batch": 2, "sequence": 32}, align=4)
 
@@ -189,6 +195,13 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
                "test_docs": sum(len(t) for t in test.targets),
                "heal_methods": cfg["heal_methods"], "cut": cfg.get("cut", ""), "machine_start": machine_info(),
                "original": base, "rows": []}
+    earlier = out / "lowrank_minilm.json"
+    if cfg.get("merge") and earlier.is_file():  # keep an earlier invocation's rows (and say so)
+        old = json.loads(earlier.read_text())
+        summary["rows"] = [r for r in old["rows"] if not (r["healed"] and "heal" in cfg["sections"])
+                           and not (r["method"] == "asvd-speedup" and "speedup" in cfg["sections"])]
+        summary["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in (
+            "cut", "test_docs", "machine_start", "original", "calib_seconds")}]
     rows = summary["rows"]
     stats, seconds = {"svd": None}, {}
     for method, kwargs in (("fwsvd", {"activations": False}), ("asvd", {"fisher": False})):
@@ -196,31 +209,52 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
         stats[method] = collect_stats(model, calib, names, **kwargs)
         seconds[method] = time.perf_counter() - t0
     summary["calib_seconds"] = seconds
-    for ratio in cfg["ratios"]:
+    sections = cfg.get("sections", ("plain", "heal", "speedup"))
+
+    def measured(label: str, result, **extra) -> dict:
+        """One row: accuracy, size, FLOPs and latency side by side with the original."""
+        small = result.model
+        row = {"method": label, "healed": False, **extra, "accuracy": accuracy(small, test),
+               "params": count_params(small), "targeted_kept": (targeted - result.params_before + result.params_after) / targeted,
+               "ranks": result.resolved["ranks"], "dense": result.resolved["dense"],
+               **export_and_count(small, loaded, feeds, tmp / "variant.onnx")}
+        row["base_p50_ms"], row["p50_ms"] = paired_latency(base_session, row.pop("onnx_path"), feeds,
+                                                           cfg["latency_rounds"], cfg["latency_iters"])
+        row["load_avg"] = list(os.getloadavg())
+        row["flops_ratio"] = row["flops"] / base["flops"]
+        row["latency_ratio"] = row["p50_ms"] / row["base_p50_ms"]
+        row["speedup"] = 1.0 / row["latency_ratio"]
+        row["amdahl_bound"] = amdahl_bound(base["gemm_share"], row["flops_ratio"])
+        row["latency_over_bound"] = row["latency_ratio"] / row["amdahl_bound"]
+        rows.append(row)
+        print(f"{label:12s} {extra}: accuracy {row['accuracy']:.4f} latency x{row['latency_ratio']:.3f} "
+              f"(bound x{row['amdahl_bound']:.3f}) FLOPs x{row['flops_ratio']:.3f} load {row['load_avg'][0]:.1f}",
+              flush=True)
+        _checkpoint(summary, rows, base, out)
+        return row
+
+    for ratio in cfg["ratios"] if "plain" in sections else ():
         for label, (compressor, extra) in METHODS.items():
             config = {"ratio": ratio, "target": TARGET, "align": cfg["align"], **extra}
-            result = compressor.compress_with_stats(model, config, stats[compressor.name])
-            small = result.model
-            row = {"method": label, "allocation": extra["allocation"], "ratio": ratio, "healed": False,
-                   "accuracy": accuracy(small, test), "params": count_params(small),
-                   "targeted_kept": (targeted - result.params_before + result.params_after) / targeted,
-                   "ranks": result.resolved["ranks"], "dense": result.resolved["dense"],
-                   **export_and_count(small, loaded, feeds, tmp / "variant.onnx")}
-            row["base_p50_ms"], row["p50_ms"] = paired_latency(base_session, row.pop("onnx_path"), feeds,
-                                                               cfg["latency_rounds"], cfg["latency_iters"])
-            row["load_avg"] = list(os.getloadavg())
-            row["flops_ratio"] = row["flops"] / base["flops"]
-            row["latency_ratio"] = row["p50_ms"] / row["base_p50_ms"]
-            row["speedup"] = 1.0 / row["latency_ratio"]
-            row["amdahl_bound"] = amdahl_bound(base["gemm_share"], row["flops_ratio"])
-            row["latency_over_bound"] = row["latency_ratio"] / row["amdahl_bound"]
-            rows.append(row)
-            print(f"{label:9s} ratio {ratio:.2f}: accuracy {row['accuracy']:.4f} latency x{row['latency_ratio']:.3f} "
-                  f"(bound x{row['amdahl_bound']:.3f}) FLOPs x{row['flops_ratio']:.3f} load {row['load_avg'][0]:.1f}",
-                  flush=True)
-            _checkpoint(summary, rows, base, out)
+            measured(label, compressor.compress_with_stats(model, config, stats[compressor.name]),
+                     allocation=extra["allocation"], ratio=ratio)
+    context = CompressContext(inputs=tuple(loaded.inputs), align=cfg["align"], profile="cpu-ort-fp32",
+                              measure=LocalMeasure("cpu-ort-fp32"), dims=cfg["latency_dims"])
+    for target in cfg["speedups"] if "speedup" in sections else ():
+        try:
+            result = ASVD().compress_with_stats(model, {"speedup": target, "target": TARGET, "align": cfg["align"]},
+                                                stats["asvd"], context=context)
+        except ConfigError as exc:  # out of reach on this machine: recorded, not hidden
+            summary.setdefault("speedup_refused", {})[str(target)] = str(exc)
+            print(f"speedup {target}: {exc}", flush=True)
+            continue
+        row = measured("asvd-speedup", result, allocation="latency", ratio=result.params_after / result.params_before,
+                       speedup_target=target, estimated=result.resolved["latency"])
+        row["dense_layers_kept"] = len(result.resolved["dense"])
     base_session.close()
-    for row in [r for r in list(rows) if r["ratio"] in cfg["heal_ratios"] and r["method"] in cfg["heal_methods"]]:
+    plain = [r for r in list(rows) if not r["healed"] and r["method"] in METHODS]
+    for row in [r for r in plain if r["ratio"] in cfg["heal_ratios"] and r["method"] in cfg["heal_methods"]
+                and "heal" in sections]:
         compressor, extra = METHODS[row["method"]]  # healing last: every plain variant is measured first
         small = compressor.compress_with_stats(model, {"ratio": row["ratio"], "target": TARGET, "align": cfg["align"],
                                                        **extra}, stats[compressor.name]).model
@@ -240,14 +274,17 @@ def _checkpoint(summary: dict, rows: list[dict], base: dict, out: Path) -> None:
 
 def expectations(rows: list[dict], base: dict) -> dict:
     """The issue's goals, checked on the measured rows (plain rows: no healing)."""
-    plain = {(r["method"], r["ratio"]): r for r in rows if not r["healed"]}
+    plain = {(r["method"], r["ratio"]): r for r in rows if not r["healed"] and r["method"] in METHODS}
     low = sorted({r for m, r in plain if r <= 0.5 and ("svd", r) in plain and ("fwsvd", r) in plain})
     fw_wins = {str(r): plain[("fwsvd", r)]["accuracy"] > plain[("svd", r)]["accuracy"] for r in low}
     bound = {f"{m}@{r}": v["latency_over_bound"] for (m, r), v in plain.items() if r in (0.3, 0.5)}
     speed = {m: v["speedup"] for (m, r), v in plain.items() if r == 0.5}
     alloc = {str(r): {"uniform": plain[("asvd", r)]["accuracy"], "sensitivity": plain[("asvd-sens", r)]["accuracy"]}
              for m, r in plain if m == "asvd" and ("asvd-sens", r) in plain}
-    return {"fwsvd_beats_svd_at_ratio_le_0.5": fw_wins, "goal_fwsvd_beats_svd_everywhere": bool(low) and all(fw_wins.values()),
+    latency_aware = {str(r["speedup_target"]): {"measured_speedup": r["speedup"], "accuracy": r["accuracy"],
+                                               "estimated_speedup": r["estimated"]["estimated_speedup"]}
+                     for r in rows if r["method"] == "asvd-speedup"}
+    return {"latency_aware_budget": latency_aware, "fwsvd_beats_svd_at_ratio_le_0.5": fw_wins, "goal_fwsvd_beats_svd_everywhere": bool(low) and all(fw_wins.values()),
             "original_gemm_share": base["gemm_share"], "goal_gemm_share_ge_0.65": base["gemm_share"] >= 0.65,
             "latency_over_amdahl_bound_at_0.5_and_0.3": bound,
             "goal_latency_within_1.15x_bound": bool(bound) and all(v <= 1.15 for v in bound.values()),
@@ -274,7 +311,7 @@ def write_results(summary: dict, out: Path) -> None:
         tmp.write_text(json.dumps(summary, indent=1))
     rows = summary["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in METHODS:
+    for method in [*METHODS, "asvd-speedup"]:
         for healed, style in ((False, "-o"), (True, "s")):
             mine = sorted((r for r in rows if r["method"] == method and r["healed"] == healed), key=lambda r: r["ratio"])
             if mine:
@@ -289,7 +326,7 @@ def write_results(summary: dict, out: Path) -> None:
     axes[1].legend(fontsize=7)
     _save(fig, out / "lowrank_minilm_accuracy.png")
     fig, ax = plt.subplots(figsize=(5, 5))
-    for method in METHODS:
+    for method in [*METHODS, "asvd-speedup"]:
         pts = [(r["flops_ratio"], r["latency_ratio"]) for r in rows if r["method"] == method and not r["healed"]]
         if pts:
             ax.plot(*zip(*pts), "o", label=method)
@@ -321,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", default=None, help="comma-separated kept ratios (default: 0.5,0.3,0.4,0.8,0.6)")
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration articles (multiple of 16)")
     parser.add_argument("--test-docs", type=int, default=None, help="evaluate on the first N test articles only")
+    parser.add_argument("--sections", default="plain,heal,speedup",
+                        help="which rows to measure: plain (the ratio grid), heal, speedup (latency-aware budget)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of the JSON already in --out")
+    parser.add_argument("--speedups", default=None, help="comma-separated speedup targets (default 1.3,1.5,2.0)")
     parser.add_argument("--cut", default="", help="what was cut from the full grid and why (recorded in the JSON)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -334,7 +375,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg["ratios"] = [float(r) for r in args.ratios.split(",")]
     if args.calib_samples:
         cfg["calib_samples"] = args.calib_samples
+    if args.speedups:
+        cfg["speedups"] = [float(v) for v in args.speedups.split(",")]
     cfg["test_docs"], cfg["cut"] = args.test_docs, args.cut
+    cfg["sections"], cfg["merge"] = tuple(args.sections.split(",")), args.merge
     out = args.out or (Path(tempfile.mkdtemp(prefix="lowrank_quick_")) if args.quick else RESULTS)
     summary = run(cfg, out, out / "cache" if args.quick else args.cache)
     print(table(summary))
