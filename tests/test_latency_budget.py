@@ -160,3 +160,15 @@ def test_cli_speedup_on_a_remote_profile_exits_2(in_tmp, capsys):
     from edgeslim.cli import main
     assert main(["compress", "tiny-mlp", "-m", "svd", "--speedup", "1.5", "--profile", "jetson-orin-nano"]) == 2
     assert "not this machine" in capsys.readouterr().err
+
+
+def test_report_says_per_layer_whether_factoring_paid_off():
+    from edgeslim.report import render
+    res = SVD().compress(Wrapped(), {"speedup": 1.1}, context=_context(FakeMeasure(slow_k=96)))
+    summary = {"recipe": {"name": "m", "source": "tiny", "steps": [{"method": "svd"}], "profile": "cpu-ort-fp32"},
+               "artifact": "m.slim", "compare": {}, "changes": [c.to_dict() for c in res.changes],
+               "models": {"original": {"params": 1, "flops": 1}, "compressed": {"params": 1, "flops": 1}}}
+    text = render(summary, "lat.png", None)
+    assert "factoring paid off" in text
+    assert "| `net.2` | dense |" in text and "kept dense: no rank" in text
+    assert any(f"| `{c.name}` | replaced |" in text and "| yes (" in text for c in res.changes if c.status == "replaced")
