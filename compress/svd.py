@@ -277,8 +277,13 @@ class _LowRankCompressor(Compressor):
                               "(gemm_table = FILE in the step, --gemm-table FILE), or use ratio, rank or energy")
         times: dict[str, LayerTimes] = {}
         if measure is not None and chosen:
-            rows = gemm_rows(model, [n for n, _ in chosen], context)
-            times = {s.name: LayerTimes(s, rows[s.name], measure) for s in spectra}
+            try:
+                rows = gemm_rows(model, [n for n, _ in chosen], context)
+            except ConfigError:  # an input size is unknown: rows without timings, unless the budget needs them
+                if config.speedup is not None:
+                    raise
+                rows = None
+            times = {s.name: LayerTimes(s, rows[s.name], measure) for s in spectra} if rows else {}
         if config.speedup is None:
             return allocate(spectra, config), times, {}
         model_ms = measure.model_ms(model, context.inputs, context.dims)
