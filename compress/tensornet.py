@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -25,8 +24,9 @@ from edgeslim.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
-from edgeslim.compress.replace import direct_weight_reader, select_modules, set_submodule, skipped_change
-from edgeslim.compress.sensitivity import layer_sensitivity
+from edgeslim.compress.replace import (direct_weight_reader, linear_types, linear_view, select_modules, set_submodule,
+                                       skipped_change)
+from edgeslim.compress.sensitivity import layer_sensitivity, loss_per_error
 from edgeslim.compress.train import heal
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
@@ -116,23 +116,9 @@ def _paired(weight: torch.Tensor, out_factors: Sequence[int], in_factors: Sequen
 
 
 def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight as out x in, bias) of an nn.Linear or a transformers GPT-2 Conv1D (stored in x out)."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach(), None if module.bias is None else module.bias.detach()
-    if _is_conv1d(module):
-        return module.weight.detach().T, None if module.bias is None else module.bias.detach()
-    raise ConfigError(f"MPO replaces Linear or Conv1D layers, not {type(module).__name__}")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def linear_types() -> tuple[type[nn.Module], ...]:
-    """The layer types MPO targets: nn.Linear, and Conv1D when transformers is already imported."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    """(weight as out x in, bias) of an nn.Linear or a transformers GPT-2 Conv1D, detached."""
+    view = linear_view(module)
+    return view.weight.detach(), None if view.bias is None else view.bias.detach()
 
 
 class MPOLinear(nn.Module):
@@ -411,11 +397,9 @@ class MPO(Compressor):
         builders = {p.name: (lambda _m, p=p: p.build(probe[p.name])) for p in plans if probe[p.name] is not None}
         sens = layer_sensitivity(model, data, builders)
         by_name = {p.name: p for p in plans}
-        raw = {name: max(loss, 0.0) / max(by_name[name].rel_error2(probe[name]), 1e-12) for name, loss in sens.items()}
-        positive = sorted(v for v in raw.values() if v > 0)
-        floor = 0.01 * positive[len(positive) // 2] if positive else 1.0
+        scales, floor = loss_per_error(sens, {name: by_name[name].rel_error2(probe[name]) for name in sens})
         for plan in plans:
-            plan.scale = max(raw.get(plan.name, floor), floor)
+            plan.scale = scales.get(plan.name, floor)
         return sens
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
