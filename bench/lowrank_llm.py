@@ -138,10 +138,7 @@ def run(cfg: dict, out: Path) -> dict:
             print(f"{method:6s} kept {ratio:.2f}: perplexity {row['perplexity']:.3f} (x{row['ppl_ratio']:.2f}), "
                   f"{row['layers_factored']} layers factored", flush=True)
             write_results(summary, out)
-    heal_data = CalibData(calib.name, [{k: v[i:i + cfg["heal_batch"]] for k, v in b.items()}
-                                       for b in calib.batches for i in range(0, len(b["input_ids"]), cfg["heal_batch"])],
-                          [t[i:i + cfg["heal_batch"]] for t in calib.targets
-                           for i in range(0, len(t), cfg["heal_batch"])])
+    heal_data = split_batches(calib, cfg["heal_batch"])
     for ratio in cfg["heal_ratios"]:
         small = variants[(cfg["heal_method"], ratio)]
         t1 = time.perf_counter()
@@ -161,12 +158,23 @@ def run(cfg: dict, out: Path) -> dict:
     return summary
 
 
+def split_batches(calib: CalibData, size: int) -> CalibData:
+    """The same texts and targets in batches of `size` (healing: fewer texts per step than calibration)."""
+    return CalibData(calib.name, [{k: v[i:i + size] for k, v in b.items()}
+                                  for b in calib.batches for i in range(0, len(b["input_ids"]), size)],
+                     [t[i:i + size] for t in calib.targets for i in range(0, len(t), size)])
+
+
+def short_lm_data(calib: CalibData, docs: int, tokens: int) -> CalibData:
+    """The first `docs` texts of the first calibration batch cut to `tokens`, with next-token targets."""
+    batch = {k: v[:docs, :tokens] for k, v in calib.batches[0].items()}
+    return CalibData(f"{calib.name} first {docs} x {tokens} tokens", [batch],
+                     [lm_targets(batch["input_ids"], batch["attention_mask"])])
+
+
 def loss_profile(model, compressor, stats, calib: CalibData, cfg: dict):
     """The loss profile of `compressor` at the probe ratio on the first training docs, shortened."""
-    n, length = cfg["profile_docs"], cfg["profile_tokens"]
-    batch = {k: v[:n, :length] for k, v in calib.batches[0].items()}
-    data = CalibData(f"{calib.name} first {n} x {length} tokens", [batch],
-                     [lm_targets(batch["input_ids"], batch["attention_mask"])])
+    data = short_lm_data(calib, cfg["profile_docs"], cfg["profile_tokens"])
     config = {"ratio": cfg["probe_ratio"], "target": TARGET, "align": cfg["align"]}
     profile = profile_lowrank(compressor, model, stats, data, config)
     print(f"loss profile of {compressor.name} at {cfg['probe_ratio']}: {len(profile.delta)} layers, "

@@ -270,7 +270,13 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     methods = {r["method"] for r in summary["minilm"]["rows"]}
     assert methods == {"mpo", "mpo+sens", "svd", "asvd"} and any(r["healed"] for r in summary["minilm"]["rows"])
     assert all(r["abs_diff"] < 1e-5 for r in summary["tensorly"]) and summary["layers"]["rows"]
-    assert {r["method"] for r in summary["smollm2"]["rows"]} == {"mpo", "asvd"}
+    llm = summary["smollm2"]
+    assert {(r["method"], r["healed"]) for r in llm["rows"]} == {(m, h) for m in ("mpo", "asvd") for h in (False, True)}
+    plain = {r["method"]: r for r in llm["rows"] if not r["healed"]}
+    assert abs(plain["mpo"]["targeted_kept"] - plain["asvd"]["targeted_kept"]) < 0.05  # equal parameter counts
+    assert [lat["batch"] for lat in llm["latency"]] == [1, 2] and all(r["ppl"] > 1 for r in llm["rows"])
+    assert any(line.startswith("SmolLM2 kept") for line in summary["verdict"])
+    assert any(line.startswith("MiniLM chi") for line in summary["verdict"])
     assert summary["smollm2"]["block_sensitivity"] and summary["machine"]["cpu_model"]
     for name in ("tensornet_minilm.png", "tensornet_sensitivity.png"):
         assert (tmp_path / name).stat().st_size > 0
