@@ -24,8 +24,7 @@ from edgeslim.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
-from edgeslim.compress.replace import (direct_weight_reader, linear_types, linear_view, select_modules, set_submodule,
-                                       skipped_change)
+from edgeslim.compress.replace import linear_view, select_linear_maps, set_submodule, skipped_change
 from edgeslim.compress.sensitivity import layer_sensitivity, loss_per_error
 from edgeslim.compress.train import heal
 from edgeslim.errors import ConfigError
@@ -348,13 +347,9 @@ class MPO(Compressor):
             raise ConfigError("mpo heal_steps needs calibration data (calib = ...)")
         model = working_copy(model, inplace)
         teacher = copy.deepcopy(model) if config.heal_steps and calib.targets is None else None
-        plans, changes = [], []
-        for name, module in select_modules(model, config.target, config.exclude, types=linear_types()):
-            reason = direct_weight_reader(model, name)
-            if reason:
-                changes.append(skipped_change(name, module, reason))
-            else:
-                plans.append(MPOPlan(name, module, config.cores, config.factor_map()))
+        chosen, skipped = select_linear_maps(model, config.target, config.exclude)  # tied weights stay dense
+        changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]
+        plans = [MPOPlan(name, module, config.cores, config.factor_map()) for name, module in chosen]
         sens: dict[str, float] = {}
         if calib is not None and config.ratio is not None and config.allocation == "sensitivity":
             sens = self.profile(model, plans, config, calib)
@@ -377,7 +372,7 @@ class MPO(Compressor):
                                        bytes_before=item * plan.dense_params, bytes_after=item * after,
                                        rel_error=math.sqrt(plan.rel_error2(bonds)), sensitivity=sens.get(plan.name),
                                        note=plan.note()))
-        resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None]}
+        resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None], "skipped": skipped}
         if config.heal_steps:
             report = heal(model, calib, steps=config.heal_steps, lr=config.heal_lr, teacher=teacher)
             resolved["heal_final_loss"] = report.final_loss

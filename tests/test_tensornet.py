@@ -159,6 +159,22 @@ def test_conv1d_layer_is_handled():
     torch.testing.assert_close(replayed(x), result.model(x))
 
 
+def test_tied_lm_head_stays_dense_and_params_never_grow():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    result = get_compressor("mpo").compress(lm, {"ratio": 0.5, "cores": 2})  # every linear map, the head too
+    rows = {c.name: c for c in result.changes}
+    assert rows["lm_head"].status == "skipped" and "tied" in rows["lm_head"].note
+    assert result.resolved["skipped"].keys() == {"lm_head"} and "lm_head" not in result.resolved["layers"]
+    assert result.model.lm_head.weight is result.model.model.embed_tokens.weight  # still tied
+    assert count_params(result.model) < count_params(lm)
+    ids = torch.randint(0, 64, (2, 7))
+    assert result.model(input_ids=ids).logits.shape == (2, 7, 64)
+
+
 def test_config_validation_and_factor_override():
     comp = get_compressor("mpo")
     for bad in ({"cores": 1}, {"factors": {"24": [5, 5, 1]}}, {"factors": {"24": [2, 12]}}, {"factors": "x"},
