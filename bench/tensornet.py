@@ -57,7 +57,7 @@ from edgeslim.specs import TensorSpec, example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_TARGET = r"hf\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 16, 8], sens_chi=16, heal_chis=[16, 8], heal_steps=15,
+FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 16, 8], sens_chi=16, heal_chis=[8], heal_steps=15,
             cores=3, calib_samples=64, profile_batches=2, test_docs=160, latency_rounds=3, latency_iters=2,
             latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32], layer_cores=[2, 3], layer_align=16,
             latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}, {"batch": 8, "sequence": 128}],
@@ -75,7 +75,7 @@ QUICK = dict(finetune=lr.QUICK["finetune"], chis=[4], sens_chi=4, heal_chis=[4],
 # What the full run leaves out to fit ~20 min of lock time on the 2 shared cores.
 CUTS = ("MiniLM: test accuracy on 160 of the 334 test texts; bond dimensions chi 32, 16, 8 with k=3 cores only; "
         "calibration 64 texts; layer profile (mpo+sens, at chi 16) on 2 batches of 16; heal 15 steps (batch 16) "
-        "at chi 16 and 8 only; latency 3 paired rounds x 2 calls. SmolLM2: perplexity on the first 256 tokens of "
+        "at chi 8 only; latency 3 paired rounds x 2 calls. SmolLM2: perplexity on the first 256 tokens of "
         "12 BBC test docs (the lowrank_llm subsample); asvd statistics from 16 training docs; heal 8 steps "
         "(batch 2 x 256 tokens); no ONNX export (torch CPU latency, sequence 64); block profile on every 5th "
         "block with 2 texts x 128 tokens")
