@@ -70,8 +70,8 @@ def default_factors(in_features: int, out_features: int, k: int) -> tuple[tuple[
     return factorize(in_features, k)[::-1], factorize(out_features, k)
 
 
-def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_error: float | None = None
-           ) -> tuple[list[torch.Tensor], list[float]]:
+def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_error: float | None = None,
+           first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """TT-SVD (Oseledets 2011, Algorithm 1): cores (r_{j-1}, d_j, r_j) and the energy each step drops.
 
     Args:
@@ -79,6 +79,8 @@ def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_err
         max_bonds: cap on each of the k-1 bond dimensions (None: no cap).
         rel_error: target relative Frobenius error eps; each step drops at most
             (eps^2 / (k-1)) ||A||^2 of squared singular values (Oseledets' delta).
+        first: the SVD (u, s, vh) of the first unfolding A(d_1, d_2...d_k), which no bond changes:
+            pass it to reuse it across many bond choices of one tensor.
 
     Returns:
         (cores, lost): the squared error of the result is exactly sum(lost), because the left
@@ -90,7 +92,8 @@ def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_err
     rest = tensor.double().reshape(1, -1)
     cores, lost, r = [], [], 1
     for j in range(k - 1):
-        u, s, vh = torch.linalg.svd(rest.reshape(r * dims[j], -1), full_matrices=False)
+        u, s, vh = first if j == 0 and first is not None else torch.linalg.svd(rest.reshape(r * dims[j], -1),
+                                                                             full_matrices=False)
         keep = s.numel()
         if max_bonds is not None:
             keep = min(keep, int(max_bonds[j]))
@@ -250,6 +253,7 @@ class MPOPlan:
         self.bias_params = 0 if bias is None else m
         self.dense_params = m * n + self.bias_params
         self._cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[float]]] = {}
+        self._first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def params_at(self, bonds: Sequence[int]) -> int:
         r = (1, *bonds, 1)
@@ -274,7 +278,9 @@ class MPOPlan:
     def decompose(self, bonds: Sequence[int]) -> tuple[list[torch.Tensor], list[float]]:
         key = tuple(bonds)
         if key not in self._cache:
-            self._cache[key] = tt_svd(self.tensor, key)
+            if self._first is None:  # the first unfolding's SVD is the same for every bond choice
+                self._first = torch.linalg.svd(self.tensor.reshape(self.dims[0], -1), full_matrices=False)
+            self._cache[key] = tt_svd(self.tensor, key, first=self._first)
         return self._cache[key]
 
     def rel_error2(self, bonds: Sequence[int]) -> float:

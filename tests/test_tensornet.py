@@ -100,6 +100,17 @@ def test_error_non_increasing_in_chi_and_equal_to_dropped_energy():
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-12 and errors[0] > 0.1
 
 
+def test_plan_reuses_the_first_svd_and_matches_a_fresh_tt_svd():
+    torch.manual_seed(3)
+    plan = MPOPlan("x", nn.Linear(48, 64), 3, {})
+    for bonds in plan.decisions(2)[::3]:
+        cores, lost = plan.decompose(bonds)
+        ref_cores, ref_lost = tt_svd(plan.tensor, bonds)
+        assert lost == pytest.approx(ref_lost, rel=1e-9, abs=1e-12)
+        assert [c.shape for c in cores] == [c.shape for c in ref_cores]
+    assert plan._first is not None
+
+
 def test_energy_threshold_is_honoured():
     torch.manual_seed(0)
     plan = MPOPlan("w", nn.Linear(96, 64), 3, {})
