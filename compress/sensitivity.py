@@ -8,15 +8,19 @@ replacement.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
 from edgeslim.calib import CalibData
-from edgeslim.compress.replace import set_submodule
+from edgeslim.compress.replace import linear_view, set_submodule
 from edgeslim.compress.train import check_finite, task_loss, teacher_targets
+from edgeslim.errors import ConfigError
 
 
 @torch.no_grad()
@@ -64,3 +68,90 @@ def layer_sensitivity(model: nn.Module, data: CalibData, builders: Mapping[str, 
     finally:
         model.train(was_training)
     return out
+
+
+def loss_per_error(delta: Mapping[str, float], error: Mapping[str, float]) -> tuple[dict[str, float], float]:
+    """Measured loss change per unit of allocation error, for the global greedy; and the floor.
+
+    The greedy (compress/lowrank_budget.py) minimizes sum_l scale_l * error_l(decision). With
+    scale_l = delta_l / error_l(probe), the loss change a layer showed alone at the probe decision,
+    the greedy minimizes the linear estimate sum_l delta_l * error_l(d) / error_l(probe) of the
+    total loss increase (CompactifAI's profile, Tomut et al. 2024, Sec. 3, made into per-layer
+    budgets). A layer with no measurable increase (delta <= 0, or not profiled) gets the floor:
+    1% of the median positive value, so it is compressed first but never for free.
+
+    Returns:
+        ({layer: scale} for the profiled layers, floor).
+    """
+    raw = {name: max(d, 0.0) / max(error[name], 1e-12) for name, d in delta.items()}
+    positive = sorted(v for v in raw.values() if v > 0)
+    floor = 0.01 * positive[len(positive) // 2] if positive else 1.0
+    return {name: max(v, floor) for name, v in raw.items()}, floor
+
+
+@dataclass
+class LossProfile:
+    """Per-layer loss changes of a low-rank compressor at its uniform probe, and the greedy scales."""
+
+    method: str
+    probe_ratio: float
+    delta: dict[str, float]  # loss change with only this layer factored at its probe rank
+    probe_ranks: dict[str, int]
+    scales: dict[str, float]  # loss change per unit of relative (weighted) squared error
+    floor: float
+    seconds: float
+
+
+def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibData, config: Mapping[str, Any],
+                    progress: bool = True) -> LossProfile:
+    """Loss-measured sensitivity of a low-rank compressor (svd, fwsvd, asvd): factor each layer alone.
+
+    The probe is the compressor itself at `config` with uniform allocation (every layer at the same
+    kept ratio); each factored layer is then put alone into `model` and the task loss on `data`
+    measured against the original's (`layer_sensitivity`). One profile serves every ratio
+    (`compress_by_loss`): the scales extrapolate linearly in the layer's relative squared error.
+
+    Args:
+        compressor: an svd-family compressor (has `compress_with_stats` and the `weighting` hook).
+        stats: its calibration statistics (`collect_stats`), or None for plain svd.
+        data: batches with targets (next-token ids for a causal LM), or without (distillation).
+        config: its budget config with a `ratio` (the probe); allocation is overridden.
+    """
+    start = time.perf_counter()
+    cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="uniform")
+    if cfg.ratio is None:
+        raise ConfigError("a loss profile needs a ratio budget for its probe (e.g. ratio = 0.8)")
+    probe = compressor.compress_with_stats(model, cfg, stats)
+    replaced = {c.name: c for c in probe.changes if c.status == "replaced"}
+    builders = {name: (lambda _m, mod=probe.model.get_submodule(name): mod) for name in replaced}
+    delta = layer_sensitivity(model, data, builders, progress)
+    scales, floor = loss_per_error(delta, {n: c.rel_error ** 2 for n, c in replaced.items()})
+    return LossProfile(compressor.name, cfg.ratio, delta, {n: int(c.decision) for n, c in replaced.items()},
+                       scales, floor, time.perf_counter() - start)
+
+
+def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapping[str, Any],
+                     profile: LossProfile) -> Any:
+    """`compressor` with the global greedy on measured loss: layer l's lost (weighted) energy counts
+    scale_l / ||L W R||^2, i.e. scale_l times its relative squared error (`loss_per_error`).
+
+    Every LayerChange's `sensitivity` is the loss change measured at the probe. Returns the
+    CompressResult (its config says allocation "sensitivity"; replay needs only the ranks).
+    """
+    if profile.method != compressor.name:
+        raise ConfigError(f"a loss profile of '{profile.method}' cannot allocate '{compressor.name}'")
+    family = type(compressor)
+
+    class LossScaled(family):  # the weighting hook is where a family sets its allocation scale
+        def weighting(self, name, linear, cfg, st):
+            row, col, _ = family.weighting(self, name, linear, cfg, st)
+            w = linear_view(linear).weight.detach().double()
+            w = w if row is None else row.double()[:, None] * w
+            w = w if col is None else (w * col.double() if col.dim() == 1 else w @ col.double())
+            return row, col, profile.scales.get(name, profile.floor) / max(float(w.square().sum()), 1e-300)
+
+    cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="sensitivity")
+    result = LossScaled().compress_with_stats(model, cfg, stats)
+    for change in result.changes:
+        change.sensitivity = profile.delta.get(change.name, change.sensitivity)
+    return result

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -25,8 +24,8 @@ from edgeslim.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
-from edgeslim.compress.replace import direct_weight_reader, select_modules, set_submodule, skipped_change
-from edgeslim.compress.sensitivity import layer_sensitivity
+from edgeslim.compress.replace import linear_view, select_linear_maps, set_submodule, skipped_change
+from edgeslim.compress.sensitivity import layer_sensitivity, loss_per_error
 from edgeslim.compress.train import heal
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
@@ -71,8 +70,8 @@ def default_factors(in_features: int, out_features: int, k: int) -> tuple[tuple[
     return factorize(in_features, k)[::-1], factorize(out_features, k)
 
 
-def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_error: float | None = None
-           ) -> tuple[list[torch.Tensor], list[float]]:
+def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_error: float | None = None,
+           first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """TT-SVD (Oseledets 2011, Algorithm 1): cores (r_{j-1}, d_j, r_j) and the energy each step drops.
 
     Args:
@@ -80,6 +79,8 @@ def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_err
         max_bonds: cap on each of the k-1 bond dimensions (None: no cap).
         rel_error: target relative Frobenius error eps; each step drops at most
             (eps^2 / (k-1)) ||A||^2 of squared singular values (Oseledets' delta).
+        first: the SVD (u, s, vh) of the first unfolding A(d_1, d_2...d_k), which no bond changes:
+            pass it to reuse it across many bond choices of one tensor.
 
     Returns:
         (cores, lost): the squared error of the result is exactly sum(lost), because the left
@@ -91,7 +92,8 @@ def tt_svd(tensor: torch.Tensor, max_bonds: Sequence[int] | None = None, rel_err
     rest = tensor.double().reshape(1, -1)
     cores, lost, r = [], [], 1
     for j in range(k - 1):
-        u, s, vh = torch.linalg.svd(rest.reshape(r * dims[j], -1), full_matrices=False)
+        u, s, vh = first if j == 0 and first is not None else torch.linalg.svd(rest.reshape(r * dims[j], -1),
+                                                                             full_matrices=False)
         keep = s.numel()
         if max_bonds is not None:
             keep = min(keep, int(max_bonds[j]))
@@ -116,23 +118,9 @@ def _paired(weight: torch.Tensor, out_factors: Sequence[int], in_factors: Sequen
 
 
 def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight as out x in, bias) of an nn.Linear or a transformers GPT-2 Conv1D (stored in x out)."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach(), None if module.bias is None else module.bias.detach()
-    if _is_conv1d(module):
-        return module.weight.detach().T, None if module.bias is None else module.bias.detach()
-    raise ConfigError(f"MPO replaces Linear or Conv1D layers, not {type(module).__name__}")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def linear_types() -> tuple[type[nn.Module], ...]:
-    """The layer types MPO targets: nn.Linear, and Conv1D when transformers is already imported."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    """(weight as out x in, bias) of an nn.Linear or a transformers GPT-2 Conv1D, detached."""
+    view = linear_view(module)
+    return view.weight.detach(), None if view.bias is None else view.bias.detach()
 
 
 class MPOLinear(nn.Module):
@@ -265,6 +253,7 @@ class MPOPlan:
         self.bias_params = 0 if bias is None else m
         self.dense_params = m * n + self.bias_params
         self._cache: dict[tuple[int, ...], tuple[list[torch.Tensor], list[float]]] = {}
+        self._first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def params_at(self, bonds: Sequence[int]) -> int:
         r = (1, *bonds, 1)
@@ -289,7 +278,9 @@ class MPOPlan:
     def decompose(self, bonds: Sequence[int]) -> tuple[list[torch.Tensor], list[float]]:
         key = tuple(bonds)
         if key not in self._cache:
-            self._cache[key] = tt_svd(self.tensor, key)
+            if self._first is None:  # the first unfolding's SVD is the same for every bond choice
+                self._first = torch.linalg.svd(self.tensor.reshape(self.dims[0], -1), full_matrices=False)
+            self._cache[key] = tt_svd(self.tensor, key, first=self._first)
         return self._cache[key]
 
     def rel_error2(self, bonds: Sequence[int]) -> float:
@@ -362,13 +353,9 @@ class MPO(Compressor):
             raise ConfigError("mpo heal_steps needs calibration data (calib = ...)")
         model = working_copy(model, inplace)
         teacher = copy.deepcopy(model) if config.heal_steps and calib.targets is None else None
-        plans, changes = [], []
-        for name, module in select_modules(model, config.target, config.exclude, types=linear_types()):
-            reason = direct_weight_reader(model, name)
-            if reason:
-                changes.append(skipped_change(name, module, reason))
-            else:
-                plans.append(MPOPlan(name, module, config.cores, config.factor_map()))
+        chosen, skipped = select_linear_maps(model, config.target, config.exclude)  # tied weights stay dense
+        changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]
+        plans = [MPOPlan(name, module, config.cores, config.factor_map()) for name, module in chosen]
         sens: dict[str, float] = {}
         if calib is not None and config.ratio is not None and config.allocation == "sensitivity":
             sens = self.profile(model, plans, config, calib)
@@ -391,7 +378,7 @@ class MPO(Compressor):
                                        bytes_before=item * plan.dense_params, bytes_after=item * after,
                                        rel_error=math.sqrt(plan.rel_error2(bonds)), sensitivity=sens.get(plan.name),
                                        note=plan.note()))
-        resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None]}
+        resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None], "skipped": skipped}
         if config.heal_steps:
             report = heal(model, calib, steps=config.heal_steps, lr=config.heal_lr, teacher=teacher)
             resolved["heal_final_loss"] = report.final_loss
@@ -411,11 +398,9 @@ class MPO(Compressor):
         builders = {p.name: (lambda _m, p=p: p.build(probe[p.name])) for p in plans if probe[p.name] is not None}
         sens = layer_sensitivity(model, data, builders)
         by_name = {p.name: p for p in plans}
-        raw = {name: max(loss, 0.0) / max(by_name[name].rel_error2(probe[name]), 1e-12) for name, loss in sens.items()}
-        positive = sorted(v for v in raw.values() if v > 0)
-        floor = 0.01 * positive[len(positive) // 2] if positive else 1.0
+        scales, floor = loss_per_error(sens, {name: by_name[name].rel_error2(probe[name]) for name in sens})
         for plan in plans:
-            plan.scale = max(raw.get(plan.name, floor), floor)
+            plan.scale = scales.get(plan.name, floor)
         return sens
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:

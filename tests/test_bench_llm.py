@@ -16,11 +16,15 @@ def test_lowrank_llm_quick_mode_runs_end_to_end(tmp_path):
     bench.main(["--quick", "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "lowrank_llm.json").read_text())
     plain = [r for r in summary["rows"] if not r["healed"]]
-    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd"}
+    assert {r["method"] for r in plain} == {"svd", "fwsvd", "asvd", "asvd+loss"}
     for row in plain:
         assert row["params"] < summary["original"]["params"] and row["perplexity"] > 1
         assert row["targeted_kept"] <= row["ratio"] + 0.05
     assert [r["ratio"] for r in summary["rows"] if r["healed"]] == [0.8]
+    prof = summary["loss_profile"]  # every decoder linear map factored alone, its loss change measured
+    assert len(prof["layers"]) == summary["targeted_layers"] and prof["probe_ratio"] == 0.8
+    assert all(layer["scale"] > 0 for layer in prof["layers"])
+    assert summary["expectations"]["loss_over_energy_allocation_ppl_ratio"].keys() == {"0.8"}
     assert "hf.lm_head" not in summary["skipped"]  # the head is not in the decoder target; tied anyway
     lat = summary["latency"]
     assert [r["batch"] for r in lat["rows"]] == [1, 2] and min(lat["onnx_bytes"].values()) > 0

@@ -100,6 +100,17 @@ def test_error_non_increasing_in_chi_and_equal_to_dropped_energy():
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-12 and errors[0] > 0.1
 
 
+def test_plan_reuses_the_first_svd_and_matches_a_fresh_tt_svd():
+    torch.manual_seed(3)
+    plan = MPOPlan("x", nn.Linear(48, 64), 3, {})
+    for bonds in plan.decisions(2)[::3]:
+        cores, lost = plan.decompose(bonds)
+        ref_cores, ref_lost = tt_svd(plan.tensor, bonds)
+        assert lost == pytest.approx(ref_lost, rel=1e-9, abs=1e-12)
+        assert [c.shape for c in cores] == [c.shape for c in ref_cores]
+    assert plan._first is not None
+
+
 def test_energy_threshold_is_honoured():
     torch.manual_seed(0)
     plan = MPOPlan("w", nn.Linear(96, 64), 3, {})
@@ -157,6 +168,22 @@ def test_conv1d_layer_is_handled():
     replayed = comp.replay(Block(), result.resolved, [TensorSpec("x", ("batch", "sequence", 24))])
     replayed.load_state_dict(result.model.state_dict())
     torch.testing.assert_close(replayed(x), result.model(x))
+
+
+def test_tied_lm_head_stays_dense_and_params_never_grow():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    result = get_compressor("mpo").compress(lm, {"ratio": 0.5, "cores": 2})  # every linear map, the head too
+    rows = {c.name: c for c in result.changes}
+    assert rows["lm_head"].status == "skipped" and "tied" in rows["lm_head"].note
+    assert result.resolved["skipped"].keys() == {"lm_head"} and "lm_head" not in result.resolved["layers"]
+    assert result.model.lm_head.weight is result.model.model.embed_tokens.weight  # still tied
+    assert count_params(result.model) < count_params(lm)
+    ids = torch.randint(0, 64, (2, 7))
+    assert result.model(input_ids=ids).logits.shape == (2, 7, 64)
 
 
 def test_config_validation_and_factor_override():
@@ -270,7 +297,33 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     methods = {r["method"] for r in summary["minilm"]["rows"]}
     assert methods == {"mpo", "mpo+sens", "svd", "asvd"} and any(r["healed"] for r in summary["minilm"]["rows"])
     assert all(r["abs_diff"] < 1e-5 for r in summary["tensorly"]) and summary["layers"]["rows"]
-    assert {r["method"] for r in summary["smollm2"]["rows"]} == {"mpo", "asvd"}
+    llm = summary["smollm2"]
+    assert {(r["method"], r["healed"]) for r in llm["rows"]} == {(m, h) for m in ("mpo", "asvd") for h in (False, True)}
+    plain = {r["method"]: r for r in llm["rows"] if not r["healed"]}
+    assert abs(plain["mpo"]["targeted_kept"] - plain["asvd"]["targeted_kept"]) < 0.05  # equal parameter counts
+    assert [lat["batch"] for lat in llm["latency"]] == [1, 2] and all(r["ppl"] > 1 for r in llm["rows"])
+    assert any(line.startswith("SmolLM2 kept") for line in summary["verdict"])
+    assert any(line.startswith("MiniLM chi") for line in summary["verdict"])
     assert summary["smollm2"]["block_sensitivity"] and summary["machine"]["cpu_model"]
     for name in ("tensornet_minilm.png", "tensornet_sensitivity.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_mpo_then_int8_quantizes_the_core_matmuls(in_tmp, capsys):
+    """MPO composes with INT8 (issue 19): the exported graph quantizes the cores and is smaller again."""
+    pytest.importorskip("nncf")
+    from edgeslim.cli import main
+    assert main(["compress", "tiny-mlp", "-m", "mpo", "--ratio", "0.5", "--set", "cores=2", "-o", "m.slim"]) == 0
+    assert main(["export", "m.slim", "-o", "m.onnx"]) == 0
+    assert main(["compress", "m.slim", "-m", "int8", "--calib", "random:32", "-o", "q.slim"]) == 0
+    assert main(["export", "q.slim", "-o", "q.onnx"]) == 0
+    capsys.readouterr()
+    fp32, int8 = onnx.load("m.onnx").graph, onnx.load("q.onnx").graph
+    assert "Einsum" not in {n.op_type for n in int8.node}
+    matmuls = [n for n in int8.node if n.op_type == "MatMul"]
+    quantized = {o for n in int8.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert matmuls and all(set(n.input) & quantized for n in matmuls)  # every core product reads INT8 data
+    def weight_bytes(graph):  # the tiny model's file is mostly graph, so count the stored tensors
+        return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
+    assert weight_bytes(int8) < 0.5 * weight_bytes(fp32)
+    assert sum(n.op_type == "MatMul" for n in fp32.node) == len(matmuls)
