@@ -51,7 +51,7 @@ SPEC = [TensorSpec("x", ("batch", 1, "height", "width"))]
 FULL = dict(frame=(1080, 1920), relu_steps=400, calib_patches=256, rounds=3, iters=4, crop=None,
             text_model="minilm", train_docs=240, test_docs=160, text_batch=8, asvd_ratio=0.5,
             effnet=True, effnet_crops=48)
-QUICK = dict(frame=(72, 96), relu_steps=3, calib_patches=16, rounds=1, iters=2, crop=96,
+QUICK = dict(frame=(72, 96), relu_steps=3, calib_patches=64, rounds=1, iters=2, crop=96,
              text_model="tiny-bert", train_docs=24, test_docs=16, text_batch=4, asvd_ratio=0.5,
              effnet=False, effnet_crops=0)
 PARTS = ("espcn", "text", "effnet")
