@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -163,18 +164,28 @@ def paired_latency(base_session, path: Path, feeds, rounds: int, iters: int) -> 
     return statistics.median(base), statistics.median(variant)
 
 
-def run(cfg: dict, out: Path, cache_root: Path) -> dict:
+def finetuned_setup(cfg: dict, cache_root: Path) -> SimpleNamespace:
+    """The cached classifier of cfg["finetune"] and its data: folder, loaded, test/train batches of 16
+    (test cut to cfg["test_docs"] when given), calib (the first cfg["calib_samples"] training articles)
+    and the latency feeds at cfg["latency_dims"]."""
     torch.set_num_threads(2)
     recipe = cfg["finetune"]
     folder = finetuned_folder(recipe, cache_root)
     loaded = load_model(folder)
-    model = loaded.model
     split = _split(recipe)
     enc = make_encoder(require("transformers").AutoTokenizer.from_pretrained(folder), recipe["seq"])
     test = _batches(split["test"][:cfg.get("test_docs") or len(split["test"])], enc, 16)
     train = _batches(split["train"], enc, 16)
-    calib = CalibData("bbc-news", train.batches[:cfg["calib_samples"] // 16], train.targets[:cfg["calib_samples"] // 16])
-    feeds = example_feeds(loaded.inputs, cfg["latency_dims"], seed=0)
+    n = max(1, cfg["calib_samples"] // 16)
+    return SimpleNamespace(folder=folder, loaded=loaded, test=test, train=train,
+                           calib=CalibData("bbc-news", train.batches[:n], train.targets[:n]),
+                           feeds=example_feeds(loaded.inputs, cfg["latency_dims"], seed=0))
+
+
+def run(cfg: dict, out: Path, cache_root: Path) -> dict:
+    setup = finetuned_setup(cfg, cache_root)
+    recipe, folder, loaded, model = cfg["finetune"], setup.folder, setup.loaded, setup.loaded.model
+    test, train, calib, feeds = setup.test, setup.train, setup.calib, setup.feeds
     names = [n for n, _ in select_modules(model, TARGET)]
     targeted = sum(count_params(m) for _, m in select_modules(model, TARGET))
     tmp = Path(tempfile.mkdtemp(prefix="lowrank_minilm_"))

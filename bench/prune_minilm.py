@@ -18,19 +18,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lowrank_minilm import FULL as LOWRANK_FULL  # noqa: E402
-from lowrank_minilm import (_batches, _save, _split, accuracy, export_and_count, finetuned_folder,  # noqa: E402
-                            paired_latency, plt)
+from lowrank_minilm import _save, accuracy, export_and_count, finetuned_setup, paired_latency, plt  # noqa: E402
 
-from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.prune import Prune  # noqa: E402
 from edgeslim.compress.replace import count_params  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
-from edgeslim.errors import require  # noqa: E402
 from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
-from edgeslim.sources import load_model, make_encoder  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = r"hf\.bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|intermediate\.dense)"
@@ -46,24 +41,16 @@ QUICK = dict(ratios=[0.5], criteria=["l2", "merge"], heal_ratios=[0.5], heal_ste
 
 
 def run(cfg: dict, out: Path, cache_root: Path) -> dict:
-    torch.set_num_threads(2)
-    recipe = cfg["finetune"]
-    folder = finetuned_folder(recipe, cache_root)
-    loaded = load_model(folder)
-    model = loaded.model
-    split = _split(recipe)
-    enc = make_encoder(require("transformers").AutoTokenizer.from_pretrained(folder), recipe["seq"])
-    test, train = _batches(split["test"], enc, 16), _batches(split["train"], enc, 16)
-    n = max(1, cfg["calib_samples"] // 16)
-    calib = CalibData("bbc-news", train.batches[:n], train.targets[:n])
-    feeds = example_feeds(loaded.inputs, cfg["latency_dims"], seed=0)
+    setup = finetuned_setup(cfg, cache_root)
+    recipe, folder, loaded, model = cfg["finetune"], setup.folder, setup.loaded, setup.loaded.model
+    test, train, calib, feeds = setup.test, setup.train, setup.calib, setup.feeds
     tmp = Path(tempfile.mkdtemp(prefix="prune_minilm_"))
     with torch.no_grad():
         base = {"accuracy": accuracy(model, test), "params": count_params(model),
                 **export_and_count(model, loaded, feeds, tmp / "original.onnx")}
     session = open_session(base.pop("onnx_path"), "cpu-ort-fp32")
     summary = {"machine": machine_info(), "model": str(folder), "recipe": recipe, "target": TARGET,
-               "latency_dims": cfg["latency_dims"], "cut": cfg.get("cut", ""), "test_docs": len(split["test"]), "original": base, "rows": []}
+               "latency_dims": cfg["latency_dims"], "cut": cfg.get("cut", ""), "test_docs": sum(len(t) for t in test.targets), "original": base, "rows": []}
     exported: dict[tuple, tuple[float, float, dict]] = {}
     for ratio in cfg["ratios"]:
         for criterion in cfg["criteria"]:
