@@ -64,14 +64,17 @@ class BudgetConfig(ConfigBase):
     """
 
     latency_budget: ClassVar[bool] = False  # True: the family allocates for `speedup` (low-rank linear maps)
+    loss_allocation: ClassVar[bool] = False  # True: the family offers allocation = "loss" (low-rank linear maps)
 
     ratio: float | None = None  # kept fraction of the targeted layers' parameters, in (0, 1]
     rank: int | None = None  # fixed rank / bond dimension / kept channels for every layer
     energy: float | None = None  # kept fraction of (weighted) spectral energy per layer, in (0, 1]
     speedup: float | None = None  # measured whole-model speedup to reach on the target with the least error, > 1
     # "uniform": same ratio per layer; "sensitivity": global greedy on the layers' errors;
-    # "auto": sensitivity when calibration data is given and the method is data-aware, else uniform
-    allocation: Literal["auto", "uniform", "sensitivity"] = "auto"
+    # "auto": sensitivity when calibration data is given and the method is data-aware, else uniform;
+    # "loss": each layer factored alone at `ratio`, the task-loss change measured on the calibration
+    # data, and the global greedy run on those measured losses (compress/sensitivity.py; svd family)
+    allocation: Literal["auto", "uniform", "sensitivity", "loss"] = "auto"
     align: int | None = None  # decisions rounded to a multiple of this; None: the profile's, else 1
     target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
     exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
@@ -93,6 +96,12 @@ class BudgetConfig(ConfigBase):
                               "the low-rank methods (svd, fwsvd, asvd): use ratio, rank or energy here")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.allocation == "loss" and not self.loss_allocation:
+            raise ConfigError(f"{type(self).__name__} has no loss-measured allocation; allocation = \"loss\" is "
+                              "offered by the low-rank methods (svd, fwsvd, asvd): use \"sensitivity\" here")
+        if self.allocation == "loss" and self.ratio is None:
+            raise ConfigError("allocation = \"loss\" needs a ratio budget (the kept fraction it profiles and "
+                              "allocates), not rank, energy or speedup")
         if self.align is not None and self.align < 1:
             raise ConfigError(f"align must be a positive integer, got {self.align!r}")
 

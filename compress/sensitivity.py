@@ -103,7 +103,7 @@ class LossProfile:
 
 
 def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibData, config: Mapping[str, Any],
-                    progress: bool = True) -> LossProfile:
+                    progress: bool = True, context: Any = None) -> LossProfile:
     """Loss-measured sensitivity of a low-rank compressor (svd, fwsvd, asvd): factor each layer alone.
 
     The probe is the compressor itself at `config` with uniform allocation (every layer at the same
@@ -116,12 +116,13 @@ def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibDa
         stats: its calibration statistics (`collect_stats`), or None for plain svd.
         data: batches with targets (next-token ids for a causal LM), or without (distillation).
         config: its budget config with a `ratio` (the probe); allocation is overridden.
+        context: the CompressContext passed to the probe (alignment).
     """
     start = time.perf_counter()
     cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="uniform")
     if cfg.ratio is None:
         raise ConfigError("a loss profile needs a ratio budget for its probe (e.g. ratio = 0.8)")
-    probe = compressor.compress_with_stats(model, cfg, stats)
+    probe = compressor.compress_with_stats(model, cfg, stats, context=context)
     replaced = {c.name: c for c in probe.changes if c.status == "replaced"}
     builders = {name: (lambda _m, mod=probe.model.get_submodule(name): mod) for name in replaced}
     delta = layer_sensitivity(model, data, builders, progress)
@@ -131,7 +132,7 @@ def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibDa
 
 
 def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapping[str, Any],
-                     profile: LossProfile) -> Any:
+                     profile: LossProfile, context: Any = None) -> Any:
     """`compressor` with the global greedy on measured loss: layer l's lost (weighted) energy counts
     scale_l / ||L W R||^2, i.e. scale_l times its relative squared error (`loss_per_error`).
 
@@ -151,7 +152,7 @@ def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapp
             return row, col, profile.scales.get(name, profile.floor) / max(float(w.square().sum()), 1e-300)
 
     cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="sensitivity")
-    result = LossScaled().compress_with_stats(model, cfg, stats)
+    result = LossScaled().compress_with_stats(model, cfg, stats, context=context)
     for change in result.changes:
         change.sensitivity = profile.delta.get(change.name, change.sensitivity)
     return result

@@ -27,6 +27,7 @@ from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note
 from edgeslim.compress.lowrank_latency import LayerTimes, allocate_latency, gemm_rows, timing_note
 from edgeslim.compress.replace import (linear_types, linear_view, recorded_module, select_linear_maps, set_submodule,
                                        skipped_change)
+from edgeslim.compress.sensitivity import compress_by_loss, profile_lowrank
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
 
@@ -160,6 +161,7 @@ class SVDConfig(BudgetConfig):
     """Plain truncated SVD; the budget forms are those of BudgetConfig, and speedup (lowrank_latency.py)."""
 
     latency_budget: ClassVar[bool] = True
+    loss_allocation: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class FWSVDConfig(BudgetConfig):
     """Fisher-weighted SVD (Hsu et al., ICLR 2022)."""
 
     latency_budget: ClassVar[bool] = True
+    loss_allocation: ClassVar[bool] = True
 
     floor: float = 1e-6  # rows with less Fisher than floor * mean row Fisher are raised to it
 
@@ -181,6 +184,7 @@ class ASVDConfig(BudgetConfig):
     """Activation-aware SVD: whiten by the input second moment, or scale columns by mean |x|^alpha."""
 
     latency_budget: ClassVar[bool] = True
+    loss_allocation: ClassVar[bool] = True
 
     mode: Literal["whiten", "scale"] = "whiten"  # Cholesky of damped E[x x^T] | diag(mean |x|)^alpha
     damping: float = 1e-2  # added to the diagonal, relative to its mean, so the Cholesky exists
@@ -212,11 +216,24 @@ class _LowRankCompressor(Compressor):
         if calib is not None and (self.fisher or self.activations):
             names = [n for n, _ in select_linear_maps(model, config.target, config.exclude)[0]]
             stats = collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
+        if config.allocation == "loss":
+            if calib is None:
+                raise ConfigError(f"{self.name}: allocation = \"loss\" measures each layer's task-loss change on "
+                                  "calibration data: give some (e.g. calib = \"bbc-news:64\")")
+            profile = profile_lowrank(self, model, stats, calib, config.to_dict(), context=context)
+            result = compress_by_loss(self, model, stats, config.to_dict(), profile, context=context)
+            result.config["allocation"] = "loss"
+            result.resolved["loss_profile"] = {"probe_ratio": profile.probe_ratio, "data": calib.name,
+                                               "seconds": profile.seconds, "layers": len(profile.delta)}
+            return result
         return self.compress_with_stats(model, config, stats, inplace=inplace, context=context)
 
     def compress_with_stats(self, model: nn.Module, config: BudgetConfig, stats: CalibStats | None,
                             inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         """compress() with calibration statistics already collected (reused across budgets)."""
+        if self.make_config(config).allocation == "loss":
+            raise ConfigError("allocation = \"loss\" profiles the model on calibration data: call compress() with "
+                              "calib, or compress_by_loss() with a profile (compress/sensitivity.py)")
         config = self.make_config(config).resolve(data_aware=self.data_aware and stats is not None, context=context)
         model = working_copy(model, inplace)
         chosen, skipped = select_linear_maps(model, config.target, config.exclude)

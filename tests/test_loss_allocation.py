@@ -90,3 +90,41 @@ def test_loss_profile_errors_are_named():
     prof = profile_lowrank(SVD(), model, None, data, {"ratio": 0.5, "target": TARGET}, progress=False)
     with pytest.raises(ConfigError, match="cannot allocate 'asvd'"):
         compress_by_loss(ASVD(), model, None, {"ratio": 0.5, "target": TARGET}, prof)
+
+
+def test_allocation_loss_is_a_config_value_of_the_low_rank_family():
+    model, data = TwoBranch().eval(), calib()
+    config = {"ratio": 0.5, "target": TARGET}
+    via_config = SVD().compress(model, {**config, "allocation": "loss"}, data)
+    by_hand = compress_by_loss(SVD(), model, None, config, profile_lowrank(SVD(), model, None, data, config, progress=False))
+    assert via_config.resolved["ranks"] == by_hand.resolved["ranks"]
+    assert via_config.config["allocation"] == "loss"  # the manifest says how the ranks were chosen
+    assert via_config.resolved["loss_profile"]["layers"] == 2 and via_config.resolved["loss_profile"]["data"] == "tiny"
+    assert model.loud.__class__ is nn.Linear  # the caller's model is untouched
+
+
+def test_allocation_loss_errors_are_named():
+    model, data = TwoBranch().eval(), calib()
+    with pytest.raises(ConfigError, match="needs a ratio budget"):
+        SVD().compress(model, {"rank": 4, "allocation": "loss"}, data)
+    with pytest.raises(ConfigError, match="give some"):
+        SVD().compress(model, {"ratio": 0.5, "allocation": "loss"})
+    with pytest.raises(ConfigError, match="call compress"):
+        SVD().compress_with_stats(model, {"ratio": 0.5, "allocation": "loss"}, None)
+    from edgeslim.compress.prune import PruneConfig
+    with pytest.raises(ConfigError, match="no loss-measured allocation"):
+        PruneConfig(allocation="loss")
+
+
+def test_cli_compress_with_loss_allocation_replays(in_tmp):
+    from edgeslim import artifact
+    from edgeslim.cli import main
+    from edgeslim.trust import Trust
+    code = main(["compress", "edgeslim_test_factories:tiny", "--input", "x:batch,16", "-m", "svd", "--ratio", "0.5",
+                 "--set", "allocation=loss", "--set", "align=1", "--calib", "random:16", "-o", "m.slim"])
+    assert code == 0
+    loaded = artifact.load("m.slim", Trust(factory="edgeslim_test_factories:tiny"))
+    step = loaded.steps[0]
+    assert step["config"]["allocation"] == "loss" and step["resolved"]["loss_profile"]["data"] == "random:16"
+    x = torch.randn(3, 16)
+    assert loaded.model(x=x).shape == (3, 4)
