@@ -157,19 +157,30 @@ def weighted_svd(weight: torch.Tensor, row_weight: torch.Tensor | None = None,
 
 
 @dataclass(frozen=True)
-class SVDConfig(BudgetConfig):
-    """Plain truncated SVD; the budget forms are those of BudgetConfig, and speedup (lowrank_latency.py)."""
+class LowRankConfig(BudgetConfig):
+    """What svd, fwsvd and asvd share beyond BudgetConfig: speedup budgets (lowrank_latency.py) and
+    allocation = "loss" (compress/sensitivity.py), whose profile uses the first `profile_batches`
+    calibration batches."""
 
     latency_budget: ClassVar[bool] = True
     loss_allocation: ClassVar[bool] = True
+
+    profile_batches: int = 1  # calibration batches the loss profile runs each factored layer on
+
+    def validate(self) -> None:
+        super().validate()
+        if self.profile_batches < 1:
+            raise ConfigError(f"profile_batches must be >= 1, got {self.profile_batches}")
 
 
 @dataclass(frozen=True)
-class FWSVDConfig(BudgetConfig):
-    """Fisher-weighted SVD (Hsu et al., ICLR 2022)."""
+class SVDConfig(LowRankConfig):
+    """Plain truncated SVD; the budget forms are those of BudgetConfig, and speedup (lowrank_latency.py)."""
 
-    latency_budget: ClassVar[bool] = True
-    loss_allocation: ClassVar[bool] = True
+
+@dataclass(frozen=True)
+class FWSVDConfig(LowRankConfig):
+    """Fisher-weighted SVD (Hsu et al., ICLR 2022)."""
 
     floor: float = 1e-6  # rows with less Fisher than floor * mean row Fisher are raised to it
 
@@ -180,11 +191,8 @@ class FWSVDConfig(BudgetConfig):
 
 
 @dataclass(frozen=True)
-class ASVDConfig(BudgetConfig):
+class ASVDConfig(LowRankConfig):
     """Activation-aware SVD: whiten by the input second moment, or scale columns by mean |x|^alpha."""
-
-    latency_budget: ClassVar[bool] = True
-    loss_allocation: ClassVar[bool] = True
 
     mode: Literal["whiten", "scale"] = "whiten"  # Cholesky of damped E[x x^T] | diag(mean |x|)^alpha
     damping: float = 1e-2  # added to the diagonal, relative to its mean, so the Cholesky exists
@@ -220,11 +228,13 @@ class _LowRankCompressor(Compressor):
             if calib is None:
                 raise ConfigError(f"{self.name}: allocation = \"loss\" measures each layer's task-loss change on "
                                   "calibration data: give some (e.g. calib = \"bbc-news:64\")")
-            profile = profile_lowrank(self, model, stats, calib, config.to_dict(), context=context)
+            data = CalibData(calib.name, calib.batches[:config.profile_batches],
+                             None if calib.targets is None else calib.targets[:config.profile_batches])
+            profile = profile_lowrank(self, model, stats, data, config.to_dict(), context=context)
             result = compress_by_loss(self, model, stats, config.to_dict(), profile, context=context)
             result.config["allocation"] = "loss"
             result.resolved["loss_profile"] = {"probe_ratio": profile.probe_ratio, "data": calib.name,
-                                               "seconds": profile.seconds, "layers": len(profile.delta)}
+                                               "batches": len(data.batches), "seconds": profile.seconds, "layers": len(profile.delta)}
             return result
         return self.compress_with_stats(model, config, stats, inplace=inplace, context=context)
 
