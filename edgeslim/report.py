@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from edgeslim.files import REPORT, replace_output
 
@@ -26,6 +26,19 @@ def peak_mem_text(row: Mapping[str, Any]) -> str:
     if row.get("peak_rss_bytes") is not None:
         return si(row["peak_rss_bytes"], "B")
     return "-" if row.get("peak_mem_bytes") is None else "+" + si(row["peak_mem_bytes"], "B")
+
+
+def memory_method_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How the profile rows' memory was read (a child's RSS, NVML, cudaMemGetInfo, ...) and the runtime
+    settings that change it (ONNX Runtime's CPU arena and memory pattern, threads), each once."""
+    parts = []
+    for r in rows:
+        if "memory" in r:
+            settings = ", ".join(f"{k} {v}" for k, v in r["memory"].get("runtime", {}).items())
+            parts.append(f"{r['memory']['method']} ({settings})" if settings else r["memory"]["method"])
+        elif r.get("mem_method"):
+            parts.append(f"{r['mem_method']} (growth while running in this process)")
+    return "; ".join(dict.fromkeys(parts)) or "-"
 
 
 def ms(value: float) -> str:
@@ -154,7 +167,9 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
             lines.append(f"| {label} | {t['batch']} | {ms(t['p50_ms'])} | {ms(t['p90_ms'])} | {ms(t['p99_ms'])} | "
                          f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.4g} | {peak_mem_text(t)} | "
                          f"{roof} | {_fmt(t.get('roofline_fraction'), '.0%')} |")
-    lines += ["", f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
+    timings = [t for row in models.values() for t in row.get("timings", [])]
+    lines += ["", f"Peak memory read by: {memory_method_text(timings)}.", "",
+              f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
               "| batch | params ratio | FLOPs ratio | latency ratio | speedup | verdict |", "|---:|---:|---:|---:|---:|---|"]
     for s in speed_rows(summary):
         lines.append(f"| {s['batch']} | {_fmt(s['params_ratio'])} | {_fmt(s['flops_ratio'])} | "

@@ -51,6 +51,7 @@ def test_run_writes_artifact_onnx_and_report(tmp_path):
     assert t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"] and 0 < t["roofline_fraction"]
     assert t["flops"] == 4 * comp["flops"]  # FLOPs scale with the batch for an MLP
     report = (tmp_path / "tiny-mlp-svd.report.md").read_text()
+    assert "cpu_mem_arena True" in report  # the ORT settings that decide the arena's memory
     assert "Speedup or explain" in report and (tmp_path / "tiny-mlp-svd.report_latency.png").stat().st_size > 1000
     loaded = artifact.load(summary["artifact"])
     manifest = json.loads((tmp_path / "tiny-mlp-svd.slim" / "manifest.json").read_text())
