@@ -31,8 +31,9 @@ cli.add_command(profile)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", default=str(DEFAULT_OUT), show_default=True, help="output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
+@json_option
 @trust_options
-def run(recipe: str | None, out_dir: str, quiet: bool, trusted: str | None, trust_source: bool) -> None:
+def run(recipe: str | None, out_dir: str, quiet: bool, as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Whole pipeline from a RECIPE.toml; without one, the built-in demo on the packaged MiniLM."""
     import dataclasses
 
@@ -43,7 +44,10 @@ def run(recipe: str | None, out_dir: str, quiet: bool, trusted: str | None, trus
     trust_of(trusted, trust_source)  # a malformed --source is an error before any work
     plan = dataclasses.replace(plan, source_factory=trusted or plan.source_factory,
                                trust_source=trust_source or plan.trust_source)
-    summary = pipeline.run(plan, out_dir, quiet)
+    summary = pipeline.run(plan, out_dir, quiet or as_json)
+    if as_json:
+        click.echo(json.dumps(summary | {"speed": speed_rows(summary)}, indent=2))
+        return
     _print_summary(summary, speed_rows(summary))
 
 
@@ -73,7 +77,23 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
         verdict = s["reason"] or "ok"
         console.print(f"batch {s['batch']}: speedup {s['speedup']:.2f}x, FLOPs ratio {s['flops_ratio']:.3f}, "
                       f"latency ratio {s['latency_ratio']:.3f} -> {verdict}")
+    if summary.get("op_breakdown"):
+        _print_ops(console, summary["op_breakdown"])
     console.print(f"artifact: {summary['artifact']}\nreport:   {summary['report']}")
+
+
+def _print_ops(console: Any, breakdown: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from edgeslim.report import not_shrunk_text, op_rows
+
+    table = Table(title=f"kernel time by op type at batch {breakdown['batch']}, ms per run (share)")
+    for col in ("op type", "original", "compressed", "time ratio"):
+        table.add_column(col, justify="left" if col == "op type" else "right")
+    for cells in op_rows(breakdown):
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"op types: {not_shrunk_text(breakdown)}")
 
 
 @cli.command()

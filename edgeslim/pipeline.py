@@ -25,6 +25,7 @@ from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
 DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
+OP_ITERS = 3  # profiled runs per model of `run`'s op-type comparison (kept small: the demo must stay fast)
 
 # The built-in demo: packaged MiniLM, activation-aware SVD at a 0.5 kept ratio of its encoder linears,
 # calibrated on BBC News TRAINING articles; checked on the demo sentences (other data). Uniform allocation:
@@ -532,8 +533,9 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     `crashed` row (with how it died; warned) and profiling goes on with the next batch, without
     running the model that crashed in this process.
 
-    With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_share`: the
-    fraction of ORT's kernel time per op type (runtime/op_profile.py), from separate profiled runs.
+    With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_ms` and
+    `op_time_share`: ORT's kernel time per op type, in ms per run and as fractions of the whole
+    (runtime/op_profile.py), from separate profiled runs.
 
     With `roofline`, each row also holds the FLOPs and minimum bytes moved at that batch (counted
     from the ONNX graph for an .onnx file, from `loaded.model` otherwise), the target's roofline
@@ -587,11 +589,28 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
                                                f"limits ({peak.source}) or the work count are wrong")
                     warnings.warn(row["roofline_warning"], RuntimeWarning, stacklevel=2)
             if ops and isinstance(model, (str, Path)) and Path(model).suffix == ".onnx" and prof.device == "cpu":
-                from edgeslim.runtime.op_profile import op_breakdown
+                from edgeslim.runtime.op_profile import op_fields
 
-                row["op_time_share"] = op_breakdown(model, feeds, iters=max(1, min(iters, 5)), threads=prof.threads)
+                row |= op_fields(model, feeds, iters, prof.threads)
             rows.append(row)
     return rows
+
+
+def has_op_profile(prof: Any) -> bool:
+    """Whether ORT's CPU profiler describes how the target runs a model (an onnxruntime CPU profile here)."""
+    return prof.runtime == "onnxruntime" and prof.device == "cpu" and not prof.remote
+
+
+def op_times_at(onnx_file: str | Path, loaded: LoadedModel, profile: str, dims: Mapping[str, int], batch: int
+                ) -> dict[str, float]:
+    """ORT kernel time per op type (ms per run, runtime/op_profile.py) of a model file at `batch`, its other
+    dynamic dims sized as for profiling; OP_ITERS profiled runs after one warm-up."""
+    from edgeslim.runtime.op_profile import op_times
+    from edgeslim.runtime.targets import load_profile
+
+    sizes, _ = resolve_sizes(loaded, dims, batch)
+    feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
+    return op_times(onnx_file, feeds, iters=OP_ITERS, threads=load_profile(profile).threads)
 
 
 def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
@@ -602,7 +621,12 @@ def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
 
 
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
-    """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
+    """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`.
+
+    On an onnxruntime CPU profile the summary also holds `op_breakdown`: ORT's kernel time by op type
+    of the original and the compressed ONNX file at the largest batch, side by side, and the op types
+    whose time did not shrink (runtime/op_profile.py `op_comparison`).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output folder {out_dir} is a file; name a folder with -o")
@@ -612,7 +636,8 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
         check_output(out_dir / name, REPORT)
     from edgeslim.runtime.targets import load_profile
-    runtime = load_profile(recipe.profile).runtime
+    prof = load_profile(recipe.profile)
+    op_batch = max(recipe.batches or prof.batch)  # where the op types are compared
     original, compressed, results, slim = compress_to_artifact(
         recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet,
         recipe.profile, recipe.trust)
@@ -627,7 +652,7 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
             row |= export_model(loaded, recipe.export_to, out_dir / f"{stem}{suffix}", recipe.profile, recipe.opset,
                                 quiet)
         if recipe.profile:
-            target = loaded.model if runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
+            target = loaded.model if prof.runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
             with stage(f"profile {label} on {recipe.profile}", quiet):
                 row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
                                               recipe.warmup, recipe.iters)
@@ -635,7 +660,15 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
             if crashed:
                 from edgeslim.errors import InferenceCrashError
                 raise InferenceCrashError(f"{label} model, batch {crashed[0]['batch']}: {crashed[0]['crashed']}")
+            if has_op_profile(prof) and "onnx" in row:
+                with stage(f"kernel time by op type of {label}", quiet):
+                    row["op_time_ms"] = op_times_at(row["onnx"], loaded, recipe.profile, recipe.dims, op_batch)
         summary["models"][label] = row
+    if all("op_time_ms" in m for m in summary["models"].values()):
+        from edgeslim.runtime.op_profile import op_comparison
+        models = summary["models"]
+        summary["op_breakdown"] = {"batch": op_batch, "iters": OP_ITERS} | op_comparison(
+            models["original"]["op_time_ms"], models["compressed"]["op_time_ms"])
     from edgeslim.report import write_report
     summary["report"] = str(write_report(summary, out_dir / f"{recipe.name}.report.md"))
     return summary

@@ -68,6 +68,33 @@ def speed_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def op_rows(breakdown: Mapping[str, Any], top: int = 8) -> list[tuple[str, str, str, str]]:
+    """`run`'s op-type comparison as table rows (op type, original, compressed, time ratio): the `top`
+    op types by original time (then new ones), the rest summed as "other"."""
+    rows = breakdown["rows"]
+    shown = [r for r in rows if r["before_ms"]][:top] + [r for r in rows if not r["before_ms"]][:3]
+    rest = [r for r in rows if r not in shown]
+    if rest:
+        before, after = sum(r["before_ms"] for r in rest), sum(r["after_ms"] for r in rest)
+        shown.append({"op": f"other ({len(rest)})", "before_ms": before, "after_ms": after,
+                      "ratio": after / before if before else None,
+                      "before_share": sum(r["before_share"] for r in rest), "after_share": sum(r["after_share"] for r in rest)})
+    return [(r["op"], f"{ms(r['before_ms'])} ({r['before_share']:.0%})", f"{ms(r['after_ms'])} ({r['after_share']:.0%})",
+             "new" if r["ratio"] is None else f"{r['ratio']:.2f}x") for r in shown]
+
+
+def not_shrunk_text(breakdown: Mapping[str, Any]) -> str:
+    """The op types whose kernel time did not shrink, with their share of the original's and their ratio."""
+    from edgeslim.runtime.op_profile import MIN_SHARE, SHRUNK
+
+    rows = [r for r in breakdown["rows"] if r["op"] in breakdown["not_shrunk"]]
+    named = [f"{r['op']} (new: {r['after_share']:.0%} of the compressed model's kernel time)" if r["ratio"] is None
+             else f"{r['op']} ({r['before_share']:.0%} of the original's kernel time, {r['ratio']:.2f}x)" for r in rows]
+    if not named:
+        return f"every op type with {MIN_SHARE:.0%} or more of the kernel time shrank (below {SHRUNK:.2f}x)"
+    return f"did not shrink (time ratio {SHRUNK:.2f}x or more) at batch {breakdown['batch']}: " + ", ".join(named)
+
+
 def figure(width: float, height: float):
     """A matplotlib Figure outside pyplot's global state (no backend switch, nothing to close)."""
     from matplotlib.figure import Figure
@@ -174,6 +201,13 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
     for s in speed_rows(summary):
         lines.append(f"| {s['batch']} | {_fmt(s['params_ratio'])} | {_fmt(s['flops_ratio'])} | "
                      f"{_fmt(s['latency_ratio'])} | {_fmt(s['speedup'], '.2f')}x | {s['reason'] or 'ok'} |")
+    ops = summary.get("op_breakdown")
+    if ops:
+        lines += ["", f"Op types: {not_shrunk_text(ops)}.", "", f"## Where the time goes (batch {ops['batch']})", "",
+                  f"ONNX Runtime's kernel time by op type, ms per run (share of the model's kernel time), from "
+                  f"{ops['iters']} profiled runs of each ONNX file apart from the latency runs:", "",
+                  "| op type | original | compressed | time ratio |", "|---|---:|---:|---:|"]
+        lines += [f"| {op} | {a} | {b} | {r} |" for op, a, b, r in op_rows(ops)]
     timed = [c for c in summary["changes"] if c.get("latency_ms_before") is not None]
     if timed:
         lines += ["", "Per layer, from the target's GEMM table (GEMM time at the budget's input sizes):", "",
