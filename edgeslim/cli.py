@@ -15,7 +15,8 @@ from edgeslim.cli_profile import profile
 from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
 from edgeslim.images import TILE as TILE_DEFAULT
-from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
+from edgeslim.pipeline import DEFAULT_OUT
+from edgeslim.recipe import DEFAULT_PROFILE
 from edgeslim.sr_train import RECIPE as SR_RECIPE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,10 +38,10 @@ def run(recipe: str | None, out_dir: str, quiet: bool, as_json: bool, trusted: s
     """Whole pipeline from a RECIPE.toml; without one, the built-in demo on the packaged MiniLM."""
     import dataclasses
 
-    from edgeslim import pipeline
+    from edgeslim import pipeline, recipe as recipes
     from edgeslim.report import speed_rows
 
-    plan = pipeline.load_recipe(recipe) if recipe else pipeline.parse_recipe(pipeline.DEMO_RECIPE, "demo")
+    plan = recipes.load_recipe(recipe) if recipe else recipes.parse_recipe(recipes.DEMO_RECIPE, "demo")
     trust_of(trusted, trust_source)  # a malformed --source is an error before any work
     plan = dataclasses.replace(plan, source_factory=trusted or plan.source_factory,
                                trust_source=trust_source or plan.trust_source)
@@ -120,7 +121,8 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
              as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
-    from edgeslim.pipeline import StepSection, compress_to_artifact
+    from edgeslim.pipeline import compress_to_artifact
+    from edgeslim.recipe import StepSection
 
     step: dict[str, Any] = {"method": method}
     for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("speedup", speedup), ("calib", calib),

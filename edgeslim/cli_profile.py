@@ -8,7 +8,7 @@ import click
 
 from edgeslim.cli_options import console, dims as parse_dims, ints, source_options, trust_of, trust_options
 from edgeslim.errors import ConfigError
-from edgeslim.pipeline import DEFAULT_PROFILE
+from edgeslim.recipe import DEFAULT_PROFILE
 
 
 @click.command()
@@ -36,7 +36,8 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
     import torch
     from rich.table import Table
 
-    from edgeslim.pipeline import profile_file, profile_target
+    from edgeslim.pipeline import profile_target
+    from edgeslim.profiling import profile_file
     from edgeslim.report import memory_method_text, ms, peak_mem_text
 
     if warmup < 0 or iters < 1:

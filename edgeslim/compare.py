@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 from edgeslim.errors import ConfigError, InferenceCrashError
 from edgeslim.files import REPORT, replace_output
-from edgeslim.pipeline import profile_target, resolve_sizes, work_of
+from edgeslim.pipeline import profile_target
+from edgeslim.profiling import resolve_sizes, work_of
 from edgeslim.report import figure, peak_mem_text, png_bytes, si
 from edgeslim.specs import example_feeds
 from edgeslim.trust import Trust

@@ -6,6 +6,8 @@ import torch
 
 from edgeslim import artifact, pipeline
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.profiling import OP_ITERS
+from edgeslim.recipe import load_recipe, parse_recipe
 from edgeslim.runtime.op_profile import SHRUNK
 
 RECIPE = {"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.5}],
@@ -23,15 +25,15 @@ RECIPE = {"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.5}],
 ])
 def test_recipe_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
-        pipeline.parse_recipe(bad)
+        parse_recipe(bad)
 
 
 def test_recipe_files(tmp_path):
     with pytest.raises(SourceError, match="recipe not found"):
-        pipeline.load_recipe(tmp_path / "none.toml")
+        load_recipe(tmp_path / "none.toml")
     (tmp_path / "bad.toml").write_text("source = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        pipeline.load_recipe(tmp_path / "bad.toml")
+        load_recipe(tmp_path / "bad.toml")
 
 
 def test_profile_align_applies_to_steps_that_set_none():
@@ -44,7 +46,7 @@ def test_profile_align_applies_to_steps_that_set_none():
 
 
 def test_run_writes_artifact_onnx_and_report(tmp_path):
-    summary = pipeline.run(pipeline.parse_recipe(RECIPE), tmp_path, quiet=True)
+    summary = pipeline.run(parse_recipe(RECIPE), tmp_path, quiet=True)
     orig, comp = summary["models"]["original"], summary["models"]["compressed"]
     assert comp["params"] < orig["params"] and comp["flops"] < orig["flops"]
     assert [t["batch"] for t in comp["timings"]] == [1, 4]
@@ -77,7 +79,7 @@ def test_run_cli_prints_the_op_breakdown_as_json(in_tmp, capsys):
     assert main(["run", "r.toml", "-o", "out", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     ops = summary["op_breakdown"]
-    assert ops["batch"] == 2 and ops["iters"] == pipeline.OP_ITERS and summary["speed"][0]["batch"] == 2
+    assert ops["batch"] == 2 and ops["iters"] == OP_ITERS and summary["speed"][0]["batch"] == 2
     assert set(ops["not_shrunk"]) <= {r["op"] for r in ops["rows"]}
     assert "Where the time goes" in (in_tmp / "out" / "tiny-mlp-svd.report.md").read_text()
 
@@ -102,7 +104,7 @@ def test_heal_step_distils_toward_the_original_model(tmp_path):
     from edgeslim.sources import load_model
     original = load_model("tiny-mlp")
     _, compressed, results, path = pipeline.compress_to_artifact(
-        recipe["source"], pipeline.parse_recipe(recipe).steps, tmp_path / "h.slim", quiet=True)
+        recipe["source"], parse_recipe(recipe).steps, tmp_path / "h.slim", quiet=True)
     svd_only, _ = pipeline.apply_steps(original, recipe["step"][:1], quiet=True)
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():

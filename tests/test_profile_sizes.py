@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgeslim.errors import ConfigError
-from edgeslim.pipeline import resolve_sizes
+from edgeslim.profiling import resolve_sizes
 from edgeslim.sources import LoadedModel, SourceSpec
 from edgeslim.specs import TensorSpec
 
