@@ -1,7 +1,7 @@
 """Does `edgeslim profile` agree with a user's own timing loop? p50 vs a bare timeit loop, max RSS, roofline.
 
 For each model the ONNX file is exported once; then, round by round (so load drift hits both alike),
-the profiler (`pipeline.profile_file`, the code behind `edgeslim profile`) and a bare loop (an ORT
+the profiler (`profiling.profile_file`, the code behind `edgeslim profile`) and a bare loop (an ORT
 session with the same threads, `timeit.repeat(number=1)`, median) time the same file at the same
 sizes. The ratio of the two p50s should be within 10%. The profiler's peak resident memory (measured
 in a fresh child process per batch, runtime/child.py) should be within 15% of the maximum RSS
@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edgeslim.files import JSON, REPORT, replace_output  # noqa: E402
-from edgeslim.pipeline import export_model, profile_file  # noqa: E402
+from edgeslim.pipeline import export_model  # noqa: E402
+from edgeslim.profiling import profile_file  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.peak import measured_peak  # noqa: E402
 from edgeslim.runtime.targets import load_profile  # noqa: E402

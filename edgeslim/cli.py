@@ -15,7 +15,8 @@ from edgeslim.cli_profile import profile
 from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.files import safe_stem
 from edgeslim.images import TILE as TILE_DEFAULT
-from edgeslim.pipeline import DEFAULT_OUT, DEFAULT_PROFILE
+from edgeslim.pipeline import DEFAULT_OUT
+from edgeslim.recipe import DEFAULT_PROFILE
 from edgeslim.sr_train import RECIPE as SR_RECIPE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,19 +32,23 @@ cli.add_command(profile)
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", default=str(DEFAULT_OUT), show_default=True, help="output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
+@json_option
 @trust_options
-def run(recipe: str | None, out_dir: str, quiet: bool, trusted: str | None, trust_source: bool) -> None:
+def run(recipe: str | None, out_dir: str, quiet: bool, as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Whole pipeline from a RECIPE.toml; without one, the built-in demo on the packaged MiniLM."""
     import dataclasses
 
-    from edgeslim import pipeline
+    from edgeslim import pipeline, recipe as recipes
     from edgeslim.report import speed_rows
 
-    plan = pipeline.load_recipe(recipe) if recipe else pipeline.parse_recipe(pipeline.DEMO_RECIPE, "demo")
+    plan = recipes.load_recipe(recipe) if recipe else recipes.parse_recipe(recipes.DEMO_RECIPE, "demo")
     trust_of(trusted, trust_source)  # a malformed --source is an error before any work
     plan = dataclasses.replace(plan, source_factory=trusted or plan.source_factory,
                                trust_source=trust_source or plan.trust_source)
-    summary = pipeline.run(plan, out_dir, quiet)
+    summary = pipeline.run(plan, out_dir, quiet or as_json)
+    if as_json:
+        click.echo(json.dumps(summary | {"speed": speed_rows(summary)}, indent=2))
+        return
     _print_summary(summary, speed_rows(summary))
 
 
@@ -73,7 +78,23 @@ def _print_summary(summary: dict[str, Any], speed: list[dict[str, Any]]) -> None
         verdict = s["reason"] or "ok"
         console.print(f"batch {s['batch']}: speedup {s['speedup']:.2f}x, FLOPs ratio {s['flops_ratio']:.3f}, "
                       f"latency ratio {s['latency_ratio']:.3f} -> {verdict}")
+    if summary.get("op_breakdown"):
+        _print_ops(console, summary["op_breakdown"])
     console.print(f"artifact: {summary['artifact']}\nreport:   {summary['report']}")
+
+
+def _print_ops(console: Any, breakdown: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from edgeslim.report import not_shrunk_text, op_rows
+
+    table = Table(title=f"kernel time by op type at batch {breakdown['batch']}, ms per run (share)")
+    for col in ("op type", "original", "compressed", "time ratio"):
+        table.add_column(col, justify="left" if col == "op type" else "right")
+    for cells in op_rows(breakdown):
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"op types: {not_shrunk_text(breakdown)}")
 
 
 @cli.command()
@@ -100,7 +121,8 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
              as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
-    from edgeslim.pipeline import StepSection, compress_to_artifact
+    from edgeslim.pipeline import compress_to_artifact
+    from edgeslim.recipe import StepSection
 
     step: dict[str, Any] = {"method": method}
     for key, val in (("ratio", ratio), ("rank", rank), ("energy", energy), ("speedup", speedup), ("calib", calib),

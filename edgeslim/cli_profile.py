@@ -8,7 +8,7 @@ import click
 
 from edgeslim.cli_options import console, dims as parse_dims, ints, source_options, trust_of, trust_options
 from edgeslim.errors import ConfigError
-from edgeslim.pipeline import DEFAULT_PROFILE
+from edgeslim.recipe import DEFAULT_PROFILE
 
 
 @click.command()
@@ -36,8 +36,9 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
     import torch
     from rich.table import Table
 
-    from edgeslim.pipeline import profile_file, profile_target
-    from edgeslim.report import ms, peak_mem_text
+    from edgeslim.pipeline import profile_target
+    from edgeslim.profiling import profile_file
+    from edgeslim.report import memory_method_text, ms, peak_mem_text
 
     if warmup < 0 or iters < 1:
         raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
@@ -80,6 +81,7 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
     console().print("peak mem: " + ("peak resident memory of a fresh process running the model (weights included)"
                                      if any("peak_rss_bytes" in r for r in rows) else
                                      "+ growth while running in this process (weights not included)"))
+    console().print(f"memory read by: {memory_method_text(rows)}")
     for r in rows:
         if "crashed" in r:
             console().print(f"[red]batch {r['batch']} crashed[/red]: {r['crashed']}")

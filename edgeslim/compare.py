@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 from edgeslim.errors import ConfigError, InferenceCrashError
 from edgeslim.files import REPORT, replace_output
-from edgeslim.pipeline import profile_target, resolve_sizes, work_of
+from edgeslim.pipeline import profile_target
+from edgeslim.profiling import resolve_sizes, work_of
 from edgeslim.report import figure, peak_mem_text, png_bytes, si
 from edgeslim.specs import example_feeds
 from edgeslim.trust import Trust
@@ -55,7 +56,7 @@ def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, d
     """
     from edgeslim.runtime import child
     from edgeslim.runtime.measure import interleave
-    from edgeslim.runtime.op_profile import op_breakdown
+    from edgeslim.runtime.op_profile import op_fields
     from edgeslim.runtime.session import open_session
     from edgeslim.runtime.targets import load_profile
 
@@ -88,7 +89,7 @@ def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, d
                         row["memory_error"] = str(exc)
                         warnings.warn(f"{cand['item']} batch {b}: {exc}", RuntimeWarning, stacklevel=2)
                 if ops and str(target).endswith(".onnx") and prof.device == "cpu":
-                    row["op_time_share"] = op_breakdown(target, f, iters=max(1, min(iters, 5)), threads=prof.threads)
+                    row |= op_fields(target, f, iters, prof.threads)
                 cand["rows"].append(row)
         if eval_data:
             _evaluate(candidates, opened, eval_data)

@@ -1,184 +1,30 @@
-"""compress -> export -> profile: the glue between compress/, export/ and runtime/ (and `edgeslim run`)."""
+"""compress -> export -> profile: the glue between compress/, export/ and runtime/ (and `edgeslim run`).
+
+The recipe a run follows is edgeslim/recipe.py; the measuring (sizes, latency rows, op times) edgeslim/profiling.py.
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import tempfile
 import time
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from edgeslim import artifact
 from edgeslim.compress.base import CompressContext, CompressResult, get_compressor
-from edgeslim.config import ConfigBase
 from edgeslim.data import load_calibration, missing_calibration_message
 from edgeslim.errors import ConfigError, SourceError
-from edgeslim.files import ARTIFACT, ONNX, REPORT, check_output, plain_stem, replace_output, safe_stem
+from edgeslim.files import ARTIFACT, ONNX, REPORT, check_output, replace_output, safe_stem
+from edgeslim.profiling import OP_ITERS, flops, has_op_profile, op_times_at, profile_file
+from edgeslim.recipe import DEFAULT_PROFILE, Recipe, split_step
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.specs import example_feeds
 from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
-DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
-
-# The built-in demo: packaged MiniLM, activation-aware SVD at a 0.5 kept ratio of its encoder linears,
-# calibrated on BBC News TRAINING articles; checked on the demo sentences (other data). Uniform allocation:
-# measured on the demo sentences (cosine to the original embeddings) it keeps 0.68 where the global
-# sensitivity greedy keeps 0.61 (asvd's per-layer output-energy error does not rank layers by their effect
-# on the embedding); 40 distillation steps (0.74, ~4 min here) do not fit the demo's 3 minutes.
-DEMO_RECIPE: dict[str, Any] = {
-    "source": "minilm", "name": "minilm-asvd",
-    "step": [{"method": "asvd", "ratio": 0.5, "allocation": "uniform", "calib": "bbc-news:256",
-              "target": r".*encoder\.layer\.\d+\..*"}],
-    "export": {"to": "onnx"},
-    "profile": {"name": "cpu-ort-fp32", "batch": [1, 8], "dims": {"sequence": 128}, "iters": 20},
-    "eval": "sentences",
-}
-
-
-@dataclass(frozen=True)
-class StepSection(ConfigBase):
-    """The pipeline's own keys of a [[step]]; every other key belongs to the compressor's config."""
-
-    method: str  # a registered compressor (edgeslim list compressors)
-    calib: str | None = None  # calibration data: NAME[:COUNT] or a file/folder of the user's inputs
-    calib_batch: int = 16  # batch size of the calibration data
-    gemm_table: str | None = None  # a speedup budget for a target that is not this machine: GEMM table measured on it
-    latency_batch: int = 8  # batch size a speedup budget is measured at (other dims: the model's defaults)
-
-    def validate(self) -> None:
-        if self.latency_batch < 1:
-            raise ConfigError(f"latency_batch must be a positive integer, got {self.latency_batch}")
-
-
-@dataclass(frozen=True)
-class ExportSection(ConfigBase):
-    """[export]: the device format."""
-
-    to: Literal["onnx", "tensorrt"] = "onnx"
-    opset: int = 20
-
-
-@dataclass(frozen=True)
-class ProfileSection(ConfigBase):
-    """[profile]: the target and how to measure on it."""
-
-    name: str = DEFAULT_PROFILE  # shipped profile name or a .toml path
-    batch: tuple[int, ...] | None = None  # None: the profile's own batch list
-    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dims when profiling
-    warmup: int = 5
-    iters: int = 30
-
-    def validate(self) -> None:
-        if self.batch is not None and (not self.batch or min(self.batch) < 1):
-            raise ConfigError(f"[profile]: 'batch' must be a non-empty list of positive integers, got {list(self.batch)}")
-        if any(v < 1 for v in self.dims.values()) or self.warmup < 0 or self.iters < 1:
-            raise ConfigError(f"[profile]: dims must be >= 1, warmup >= 0 and iters >= 1, got dims {self.dims}, "
-                              f"warmup {self.warmup}, iters {self.iters}")
-
-
-@dataclass(frozen=True)
-class RecipeSection(ConfigBase):
-    """The top level of a recipe."""
-
-    source: str  # a zoo name, a Hugging Face folder, pkg.mod:factory or an artifact
-    name: str | None = None  # output name stem (default: source stem + methods)
-    weights: str | None = None  # weights file of a factory source
-    inputs: str | None = None  # inputs of a factory source, e.g. "x:batch,16"
-    step: tuple[dict[str, Any], ...] = ()
-    export: dict[str, Any] = field(default_factory=dict)
-    profile: dict[str, Any] = field(default_factory=dict)
-    eval: str | None = None  # data to compare original and compressed outputs on
-    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (like --source)
-    trust_source: bool = False  # replay any factory an artifact source names (like --trust-source)
-
-
-@dataclass
-class Recipe:
-    """A whole run, as parse_recipe builds it from the checked sections (their defaults apply)."""
-
-    source: str
-    steps: list[dict[str, Any]]
-    name: str
-    weights: str | None
-    inputs: str | None
-    export_to: str
-    opset: int
-    profile: str
-    batches: list[int] | None  # None: the profile's own batch list
-    dims: dict[str, int]  # sizes of named dims when profiling
-    warmup: int
-    iters: int
-    eval: str | None  # data to compare original and compressed outputs on
-    source_factory: str | None = None  # the pkg.mod:factory an artifact source may name (as --source)
-    trust_source: bool = False  # replay any factory an artifact source names (as --trust-source)
-
-    @property
-    def trust(self) -> Trust:
-        return Trust(self.source_factory, self.trust_source)
-
-
-def split_step(step: Mapping[str, Any], where: str = "step") -> tuple[StepSection, dict[str, Any]]:
-    """A [[step]] as its pipeline keys (checked) and the compressor's own config keys."""
-    own = {f.name for f in dataclasses.fields(StepSection)}
-    return (StepSection.from_dict({k: v for k, v in step.items() if k in own}, where),
-            {k: v for k, v in step.items() if k not in own})
-
-
-def parse_recipe(data: Mapping[str, Any], origin: str = "recipe") -> Recipe:
-    """Check a whole parsed recipe and build a Recipe (errors name the key and the allowed ones).
-
-    Everything is checked before any work: keys, types, step configs, the names of the profile and
-    the eval data, the factory to trust, and a plain output name.
-    """
-    top = RecipeSection.from_dict(data, origin)
-    if not all(isinstance(s, dict) and "method" in s for s in top.step):
-        raise ConfigError(f"{origin}: each [[step]] needs a 'method' (see `edgeslim list compressors`)")
-    for i, step in enumerate(top.step):  # validate configs now, before any slow work
-        section, params = split_step(step, f"{origin} [[step]] {i + 1}")
-        get_compressor(section.method).make_config(params)
-    exp = ExportSection.from_dict(top.export, f"{origin} [export]")
-    prof = ProfileSection.from_dict(top.profile, f"{origin} [profile]")
-    _check_names(top, prof, origin)
-    default = Path(top.source).name.removesuffix(".slim") + "".join(f"-{s['method']}" for s in top.step)
-    name = safe_stem(default) if top.name is None else plain_stem(top.name, f"{origin}: 'name'")
-    return Recipe(source=top.source, steps=[dict(s) for s in top.step], name=name, weights=top.weights,
-                  inputs=top.inputs, export_to=exp.to, opset=exp.opset, profile=prof.name,
-                  batches=None if prof.batch is None else list(prof.batch), dims=dict(prof.dims),
-                  warmup=prof.warmup, iters=prof.iters, eval=top.eval, source_factory=top.source_factory,
-                  trust_source=top.trust_source)
-
-
-def _check_names(top: RecipeSection, prof: ProfileSection, origin: str) -> None:
-    """The names a recipe refers to exist (profile, eval data), its inputs parse, its factory is one."""
-    from edgeslim.data import list_datasets, parse_spec
-    from edgeslim.runtime.targets import load_profile
-    from edgeslim.sources import parse_inputs
-
-    load_profile(prof.name)
-    if top.eval is not None and parse_spec(top.eval)[0] not in list_datasets() and not Path(top.eval).exists():
-        raise ConfigError(f"{origin}: eval data {top.eval!r} is not a file and not one of "
-                          f"{sorted(list_datasets())} (see `edgeslim list datasets`)")
-    if top.inputs is not None:
-        parse_inputs(top.inputs)
-    Trust(top.source_factory)
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe TOML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"recipe not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_recipe(data, str(path))
 
 
 @contextlib.contextmanager
@@ -452,157 +298,13 @@ def apply_onnx_stages(loaded: LoadedModel, onnx_path: Path, profile: str | None 
     return ran
 
 
-def resolve_sizes(loaded: LoadedModel, given: Mapping[str, int], batch: int) -> tuple[dict[str, int], dict[str, str]]:
-    """A size for every dynamic input dim, and where each came from ("batch", "--dim", "model": the
-    artifact's input spec or the model's config, "default": sequence=128 of a bare ONNX file).
-
-    Raises:
-        ConfigError: a dim has no size (the message names it and --dim), or a fixed-batch model is
-            asked for another batch.
-    """
-    from edgeslim.specs import dynamic_dims
-
-    fixed = {s.shape[0] for s in loaded.inputs if s.shape and isinstance(s.shape[0], int)}
-    if fixed and batch not in fixed:
-        raise ConfigError(f"the model's inputs have a fixed batch {sorted(fixed)}, but batch {batch} was asked: "
-                          f"export it with a dynamic batch or profile --batch {min(fixed)}")
-    sizes, where = {"batch": batch}, {"batch": "batch"}
-    bare_file = loaded.source.kind == "file"  # a bare model file has no config: its sizes are defaults
-    for name in dynamic_dims(loaded.inputs):
-        if name == "batch":
-            continue
-        if name in given:
-            sizes[name], where[name] = int(given[name]), "--dim"
-        elif name in loaded.dims:
-            sizes[name], where[name] = int(loaded.dims[name]), "default" if bare_file else "model"
-        else:
-            raise ConfigError(f"dynamic dim '{name}' has no size: give it with --dim {name}=SIZE")
-    extra = {k: int(v) for k, v in given.items() if k not in sizes}
-    return {**sizes, **extra}, where
-
-
-def work_of(model: Any, loaded: LoadedModel, feeds: Mapping[str, np.ndarray], sizes: Mapping[str, int],
-          precision: str) -> tuple[int, int] | None:
-    """(FLOPs, bytes moved) of one call: from the ONNX graph for a file, from the module otherwise."""
-    from edgeslim.runtime.roofline import count_flops, min_bytes_moved
-
-    if isinstance(model, (str, Path)) and Path(model).suffix == ".onnx":
-        from edgeslim.runtime.onnx_work import graph_work
-
-        work = graph_work(model, sizes)
-        return work.flops, work.bytes_moved
-    if isinstance(loaded.model, torch.nn.Identity):
-        return None  # a TensorRT engine file: no graph to count
-    return count_flops(loaded.model, feeds), min_bytes_moved(loaded.model, feeds, precision)
-
-
-def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tuple[int, dict, dict]]
-                 ) -> list[dict[str, Any]]:
-    """Rows for a board that is not the machine at hand: the roofline latency from the board's published
-    limits, labelled predicted (a lower bound: real kernels run below the roofline), and a RAM check
-    (weights + inputs + outputs against the board's `ram_gb`)."""
-    from edgeslim.runtime.peak import measured_peak
-    from edgeslim.runtime.roofline import roofline_ms
-
-    rows = []
-    for b, sizes, where in plan:
-        feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
-        work = work_of(model, loaded, feeds, sizes, prof.precision)
-        if work is None:
-            raise ConfigError(f"cannot predict latency on '{prof.name}' for {model}: no graph to count the work of "
-                              "(give the ONNX file or the model)")
-        row: dict[str, Any] = {"batch": b, "sizes": sizes, "size_sources": where, "predicted": True,
-                               "flops": work[0], "bytes_moved": work[1], "p50_ms": roofline_ms(*work, prof),
-                               "peak": measured_peak(prof).to_dict()}
-        row["roofline_ms"], row["roofline_fraction"] = row["p50_ms"], 1.0
-        if prof.ram_gb is not None:
-            row["fits_ram"] = work[1] <= prof.ram_gb * 1e9
-        rows.append(row)
-    return rows
-
-
-def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
-                 dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True,
-                 ops: bool = False, child_memory: bool = True) -> list[dict[str, Any]]:
-    """Latency/throughput/memory of a model file (or module) per batch size on a profile.
-
-    With `child_memory` (a model file on a local target), each batch's memory is first measured in a
-    fresh child process (runtime/child.py): `memory` (baseline, loaded, peak resident bytes, arena
-    settings) and `peak_rss_bytes`, what the inference holds. A child that dies makes that batch a
-    `crashed` row (with how it died; warned) and profiling goes on with the next batch, without
-    running the model that crashed in this process.
-
-    With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_share`: the
-    fraction of ORT's kernel time per op type (runtime/op_profile.py), from separate profiled runs.
-
-    With `roofline`, each row also holds the FLOPs and minimum bytes moved at that batch (counted
-    from the ONNX graph for an .onnx file, from `loaded.model` otherwise), the target's roofline
-    latency with the limits of `measured_peak` (measured on this machine for a local CPU target,
-    published for a board) and the fraction of it the measurement reaches. A fraction over 1 means
-    the limits or the work count are wrong: the row says so (`roofline_warning`) and a warning is
-    raised. `sizes` / `size_sources` say which size every dynamic dim was given and from where.
-    """
-    import warnings
-
-    from edgeslim.runtime.measure import measure
-    from edgeslim.runtime.peak import measured_peak
-    from edgeslim.runtime.roofline import roofline_fraction, roofline_ms
-    from edgeslim.runtime.session import open_session
-    from edgeslim.runtime.targets import load_profile
-
-    prof = load_profile(profile)
-    peak = measured_peak(prof) if roofline else None
-    limits = prof.override({"peak_gflops": peak.gflops(prof.precision), "mem_gbps": peak.mem_gbps}) if peak else prof
-    plan = [(b, *resolve_sizes(loaded, dims, b)) for b in batches or prof.batch]
-    if prof.remote:
-        return predict_rows(model, loaded, prof, plan)
-    from edgeslim.errors import InferenceCrashError
-    from edgeslim.runtime import child
-
-    in_child = child_memory and isinstance(model, (str, Path))
-    rows = []
-    with open_session(model, prof) as session:
-        for b, sizes, where in plan:
-            feeds = example_feeds(loaded.inputs, {**loaded.dims, **sizes}, seed=0)
-            memory = None
-            if in_child:
-                try:
-                    memory = child.child_memory(model, profile, feeds, warmup=min(warmup, 1), iters=min(iters, 2))
-                except InferenceCrashError as exc:
-                    rows.append({"batch": b, "sizes": sizes, "size_sources": where, "crashed": str(exc)})
-                    warnings.warn(f"batch {b}: {exc}", RuntimeWarning, stacklevel=2)
-                    continue
-            row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters))
-            row["sizes"], row["size_sources"] = sizes, where
-            if memory is not None:
-                row["memory"], row["peak_rss_bytes"] = memory.to_dict(), memory.peak_rss_bytes
-            work = work_of(model, loaded, feeds, sizes, prof.precision) if roofline else None
-            if work is not None:
-                row["flops"], row["bytes_moved"] = work
-                row["roofline_ms"] = roofline_ms(*work, limits)
-                row["roofline_fraction"] = roofline_fraction(row["p50_ms"], *work, limits)
-                row["peak"] = peak.to_dict()
-                if row["roofline_fraction"] > 1:
-                    row["roofline_warning"] = (f"{row['roofline_fraction']:.0%} of the roofline is impossible: the "
-                                               f"limits ({peak.source}) or the work count are wrong")
-                    warnings.warn(row["roofline_warning"], RuntimeWarning, stacklevel=2)
-            if ops and isinstance(model, (str, Path)) and Path(model).suffix == ".onnx" and prof.device == "cpu":
-                from edgeslim.runtime.op_profile import op_breakdown
-
-                row["op_time_share"] = op_breakdown(model, feeds, iters=max(1, min(iters, 5)), threads=prof.threads)
-            rows.append(row)
-    return rows
-
-
-def flops(loaded: LoadedModel, dims: Mapping[str, int]) -> int:
-    """FLOPs of one batch-1 forward pass at the given dimension sizes."""
-    from edgeslim.runtime.roofline import count_flops
-    feeds = example_feeds(loaded.inputs, {**loaded.dims, **dims, "batch": 1}, seed=0)
-    return count_flops(loaded.model, {k: torch.from_numpy(v) for k, v in feeds.items()})
-
-
 def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) -> dict[str, Any]:
-    """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`."""
+    """The whole pipeline for a recipe; writes the artifact, ONNX files and report under `out_dir`.
+
+    On an onnxruntime CPU profile the summary also holds `op_breakdown`: ORT's kernel time by op type
+    of the original and the compressed ONNX file at the largest batch, side by side, and the op types
+    whose time did not shrink (runtime/op_profile.py `op_comparison`).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output folder {out_dir} is a file; name a folder with -o")
@@ -612,7 +314,8 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
     for name in (f"{recipe.name}.report.md", f"{recipe.name}.report_latency.png", f"{recipe.name}.report_layers.png"):
         check_output(out_dir / name, REPORT)
     from edgeslim.runtime.targets import load_profile
-    runtime = load_profile(recipe.profile).runtime
+    prof = load_profile(recipe.profile)
+    op_batch = max(recipe.batches or prof.batch)  # where the op types are compared
     original, compressed, results, slim = compress_to_artifact(
         recipe.source, recipe.steps, out_dir / f"{recipe.name}.slim", recipe.weights, recipe.inputs, quiet,
         recipe.profile, recipe.trust)
@@ -627,7 +330,7 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
             row |= export_model(loaded, recipe.export_to, out_dir / f"{stem}{suffix}", recipe.profile, recipe.opset,
                                 quiet)
         if recipe.profile:
-            target = loaded.model if runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
+            target = loaded.model if prof.runtime == "torch" else row.get("engine") or row.get("onnx") or loaded.model
             with stage(f"profile {label} on {recipe.profile}", quiet):
                 row["timings"] = profile_file(target, loaded, recipe.profile, recipe.batches, recipe.dims,
                                               recipe.warmup, recipe.iters)
@@ -635,7 +338,15 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
             if crashed:
                 from edgeslim.errors import InferenceCrashError
                 raise InferenceCrashError(f"{label} model, batch {crashed[0]['batch']}: {crashed[0]['crashed']}")
+            if has_op_profile(prof) and "onnx" in row:
+                with stage(f"kernel time by op type of {label}", quiet):
+                    row["op_time_ms"] = op_times_at(row["onnx"], loaded, recipe.profile, recipe.dims, op_batch)
         summary["models"][label] = row
+    if all("op_time_ms" in m for m in summary["models"].values()):
+        from edgeslim.runtime.op_profile import op_comparison
+        models = summary["models"]
+        summary["op_breakdown"] = {"batch": op_batch, "iters": OP_ITERS} | op_comparison(
+            models["original"]["op_time_ms"], models["compressed"]["op_time_ms"])
     from edgeslim.report import write_report
     summary["report"] = str(write_report(summary, out_dir / f"{recipe.name}.report.md"))
     return summary

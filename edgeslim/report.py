@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from edgeslim.files import REPORT, replace_output
 
@@ -26,6 +26,19 @@ def peak_mem_text(row: Mapping[str, Any]) -> str:
     if row.get("peak_rss_bytes") is not None:
         return si(row["peak_rss_bytes"], "B")
     return "-" if row.get("peak_mem_bytes") is None else "+" + si(row["peak_mem_bytes"], "B")
+
+
+def memory_method_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How the profile rows' memory was read (a child's RSS, NVML, cudaMemGetInfo, ...) and the runtime
+    settings that change it (ONNX Runtime's CPU arena and memory pattern, threads), each once."""
+    parts = []
+    for r in rows:
+        if "memory" in r:
+            settings = ", ".join(f"{k} {v}" for k, v in r["memory"].get("runtime", {}).items())
+            parts.append(f"{r['memory']['method']} ({settings})" if settings else r["memory"]["method"])
+        elif r.get("mem_method"):
+            parts.append(f"{r['mem_method']} (growth while running in this process)")
+    return "; ".join(dict.fromkeys(parts)) or "-"
 
 
 def ms(value: float) -> str:
@@ -53,6 +66,33 @@ def speed_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows.append({"batch": t_o["batch"], "params_ratio": params_ratio, "flops_ratio": flops_ratio,
                      "latency_ratio": lat_ratio, "speedup": 1 / lat_ratio if lat_ratio else None, "reason": reason})
     return rows
+
+
+def op_rows(breakdown: Mapping[str, Any], top: int = 8) -> list[tuple[str, str, str, str]]:
+    """`run`'s op-type comparison as table rows (op type, original, compressed, time ratio): the `top`
+    op types by original time (then new ones), the rest summed as "other"."""
+    rows = breakdown["rows"]
+    shown = [r for r in rows if r["before_ms"]][:top] + [r for r in rows if not r["before_ms"]][:3]
+    rest = [r for r in rows if r not in shown]
+    if rest:
+        before, after = sum(r["before_ms"] for r in rest), sum(r["after_ms"] for r in rest)
+        shown.append({"op": f"other ({len(rest)})", "before_ms": before, "after_ms": after,
+                      "ratio": after / before if before else None,
+                      "before_share": sum(r["before_share"] for r in rest), "after_share": sum(r["after_share"] for r in rest)})
+    return [(r["op"], f"{ms(r['before_ms'])} ({r['before_share']:.0%})", f"{ms(r['after_ms'])} ({r['after_share']:.0%})",
+             "new" if r["ratio"] is None else f"{r['ratio']:.2f}x") for r in shown]
+
+
+def not_shrunk_text(breakdown: Mapping[str, Any]) -> str:
+    """The op types whose kernel time did not shrink, with their share of the original's and their ratio."""
+    from edgeslim.runtime.op_profile import MIN_SHARE, SHRUNK
+
+    rows = [r for r in breakdown["rows"] if r["op"] in breakdown["not_shrunk"]]
+    named = [f"{r['op']} (new: {r['after_share']:.0%} of the compressed model's kernel time)" if r["ratio"] is None
+             else f"{r['op']} ({r['before_share']:.0%} of the original's kernel time, {r['ratio']:.2f}x)" for r in rows]
+    if not named:
+        return f"every op type with {MIN_SHARE:.0%} or more of the kernel time shrank (below {SHRUNK:.2f}x)"
+    return f"did not shrink (time ratio {SHRUNK:.2f}x or more) at batch {breakdown['batch']}: " + ", ".join(named)
 
 
 def figure(width: float, height: float):
@@ -154,11 +194,20 @@ def render(summary: Mapping[str, Any], latency_png: str, layers_png: str | None)
             lines.append(f"| {label} | {t['batch']} | {ms(t['p50_ms'])} | {ms(t['p90_ms'])} | {ms(t['p99_ms'])} | "
                          f"{t['cv']:.3f}{flag} | {t['throughput_per_s']:.4g} | {peak_mem_text(t)} | "
                          f"{roof} | {_fmt(t.get('roofline_fraction'), '.0%')} |")
-    lines += ["", f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
+    timings = [t for row in models.values() for t in row.get("timings", [])]
+    lines += ["", f"Peak memory read by: {memory_method_text(timings)}.", "",
+              f"![latency vs batch]({latency_png})", "", "## Speedup or explain", "",
               "| batch | params ratio | FLOPs ratio | latency ratio | speedup | verdict |", "|---:|---:|---:|---:|---:|---|"]
     for s in speed_rows(summary):
         lines.append(f"| {s['batch']} | {_fmt(s['params_ratio'])} | {_fmt(s['flops_ratio'])} | "
                      f"{_fmt(s['latency_ratio'])} | {_fmt(s['speedup'], '.2f')}x | {s['reason'] or 'ok'} |")
+    ops = summary.get("op_breakdown")
+    if ops:
+        lines += ["", f"Op types: {not_shrunk_text(ops)}.", "", f"## Where the time goes (batch {ops['batch']})", "",
+                  f"ONNX Runtime's kernel time by op type, ms per run (share of the model's kernel time), from "
+                  f"{ops['iters']} profiled runs of each ONNX file apart from the latency runs:", "",
+                  "| op type | original | compressed | time ratio |", "|---|---:|---:|---:|"]
+        lines += [f"| {op} | {a} | {b} | {r} |" for op, a, b, r in op_rows(ops)]
     timed = [c for c in summary["changes"] if c.get("latency_ms_before") is not None]
     if timed:
         lines += ["", "Per layer, from the target's GEMM table (GEMM time at the budget's input sizes):", "",

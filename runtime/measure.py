@@ -13,8 +13,8 @@ the report gives separately as the file size. Measured in-process, it is approxi
 sessions share the process (freed memory one keeps may be reused by another); for exact figures
 profile one model per process. How it is read depends on the session (runtime/memory.py): CPU sessions report the
 process' peak RSS (VmHWM, reset before each measurement), torch CUDA sessions
-torch.cuda.max_memory_allocated, TensorRT and ORT-on-CUDA used device memory. `mem_method` names
-the reading. In a sweep of growing batches a runtime that keeps its arena between calls reports
+torch.cuda.max_memory_allocated, TensorRT and ORT-on-CUDA the device memory of this process
+(NVML where present, else the whole device's from cudaMemGetInfo). `mem_method` names the reading. In a sweep of growing batches a runtime that keeps its arena between calls reports
 each batch's peak correctly; a smaller batch measured after a larger one may report the larger
 arena.
 """

@@ -8,15 +8,23 @@ report prints beside the number:
 - "torch-cuda": torch.cuda.memory_allocated / max_memory_allocated after reset_peak_memory_stats
   (tensors of a torch session on the GPU).
 - "cuda-device": used device memory (total - free from cudaMemGetInfo), sampled after each call;
-  it also sees allocations torch does not make (TensorRT's scratch memory, ORT's CUDA arena).
+  it also sees allocations torch does not make (TensorRT's scratch memory, ORT's CUDA arena), and
+  those of every other process on the device.
+- "cuda-process": device memory of THIS process through NVML (`pynvml`, package nvidia-ml-py:
+  nvmlDeviceGetComputeRunningProcesses on the current CUDA device, the entry whose pid is ours),
+  sampled after each call like "cuda-device" but blind to other processes. Where pynvml is missing,
+  NVML does not start, or it does not list this process (a container's own PID namespace), the
+  probe reads "cuda-device" instead and its `method` says why.
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
 
-KINDS = ("rss", "torch-cuda", "cuda-device")
+KINDS = ("rss", "torch-cuda", "cuda-device", "cuda-process")
+SAMPLED = ("cuda-device", "cuda-process")  # kinds whose peak is the largest reading after a call
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -36,6 +44,40 @@ def _maxrss_bytes() -> int:
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # bytes on macOS, KiB on Linux
 
 
+class _NvmlUnavailable(Exception):
+    """Why NVML cannot read this process' device memory (the probe falls back to cudaMemGetInfo)."""
+
+
+class _NvmlReader:
+    """This process' used memory on the current CUDA device, from NVML's list of compute processes."""
+
+    def __init__(self, cuda) -> None:
+        try:
+            import pynvml
+        except ImportError as exc:
+            raise _NvmlUnavailable("pynvml is not installed (pip install nvidia-ml-py)") from exc
+        self._nvml, self.pid = pynvml, os.getpid()
+        try:
+            pynvml.nvmlInit()
+            uuid = getattr(cuda.get_device_properties(cuda.current_device()), "uuid", None)
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}") if uuid is not None else \
+                pynvml.nvmlDeviceGetHandleByIndex(cuda.current_device())
+            used = self.used()
+        except Exception as exc:  # pynvml.NVMLError and its many subclasses, driver errors
+            raise _NvmlUnavailable(f"NVML failed: {type(exc).__name__}: {exc}") from exc
+        if used is None:  # checked once a session is open, so its CUDA context exists
+            raise _NvmlUnavailable(f"NVML does not list this process (pid {self.pid}) with its memory on the "
+                                   "device: another PID namespace (a container?), no CUDA context, or a hidden figure")
+
+    def used(self) -> int | None:
+        """Bytes this process uses on the device; None when NVML does not list it or hides the figure."""
+        mine = [p.usedGpuMemory for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+                if p.pid == self.pid]
+        if not mine or any(m is None for m in mine):
+            return None
+        return int(sum(mine))
+
+
 class MemoryProbe:
     """Current and peak memory of one kind (see the module docstring)."""
 
@@ -45,10 +87,17 @@ class MemoryProbe:
         self.kind = kind
         self._sampled_peak = 0
         self._resettable = True
+        self._nvml: _NvmlReader | None = None
+        self._nvml_missing = ""  # why "cuda-process" reads cudaMemGetInfo instead
         if kind != "rss":
             import torch
 
             self._cuda = torch.cuda
+        if kind == "cuda-process":
+            try:
+                self._nvml = _NvmlReader(self._cuda)
+            except _NvmlUnavailable as exc:
+                self._nvml_missing = str(exc)
 
     @property
     def method(self) -> str:
@@ -58,7 +107,10 @@ class MemoryProbe:
                 "process RSS peak (ru_maxrss, lifetime of the process: an upper bound)"
         if self.kind == "torch-cuda":
             return "torch.cuda.max_memory_allocated"
-        return "CUDA device memory in use (cudaMemGetInfo), sampled after each call"
+        if self._nvml is not None:
+            return f"device memory of this process (NVML compute processes, pid {self._nvml.pid}), sampled after each call"
+        device = "CUDA device memory in use (cudaMemGetInfo, whole device), sampled after each call"
+        return device if self.kind == "cuda-device" else f"{device}; NVML unavailable: {self._nvml_missing}"
 
     def current(self) -> int:
         """Memory in use now, in bytes."""
@@ -67,6 +119,8 @@ class MemoryProbe:
             return kib * 1024 if kib is not None else _maxrss_bytes()
         if self.kind == "torch-cuda":
             return int(self._cuda.memory_allocated())
+        if self._nvml is not None:
+            return self._nvml.used() or 0  # no longer listed: the process holds nothing on the device
         free, total = self._cuda.mem_get_info()
         return int(total - free)
 
@@ -83,8 +137,8 @@ class MemoryProbe:
             self._sampled_peak = self.current()
 
     def sample(self) -> None:
-        """Record a reading (only "cuda-device" needs it: the other kinds keep their own peak)."""
-        if self.kind == "cuda-device":
+        """Record a reading (only the SAMPLED kinds need it: the others keep their own peak)."""
+        if self.kind in SAMPLED:
             self._sampled_peak = max(self._sampled_peak, self.current())
 
     def peak(self) -> int:

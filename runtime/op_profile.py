@@ -2,8 +2,10 @@
 
 ORT's profiler (`SessionOptions.enable_profiling`) writes one trace event per executed node with its
 kernel duration; summing them by op type after a warm-up run gives the share of each op type in the
-model's kernel time. `gemm_fraction` is the part low-rank factorization can shrink (m in the Amdahl
-bound (1 - m) + m * f for a FLOPs ratio f of the GEMMs).
+model's kernel time (`op_breakdown`), and, in ms per run (`op_times`), an original model's beside its
+compressed one's (`op_comparison`, which names the op types whose time did not shrink).
+`gemm_fraction` is the part low-rank factorization can shrink (m in the Amdahl bound
+(1 - m) + m * f for a FLOPs ratio f of the GEMMs).
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from edgeslim.errors import ConfigError, SourceError
 # ONNX Runtime CPU op types that are matrix products (after its graph fusions).
 GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "QGemm", "MatMulIntegerToFloat",
             "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits")
+SHRUNK = 0.9  # an op type whose kernel time fell below this fraction of the original's shrank
+MIN_SHARE = 0.02  # op types under this share of a model's kernel time are not named as unshrunk
 
 
-def op_breakdown(onnx_path: str | Path, feeds: Mapping[str, np.ndarray], iters: int = 5, threads: int = 2,
-                 warmup: int = 1) -> dict[str, float]:
-    """Fraction of ORT CPU kernel time per op type, largest first, over `iters` runs after `warmup`.
+def op_times(onnx_path: str | Path, feeds: Mapping[str, np.ndarray], iters: int = 5, threads: int = 2,
+             warmup: int = 1) -> dict[str, float]:
+    """ORT CPU kernel time per op type, in ms per run (mean over `iters` runs after `warmup`), largest first.
 
     Args:
         onnx_path: the model file.
@@ -39,7 +43,7 @@ def op_breakdown(onnx_path: str | Path, feeds: Mapping[str, np.ndarray], iters: 
     import onnxruntime as ort
 
     if iters < 1 or warmup < 0:
-        raise ConfigError(f"op_breakdown needs iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+        raise ConfigError(f"op profiling needs iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     with tempfile.TemporaryDirectory(prefix="edgeslim_ortprof_") as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -55,11 +59,29 @@ def op_breakdown(onnx_path: str | Path, feeds: Mapping[str, np.ndarray], iters: 
         for _ in range(warmup + iters):
             sess.run(None, dict(feeds))
         events = json.loads(Path(sess.end_profiling()).read_text())
-    return _by_op_type(events, skip_runs=warmup)
+    return _kernel_ms(events, skip_runs=warmup)
 
 
-def _by_op_type(events: list[dict], skip_runs: int) -> dict[str, float]:
-    """Sum node kernel times by op type, leaving out the nodes of the first `skip_runs` model runs."""
+def op_breakdown(onnx_path: str | Path, feeds: Mapping[str, np.ndarray], iters: int = 5, threads: int = 2,
+                 warmup: int = 1) -> dict[str, float]:
+    """Fraction of ORT CPU kernel time per op type, largest first (`op_times` as shares)."""
+    return shares(op_times(onnx_path, feeds, iters, threads, warmup))
+
+
+def op_fields(onnx_path: str | Path, feeds: Mapping[str, np.ndarray], iters: int, threads: int) -> dict[str, dict]:
+    """The op-type fields of a profile row: `op_time_ms` (ms per run) and `op_time_share` (fractions)."""
+    times = op_times(onnx_path, feeds, iters=max(1, min(iters, 5)), threads=threads)
+    return {"op_time_ms": times, "op_time_share": shares(times)}
+
+
+def shares(times: Mapping[str, float]) -> dict[str, float]:
+    """Times by op type as fractions of their sum (same order); {} when nothing was timed."""
+    whole = sum(times.values())
+    return {k: v / whole for k, v in times.items()} if whole > 0 else {}
+
+
+def _kernel_ms(events: list[dict], skip_runs: int) -> dict[str, float]:
+    """Node kernel times summed by op type, in ms per run, leaving out the first `skip_runs` model runs."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session"
                   and e.get("name") == "model_run")
     start = runs[skip_runs][0] if skip_runs < len(runs) else float("inf")
@@ -67,10 +89,29 @@ def _by_op_type(events: list[dict], skip_runs: int) -> dict[str, float]:
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
             total[e.get("args", {}).get("op_name", "?")] += e["dur"]
-    whole = sum(total.values())
-    if whole <= 0:
-        return {}
-    return dict(sorted(((k, v / whole) for k, v in total.items()), key=lambda kv: -kv[1]))
+    counted = max(1, len(runs) - skip_runs)
+    return dict(sorted(((k, v / 1000 / counted) for k, v in total.items()), key=lambda kv: -kv[1]))
+
+
+def op_comparison(before: Mapping[str, float], after: Mapping[str, float], min_share: float = MIN_SHARE
+                  ) -> dict[str, list]:
+    """Kernel time by op type of an original model (`before`, ms per run) beside its compressed one's
+    (`after`), and the op types that did not shrink: "speedup or explain" names them.
+
+    Returns:
+        {"rows": per op type, largest original time first (op types new in `after` last): `op`,
+        `before_ms`, `after_ms`, `ratio` (after / before; None for a new op type), `before_share`,
+        `after_share`; "not_shrunk": the op types holding at least `min_share` of either model's
+        kernel time whose time ratio is at least SHRUNK (or that are new)}.
+    """
+    share_b, share_a = shares(before), shares(after)
+    order = list(before) + [k for k in after if k not in before]
+    rows = [{"op": k, "before_ms": before.get(k, 0.0), "after_ms": after.get(k, 0.0),
+             "ratio": after.get(k, 0.0) / before[k] if before.get(k) else None,
+             "before_share": share_b.get(k, 0.0), "after_share": share_a.get(k, 0.0)} for k in order]
+    stuck = [r["op"] for r in rows if max(r["before_share"], r["after_share"]) >= min_share
+             and (r["ratio"] is None or r["ratio"] >= SHRUNK)]
+    return {"rows": rows, "not_shrunk": stuck}
 
 
 def gemm_fraction(breakdown: Mapping[str, float]) -> float:

@@ -45,7 +45,7 @@ class OrtSession(BaseSession):
         self._float_type = {i.name: _ORT_FLOAT.get(i.type) for i in self._sess.get_inputs()}
         self.outputs = [o.name for o in self._sess.get_outputs()]
         gpu = self.device == "cuda" and "CUDAExecutionProvider" in self._sess.get_providers()
-        self.memory_kind = "cuda-device" if gpu else "rss"
+        self.memory_kind = "cuda-process" if gpu else "rss"
         self._required = self.inputs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

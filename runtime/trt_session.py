@@ -114,7 +114,7 @@ class TensorRTSession(BaseSession):
         self.outputs = [n for n in names if not is_input[n]]
         self._dtype = {n: _torch_dtype(trt, self._engine.get_tensor_dtype(n)) for n in names}
         self._context = None
-        self.memory_kind = "cuda-device"
+        self.memory_kind = "cuda-process"
         self._required = self.inputs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeslim import pipeline
 from edgeslim.cli import main
 from edgeslim.errors import EdgeslimError
+from edgeslim.recipe import ExportSection, ProfileSection, RecipeSection, parse_recipe
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5}  # README "Errors are one line with an exit code"
 FACTORY = "edgeslim_test_factories:tiny"
@@ -149,8 +149,8 @@ def test_fuzz_manifests(good_manifest, tmp_path, monkeypatch, capfd, data):
         assert _snapshot(tmp_path) == before
 
 
-RECIPE_KEYS = [f.name for f in dataclasses.fields(pipeline.RecipeSection)] + ["junk"]
-SECTION_KEYS = [f.name for f in dataclasses.fields(pipeline.ProfileSection) + dataclasses.fields(pipeline.ExportSection)
+RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSection)] + ["junk"]
+SECTION_KEYS = [f.name for f in dataclasses.fields(ProfileSection) + dataclasses.fields(ExportSection)
                 ] + ["junk"]
 RECIPE_VALUES = JSON | st.sampled_from(["tiny-mlp", "cpu-ort-fp32", "onnx", "../../x", "/tmp/x", [1, 8], []]) | \
     st.dictionaries(st.sampled_from(SECTION_KEYS), JSON | st.sampled_from(["cpu-ort-fp32", "onnx", [1]]), max_size=3)
@@ -161,7 +161,7 @@ RECIPE_VALUES = JSON | st.sampled_from(["tiny-mlp", "cpu-ort-fp32", "onnx", "../
 def test_fuzz_recipes(data):
     """A recipe is accepted whole (with a plain name) or refused with an edgeslim error, before any work."""
     try:
-        recipe = pipeline.parse_recipe(data)
+        recipe = parse_recipe(data)
     except EdgeslimError as exc:
         assert exc.exit_code in DOCUMENTED
         return

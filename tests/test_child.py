@@ -67,7 +67,7 @@ def test_what_the_child_refuses_comes_back_as_its_own_error(tmp_path):
 
 
 def test_profile_goes_on_after_a_batch_whose_child_dies(onnx_file, monkeypatch):
-    from edgeslim import pipeline
+    from edgeslim import pipeline, profiling
 
     real = child.child_memory
 
@@ -79,7 +79,7 @@ def test_profile_goes_on_after_a_batch_whose_child_dies(onnx_file, monkeypatch):
     monkeypatch.setattr(child, "child_memory", dies_at_batch_8)
     with pipeline.profile_target(onnx_file, "cpu-ort-fp32", quiet=True) as (target, loaded):
         with pytest.warns(RuntimeWarning, match="batch 8: the child process measuring m.onnx was killed by SIGKILL"):
-            rows = pipeline.profile_file(target, loaded, "cpu-ort-fp32", [1, 8, 2], {}, warmup=0, iters=2)
+            rows = profiling.profile_file(target, loaded, "cpu-ort-fp32", [1, 8, 2], {}, warmup=0, iters=2)
     assert [r["batch"] for r in rows] == [1, 8, 2]
     assert "crashed" in rows[1] and "p50_ms" not in rows[1]
     assert rows[0]["peak_rss_bytes"] == rows[0]["memory"]["peak_rss_bytes"] > 0 and rows[2]["p50_ms"] > 0

@@ -22,6 +22,7 @@ from edgeslim.compress import base
 from edgeslim.compress.base import CompressContext, Compressor, Kind, Status, get_compressor, list_compressors
 from edgeslim.config import ConfigBase, parse_text
 from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError
+from edgeslim.recipe import parse_recipe
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.specs import TensorSpec
 from edgeslim.trust import Trust
@@ -304,7 +305,7 @@ def onnx_props(path) -> dict[str, str]:
 
 def test_onnx_stage_runs_after_export(in_tmp, monkeypatch):
     monkeypatch.setitem(base._REGISTRY, "onnx_tag", OnnxTag)
-    recipe = pipeline.parse_recipe({"source": "tiny-mlp", "step": [{"method": "onnx_tag"}]})
+    recipe = parse_recipe({"source": "tiny-mlp", "step": [{"method": "onnx_tag"}]})
     original, compressed, _, path = pipeline.compress_to_artifact(recipe.source, recipe.steps, "t.slim", quiet=True)
     assert pipeline.apply_onnx_stages(original, in_tmp / "none.onnx") == []  # no step of the source has one
     assert main(["export", str(path), "-o", "t.onnx"]) == 0  # `run` exports through the same export_model
@@ -318,7 +319,7 @@ def test_onnx_stage_runs_after_export(in_tmp, monkeypatch):
 
 def test_compress_and_a_one_step_run_decide_the_same(in_tmp):
     assert main(["compress", "tiny-mlp", "-m", "svd", "--ratio", "0.4", "-o", "c.slim"]) == 0
-    recipe = pipeline.parse_recipe({"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.4}]})
+    recipe = parse_recipe({"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.4}]})
     # what pipeline.run does before exporting and profiling
     pipeline.compress_to_artifact(recipe.source, recipe.steps, "r.slim", quiet=True, profile=recipe.profile)
     one, two = (json.loads((in_tmp / p / "manifest.json").read_text())["steps"][0] for p in ("c.slim", "r.slim"))
@@ -385,9 +386,9 @@ def test_cli_and_recipe_values_are_type_checked(in_tmp, capsys):
                  "-o", "m.slim"]) == 0
     assert json.loads((in_tmp / "m.slim" / "manifest.json").read_text())["steps"][0]["config"]["ratio"] == 0.3
     with pytest.raises(ConfigError, match="'ratio' must be a number or none, got '0.5'"):
-        pipeline.parse_recipe({"source": "tiny-mlp", "step": [{"method": "svd", "ratio": "0.5"}]})
+        parse_recipe({"source": "tiny-mlp", "step": [{"method": "svd", "ratio": "0.5"}]})
     for section, bad in (("export", {"opset": "20"}), ("profile", {"iters": 2.5}), ("profile", {"batch": [1, "8"]})):
         with pytest.raises(ConfigError, match=rf"\[{section}\]: '\w+' must be"):
-            pipeline.parse_recipe({"source": "tiny-mlp", section: bad})
+            parse_recipe({"source": "tiny-mlp", section: bad})
     with pytest.raises(ConfigError, match="'eval' must be a string or none"):
-        pipeline.parse_recipe({"source": "tiny-mlp", "eval": 3})
+        parse_recipe({"source": "tiny-mlp", "eval": 3})

@@ -27,6 +27,7 @@ import edgeslim_test_factories as factories
 from edgeslim import pipeline
 from edgeslim.cli import main
 from edgeslim.files import sha256_file
+from edgeslim.recipe import load_recipe
 
 Tamper = Callable[[Path, Path], None]  # (artifact folder, a folder outside it) -> make the artifact hostile
 
@@ -284,6 +285,6 @@ def test_good_artifacts_load_and_factory_needs_to_be_named(good_artifacts, tmp_p
     Path("r.toml").write_text(f'source = "{factory}"\n[profile]\nname = "cpu-torch-fp32"\n')
     assert main(["run", "r.toml", "-q", "-o", "out"]) == 3 and not Path("out").exists()
     Path("r.toml").write_text(f'source = "{factory}"\nsource_factory = "edgeslim_test_factories:tiny"\n')
-    recipe = pipeline.load_recipe("r.toml")
+    recipe = load_recipe("r.toml")
     pipeline.compress_to_artifact(recipe.source, recipe.steps, "out.slim", quiet=True, trust=recipe.trust)
     assert main(["inspect", "out.slim"]) == 0

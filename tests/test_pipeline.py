@@ -6,6 +6,9 @@ import torch
 
 from edgeslim import artifact, pipeline
 from edgeslim.errors import ConfigError, SourceError
+from edgeslim.profiling import OP_ITERS
+from edgeslim.recipe import load_recipe, parse_recipe
+from edgeslim.runtime.op_profile import SHRUNK
 
 RECIPE = {"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.5}],
           "profile": {"name": "cpu-ort-fp32", "batch": [1, 4], "iters": 5, "warmup": 1}}
@@ -22,15 +25,15 @@ RECIPE = {"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.5}],
 ])
 def test_recipe_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
-        pipeline.parse_recipe(bad)
+        parse_recipe(bad)
 
 
 def test_recipe_files(tmp_path):
     with pytest.raises(SourceError, match="recipe not found"):
-        pipeline.load_recipe(tmp_path / "none.toml")
+        load_recipe(tmp_path / "none.toml")
     (tmp_path / "bad.toml").write_text("source = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        pipeline.load_recipe(tmp_path / "bad.toml")
+        load_recipe(tmp_path / "bad.toml")
 
 
 def test_profile_align_applies_to_steps_that_set_none():
@@ -43,7 +46,7 @@ def test_profile_align_applies_to_steps_that_set_none():
 
 
 def test_run_writes_artifact_onnx_and_report(tmp_path):
-    summary = pipeline.run(pipeline.parse_recipe(RECIPE), tmp_path, quiet=True)
+    summary = pipeline.run(parse_recipe(RECIPE), tmp_path, quiet=True)
     orig, comp = summary["models"]["original"], summary["models"]["compressed"]
     assert comp["params"] < orig["params"] and comp["flops"] < orig["flops"]
     assert [t["batch"] for t in comp["timings"]] == [1, 4]
@@ -51,6 +54,7 @@ def test_run_writes_artifact_onnx_and_report(tmp_path):
     assert t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"] and 0 < t["roofline_fraction"]
     assert t["flops"] == 4 * comp["flops"]  # FLOPs scale with the batch for an MLP
     report = (tmp_path / "tiny-mlp-svd.report.md").read_text()
+    assert "cpu_mem_arena True" in report  # the ORT settings that decide the arena's memory
     assert "Speedup or explain" in report and (tmp_path / "tiny-mlp-svd.report_latency.png").stat().st_size > 1000
     loaded = artifact.load(summary["artifact"])
     manifest = json.loads((tmp_path / "tiny-mlp-svd.slim" / "manifest.json").read_text())
@@ -59,6 +63,39 @@ def test_run_writes_artifact_onnx_and_report(tmp_path):
     assert ranks and all(r % 8 == 0 for r in ranks)
     assert sum(p.numel() for p in loaded.model.parameters()) == comp["params"]
     assert 0 < summary["compare"]["max_abs_diff"] < 10
+    ops = summary["op_breakdown"]  # ORT kernel time by op type, original beside compressed, at the largest batch
+    assert ops["batch"] == 4 and {r["op"] for r in ops["rows"]} == set(orig["op_time_ms"]) | set(comp["op_time_ms"])
+    assert any("Gemm" in r["op"] or "MatMul" in r["op"] for r in ops["rows"])
+    assert sum(r["before_share"] for r in ops["rows"]) == pytest.approx(1)
+    assert all(r["ratio"] is None or r["ratio"] >= SHRUNK for r in ops["rows"] if r["op"] in ops["not_shrunk"])
+    assert "Where the time goes (batch 4)" in report and all(f"| {op} |" in report for op in ops["not_shrunk"])
+    json.dumps(summary)  # JSON-ready as a whole
+
+
+def test_run_cli_prints_the_op_breakdown_as_json(in_tmp, capsys):
+    from edgeslim.cli import main
+    (in_tmp / "r.toml").write_text('source = "tiny-mlp"\n[[step]]\nmethod = "svd"\nrank = 4\nalign = 1\n'
+                                   '[profile]\nname = "cpu-ort-fp32"\nbatch = [2]\niters = 3\nwarmup = 1\n')
+    assert main(["run", "r.toml", "-o", "out", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    ops = summary["op_breakdown"]
+    assert ops["batch"] == 2 and ops["iters"] == OP_ITERS and summary["speed"][0]["batch"] == 2
+    assert set(ops["not_shrunk"]) <= {r["op"] for r in ops["rows"]}
+    assert "Where the time goes" in (in_tmp / "out" / "tiny-mlp-svd.report.md").read_text()
+
+
+def test_op_breakdown_table_and_what_did_not_shrink(capsys):
+    from edgeslim.cli import _console, _print_ops
+    from edgeslim.runtime.op_profile import op_comparison
+
+    before = {f"Op{i}": 10.0 - i for i in range(10)} | {"Where": 1.3}
+    after = {f"Op{i}": (10.0 - i) / 2 for i in range(10)} | {"Where": 1.4, "Transpose": 2.0}
+    breakdown = {"batch": 8, "iters": 3} | op_comparison(before, after)
+    _print_ops(_console(), breakdown)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "other (3)" in out and "Transpose" in out and "new" in out  # 8 largest, the new one, the rest summed
+    assert ("did not shrink (time ratio 0.90x or more) at batch 8: Where (2% of the original's kernel time, 1.08x), "
+            "Transpose (new: 6% of the compressed model's kernel time)") in out
 
 
 def test_heal_step_distils_toward_the_original_model(tmp_path):
@@ -67,7 +104,7 @@ def test_heal_step_distils_toward_the_original_model(tmp_path):
     from edgeslim.sources import load_model
     original = load_model("tiny-mlp")
     _, compressed, results, path = pipeline.compress_to_artifact(
-        recipe["source"], pipeline.parse_recipe(recipe).steps, tmp_path / "h.slim", quiet=True)
+        recipe["source"], parse_recipe(recipe).steps, tmp_path / "h.slim", quiet=True)
     svd_only, _ = pipeline.apply_steps(original, recipe["step"][:1], quiet=True)
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edgeslim.errors import ConfigError
-from edgeslim.pipeline import resolve_sizes
+from edgeslim.profiling import resolve_sizes
+from edgeslim.runtime.op_profile import shares
 from edgeslim.sources import LoadedModel, SourceSpec
 from edgeslim.specs import TensorSpec
 
@@ -63,3 +64,7 @@ def test_profile_onnx_file_gets_graph_roofline_and_op_breakdown(in_tmp, capsys):
     assert [r["flops"] for r in rows] == [b * 2 * (16 * 64 + 64 * 64 + 64 * 8) for b in (1, 3)]
     assert all(r["roofline_fraction"] > 0 and r["peak"]["source"].startswith("measured on ") for r in rows)
     assert all(abs(sum(r["op_time_share"].values()) - 1) < 1e-6 for r in rows)
+    assert all(r["op_time_share"] == pytest.approx(shares(r["op_time_ms"])) for r in rows)  # ms per run beside
+    assert main(["profile", "m.onnx", "--batch", "1", "--iters", "2", "--warmup", "0"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "memory read by: VmHWM of a fresh child process" in out and "cpu_mem_arena True" in out
