@@ -168,7 +168,7 @@ class WeightQuant(Compressor):
             raise ConfigError("NNCF quantized no weight of this model (no nn.Linear it could trace)")
         before, after = sum(c.bytes_before for c in changes), sum(c.bytes_after for c in changes)
         resolved = {**plan, "layers": _layout(model), "bytes_before": before, "bytes_after": after,
-                    "size_ratio": after / before, "note": ONNX_NOTE}
+                    "size_ratio": after / before, "onnx_note": ONNX_NOTE}
         return self.result(model, config, changes, resolved)
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
