@@ -154,10 +154,13 @@ class WeightQuant(Compressor):
     """Weight-only INT8 (per channel) / INT4 (per group) of every linear map; activations stay fp32."""
 
     name, Config, kind = "wq", WeightQuantConfig, "quantized"
+    ends_torch_steps = True
 
     def compress(self, model: nn.Module, config: WeightQuantConfig, calib: CalibData | None = None,
                  inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
+        if decompressors(model):
+            raise ConfigError("this model's weights are already quantized by NNCF (a wq step): apply wq once")
         # the rows compare against the fp32 weights, which quantizing in place overwrites
         original = copy.deepcopy(model) if inplace else model
         model = working_copy(model, inplace)

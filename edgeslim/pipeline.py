@@ -68,6 +68,10 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
     for step in steps:
         section, params = split_step(step)
         comp = get_compressor(section.method)
+        final = [s["method"] for s in current.steps if get_compressor(s["method"]).ends_torch_steps]
+        if final and not comp.has_onnx_stage:
+            raise ConfigError(f"{comp.name} cannot follow the {final[0]} step, which left integer weights: apply "
+                              f"{final[0]} last (only an ONNX-level step such as int8 may follow it)")
         config = comp.make_config(params)
         calib = None
         if section.calib:

@@ -169,3 +169,14 @@ def test_export_writes_the_dequantized_model(in_tmp):
     graph = onnx.load("q.onnx").graph
     assert not any(n.op_type in ("DequantizeLinear", "QuantizeLinear") for n in graph.node)
     assert all(i.data_type == onnx.TensorProto.FLOAT for i in graph.initializer)
+
+
+@pytest.mark.parametrize("method", ["svd", "wq"])
+def test_a_torch_step_after_wq_is_refused(method, in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "wq", "-o", "q.slim"]) == 0
+    capsys.readouterr()
+    assert main(["compress", "q.slim", "-m", method, "-o", "again.slim"]) == 2
+    assert f"{method} cannot follow the wq step, which left integer weights" in capsys.readouterr().err
+    assert not (in_tmp / "again.slim").exists()
+    with pytest.raises(ConfigError, match="already quantized by NNCF"):
+        _compress(_compress(mlp()).model)
