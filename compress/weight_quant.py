@@ -114,7 +114,7 @@ def _nbytes(tensors) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def _changes(original: nn.Module, quantized: nn.Module, plan: Mapping[str, Any]) -> list[LayerChange]:
+def _changes(original: nn.Module, quantized: nn.Module) -> list[LayerChange]:
     """One row per quantized weight: bytes before (fp32 weight + bias) and after (integer weight, scales,
     zero points, bias), and the relative error of the dequantized weight."""
     before = dict(original.named_parameters(remove_duplicate=False))
@@ -131,7 +131,7 @@ def _changes(original: nn.Module, quantized: nn.Module, plan: Mapping[str, Any])
             deq = dec(stored).reshape(w.shape).float()
             err = float(torch.linalg.vector_norm(deq - w) / torch.linalg.vector_norm(w).clamp_min(1e-30))
         mode = type(dec).__name__.removesuffix("WeightsDecompressor")  # e.g. INT4Asymmetric
-        group = dec_groups(dec, w)
+        group = _group_size(dec, w)
         shape = "per channel" if group is None else f"groups of {group}"
         tied = [t for t in ties[id(w)] if t != owner]
         params = w.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
@@ -143,7 +143,7 @@ def _changes(original: nn.Module, quantized: nn.Module, plan: Mapping[str, Any])
     return rows
 
 
-def dec_groups(dec: nn.Module, weight: torch.Tensor) -> int | None:
+def _group_size(dec: nn.Module, weight: torch.Tensor) -> int | None:
     """The group size of a decompressor (inputs per scale), None when its scales are per output channel."""
     per_row = dec.get_buffer("_scale").numel() // weight.shape[0]
     return None if per_row <= 1 else weight[0].numel() // per_row
@@ -166,7 +166,7 @@ class WeightQuant(Compressor):
         model = working_copy(model, inplace)
         plan = _plan(model, config)
         model = _apply(model, plan, context.inputs if context else ())
-        changes = _changes(original, model, plan)
+        changes = _changes(original, model)
         if not changes:
             raise ConfigError("NNCF quantized no weight of this model (no nn.Linear it could trace)")
         before, after = sum(c.bytes_before for c in changes), sum(c.bytes_after for c in changes)
