@@ -199,6 +199,7 @@ class Compressor:
     data_aware: ClassVar[bool] = False  # True: calibration data, when given, informs the decisions
     distils: ClassVar[bool] = False  # True: without targets, train toward the ORIGINAL model's outputs
     has_onnx_stage: ClassVar[bool] = False  # True: onnx_stage runs on the exported graph
+    ends_torch_steps: ClassVar[bool] = False  # True: its weights are no longer float; only ONNX-stage steps may follow
 
     def make_config(self, data: Mapping[str, Any] | ConfigBase | None = None) -> ConfigBase:
         if isinstance(data, ConfigBase):

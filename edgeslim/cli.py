@@ -136,6 +136,9 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
                                                                quiet=as_json)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
+    sized = [c for c in results[-1].changes if c.bytes_before is not None and c.bytes_after is not None]
+    size = {"targeted_bytes_before": sum(c.bytes_before for c in sized),
+            "targeted_bytes_after": sum(c.bytes_after for c in sized)} if sized else {}
     skipped = results[-1].resolved.get("skipped", {})
     if as_json:
         from edgeslim.pipeline import count
@@ -143,14 +146,16 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
             "source": source, "method": method, "profile": profile, "task": original.task, "artifact": str(path),
             "artifact_bytes": _folder_bytes(path), "modules": dict(counts),
             "params": {"targeted_before": before, "targeted_after": after, "model_before": count(original.model),
-                       "model_after": count(compressed.model)},
+                       "model_after": count(compressed.model)}, **({"bytes": size} if size else {}),
             "notes": skipped, "steps": [r.step_record() for r in results]}, indent=2))
         return
     console = _console()
     for name, reason in skipped.items():
         console.print(f"note: {name}: {reason}")
     console.print(f"{', '.join(f'{n} {s}' for s, n in counts.items()) or 'no'} module(s); "
-                  f"targeted parameters {before:,} -> {after:,}; "
+                  f"targeted parameters {before:,} -> {after:,}; " + (
+                      f"targeted bytes {size['targeted_bytes_before']:,} -> {size['targeted_bytes_after']:,} "
+                      f"(x{size['targeted_bytes_after'] / max(size['targeted_bytes_before'], 1):.3f}); " if size else "") +
                   f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
                   f"{sum(p.numel() for p in compressed.model.parameters()):,} ({original.task})\nartifact: {path}")
 

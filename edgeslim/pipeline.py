@@ -68,6 +68,10 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
     for step in steps:
         section, params = split_step(step)
         comp = get_compressor(section.method)
+        final = [s["method"] for s in current.steps if get_compressor(s["method"]).ends_torch_steps]
+        if final and not comp.has_onnx_stage:
+            raise ConfigError(f"{comp.name} cannot follow the {final[0]} step, which left integer weights: apply "
+                              f"{final[0]} last (only an ONNX-level step such as int8 may follow it)")
         config = comp.make_config(params)
         calib = None
         if section.calib:
@@ -212,7 +216,8 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
             to_fp16(onnx_path, tmp)
     kinds = {get_compressor(s["method"]).kind for s in loaded.steps if get_compressor(s["method"]).has_onnx_stage}
     info = {"onnx": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size, "max_abs_diff": res.max_abs_diff,
-            "export_notes": res.notes,
+            "export_notes": res.notes + [s["resolved"]["onnx_note"] for s in loaded.steps  # a step's word on export
+                                         if "onnx_note" in s.get("resolved", {})],
             "onnx_stages": stages, "precision": "int8" if "quantized" in kinds else precision or "fp32"}
     if stages or precision == "fp16":
         if data:

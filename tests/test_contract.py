@@ -159,6 +159,7 @@ CASES: dict[str, Case] = {
     "espcn": Case("bicubic-x2", {"scale": 2, "channels": [4, 4], "steps": 3, "batch_size": 4}, sr_pairs,
                   dims={"height": 9, "width": 7}),
     "int8": Case(RANK4, {"subset_size": 16}, random_inputs),  # torch model unchanged; QDQ in the ONNX stage
+    "wq": Case(RANK4, {"mode": "int4", "group_size": 16}),  # data-free; lossy at every setting
 }
 
 

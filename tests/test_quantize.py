@@ -257,4 +257,5 @@ def test_weight_only_llm_benchmark_quick_mode(tmp_path):
     rows = json.loads((tmp_path / "int8_llm.json").read_text())["rows"]
     assert set(rows) == {"fp32", "int8_asym", "int8_sym", "int4_asym", "int4_sym"}
     assert rows["int4_sym"]["state_bytes"] < rows["int8_sym"]["state_bytes"] < rows["fp32"]["state_bytes"]
+    assert rows["int4_sym"]["quantized_bytes_ratio"] < rows["int8_sym"]["quantized_bytes_ratio"] < 0.3  # edgeslim's wq rows
     assert all(abs(r["perplexity_ratio"] - 1) < 0.2 for k, r in rows.items() if k != "fp32")

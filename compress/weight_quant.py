@@ -1,0 +1,183 @@
+"""Weight-only INT8 / INT4 quantization of every linear map (NNCF `compress_weights`, Torch backend).
+
+Each weight is stored as integers with a scale (and, asymmetric, a zero point) per output channel
+(INT8) or per group of `group_size` consecutive input weights (INT4, two values packed per byte):
+w ~ s * (q - z), q = clamp(round(w / s) + z) (min/max "round to nearest" weight quantization, as in
+Dettmers et al., "LLM.int8()", NeurIPS 2022, Sec. 3.1 for per-channel absmax, and the group-wise
+INT4 of Frantar et al., "GPTQ", ICLR 2023, Sec. 4, without its error feedback). Activations stay fp32;
+the weights are dequantized on the fly by NNCF decompressor hooks. It is data-free: the example
+inputs only trace the model, so `replay` re-applies the same quantization to rebuild the structure
+(packed integer weights, scale and zero-point buffers) and the artifact's weights load into it.
+
+The size gain is in the torch model and its artifact. `export` runs the decompression in the graph
+and ONNX constant-folds it: the ONNX file holds the dequantized fp32 weights (same outputs, fp32 size).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from edgeslim.calib import CalibData
+from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
+from edgeslim.config import ConfigBase
+from edgeslim.errors import ConfigError, require
+from edgeslim.onnx_io import dims_for
+from edgeslim.specs import TensorSpec, example_feeds
+
+NNCF_MODES = {"int8": "int8_asym", "int8_sym": "int8_sym", "int4": "int4_asym", "int4_sym": "int4_sym"}
+HOOKS = "__nncf_hooks"
+ONNX_NOTE = "export constant-folds the decompression: the ONNX file holds dequantized fp32 weights"
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig(ConfigBase):
+    """Weight-only quantization settings (see nncf.compress_weights)."""
+
+    mode: Literal["int8", "int8_sym", "int4", "int4_sym"] = "int8"  # int8/int4: asymmetric (zero point)
+    group_size: int = 64  # int4: input weights sharing one scale (-1: per output channel); int8 is per channel
+    all_layers: bool = False  # int4: also the embeddings and last linear map (NNCF keeps them int8 by default)
+
+    def validate(self) -> None:
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"group_size must be a positive integer or -1 (per channel), got {self.group_size}")
+
+
+def _nncf():
+    return require("nncf", "quantize", "weight-only quantization")
+
+
+def _plan(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
+    """The data-free decisions: NNCF mode and group size, checked against every linear map."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"wq quantizes the weights of linear maps (nn.Linear); {type(model).__name__} has none")
+    int4 = config.mode.startswith("int4")
+    group = config.group_size if int4 and config.group_size != -1 else None
+    if group is not None:
+        bad = [(n, m.in_features) for n, m in linears if m.in_features % group]
+        if bad:
+            common = math.gcd(*(m.in_features for _, m in linears))
+            raise ConfigError(f"group_size={group} does not divide the input dimension of layer '{bad[0][0]}' "
+                              f"({bad[0][1]} inputs; {len(bad)} layer(s) in all): use a divisor of {common} "
+                              "or group_size=-1 (per channel)")
+    return {"nncf_mode": NNCF_MODES[config.mode], "group_size": group if int4 else None,
+            "all_layers": bool(config.all_layers and int4),
+            "nncf_version": _nncf().__version__}
+
+
+def _apply(model: nn.Module, plan: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
+    """nncf.compress_weights on `model` (in place), traced with example inputs; NNCF's log kept quiet."""
+    nncf = _nncf()
+    if not inputs:
+        raise ConfigError("wq needs the model's input spec to trace it: pass CompressContext(inputs=...) "
+                          "(the pipeline does)")
+    feeds = {k: torch.from_numpy(v) for k, v in example_feeds(list(inputs), dims_for(list(inputs)), seed=0).items()}
+    kwargs: dict[str, Any] = {}
+    if plan["nncf_mode"].startswith("int4"):
+        kwargs = {"ratio": 1.0, "group_size": plan["group_size"] or -1, "all_layers": plan["all_layers"]}
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            return nncf.compress_weights(model.eval(), mode=nncf.CompressWeightsMode(plan["nncf_mode"]),
+                                         dataset=nncf.Dataset([feeds]), **kwargs)
+    finally:
+        log.setLevel(level)
+
+
+def decompressors(model: nn.Module) -> dict[str, nn.Module]:
+    """NNCF's weight decompressor of each quantized parameter, by the parameter's dotted name."""
+    if HOOKS not in dict(model.named_children()):
+        return {}
+    out = {}
+    for key, hooks in model.get_submodule(HOOKS).post_hooks.items():
+        param = key.rsplit("__", 1)[0].replace(":", ".")
+        out[param] = next(iter(hooks.values()))
+    return out
+
+
+def _layout(model: nn.Module) -> dict[str, str]:
+    """Quantized parameter -> decompressor type: the structure replay must rebuild."""
+    return {name: type(d).__name__ for name, d in sorted(decompressors(model).items())}
+
+
+def _nbytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _changes(original: nn.Module, quantized: nn.Module) -> list[LayerChange]:
+    """One row per quantized weight: bytes before (fp32 weight + bias) and after (integer weight, scales,
+    zero points, bias), and the relative error of the dequantized weight."""
+    before = dict(original.named_parameters(remove_duplicate=False))
+    ties: dict[int, list[str]] = {}
+    for name, p in before.items():
+        ties.setdefault(id(p), []).append(name.rsplit(".", 1)[0])
+    rows = []
+    for param, dec in sorted(decompressors(quantized).items()):
+        owner = param.rsplit(".", 1)[0]
+        w, stored = before[param], quantized.get_parameter(param)
+        bias = getattr(quantized.get_submodule(owner), "bias", None)
+        bias_bytes = _nbytes([bias]) if isinstance(bias, torch.Tensor) else 0
+        with torch.no_grad():
+            deq = dec(stored).reshape(w.shape).float()
+            err = float(torch.linalg.vector_norm(deq - w) / torch.linalg.vector_norm(w).clamp_min(1e-30))
+        mode = type(dec).__name__.removesuffix("WeightsDecompressor")  # e.g. INT4Asymmetric
+        group = _group_size(dec, w)
+        shape = "per channel" if group is None else f"groups of {group}"
+        tied = [t for t in ties[id(w)] if t != owner]
+        params = w.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+        rows.append(LayerChange(
+            owner, f"{type(quantized.get_submodule(owner)).__name__} -> {mode} weights ({shape})", params, params,
+            status="quantized", bytes_before=_nbytes([w]) + bias_bytes,
+            bytes_after=_nbytes([stored, *dec.buffers()]) + bias_bytes, rel_error=err,
+            note="; ".join([ONNX_NOTE] + ([f"weight tied to {', '.join(tied)}"] if tied else []))))
+    return rows
+
+
+def _group_size(dec: nn.Module, weight: torch.Tensor) -> int | None:
+    """The group size of a decompressor (inputs per scale), None when its scales are per output channel."""
+    per_row = dec.get_buffer("_scale").numel() // weight.shape[0]
+    return None if per_row <= 1 else weight[0].numel() // per_row
+
+
+@register
+class WeightQuant(Compressor):
+    """Weight-only INT8 (per channel) / INT4 (per group) of every linear map; activations stay fp32."""
+
+    name, Config, kind = "wq", WeightQuantConfig, "quantized"
+    ends_torch_steps = True
+
+    def compress(self, model: nn.Module, config: WeightQuantConfig, calib: CalibData | None = None,
+                 inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
+        config = self.make_config(config)
+        if decompressors(model):
+            raise ConfigError("this model's weights are already quantized by NNCF (a wq step): apply wq once")
+        # the rows compare against the fp32 weights, which quantizing in place overwrites
+        original = copy.deepcopy(model) if inplace else model
+        model = working_copy(model, inplace)
+        plan = _plan(model, config)
+        model = _apply(model, plan, context.inputs if context else ())
+        changes = _changes(original, model)
+        if not changes:
+            raise ConfigError("NNCF quantized no weight of this model (no nn.Linear it could trace)")
+        before, after = sum(c.bytes_before for c in changes), sum(c.bytes_after for c in changes)
+        resolved = {**plan, "layers": _layout(model), "bytes_before": before, "bytes_after": after,
+                    "size_ratio": after / before, "onnx_note": ONNX_NOTE}
+        return self.result(model, config, changes, resolved)
+
+    def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
+        """Re-apply the recorded quantization (data-free, deterministic) so the stored weights load."""
+        model = _apply(model, resolved, inputs)
+        if _layout(model) != dict(resolved["layers"]):
+            raise ValueError("the rebuilt weight quantization differs from the recorded one (another model or "
+                             f"NNCF than {resolved['nncf_version']}): {sorted(_layout(model))[:5]}")
+        return model
