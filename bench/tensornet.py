@@ -63,7 +63,7 @@ FULL = dict(finetune=lr.FULL["finetune"], chis=[32, 16], sens_chi=16, heal_chis=
             latency_dims={"batch": 8, "sequence": 128}, align=8, tl_ranks=[8, 16, 32], layer_cores=[2, 3], layer_align=16,
             latency_kept=[0.25], layer_latency_dims=[{"batch": 1, "sequence": 1}, {"batch": 8, "sequence": 128}],
             layer_iters=5,
-            llm=dict(texts=12, tokens=256, batch=4, ratios=[0.7, 0.5], heal_ratios=[0.7, 0.5], heal_steps=8,
+            llm=dict(texts=6, tokens=256, batch=4, ratios=[0.7, 0.5], heal_ratios=[0.7, 0.5], heal_steps=8,
                      heal_batch=1, heal_tokens=64, heal_lr=1e-4, calib_texts=16, profile_every=5, profile_texts=2, profile_tokens=128,
                      latency_batches=[1, 8], latency_seq=64, rounds=2, iters=2))
 QUICK = dict(finetune=lr.QUICK["finetune"], chis=[4], sens_chi=4, heal_chis=[4], heal_steps=2, cores=2,
@@ -78,7 +78,7 @@ CUTS = ("MiniLM: test accuracy on 160 of the 334 test texts; bond dimensions chi
         "(chi 8 keeps 2% of the parameters, below svd's smallest aligned ranks; chi 64 costs ~40x the dense "
         "FLOPs); calibration 64 texts; layer profile (mpo+sens, at chi 16) on 2 batches of 16; heal 20 steps "
         "(batch 16) at chi 16 only; latency 3 paired rounds x 2 calls. SmolLM2: perplexity on the first 256 tokens of "
-        "12 BBC test docs (the lowrank_llm subsample); asvd statistics from 16 training docs; heal 8 steps "
+        "the first 6 of lowrank_llm's 12 BBC test docs (MPO's forward is several times dense); asvd statistics from 16 training docs; heal 8 steps "
         "(batch 1 x the first 64 tokens: MPO's backward at 2 x 256 tokens went past the machine's 24 GB); no ONNX export (torch CPU latency, sequence 64); block profile on every 5th "
         "block with 2 texts x 128 tokens")
 
