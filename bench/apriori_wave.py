@@ -37,9 +37,9 @@ from edgeslim.runtime.machine import machine_info
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SETTINGS = {  # full run, subsampled for a shared 2-core CPU (see the module docstring)
-    "full": dict(grid=32, sims_train=16, sims_test=6, frames=16, stride=3, width=16, kernel=5, epochs=6, batch=16,
-                 ranks=[16, 4], rollout=10, fashion_train=3000, fashion_epochs=4, fashion_ranks=[16, 4],
-                 effnet_images=12, effnet_ratios=[0.95, 0.9], lat_rounds=3),
+    "full": dict(grid=32, sims_train=32, sims_test=6, frames=16, stride=3, width=16, kernel=5, epochs=40, batch=16,
+                 ranks=[16, 4], rollout=10, fashion_train=12000, fashion_epochs=5, fashion_ranks=[16, 4],
+                 effnet_images=12, effnet_ratios=[0.99, 0.97, 0.95, 0.9], lat_rounds=3),
     "quick": dict(grid=16, sims_train=3, sims_test=2, frames=8, stride=2, width=8, kernel=3, epochs=1, batch=8,
                   ranks=[4, 2], rollout=3, fashion_train=256, fashion_epochs=1, fashion_ranks=[4, 2],
                   effnet_images=2, effnet_ratios=[0.6], lat_rounds=1),
