@@ -228,8 +228,7 @@ class _LowRankCompressor(Compressor):
             if calib is None:
                 raise ConfigError(f"{self.name}: allocation = \"loss\" measures each layer's task-loss change on "
                                   "calibration data: give some (e.g. calib = \"bbc-news:64\")")
-            data = CalibData(calib.name, calib.batches[:config.profile_batches],
-                             None if calib.targets is None else calib.targets[:config.profile_batches])
+            data = calib.head(config.profile_batches)
             profile = profile_lowrank(self, model, stats, data, config.to_dict(), context=context)
             result = compress_by_loss(self, model, stats, config.to_dict(), profile, context=context)
             result.config["allocation"] = "loss"
@@ -241,10 +240,11 @@ class _LowRankCompressor(Compressor):
     def compress_with_stats(self, model: nn.Module, config: BudgetConfig, stats: CalibStats | None,
                             inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         """compress() with calibration statistics already collected (reused across budgets)."""
-        if self.make_config(config).allocation == "loss":
+        config = self.make_config(config)
+        if config.allocation == "loss":
             raise ConfigError("allocation = \"loss\" profiles the model on calibration data: call compress() with "
                               "calib, or compress_by_loss() with a profile (compress/sensitivity.py)")
-        config = self.make_config(config).resolve(data_aware=self.data_aware and stats is not None, context=context)
+        config = config.resolve(data_aware=self.data_aware and stats is not None, context=context)
         model = working_copy(model, inplace)
         chosen, skipped = select_linear_maps(model, config.target, config.exclude)
         changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]

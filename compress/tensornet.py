@@ -393,8 +393,7 @@ class MPO(Compressor):
         turned into per-layer bond dimensions).
         """
         probe = allocate(plans, dataclasses.replace(config, allocation="uniform"))
-        n = config.profile_batches
-        data = CalibData(calib.name, calib.batches[:n], None if calib.targets is None else calib.targets[:n])
+        data = calib.head(config.profile_batches)
         builders = {p.name: (lambda _m, p=p: p.build(probe[p.name])) for p in plans if probe[p.name] is not None}
         sens = layer_sensitivity(model, data, builders)
         by_name = {p.name: p for p in plans}

@@ -27,6 +27,10 @@ class CalibData:
         if self.targets is not None and len(self.targets) != len(self.batches):
             raise ConfigError(f"calibration data '{self.name}': {len(self.targets)} targets for {len(self.batches)} batches")
 
+    def head(self, n: int) -> "CalibData":
+        """The first `n` batches (and their targets), under the same name."""
+        return CalibData(self.name, self.batches[:n], None if self.targets is None else self.targets[:n])
+
     def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor | None]]:
         for i, batch in enumerate(self.batches):
             yield i, batch, None if self.targets is None else self.targets[i]
