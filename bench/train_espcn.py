@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="Adam steps per scale")
     parser.add_argument("--minutes", type=float, help="instead of --steps: as many steps as fill this many "
                         "minutes per scale on this machine (timed first; the JSON and manifest record the steps)")
+    parser.add_argument("--count", type=int, default=RECIPE["count"],
+                        help="LR/HR patch pairs drawn once from the training photographs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 shared cores)")
     parser.add_argument("--points", type=int, default=12, help="learning-curve points per scale")
@@ -110,7 +112,7 @@ def main() -> None:
     models, results = args.out or tmp or MODELS, args.results or tmp or RESULTS
     results.mkdir(parents=True, exist_ok=True)
     steps = 6 if args.quick else args.steps
-    settings = {"count": 64, "batch_size": 8} if args.quick else {}
+    settings = {"count": 64, "batch_size": 8} if args.quick else {"count": args.count}
     json_path = results / "train_espcn.json"
     summary = json.loads(json_path.read_text()) if json_path.is_file() else {"scales": {}}
     for scale in args.scales:
@@ -134,7 +136,7 @@ def main() -> None:
                      "name": result.resolved["training"]["data"],
                      "augment": "random flip and 90-degree rotation per batch"},
             "steps": steps, "sized_by_time": sized, "seed": args.seed,
-            "reproduce": f"python bench/train_espcn.py --scales {scale} --steps {steps} --seed {args.seed}", "config": record["config"],
+            "reproduce": f"python bench/train_espcn.py --scales {scale} --steps {steps} --count {settings['count']} --seed {args.seed}", "config": record["config"],
             "schedule": f"AdamW (no weight decay), cosine lr {record['config']['lr']:g} -> "
                         f"{record['config']['lr'] / 100:g}, MSE on Y/255",
             "seconds_total": seconds, "seconds_training": seconds - curve.eval_seconds,
