@@ -132,7 +132,7 @@ def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibDa
 
 
 def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapping[str, Any],
-                     profile: LossProfile, context: Any = None) -> Any:
+                     profile: LossProfile, context: Any = None, inplace: bool = False) -> Any:
     """`compressor` with the global greedy on measured loss: layer l's lost (weighted) energy counts
     scale_l / ||L W R||^2, i.e. scale_l times its relative squared error (`loss_per_error`).
 
@@ -152,7 +152,7 @@ def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapp
             return row, col, profile.scales.get(name, profile.floor) / max(float(w.square().sum()), 1e-300)
 
     cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="sensitivity")
-    result = LossScaled().compress_with_stats(model, cfg, stats, context=context)
+    result = LossScaled().compress_with_stats(model, cfg, stats, inplace=inplace, context=context)
     for change in result.changes:
         change.sensitivity = profile.delta.get(change.name, change.sensitivity)
     return result

@@ -230,7 +230,7 @@ class _LowRankCompressor(Compressor):
                                   "calibration data: give some (e.g. calib = \"bbc-news:64\")")
             data = calib.head(config.profile_batches)
             profile = profile_lowrank(self, model, stats, data, config.to_dict(), context=context)
-            result = compress_by_loss(self, model, stats, config.to_dict(), profile, context=context)
+            result = compress_by_loss(self, model, stats, config.to_dict(), profile, context=context, inplace=inplace)
             result.config["allocation"] = "loss"
             result.resolved["loss_profile"] = {"probe_ratio": profile.probe_ratio, "data": calib.name,
                                                "batches": len(data.batches), "seconds": profile.seconds, "layers": len(profile.delta)}

@@ -103,6 +103,12 @@ def test_allocation_loss_is_a_config_value_of_the_low_rank_family():
     assert model.loud.__class__ is nn.Linear  # the caller's model is untouched
 
 
+def test_allocation_loss_honours_inplace():
+    model, data = TwoBranch().eval(), calib()
+    result = SVD().compress(model, {"ratio": 0.5, "target": TARGET, "allocation": "loss"}, data, inplace=True)
+    assert result.model is model and model.loud.__class__ is not nn.Linear  # factored in the caller's model
+
+
 def test_allocation_loss_errors_are_named():
     model, data = TwoBranch().eval(), calib()
     with pytest.raises(ConfigError, match="needs a ratio budget"):
