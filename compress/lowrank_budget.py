@@ -6,7 +6,7 @@ parameters and the (globally comparable) error at each, and how a fixed rank or 
 threshold maps to a decision. `allocate()` then implements
 - ratio, uniform: the same kept ratio per layer (layers that cannot save are paid for first);
 - ratio, sensitivity: a global greedy that spends the budget one decision step at a time where it
-  removes the most error per parameter;
+  removes the most error per parameter, along each layer's convex hull with dense as its last point;
 - rank and energy: each layer's own mapping.
 `LayerSpectrum` is the implementation for a factored m x n matrix (svd, fwsvd, asvd): rank r keeps
 r*(m+n) (+m bias) parameters and saves only when r*(m+n) < m*n; truncating the (weighted) spectrum
@@ -127,46 +127,71 @@ def _uniform(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[st
     return out
 
 
+def _hull(layer: BudgetLayer, options: Sequence[Decision], dense: bool = True) -> list[Decision | None]:
+    """The decisions on the lower convex hull of (params, error), ending at dense (None, error 0)
+    unless `dense` is False.
+
+    A layer's curve is not convex at its end: the last saving rank still drops part of the spectrum
+    and going dense removes that error for few parameters. On the hull every step removes less error
+    per parameter than the one before, so the greedy order stays optimal (the multiple-choice
+    knapsack relaxation) and a layer can go dense straight from a rank when that is the better buy.
+    """
+    points = [(layer.params_at(d), layer.error_at(d), d) for d in options]
+    points += [(layer.dense_params, 0.0, None)] if dense else []
+    hull: list[tuple[int, float, Decision | None]] = []
+    for p in points:
+        # drop the last point while it lies on or above the line from the one before it to p
+        while len(hull) >= 2 and ((hull[-2][1] - hull[-1][1]) * (p[0] - hull[-2][0])
+                                  <= (hull[-2][1] - p[1]) * (hull[-1][0] - hull[-2][0])):
+            hull.pop()
+        hull.append(p)
+    return [d for _, _, d in hull]
+
+
 def _greedy(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[str, Decision | None]:
-    """Global greedy: each step moves one layer to its next decision where that removes the most
-    (scaled) error per added parameter. With errors that shrink less and less per step (descending
-    spectra), the greedy order is optimal for the relaxed problem."""
+    """Global greedy: each step moves one layer to its next decision on its convex hull (`_hull`,
+    dense last) where that removes the most (scaled) error per added parameter."""
     options = {l.name: list(l.decisions(align)) for l in layers}
     fixed = [l for l in layers if not options[l.name]]
     free = [l for l in layers if options[l.name]]
     budget = ratio * sum(l.dense_params for l in layers) - sum(l.dense_params for l in fixed)
     out: dict[str, Decision | None] = {l.name: None for l in fixed}
-    index = {l.name: 0 for l in free}  # position in the layer's decision list
     spent = sum(l.params_at(options[l.name][0]) for l in free)
     if free and spent > budget:
         raise ConfigError(f"ratio {ratio} is too small: even the smallest decision in every targeted layer "
                           f"keeps {spent} parameters, over the budget of {int(budget)}")
+    path = {l.name: _hull(l, options[l.name]) for l in free}
+    index = {l.name: 0 for l in free}  # position on the layer's hull
+
+    def params(l: BudgetLayer, d: Decision | None) -> int:
+        return l.dense_params if d is None else l.params_at(d)
 
     def step(l: BudgetLayer) -> tuple[float, int]:
-        here, there = options[l.name][index[l.name]], options[l.name][index[l.name] + 1]
-        cost = l.params_at(there) - l.params_at(here)
-        return (l.error_at(here) - l.error_at(there)) / cost, cost
+        here, there = path[l.name][index[l.name]], path[l.name][index[l.name] + 1]
+        cost = params(l, there) - params(l, here)
+        gain = l.error_at(here) - (0.0 if there is None else l.error_at(there))
+        return gain / cost, cost
 
-    heap = [(-step(l)[0], i) for i, l in enumerate(free) if len(options[l.name]) > 1]
+    heap = [(-step(l)[0], i) for i, l in enumerate(free) if len(path[l.name]) > 1]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
         l = free[i]
         cost = step(l)[1]
         if spent + cost > budget:
-            continue  # a smaller layer may still fit
+            # the hull step does not fit: the decisions it skipped may (a smaller layer may too)
+            here, there = path[l.name][index[l.name]], path[l.name][index[l.name] + 1]
+            top = l.dense_params if there is None else l.params_at(there)
+            between = [d for d in options[l.name] if l.params_at(here) <= l.params_at(d) < top]
+            path[l.name] = path[l.name][:index[l.name]] + _hull(l, between, dense=False)
+            if index[l.name] + 1 < len(path[l.name]):
+                heapq.heappush(heap, (-step(l)[0], i))
+            continue
         index[l.name] += 1
         spent += cost
-        if index[l.name] + 1 < len(options[l.name]):
+        if index[l.name] + 1 < len(path[l.name]):
             heapq.heappush(heap, (-step(l)[0], i))
-    for l in free:  # a layer at its largest saving decision goes back to dense when the budget allows
-        last = options[l.name][index[l.name]]
-        extra = l.dense_params - l.params_at(last)
-        if index[l.name] == len(options[l.name]) - 1 and spent + extra <= budget:
-            out[l.name] = None
-            spent += extra
-        else:
-            out[l.name] = last
+    out.update({l.name: path[l.name][index[l.name]] for l in free})
     return out
 
 

@@ -44,6 +44,14 @@ def task_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(output, target.to(output.dtype))
 
 
+def logit_kl(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the softmax over the last dim, per position (distilling logits,
+    e.g. a causal LM toward its original: Hinton et al. 2015 at temperature 1)."""
+    student, teacher = output.float().log_softmax(-1), target.float().log_softmax(-1)
+    return F.kl_div(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
+                    log_target=True, reduction="batchmean")
+
+
 @torch.no_grad()
 def teacher_targets(model: nn.Module, data: CalibData) -> CalibData:
     """The same batches with the model's current outputs as targets (distillation from the original)."""
@@ -175,12 +183,14 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
 
 def heal(model: nn.Module, data: CalibData, steps: int = 200, lr: float = 5e-5, weight_decay: float = 0.01,
          max_grad_norm: float = 1.0, seed: int = 0, progress: bool = True,
-         teacher: nn.Module | None = None) -> FitReport:
+         teacher: nn.Module | None = None,
+         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> FitReport:
     """Fine-tune a compressed `model` in place: `fit` with AdamW, linear decay to 0, gradient clipping.
 
-    Without targets in `data`, pass the original model as `teacher` to distil toward it.
+    Without targets in `data`, pass the original model as `teacher` to distil toward it (`loss`:
+    e.g. `logit_kl` for logits; default `task_loss`).
     """
-    return fit(model, data, steps=steps, lr=lr, teacher=teacher, seed=seed, progress=progress,
+    return fit(model, data, steps=steps, lr=lr, teacher=teacher, seed=seed, progress=progress, loss=loss,
                weight_decay=weight_decay, max_grad_norm=max_grad_norm, label="healing")
 
 

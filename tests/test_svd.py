@@ -12,7 +12,7 @@ from edgeslim.compress.calibration import collect_stats
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear, weighted_svd
 from edgeslim.compress.base import BudgetConfig
-from edgeslim.compress.lowrank_budget import allocate
+from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
 
@@ -246,6 +246,18 @@ def test_weighted_factors_are_balanced_for_fine_tuning():
 def test_ranks_unchanged_by_the_protocol(config, ranks):
     got = SVD().compress(tiny_model(), {**config, "target": ["a", "b", "c"]}).resolved["ranks"]
     assert got == ranks
+
+
+def test_sensitivity_goes_dense_where_that_is_the_better_buy():
+    # a flat spectrum keeps 3/4 of its error at rank 8 of 32 and half at the break-even rank 16, so
+    # its rank steps buy little until the layer goes dense; a fast-decaying spectrum is cheap to factor
+    flat = LayerSpectrum("flat", 32, 32, 0, torch.ones(32, dtype=torch.float64))
+    steep = LayerSpectrum("steep", 32, 32, 0, torch.logspace(0, -8, 32, dtype=torch.float64))
+    # 0.7 of 2,048: flat dense (1,024) + steep rank 4 (256), zero error on flat; rank by rank, the
+    # greedy stopped at flat 12 + steep 8 (flat error 20)
+    assert allocate([flat, steep], BudgetConfig(ratio=0.7, allocation="sensitivity", align=4)) == {"flat": None, "steep": 4}
+    # 0.6: going dense does not fit, so the ranks the hull step skipped are still bought
+    assert allocate([flat, steep], BudgetConfig(ratio=0.6, allocation="sensitivity", align=4)) == {"flat": 12, "steep": 4}
 
 
 @dataclass
