@@ -293,7 +293,7 @@ def heal_batches(calib: CalibData, size: int, tokens: int) -> CalibData:
                      [lm_targets(b["input_ids"], b["attention_mask"]) for b in batches])
 
 
-def smollm(cfg: dict, summary: dict, out: Path) -> None:
+def smollm(cfg: dict, summary: dict, out: Path, resume: bool = False) -> None:
     """SmolLM2-135M: MPO at kept 0.7 / 0.5 vs asvd at the same parameters, healed and not; torch
     latency at batch 1 and 8; a one-block-at-a-time MPO loss profile (does depth tolerate more?)."""
     llm = cfg["llm"]
@@ -317,13 +317,20 @@ def smollm(cfg: dict, summary: dict, out: Path) -> None:
            "heal_note": f"heal = {llm['heal_steps']} AdamW steps, next-token loss on the {len(calib_texts)} calibration "
                         f"texts in batches of {llm['heal_batch']}, first {llm['heal_tokens']} tokens", "machine": machine_info(), "rows": []}
     summary["smollm2"] = res
+    done = {}  # --resume: the rows of ratios a previous run of the same settings measured are kept
+    if resume and (out / "tensornet.json").is_file():
+        old = json.loads((out / "tensornet.json").read_text()).get("smollm2", {})
+        if (old.get("texts"), old.get("tokens"), old.get("heal_note")) == (res["texts"], res["tokens"], res["heal_note"]):
+            done = {r["ratio"] for r in old.get("rows", []) if r["ratio"] != min(llm["ratios"])}
+            res["rows"] = [r for r in old["rows"] if r["ratio"] in done]
+            res["resumed"] = f"rows at kept {sorted(done)} kept from the previous run ({old['machine'].get('load_avg')})"
     res["original_ppl"] = ppl(model)
     print(f"SmolLM2 original: perplexity {res['original_ppl']:.2f}", flush=True)
     stats = collect_stats(model, calib, names, fisher=False)
     heal_data = heal_batches(calib, llm["heal_batch"], llm["heal_tokens"])
     low = min(llm["ratios"])
     lat_models = {"original": model}
-    for ratio in llm["ratios"]:
+    for ratio in [r for r in llm["ratios"] if r not in done]:
         mpo = MPO().compress(model, {"ratio": ratio, "cores": cfg["cores"], "target": LLAMA_TARGET})
         kept = mpo.params_after / mpo.params_before
         asvd = ASVD().compress_with_stats(model, {"ratio": kept, "target": LLAMA_TARGET, "align": cfg["align"]}, stats)
@@ -496,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgeslim",
                         help="where the fine-tuned MiniLM is cached")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: layers, minilm, smollm2")
+    parser.add_argument("--resume", action="store_true",
+                        help="SmolLM2: keep the rows of the higher kept ratios from the existing JSON (same settings)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="tensornet_quick_")) if args.quick else RESULTS)
@@ -509,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         minilm(cfg, out / "cache" if args.quick else args.cache, summary, out)
         print(table(summary))
     if "smollm2" not in args.skip:
-        smollm(cfg, summary, out)
+        smollm(cfg, summary, out, args.resume)
     summary[f"seconds_{'_'.join(p for p in ('layers', 'minilm', 'smollm2') if p not in args.skip)}"] = time.perf_counter() - t0
     summary["machine_after"] = machine_info()
     write_results(summary, out)
