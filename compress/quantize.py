@@ -47,7 +47,8 @@ class Int8Config(ConfigBase):
     preset: Literal["auto", "performance", "mixed"] = "auto"
     model_type: Literal["auto", "transformer", "generic"] = "auto"  # auto: transformer when the graph has Softmax
     subset_size: int = 300  # calibration samples used for the ranges
-    fast_bias_correction: bool = True
+    # None: on, except for models whose output is a Conv's output (image-to-image: see _dense_output)
+    fast_bias_correction: bool | None = None
     ignored: tuple[str, ...] = ()  # ONNX node names kept in fp32
     max_drop: float | None = None  # accuracy-aware: largest allowed drop of the metric (absolute)
     eval_fraction: float = 0.25  # with max_drop: share of the calibration batches held out to measure it
@@ -244,6 +245,31 @@ def _changes(fp32, quantized, record, errors: Mapping[str, float]) -> list[Layer
     return rows
 
 
+PASS_THROUGH = ("DepthToSpace", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _dense_output(model) -> bool:
+    """True when a graph output is a Conv / ConvTranspose output, reached through layout ops only
+    (a sub-pixel super-resolution net: Conv -> DepthToSpace).
+
+    Fast bias correction is then left off by default. It estimates each layer's output shift
+    (Nagel et al. 2019, Sec. 4.2, empirical form) by running the quantized layer on every channel's
+    *mean* input, q(E[x]) instead of E[q(x)]: the rounding of a constant does not average out, and
+    on a layer whose outputs are the pixels that systematic term is a brightness offset of every
+    output pixel. Measured on the shipped espcn-x3 (held-out images, ORT): NNCF moved the last Conv's
+    9 biases by +0.005..+0.009 (1.3-2.3 grey levels) and the INT8 model lost 0.36 dB against fp32;
+    without the correction 0.07 dB.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        while node is not None and node.op_type in PASS_THROUGH:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Conv", "ConvTranspose"):
+            return True
+    return False
+
+
 def _detect_type(model, config: Int8Config) -> str:
     if config.model_type != "auto":
         return config.model_type
@@ -279,11 +305,15 @@ class Int8(Compressor):
         per_batch = max(1, len(next(iter(batches[0].values()))))
         model_type = _detect_type(fp32, config)
         preset = config.preset if config.preset != "auto" else "mixed" if model_type == "transformer" else "performance"
+        bias_correction = config.fast_bias_correction
+        if bias_correction is None:
+            bias_correction = not _dense_output(fp32)
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
-                             "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored)},
+                             "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored),
+                             "fast_bias_correction": bias_correction},
                     "opset": config.opset, "nncf_version": nncf.__version__}
-        kwargs, advanced = _quantize_kwargs(resolved, bias_correction=config.fast_bias_correction)
-        kwargs["fast_bias_correction"] = config.fast_bias_correction
+        kwargs, advanced = _quantize_kwargs(resolved, bias_correction=bias_correction)
+        kwargs["fast_bias_correction"] = bias_correction
         if config.max_drop is None:
             quantized, full, drop = nncf.quantize(fp32, nncf.Dataset(batches), advanced_parameters=advanced,
                                                   **kwargs), None, None

@@ -8,6 +8,9 @@ INT4 of Frantar et al., "GPTQ", ICLR 2023, Sec. 4, without its error feedback). 
 the weights are dequantized on the fly by NNCF decompressor hooks. It is data-free: the example
 inputs only trace the model, so `replay` re-applies the same quantization to rebuild the structure
 (packed integer weights, scale and zero-point buffers) and the artifact's weights load into it.
+`target` / `exclude` select the layers as in every other family (compress/replace.py); the layers
+left out, and any whose weight is tied to one of them, stay fp32 (an NNCF ignored scope), and the
+record names them so replay leaves them out again.
 
 The size gain is in the torch model and its artifact. `export` runs the decompression in the graph
 and ONNX constant-folds it: the ONNX file holds the dequantized fp32 weights (same outputs, fp32 size).
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
@@ -27,6 +32,7 @@ from torch import nn
 
 from edgeslim.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
+from edgeslim.compress.replace import linear_types, select_modules, skipped_change, tied_parameters
 from edgeslim.config import ConfigBase
 from edgeslim.errors import ConfigError, require
 from edgeslim.onnx_io import dims_for
@@ -44,6 +50,8 @@ class WeightQuantConfig(ConfigBase):
     mode: Literal["int8", "int8_sym", "int4", "int4_sym"] = "int8"  # int8/int4: asymmetric (zero point)
     group_size: int = 64  # int4: input weights sharing one scale (-1: per output channel); int8 is per channel
     all_layers: bool = False  # int4: also the embeddings and last linear map (NNCF keeps them int8 by default)
+    target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
+    exclude: str | tuple[str, ...] | None = None  # same forms; these layers stay fp32
 
     def validate(self) -> None:
         if self.group_size != -1 and self.group_size < 1:
@@ -54,11 +62,48 @@ def _nncf():
     return require("nncf", "quantize", "weight-only quantization")
 
 
+def _candidates() -> tuple[type[nn.Module], ...]:
+    """Module types whose weight NNCF compresses and `target` / `exclude` choose among."""
+    return (*linear_types(), nn.Embedding)
+
+
+def _kept_fp32(model: nn.Module, config: WeightQuantConfig) -> dict[str, str]:
+    """{module: why} for the layers that stay fp32: not selected, or sharing a weight with one that is not.
+
+    Raises:
+        ConfigError: the selection is empty (select_modules), or `exclude` leaves nothing out
+            (a regex matches the whole dotted name: '.*lm_head', or a list of suffixes ["lm_head"]).
+    """
+    if config.target is None and config.exclude is None:
+        return {}
+    names = [n for n, _ in select_modules(model, None, None, types=_candidates())]
+    targeted = {n for n, _ in select_modules(model, config.target, None, types=_candidates())}
+    chosen = {n for n, _ in select_modules(model, config.target, config.exclude, types=_candidates())}
+    if config.exclude is not None and chosen == targeted:
+        near = difflib.get_close_matches(str(config.exclude), names, n=3, cutoff=0.0)
+        raise ConfigError(f"exclude={config.exclude!r} matches no layer wq quantizes (a string is a regex matched "
+                          f"against the whole dotted name, e.g. '.*lm_head'; a list holds names or dotted "
+                          f"suffixes); nearest names: {near}")
+    kept = {n: "excluded" if n in targeted else "not in target" for n in names if n not in chosen}
+    tied = tied_parameters(model)
+    for name in list(kept):
+        for other in tied.get(f"{name}.weight", []):
+            owner = other.rsplit(".", 1)[0]
+            if owner != name and owner in chosen:
+                kept[owner] = f"weight tied to {name}, which stays fp32"
+    return kept
+
+
 def _plan(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
-    """The data-free decisions: NNCF mode and group size, checked against every linear map."""
+    """The data-free decisions: NNCF mode and group size, checked against every quantized linear map,
+    and the layers kept fp32."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"wq quantizes the weights of linear maps (nn.Linear); {type(model).__name__} has none")
+    kept = _kept_fp32(model, config)
+    linears = [(n, m) for n, m in linears if n not in kept]
+    if not linears:
+        raise ConfigError(f"target/exclude leave no linear map to quantize (kept fp32: {sorted(kept)[:5]})")
     int4 = config.mode.startswith("int4")
     group = config.group_size if int4 and config.group_size != -1 else None
     if group is not None:
@@ -69,7 +114,7 @@ def _plan(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
                               f"({bad[0][1]} inputs; {len(bad)} layer(s) in all): use a divisor of {common} "
                               "or group_size=-1 (per channel)")
     return {"nncf_mode": NNCF_MODES[config.mode], "group_size": group if int4 else None,
-            "all_layers": bool(config.all_layers and int4),
+            "all_layers": bool(config.all_layers and int4), "fp32": kept,
             "nncf_version": _nncf().__version__}
 
 
@@ -83,6 +128,9 @@ def _apply(model: nn.Module, plan: Mapping[str, Any], inputs: Sequence[TensorSpe
     kwargs: dict[str, Any] = {}
     if plan["nncf_mode"].startswith("int4"):
         kwargs = {"ratio": 1.0, "group_size": plan["group_size"] or -1, "all_layers": plan["all_layers"]}
+    if plan.get("fp32"):  # NNCF names a module's op nodes "a/b/c/<op>/<i>" (torch function-hook graph)
+        patterns = [rf"{re.escape(n.replace('.', '/'))}/[^/]+/\d+$" for n in sorted(plan["fp32"])]
+        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
     log = logging.getLogger("nncf")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -169,10 +217,15 @@ class WeightQuant(Compressor):
         changes = _changes(original, model)
         if not changes:
             raise ConfigError("NNCF quantized no weight of this model (no nn.Linear it could trace)")
+        leaked = sorted(c.name for c in changes if c.name in plan["fp32"])
+        if leaked:
+            raise ConfigError(f"NNCF quantized {leaked[:5]} although they are to stay fp32 (their weight is "
+                              "reached by another operation than the module's own)")
         before, after = sum(c.bytes_before for c in changes), sum(c.bytes_after for c in changes)
         resolved = {**plan, "layers": _layout(model), "bytes_before": before, "bytes_after": after,
                     "size_ratio": after / before, "onnx_note": ONNX_NOTE}
-        return self.result(model, config, changes, resolved)
+        kept = [skipped_change(n, original.get_submodule(n), f"kept fp32 ({why})") for n, why in plan["fp32"].items()]
+        return self.result(model, config, changes + kept, resolved)
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Re-apply the recorded quantization (data-free, deterministic) so the stored weights load."""

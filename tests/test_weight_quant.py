@@ -184,3 +184,52 @@ def test_a_torch_step_after_wq_is_refused(method, in_tmp, capsys):
     assert not (in_tmp / "again.slim").exists()
     with pytest.raises(ConfigError, match="already quantized by NNCF"):
         _compress(_compress(mlp()).model)
+
+
+def test_exclude_keeps_a_layer_fp32_in_the_record_and_the_replay(tmp_path):
+    loaded = load_model("test_weight_quant:mlp")
+    result = WQ.compress(loaded.model, WQ.make_config({"mode": "int4", "group_size": 32, "exclude": "head"}),
+                         context=CompressContext(inputs=tuple(loaded.inputs)))
+    rows = {c.name: c for c in result.changes}
+    assert rows["fc"].status == "quantized" and "INT4" in rows["fc"].kind
+    assert rows["head"].status == "skipped" and "kept fp32 (excluded)" in rows["head"].note
+    assert rows["head"].bytes_after == rows["head"].bytes_before == 4 * (96 * 10 + 10)
+    assert result.resolved["fp32"] == {"head": "excluded"} and list(decompressors(result.model)) == ["fc.weight"]
+    assert torch.equal(result.model.head.weight, loaded.model.head.weight)  # untouched fp32
+    path = artifact.save(tmp_path / "q.slim", result.model, loaded.source, [result.step_record()], loaded.inputs)
+    again = artifact.load(path, __import__("edgeslim.trust", fromlist=["Trust"]).Trust("test_weight_quant:mlp"))
+    assert list(decompressors(again.model)) == ["fc.weight"] and again.model.head.weight.dtype == torch.float32
+    feeds = _feeds(again, 5)
+    with torch.no_grad():
+        assert torch.equal(again.model(**feeds), result.model(**feeds))
+    by_target = _compress(mlp(), mode="int4", group_size=32, target=["fc"])
+    assert by_target.resolved["fp32"] == {"head": "not in target"}
+    assert torch.equal(by_target.model.fc.weight, result.model.fc.weight)
+
+
+def test_an_exclude_that_matches_nothing_is_refused():
+    with pytest.raises(ConfigError, match=r"exclude='lm_head' matches no layer wq quantizes .*'\.\*lm_head'.*"
+                                          r"nearest names: \['head'"):
+        _compress(mlp(), exclude="lm_head")
+    with pytest.raises(ConfigError, match=r"Embedding module matches target=None exclude=.\.\*."):
+        _compress(mlp(), exclude=".*")
+
+
+def test_cli_exclude_lm_head_keeps_the_tied_embedding_fp32(in_tmp, capsys):
+    """The tiny llama ties its LM head to the input embedding: one tensor, so both stay fp32."""
+    folder = llama(in_tmp / "llama")
+    args = ["compress", str(folder), "-m", "wq", "--set", "mode=int4", "--set", "group_size=16", "-o", "q.slim"]
+    assert main(args + ["--set", "exclude=lm_head"]) == 2  # a regex matches the whole name: hf.lm_head
+    assert "nearest names: ['hf.lm_head'" in capsys.readouterr().err and not (in_tmp / "q.slim").exists()
+    assert main(args + ["--set", "exclude=.*lm_head", "--json"]) == 0
+    step = json.loads(capsys.readouterr().out)["steps"][0]
+    rows = {c["name"]: c for c in step["changes"]}
+    assert rows["hf.lm_head"]["status"] == rows["hf.model.embed_tokens"]["status"] == "skipped"
+    assert "weight tied to hf.lm_head" in rows["hf.model.embed_tokens"]["note"]
+    assert step["resolved"]["fp32"] == {"hf.lm_head": "excluded",
+                                        "hf.model.embed_tokens": "weight tied to hf.lm_head, which stays fp32"}
+    assert "INT4" in rows["hf.model.layers.0.mlp.down_proj"]["kind"]
+    source, again = load_model(str(folder)), artifact.load(in_tmp / "q.slim")
+    assert again.model.hf.lm_head.weight is again.model.hf.model.embed_tokens.weight
+    assert torch.equal(again.model.hf.lm_head.weight, source.model.hf.lm_head.weight)
+    assert not any("embed_tokens" in n or "lm_head" in n for n in decompressors(again.model))
