@@ -6,8 +6,11 @@
    leapfrog form, so the net learns the Laplacian term). Trained with standard convolutions and
    a priori factorized (`factorize`, init="fresh") at two ranks, same steps, same loop (`heal`).
 2. Fashion-MNIST: the same comparison on a small classification CNN.
-3. A posteriori: EfficientNet-Lite0 CP-factorized (init="cp") at several kept ratios; top-1/top-5
-   agreement with the original on 224 crops of the bundled natural images.
+3. A posteriori: EfficientNet-Lite0 CP-factorized (init="cp") at several kept ratios (of the targeted
+   convolutions; the 16 depthwise ones are skipped by default), allocated without data (kernel error)
+   and with calibration crops (each layer's output change), each also healed a few steps by
+   distillation; top-1/top-5 agreement with the original on centre crops of 12 bundled images, the
+   calibration crops coming from the other bundled images only.
 Each training runs in a child process (its own peak RSS, VmHWM reset after the data is loaded).
 ORT CPU latency is timed round by round, interleaved, and reported as ratios to the dense model.
 Writes bench/results/apriori_wave.json and apriori_wave_*.png; `--quick` runs in seconds.
@@ -31,7 +34,7 @@ from torch import nn
 from edgeslim.compress import get_compressor
 from edgeslim.calib import CalibData
 from edgeslim.compress.replace import count_params
-from edgeslim.compress.train import heal
+from edgeslim.compress.train import fit, heal
 from edgeslim.files import JSON, replace_output
 from edgeslim.runtime.machine import machine_info
 
@@ -39,10 +42,12 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 SETTINGS = {  # full run, subsampled for a shared 2-core CPU (see the module docstring)
     "full": dict(grid=32, sims_train=32, sims_test=6, frames=16, stride=3, width=16, kernel=5, epochs=40, batch=16,
                  ranks=[16, 4], rollout=10, fashion_train=12000, fashion_epochs=5, fashion_ranks=[16, 4],
-                 effnet_images=12, effnet_ratios=[0.99, 0.97, 0.95, 0.9], lat_rounds=3),
+                 effnet_images=12, effnet_ratios=[0.99, 0.95, 0.9], effnet_sens_crops=2, effnet_heal_steps=10,
+                 effnet_heal_lr=1e-4, lat_rounds=3),
     "quick": dict(grid=16, sims_train=3, sims_test=2, frames=8, stride=2, width=8, kernel=3, epochs=1, batch=8,
                   ranks=[4, 2], rollout=3, fashion_train=256, fashion_epochs=1, fashion_ranks=[4, 2],
-                  effnet_images=2, effnet_ratios=[0.6], lat_rounds=1),
+                  effnet_images=2, effnet_ratios=[0.6], effnet_sens_crops=1, effnet_heal_steps=1,
+                  effnet_heal_lr=1e-4, lat_rounds=1),
 }
 
 
@@ -257,11 +262,13 @@ def public(rows: dict[str, dict]) -> list[dict]:
 
 
 # -- a posteriori on EfficientNet-Lite0 -----------------------------------------------------------------
-def effnet_crops(count: int) -> torch.Tensor:
-    """224 x 224 crops (centre, then corners) of the bundled images, preprocessed (x - 127) / 128."""
+def effnet_images(count: int) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
+    """224 x 224 crops of the bundled images, preprocessed (x - 127) / 128: the evaluation set is the
+    centre crop of each of the first `count` images; calibration (sensitivity and healing) uses the
+    centre and four corner crops of the OTHER images only, so no evaluation image is seen."""
     from edgeslim.images import BUNDLED_IMAGES, load_bundled, resize_bicubic
 
-    crops = []
+    crops: dict[str, list[np.ndarray]] = {}
     for name in BUNDLED_IMAGES:
         try:
             img = load_bundled(name)
@@ -270,39 +277,97 @@ def effnet_crops(count: int) -> torch.Tensor:
         h, w = img.shape[:2]
         side = min(h, w)
         img = resize_bicubic(img[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2], 256, 256)
-        for top, left in ((16, 16), (0, 0), (32, 32), (0, 32), (32, 0)):
-            crops.append(img[top:top + 224, left:left + 224])
-    crops = crops[::5][:count] + [c for i, c in enumerate(crops) if i % 5][:max(0, count - len(crops[::5]))]
-    x = torch.from_numpy(np.stack(crops).astype(np.float32)).permute(0, 3, 1, 2)
-    return (x - 127.0) / 128.0
+        crops[name] = [img[t:t + 224, l:l + 224] for t, l in ((16, 16), (0, 0), (32, 32), (0, 32), (32, 0))]
+    names = list(crops)
+    evaluate, calibrate = names[:count], names[count:]
+
+    def batch(arrays: list[np.ndarray]) -> torch.Tensor:
+        return (torch.from_numpy(np.stack(arrays).astype(np.float32)).permute(0, 3, 1, 2) - 127.0) / 128.0
+
+    return (batch([crops[n][0] for n in evaluate]), evaluate,
+            batch([c for n in calibrate for c in crops[n]]), calibrate)
 
 
-@torch.no_grad()
+class InferenceMode(nn.Module):
+    """Keeps the wrapped model in eval mode while it is trained: BatchNorm uses its running statistics
+    and dropout / drop-connect stay off (healing on a few dozen crops must not re-estimate them)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def train(self, mode: bool = True) -> "InferenceMode":
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x=x)
+
+
+def agreement(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and mean top-5 overlap of `logits` with the original's `ref`."""
+    top5 = ref.topk(5, dim=1).indices
+    return {"top1_agreement": float((logits.argmax(1) == ref.argmax(1)).float().mean()),
+            "top5_overlap": float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 5
+                                           for a, b in zip(logits.topk(5, dim=1).indices, top5)]))}
+
+
 def effnet_rows(s: dict) -> tuple[dict, list[dict]]:
+    """Kept ratio x {no data: greedy on kernel errors, calibration: greedy on each layer's output change}
+    x {as factored, healed a few steps by distillation toward the original on the calibration crops}."""
     from edgeslim.zoo import build as zoo_build
 
-    loaded = zoo_build("efficientnet-lite0")
-    model = loaded.model
-    x = effnet_crops(s["effnet_images"])
-    ref = torch.cat([model(x=x[i:i + 8]) for i in range(0, len(x), 8)])
-    top1, top5 = ref.argmax(1), ref.topk(5, dim=1).indices
-    convs = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-                for m in model.modules() if isinstance(m, nn.Conv2d))
-    original = {"params": count_params(model), "conv_params": convs, "images": len(x)}
+    model = zoo_build("efficientnet-lite0").model.eval()
+    x, eval_names, xc, calib_names = effnet_images(s["effnet_images"])
+
+    @torch.no_grad()
+    def logits(m: nn.Module) -> torch.Tensor:
+        return torch.cat([m(x=x[i:i + 4]) for i in range(0, len(x), 4)])
+
+    ref = logits(model)
+    k = s["effnet_sens_crops"]  # sensitivity on the most colourful centre crops of the calibration images
+    centres = xc[::5]
+    sens_idx = centres.std(1).mean((1, 2)).argsort(descending=True)[:k]
+    sens = CalibData("bundled crops (calibration images)", [{"x": centres[sens_idx]}])
+    heal_data = CalibData("bundled crops (calibration images)",
+                          [{"x": xc[i:i + 4]} for i in range(0, len(xc) - 3, 4)])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    original = {"params": count_params(model), "conv_params": sum(count_params(m) for m in convs),
+                "convs": len(convs), "depthwise_convs": sum(m.groups > 1 and m.groups == m.in_channels for m in convs),
+                "eval_images": eval_names, "calibration_images": calib_names, "calibration_crops": len(xc),
+                "sensitivity_images": [calib_names[int(i)] for i in sens_idx],
+                "heal_steps": s["effnet_heal_steps"], "heal_lr": s["effnet_heal_lr"],
+                "heal_params": "the factored layers only (distilled toward the original, BatchNorm frozen)"}
     comp, out = get_compressor("factorize"), []
     for ratio in s["effnet_ratios"]:
-        start = time.perf_counter()
-        # global greedy on the kernel errors: a uniform cut puts every depthwise conv at rank 1 (ruinous)
-        result = comp.compress(model, comp.make_config({"ratio": ratio, "allocation": "sensitivity", "n_iter": 20}))
-        seconds = time.perf_counter() - start
-        logits = torch.cat([result.model(x=x[i:i + 8]) for i in range(0, len(x), 8)])
-        out.append({"ratio": ratio, "allocation": "sensitivity (kernel error, no data)", "params": count_params(result.model), "factored_layers": len(result.changes),
-                    "dense_layers": len(result.resolved["dense"]), "compress_seconds": seconds,
-                    "top1_agreement": float((logits.argmax(1) == top1).float().mean()),
-                    "top5_overlap": float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 5
-                                                   for a, b in zip(logits.topk(5, dim=1).indices, top5)])),
-                    "median_rel_kernel_error": float(np.median([c.rel_error for c in result.changes]))})
-        print(f"[effnet] ratio {ratio}: top-1 agreement {out[-1]['top1_agreement']:.2f}", flush=True)
+        for label, data in (("no data: kernel error", None), ("calibration: output change", sens)):
+            start = time.perf_counter()
+            result = comp.compress(model, comp.make_config({"ratio": ratio, "allocation": "sensitivity",
+                                                            "n_iter": 20, "sensitivity_batches": 1}), data)
+            seconds = time.perf_counter() - start
+            replaced = [c for c in result.changes if c.status == "replaced"]
+            row = {"ratio": ratio, "allocation": label, "params": count_params(result.model),
+                   "params_kept": count_params(result.model) / original["params"],
+                   "factored_layers": len(replaced), "factored": {c.name: c.decision for c in replaced},
+                   "dense_layers": len(result.resolved["dense"]),
+                   "skipped_depthwise": len(result.resolved["skipped"]), "compress_seconds": seconds,
+                   "median_rel_kernel_error": float(np.median([c.rel_error for c in replaced])) if replaced else 0.0,
+                   "healed": False, **agreement(logits(result.model), ref)}
+            out.append(row)
+            print(f"[effnet] ratio {ratio}, {label}: {len(replaced)} factored, top-1 {row['top1_agreement']:.2f}",
+                  flush=True)
+            if not replaced:
+                continue
+            start = time.perf_counter()
+            # heal's settings (AdamW, linear decay, clipping), on the factored layers only: moving every
+            # weight of the trained network on a few dozen crops costs more agreement than it restores
+            trained = [p for c in replaced for p in result.model.get_submodule(c.name).parameters()]
+            report = fit(InferenceMode(result.model), heal_data, steps=s["effnet_heal_steps"], lr=s["effnet_heal_lr"],
+                         teacher=InferenceMode(model), params=trained, max_grad_norm=1.0, progress=False,
+                         label="healing")
+            out.append({**row, "healed": True, "heal_seconds": time.perf_counter() - start,
+                        "heal_first_loss": report.losses[0], "heal_final_loss": report.tail_loss(3),
+                        **agreement(logits(result.model), ref)})
+            print(f"[effnet]   healed: top-1 {out[-1]['top1_agreement']:.2f}", flush=True)
     return original, out
 
 
@@ -319,7 +384,7 @@ def plots(summary: dict, out: Path) -> list[str]:
     axes[0].set(xlabel="rollout step", ylabel="relative L2 error", title="wave: multi-step rollout")
     axes[0].legend()
     names = [r["variant"] for r in summary["wave"]["rows"]]
-    dense = summary["wave"]["rows"][0]
+    dense = (summary["wave"]["rows"] or [{}])[0]  # the wave section may not have run
     metrics = {"params": "params", "training RSS": "training_rss_bytes", "s/epoch": "seconds_per_epoch",
                "ORT latency": "ort_p50_ms", "test MSE": "test_mse"}
     for i, (label, key) in enumerate(metrics.items()):
@@ -329,14 +394,17 @@ def plots(summary: dict, out: Path) -> list[str]:
     axes[1].set(ylabel="ratio to dense", title="wave: cost and accuracy vs dense")
     axes[1].legend(fontsize=7)
     eff = summary["efficientnet"]["rows"]
-    if eff:  # the section may not have run
-        axes[2].plot([r["params"] / summary["efficientnet"]["original"]["params"] for r in eff],
-                     [r["top1_agreement"] for r in eff], marker="o", label="top-1 agreement")
-        axes[2].plot([r["params"] / summary["efficientnet"]["original"]["params"] for r in eff],
-                     [r["top5_overlap"] for r in eff], marker="s", label="top-5 overlap")
-        axes[2].set(xlabel="kept params (whole model)", ylabel="agreement with original",
-                    title="EfficientNet-Lite0, CP a posteriori, no healing")
-        axes[2].legend()
+    total = summary["efficientnet"].get("original", {}).get("params", 1)
+    for (allocation, healed), marker in zip(sorted({(r["allocation"], r.get("healed", False)) for r in eff}), "osD^"):
+        rows = [r for r in eff if r["allocation"] == allocation and r.get("healed", False) == healed]
+        label = f"{allocation}{', healed' if healed else ''}"
+        axes[2].plot([r["params"] / total for r in rows], [r["top1_agreement"] for r in rows], marker=marker,
+                     label=f"top-1, {label}")
+        axes[2].plot([r["params"] / total for r in rows], [r["top5_overlap"] for r in rows], marker=marker,
+                     linestyle=":", label=f"top-5 overlap, {label}")
+    axes[2].set(xlabel="kept params (whole model)", ylabel="agreement with original",
+                title="EfficientNet-Lite0, CP a posteriori")
+    axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "apriori_wave_summary.png", dpi=110)
     plt.close(fig)
@@ -381,8 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--section", action="append", choices=list(SECTIONS),
-                        help="run only these sections, e.g. in parallel processes; each writes its part, and "
-                             "the run that finds every part writes the summary (default: all, in turn)")
+                        help="run only these sections (default: all, in turn); their results replace those "
+                             "sections of the existing summary, the others are kept as last measured")
     parser.add_argument("--merge", action="store_true",
                         help="write the summary from the parts present now (missing sections marked as not run)")
     args = parser.parse_args(argv)
@@ -399,13 +467,18 @@ def main(argv: list[str] | None = None) -> dict:
         part["wall_seconds"] = time.perf_counter() - start
         with replace_output(parts[section], JSON) as tmp:
             tmp.write_text(json.dumps(part, indent=2, default=float))
-    if not (args.merge or all(p.exists() for p in parts.values())):
+    if not (args.merge or args.section or all(p.exists() for p in parts.values())):
         return {}
     missing = {"rows": [], "not_run": "did not finish within the time box of this run"}
-    summary: dict = {"settings": s, "machine": machine_info(),
-                     **{k: json.loads(p.read_text()) if p.exists() else missing for k, p in parts.items()}}
+    final = out / "apriori_wave.json"
+    previous = json.loads(final.read_text()) if final.exists() else {}
+    summary: dict = {"settings": s, "machine": machine_info()}
+    for key, part in parts.items():  # a section not run now keeps its last measured result, if any
+        summary[key] = json.loads(part.read_text()) if part.exists() else previous.get(key, missing)
+        if not part.exists() and key in previous:
+            summary[key]["machine"] = summary[key].get("machine", previous.get("machine"))
     summary["figures"] = plots(summary, out)
-    with replace_output(out / "apriori_wave.json", JSON) as tmp:
+    with replace_output(final, JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=float))
     for p in parts.values():
         p.unlink(missing_ok=True)

@@ -7,7 +7,13 @@ Two routes (Boukraichi et al., arXiv 2304.04964, 2023; the layer is in separable
 - a posteriori, init="cp": trained kernels are CP-decomposed (Lebedev et al., ICLR 2015) under the
   shared budget forms: ratio (uniform, or global greedy on a per-layer error curve), rank or
   energy. The error is the kernel's relative squared error, or with calibration data the relative
-  squared change of the model's output when only that layer is factored (its sensitivity).
+  squared change of the model's output when only that layer is factored (its sensitivity,
+  `output_errors`), which the shared global greedy (compress/lowrank_budget.py) then spends on.
+A layer is factored only at ranks whose form has strictly fewer parameters than the layer. Depthwise
+convolutions (groups == in_channels > 1) are skipped by default (`depthwise=False`): a k x k
+depthwise kernel keeps C*k^2 weights and the rank-R form R*C*(2 + 2k), so only rank 1 of a 3x3
+(8C against 9C) or ranks 1-2 of a 5x5 save anything, at the error of a rank-1/2 approximation of
+every k x k filter; on a trained CNN that costs far more accuracy than the few parameters it saves.
 Replay rebuilds the factored structure from the recorded ranks; the weights load afterwards.
 """
 from __future__ import annotations
@@ -23,7 +29,7 @@ from edgeslim.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
-from edgeslim.compress.replace import recorded_module, select_modules, set_submodule, tensor_bytes
+from edgeslim.compress.replace import recorded_module, select_modules, set_submodule, skipped_change, tensor_bytes
 from edgeslim.compress.separable_conv import SeparableConvNd, separable_class
 from edgeslim.errors import ConfigError
 from edgeslim.specs import TensorSpec
@@ -102,6 +108,17 @@ class ConvBudgetLayer:
         return None
 
 
+def depthwise_reason(conv: nn.Module) -> str | None:
+    """Why `factorize` skips `conv` by default (a depthwise convolution), or None when it does not."""
+    if conv.groups == 1 or conv.groups != conv.in_channels:
+        return None
+    cls, c = separable_class(conv), conv.in_channels
+    weights = conv.weight.numel()
+    rank1 = cls.param_count(conv.in_channels, conv.out_channels, conv.kernel_size, 1, conv.groups, bias=False)
+    return (f"depthwise {'x'.join(map(str, conv.kernel_size))} convolution ({c} channels): {weights} weights, "
+            f"the separable form {rank1} per rank; it is skipped by default (depthwise = true includes it)")
+
+
 @torch.no_grad()
 def output_errors(model: nn.Module, layers: Sequence[ConvBudgetLayer], calib, align: int, batches: int = 2) -> None:
     """Sensitivity: relative squared change of the model's output when only one layer is factored,
@@ -131,6 +148,7 @@ class FactorizeConfig(BudgetConfig):
     n_iter: int = 100  # ALS iterations of the CP decomposition (kernels with more than two modes > 1)
     seed: int = 0  # fresh initialisation and the CP start
     sensitivity_batches: int = 2  # calibration batches used to measure each layer's output change
+    depthwise: bool = False  # also factor depthwise convolutions (groups == in_channels > 1); see the module doc
 
     def validate(self) -> None:
         super().validate()
@@ -157,7 +175,12 @@ class Factorize(Compressor):
         fresh = config.init == "fresh"
         config = config.resolve(data_aware=calib is not None and not fresh, context=context)
         model = working_copy(model, inplace)
-        chosen = select_modules(model, config.target, config.exclude, types=(nn.Conv2d, nn.Conv3d))
+        selected = select_modules(model, config.target, config.exclude, types=(nn.Conv2d, nn.Conv3d))
+        skipped = {n: r for n, c in selected if not config.depthwise and (r := depthwise_reason(c)) is not None}
+        chosen = [(n, c) for n, c in selected if n not in skipped]
+        if not chosen:
+            raise ConfigError(f"no convolution left to factorize: the {len(skipped)} selected are depthwise, which "
+                              "factorize skips by default (set depthwise = true to factor them anyway)")
         for _, conv in chosen:  # refuse what the layer cannot express before any work
             separable_class(conv).empty_like(conv, 1)
         layers = [ConvBudgetLayer(n, c, config.n_iter, config.seed) for n, c in chosen]
@@ -168,28 +191,28 @@ class Factorize(Compressor):
                 for l in layers:
                     l.errors = {r: l.kernel_error(r) for r in l.grid(config.align)}
         ranks = allocate(layers, config)
-        changes = []
+        changes = {n: skipped_change(n, c, skipped[n]) for n, c in selected if n in skipped}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             for l in layers:
                 rank, size = ranks[l.name], l.conv.weight.element_size()
                 if rank is None:
-                    changes.append(LayerChange(l.name, type(l.conv).__name__, l.dense_params, l.dense_params,
-                                               status="dense", bytes_before=tensor_bytes(l.conv),
-                                               bytes_after=tensor_bytes(l.conv), rel_error=0.0,
-                                               note=dense_note(l, config)))
+                    changes[l.name] = LayerChange(l.name, type(l.conv).__name__, l.dense_params, l.dense_params,
+                                                  status="dense", bytes_before=tensor_bytes(l.conv),
+                                                  bytes_after=tensor_bytes(l.conv), rel_error=0.0,
+                                                  note=dense_note(l, config))
                     continue
                 new = l.cls.empty_like(l.conv, rank) if fresh else l.layer(rank)
                 set_submodule(model, l.name, new)
-                changes.append(LayerChange(
+                changes[l.name] = LayerChange(
                     l.name, f"{type(l.conv).__name__} -> {type(new).__name__}", l.dense_params, l.params_at(rank), rank,
                     bytes_before=tensor_bytes(l.conv), bytes_after=size * l.params_at(rank),
                     rel_error=None if fresh else l.kernel_error(rank) ** 0.5,
                     sensitivity=l.error_at(rank) if l.measured else None,
-                    note="fresh init (a priori: train it)" if fresh else ""))
+                    note="fresh init (a priori: train it)" if fresh else "")
         resolved = {"init": config.init, "ranks": {n: r for n, r in ranks.items() if r is not None},
-                    "dense": [n for n, r in ranks.items() if r is None]}
-        return self.result(model, config, changes, resolved)
+                    "dense": [n for n, r in ranks.items() if r is None], "skipped": skipped}
+        return self.result(model, config, [changes[n] for n, _ in selected], resolved)
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Swap the recorded convolutions for empty SeparableConv layers of the recorded ranks."""
