@@ -7,7 +7,7 @@ on each method's (weighted) spectral energy, and with asvd also on the measured 
 ranks allocated by the shared greedy on it; compress/sensitivity.py). Measures perplexity on BBC
 News test documents, parameters, and for the original and one variant the ONNX file size and ONNX
 Runtime CPU latency (batch 1 and 8, sequence 256), timed in alternating rounds. The best variant at
-the heal ratios is then healed by a short fine-tune on BBC training text (next-token loss).
+the heal ratios is then healed by a short fine-tune on BBC training text distilling the original's logits.
 SmolLM2's weights sit on a Q4_1 grid before any of this (GGUF package).
 
     python bench/lowrank_llm.py            # subsampled full run, writes bench/results/
@@ -16,6 +16,7 @@ SmolLM2's weights sit on a Q4_1 grid before any of this (GGUF package).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_linear_maps  # noqa: E402
 from edgeslim.compress.sensitivity import compress_by_loss, profile_lowrank  # noqa: E402
 from edgeslim.compress.svd import ASVD, FWSVD, SVD  # noqa: E402
-from edgeslim.compress.train import heal  # noqa: E402
+from edgeslim.compress.train import heal, logit_kl  # noqa: E402
 from edgeslim.data import DEMO_SENTENCES, text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
@@ -53,7 +54,7 @@ RESULTS = Path(__file__).parent / "results"
 TARGET = r"hf\.model\.layers\.\d+\..*"  # the decoder's linear maps
 METHODS = {"svd": SVD(), "fwsvd": FWSVD(), "asvd": ASVD()}
 FULL = dict(model="smollm2", ratios=[0.9, 0.8, 0.7], baseline_methods=["svd", "fwsvd"], baseline_ratios=[0.8],
-            heal_ratios=[0.9, 0.8], heal_method="asvd+loss", heal_steps=10,
+            heal_ratios=[0.9, 0.8], heal_method="asvd+loss", heal_steps=40,
             heal_batch=2, heal_lr=1e-4, eval_docs=12, eval_tokens=256, calib_docs=16, calib_batch=4,
             loss_method="asvd", probe_ratio=0.8, profile_docs=2, profile_tokens=128,
             latency_variant=("asvd+loss", 0.8), latency_batches=[1, 8], latency_seq=256, latency_rounds=2,
@@ -65,8 +66,8 @@ QUICK = dict(FULL, model="tiny", ratios=[0.8], heal_ratios=[0.8], heal_steps=2, 
 CUT = ("svd and fwsvd only at kept 0.8 (SVD-LLM's 20% compression, the ordering check); "
        "perplexity on the first 256 tokens of 12 BBC News test docs (of 334); calibration statistics from 16 "
        "training docs x 256 tokens; the loss profile (210 layers, one at a time) on 2 training docs x 128 tokens, "
-       "only for asvd, probed once at kept 0.8 and reused for 0.9 and 0.7; heal 10 steps (batch 2 x 256 "
-       "tokens, next-token loss) of asvd+loss at 0.9 and 0.8 only; latency 2 alternating rounds x 1 call")
+       "only for asvd, probed once at kept 0.8 and reused for 0.9 and 0.7; heal 40 steps (batch 2 x 256 "
+       "tokens, KL to the original's logits) of asvd+loss at 0.9 and 0.8 only; latency 2 alternating rounds x 1 call")
 
 
 def tiny_llama(folder: Path) -> Path:
@@ -110,7 +111,7 @@ def run(cfg: dict, out: Path) -> dict:
                "targeted_layers": len(chosen), "targeted_params": targeted, "skipped": skipped,
                "weights_note": "SmolLM2 weights are dequantized from a Q4_1 GGUF: already on a 4-bit grid",
                "eval": f"perplexity on the first {cfg['eval_tokens']} tokens of {len(eval_texts)} BBC News test docs",
-               "heal_note": "heal = AdamW on the next-token loss of the calibration texts (not logit distillation)",
+               "heal_note": "heal = AdamW distilling the original's logits (KL per token) on the calibration texts",
                "machine": machine_info(), "original": {"perplexity": ppl(model), "params": count_params(model)},
                "rows": []}
     print(f"original: perplexity {summary['original']['perplexity']:.3f}", flush=True)
@@ -134,7 +135,7 @@ def run(cfg: dict, out: Path) -> dict:
             else:
                 result = compressor.compress_with_stats(model, config, stats[method])
             row = {"method": method, "ratio": ratio, "healed": False, "perplexity": ppl(result.model),
-                   "params": count_params(result.model), "layers_factored": len(result.changes),
+                   "params": count_params(result.model), "layers_factored": sum(c.decision is not None for c in result.changes),
                    "targeted_kept": (targeted - result.params_before + result.params_after) / targeted}
             row["ppl_ratio"] = row["perplexity"] / summary["original"]["perplexity"]
             summary["rows"].append(row)
@@ -142,11 +143,11 @@ def run(cfg: dict, out: Path) -> dict:
             print(f"{method:6s} kept {ratio:.2f}: perplexity {row['perplexity']:.3f} (x{row['ppl_ratio']:.2f}), "
                   f"{row['layers_factored']} layers factored", flush=True)
             write_results(summary, out)
-    heal_data = split_batches(calib, cfg["heal_batch"])
+    heal_data = dataclasses.replace(split_batches(calib, cfg["heal_batch"]), targets=None)  # distil the original
     for ratio in cfg["heal_ratios"]:
         small = variants[(cfg["heal_method"], ratio)]
         t1 = time.perf_counter()
-        report = heal(small, heal_data, steps=cfg["heal_steps"], lr=cfg["heal_lr"], seed=0)
+        report = heal(small, heal_data, steps=cfg["heal_steps"], lr=cfg["heal_lr"], seed=0, teacher=model, loss=logit_kl)
         row = {"method": cfg["heal_method"], "ratio": ratio, "healed": True, "heal_steps": cfg["heal_steps"],
                "heal_seconds": time.perf_counter() - t1, "heal_final_loss": report.final_loss,
                "perplexity": ppl(small), "params": count_params(small)}
