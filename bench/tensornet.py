@@ -47,7 +47,7 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.errors import require  # noqa: E402
+from edgeslim.errors import ConfigError, require  # noqa: E402
 from edgeslim.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
@@ -317,7 +317,7 @@ def smollm(cfg: dict, summary: dict, out: Path, resume: bool = False) -> None:
            "heal_note": f"heal = {llm['heal_steps']} AdamW steps, next-token loss on the {len(calib_texts)} calibration "
                         f"texts in batches of {llm['heal_batch']}, first {llm['heal_tokens']} tokens", "machine": machine_info(), "rows": []}
     summary["smollm2"] = res
-    done = {}  # --resume: the rows of ratios a previous run of the same settings measured are kept
+    done: set[float] = set()  # --resume: the rows of ratios a previous run of the same settings measured are kept
     if resume and (out / "tensornet.json").is_file():
         old = json.loads((out / "tensornet.json").read_text()).get("smollm2", {})
         if (old.get("texts"), old.get("tokens"), old.get("heal_note")) == (res["texts"], res["tokens"], res["heal_note"]):

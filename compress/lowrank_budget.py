@@ -181,8 +181,7 @@ def _greedy(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[str
         if spent + cost > budget:
             # the hull step does not fit: the decisions it skipped may (a smaller layer may too)
             here, there = path[l.name][index[l.name]], path[l.name][index[l.name] + 1]
-            top = l.dense_params if there is None else l.params_at(there)
-            between = [d for d in options[l.name] if l.params_at(here) <= l.params_at(d) < top]
+            between = [d for d in options[l.name] if params(l, here) <= l.params_at(d) < params(l, there)]
             path[l.name] = path[l.name][:index[l.name]] + _hull(l, between, dense=False)
             if index[l.name] + 1 < len(path[l.name]):
                 heapq.heappush(heap, (-step(l)[0], i))

@@ -59,10 +59,14 @@ def select_modules(model: nn.Module, target: Targets = None, exclude: Targets = 
         if not names:
             raise ConfigError(f"the model has no {type_names} module to compress")
         wanted = target if isinstance(target, str) else (list(target)[0] if target else "")
-        near = difflib.get_close_matches(str(wanted), names, n=5, cutoff=0.0) or names[:5]
         raise ConfigError(f"no {type_names} module matches target={target!r} exclude={exclude!r}; "
-                          f"nearest names: {near}")
+                          f"nearest names: {nearest_names(wanted, names, 5)}")
     return chosen
+
+
+def nearest_names(wanted: object, names: Sequence[str], n: int) -> list[str]:
+    """The `n` module names closest to what the user wrote (for "nearest names" in errors)."""
+    return difflib.get_close_matches(str(wanted), list(names), n=n, cutoff=0.0) or list(names[:n])
 
 
 class LinearView(NamedTuple):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import io
 import logging
 import math
@@ -32,7 +31,7 @@ from torch import nn
 
 from edgeslim.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
-from edgeslim.compress.replace import linear_types, select_modules, skipped_change, tied_parameters
+from edgeslim.compress.replace import linear_types, nearest_names, select_modules, skipped_change, tied_parameters
 from edgeslim.config import ConfigBase
 from edgeslim.errors import ConfigError, require
 from edgeslim.onnx_io import dims_for
@@ -80,10 +79,9 @@ def _kept_fp32(model: nn.Module, config: WeightQuantConfig) -> dict[str, str]:
     targeted = {n for n, _ in select_modules(model, config.target, None, types=_candidates())}
     chosen = {n for n, _ in select_modules(model, config.target, config.exclude, types=_candidates())}
     if config.exclude is not None and chosen == targeted:
-        near = difflib.get_close_matches(str(config.exclude), names, n=3, cutoff=0.0)
         raise ConfigError(f"exclude={config.exclude!r} matches no layer wq quantizes (a string is a regex matched "
                           f"against the whole dotted name, e.g. '.*lm_head'; a list holds names or dotted "
-                          f"suffixes); nearest names: {near}")
+                          f"suffixes); nearest names: {nearest_names(config.exclude, names, 3)}")
     kept = {n: "excluded" if n in targeted else "not in target" for n in names if n not in chosen}
     tied = tied_parameters(model)
     for name in list(kept):

@@ -32,20 +32,26 @@ def torch_outputs(model: nn.Module, feeds: Mapping[str, np.ndarray]) -> list[np.
     return [o.detach().float().cpu().numpy() for o in outs]
 
 
-def compare(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], atol: float,
-            rtol: float) -> list[OutputCheck]:
-    """Compare output lists element-wise with |a - e| <= atol * max(1, max|e|) + rtol * |e|.
+def close(actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> bool:
+    """|a - e| <= atol * max(1, max|e|) + rtol * |e| element-wise (same shapes).
 
     The absolute term scales with the output's largest magnitude: float32 error accumulates in
     proportion to it (a causal LM's logits of +-30 after 30 factored blocks differ by ~1e-3 near
-    zero while matching to 1e-5 relative); for outputs within +-1 this is numpy's allclose.
+    zero while matching to 1e-5 relative); for values within +-1 this is numpy's allclose.
     """
+    e = expected
+    scale = max(1.0, float(np.max(np.abs(e)))) if e.size and np.issubdtype(e.dtype, np.floating) else 1.0
+    return bool(np.allclose(actual, e, atol=atol * scale, rtol=rtol, equal_nan=False))
+
+
+def compare(names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], atol: float,
+            rtol: float) -> list[OutputCheck]:
+    """Compare output lists element-wise with `close`."""
     rows = []
     for name, e, a in zip(names, expected, actual):
         same_shape = e.shape == a.shape
         diff = float(np.max(np.abs(a.astype(np.float64) - e))) if same_shape and e.size else (0.0 if same_shape else float("inf"))
-        scale = max(1.0, float(np.max(np.abs(e)))) if e.size and np.issubdtype(e.dtype, np.floating) else 1.0
-        ok = same_shape and bool(np.allclose(a, e, atol=atol * scale, rtol=rtol, equal_nan=False))
+        ok = same_shape and close(a, e, atol, rtol)
         rows.append(OutputCheck(name, tuple(e.shape), tuple(a.shape), diff, ok))
     return rows
 
@@ -103,7 +109,7 @@ def locate_divergence(path: str | Path, model: nn.Module, feeds: Mapping[str, np
     for name, expected in recorded:
         value = last_node_of[name]
         if value in produced and values[value].shape == expected.shape:
-            if not np.allclose(values[value], expected, atol=atol, rtol=rtol):
+            if not close(values[value], expected, atol, rtol):
                 return name
     return None
 
@@ -117,7 +123,7 @@ def check_parity(path: str | Path, model: nn.Module, feeds: Mapping[str, np.ndar
 
     Raises:
         SourceError: ONNX Runtime cannot load the file.
-        ExportValidationError: any output differs in shape or beyond atol + rtol * |expected|; the
+        ExportValidationError: any output differs in shape or beyond `close`'s tolerance; the
             message holds a table (output, shapes, max abs diff) and the first diverging module.
     """
     try:
