@@ -13,7 +13,7 @@ apply behind a DequantizeLinear). Two cases are closed here, from ranges calibra
   (ORT fuses the quantized Sigmoid for uint8 only.) Activations spread over all of 0..255 make the
   u8s8 kernels of CPUs without VNNI saturate their 16-bit pair sums (VPMADDUBSW; measured here as a
   3x larger error), so the Convs that read the table get 7-bit weights, ORT's own remedy
-  (`reduce_range`).
+  (`reduce_range`), where NNCF has not made every weight 7-bit already (`overflow_fix`).
 A Conv whose output goes straight to the graph output (ESPCN's last, before DepthToSpace) is left
 as it is: quantizing its output was measured here to lose 4 dB against fp32 in ORT 1.32's fused
 QLinearConv (one of its 9 output channels, not in the unfused Q/DQ simulation).
@@ -142,8 +142,9 @@ def _seven_bit(model, weight_dq) -> None:
     _scale_init(model, weight_dq.input[1], 2.0)
 
 
-def close_chains(model, sites: Mapping[str, Sequence]) -> None:
-    """Apply the recorded rewrites (`site_ranges`) to the QDQ `model` in place.
+def close_chains(model, sites: Mapping[str, Sequence], seven_bit: bool = True) -> None:
+    """Apply the recorded rewrites (`site_ranges`) to the QDQ `model` in place; `seven_bit`: requantize
+    the weights of the Convs that read a table (False when every weight is 7-bit already).
 
     Raises:
         KeyError: a recorded site is not a Conv output of this graph (the caller names the file).
@@ -156,5 +157,38 @@ def close_chains(model, sites: Mapping[str, Sequence]) -> None:
             raise KeyError(z)
         readers |= {dq.name: dq for dq in _tanh_as_sigmoid(model, conv, uses[z][0])}
         _quantize_output(model, conv, *uint8_grid(lo, hi))
-    for dq in readers.values():
+    for dq in readers.values() if seven_bit else ():
         _seven_bit(model, dq)
+
+
+def unsigned_activations(model) -> int:
+    """Make every int8 activation quantizer uint8 (zero point + 128: q' = q + 128, the same values), in
+    place; returns how many zero points changed.
+
+    ORT fuses `DQ -> Conv -> Q` into a QLinearConv only when its input and output have one type, and
+    NNCF quantizes non-negative activations (after ReLU/ReLU6) to uint8 but signed ones to int8: each
+    Conv between the two (EfficientNet's projection convs) ran in fp32 on dequantized weights.
+    """
+    import onnx
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = _consumers(model)
+    weight_zps = {n.input[2] for n in model.graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 2}
+    names = set()
+    for q in model.graph.node:
+        if q.op_type == "QuantizeLinear" and q.input[0] not in inits and len(q.input) > 2:
+            names |= {q.input[2]} | {dq.input[2] for dq in uses.get(q.output[0], [])
+                                     if dq.op_type == "DequantizeLinear" and len(dq.input) > 2}
+    changed = set()
+    for name in sorted(names - weight_zps):
+        zp = numpy_helper.to_array(inits[name])
+        if zp.dtype == np.int8:
+            inits[name].CopyFrom(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name))
+            changed.add(name)
+    retyped = changed | {q.output[0] for q in model.graph.node if q.op_type == "QuantizeLinear" and q.input[2:3]
+                         and q.input[2] in changed}
+    for info in list(model.graph.value_info) + list(model.graph.output):  # recorded types of the int8 tensors
+        if info.name in retyped:
+            info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    return len(changed)

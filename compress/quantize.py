@@ -29,7 +29,7 @@ from torch import nn
 
 from edgeslim.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
-from edgeslim.compress.int8_chains import chain_sites, close_chains, site_ranges
+from edgeslim.compress.int8_chains import chain_sites, close_chains, site_ranges, unsigned_activations
 from edgeslim.config import ConfigBase
 from edgeslim.errors import ConfigError, ExportValidationError, require
 from edgeslim.onnx_io import dims_for, export_graph
@@ -54,6 +54,11 @@ class Int8Config(ConfigBase):
     eval_fraction: float = 0.25  # with max_drop: share of the calibration batches held out to measure it
     opset: int = 20  # must match the opset the artifact is exported with
     tanh_table: bool = True  # Conv -> Tanh as QLinearConv + ORT's quantized sigmoid table (int8_chains)
+    # 7-bit weights in every Conv/MatMul (NNCF's overflow fix): x86 CPUs without VNNI (AVX2, AVX-512F)
+    # multiply uint8 x int8 with vpmaddubsw, whose int16 pair sums saturate on 8-bit weights (measured
+    # here: a factored MiniLM's embedding at cosine 0.03 in ORT, a ReLU ESPCN at -6 dB); first_layer is
+    # NNCF's default; disable (8 bits) is for VNNI/AMX CPUs, GPUs, or graphs ORT runs in fp32 anyway
+    overflow_fix: Literal["enable", "first_layer", "disable"] = "enable"
 
     def validate(self) -> None:
         if self.subset_size < 1:
@@ -79,16 +84,25 @@ def _numpy_batches(data: CalibData, names: Sequence[str]) -> list[dict[str, np.n
 
 def _quantize_kwargs(resolved: Mapping[str, Any], bias_correction: bool) -> dict[str, Any]:
     nncf = _nncf()
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       AdvancedSmoothQuantParameters, OverflowFix,
+                                                       QuantizationParameters)
 
     opts = resolved["nncf"]
     # SmoothQuant rescales weights by data-dependent factors; it is off so weights stay data-free.
+    # Artifacts written before overflow_fix was recorded used NNCF's default, first_layer.
     advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction,
-                                              smooth_quant_alphas=AdvancedSmoothQuantParameters(-1, -1))
+                                              smooth_quant_alphas=AdvancedSmoothQuantParameters(-1, -1),
+                                              overflow_fix=OverflowFix(_OVERFLOW[opts.get("overflow_fix", "first_layer")]))
+    if opts.get("per_tensor_activations"):  # ORT's QLinear kernels take one activation scale per tensor
+        advanced.activations_quantization_params = QuantizationParameters(per_channel=False)
     return {"preset": nncf.QuantizationPreset(opts["preset"]),
             "model_type": nncf.ModelType.TRANSFORMER if opts["model_type"] == "transformer" else None,
             "ignored_scope": nncf.IgnoredScope(names=list(opts["ignored"]), validate=False),
             "fast_bias_correction": True, "subset_size": opts["subset_size"]}, advanced
+
+
+_OVERFLOW = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}
 
 
 def _init_arrays(model) -> dict[str, np.ndarray]:
@@ -310,7 +324,8 @@ class Int8(Compressor):
             bias_correction = not _dense_output(fp32)
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
                              "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored),
-                             "fast_bias_correction": bias_correction},
+                             "fast_bias_correction": bias_correction, "overflow_fix": config.overflow_fix,
+                             "per_tensor_activations": True},
                     "opset": config.opset, "nncf_version": nncf.__version__}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=bias_correction)
         kwargs["fast_bias_correction"] = bias_correction
@@ -400,8 +415,10 @@ class Int8(Compressor):
                                             "graph") from None
         if reverted:
             _revert(model, fp32, sorted(reverted))
+        overflow = resolved["nncf"].get("overflow_fix", "first_layer")  # older artifacts: NNCF's default
         try:
-            close_chains(model, resolved.get("tanh_table", {}))
+            close_chains(model, resolved.get("tanh_table", {}), seven_bit=overflow == "first_layer")
         except KeyError as exc:
             raise ExportValidationError(f"{onnx_in}: recorded Conv -> Tanh site {exc} is not in the exported graph") from None
+        unsigned_activations(model)  # lossless; lets ORT fuse Convs between uint8 and int8 activations
         onnx.save(model, str(onnx_out))

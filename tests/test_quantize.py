@@ -97,7 +97,8 @@ def test_export_rebuilds_the_qdq_graph_without_calibration_data(quantized, tmp_p
         if node.name in result.resolved["activations"]:
             q = result.resolved["activations"][node.name]
             assert float(inits[node.input[1]]) == pytest.approx(q["scale"], rel=1e-7)
-            assert str(inits[node.input[2]].dtype) == q["dtype"]
+            zp = inits[node.input[2]]  # int8 zero points become uint8 + 128 (the same values, fused by ORT)
+            assert (str(zp.dtype), int(zp)) in ((q["dtype"], q["zero_point"]), ("uint8", q["zero_point"] + 128))
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == len(result.resolved["activations"])
     assert any(v.dtype == np.int8 and v.ndim == 4 for v in inits.values())  # int8 conv weights stored
 
@@ -105,8 +106,15 @@ def test_export_rebuilds_the_qdq_graph_without_calibration_data(quantized, tmp_p
     import nncf
     from edgeslim.export.onnx import to_onnx
     to_onnx(loaded.model, loaded.inputs, tmp_path / "f.onnx")
-    direct = nncf.quantize(onnx.load(str(tmp_path / "f.onnx")),
-                           nncf.Dataset([{"x": b["x"].numpy()} for b in calib_data().batches]), subset_size=6)
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, OverflowFix,
+                                                       QuantizationParameters)
+    from edgeslim.compress.int8_chains import unsigned_activations
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE,  # edgeslim's defaults
+                                              activations_quantization_params=QuantizationParameters(per_channel=False))
+    direct = nncf.quantize(onnx.load(str(tmp_path / "f.onnx")), advanced_parameters=advanced,
+                           calibration_dataset=nncf.Dataset([{"x": b["x"].numpy()} for b in calib_data().batches]),
+                           subset_size=6)
+    unsigned_activations(direct)
     from edgeslim.compress.quantize import _ort
     x = np.random.default_rng(0).random((4, 1, 12, 12), dtype=np.float32)
     np.testing.assert_allclose(_ort(qmodel).run(None, {"x": x})[0], _ort(direct).run(None, {"x": x})[0], atol=1e-6)

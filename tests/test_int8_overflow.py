@@ -1,0 +1,74 @@
+"""INT8 weights are 7-bit by default (NNCF's overflow fix on every Conv/MatMul): x86 CPUs without VNNI
+multiply uint8 x int8 with vpmaddubsw, whose int16 pair sums saturate on full 8-bit weights; int8
+activation quantizers become uint8 so ORT fuses every Conv between two of them."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeslim import pipeline
+
+pytest.importorskip("nncf")
+
+
+def _int8_weights(path) -> list[np.ndarray]:
+    graph = onnx.load(str(path)).graph
+    return [numpy_helper.to_array(i) for i in graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+
+
+@pytest.mark.parametrize("fix", ["enable", "disable"])
+def test_weight_range_follows_overflow_fix(fix, tmp_path):
+    steps = [{"method": "asvd", "ratio": 0.5, "calib": "random:32"},
+             {"method": "int8", "calib": "random:32", "overflow_fix": fix}]
+    loaded, _, results, path = pipeline.compress_to_artifact("tiny-mlp", steps, tmp_path / "q.slim", quiet=True)
+    assert results[1].resolved["nncf"]["overflow_fix"] == fix
+    from edgeslim import artifact
+    info = pipeline.export_model(artifact.load(path), "onnx", tmp_path / "q.onnx", quiet=True)
+    weights = _int8_weights(info["onnx"])
+    assert len(weights) >= 3  # every factor of every layer, and the dense head
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    # 7 bits: within [-64, 64]; 8 bits: every per-channel quantizer reaches +-127 on its largest weight
+    assert (peak <= 64) if fix != "disable" else (peak >= 127), peak
+
+
+def test_unknown_overflow_fix_is_refused():
+    from edgeslim.compress.base import get_compressor
+    from edgeslim.errors import ConfigError
+    with pytest.raises(ConfigError, match="overflow_fix"):
+        get_compressor("int8").make_config({"overflow_fix": "sometimes"})
+
+
+def test_int8_activations_become_uint8_losslessly():
+    """A Conv between a uint8 and an int8 quantizer is not fused by ORT; the int8 zero point + 128 gives
+    the same values as uint8, and the recorded types follow."""
+    from onnx import TensorProto, helper
+    from edgeslim.compress.int8_chains import unsigned_activations
+    inits = [numpy_helper.from_array(np.full((2, 2, 1, 1), 100, np.int8), "w"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws"), numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(-3, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.graph.value_info.extend([helper.make_tensor_value_info("z", TensorProto.INT8, [])])  # as NNCF records it
+    import onnxruntime as ort
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 3)).astype(np.float32) * 5
+
+    def run(m):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the Q/DQ arithmetic itself
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    before = run(model)
+    assert unsigned_activations(model) == 1
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert arrays["z"].dtype == np.uint8 and int(arrays["z"]) == 125 and arrays["wz"].dtype == np.int8  # weights stay
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    np.testing.assert_array_equal(run(model), before)
