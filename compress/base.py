@@ -30,6 +30,8 @@ Decision = int | tuple[int, ...]  # a rank, a kept channel count, or several (MP
 class Measure(Protocol):
     """What the pipeline can measure for a compressor on the target (compress/ never imports runtime/)."""
 
+    times_models: bool  # model_ms really runs the model given (a local target), not a recorded latency
+
     def gemm_ms(self, m: int, k: int, n: int) -> float:
         """Latency in ms of an (m x k) @ (k x n) matrix product on the target."""
         ...

@@ -23,32 +23,41 @@ from edgeslim.specs import TensorSpec, example_feeds
 class LocalMeasure:
     """GEMM table and model latency of a local CPU profile, measured on this machine."""
 
-    def __init__(self, profile: str, iters: int = 5) -> None:
+    times_models = True
+
+    def __init__(self, profile: str, iters: int = 10) -> None:
         from edgeslim.runtime.peak import GemmTable
         from edgeslim.runtime.targets import load_profile
 
         self.profile = load_profile(profile)
         self.table = GemmTable(self.profile.threads)
         self.iters = iters
+        self._exports: dict[int, tuple[nn.Module, tempfile.TemporaryDirectory, Path]] = {}
 
     def gemm_ms(self, m: int, k: int, n: int) -> float:
         return self.table.gemm_ms(m, k, n)
 
     def model_ms(self, model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
-        """p50 latency of `model` exported to ONNX (validated) and run in the profile's session."""
+        """p50 latency of `model` exported to ONNX (validated) and run in the profile's session. The export
+        is kept while this measure lives (the model with it, so its id stays its own): timing the same
+        model again, beside another one, costs no second export."""
         from edgeslim.export.onnx import to_onnx
         from edgeslim.runtime.measure import measure
         from edgeslim.runtime.session import open_session
 
-        with tempfile.TemporaryDirectory(prefix="edgeslim-latency-") as tmp:
-            path = Path(tmp) / "model.onnx"
+        if id(model) not in self._exports:
+            tmp = tempfile.TemporaryDirectory(prefix="edgeslim-latency-")
+            path = Path(tmp.name) / "model.onnx"
             to_onnx(model, list(inputs), path)
-            with open_session(path, self.profile) as session:
-                return measure(session, example_feeds(inputs, dims), warmup=2, iters=self.iters).p50_ms
+            self._exports[id(model)] = (model, tmp, path)
+        with open_session(self._exports[id(model)][2], self.profile) as session:
+            return measure(session, example_feeds(inputs, dims), warmup=2, iters=self.iters).p50_ms
 
 
 class TableMeasure:
     """GEMM and model latencies of another target, read from a table measured on it."""
+
+    times_models = False  # model_ms is the source model's recorded latency, whatever model is asked about
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
