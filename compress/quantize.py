@@ -90,10 +90,9 @@ def _quantize_kwargs(resolved: Mapping[str, Any], bias_correction: bool) -> dict
 
     opts = resolved["nncf"]
     # SmoothQuant rescales weights by data-dependent factors; it is off so weights stay data-free.
-    # Artifacts written before overflow_fix was recorded used NNCF's default, first_layer.
     advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction,
                                               smooth_quant_alphas=AdvancedSmoothQuantParameters(-1, -1),
-                                              overflow_fix=OverflowFix(_OVERFLOW[opts.get("overflow_fix", "first_layer")]))
+                                              overflow_fix=OverflowFix(_OVERFLOW[overflow_fix(resolved)]))
     if opts.get("per_tensor_activations"):  # ORT's QLinear kernels take one activation scale per tensor
         advanced.activations_quantization_params = QuantizationParameters(per_channel=False)
     return {"preset": nncf.QuantizationPreset(opts["preset"]),
@@ -103,6 +102,11 @@ def _quantize_kwargs(resolved: Mapping[str, Any], bias_correction: bool) -> dict
 
 
 _OVERFLOW = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}
+
+
+def overflow_fix(resolved: Mapping[str, Any]) -> str:
+    """The recorded overflow fix; artifacts written before it was recorded used NNCF's default."""
+    return resolved["nncf"].get("overflow_fix", "first_layer")
 
 
 def _init_arrays(model) -> dict[str, np.ndarray]:
@@ -415,9 +419,8 @@ class Int8(Compressor):
                                             "graph") from None
         if reverted:
             _revert(model, fp32, sorted(reverted))
-        overflow = resolved["nncf"].get("overflow_fix", "first_layer")  # older artifacts: NNCF's default
         try:
-            close_chains(model, resolved.get("tanh_table", {}), seven_bit=overflow == "first_layer")
+            close_chains(model, resolved.get("tanh_table", {}), seven_bit=overflow_fix(resolved) == "first_layer")
         except KeyError as exc:
             raise ExportValidationError(f"{onnx_in}: recorded Conv -> Tanh site {exc} is not in the exported graph") from None
         unsigned_activations(model)  # lossless; lets ORT fuse Convs between uint8 and int8 activations

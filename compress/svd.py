@@ -309,7 +309,8 @@ class _LowRankCompressor(Compressor):
         says whether factoring paid off); a speedup budget is allocated in milliseconds from it.
         GEMMs timed alone overstate what the factored model gains (measured on MiniLM: asked 1.3 / 1.5 /
         2.0, the model ran 1.18 / 1.22 / 1.62x faster), so with `factored` (ranks -> model) and a
-        measure that times models (a local target; a remote table cannot) the allocated model itself is timed and the budget re-aimed at speedup * asked / measured, up to
+        measure that times models (a local target; a remote table cannot) the allocated model itself is
+        timed beside the original and the budget re-aimed at speedup * asked / measured, up to
         RETARGET_ROUNDS times, until the measured speedup reaches the one asked for.
 
         Raises:

@@ -261,7 +261,8 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 _BUILDERS: dict[str, Callable[[LoadedModel, int | None, int, int], CalibData]] = {
-    "bbc-news": _bbc, "bbc-news-sentences": _bbc_sentences, "sentences": _sentences, "random": _random, "sr-patches": _sr_patches}
+    "bbc-news": _bbc, "bbc-news-sentences": _bbc_sentences, "sentences": _sentences, "random": _random,
+    "sr-patches": _sr_patches}
 
 
 def load_calibration(spec: str, loaded: LoadedModel, batch_size: int = 16, seed: int = 0) -> CalibData:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,25 +33,27 @@ class LocalMeasure:
         self.profile = load_profile(profile)
         self.table = GemmTable(self.profile.threads)
         self.iters = iters
-        self._exports: dict[int, tuple[nn.Module, tempfile.TemporaryDirectory, Path]] = {}
+        self._exports: dict[int, tuple[weakref.ref, Path]] = {}  # id(model) -> (the model, its ONNX file)
 
     def gemm_ms(self, m: int, k: int, n: int) -> float:
         return self.table.gemm_ms(m, k, n)
 
     def model_ms(self, model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
         """p50 latency of `model` exported to ONNX (validated) and run in the profile's session. The export
-        is kept while this measure lives (the model with it, so its id stays its own): timing the same
-        model again, beside another one, costs no second export."""
+        is kept while the model lives: timing the same model again, beside another one, costs no second
+        export, and a model that is gone (a speedup budget's trial) takes its export with it."""
         from edgeslim.export.onnx import to_onnx
         from edgeslim.runtime.measure import measure
         from edgeslim.runtime.session import open_session
 
-        if id(model) not in self._exports:
+        ref, path = self._exports.get(id(model), (None, None))
+        if ref is None or ref() is not model:  # never exported, or another model that had this id
             tmp = tempfile.TemporaryDirectory(prefix="edgeslim-latency-")
             path = Path(tmp.name) / "model.onnx"
             to_onnx(model, list(inputs), path)
-            self._exports[id(model)] = (model, tmp, path)
-        with open_session(self._exports[id(model)][2], self.profile) as session:
+            weakref.finalize(model, tmp.cleanup)
+            self._exports[id(model)] = (weakref.ref(model), path)
+        with open_session(path, self.profile) as session:
             return measure(session, example_feeds(inputs, dims), warmup=2, iters=self.iters).p50_ms
 
 
