@@ -10,6 +10,11 @@ are also healed by a short fine-tune.
     python bench/lowrank_minilm.py            # full run (~25 min on 2 cores), writes bench/results/
     python bench/lowrank_minilm.py --quick    # tiny BERT, seconds; used by a test
     python bench/lowrank_minilm.py --sections heal,speedup --merge   # add rows to an earlier run's JSON
+    python bench/lowrank_minilm.py --sections retime --merge --latency-rounds 7 --latency-iters 10
+
+`retime` re-measures the latency of the JSON's plain rows, once per distinct graph: rows whose ranks
+are equal (svd, fwsvd and uniform asvd at one ratio) export the same shapes, so the spread of their
+timings in the grid is the machine's noise, and one longer paired measurement replaces it.
 
 The latency-aware rows (`speedup = 1.3 / 1.5 / 2.0`, asvd with the GEMM table of this machine) are
 labelled "asvd-speedup"; their `speedup_target` is what was asked, `speedup` what was measured.
@@ -17,6 +22,7 @@ labelled "asvd-speedup"; their `speedup_target` is what was asked, `speedup` wha
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -37,9 +43,8 @@ import torch  # noqa: E402
 
 from edgeslim.calib import CalibData  # noqa: E402
 from edgeslim.compress.base import CompressContext  # noqa: E402
-from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
-from edgeslim.compress.svd import ASVD, FWSVD, SVD  # noqa: E402
+from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import bbc_news_classes, bbc_news_split  # noqa: E402
 from edgeslim.errors import ConfigError, require  # noqa: E402
@@ -210,14 +215,16 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
     if cfg.get("merge") and earlier.is_file():  # keep an earlier invocation's rows (and say so)
         old = json.loads(earlier.read_text())
         summary["rows"] = [r for r in old["rows"] if not (r["healed"] and "heal" in cfg["sections"])
-                           and not (r["method"] == "asvd-speedup" and "speedup" in cfg["sections"])]
+                           and not (r["method"] == "asvd-speedup" and "speedup" in cfg["sections"])
+                           and not (not r["healed"] and r["method"] in METHODS and "plain" in cfg["sections"]
+                                    and r["ratio"] in cfg["ratios"])]
         summary["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in (
             "cut", "test_docs", "machine_start", "original", "calib_seconds")}]
     rows = summary["rows"]
     stats, seconds = {"svd": None}, {}
-    for method, kwargs in (("fwsvd", {"activations": False}), ("asvd", {"fisher": False})):
+    for method, compressor in (("fwsvd", FWSVD()), ("asvd", ASVD())):  # defaults (fwsvd: "auto" -> "output" here)
         t0 = time.perf_counter()
-        stats[method] = collect_stats(model, calib, names, **kwargs)
+        stats[method] = compressor.collect(model, calib, names, compressor.make_config({}))
         seconds[method] = time.perf_counter() - t0
     summary["calib_seconds"] = seconds
     sections = cfg.get("sections", ("plain", "heal", "speedup"))
@@ -247,8 +254,10 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
     for ratio in cfg["ratios"] if "plain" in sections else ():
         for label, (compressor, extra) in METHODS.items():
             config = {"ratio": ratio, "target": TARGET, "align": cfg["align"], **extra}
-            measured(label, compressor.compress_with_stats(model, config, stats[compressor.name]),
-                     allocation=extra["allocation"], ratio=ratio)
+            row = measured(label, compressor.compress_with_stats(model, config, stats[compressor.name]),
+                           allocation=extra["allocation"], ratio=ratio)
+            if compressor.name == "fwsvd":
+                row["fisher_loss"] = stats["fwsvd"].fisher_loss
     context = CompressContext(inputs=tuple(loaded.inputs), align=cfg["align"], profile="cpu-ort-fp32",
                               measure=LocalMeasure("cpu-ort-fp32"), dims=cfg["latency_dims"])
     for target in cfg["speedups"] if "speedup" in sections else ():
@@ -262,6 +271,9 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
         row = measured("asvd-speedup", result, allocation="latency", ratio=result.params_after / result.params_before,
                        speedup_target=target, estimated=result.resolved["latency"])
         row["dense_layers_kept"] = len(result.resolved["dense"])
+    if "retime" in sections:
+        retime(model, rows, base_session, loaded, feeds, tmp, cfg)
+        _checkpoint(summary, rows, base, out)
     base_session.close()
     plain = [r for r in list(rows) if not r["healed"] and r["method"] in METHODS]
     for row in [r for r in plain if r["ratio"] in cfg["heal_ratios"] and r["method"] in cfg["heal_methods"]
@@ -274,6 +286,35 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
         print(f"{row['method']:9s} ratio {row['ratio']:.2f} healed: accuracy {rows[-1]['accuracy']:.4f}", flush=True)
         _checkpoint(summary, rows, base, out)
     return summary
+
+
+def same_graph(model: torch.nn.Module, ranks: dict) -> torch.nn.Module:
+    """A copy of `model` with each layer of `ranks` factored at its rank (None: kept dense); the weights
+    are the plain SVD's, which does not change the graph's shapes or its latency."""
+    small = copy.deepcopy(model)
+    for name, rank in ranks.items():
+        if rank is not None:
+            small.set_submodule(name, LowRankLinear.from_linear(small.get_submodule(name), rank))
+    return small
+
+
+def retime(model, rows: list[dict], base_session, loaded, feeds, tmp: Path, cfg: dict) -> None:
+    """Re-measure the plain rows' latency, once per distinct graph, in longer paired rounds."""
+    graphs: dict[str, list[dict]] = {}
+    for row in rows:
+        if not row["healed"] and row["method"] in METHODS:
+            graphs.setdefault(json.dumps(row["ranks"], sort_keys=True), []).append(row)
+    for key, same in graphs.items():
+        path = export_and_count(same_graph(model, json.loads(key)), loaded, feeds, tmp / "retime.onnx")["onnx_path"]
+        base_ms, ms = paired_latency(base_session, path, feeds, cfg["latency_rounds"], cfg["latency_iters"])
+        for row in same:
+            row["grid_latency_ratio"] = row.get("grid_latency_ratio", row["latency_ratio"])
+            row.update(base_p50_ms=base_ms, p50_ms=ms, latency_ratio=ms / base_ms, speedup=base_ms / ms,
+                       latency_over_bound=ms / base_ms / row["amdahl_bound"], load_avg=list(os.getloadavg()),
+                       retimed={"rounds": cfg["latency_rounds"], "iters": cfg["latency_iters"],
+                                "same_graph_as": [f"{r['method']}@{r['ratio']}" for r in same]})
+        print(f"retimed {same[0]['retimed']['same_graph_as']}: latency x{ms / base_ms:.3f} "
+              f"(bound x{same[0]['amdahl_bound']:.3f})", flush=True)
 
 
 def _checkpoint(summary: dict, rows: list[dict], base: dict, out: Path) -> None:
@@ -370,9 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration articles (multiple of 16)")
     parser.add_argument("--test-docs", type=int, default=None, help="evaluate on the first N test articles only")
     parser.add_argument("--sections", default="plain,heal,speedup",
-                        help="which rows to measure: plain (the ratio grid), heal, speedup (latency-aware budget)")
+                        help="which rows to measure: plain (the ratio grid), heal, speedup (latency-aware budget), "
+                             "retime (the plain rows' latency again, once per distinct graph)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of the JSON already in --out")
     parser.add_argument("--speedups", default=None, help="comma-separated speedup targets (default 1.3,1.5,2.0)")
+    parser.add_argument("--latency-rounds", type=int, default=None, help="paired rounds per latency (default 3)")
+    parser.add_argument("--latency-iters", type=int, default=None, help="timed runs per round (default 5)")
     parser.add_argument("--cut", default="", help="what was cut from the full grid and why (recorded in the JSON)")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -388,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg["calib_samples"] = args.calib_samples
     if args.speedups:
         cfg["speedups"] = [float(v) for v in args.speedups.split(",")]
+    for key in ("latency_rounds", "latency_iters"):
+        cfg[key] = getattr(args, key) or cfg[key]
     cfg["test_docs"], cfg["cut"] = args.test_docs, args.cut
     cfg["sections"], cfg["merge"] = tuple(args.sections.split(",")), args.merge
     out = args.out or (Path(tempfile.mkdtemp(prefix="lowrank_quick_")) if args.quick else RESULTS)

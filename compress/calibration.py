@@ -30,6 +30,7 @@ class CalibStats:
     rows: dict[str, int] = field(default_factory=dict)  # number of input rows seen per layer
     batches: int = 0
     samples: int = 0  # samples the Fisher was averaged over
+    fisher_loss: str | None = None  # the Fisher's loss: "task" (calibration targets) or "output" (Gauss-Newton)
 
     def second_moment(self, name: str) -> torch.Tensor:
         """E[x x^T] of the layer's inputs (n x n, float64)."""
@@ -57,7 +58,7 @@ def _samples(batch: dict[str, torch.Tensor], target: torch.Tensor | None
 
 
 def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: bool = True,
-                  activations: bool = True, progress: bool = True, seed: int = 0) -> CalibStats:
+                  activations: bool = True, progress: bool = True, seed: int = 0, labels: bool = True) -> CalibStats:
     """Empirical Fisher of each named linear map's weight and second moments of its input.
 
     The Fisher is the mean over samples of the squared PER-SAMPLE gradient of the loss,
@@ -69,7 +70,11 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
     Without targets it is distillation against the model's own outputs: as the residual of MSE to the
     unchanged model is zero, the target is the original output plus unit Gaussian noise drawn per
     sample, whose squared gradient is in expectation the Gauss-Newton diagonal diag(J_i^T J_i), the
-    Fisher of the Gaussian output model (Kunstner et al., 2019, Sec. 3).
+    Fisher of the Gaussian output model (Kunstner et al., 2019, Sec. 3). `labels=False` takes that
+    label-free estimate also when targets are given: the empirical Fisher weights each sample by its
+    squared residual, so on a model that fits its data a few misfit samples carry nearly all of it
+    (bench/fwsvd_why.py: 5% of the BBC News articles carry 99.9%), while the Gauss-Newton diagonal
+    weighs every sample by its Jacobian alone.
 
     Args:
         model: the model to calibrate (not modified; called as model(**batch) -> Tensor).
@@ -77,6 +82,7 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
         names: dotted names of the linear maps (nn.Linear, Conv1D) to collect for; the Fisher is kept in
             the m x n layout of linear_view whatever the module's own layout.
         fisher, activations: which statistics to collect.
+        labels: use calib.targets for the Fisher's loss (False: the distillation loss above).
         progress: show a progress bar.
         seed: seed of the distillation noise.
 
@@ -145,7 +151,8 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
                 if not fisher:
                     with torch.no_grad():
                         run(batch, where)
-                for j, (feeds, sample_target) in enumerate(_samples(batch, target) if fisher else ()):
+                samples = _samples(batch, target if labels else None) if fisher else ()
+                for j, (feeds, sample_target) in enumerate(samples):
                     out = run(feeds, where)
                     if sample_target is None:
                         sample_target = out.detach() + torch.randn(out.shape, generator=generator).to(out)
@@ -159,6 +166,8 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], fisher: 
                 bar.advance(task)
         for name in stats.fisher:
             stats.fisher[name] /= max(stats.samples, 1)
+        if fisher:
+            stats.fisher_loss = "task" if labels and calib.targets is not None else "output"
     finally:
         for h in handles:
             h.remove()

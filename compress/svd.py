@@ -187,6 +187,11 @@ class FWSVDConfig(LowRankConfig):
     """Fisher-weighted SVD (Hsu et al., ICLR 2022)."""
 
     floor: float = 1e-6  # rows with less Fisher than floor * mean row Fisher are raised to it
+    # "output": Gauss-Newton diagonal of the model's outputs (label-free, every sample weighs alike);
+    # "task": the paper's empirical Fisher of the task loss on the calibration targets, dominated by
+    # the few samples a fitted model gets wrong when each sample is one label (bench/fwsvd_why.py);
+    # "auto": "task" when each sample's target holds many losses (next tokens, pixels), else "output"
+    fisher_loss: Literal["auto", "output", "task"] = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -219,6 +224,10 @@ class _LowRankCompressor(Compressor):
         """(row_weight, col_factor, scale of the energy for global allocation) of one linear map."""
         return None, None, 1.0
 
+    def collect(self, model: nn.Module, calib: CalibData, names: list[str], config: BudgetConfig) -> CalibStats:
+        """The calibration statistics this method's weighting reads (benchmarks reuse them across budgets)."""
+        return collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
+
     def compress(self, model: nn.Module, config: BudgetConfig, calib: CalibData | None = None,
                  inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
@@ -227,7 +236,7 @@ class _LowRankCompressor(Compressor):
         stats = None
         if calib is not None and (self.fisher or self.activations):
             names = [n for n, _ in select_linear_maps(model, config.target, config.exclude)[0]]
-            stats = collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
+            stats = self.collect(model, calib, names, config)
         if config.allocation == "loss":
             if calib is None:
                 raise ConfigError(f"{self.name}: allocation = \"loss\" measures each layer's task-loss change on "
@@ -297,6 +306,8 @@ class _LowRankCompressor(Compressor):
                     "dense": [n for n, r in ranks.items() if r is None], "skipped": skipped}
         if latency:
             resolved["latency"] = latency
+        if stats is not None and stats.fisher_loss:
+            resolved["fisher_loss"] = stats.fisher_loss
         return self.result(model, config, changes, resolved)
 
     def decide(self, model: nn.Module, config: BudgetConfig, chosen: Sequence[tuple[str, nn.Module]],
@@ -393,6 +404,13 @@ class FWSVD(_LowRankCompressor):
     data_aware = True
     fisher = True
 
+    def collect(self, model, calib, names, config):
+        loss = config.fisher_loss
+        if loss == "auto":  # measured: MiniLM classifier (one label per article) "output"; SmolLM2 "task"
+            many = calib.targets is not None and all(t.dim() > 1 and t[0].numel() > 1 for t in calib.targets)
+            loss = "task" if many else "output"
+        return collect_stats(model, calib, names, activations=False, labels=loss == "task")
+
     def weighting(self, name, linear, config, stats):
         # Mean Fisher per row: the row-wise estimate of the loss change is sum_i (I_i / n) ||dW_i||^2,
         # so weighted energies of different layers are on one (loss) scale for global allocation.
@@ -401,7 +419,9 @@ class FWSVD(_LowRankCompressor):
         return row.clamp_min(floor).sqrt(), None, 1.0
 
     def sensitivity(self, lost_energy, config):
-        return 0.5 * lost_energy  # second-order estimate of the task-loss increase
+        # second-order estimate of the loss increase: the task loss ("task"), half the expected squared
+        # output change ("output", the Gauss-Newton diagonal), on one scale for every layer either way
+        return 0.5 * lost_energy
 
 
 @register

@@ -155,3 +155,14 @@ def test_only_linears_can_be_calibrated():
     model.q = nn.Sequential(nn.Linear(8, 6))
     with pytest.raises(ConfigError, match="'q' is a Sequential"):
         collect_stats(model, calib, ["q"], progress=False)
+
+
+def test_label_free_fisher_ignores_the_targets():
+    model, with_targets = make()
+    _, without = make(targets=False)
+    free = collect_stats(model, with_targets, ["q", "out"], activations=False, progress=False, labels=False, seed=2)
+    none = collect_stats(model, without, ["q", "out"], activations=False, progress=False, seed=2)
+    task = collect_stats(model, with_targets, ["q", "out"], activations=False, progress=False, seed=2)
+    for name in ("q", "out"):
+        torch.testing.assert_close(free.fisher[name], none.fisher[name], rtol=0, atol=0)
+        assert not torch.allclose(free.fisher[name], task.fisher[name])

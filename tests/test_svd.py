@@ -88,6 +88,47 @@ def test_each_weighting_is_exact_at_full_rank(compressor):
         torch.testing.assert_close(low(inputs), linear(inputs), atol=1e-4, rtol=1e-4)
 
 
+def test_fwsvd_fisher_is_the_output_gauss_newton_unless_task_is_asked():
+    model, calib = tiny_model(), tiny_calib()
+    names = ["a", "b", "c"]
+    output = FWSVD().collect(model, calib, names, FWSVD().make_config({}))
+    task = FWSVD().collect(model, calib, names, FWSVD().make_config({"fisher_loss": "task"}))
+    free = collect_stats(model, tiny_calib(targets=False), names, activations=False, progress=False)
+    labelled = collect_stats(model, calib, names, activations=False, progress=False)
+    for name in names:
+        torch.testing.assert_close(output.fisher[name], free.fisher[name], rtol=0, atol=0)
+        torch.testing.assert_close(task.fisher[name], labelled.fisher[name], rtol=0, atol=0)
+    result = FWSVD().compress(model, {"rank": 4, "target": names, "fisher_loss": "task"}, calib)
+    assert result.config["fisher_loss"] == "task" and result.resolved["fisher_loss"] == "task"
+    assert FWSVD().compress(model, {"rank": 4, "target": names}, calib).resolved["fisher_loss"] == "output"
+    with pytest.raises(ConfigError, match="fisher_loss"):
+        FWSVD().make_config({"fisher_loss": "labels"})
+
+
+class Wide(nn.Module):
+    """Six outputs per sample: a target of many losses (like next tokens or pixels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(24, 12), nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_fwsvd_auto_fisher_uses_the_targets_when_each_holds_many_losses():
+    model, g = Wide().eval(), torch.Generator().manual_seed(3)
+    batches = [{"x": torch.randn(8, 24, generator=g)} for _ in range(3)]
+    calib = CalibData("wide", batches, [torch.randn(8, 6, generator=g) for _ in batches])
+    auto = FWSVD().collect(model, calib, ["a", "b"], FWSVD().make_config({}))
+    labelled = collect_stats(model, calib, ["a", "b"], activations=False, progress=False)
+    assert auto.fisher_loss == "task"
+    torch.testing.assert_close(auto.fisher["a"], labelled.fisher["a"], rtol=0, atol=0)
+    one = CalibData("one label", batches, [torch.randint(0, 6, (8,), generator=g) for _ in batches])
+    assert FWSVD().collect(model, one, ["a", "b"], FWSVD().make_config({})).fisher_loss == "output"
+
+
 def test_fwsvd_beats_svd_on_fisher_weighted_error():
     model, calib = tiny_model(), tiny_calib()
     stats = collect_stats(model, calib, ["b"], activations=False, progress=False)
@@ -224,6 +265,13 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert any(r["healed"] for r in summary["rows"])
     assert (tmp_path / "lowrank_minilm_accuracy.png").stat().st_size > 0
     assert (tmp_path / "lowrank_minilm_latency.png").stat().st_size > 0
+    bench.main(["--quick", "--out", str(tmp_path), "--sections", "retime", "--merge"])
+    retimed = [r for r in json.loads((tmp_path / "lowrank_minilm.json").read_text())["rows"] if not r["healed"]]
+    assert len(retimed) == len(plain) and all("retimed" in r for r in retimed)
+    for row in retimed:  # one timing per graph: rows of equal ranks share it
+        same = [r for r in retimed if r["ranks"] == row["ranks"]]
+        assert {r["p50_ms"] for r in same} == {row["p50_ms"]}
+        assert row["retimed"]["same_graph_as"] == [f"{r['method']}@{r['ratio']}" for r in same]
 
 
 def test_weighted_factors_are_balanced_for_fine_tuning():
