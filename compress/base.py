@@ -55,6 +55,7 @@ class CompressContext:
     measure: Measure | None = None  # e.g. a GEMM latency table of the target, for latency budgets
     monitor: Callable[[int, nn.Module], None] | None = None  # training families call it after each step
     dims: Mapping[str, int] = field(default_factory=dict)  # input sizes a latency budget is for (batch, sequence)
+    task: str | None = None  # the source's task, e.g. "super-resolution" (its outputs are images in [0, 1])
 
 
 @dataclass(frozen=True)

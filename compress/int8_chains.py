@@ -14,9 +14,11 @@ apply behind a DequantizeLinear). Two cases are closed here, from ranges calibra
   u8s8 kernels of CPUs without VNNI saturate their 16-bit pair sums (VPMADDUBSW; measured here as a
   3x larger error), so the Convs that read the table get 7-bit weights, ORT's own remedy
   (`reduce_range`), where NNCF has not made every weight 7-bit already (`overflow_fix`).
-A Conv whose output goes straight to the graph output (ESPCN's last, before DepthToSpace) is left
-as it is: quantizing its output was measured here to lose 4 dB against fp32 in ORT 1.32's fused
-QLinearConv (one of its 9 output channels, not in the unfused Q/DQ simulation).
+**Conv -> graph output** (ESPCN's last Conv, alone or before a DepthToSpace): its output is
+  quantized to uint8 on its calibrated range (or an image's 1/255 grid, quantize.py decides), and a DepthToSpace between it and the graph output
+  runs on the bytes (a permutation commutes with a per-tensor DequantizeLinear, so this is exact);
+  measured on a ReLU ESPCN x3 at 1080p (AVX2 EPYC): 1.15x faster than leaving the Conv in fp32, at
+  -0.01 dB on the calibrated range and no loss at all on the image grid. (An earlier 4 dB loss here was the u8s8 saturation above, gone with 7-bit weights.)
 """
 from __future__ import annotations
 
@@ -57,6 +59,51 @@ def chain_sites(model) -> list[str]:
             if after and all(u.op_type == "QuantizeLinear" for u in after):
                 sites.append(node.output[0])
     return sites
+
+
+def output_sites(model) -> list[str]:
+    """Outputs of Convs (with quantized weights and a bias) that are a graph output, or read only by a
+    DepthToSpace that is: the sites `close_outputs` quantizes."""
+    uses, producer = _consumers(model), _producer(model)
+    outputs = {o.name for o in model.graph.output}
+    sites = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or not _has_dq_weight(node, producer):
+            continue
+        z, users = node.output[0], uses.get(node.output[0], [])
+        if (z in outputs and not users) or (z not in outputs and len(users) == 1 and users[0].op_type == "DepthToSpace"
+                                            and users[0].output[0] in outputs and not uses.get(users[0].output[0])):
+            sites.append(z)
+    return sites
+
+
+def output_ranges(values: Mapping[str, Sequence[np.ndarray]]) -> dict[str, list[float]]:
+    """The recorded part: per output site the calibrated range of the Conv output."""
+    return {name: [min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)]
+            for name, arrays in values.items()}
+
+
+def close_outputs(model, sites: Mapping[str, Sequence]) -> None:
+    """Quantize the recorded Conv outputs (`output_ranges`) of the QDQ `model` in place; a DepthToSpace
+    after one moves before its DequantizeLinear (exact: it only moves elements).
+
+    Raises:
+        KeyError: a recorded site is not such a Conv output of this graph (the caller names the file).
+    """
+    present = set(output_sites(model))
+    for z, (lo, hi) in sites.items():
+        if z not in present:
+            raise KeyError(z)
+        conv = _producer(model)[z]
+        _quantize_output(model, conv, *uint8_grid(lo, hi))
+        users = _consumers(model).get(f"chain_dq_{z}", [])
+        if users and users[0].op_type == "DepthToSpace":
+            d2s, dq = users[0], _producer(model)[f"chain_dq_{z}"]
+            out = d2s.output[0]
+            d2s.input[0], d2s.output[0] = f"chain_q_{z}", f"chain_d2s_{z}"
+            dq.input[0], dq.output[0] = f"chain_d2s_{z}", out
+            model.graph.node.remove(dq)
+            model.graph.node.insert(list(model.graph.node).index(d2s) + 1, dq)
 
 
 def uint8_grid(lo: float, hi: float) -> tuple[float, int]:

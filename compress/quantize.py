@@ -29,7 +29,8 @@ from torch import nn
 
 from edgeslim.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
-from edgeslim.compress.int8_chains import chain_sites, close_chains, site_ranges, unsigned_activations
+from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, output_ranges, output_sites,
+                                           site_ranges, unsigned_activations)
 from edgeslim.config import ConfigBase
 from edgeslim.errors import ConfigError, ExportValidationError, require
 from edgeslim.onnx_io import dims_for, export_graph
@@ -54,6 +55,12 @@ class Int8Config(ConfigBase):
     eval_fraction: float = 0.25  # with max_drop: share of the calibration batches held out to measure it
     opset: int = 20  # must match the opset the artifact is exported with
     tanh_table: bool = True  # Conv -> Tanh as QLinearConv + ORT's quantized sigmoid table (int8_chains)
+    # a Conv whose output is the graph's (or a DepthToSpace's that is) gets a uint8 output quantizer,
+    # so it runs as QLinearConv too (int8_chains.close_outputs); False: it stays fp32, NNCF's placement
+    quantize_output: bool = True
+    # that output's grid: "calibrated" (its measured range), "image" (1/255 steps on [0, 1], the bytes
+    # an app writes: exact after its own rounding and clipping), "auto": image for super-resolution
+    output_grid: Literal["auto", "calibrated", "image"] = "auto"
     # 7-bit weights in every Conv/MatMul (NNCF's overflow fix): x86 CPUs without VNNI (AVX2, AVX-512F)
     # multiply uint8 x int8 with vpmaddubsw, whose int16 pair sums saturate on 8-bit weights (measured
     # here: a factored MiniLM's embedding at cosine 0.03 in ORT, a ReLU ESPCN at -6 dB); first_layer is
@@ -343,6 +350,15 @@ class Int8(Compressor):
         changes = _changes(fp32, quantized, record, errors)
         sites = chain_sites(quantized) if config.tanh_table else []
         resolved |= record | {"tanh_table": site_ranges(_probe(fp32, sites, batches)) if sites else {}}
+        outs = output_sites(quantized) if config.quantize_output else []
+        grid = config.output_grid
+        if grid == "auto":
+            grid = "image" if context is not None and context.task == "super-resolution" else "calibrated"
+        if grid == "image":
+            resolved["output_ranges"] = {z: [0.0, 1.0] for z in outs}
+        else:
+            resolved["output_ranges"] = output_ranges(_probe(fp32, outs, batches)) if outs else {}
+        resolved["output_grid"] = grid if outs else None
         if drop is not None:
             resolved["accuracy"] = drop
         return self.result(model, config, changes, resolved)
@@ -423,5 +439,10 @@ class Int8(Compressor):
             close_chains(model, resolved.get("tanh_table", {}), seven_bit=overflow_fix(resolved) == "first_layer")
         except KeyError as exc:
             raise ExportValidationError(f"{onnx_in}: recorded Conv -> Tanh site {exc} is not in the exported graph") from None
+        try:  # artifacts written before output_ranges existed replay as they were made
+            close_outputs(model, resolved.get("output_ranges", {}))
+        except KeyError as exc:
+            raise ExportValidationError(f"{onnx_in}: recorded Conv output {exc} is not a quantizable graph output of "
+                                        "the exported graph") from None
         unsigned_activations(model)  # lossless; lets ORT fuse Convs between uint8 and int8 activations
         onnx.save(model, str(onnx_out))

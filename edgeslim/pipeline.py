@@ -55,7 +55,7 @@ def compress_context(loaded: LoadedModel, profile: str | None, gemm_table: str |
         align = machine_align(prof)
         measure = TableMeasure(gemm_table) if gemm_table else LocalMeasure(profile) if is_local(prof) else None
     return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure,
-                           dims={**loaded.dims, "batch": latency_batch})
+                           dims={**loaded.dims, "batch": latency_batch}, task=loaded.task)
 
 
 def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,

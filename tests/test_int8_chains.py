@@ -113,3 +113,71 @@ def test_a_missing_site_is_refused(made):
     resolved["tanh_table"]["no_such_tensor"] = [-1.0, 1.0]
     with pytest.raises(ExportValidationError, match="no_such_tensor"):
         get_compressor("int8").onnx_stage(resolved, fp32, tmp / "bad.onnx", CompressContext(inputs=tuple(SPEC)))
+
+
+class ShuffleNet(nn.Module):
+    """ESPCN's tail: conv-relu-conv -> PixelShuffle (DepthToSpace in ONNX) as the graph output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1, self.c2, self.shuffle = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 9, 3, padding=1), nn.PixelShuffle(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.c2(torch.relu(self.c1(x))))
+
+
+def _optimized_ops(path, tmp) -> list[str]:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath, opts.log_severity_level = str(tmp / "opt_ops.onnx"), 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp / "opt_ops.onnx")).graph.node]
+
+
+def test_a_conv_output_becomes_uint8_and_depth_to_space_runs_on_bytes(tmp_path):
+    model = ShuffleNet().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = CalibData("tiny", [{"x": torch.rand(4, 1, 12, 12, generator=g)} for _ in range(4)])
+    comp, context = get_compressor("int8"), CompressContext(inputs=tuple(SPEC))
+    fp32 = to_onnx(model, SPEC, tmp_path / "f.onnx").path
+    results = {flag: comp.compress(model, {"quantize_output": flag}, calib, context=context) for flag in (True, False)}
+    paths = {flag: tmp_path / f"q{int(flag)}.onnx" for flag in results}
+    for flag, result in results.items():
+        comp.onnx_stage(result.resolved, fp32, paths[flag], context)
+    sites = results[True].resolved["output_ranges"]
+    assert len(sites) == 1 and results[False].resolved["output_ranges"] == {}
+    assert _optimized_ops(paths[True], tmp_path).count("QLinearConv") == 2
+    assert _optimized_ops(paths[False], tmp_path).count("QLinearConv") == 1
+    graph = onnx.load(str(paths[True])).graph
+    d2s = next(n for n in graph.node if n.op_type == "DepthToSpace")
+    assert d2s.input[0].startswith("chain_q_") and graph.node[-1].op_type == "DequantizeLinear"
+    # the moved DepthToSpace is exact: the same bytes as DequantizeLinear before DepthToSpace
+    import onnxruntime as ort
+    unmoved = onnx.load(str(paths[False]))
+    conv = next(n for n in unmoved.graph.node if n.op_type == "Conv" and n.output[0] in sites)
+    from edgeslim.compress.int8_chains import _quantize_output
+    _quantize_output(unmoved, conv, *uint8_grid(*sites[conv.output[0]]))
+    x = {"x": np.random.default_rng(2).random((2, 1, 10, 14), dtype=np.float32)}
+    plain = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    moved_out = _session(paths[True], plain).run(None, x)[0]
+    onnx.save(unmoved, str(tmp_path / "unmoved.onnx"))
+    unmoved_out = _session(tmp_path / "unmoved.onnx", plain).run(None, x)[0]
+    np.testing.assert_array_equal(moved_out, unmoved_out)
+    with torch.inference_mode():
+        ref = model(x=torch.from_numpy(x["x"])).numpy()
+    fused = _session(paths[True]).run(None, x)[0]
+    scale = uint8_grid(*sites[conv.output[0]])[0]
+    assert np.abs(fused - ref).max() < 0.1 * np.abs(ref).max() and moved_out.shape == ref.shape
+    assert float(np.abs(fused - moved_out).max()) <= 2 * scale + 1e-6  # fused kernels: at most a rounding step off
+    assert results[True].resolved["output_grid"] == "calibrated"
+    sr = comp.compress(model, {}, calib, context=CompressContext(inputs=tuple(SPEC), task="super-resolution"))
+    assert sr.resolved["output_grid"] == "image" and list(sr.resolved["output_ranges"].values()) == [[0.0, 1.0]]
+    comp.onnx_stage(sr.resolved, fp32, tmp_path / "sr.onnx", context)
+    image = _session(tmp_path / "sr.onnx", plain).run(None, x)[0]  # the bytes an app writes, as they are
+    np.testing.assert_allclose(image * 255, np.rint(image * 255), atol=1e-3)
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    resolved = copy.deepcopy(results[True].resolved)
+    resolved["output_ranges"]["no_such_conv"] = [0.0, 1.0]
+    with pytest.raises(ExportValidationError, match="no_such_conv"):
+        comp.onnx_stage(resolved, fp32, tmp_path / "bad.onnx", context)
