@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     stats = {label: collect_stats(model, data, names, activations=False) for label, data in estimates.items()}
     stats_x = collect_stats(model, calib, names, fisher=False)
+    fwsvd = FWSVD()
+    fw_config = fwsvd.make_config({"ratio": 0.5})
     summary = {
         "model": str(setup.folder), "target": TARGET, "calib_samples": len(mass), "align": cfg["align"],
         "test_docs": sum(len(t) for t in test.targets), "allocation": "uniform", "machine": machine_info(),
@@ -171,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         "fisher_mass_top5pct_share": sum(mass[i] for i in top) / sum(mass),
         "fisher_mass_top5pct_true_class_probability": [p_true[i] for i in top],
         "row_weight_participation": {
-            label: statistics.median(participation(FWSVD().weighting(n, model.get_submodule(n), FWSVD().make_config(
-                {"ratio": 0.5}), s)[0]) for n in names) for label, s in stats.items()},
+            label: statistics.median(participation(fwsvd.weighting(n, model.get_submodule(n), fw_config, s)[0])
+                                     for n in names) for label, s in stats.items()},
         "rows": [],
     }
     for ratio in RATIOS:

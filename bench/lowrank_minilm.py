@@ -272,7 +272,7 @@ def run(cfg: dict, out: Path, cache_root: Path) -> dict:
                        speedup_target=target, estimated=result.resolved["latency"])
         row["dense_layers_kept"] = len(result.resolved["dense"])
     if "retime" in sections:
-        retime(model, rows, base_session, loaded, feeds, tmp, cfg)
+        retime(model, rows, base_session, base["gemm_share"], loaded, feeds, tmp, cfg)
         _checkpoint(summary, rows, base, out)
     base_session.close()
     plain = [r for r in list(rows) if not r["healed"] and r["method"] in METHODS]
@@ -298,17 +298,19 @@ def same_graph(model: torch.nn.Module, ranks: dict) -> torch.nn.Module:
     return small
 
 
-def retime(model, rows: list[dict], base_session, loaded, feeds, tmp: Path, cfg: dict) -> None:
-    """Re-measure the plain rows' latency, once per distinct graph, in longer paired rounds."""
+def retime(model, rows: list[dict], base_session, gemm_share: float, loaded, feeds, tmp: Path, cfg: dict) -> None:
+    """Re-measure the plain rows' latency, once per distinct graph, in longer paired rounds (the Amdahl
+    bound from this run's GEMM share, as the timing is against this run's original)."""
     graphs: dict[str, list[dict]] = {}
     for row in rows:
         if not row["healed"] and row["method"] in METHODS:
             graphs.setdefault(json.dumps(row["ranks"], sort_keys=True), []).append(row)
     for key, same in graphs.items():
-        path = export_and_count(same_graph(model, json.loads(key)), loaded, feeds, tmp / "retime.onnx")["onnx_path"]
+        path = to_onnx(same_graph(model, json.loads(key)), loaded.inputs, tmp / "retime.onnx").path
         base_ms, ms = paired_latency(base_session, path, feeds, cfg["latency_rounds"], cfg["latency_iters"])
         for row in same:
             row["grid_latency_ratio"] = row.get("grid_latency_ratio", row["latency_ratio"])
+            row["amdahl_bound"] = amdahl_bound(gemm_share, row["flops_ratio"])
             row.update(base_p50_ms=base_ms, p50_ms=ms, latency_ratio=ms / base_ms, speedup=base_ms / ms,
                        latency_over_bound=ms / base_ms / row["amdahl_bound"], load_avg=list(os.getloadavg()),
                        retimed={"rounds": cfg["latency_rounds"], "iters": cfg["latency_iters"],

@@ -15,10 +15,11 @@ apply behind a DequantizeLinear). Two cases are closed here, from ranges calibra
   3x larger error), so the Convs that read the table get 7-bit weights, ORT's own remedy
   (`reduce_range`), where NNCF has not made every weight 7-bit already (`overflow_fix`).
 **Conv -> graph output** (ESPCN's last Conv, alone or before a DepthToSpace): its output is
-  quantized to uint8 on its calibrated range (or an image's 1/255 grid, quantize.py decides), and a DepthToSpace between it and the graph output
-  runs on the bytes (a permutation commutes with a per-tensor DequantizeLinear, so this is exact);
-  measured on a ReLU ESPCN x3 at 1080p (AVX2 EPYC): 1.15x faster than leaving the Conv in fp32, at
-  -0.01 dB on the calibrated range and no loss at all on the image grid. (An earlier 4 dB loss here was the u8s8 saturation above, gone with 7-bit weights.)
+  quantized to uint8 on its calibrated range (or an image's 1/255 grid: quantize.py decides), and a
+  DepthToSpace between it and the graph output runs on the bytes (a permutation commutes with a
+  per-tensor DequantizeLinear, so this is exact); measured on a ReLU ESPCN x3 at 1080p (AVX2 EPYC):
+  1.15x faster than leaving the Conv in fp32, at -0.01 dB on the calibrated range and no loss at all
+  on the image grid. (An earlier 4 dB loss here was the u8s8 saturation above, gone with 7-bit weights.)
 """
 from __future__ import annotations
 
@@ -116,11 +117,8 @@ def uint8_grid(lo: float, hi: float) -> tuple[float, int]:
 def site_ranges(values: Mapping[str, Sequence[np.ndarray]]) -> dict[str, list[float]]:
     """The recorded part: per site the calibrated range of 2z (z: the Conv output), clipped to where
     the sigmoid table still changes."""
-    out = {}
-    for name, arrays in values.items():
-        lo, hi = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
-        out[name] = [max(2 * lo, -SIGMOID_EDGE), min(2 * hi, SIGMOID_EDGE)]
-    return out
+    return {name: [max(2 * lo, -SIGMOID_EDGE), min(2 * hi, SIGMOID_EDGE)]
+            for name, (lo, hi) in output_ranges(values).items()}
 
 
 def _init(model, name: str, value: np.ndarray) -> str:
