@@ -40,6 +40,11 @@ class Measure(Protocol):
         """Latency in ms of one call of the whole `model` on the target at the input sizes `dims`."""
         ...
 
+    def speedup(self, base: nn.Module, trial: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]
+                ) -> float:
+        """Latency of `base` over that of `trial`, both timed side by side (only where times_models)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CompressContext:

@@ -1,5 +1,7 @@
 """The latency-aware low-rank budget (`speedup`): fixed fake GEMM tables, no timing assertions."""
+import gc
 import json
+import math
 
 import pytest
 import torch
@@ -8,11 +10,11 @@ from torch import nn
 from edgeslim import pipeline
 from edgeslim.compress.base import CompressContext
 from edgeslim.compress.lowrank_budget import LayerSpectrum
-from edgeslim.compress.lowrank_latency import LayerTimes, allocate_latency
+from edgeslim.compress.lowrank_latency import LayerTimes, allocate_latency, reaim
 from edgeslim.compress.prune import PruneConfig
 from edgeslim.compress.svd import SVD, LowRankLinear
 from edgeslim.errors import ConfigError
-from edgeslim.latency import TableMeasure
+from edgeslim.latency import LocalMeasure, TableMeasure
 from edgeslim.sources import load_model
 from edgeslim.specs import TensorSpec
 
@@ -36,6 +38,9 @@ class FakeMeasure:
         rows = dims["batch"]
         dense = sum(self.gemm_ms(rows, m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear))
         return self.other_ms + dense
+
+    def speedup(self, base, trial, inputs, dims):
+        return self.model_ms(base, inputs, dims) / self.model_ms(trial, inputs, dims)
 
 
 def _mlp():
@@ -93,6 +98,33 @@ def test_speedup_budget_times_the_factored_model_and_re_aims():
     assert lat["measured_speedup"] == pytest.approx(true) and true >= 1.5  # what it reports is what the model does
     plain = SVD().compress(Wrapped(), {"speedup": 1.5}, context=_context(FakeMeasure()))
     assert len(plain.resolved["latency"]["rounds"]) == 1  # an exact table: one timing, no re-aim
+
+
+def test_reaim_interpolates_the_measured_speedup_against_the_estimate():
+    one = [{"estimated": 2.0, "measured": 1.25}]  # log-log line through the uncompressed model (1 -> 1)
+    assert reaim(one, 1.25, 10.0) == pytest.approx(2.0)  # what was measured is what was asked
+    assert reaim(one, 1.1, 10.0) == pytest.approx(1.1 ** (math.log(2.0) / math.log(1.25)))
+    assert reaim(one, 2.0, 10.0) == pytest.approx(8.0)  # extrapolated at most to the cube of the estimate
+    assert reaim(one, 2.0, 5.0) == pytest.approx(5.0, rel=1e-5)  # and never past the fastest estimate
+    two = one + [{"estimated": 4.0, "measured": 1.6}]  # brackets 1.4: interpolated between those two
+    x = math.log(2.0) + (math.log(1.4) - math.log(1.25)) * math.log(2.0) / (math.log(1.6) - math.log(1.25))
+    assert reaim(two, 1.4, 10.0) == pytest.approx(math.exp(x))
+    assert reaim(two, 1.25, 10.0) == pytest.approx(2.0)
+    assert reaim([{"estimated": 1.5, "measured": 0.98}], 1.2, 9.0) == pytest.approx(1.5 ** 3)  # no gain: the cube
+
+
+@pytest.mark.filterwarnings("ignore:unstable timing")  # a 0.05 ms model: the ratio's value is not what is tested
+def test_local_measure_times_two_models_side_by_side():
+    measure, a, b = LocalMeasure("cpu-ort-fp32", iters=2), Wrapped(), Wrapped()
+    ratio = measure.speedup(a, b, SPEC, {"batch": 4})
+    assert 0 < ratio < float("inf")
+    assert {id(a), id(b)} == set(measure._exports)  # each exported once, kept for the next timing beside it
+    path = measure._exports[id(a)][1]
+    measure.speedup(a, b, SPEC, {"batch": 4})
+    assert measure._exports[id(a)][1] == path
+    del a
+    gc.collect()
+    assert not path.exists()  # a model that is gone takes its export with it
 
 
 def test_more_speedup_costs_more_error():
