@@ -14,7 +14,7 @@ that recipe and reports the same cosine (mean and min), so the ceiling of each l
   already-compressed layers produce, to the original layer's outputs (free bias):
   min ||W X + b - (A B X~ + c)||, solved as truncSVD(C_{y x~} L^-T) L^-1 with C_{x~x~} = L L^T.
 
-    python bench/demo_ceiling.py    # ~13 min on 2 cores, writes bench/results/demo_ceiling.json
+    python bench/demo_ceiling.py    # ~11 min on 2 cores, writes bench/results/demo_ceiling.json
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgeslim.compress.svd import LowRankLinear
+from edgeslim.compress.svd import LowRankLinear, WeightedSVD
 from edgeslim.compress.train import heal, teacher_targets
 from edgeslim.data import load_calibration
 from edgeslim.files import JSON, replace_output
@@ -78,8 +78,7 @@ def refit(original: torch.nn.Module, small: torch.nn.Module, batches: list[dict]
         weight = dense.weight.detach().double()
         u, s, vh = torch.linalg.svd(torch.linalg.solve_triangular(chol, (weight @ cross).T, upper=False).T,
                                     full_matrices=False)
-        left = u[:, :layer.rank] * s[:layer.rank]
-        right = torch.linalg.solve_triangular(chol.T, vh[:layer.rank].T, upper=True).T
+        left, right = WeightedSVD(u, s, vh, None, chol).factors(layer.rank)  # B = V_r^T L^-1, balanced
         with torch.no_grad():
             layer.first.weight.copy_(right.float())
             layer.second.weight.copy_(left.float())

@@ -353,13 +353,14 @@ class _LowRankCompressor(Compressor):
         layers = list(times.values())
         ranks, latency = allocate_latency(layers, config.speedup, config.align, model_ms)
         aimed, rounds, trials = config.speedup, [], []  # trials: (ranks, latency summary) of each round
+        reachable = fastest_speedup(layers, config.align, model_ms)
         while factored is not None and measure.times_models:
             measured = measure.speedup(model, factored(ranks), context.inputs, context.dims)  # side by side
             rounds.append({"aimed": aimed, "estimated": latency["estimated_speedup"], "measured": measured})
             trials.append((ranks, latency))
             if config.speedup <= measured <= config.speedup * OVERSHOOT or len(rounds) == RETARGET_ROUNDS:
                 break
-            aimed = reaim(rounds, config.speedup, fastest_speedup(layers, config.align, model_ms))
+            aimed = reaim(rounds, config.speedup, reachable)
             ranks, latency = allocate_latency(layers, aimed, config.align, model_ms)
             if any(ranks == tried for tried, _ in trials):  # the estimate cannot go further
                 break
