@@ -51,6 +51,20 @@ class BudgetLayer(Protocol):
         ...
 
 
+def weigh(weight: torch.Tensor, row_weight: torch.Tensor | None = None,
+          col_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """L W R in float64, the matrix a LayerSpectrum is the spectrum of: L = diag(row_weight) or an
+    upper-triangular m x m factor, R = diag(col_factor) or a lower-triangular n x n factor."""
+    w = weight.detach().to(torch.float64)
+    if row_weight is not None:
+        row_weight = row_weight.to(torch.float64)
+        w = row_weight[:, None] * w if row_weight.dim() == 1 else row_weight @ w
+    if col_factor is not None:
+        col_factor = col_factor.to(torch.float64)
+        w = w * col_factor if col_factor.dim() == 1 else w @ col_factor
+    return w
+
+
 @dataclass
 class LayerSpectrum:
     """A factored m x n matrix (optional bias of m) with its (weighted) spectrum: a BudgetLayer."""

@@ -18,6 +18,7 @@ from rich.progress import Progress
 from torch import nn
 
 from edgeslim.calib import CalibData
+from edgeslim.compress.lowrank_budget import weigh
 from edgeslim.compress.replace import linear_view, set_submodule
 from edgeslim.compress.train import check_finite, task_loss, teacher_targets
 from edgeslim.errors import ConfigError
@@ -103,7 +104,7 @@ class LossProfile:
 
 
 def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibData, config: Mapping[str, Any],
-                    progress: bool = True, context: Any = None) -> LossProfile:
+                    progress: bool = True, context: Any = None, svds: dict | None = None) -> LossProfile:
     """Loss-measured sensitivity of a low-rank compressor (svd, fwsvd, asvd): factor each layer alone.
 
     The probe is the compressor itself at `config` with uniform allocation (every layer at the same
@@ -117,12 +118,13 @@ def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibDa
         data: batches with targets (next-token ids for a causal LM), or without (distillation).
         config: its budget config with a `ratio` (the probe); allocation is overridden.
         context: the CompressContext passed to the probe (alignment).
+        svds: filled with the probe's weighted SVDs by layer (`compress_by_loss` reuses them).
     """
     start = time.perf_counter()
     cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="uniform")
     if cfg.ratio is None:
         raise ConfigError("a loss profile needs a ratio budget for its probe (e.g. ratio = 0.8)")
-    probe = compressor.compress_with_stats(model, cfg, stats, context=context)
+    probe = compressor.compress_with_stats(model, cfg, stats, context=context, svds=svds)
     replaced = {c.name: c for c in probe.changes if c.status == "replaced"}
     builders = {name: (lambda _m, mod=probe.model.get_submodule(name): mod) for name in replaced}
     delta = layer_sensitivity(model, data, builders, progress)
@@ -132,12 +134,13 @@ def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibDa
 
 
 def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapping[str, Any],
-                     profile: LossProfile, context: Any = None, inplace: bool = False) -> Any:
+                     profile: LossProfile, context: Any = None, inplace: bool = False, svds: dict | None = None) -> Any:
     """`compressor` with the global greedy on measured loss: layer l's lost (weighted) energy counts
     scale_l / ||L W R||^2, i.e. scale_l times its relative squared error (`loss_per_error`).
 
     Every LayerChange's `sensitivity` is the loss change measured at the probe. Returns the
-    CompressResult (its config says allocation "sensitivity"; replay needs only the ranks).
+    CompressResult (its config says allocation "sensitivity"; replay needs only the ranks). `svds`:
+    the weighted SVDs `profile_lowrank` filled for the same statistics, reused.
     """
     if profile.method != compressor.name:
         raise ConfigError(f"a loss profile of '{profile.method}' cannot allocate '{compressor.name}'")
@@ -146,13 +149,11 @@ def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapp
     class LossScaled(family):  # the weighting hook is where a family sets its allocation scale
         def weighting(self, name, linear, cfg, st):
             row, col, _ = family.weighting(self, name, linear, cfg, st)
-            w = linear_view(linear).weight.detach().double()
-            w = w if row is None else row.double()[:, None] * w
-            w = w if col is None else (w * col.double() if col.dim() == 1 else w @ col.double())
-            return row, col, profile.scales.get(name, profile.floor) / max(float(w.square().sum()), 1e-300)
+            energy = float(weigh(linear_view(linear).weight, row, col).square().sum())
+            return row, col, profile.scales.get(name, profile.floor) / max(energy, 1e-300)
 
     cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="sensitivity")
-    result = LossScaled().compress_with_stats(model, cfg, stats, inplace=inplace, context=context)
+    result = LossScaled().compress_with_stats(model, cfg, stats, inplace=inplace, context=context, svds=svds)
     for change in result.changes:
         change.sensitivity = profile.delta.get(change.name, change.sensitivity)
     return result

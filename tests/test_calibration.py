@@ -1,4 +1,5 @@
-"""Calibration statistics: Fisher equals summed squared batch gradients, moments equal X^T X, errors name the batch."""
+"""Calibration statistics: Fisher equals summed squared batch gradients, moments equal X^T X and (J^T e)(J^T e)^T,
+errors name the batch."""
 from __future__ import annotations
 
 import pytest
@@ -166,3 +167,53 @@ def test_label_free_fisher_ignores_the_targets():
     for name in ("q", "out"):
         torch.testing.assert_close(free.fisher[name], none.fisher[name], rtol=0, atol=0)
         assert not torch.allclose(free.fisher[name], task.fisher[name])
+
+
+class PerToken(nn.Module):
+    """Per-token output (B, T, 3) of two linear maps: the output's Jacobian at b's output is c.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b, self.c = nn.Linear(8, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(x))
+
+
+def test_output_gradient_moments_are_the_gauss_newton_of_the_output():
+    # g = J^T e at each layer's output for random signs e; per sample, summed over valid tokens
+    _, calib = make()
+    torch.manual_seed(0)
+    model = PerToken().eval()
+    stats = collect_stats(model, calib, ["b", "c"], fisher=False, gradients=True, draws=3, seed=5, progress=False)
+    generator = torch.Generator().manual_seed(5)
+    expected = {"b": torch.zeros(5, 5, dtype=torch.float64), "c": torch.zeros(3, 3, dtype=torch.float64)}
+    for batch in calib.batches:
+        keep = batch["attention_mask"].bool()
+        for _ in range(3):
+            signs = torch.randint(0, 2, (4, 5, 3), generator=generator).float() * 2 - 1
+            for name, g in (("c", signs), ("b", signs @ model.c.weight.detach())):
+                rows = g[keep].double()
+                expected[name] += rows.T @ rows
+    assert stats.samples == 3 * 12
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib.batches)
+    for name in ("b", "c"):
+        torch.testing.assert_close(stats.gradient_moment(name), expected[name] / 36, rtol=1e-5, atol=1e-6)
+    # at the output itself e^2 = 1: the diagonal is the valid tokens per sample, whatever the draws
+    torch.testing.assert_close(stats.gradient_moment("c").diagonal(), torch.full((3,), tokens / 12, dtype=torch.float64))
+    rows = torch.cat([b["x"][b["attention_mask"].bool()] for b in calib.batches]).double()
+    torch.testing.assert_close(stats.second_moment("b"), rows.T @ rows / len(rows), rtol=1e-5, atol=1e-7)  # same pass
+    assert stats.fisher == {} and not model.b._forward_hooks and not model.b._forward_pre_hooks
+
+
+def test_output_gradient_errors():
+    model, calib = make()
+    with pytest.raises(ConfigError, match="separate passes"):
+        collect_stats(model, calib, ["q"], gradients=True, progress=False)
+    with pytest.raises(ConfigError, match="draws"):
+        collect_stats(model, calib, ["q"], fisher=False, gradients=True, draws=0, progress=False)
+    model.unused = nn.Linear(8, 2)
+    stats = collect_stats(model, calib, ["q", "unused"], fisher=False, gradients=True, progress=False)
+    assert stats.gradient_moment("q").shape == (6, 6)
+    with pytest.raises(ConfigError, match="'unused'.*no gradient"):
+        stats.gradient_moment("unused")

@@ -371,3 +371,49 @@ def test_multihead_attention_out_proj_is_skipped_and_the_rest_keeps_working():
         fast = result.model(x)
     slow = result.model.train()(x)  # dropout 0: the same function through the modules
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def kfac_error(weight: torch.Tensor, approx: torch.Tensor, grad_moment: torch.Tensor, moment: torch.Tensor) -> float:
+    delta = (weight - approx).double()
+    return float(torch.trace(delta.T @ grad_moment @ delta @ moment))
+
+
+def test_kfac_weighting_is_exact_at_full_rank_and_optimal_in_its_metric():
+    model, calib = tiny_model(), tiny_calib(targets=False)
+    config = ASVD().make_config({"mode": "kfac"})
+    stats = ASVD().collect(model, calib, ["a", "b", "c"], config)
+    assert set(stats.ggt) == {"a", "b", "c"} and stats.fisher == {}
+    whiten = ASVD().make_config({})
+    for name in ("a", "b", "c"):
+        linear = model.get_submodule(name)
+        row, col, scale = ASVD().weighting(name, linear, config, stats)
+        assert row.shape == (linear.out_features,) * 2 and torch.equal(row, row.triu()) and scale == 1.0
+        full = weighted_svd(linear.weight, row, col)
+        left, right = full.factors(min(linear.weight.shape))
+        torch.testing.assert_close(left @ right, linear.weight.detach().double(), atol=1e-8, rtol=1e-8)
+        # at rank 4 each weighting is the best in its own metric: kfac in tr(dW^T G dW C), whiten in E||dW x||^2
+        g, c = row.T @ row, col @ col.T  # the damped moments
+        two_sided = torch.mm(*full.factors(4))
+        left, right = weighted_svd(linear.weight, *ASVD().weighting(name, linear, whiten, stats)[:2]).factors(4)
+        one_sided = left @ right
+        eye = torch.eye(linear.out_features, dtype=torch.float64)
+        w = linear.weight.detach()
+        assert kfac_error(w, two_sided, g, c) < kfac_error(w, one_sided, g, c) * 0.999
+        assert kfac_error(w, one_sided, eye, c) < kfac_error(w, two_sided, eye, c) * 0.999
+        assert abs(kfac_error(w, two_sided, g, c) / kfac_error(w, 0 * w, g, c) - full.rel_error(4) ** 2) < 1e-9
+
+
+def test_kfac_beats_whiten_on_the_model_output():
+    # the head reads c's outputs unevenly: weighting c's error by the output's Gauss-Newton matters
+    model, calib = tiny_model(), tiny_calib(targets=False)
+    with torch.no_grad():
+        model.head.weight.mul_(torch.logspace(-2, 1, 32))
+    x = torch.cat([b["x"] for b in calib.batches])
+    errors = {}
+    for mode in ("whiten", "kfac"):
+        small = ASVD().compress(model, {"rank": 3, "target": ["c"], "mode": mode}, calib).model
+        with torch.no_grad():
+            errors[mode] = float((small(x) - model(x)).square().mean())
+    assert errors["kfac"] < errors["whiten"] * 0.5, errors
+    with pytest.raises(ConfigError, match="draws"):
+        ASVD().make_config({"mode": "kfac", "draws": 0})
