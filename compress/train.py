@@ -87,7 +87,7 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         weight_decay: float = 0.0, max_grad_norm: float | None = None,
         schedule: Literal["linear", "cosine", "constant"] = "linear", lr_end: float = 0.0,
         augment: Augment | None = None, label: str = "training",
-        monitor: Callable[[int, nn.Module], None] | None = None) -> FitReport:
+        monitor: Callable[[int, nn.Module], None] | None = None, dropout: bool = True) -> FitReport:
     """Train `model` in place with AdamW over `data` (batches cycled, reshuffled every pass).
 
     Every family that trains calls this: healing after low-rank/MPO/pruning, adapter training,
@@ -112,6 +112,9 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         label: what the progress bar and error messages call this run.
         monitor: monitor(steps_done, model) after every step (e.g. a learning curve on held-out
             data); it must leave the model as it found it.
+        dropout: False trains with every dropout layer's p at 0 (restored after): distilling toward
+            an original that runs without dropout (measured on the demo's MiniLM, 40 healing steps:
+            cosine 0.900 with dropout, 0.903 without; bench/demo_ceiling.py).
 
     Returns:
         FitReport with the loss of every step.
@@ -140,6 +143,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - (1.0 - end) * s / total)
     report, order = FitReport(total), []
     modes = [(m, m.training) for m in (model, teacher) if m is not None]
+    # p read by the layers and by attention kernels that take the rate from them (transformers' SDPA path)
+    rates = {} if dropout else {m: m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
@@ -148,6 +153,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         if teacher is not None:
             teacher.eval()
         try:
+            for m in rates:
+                m.p = 0.0
             with tqdm(total=total, desc=f"{label} on {data.name}", disable=not progress, leave=False) as bar:
                 for step in range(total):
                     if not order:
@@ -178,20 +185,22 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         finally:
             for m, was_training in modes:
                 m.train(was_training)
+            for m, p in rates.items():
+                m.p = p
     return report
 
 
 def heal(model: nn.Module, data: CalibData, steps: int = 200, lr: float = 5e-5, weight_decay: float = 0.01,
          max_grad_norm: float = 1.0, seed: int = 0, progress: bool = True,
          teacher: nn.Module | None = None,
-         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> FitReport:
+         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, dropout: bool = True) -> FitReport:
     """Fine-tune a compressed `model` in place: `fit` with AdamW, linear decay to 0, gradient clipping.
 
     Without targets in `data`, pass the original model as `teacher` to distil toward it (`loss`:
     e.g. `logit_kl` for logits; default `task_loss`).
     """
     return fit(model, data, steps=steps, lr=lr, teacher=teacher, seed=seed, progress=progress, loss=loss,
-               weight_decay=weight_decay, max_grad_norm=max_grad_norm, label="healing")
+               weight_decay=weight_decay, max_grad_norm=max_grad_norm, label="healing", dropout=dropout)
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,7 @@ class HealConfig(ConfigBase):
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0  # order of the batches
+    dropout: bool = True  # False: every dropout rate at 0 while healing (fit's `dropout`)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -228,7 +238,8 @@ class Heal(Compressor):
             raise ConfigError("'heal' needs training data (calib = ...): with targets, or distilled from the "
                               "original model (the pipeline does that; in Python use teacher_targets)")
         model = working_copy(model, inplace)
-        report = heal(model, calib, config.steps, config.lr, config.weight_decay, config.max_grad_norm, config.seed)
+        report = heal(model, calib, config.steps, config.lr, config.weight_decay, config.max_grad_norm, config.seed,
+                      dropout=config.dropout)
         return self.result(model, config, [], {"steps": report.steps, "final_loss": report.final_loss})
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:

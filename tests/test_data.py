@@ -78,5 +78,14 @@ def test_bbc_sentences_come_from_training_articles_only():
     split = bbc_news_split(0)
     train = " ".join(" ".join(t.split()) for t, _ in split["train"])
     assert all(s in train for s in sentences[:200])
-    calib = load_calibration("bbc-news-sentences:40", load_model("tiny-bert"), batch_size=16)
-    assert [len(b["input_ids"]) for _, b, _ in calib] == [16, 16, 8] and calib.targets is None
+    tiny = load_model("tiny-bert")
+    calib = load_calibration("bbc-news-sentences:40", tiny, batch_size=16)
+    assert sorted(len(b["input_ids"]) for _, b, _ in calib) == [8, 16, 16] and calib.targets is None
+    # batched by length: less padding than the same 40 sentences in their own order (MiniLM: 128 tokens)
+    minilm = load_model("minilm")
+    calib = load_calibration("bbc-news-sentences:40", minilm, batch_size=16)
+    plain = [trim_padding(minilm.encode(sentences[:40][i:i + 16])) for i in range(0, 40, 16)]
+    def padding(batches):
+        return sum(b["attention_mask"].numel() - int(b["attention_mask"].sum()) for b in batches)
+    assert sum(int(b["attention_mask"].sum()) for b in calib.batches) == sum(int(b["attention_mask"].sum()) for b in plain)
+    assert padding(calib.batches) < padding(plain)

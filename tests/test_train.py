@@ -125,3 +125,15 @@ def test_fit_forks_the_rng_restores_modes_and_distils_toward_a_teacher():
     assert again.losses == report.losses  # the seed alone decides the run (dropout included)
     with pytest.raises(ConfigError, match="steps or epochs"):
         fit(student, data, lr=1e-3)
+
+
+def test_fit_without_dropout_trains_the_eval_model_and_restores_the_rates():
+    # with dropout off each step's loss is the model's deterministic (eval) loss on that batch
+    model, data = net(), blobs(n_batches=1)
+    model.drop.p = 0.5
+    on = fit(copy.deepcopy(model), data, steps=1, lr=1e-9, progress=False)
+    before = mean_loss(model.eval(), data)
+    off = fit(model, data, steps=1, lr=1e-9, progress=False, dropout=False)
+    assert off.losses[0] == pytest.approx(before, rel=1e-6) and on.losses[0] != pytest.approx(before, rel=1e-3)
+    assert model.drop.p == 0.5
+    assert HealConfig(dropout=False).dropout is False
