@@ -1,20 +1,21 @@
-"""Diagnosis: how close can the demo (`edgeslim run`) get to cosine 0.9 at its kept ratio of 0.5?
+"""Diagnosis: how close does the demo (`edgeslim run`) get to cosine 0.9 at its kept ratio of 0.5?
 
-The demo factors MiniLM's 36 encoder linears with asvd (whitened, loss-measured allocation) at a 0.5
-kept ratio, calibrated on 512 sentences of the BBC News training articles, and heals it for 48 steps
-on 1024 of them (distilled toward the original's embedding); it is checked on the 16 demo sentences
-(cosine of the mean-pooled embedding to the original's). Each variant below changes one thing of
-that recipe and reports the same cosine (mean and min), so the ceiling of each lever is on record:
+The demo factors MiniLM's 36 encoder linears with asvd at a 0.5 kept ratio (loss-measured allocation),
+calibrated on 512 sentences of the BBC News training articles, and heals it on 1024 of them (distilled
+toward the original's embedding); it is checked on the 16 demo sentences (cosine of the mean-pooled
+embedding to the original's). The rows, each one change from the next:
 
-- no heal: the factored model alone;
-- heal (the demo's): 48 steps, lr 1e-4, MSE to the original's embedding;
-- heal with a cosine loss, or a 3x learning rate; heal 5x longer (240 steps on 4096 sentences, lr 2e-4);
-- asvd damping 0.1 / 1.0 instead of 0.01 (less fitted to the BBC activations);
-- error-compensated refit: the same ranks, each layer refitted in execution order on the inputs the
-  already-compressed layers produce, to the original layer's outputs (free bias):
-  min ||W X + b - (A B X~ + c)||, solved as truncSVD(C_{y x~} L^-T) L^-1 with C_{x~x~} = L L^T.
+- asvd "whiten" (the input side only), no heal, and with the heal the demo had with it (48 steps,
+  dropout on): the demo until K-FAC weighting;
+- asvd "kfac" (both sides: the output's Gauss-Newton factor too), 1 and 2 random probes per sample, no heal;
+- the demo: kfac with 2 probes, healed 40 steps without dropout; the same heal with dropout on;
+- the ceiling of healing: 240 steps on 4096 sentences, lr 2e-4.
 
-    python bench/demo_ceiling.py    # ~11 min on 2 cores, writes bench/results/demo_ceiling.json
+Levers measured earlier on the whiten recipe (the JSON of commit 30d3f43): a cosine loss for the heal
+0.852, lr 3e-4 0.847, asvd damping 0.1 / 1.0 0.815 / 0.761, an error-compensated refit of every layer
+0.814, against 0.851 for its heal.
+
+    python bench/demo_ceiling.py    # ~8 min on 2 cores, writes bench/results/demo_ceiling.json
 """
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from edgeslim.compress.svd import LowRankLinear, WeightedSVD
 from edgeslim.compress.train import heal, teacher_targets
 from edgeslim.data import load_calibration
 from edgeslim.files import JSON, replace_output
@@ -38,52 +37,7 @@ from edgeslim.sources import load_model
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.9
-REFIT_SENTENCES = 256  # calibration sentences of the error-compensated refit
-DAMPING = 0.01  # of the refit's covariance, relative to its mean diagonal (asvd's default)
-
-
-def cosine_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (1 - F.cosine_similarity(output, target, dim=-1)).mean()
-
-
-@torch.inference_mode()
-def layer_inputs(models: list[torch.nn.Module], name: str, batches: list[dict]) -> list[torch.Tensor]:
-    """The unpadded input rows of layer `name` in each model over `batches` (float64, tokens x features)."""
-    rows: list[list[torch.Tensor]] = [[] for _ in models]
-    mask: list[torch.Tensor] = []
-    hooks = [m.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, i=i: rows[i].append(args[0].double()[mask[0].bool()])) for i, m in enumerate(models)]
-    try:
-        for batch in batches:
-            mask[:] = [batch["attention_mask"]]
-            for m in models:
-                m(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(r) for r in rows]
-
-
-def refit(original: torch.nn.Module, small: torch.nn.Module, batches: list[dict]) -> torch.nn.Module:
-    """The same ranks, each factored layer refitted in execution order on the compressed model's own inputs."""
-    small = copy.deepcopy(small)
-    for name, layer in [(n, m) for n, m in small.named_modules() if isinstance(m, LowRankLinear)]:
-        dense = original.get_submodule(name)
-        x, xt = layer_inputs([original, small], name, batches)
-        mx, mt = x.mean(0), xt.mean(0)
-        cross = (x - mx).T @ (xt - mt) / len(x)
-        cov = (xt - mt).T @ (xt - mt) / len(x)
-        cov += DAMPING * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
-        chol = torch.linalg.cholesky(cov)
-        weight = dense.weight.detach().double()
-        u, s, vh = torch.linalg.svd(torch.linalg.solve_triangular(chol, (weight @ cross).T, upper=False).T,
-                                    full_matrices=False)
-        left, right = WeightedSVD(u, s, vh, None, chol).factors(layer.rank)  # B = V_r^T L^-1, balanced
-        with torch.no_grad():
-            layer.first.weight.copy_(right.float())
-            layer.second.weight.copy_(left.float())
-            layer.second.bias.copy_((weight @ mx + dense.bias.double() - left @ (right @ mt)).float())
-    return small
+WHITEN_HEAL = {"steps": 48, "lr": 1e-4, "dropout": True}  # the demo's heal with whiten weighting
 
 
 def main() -> None:
@@ -109,22 +63,21 @@ def main() -> None:
         model = apply_steps(original, [{**asvd_step, **extra}], quiet=True, profile="cpu-ort-fp32")[0].model
         return model, time.time() - t
 
+    whiten, seconds = factored(mode="whiten")
+    record("asvd whiten 0.5, no heal", whiten, seconds)
+    model, t = copy.deepcopy(whiten), time.time()
+    heal(model, heal_data, WHITEN_HEAL["steps"], WHITEN_HEAL["lr"], progress=False, dropout=WHITEN_HEAL["dropout"])
+    record("asvd whiten 0.5 + heal 48 steps, dropout on", model, time.time() - t)
+    record("asvd kfac 0.5, 1 probe, no heal", *factored(draws=1))
     base, seconds = factored()
-    record("asvd 0.5, no heal", base, seconds)
-    for variant, data, steps, lr, loss in [
-            ("asvd 0.5 + heal (the demo: 48 steps, lr 1e-4)", heal_data, 48, 1e-4, None),
-            ("asvd 0.5 + heal, cosine loss", heal_data, 48, 1e-4, cosine_loss),
-            ("asvd 0.5 + heal, lr 3e-4", heal_data, 48, 3e-4, None),
-            ("asvd 0.5 + heal 240 steps, 4096 sentences, lr 2e-4", long_data, 240, 2e-4, None)]:
+    record(f"asvd kfac 0.5, {asvd_step['draws']} probes (the demo), no heal", base, seconds)
+    for variant, data, steps, lr, dropout in [
+            (f"the demo: + heal {heal_step['steps']} steps, no dropout", heal_data, heal_step["steps"], heal_step["lr"], False),
+            (f"kfac + heal {heal_step['steps']} steps, dropout on", heal_data, heal_step["steps"], heal_step["lr"], True),
+            ("kfac + heal 240 steps, 4096 sentences, lr 2e-4, no dropout", long_data, 240, 2e-4, False)]:
         model, t = copy.deepcopy(base), time.time()
-        heal(model, data, steps, lr, progress=False, loss=loss)
+        heal(model, data, steps, lr, progress=False, dropout=dropout)
         record(variant, model, time.time() - t)
-    for damping in (0.1, 1.0):
-        record(f"asvd 0.5, damping {damping}, no heal", *factored(damping=damping))
-    refit_batches = [b for _, b, _ in load_calibration(f"bbc-news-sentences:{REFIT_SENTENCES}", original, 16)]
-    t = time.time()
-    record(f"asvd 0.5, error-compensated refit ({REFIT_SENTENCES} sentences), no heal",
-           refit(original.model, base, refit_batches), time.time() - t)
     best = max(rows, key=lambda r: r["cosine_mean"])
     summary = {"recipe": DEMO_RECIPE["step"], "goal_cosine": GOAL, "rows": rows, "best": best,
                "goal_met": best["cosine_mean"] >= GOAL, "seconds": time.time() - start,

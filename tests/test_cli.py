@@ -68,10 +68,10 @@ def test_demo_runs_on_packaged_minilm(in_tmp, capsys):
     out = capsys.readouterr().out
     assert "cosine sim." in out and "speedup" in out
     cosine = float(re.search(r"cosine sim\. \(16 sentences\)\D*1\D*(\d\.\d+) \(min", out).group(1))
-    # a regression floor, not the goal of 0.9: the demo (asvd, loss-measured allocation on BBC News
-    # sentences, 48 heal steps) measured 0.86 here; calibrated on 128-token articles 0.79, unhealed
-    # 0.82; uniform allocation 0.68, the statistics-only greedy 0.61, plain svd 0.40
-    assert cosine >= 0.80
+    # the goal is 0.9: the demo (asvd kfac, loss-measured allocation on BBC News sentences, 40 heal
+    # steps without dropout) measured 0.903 on an AVX2 EPYC; the floor leaves room for other CPUs'
+    # arithmetic. Before: whiten weighting 0.85 healed, 0.82 unhealed; uniform allocation 0.68, plain svd 0.40
+    assert cosine >= 0.89
     report = (in_tmp / "edgeslim-out" / "minilm-asvd.report.md").read_text()
     assert "Speedup or explain" in report and "Layers that cost the most" in report
     assert (in_tmp / "edgeslim-out" / "minilm-asvd.onnx").stat().st_size < (in_tmp / "edgeslim-out" / "minilm-asvd-original.onnx").stat().st_size
