@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from edgeslim.calib import CalibData
 from edgeslim.compress.train import heal, teacher_targets
 from edgeslim.data import load_calibration
 from edgeslim.files import JSON, replace_output
@@ -37,7 +38,6 @@ from edgeslim.sources import load_model
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.9
-WHITEN_HEAL = {"steps": 48, "lr": 1e-4, "dropout": True}  # the demo's heal with whiten weighting
 
 
 def main() -> None:
@@ -63,21 +63,21 @@ def main() -> None:
         model = apply_steps(original, [{**asvd_step, **extra}], quiet=True, profile="cpu-ort-fp32")[0].model
         return model, time.time() - t
 
+    def healed(variant: str, start: torch.nn.Module, data: CalibData, steps: int, lr: float, dropout: bool) -> None:
+        model, t = copy.deepcopy(start), time.time()
+        heal(model, data, steps, lr, progress=False, dropout=dropout)
+        record(variant, model, time.time() - t)
+
     whiten, seconds = factored(mode="whiten")
     record("asvd whiten 0.5, no heal", whiten, seconds)
-    model, t = copy.deepcopy(whiten), time.time()
-    heal(model, heal_data, WHITEN_HEAL["steps"], WHITEN_HEAL["lr"], progress=False, dropout=WHITEN_HEAL["dropout"])
-    record("asvd whiten 0.5 + heal 48 steps, dropout on", model, time.time() - t)
+    healed("asvd whiten 0.5 + heal 48 steps, dropout on", whiten, heal_data, 48, 1e-4, True)  # the demo's, before
     record("asvd kfac 0.5, 1 probe, no heal", *factored(draws=1))
     base, seconds = factored()
     record(f"asvd kfac 0.5, {asvd_step['draws']} probes (the demo), no heal", base, seconds)
-    for variant, data, steps, lr, dropout in [
-            (f"the demo: + heal {heal_step['steps']} steps, no dropout", heal_data, heal_step["steps"], heal_step["lr"], False),
-            (f"kfac + heal {heal_step['steps']} steps, dropout on", heal_data, heal_step["steps"], heal_step["lr"], True),
-            ("kfac + heal 240 steps, 4096 sentences, lr 2e-4, no dropout", long_data, 240, 2e-4, False)]:
-        model, t = copy.deepcopy(base), time.time()
-        heal(model, data, steps, lr, progress=False, dropout=dropout)
-        record(variant, model, time.time() - t)
+    steps, lr = heal_step["steps"], heal_step["lr"]
+    healed(f"the demo: + heal {steps} steps, no dropout", base, heal_data, steps, lr, False)
+    healed(f"kfac + heal {steps} steps, dropout on", base, heal_data, steps, lr, True)
+    healed("kfac + heal 240 steps, 4096 sentences, lr 2e-4, no dropout", base, long_data, 240, 2e-4, False)
     best = max(rows, key=lambda r: r["cosine_mean"])
     summary = {"recipe": DEMO_RECIPE["step"], "goal_cosine": GOAL, "rows": rows, "best": best,
                "goal_met": best["cosine_mean"] >= GOAL, "seconds": time.time() - start,

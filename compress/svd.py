@@ -274,13 +274,12 @@ class _LowRankCompressor(Compressor):
         model = working_copy(model, inplace)
         chosen, skipped = select_linear_maps(model, config.target, config.exclude)
         changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]
-        facts, spectra = {}, []
+        facts, spectra = {} if svds is None else svds, []
         for name, module in chosen:
             view = linear_view(module)
             row, col, scale = self.weighting(name, module, config, stats)
-            facts[name] = svds[name] if svds is not None and name in svds else weighted_svd(view.weight, row, col)
-            if svds is not None:
-                svds[name] = facts[name]
+            if name not in facts:
+                facts[name] = weighted_svd(view.weight, row, col)
             spectra.append(LayerSpectrum(name, view.out_features, view.in_features,
                                          0 if view.bias is None else view.out_features,
                                          facts[name].s.square(), scale))
@@ -469,16 +468,15 @@ class ASVD(_LowRankCompressor):
                              draws=config.draws)
 
     def weighting(self, name, linear, config, stats):
-        weight = linear_view(linear).weight.detach().double()
         if config.mode == "scale":
             col = stats.mean_abs(name).to(torch.float64).clamp_min(1e-12).pow(config.alpha)
-            return None, col, 1.0 / max(float((weight * col).square().sum()), 1e-30)
-        chol = damped_cholesky(stats.second_moment(name), config.damping)
+        else:
+            col = damped_cholesky(stats.second_moment(name), config.damping)
         if config.mode == "kfac":
             # energies of every layer on one scale, the output's (as fwsvd's), for global allocation
-            return damped_cholesky(stats.gradient_moment(name), config.damping).T, chol, 1.0
-        # relative output error: layers compared by the fraction of their output energy lost
-        return None, chol, 1.0 / max(float((weight @ chol).square().sum()), 1e-30)
+            return damped_cholesky(stats.gradient_moment(name), config.damping).T, col, 1.0
+        # relative output error: layers compared by the fraction of their (weighted) output energy lost
+        return None, col, 1.0 / max(float(weigh(linear_view(linear).weight, None, col).square().sum()), 1e-30)
 
     def sensitivity(self, lost_energy, config):
         # whiten: E ||(W - W') x||^2 over the calibration inputs; kfac: half the estimated squared change

@@ -184,8 +184,7 @@ def _bbc_sentences(loaded: LoadedModel, count: int | None, batch_size: int, seed
     data = text_calibration(name, sorted(texts, key=lambda t: len(t.split())), loaded, batch_size)
     order = list(range(len(data.batches)))
     random.Random(seed).shuffle(order)
-    return CalibData(name, [trim_padding(data.batches[i]) for i in order],
-                     None if data.targets is None else [data.targets[i] for i in order])
+    return CalibData(name, [trim_padding(data.batches[i]) for i in order])  # no labels: no targets
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
