@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.compress import get_compressor
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.train import fit, heal
-from edgeslim.files import JSON, replace_output
+from edgeslim.core.files import JSON, replace_output
 from edgeslim.runtime.machine import machine_info
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -215,7 +215,7 @@ def latency_ratios(rows: dict[str, dict], shape: tuple[int, ...], rounds: int, t
     from edgeslim.export.onnx import to_onnx
     from edgeslim.runtime.measure import measure
     from edgeslim.runtime.session import open_session
-    from edgeslim.specs import TensorSpec
+    from edgeslim.core.specs import TensorSpec
 
     class Keyword(nn.Module):
         def __init__(self, m):

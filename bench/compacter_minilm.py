@@ -40,13 +40,13 @@ from edgeslim.compress.compacter import adapted_model, merge_for_export, paper_p
 from edgeslim.compress.train import fit  # noqa: E402
 from edgeslim.data import load_labelled  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.memory import MemoryProbe  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model, make_encoder  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
+from edgeslim.core.specs import example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("head", "compacter", "compacter_pp", "lora", "bottleneck", "full")  # head first: the latency reference

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.train import heal, teacher_targets
 from edgeslim.data import load_calibration
-from edgeslim.files import JSON, replace_output
+from edgeslim.core.files import JSON, replace_output
 from edgeslim.pipeline import apply_steps, compare_outputs
 from edgeslim.recipe import DEMO_RECIPE
 from edgeslim.runtime.machine import machine_info

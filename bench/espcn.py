@@ -30,13 +30,13 @@ import torch
 from edgeslim import images
 from edgeslim.compress import get_compressor
 from edgeslim.compress.replace import count_params
-from edgeslim.sr_models import ESPCN, DeconvSR
+from edgeslim.core.sr_models import ESPCN, DeconvSR
 from edgeslim.export.onnx import to_onnx
 from edgeslim.runtime.machine import machine_info
 from edgeslim.runtime.measure import measure
 from edgeslim.runtime.peak import time_gemm_ms
 from edgeslim.runtime.session import OrtModule, open_session
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 from edgeslim.sr_compare import panels
 
 ROOT = Path(__file__).resolve().parents[1]

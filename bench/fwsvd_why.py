@@ -39,11 +39,11 @@ import torch  # noqa: E402
 
 from lowrank_minilm import FULL, RESULTS, TARGET, accuracy, finetuned_setup  # noqa: E402
 
-from edgeslim.calib import CalibData  # noqa: E402
+from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import linear_view, select_modules  # noqa: E402
 from edgeslim.compress.svd import FWSVD, SVD  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 
 RATIOS = (0.5, 0.4, 0.3)

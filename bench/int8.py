@@ -35,16 +35,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from edgeslim import images  # noqa: E402
-from edgeslim.calib import CalibData  # noqa: E402
+from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.base import CompressContext, get_compressor  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.op_profile import op_breakdown  # noqa: E402
 from edgeslim.runtime.session import OrtModule, open_session  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
-from edgeslim.specs import TensorSpec  # noqa: E402
+from edgeslim.core.specs import TensorSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SPEC = [TensorSpec("x", ("batch", 1, "height", "width"))]

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from edgeslim.compress.base import CompressContext, CompressResult, get_compressor  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.sources import LoadedModel, load_model  # noqa: E402
 from lowrank_llm import texts, tiny_llama  # noqa: E402

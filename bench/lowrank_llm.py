@@ -42,11 +42,11 @@ from edgeslim.compress.train import heal, logit_kl  # noqa: E402
 from edgeslim.data import DEMO_SENTENCES, text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
+from edgeslim.core.specs import example_feeds  # noqa: E402
 from edgeslim.tasks import lm_targets  # noqa: E402
 from lowrank_minilm import _save, paired_latency  # noqa: E402
 

@@ -41,15 +41,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from edgeslim.calib import CalibData  # noqa: E402
+from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.base import CompressContext  # noqa: E402
 from edgeslim.compress.replace import count_params, select_modules  # noqa: E402
 from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import bbc_news_classes, bbc_news_split  # noqa: E402
-from edgeslim.errors import ConfigError, require  # noqa: E402
+from edgeslim.core.errors import ConfigError, require  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import HF_FOLDER, JSON, REPORT, replace_output  # noqa: E402
+from edgeslim.core.files import HF_FOLDER, JSON, REPORT, replace_output  # noqa: E402
 from edgeslim.latency import LocalMeasure  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
@@ -57,7 +57,7 @@ from edgeslim.runtime.op_profile import amdahl_bound, gemm_fraction, op_breakdow
 from edgeslim.runtime.roofline import count_flops  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model, make_encoder  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
+from edgeslim.core.specs import example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = r"hf\.bert\.encoder\.layer\.\d+\..*"  # the 36 encoder Linears (not pooler, not classifier)

@@ -31,7 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.files import JSON, REPORT, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, REPORT, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import interleave  # noqa: E402
 from edgeslim.runtime.peak import measured_peak  # noqa: E402
@@ -39,7 +39,7 @@ from edgeslim.runtime.roofline import count_flops, min_bytes_moved, roofline_fra
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.runtime.targets import load_profile  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
+from edgeslim.core.specs import example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FULL = {"model": "minilm", "batches": [1, 8], "sequence": 128, "warmup": 2, "iters": 10, "rounds": 5,

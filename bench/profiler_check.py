@@ -33,14 +33,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from edgeslim.files import JSON, REPORT, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, REPORT, replace_output  # noqa: E402
 from edgeslim.pipeline import export_model  # noqa: E402
 from edgeslim.profiling import profile_file  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.peak import measured_peak  # noqa: E402
 from edgeslim.runtime.targets import load_profile  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
-from edgeslim.specs import example_feeds  # noqa: E402
+from edgeslim.core.specs import example_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # ESPCN x3 to 1080p: a 640x360 low-resolution Y channel in, 1920x1080 out.

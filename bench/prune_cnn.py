@@ -30,15 +30,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from lowrank_minilm import _save, plt  # noqa: E402
 
-from edgeslim.calib import CalibData  # noqa: E402
+from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.prune import Prune  # noqa: E402
 from edgeslim.compress.replace import count_params  # noqa: E402
 from edgeslim.compress.train import heal, teacher_targets  # noqa: E402
-from edgeslim.files import JSON, OutputKind, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, OutputKind, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.roofline import count_flops  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
-from edgeslim.specs import TensorSpec  # noqa: E402
+from edgeslim.core.specs import TensorSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

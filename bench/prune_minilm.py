@@ -23,7 +23,7 @@ from lowrank_minilm import _save, accuracy, export_and_count, finetuned_setup, p
 from edgeslim.compress.prune import Prune  # noqa: E402
 from edgeslim.compress.replace import count_params  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 

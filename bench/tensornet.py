@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import lowrank_llm as llm_bench  # noqa: E402
 import lowrank_minilm as lr  # noqa: E402
-from edgeslim.calib import CalibData  # noqa: E402
+from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, linear_view, select_linear_maps, select_modules  # noqa: E402
 from edgeslim.compress.sensitivity import layer_sensitivity  # noqa: E402
@@ -47,13 +47,13 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.errors import ConfigError, require  # noqa: E402
-from edgeslim.files import JSON, replace_output  # noqa: E402
+from edgeslim.core.errors import ConfigError, require  # noqa: E402
+from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model, make_encoder  # noqa: E402
-from edgeslim.specs import TensorSpec, example_feeds  # noqa: E402
+from edgeslim.core.specs import TensorSpec, example_feeds  # noqa: E402
 from edgeslim.tasks import lm_targets  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -53,7 +53,7 @@ class Curve:
 
 def steps_for(scale: int, minutes: float, batch_size: int, patch: int) -> tuple[int, float]:
     """Steps that fill `minutes` of training on this machine now (timed on a throwaway model), and ms/step."""
-    from edgeslim.sr_models import ESPCN
+    from edgeslim.core.sr_models import ESPCN
 
     model = ESPCN(scale)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from edgeslim.compress.replace import select_modules
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 # Where the attention output and the feed-forward output of a block come out, per architecture:
 # (name of the architecture family, path of the attention-output module, path of the FFN-output module).

@@ -15,10 +15,10 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence
 
 from torch import nn
 
-from edgeslim.calib import CalibData
-from edgeslim.config import ConfigBase
-from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.calib import CalibData
+from edgeslim.core.config import ConfigBase
+from edgeslim.core.errors import ConfigError, EdgeslimError, MissingDependencyError
+from edgeslim.core.specs import TensorSpec
 
 ENTRY_POINT_GROUP = "edgeslim.compressors"
 
@@ -54,7 +54,7 @@ class CompressContext:
     have (or nothing).
     """
 
-    inputs: tuple[TensorSpec, ...] = ()  # the model's input spec (example tensors: edgeslim.specs)
+    inputs: tuple[TensorSpec, ...] = ()  # the model's input spec (example tensors: edgeslim.core.specs)
     align: int | None = None  # the target profile's shape multiple (8 CPU SIMD, 16/32 tensor cores)
     profile: str | None = None  # target profile name
     measure: Measure | None = None  # e.g. a GEMM latency table of the target, for latency budgets
@@ -194,7 +194,7 @@ class Compressor:
       `self.result(...)`, which records `schema` in `resolved`.
     - `replay(model, resolved, inputs) -> nn.Module` applies the recorded structure without data
       (the artifact loads the weights afterwards); `inputs` is the artifact's input spec, from
-      which example tensors are made with `edgeslim.specs.example_feeds`.
+      which example tensors are made with `edgeslim.core.specs.example_feeds`.
     - optionally `onnx_stage(resolved, onnx_in, onnx_out, context)` with has_onnx_stage = True:
       run by the pipeline on the exported ONNX file after export (e.g. INT8 on the graph).
     """

@@ -14,10 +14,10 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.replace import linear_view
 from edgeslim.compress.train import check_finite, task_loss
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 @dataclass

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, register,
                                      working_copy)
 from edgeslim.compress.adapter_sites import find_sites, no_fast_path
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
 from edgeslim.compress.train import fit
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
 class PHMLinear(nn.Module):

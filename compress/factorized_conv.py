@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
 from edgeslim.compress.replace import recorded_module, select_modules, set_submodule, skipped_change, tensor_bytes
 from edgeslim.compress.separable_conv import SeparableConvNd, separable_class
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
 
 _GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # fractions of the largest saving rank
 

@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 import torch
 
 from edgeslim.compress.base import BudgetConfig, Decision
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 class BudgetLayer(Protocol):

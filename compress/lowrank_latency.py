@@ -23,8 +23,8 @@ from torch import nn
 
 from edgeslim.compress.base import CompressContext, Measure
 from edgeslim.compress.lowrank_budget import LayerSpectrum
-from edgeslim.errors import ConfigError
-from edgeslim.specs import example_feeds
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import example_feeds
 
 
 def gemm_rows(model: nn.Module, names: Sequence[str], context: CompressContext) -> dict[str, int]:

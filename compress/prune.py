@@ -24,14 +24,14 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange,
                                     register, working_copy)
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import matches, count_params
 from edgeslim.compress.train import heal, task_loss, teacher_targets
-from edgeslim.errors import ConfigError, require
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError, require
+from edgeslim.core.specs import TensorSpec
 
 TRACE_DIMS = {"batch": 2, "sequence": 16, "height": 32, "width": 32}  # sizes for tracing named dims
 
@@ -64,7 +64,7 @@ def _tp():
 
 def example_inputs(specs: Sequence[TensorSpec], dims: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Example tensors for tracing the dependency graph (named dims from TRACE_DIMS unless given)."""
-    from edgeslim.specs import dynamic_dims, example_feeds
+    from edgeslim.core.specs import dynamic_dims, example_feeds
     sizes = {d: int((dims or {}).get(d, TRACE_DIMS.get(d, 8))) for d in dynamic_dims(specs)}
     return {k: torch.from_numpy(v) for k, v in example_feeds(specs, sizes).items()}
 

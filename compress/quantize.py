@@ -1,6 +1,6 @@
 """Post-training INT8 (weights and activations) through NNCF's ONNX backend, as an ONNX-level stage.
 
-`compress` exports the model exactly as the pipeline will (edgeslim.onnx_io), runs
+`compress` exports the model exactly as the pipeline will (edgeslim.core.onnx_io), runs
 `nncf.quantize` (min/max activation ranges per tensor, per-channel symmetric weights, fast bias
 correction: Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
 Correction", ICCV 2019, Sec. 4.2) or `nncf.quantize_with_accuracy_control` on it with the
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, output_ranges, output_sites,
                                            site_ranges, unsigned_activations)
-from edgeslim.config import ConfigBase
-from edgeslim.errors import ConfigError, ExportValidationError, require
-from edgeslim.onnx_io import dims_for, export_graph
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.config import ConfigBase
+from edgeslim.core.errors import ConfigError, ExportValidationError, require
+from edgeslim.core.onnx_io import dims_for, export_graph
+from edgeslim.core.specs import TensorSpec, example_feeds
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 

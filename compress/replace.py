@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgeslim.compress.base import LayerChange
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 Targets = str | Sequence[str] | None
 

@@ -17,11 +17,11 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.lowrank_budget import weigh
 from edgeslim.compress.replace import linear_view, set_submodule
 from edgeslim.compress.train import check_finite, task_loss, teacher_targets
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.errors import ConfigError, require
+from edgeslim.core.errors import ConfigError, require
 
 _CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 

@@ -19,12 +19,12 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange,
                                     register, working_copy)
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 from edgeslim.compress.replace import select_modules
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 NO_SPEEDUP = "zeros stored densely: no CPU speedup (2:4 needs TensorRT sparse kernels on Ampere+ GPUs)"
 

@@ -1,6 +1,6 @@
 """Sub-pixel super-resolution: the SubPixelConv2d layer, exact deconvolution-to-sub-pixel, ESPCN training.
 
-The models themselves (ESPCN, BicubicUpsampler, DeconvSR, SRCNN) live in edgeslim/sr_models.py.
+The models themselves (ESPCN, BicubicUpsampler, DeconvSR, SRCNN) live in edgeslim/core/sr_models.py.
 
 Shi et al., "Real-Time Single Image and Video Super-Resolution Using an Efficient Sub-Pixel
 Convolutional Neural Network" (CVPR 2016): features are computed in low-resolution (LR) space and a
@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
 from edgeslim.compress.train import fit
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
-from edgeslim.sr_models import ESPCN, BicubicUpsampler, check_scale
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
+from edgeslim.core.sr_models import ESPCN, BicubicUpsampler, check_scale
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))

@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.calibration import CalibStats, collect_stats
@@ -30,8 +30,8 @@ from edgeslim.compress.lowrank_latency import (LayerTimes, allocate_latency, fas
 from edgeslim.compress.replace import (linear_types, linear_view, recorded_module, select_linear_maps, set_submodule,
                                        skipped_change)
 from edgeslim.compress.sensitivity import compress_by_loss, profile_lowrank
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
 
 
 class LowRankLinear(nn.Module):

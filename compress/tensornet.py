@@ -20,15 +20,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
 from edgeslim.compress.replace import linear_view, select_linear_maps, set_submodule, skipped_change
 from edgeslim.compress.sensitivity import layer_sensitivity, loss_per_error
 from edgeslim.compress.train import heal
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
 
 
 def factorize(dim: int, k: int) -> tuple[int, ...]:

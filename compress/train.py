@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, ConfigBase, register, working_copy
-from edgeslim.errors import ConfigError, SourceError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.specs import TensorSpec
 
 Batch = dict[str, torch.Tensor]
 Augment = Callable[[Batch, torch.Tensor | None, torch.Generator], tuple[Batch, torch.Tensor | None]]

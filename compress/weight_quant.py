@@ -29,13 +29,13 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
 from edgeslim.compress.replace import linear_types, nearest_names, select_modules, skipped_change, tied_parameters
-from edgeslim.config import ConfigBase
-from edgeslim.errors import ConfigError, require
-from edgeslim.onnx_io import dims_for
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.config import ConfigBase
+from edgeslim.core.errors import ConfigError, require
+from edgeslim.core.onnx_io import dims_for
+from edgeslim.core.specs import TensorSpec, example_feeds
 
 NNCF_MODES = {"int8": "int8_asym", "int8_sym": "int8_sym", "int4": "int4_asym", "int4_sym": "int4_sym"}
 HOOKS = "__nncf_hooks"

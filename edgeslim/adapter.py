@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from edgeslim import artifact
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressResult, get_compressor
 from edgeslim.compress.compacter import METHODS, state_sha256
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.evaluate import classification_metrics
 from edgeslim.loaded import LoadedModel
 

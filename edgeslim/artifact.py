@@ -24,12 +24,12 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from edgeslim.errors import ConfigError, EdgeslimError, SourceError
-from edgeslim.files import ARTIFACT, is_plain_name, replace_output, sha256_file
+from edgeslim.core.errors import ConfigError, EdgeslimError, SourceError
+from edgeslim.core.files import ARTIFACT, is_plain_name, replace_output, sha256_file
 from edgeslim import zoo
 from edgeslim.loaded import LoadedModel, SourceSpec
 from edgeslim.loaders import check_inputs, load_factory, load_hf_folder
-from edgeslim.specs import MAX_ELEMENTS, TensorSpec
+from edgeslim.core.specs import MAX_ELEMENTS, TensorSpec
 from edgeslim.tasks import canonical_task
 from edgeslim.trust import Trust, is_factory_name
 
@@ -60,7 +60,7 @@ def save(path: str | Path, model: nn.Module, source: SourceSpec, steps: Sequence
 
     Raises:
         ConfigError: a file name that is not plain, an unknown source kind, a model that does not run on
-            `inputs`, or an output path that may not be replaced (`edgeslim.files.check_output`).
+            `inputs`, or an output path that may not be replaced (`edgeslim.core.files.check_output`).
     """
     from edgeslim import __version__
     from safetensors.torch import save_file, save_model

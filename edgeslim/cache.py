@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeslim.errors import ConfigError
-from edgeslim.files import OutputKind, replace_output
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.files import OutputKind, replace_output
 
 ENV = "EDGESLIM_CACHE"
 ENTRY = OutputKind("edgeslim cache entry", True, marker="model.safetensors")  # built once, never replaced

@@ -12,8 +12,8 @@ import click
 from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, sets as _sets,  # noqa: F401
                                   source_options, trust_of, trust_options)
 from edgeslim.cli_profile import profile
-from edgeslim.errors import ConfigError, EdgeslimError, ExportValidationError
-from edgeslim.files import safe_stem
+from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
+from edgeslim.core.files import safe_stem
 from edgeslim.images import TILE as TILE_DEFAULT
 from edgeslim.pipeline import DEFAULT_OUT
 from edgeslim.recipe import DEFAULT_PROFILE
@@ -179,7 +179,7 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
            base: str | None, unmerged: bool, precision: str | None, data: str | None, bundle: bool, out: str | None,
            as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
-    from edgeslim.files import BUNDLE, check_output
+    from edgeslim.core.files import BUNDLE, check_output
     from edgeslim.pipeline import check_export_paths, export_bundle, export_model
     from edgeslim.sources import load_model
 
@@ -424,7 +424,7 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 def upscale(image: str, out: str, model: str, compare: str | None, reference: str | None, runtime: str, tile: int,
             trusted: str | None, trust_source: bool) -> None:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
-    from edgeslim.files import IMAGE, check_output
+    from edgeslim.core.files import IMAGE, check_output
     from edgeslim.images import read_image, upscale_rgb, write_image
     from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale

@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-classification, feature-extraction, "
              "image-classification, seq2seq (default: its config.json's architectures)")
@@ -18,7 +18,7 @@ def console():
 
 def sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
     """--set KEY=VALUE options, each value converted by the annotation of its config field."""
-    from edgeslim.config import parse_text
+    from edgeslim.core.config import parse_text
 
     out = {}
     for item in items:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from edgeslim.cli_options import console, dims as parse_dims, ints, source_options, trust_of, trust_options
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.recipe import DEFAULT_PROFILE
 
 
@@ -103,7 +103,7 @@ def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, si
     from rich.table import Table
 
     from edgeslim.compare import compare, write_html
-    from edgeslim.files import REPORT, check_output
+    from edgeslim.core.files import REPORT, check_output
     from edgeslim.report import ms, peak_mem_text, si
 
     if rounds < 1:

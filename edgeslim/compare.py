@@ -18,12 +18,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from edgeslim.errors import ConfigError, InferenceCrashError
-from edgeslim.files import REPORT, replace_output
+from edgeslim.core.errors import ConfigError, InferenceCrashError
+from edgeslim.core.files import REPORT, replace_output
 from edgeslim.pipeline import profile_target
 from edgeslim.profiling import resolve_sizes, work_of
 from edgeslim.report import figure, peak_mem_text, png_bytes, si
-from edgeslim.specs import example_feeds
+from edgeslim.core.specs import example_feeds
 from edgeslim.trust import Trust
 
 
@@ -98,7 +98,7 @@ def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, d
 
 
 def _evaluate(candidates: Sequence[dict[str, Any]], opened: Sequence[tuple[Any, Any]], data: str) -> None:
-    from edgeslim.errors import EdgeslimError
+    from edgeslim.core.errors import EdgeslimError
     from edgeslim.evaluate import evaluate
 
     reference = opened[0][1]

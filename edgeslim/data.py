@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import torch
 
-from edgeslim.calib import CalibData
-from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.calib import CalibData
+from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.loaded import LoadedModel
-from edgeslim.specs import example_feeds
+from edgeslim.core.specs import example_feeds
 
 # A fixed set of sentences, for comparing sentence embeddings before and after compression.
 DEMO_SENTENCES = (

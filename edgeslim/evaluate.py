@@ -22,7 +22,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.loaded import LoadedModel
 
 TEXT_SETS = ("bbc-news", "sentences")

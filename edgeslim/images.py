@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeslim.calib import CalibData
-from edgeslim.errors import ConfigError, EdgeslimError, SourceError, require
-from edgeslim.files import IMAGE, replace_output
+from edgeslim.core.calib import CalibData
+from edgeslim.core.errors import ConfigError, EdgeslimError, SourceError, require
+from edgeslim.core.files import IMAGE, replace_output
 
 # Images that install offline with the `data` extra: scikit-image's wheel (no download), scikit-learn's
 # sample photographs, PyWavelets' (`pywt.data.camera` is scikit-image's camera, so it is not listed twice).
@@ -76,7 +76,7 @@ def _deep_to_rgb8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
 
 
 def write_image(path: str | Path, rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 array atomically (`edgeslim.files.replace_output`: an existing image file only).
+    """Write an RGB uint8 array atomically (`edgeslim.core.files.replace_output`: an existing image file only).
 
     Raises:
         ConfigError: the array is not [H, W, 3] uint8 or the file extension is not an image format.

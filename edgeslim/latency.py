@@ -18,8 +18,8 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.specs import TensorSpec, example_feeds
 
 
 PAIRED_ROUNDS = 4  # alternating rounds of a side-by-side speedup (each: `iters` calls per model)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
-from edgeslim.files import sha256_file
+from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.files import sha256_file
 from edgeslim.loaded import LoadedModel, SourceSpec
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 from edgeslim.tasks import load_task_model, text_encoder
 
 
@@ -151,7 +151,7 @@ def check_inputs(model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[s
     Raises:
         ConfigError: the model does not run on inputs of that spec (the model's own error is quoted).
     """
-    from edgeslim.specs import dynamic_dims, example_feeds
+    from edgeslim.core.specs import dynamic_dims, example_feeds
 
     sizes = {d: 8 for d in dynamic_dims(inputs)} | dict(dims) | {"batch": 1}
     feeds = {k: torch.from_numpy(v) for k, v in example_feeds(inputs, sizes, seed=0).items()}

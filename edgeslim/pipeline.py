@@ -16,12 +16,12 @@ import torch
 from edgeslim import artifact
 from edgeslim.compress.base import CompressContext, CompressResult, get_compressor
 from edgeslim.data import load_calibration, missing_calibration_message
-from edgeslim.errors import ConfigError, SourceError
-from edgeslim.files import ARTIFACT, ONNX, REPORT, check_output, replace_output, safe_stem
+from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.files import ARTIFACT, ONNX, REPORT, check_output, replace_output, safe_stem
 from edgeslim.profiling import OP_ITERS, flops, has_op_profile, op_times_at, profile_file
 from edgeslim.recipe import DEFAULT_PROFILE, Recipe, split_step
 from edgeslim.sources import LoadedModel, load_model
-from edgeslim.specs import example_feeds
+from edgeslim.core.specs import example_feeds
 from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
@@ -159,7 +159,7 @@ def export_paths(path: str | Path, to: str) -> tuple[Path, Path | None]:
 
 def check_export_paths(path: str | Path, to: str) -> None:
     """Refuse (exit 2, before any work) an export destination that is not edgeslim's own kind of file."""
-    from edgeslim.files import ENGINE
+    from edgeslim.core.files import ENGINE
     onnx_path, engine = export_paths(path, to)
     check_output(onnx_path, ONNX)
     if engine is not None:
@@ -199,7 +199,7 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
                    quiet: bool, precision: str | None, data: str | None) -> dict[str, Any]:
     """export_model after the validated fp32 file is written: ONNX stages, fp16, agreement, engine."""
     from edgeslim.export.validate import agreement
-    from edgeslim.onnx_io import dims_for
+    from edgeslim.core.onnx_io import dims_for
 
     stages = apply_onnx_stages(loaded, onnx_path, profile, quiet)
     if precision is None and profile:
@@ -244,7 +244,7 @@ def export_bundle(loaded: LoadedModel, to: str, folder: str | Path, profile: str
     preprocessing constants, labels, provenance, SHA-256 of every file). Written whole or not at all."""
     from edgeslim import __version__
     from edgeslim.export.bundle import labels_from_config, write_bundle
-    from edgeslim.files import BUNDLE
+    from edgeslim.core.files import BUNDLE
     from edgeslim.zoo import preprocessing
 
     folder = Path(folder)
@@ -341,7 +341,7 @@ def run(recipe: Recipe, out_dir: str | Path = DEFAULT_OUT, quiet: bool = False) 
                                               recipe.warmup, recipe.iters)
             crashed = [t for t in row["timings"] if "crashed" in t]
             if crashed:
-                from edgeslim.errors import InferenceCrashError
+                from edgeslim.core.errors import InferenceCrashError
                 raise InferenceCrashError(f"{label} model, batch {crashed[0]['batch']}: {crashed[0]['crashed']}")
             if has_op_profile(prof) and "onnx" in row:
                 with stage(f"kernel time by op type of {label}", quiet):

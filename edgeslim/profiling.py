@@ -10,9 +10,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.loaded import LoadedModel
-from edgeslim.specs import example_feeds
+from edgeslim.core.specs import example_feeds
 
 OP_ITERS = 3  # profiled runs per model of `run`'s op-type comparison (kept small: the demo must stay fast)
 
@@ -25,7 +25,7 @@ def resolve_sizes(loaded: LoadedModel, given: Mapping[str, int], batch: int) -> 
         ConfigError: a dim has no size (the message names it and --dim), or a fixed-batch model is
             asked for another batch.
     """
-    from edgeslim.specs import dynamic_dims
+    from edgeslim.core.specs import dynamic_dims
 
     fixed = {s.shape[0] for s in loaded.inputs if s.shape and isinstance(s.shape[0], int)}
     if fixed and batch not in fixed:
@@ -122,7 +122,7 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     plan = [(b, *resolve_sizes(loaded, dims, b)) for b in batches or prof.batch]
     if prof.remote:
         return predict_rows(model, loaded, prof, plan)
-    from edgeslim.errors import InferenceCrashError
+    from edgeslim.core.errors import InferenceCrashError
     from edgeslim.runtime import child
 
     in_child = child_memory and isinstance(model, (str, Path))

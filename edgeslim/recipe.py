@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from edgeslim.compress.base import get_compressor
-from edgeslim.config import ConfigBase
-from edgeslim.errors import ConfigError, SourceError
-from edgeslim.files import plain_stem, safe_stem
+from edgeslim.core.config import ConfigBase
+from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.files import plain_stem, safe_stem
 from edgeslim.trust import Trust
 
 DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named

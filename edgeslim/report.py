@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from edgeslim.files import REPORT, replace_output
+from edgeslim.core.files import REPORT, replace_output
 
 LEFT = ("dense", "skipped")  # statuses of targeted layers a step left as they were
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Sequence
 
 from edgeslim import adapter, artifact, zoo
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.loaded import LoadedModel, SourceSpec  # noqa: F401  (re-exported: the public names)
 from edgeslim.loaders import (  # noqa: F401  (re-exported: the public names)
     check_inputs, load_factory, load_hf_folder, load_weights, make_encoder, parse_inputs, read_state_dict, sr_scale)
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 from edgeslim.tasks import TextModel, text_inputs  # noqa: F401  (re-exported: the public names)
 from edgeslim.trust import Trust, is_factory_name
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeslim.errors import ConfigError, require
+from edgeslim.core.errors import ConfigError, require
 from edgeslim.images import luma, psnr, resize_bicubic, write_image
 
 CROP = 192  # side of the crop shown per panel (output pixels)

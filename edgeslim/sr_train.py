@@ -17,10 +17,10 @@ from edgeslim import artifact
 from edgeslim.compress.base import CompressContext, CompressResult
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.subpixel import ESPCNConfig, ESPCNTrainer
-from edgeslim.files import ARTIFACT, check_output
+from edgeslim.core.files import ARTIFACT, check_output
 from edgeslim.images import patch_calibration
 from edgeslim.sources import load_model
-from edgeslim.sr_models import BicubicUpsampler
+from edgeslim.core.sr_models import BicubicUpsampler
 
 # The shipped models' schedule (per scale): ~13 minutes of 2 CPU cores each (~26 ms/step). The held-out
 # gain still rises at the end (bench/results/train_espcn.json's learning curves): longer runs gain more.

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.specs import TensorSpec
 
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "image-classification", "seq2seq",
          "super-resolution", "generic")
@@ -246,7 +246,7 @@ def load_task_model(folder: Path, task: str | None = None, weights: bool = True)
         ConfigError: an unknown task, or one this model has no head for.
         SourceError: the folder, its weights or its tokenizer cannot be loaded.
     """
-    from edgeslim.errors import require
+    from edgeslim.core.errors import require
 
     transformers = require("transformers", "data", "Hugging Face model folders")
     try:

@@ -9,12 +9,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from edgeslim.errors import SourceError, require
-from edgeslim.files import sha256_file
+from edgeslim.core.errors import SourceError, require
+from edgeslim.core.files import sha256_file
 from edgeslim.loaded import LoadedModel, SourceSpec
 from edgeslim.loaders import load_hf_folder, make_encoder
-from edgeslim.specs import TensorSpec
-from edgeslim.sr_models import SRCNN, BicubicUpsampler, DeconvSR
+from edgeslim.core.specs import TensorSpec
+from edgeslim.core.sr_models import SRCNN, BicubicUpsampler, DeconvSR
 from edgeslim.tasks import TextModel, text_inputs
 
 MODELS_DIR = Path(__file__).parent / "models"  # artifacts of the models edgeslim trains itself

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgeslim.files import sha256_file
+from edgeslim.core.files import sha256_file
 
 BUNDLE_FORMAT, BUNDLE_VERSION = "edgeslim-bundle", 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeslim.errors import ExportValidationError
+from edgeslim.core.errors import ExportValidationError
 
 FP16_REL_L2 = 1e-2  # fp16 keeps ~3 significant digits; a relative L2 error above 1 % is a broken graph
 

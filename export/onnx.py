@@ -12,12 +12,12 @@ import contextlib
 import shutil
 import tempfile
 
-from edgeslim.errors import ExportValidationError
+from edgeslim.core.errors import ExportValidationError
 from edgeslim.export.validate import OutputCheck, check_parity
-from edgeslim.files import ONNX, ONNX_DATA, replace_output
-from edgeslim.onnx_io import EXTERNAL_DATA_BYTES, export_cause, export_graph, weight_bytes  # noqa: F401 (re-exported)
-from edgeslim.onnx_io import dims_for as _dims_for
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.files import ONNX, ONNX_DATA, replace_output
+from edgeslim.core.onnx_io import EXTERNAL_DATA_BYTES, export_cause, export_graph, weight_bytes  # noqa: F401 (re-exported)
+from edgeslim.core.onnx_io import dims_for as _dims_for
+from edgeslim.core.specs import TensorSpec, example_feeds
 
 
 @dataclass
@@ -124,7 +124,7 @@ def onnx_inputs(path: str | Path) -> list[TensorSpec]:
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as exc:  # protobuf DecodeError and friends
-        from edgeslim.errors import SourceError
+        from edgeslim.core.errors import SourceError
         raise SourceError(f"cannot read ONNX file {path}: {exc}") from exc
     inits = {i.name for i in graph.initializer}
     return [TensorSpec(i.name, tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim),

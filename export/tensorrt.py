@@ -17,8 +17,8 @@ from typing import Mapping
 
 import onnx
 
-from edgeslim.errors import ConfigError, ExportValidationError, SourceError
-from edgeslim.files import ENGINE, check_output, replace_output, sha256_file
+from edgeslim.core.errors import ConfigError, ExportValidationError, SourceError
+from edgeslim.core.files import ENGINE, check_output, replace_output, sha256_file
 from edgeslim.runtime.session_base import require_cuda
 from edgeslim.runtime.targets import Profile, load_profile
 from edgeslim.runtime.trt_session import gpu_name, import_tensorrt, write_sidecar

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.errors import ExportValidationError, SourceError
+from edgeslim.core.errors import ExportValidationError, SourceError
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgeslim import errors
-from edgeslim.errors import EdgeslimError, InferenceCrashError
+from edgeslim.core import errors
+from edgeslim.core.errors import EdgeslimError, InferenceCrashError
 
 CHILD_TIMEOUT_S = 900
 _REPORTED = ("ConfigError", "SourceError", "MissingDependencyError")  # re-raised as themselves in the parent

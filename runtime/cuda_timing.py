@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from edgeslim.errors import ConfigError, MissingDependencyError
+from edgeslim.core.errors import ConfigError, MissingDependencyError
 
 CLOCKS = ("auto", "wall", "cuda-events")
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.runtime.cuda_timing import resolve_clock, timer
 from edgeslim.runtime.memory import MemoryProbe
 

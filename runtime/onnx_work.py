@@ -22,7 +22,7 @@ from math import prod
 from pathlib import Path
 from typing import Mapping
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 
 COUNTED = ("MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "MatMulInteger")
 

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 
 # ONNX Runtime CPU op types that are matrix products (after its graph fusions).
 GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "QGemm", "MatMulIntegerToFloat",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.runtime.session_base import BaseSession, check_file
 from edgeslim.runtime.targets import Profile
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.runtime.session_base import BaseSession, Session, check_file, require_cuda  # noqa: F401 (re-exported)
 from edgeslim.runtime.targets import Profile, load_profile
 from edgeslim.runtime.ort_session import OrtSession

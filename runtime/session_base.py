@@ -11,7 +11,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.runtime.memory import MemoryProbe
 from edgeslim.runtime.targets import Profile
 

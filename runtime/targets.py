@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 
 # The one table of allowed keys: key -> (type, allowed values or None for any value of that type).
 # Defaults live only on the Profile dataclass below.

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError, SourceError
+from edgeslim.core.errors import ConfigError, EdgeslimError, MissingDependencyError, SourceError
 from edgeslim.runtime.session_base import BaseSession, check_file, require_cuda
 from edgeslim.runtime.targets import Profile
 
@@ -76,7 +76,7 @@ def check_sidecar(engine: str | Path, tensorrt_version: str, gpu: str, precision
 
 def write_sidecar(engine: str | Path, meta: Mapping[str, Any]) -> Path:
     """Write the sidecar of `engine` (atomically)."""
-    from edgeslim.files import JSON, replace_output
+    from edgeslim.core.files import JSON, replace_output
     path = sidecar_path(engine)
     with replace_output(path, JSON) as tmp:
         tmp.write_text(json.dumps(dict(meta), indent=2))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from edgeslim import artifact
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress import get_compressor
-from edgeslim.errors import SourceError
+from edgeslim.core.errors import SourceError
 from edgeslim.sources import load_model
 
 
@@ -134,8 +134,8 @@ def test_zoo_sources_record_their_version_in_the_version_field():
 
 
 def test_saving_a_model_that_does_not_run_on_its_inputs_writes_nothing(tmp_path):
-    from edgeslim.errors import ConfigError
-    from edgeslim.specs import TensorSpec
+    from edgeslim.core.errors import ConfigError
+    from edgeslim.core.specs import TensorSpec
     loaded, result = compressed_mlp()
     with pytest.raises(ConfigError, match="does not run on its inputs"):
         artifact.save(tmp_path / "m.slim", result.model, loaded.source, [result.step_record()],

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeslim.cli import main
-from edgeslim.errors import EdgeslimError
+from edgeslim.core.errors import EdgeslimError
 from edgeslim.recipe import ExportSection, ProfileSection, RecipeSection, parse_recipe
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5}  # README "Errors are one line with an exit code"

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import BudgetConfig, Compressor, get_compressor, list_compressors, register
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 def test_registry_lists_families_and_rejects_duplicates():

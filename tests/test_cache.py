@@ -3,7 +3,7 @@ import pytest
 
 from edgeslim import cache
 from edgeslim.cli import main
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 def test_entry_built_once_listed_and_cleared(tmp_path, monkeypatch, capsys):

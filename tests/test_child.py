@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgeslim.errors import InferenceCrashError, SourceError
+from edgeslim.core.errors import InferenceCrashError, SourceError
 from edgeslim.runtime import child
 from edgeslim.runtime.child import child_memory
 
@@ -14,7 +14,7 @@ def onnx_file(tmp_path_factory):
     import torch
 
     from edgeslim.export.onnx import to_onnx
-    from edgeslim.specs import TensorSpec
+    from edgeslim.core.specs import TensorSpec
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))

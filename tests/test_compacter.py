@@ -15,9 +15,9 @@ from edgeslim.compress.base import get_compressor
 from edgeslim.compress.compacter import (Adapter, LoRALinear, PHMLinear, init_rule, merge_for_export,
                                          paper_param_count, state_sha256)
 from edgeslim.data import read_labelled
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.sources import LoadedModel, SourceSpec, TextModel, load_model
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 ADAPTERS = ("compacter", "compacter_pp", "bottleneck", "lora")
 TINY = {"reduction": 4}  # hidden 32 -> bottleneck 8, divisible by n = 4

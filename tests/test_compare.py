@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgeslim.cli import main
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.runtime.measure import INTERLEAVED_MEM, interleave
 
 

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from edgeslim import artifact, pipeline
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.cli import main
 from edgeslim.compress import base
 from edgeslim.compress.base import CompressContext, Compressor, Kind, Status, get_compressor, list_compressors
-from edgeslim.config import ConfigBase, parse_text
-from edgeslim.errors import ConfigError, EdgeslimError, MissingDependencyError
+from edgeslim.core.config import ConfigBase, parse_text
+from edgeslim.core.errors import ConfigError, EdgeslimError, MissingDependencyError
 from edgeslim.recipe import parse_recipe
 from edgeslim.sources import LoadedModel, load_model
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 from edgeslim.trust import Trust
 
 torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def rank4_cnn() -> nn.Module:
 
 def random_inputs(loaded: LoadedModel, batches: int = 3, seed: int = 0) -> CalibData:
     """Random batches that fit the source's input spec (no targets: distillation)."""
-    from edgeslim.specs import example_feeds
+    from edgeslim.core.specs import example_feeds
     dims = {**loaded.dims, "batch": 8}
     return CalibData("random", [{k: torch.from_numpy(v) for k, v in example_feeds(loaded.inputs, dims, seed + i).items()}
                                 for i in range(batches)])
@@ -164,7 +164,7 @@ CASES: dict[str, Case] = {
 
 
 def feeds_for(loaded: LoadedModel, dims: dict[str, int]) -> dict[str, torch.Tensor]:
-    from edgeslim.specs import example_feeds
+    from edgeslim.core.specs import example_feeds
     return {k: torch.from_numpy(v) for k, v in example_feeds(loaded.inputs, {**loaded.dims, "batch": 3, **dims},
                                                              seed=5).items()}
 
@@ -248,7 +248,7 @@ def test_unknown_resolved_schema_is_refused(tmp_path):
     record = result.step_record()
     record["resolved"]["schema"] = 99
     path = artifact.save(tmp_path / "m.slim", result.model, loaded.source, [record], loaded.inputs)
-    from edgeslim.errors import SourceError
+    from edgeslim.core.errors import SourceError
     with pytest.raises(SourceError, match=r"step 1 \(svd\).*schema 99.*reads schema 1"):
         artifact.load(path)
 

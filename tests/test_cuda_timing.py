@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, MissingDependencyError
+from edgeslim.core.errors import ConfigError, MissingDependencyError
 from edgeslim.runtime.cuda_timing import resolve_clock
 from edgeslim.runtime.measure import interleave, measure
 from edgeslim.runtime.session import open_session

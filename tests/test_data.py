@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from edgeslim.data import bbc_news_sentences, bbc_news_split, load_calibration, parse_spec, trim_padding
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.sources import load_model
 
 

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from edgeslim.cli import main  # noqa: E402
 from edgeslim.compress.svd import SVD  # noqa: E402
 from edgeslim.data import read_labelled  # noqa: E402
-from edgeslim.errors import ConfigError, SourceError  # noqa: E402
+from edgeslim.core.errors import ConfigError, SourceError  # noqa: E402
 from edgeslim.evaluate import classification_metrics, evaluate, perplexity  # noqa: E402
 from edgeslim.images import write_image  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.errors import ExportValidationError, SourceError
+from edgeslim.core.errors import ExportValidationError, SourceError
 from edgeslim.export.onnx import onnx_inputs, to_onnx
 from edgeslim.export.validate import check_parity
 from edgeslim.sources import load_model
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.specs import TensorSpec, example_feeds
 
 
 def test_mlp_parity_and_dynamic_batch(tmp_path):

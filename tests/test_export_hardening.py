@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.errors import ExportValidationError
+from edgeslim.core.errors import ExportValidationError
 from edgeslim.export.onnx import to_onnx
 from edgeslim.export.validate import check_parity
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.specs import TensorSpec, example_feeds
 
 torch.set_num_threads(1)
 VEC = [TensorSpec("x", ("batch", 12))]
@@ -131,7 +131,7 @@ def test_export_bundle_holds_model_tokenizer_spec_and_hashes(in_tmp):
     import json
 
     from edgeslim.cli import main
-    from edgeslim.files import sha256_file
+    from edgeslim.core.files import sha256_file
     assert main(["export", "tiny-bert", "--bundle", "-o", "b.bundle"]) == 0
     folder = in_tmp / "b.bundle"
     meta = json.loads((folder / "bundle.json").read_text())

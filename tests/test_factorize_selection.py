@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import get_compressor
 from edgeslim.compress.separable_conv import SeparableConv2d
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 class MobileBlock(nn.Module):

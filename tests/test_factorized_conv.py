@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import get_compressor
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.separable_conv import SeparableConv2d, SeparableConv3d, separable_class
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 GEOMETRIES = [  # (conv class, kwargs), covering stride, padding forms, dilation, groups, 1x1, 3-D
     (nn.Conv2d, dict(in_channels=6, out_channels=10, kernel_size=3, padding=1)),
@@ -235,7 +235,7 @@ def test_onnx_parity(tmp_path):
     import onnx
 
     from edgeslim.export.onnx import to_onnx
-    from edgeslim.specs import TensorSpec
+    from edgeslim.core.specs import TensorSpec
 
     class Net(nn.Module):
         def __init__(self):

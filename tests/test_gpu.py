@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.errors import MissingDependencyError
+from edgeslim.core.errors import MissingDependencyError
 from edgeslim.runtime.measure import measure
 from edgeslim.runtime.session import open_session
 from edgeslim.runtime.targets import load_profile

@@ -26,7 +26,7 @@ import pytest
 import edgeslim_test_factories as factories
 from edgeslim import pipeline
 from edgeslim.cli import main
-from edgeslim.files import sha256_file
+from edgeslim.core.files import sha256_file
 from edgeslim.recipe import load_recipe
 
 Tamper = Callable[[Path, Path], None]  # (artifact folder, a folder outside it) -> make the artifact hostile

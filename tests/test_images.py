@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edgeslim import images
-from edgeslim.sr_models import BicubicUpsampler
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.sr_models import BicubicUpsampler
+from edgeslim.core.errors import ConfigError, SourceError
 
 pytest.importorskip("PIL")
 torch.set_num_threads(1)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, get_compressor
 from edgeslim.compress.quantize import _dense_output
-from edgeslim.onnx_io import export_graph
-from edgeslim.specs import TensorSpec
+from edgeslim.core.onnx_io import export_graph
+from edgeslim.core.specs import TensorSpec
 from test_quantize import TinyCNN, calib_data  # noqa: E402 (tests/ is on sys.path under pytest)
 
 pytest.importorskip("nncf")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, get_compressor
 from edgeslim.compress.int8_chains import SIGMOID_EDGE, chain_sites, uint8_grid
-from edgeslim.errors import ExportValidationError
+from edgeslim.core.errors import ExportValidationError
 from edgeslim.export.onnx import to_onnx
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 pytest.importorskip("nncf")
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from edgeslim import artifact, pipeline
 from edgeslim.compress.svd import LowRankLinear
 from edgeslim.compress.tensornet import MPOLinear
 from edgeslim.export.validate import agreement
-from edgeslim.specs import example_feeds
+from edgeslim.core.specs import example_feeds
 
 pytest.importorskip("nncf")
 torch.set_num_threads(1)

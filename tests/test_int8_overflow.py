@@ -36,7 +36,7 @@ def test_weight_range_follows_overflow_fix(fix, tmp_path):
 
 def test_unknown_overflow_fix_is_refused():
     from edgeslim.compress.base import get_compressor
-    from edgeslim.errors import ConfigError
+    from edgeslim.core.errors import ConfigError
     with pytest.raises(ConfigError, match="overflow_fix"):
         get_compressor("int8").make_config({"overflow_fix": "sometimes"})
 

@@ -13,10 +13,10 @@ from edgeslim.compress.lowrank_budget import LayerSpectrum
 from edgeslim.compress.lowrank_latency import LayerTimes, allocate_latency, reaim
 from edgeslim.compress.prune import PruneConfig
 from edgeslim.compress.svd import SVD, LowRankLinear
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.latency import LocalMeasure, TableMeasure
 from edgeslim.sources import load_model
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 SPEC = (TensorSpec("x", ("batch", 64), "float32"),)
 

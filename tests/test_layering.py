@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"edgeslim": "edgeslim", "edgeslim.compress": "compress", "edgeslim.export": "export",
-            "edgeslim.runtime": "runtime", "edgeslim.profiles": "profiles"}  # pyproject's package-dir
+PACKAGES = {"edgeslim": "edgeslim", "edgeslim.core": "edgeslim/core", "edgeslim.compress": "compress",
+            "edgeslim.export": "export", "edgeslim.runtime": "runtime", "edgeslim.profiles": "profiles"}  # pyproject's package-dir
+LIBRARIES = ("edgeslim.compress", "edgeslim.export", "edgeslim.runtime")
 
 
 def modules() -> dict[str, Path]:
@@ -112,3 +113,29 @@ def test_library_layering(package, forbidden):
     bad = [f"{a} -> {b} (line {line})" for a, out in graph().items() if a.startswith(package + ".") or a == package
            for b, line in out.items() if b.startswith(forbidden)]
     assert not bad, f"{package} must import neither of {forbidden}: " + "; ".join(bad)
+
+
+def outside(edges: dict[str, dict[str, int]], package: str, allowed: tuple[str, ...]) -> list[str]:
+    """Each import from a module of `package` that lands outside `package` and `allowed`."""
+    def inside(name: str, prefixes: tuple[str, ...]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+    return [f"{a} -> {b} (line {line})" for a, out in edges.items() if inside(a, (package,))
+            for b, line in out.items() if not inside(b, (package, *allowed))]
+
+
+def test_core_imports_nothing_outside_itself():
+    bad = outside(graph(), "edgeslim.core", ())
+    assert not bad, "edgeslim.core must import only itself: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("package", LIBRARIES)
+def test_libraries_import_core_and_not_the_application(package):
+    bad = outside(graph(), package, ("edgeslim.core", *LIBRARIES))
+    assert not bad, f"{package} may import edgeslim.core and the library packages, not the application: " + "; ".join(bad)
+
+
+def test_the_rule_fails_on_leaves_kept_in_the_hub():
+    """The layout before edgeslim/core/: compress imported the leaves from the application's folder."""
+    old = {"edgeslim.compress.svd": {"edgeslim.errors": 3}, "edgeslim.errors": {}, "edgeslim.core.specs": {"edgeslim.cli": 9}}
+    assert outside(old, "edgeslim.compress", ("edgeslim.core", *LIBRARIES)) == ["edgeslim.compress.svd -> edgeslim.errors (line 3)"]
+    assert outside(old, "edgeslim.core", ()) == ["edgeslim.core.specs -> edgeslim.cli (line 9)"]

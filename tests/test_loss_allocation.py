@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.calibration import collect_stats
 from edgeslim.compress.replace import set_submodule
 from edgeslim.compress.sensitivity import compress_by_loss, loss_per_error, mean_loss, profile_lowrank
 from edgeslim.compress.svd import ASVD, SVD
 from edgeslim.compress.train import teacher_targets
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 torch.set_num_threads(1)
 TARGET = r"loud|quiet"

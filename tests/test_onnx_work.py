@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.runtime.onnx_work import graph_work
 
 F = TensorProto.FLOAT

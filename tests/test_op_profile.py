@@ -2,13 +2,13 @@
 import onnx
 import pytest
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.export.onnx import to_onnx
-from edgeslim.onnx_io import eager_attention
+from edgeslim.core.onnx_io import eager_attention
 from edgeslim.runtime.op_profile import (SHRUNK, _kernel_ms, amdahl_bound, gemm_fraction, op_breakdown,
                                          op_comparison, op_times, shares)
 from edgeslim.sources import load_model
-from edgeslim.specs import example_feeds
+from edgeslim.core.specs import example_feeds
 
 
 def _op_count(path, op):

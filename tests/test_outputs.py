@@ -16,8 +16,8 @@ import torch
 
 from edgeslim import artifact, pipeline
 from edgeslim.cli import main
-from edgeslim.errors import ConfigError
-from edgeslim.files import ARTIFACT, TEMP_SUFFIX, clean_stale_temps, replace_output
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.files import ARTIFACT, TEMP_SUFFIX, clean_stale_temps, replace_output
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgeslim import artifact, pipeline
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.profiling import OP_ITERS
 from edgeslim.recipe import load_recipe, parse_recipe
 from edgeslim.runtime.op_profile import SHRUNK

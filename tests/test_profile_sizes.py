@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.profiling import resolve_sizes
 from edgeslim.runtime.op_profile import shares
 from edgeslim.sources import LoadedModel, SourceSpec
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 
 def loaded(shape, kind="file", dims=None):

@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, list_compressors
 from edgeslim.compress.prune import Prune, PruneConfig
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.sparsify import NO_SPEEDUP, Sparsify, is_two_four
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
 
 torch.set_num_threads(1)
 

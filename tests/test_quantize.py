@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from edgeslim import artifact, pipeline
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.cli import main
 from edgeslim.compress.base import CompressContext, get_compressor
-from edgeslim.errors import ConfigError, ExportValidationError, SourceError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError, ExportValidationError, SourceError
+from edgeslim.core.specs import TensorSpec
 from edgeslim.trust import Trust
 
 pytest.importorskip("nncf")

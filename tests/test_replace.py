@@ -3,7 +3,7 @@ import pytest
 from torch import nn
 
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 def model():

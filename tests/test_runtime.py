@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.runtime.measure import Timing, measure, sweep
 from edgeslim.runtime.roofline import (count_flops, explain_speedup, memory_bound, min_bytes_moved,
                                        roofline_fraction, roofline_ms)

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.sources import load_model, parse_inputs, sr_scale
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 FACTORY = '''
 import torch

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from edgeslim.compress import get_compressor
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.subpixel import ESPCNConfig, SubPixelConv2d
-from edgeslim.sr_models import ESPCN, SRCNN, BicubicUpsampler, DeconvSR
+from edgeslim.core.sr_models import ESPCN, SRCNN, BicubicUpsampler, DeconvSR
 from edgeslim.sr_train import train_espcn
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
 
 torch.set_num_threads(1)
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.calibration import collect_stats
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear, weighted_svd
 from edgeslim.compress.base import BudgetConfig
 from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate
-from edgeslim.errors import ConfigError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.specs import TensorSpec
 
 torch.set_num_threads(1)
 

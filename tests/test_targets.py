@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.runtime.targets import ALLOWED, Profile, list_profiles, load_profile
 
 SHIPPED = ("cpu-ort-fp32", "cpu-torch-fp32", "cuda-torch-fp16", "cuda-trt-fp16", "jetson-orin-nano")

@@ -14,10 +14,10 @@ from edgeslim.compress.base import CalibData  # noqa: E402
 from edgeslim.compress.replace import count_params, linear_view, select_linear_maps  # noqa: E402
 from edgeslim.compress.svd import ASVD, SVD, LowRankLinear  # noqa: E402
 from edgeslim.data import load_calibration, text_calibration  # noqa: E402
-from edgeslim.errors import ConfigError, SourceError  # noqa: E402
+from edgeslim.core.errors import ConfigError, SourceError  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.sources import LoadedModel, SourceSpec, load_model, load_weights  # noqa: E402
-from edgeslim.specs import TensorSpec, example_feeds  # noqa: E402
+from edgeslim.core.specs import TensorSpec, example_feeds  # noqa: E402
 from edgeslim.tasks import canonical_task, lm_targets  # noqa: E402
 from edgeslim.zoo import _tiny_tokenizer  # noqa: E402
 

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from edgeslim import artifact
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress import get_compressor
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.tensornet import MPOLinear, MPOPlan, _paired, factorize, tt_svd
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.export.onnx import to_onnx
 from edgeslim.sources import load_model
-from edgeslim.specs import TensorSpec
+from edgeslim.core.specs import TensorSpec
 
 torch.set_num_threads(1)
 
@@ -195,7 +195,7 @@ def test_config_validation_and_factor_override():
     cfg = comp.make_config({"rank": 3, "factors": {"24": [2, 3, 4], "48": [4, 4, 3]}})
     assert cfg.to_dict()["factors"] == {"24": [2, 3, 4], "48": [4, 4, 3]}
     assert comp.make_config(cfg.to_dict()) == cfg
-    from edgeslim.config import parse_text
+    from edgeslim.core.config import parse_text
     assert parse_text(type(cfg), "factors", "{384=[8,8,6]}") == {"384": (8, 8, 6)}
     result = comp.compress(tiny(), cfg)
     assert result.resolved["layers"]["a"]["in_factors"] == [2, 3, 4]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.export.tensorrt import engine_shapes, to_tensorrt
 from edgeslim.runtime.session import open_session
 from edgeslim.runtime.targets import load_profile

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.calib import CalibData
+from edgeslim.core.calib import CalibData
 from edgeslim.compress.svd import SVD
 from edgeslim.compress.train import Heal, HealConfig, fit, heal, task_loss, teacher_targets
-from edgeslim.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 
 torch.set_num_threads(1)
 

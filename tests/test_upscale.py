@@ -12,8 +12,8 @@ import torch
 
 from edgeslim import images
 from edgeslim.cli import main
-from edgeslim.errors import ConfigError
-from edgeslim.sr_models import ESPCN, BicubicUpsampler
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.sr_models import ESPCN, BicubicUpsampler
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,4 +134,4 @@ def test_sr_models_is_a_leaf():
     tree = ast.parse((ROOT / "edgeslim" / "sr_models.py").read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert {n for n in names if n.startswith("edgeslim")} == {"edgeslim.errors"}  # compress/ may import it
+    assert {n for n in names if n.startswith("edgeslim")} == {"edgeslim.core.errors"}  # compress/ may import it

@@ -13,9 +13,9 @@ from edgeslim.cli import main
 from edgeslim.compress.base import CompressContext, get_compressor
 from edgeslim.compress.svd import LowRankLinear
 from edgeslim.compress.weight_quant import decompressors
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 from edgeslim.sources import load_model
-from edgeslim.specs import TensorSpec, example_feeds
+from edgeslim.core.specs import TensorSpec, example_feeds
 from test_tasks import llama  # noqa: E402 (tests/ is on sys.path under pytest)
 
 pytest.importorskip("nncf")

@@ -1,6 +1,6 @@
 """Super-resolution model definitions: ESPCN, the bicubic baseline, an FSRCNN-style and an SRCNN model.
 
-A leaf beside the zoo (imports only torch and edgeslim.errors), so compressors (compress/subpixel.py),
+A leaf beside the zoo (imports only torch and edgeslim.core.errors), so compressors (compress/subpixel.py),
 the zoo and the benchmarks all build the same classes. Every model works on [B, C, H, W] images with
 values in [0, 1] (the Y channel of YCbCr by default) and is called as model(x=...).
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 MAX_ELEMENTS = 1 << 28  # the most elements one example input (or a size read from a manifest) may have
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}

@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 @dataclass

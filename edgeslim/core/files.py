@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 TEMP_SUFFIX = ".edgeslim-tmp"
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))

@@ -17,8 +17,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from edgeslim.errors import ExportValidationError
-from edgeslim.specs import TensorSpec
+from edgeslim.core.errors import ExportValidationError
+from edgeslim.core.specs import TensorSpec
 
 # Sizes used for named dimensions when none are given: not 0 or 1, which torch.export specializes.
 DEFAULT_DIMS = {"batch": 2, "sequence": 16, "height": 24, "width": 20}

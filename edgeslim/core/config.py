@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Union
 
-from edgeslim.errors import ConfigError
+from edgeslim.core.errors import ConfigError
 
 
 class _Mismatch(Exception):
@@ -126,7 +126,7 @@ def _coerce(value: Any, tp: Any, text: bool) -> Any:
             raise _Mismatch
         item = args[1] if args else Any
         return {k: _coerce(v, item, text) for k, v in value.items()}
-    raise TypeError(f"config annotation {tp!r} is not supported (see edgeslim/config.py)")
+    raise TypeError(f"config annotation {tp!r} is not supported (see edgeslim/core/config.py)")
 
 
 def check_value(value: Any, tp: Any, key: str, where: str, text: bool = False) -> Any:
