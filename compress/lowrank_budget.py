@@ -211,8 +211,8 @@ def _greedy(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[str
 def allocate(layers: Sequence[BudgetLayer], config: BudgetConfig) -> dict[str, Decision | None]:
     """Decide every layer under one budget; None means the layer stays dense.
 
-    `config` must be resolved (`BudgetConfig.resolve`): allocation is "uniform" or "sensitivity",
-    align is set. With a ratio, the kept parameters of all targeted layers stay within
+    `config` must be resolved (`BudgetConfig.resolve`): allocation is "uniform", "sensitivity" or
+    "loss" (the greedy on scales a measured profile set on the layers), align is set. With a ratio, the kept parameters of all targeted layers stay within
     ratio * (their dense parameters), up to one decision step per layer.
 
     Raises:
@@ -225,7 +225,7 @@ def allocate(layers: Sequence[BudgetLayer], config: BudgetConfig) -> dict[str, D
         return {l.name: l.energy_decision(config.energy, align) for l in layers}
     if config.allocation == "auto" or align is None:
         raise ValueError("allocate() needs a resolved BudgetConfig (call config.resolve(...) first)")
-    if config.allocation == "sensitivity":
+    if config.allocation in ("sensitivity", "loss"):  # "loss": the layers' scales come from a measured profile
         return _greedy(layers, config.ratio, align)
     return _uniform(layers, config.ratio, align)
 

@@ -4,23 +4,27 @@ This is how CompactifAI (Tomut et al., "CompactifAI: Extreme Compression of Larg
 using Quantum-Inspired Tensor Networks", 2024, Sec. 3) chooses which layers to compress and how
 hard: each layer is compressed alone and the loss on calibration data is compared with the
 original model's. Family-independent: the caller passes, per layer, a function building its
-replacement.
+replacement, and gets back a `LossProfile` whose per-layer scales the shared allocator reads (each
+family sets them on its `BudgetLayer`s: `LayerSpectrum.scale`, `MPOPlan.scale`).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.core.calib import CalibData
-from edgeslim.compress.lowrank_budget import weigh
-from edgeslim.compress.replace import linear_view, set_submodule
+from edgeslim.compress.base import BudgetConfig, CompressContext, CompressResult, Decision
+from edgeslim.compress.calibration import CalibStats
+from edgeslim.compress.lowrank_layer import WeightedSVD
+from edgeslim.compress.replace import set_submodule
 from edgeslim.compress.train import check_finite, task_loss, teacher_targets
+from edgeslim.core.calib import CalibData
+from edgeslim.core.config import ConfigBase
 from edgeslim.core.errors import ConfigError
 
 
@@ -92,28 +96,68 @@ def loss_per_error(delta: Mapping[str, float], error: Mapping[str, float]) -> tu
 
 @dataclass
 class LossProfile:
-    """Per-layer loss changes of a low-rank compressor at its uniform probe, and the greedy scales."""
+    """Per-layer loss changes of a family at its uniform probe, and the per-layer scales the allocator reads."""
 
     method: str
     probe_ratio: float
-    delta: dict[str, float]  # loss change with only this layer factored at its probe rank
-    probe_ranks: dict[str, int]
+    delta: dict[str, float]  # loss change with only this layer replaced at its probe decision
+    probe_ranks: dict[str, Decision]  # the probe decision of each profiled layer (a rank, MPO bonds)
     scales: dict[str, float]  # loss change per unit of relative (weighted) squared error
     floor: float
     seconds: float
 
+    def scale(self, name: str) -> float:
+        """The allocation scale of layer `name` (the floor for a layer the probe left dense)."""
+        return self.scales.get(name, self.floor)
 
-def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibData, config: Mapping[str, Any],
-                    progress: bool = True, context: Any = None, svds: dict | None = None) -> LossProfile:
+
+def profile_layers(method: str, probe_ratio: float, model: nn.Module, data: CalibData,
+                   builders: Mapping[str, Callable[[nn.Module], nn.Module]], rel_error2: Mapping[str, float],
+                   decisions: Mapping[str, Decision], progress: bool = True, since: float | None = None) -> LossProfile:
+    """The loss profile of any family: each probe replacement alone (`layer_sensitivity`), turned into scales.
+
+    Args:
+        method: the compressor the profile is of (only it may allocate with the profile).
+        probe_ratio: the kept ratio of the uniform probe.
+        builders: layer name -> its replacement at the probe decision (as for `layer_sensitivity`).
+        rel_error2: layer name -> relative (weighted) squared error of that replacement.
+        decisions: layer name -> the probe decision.
+        since: when the profile started (perf_counter), if it began before the measurement (the probe).
+    """
+    start = time.perf_counter() if since is None else since
+    delta = layer_sensitivity(model, data, builders, progress)
+    scales, floor = loss_per_error(delta, {name: rel_error2[name] for name in delta})
+    return LossProfile(method, probe_ratio, delta, {name: decisions[name] for name in delta}, scales, floor,
+                       time.perf_counter() - start)
+
+
+class LowRankFamily(Protocol):
+    """What the loss profile needs of a low-rank family (svd, fwsvd, asvd in compress/svd.py)."""
+
+    name: str
+
+    def make_config(self, data: Mapping[str, Any] | ConfigBase | None = None) -> ConfigBase:
+        ...
+
+    def compress_with_stats(self, model: nn.Module, config: Mapping[str, Any] | BudgetConfig, stats: CalibStats | None,
+                            inplace: bool = False, context: CompressContext | None = None,
+                            svds: dict[str, WeightedSVD] | None = None, profile: LossProfile | None = None
+                            ) -> CompressResult:
+        ...
+
+
+def profile_lowrank(compressor: LowRankFamily, model: nn.Module, stats: CalibStats | None, data: CalibData,
+                    config: Mapping[str, Any] | BudgetConfig, progress: bool = True,
+                    context: CompressContext | None = None, svds: dict[str, WeightedSVD] | None = None) -> LossProfile:
     """Loss-measured sensitivity of a low-rank compressor (svd, fwsvd, asvd): factor each layer alone.
 
     The probe is the compressor itself at `config` with uniform allocation (every layer at the same
     kept ratio); each factored layer is then put alone into `model` and the task loss on `data`
-    measured against the original's (`layer_sensitivity`). One profile serves every ratio
+    measured against the original's (`profile_layers`). One profile serves every ratio
     (`compress_by_loss`): the scales extrapolate linearly in the layer's relative squared error.
 
     Args:
-        compressor: an svd-family compressor (has `compress_with_stats` and the `weighting` hook).
+        compressor: an svd-family compressor.
         stats: its calibration statistics (`collect_stats`), or None for plain svd.
         data: batches with targets (next-token ids for a causal LM), or without (distillation).
         config: its budget config with a `ratio` (the probe); allocation is overridden.
@@ -121,39 +165,32 @@ def profile_lowrank(compressor: Any, model: nn.Module, stats: Any, data: CalibDa
         svds: filled with the probe's weighted SVDs by layer (`compress_by_loss` reuses them).
     """
     start = time.perf_counter()
-    cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="uniform")
+    cfg = dataclasses.replace(compressor.make_config(config), allocation="uniform")
     if cfg.ratio is None:
         raise ConfigError("a loss profile needs a ratio budget for its probe (e.g. ratio = 0.8)")
     probe = compressor.compress_with_stats(model, cfg, stats, context=context, svds=svds)
     replaced = {c.name: c for c in probe.changes if c.status == "replaced"}
     builders = {name: (lambda _m, mod=probe.model.get_submodule(name): mod) for name in replaced}
-    delta = layer_sensitivity(model, data, builders, progress)
-    scales, floor = loss_per_error(delta, {n: c.rel_error ** 2 for n, c in replaced.items()})
-    return LossProfile(compressor.name, cfg.ratio, delta, {n: int(c.decision) for n, c in replaced.items()},
-                       scales, floor, time.perf_counter() - start)
+    return profile_layers(compressor.name, cfg.ratio, model, data, builders,
+                          {n: c.rel_error ** 2 for n, c in replaced.items()},
+                          {n: int(c.decision) for n, c in replaced.items()}, progress, since=start)
 
 
-def compress_by_loss(compressor: Any, model: nn.Module, stats: Any, config: Mapping[str, Any],
-                     profile: LossProfile, context: Any = None, inplace: bool = False, svds: dict | None = None) -> Any:
+def compress_by_loss(compressor: LowRankFamily, model: nn.Module, stats: CalibStats | None,
+                     config: Mapping[str, Any] | BudgetConfig, profile: LossProfile,
+                     context: CompressContext | None = None, inplace: bool = False,
+                     svds: dict[str, WeightedSVD] | None = None) -> CompressResult:
     """`compressor` with the global greedy on measured loss: layer l's lost (weighted) energy counts
     scale_l / ||L W R||^2, i.e. scale_l times its relative squared error (`loss_per_error`).
 
     Every LayerChange's `sensitivity` is the loss change measured at the probe. Returns the
-    CompressResult (its config says allocation "sensitivity"; replay needs only the ranks). `svds`:
+    CompressResult (its config says allocation "loss"; replay needs only the ranks). `svds`:
     the weighted SVDs `profile_lowrank` filled for the same statistics, reused.
     """
     if profile.method != compressor.name:
         raise ConfigError(f"a loss profile of '{profile.method}' cannot allocate '{compressor.name}'")
-    family = type(compressor)
-
-    class LossScaled(family):  # the weighting hook is where a family sets its allocation scale
-        def weighting(self, name, linear, cfg, st):
-            row, col, _ = family.weighting(self, name, linear, cfg, st)
-            energy = float(weigh(linear_view(linear).weight, row, col).square().sum())
-            return row, col, profile.scales.get(name, profile.floor) / max(energy, 1e-300)
-
-    cfg = dataclasses.replace(compressor.make_config(dict(config)), allocation="sensitivity")
-    result = LossScaled().compress_with_stats(model, cfg, stats, inplace=inplace, context=context, svds=svds)
+    result = compressor.compress_with_stats(model, config, stats, inplace=inplace, context=context, svds=svds,
+                                            profile=profile)
     for change in result.changes:
         change.sensitivity = profile.delta.get(change.name, change.sensitivity)
     return result

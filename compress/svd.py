@@ -15,6 +15,7 @@ lowrank_layer.py; this module holds the three families' configs, weightings and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
@@ -31,7 +32,7 @@ from edgeslim.compress.lowrank_latency import (LayerTimes, allocate_latency, fas
                                                timing_note)
 from edgeslim.compress.replace import (linear_types, linear_view, recorded_module, select_linear_maps, set_submodule,
                                        skipped_change)
-from edgeslim.compress.sensitivity import compress_by_loss, profile_lowrank
+from edgeslim.compress.sensitivity import LossProfile, compress_by_loss, profile_lowrank
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.specs import TensorSpec
 
@@ -129,24 +130,27 @@ class _LowRankCompressor(Compressor):
                                   "calibration data: give some (e.g. calib = \"bbc-news:64\")")
             data = calib.head(config.profile_batches)
             svds: dict[str, WeightedSVD] = {}  # the probe's factorizations, reused by the allocation
-            profile = profile_lowrank(self, model, stats, data, config.to_dict(), context=context, svds=svds)
-            result = compress_by_loss(self, model, stats, config.to_dict(), profile, context=context, inplace=inplace,
-                                      svds=svds)
-            result.config["allocation"] = "loss"
+            profile = profile_lowrank(self, model, stats, data, config, context=context, svds=svds)
+            result = compress_by_loss(self, model, stats, config, profile, context=context, inplace=inplace, svds=svds)
             result.resolved["loss_profile"] = {"probe_ratio": profile.probe_ratio, "data": calib.name,
                                                "batches": len(data.batches), "seconds": profile.seconds, "layers": len(profile.delta)}
             return result
         return self.compress_with_stats(model, config, stats, inplace=inplace, context=context)
 
-    def compress_with_stats(self, model: nn.Module, config: BudgetConfig, stats: CalibStats | None,
+    def compress_with_stats(self, model: nn.Module, config: Mapping[str, Any] | BudgetConfig, stats: CalibStats | None,
                             inplace: bool = False, context: CompressContext | None = None,
-                            svds: dict[str, WeightedSVD] | None = None) -> CompressResult:
+                            svds: dict[str, WeightedSVD] | None = None, profile: LossProfile | None = None
+                            ) -> CompressResult:
         """compress() with calibration statistics already collected (reused across budgets).
 
         `svds`: each layer's weighted SVD by name, filled here and reused when already there (calls on
-        the same model, statistics and weighting config; the allocation may differ)."""
+        the same model, statistics and weighting config; the allocation may differ). `profile`: a loss
+        profile of this family (compress/sensitivity.py) whose per-layer scales the allocation reads
+        (allocation "loss")."""
         config = self.make_config(config)
-        if config.allocation == "loss":
+        if profile is not None:
+            config = dataclasses.replace(config, allocation="loss")
+        elif config.allocation == "loss":
             raise ConfigError("allocation = \"loss\" profiles the model on calibration data: call compress() with "
                               "calib, or compress_by_loss() with a profile (compress/sensitivity.py)")
         config = config.resolve(data_aware=self.data_aware and stats is not None, context=context)
@@ -157,6 +161,8 @@ class _LowRankCompressor(Compressor):
         for name, module in chosen:
             view = linear_view(module)
             row, col, scale = self.weighting(name, module, config, stats)
+            if profile is not None:  # the measured loss per unit of relative (weighted) squared error
+                scale = profile.scale(name) / max(float(weigh(view.weight, row, col).square().sum()), 1e-300)
             if name not in facts:
                 facts[name] = weighted_svd(view.weight, row, col)
             spectra.append(LayerSpectrum(name, view.out_features, view.in_features,

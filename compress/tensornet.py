@@ -25,7 +25,7 @@ from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResul
                                     working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
 from edgeslim.compress.replace import linear_view, select_linear_maps, set_submodule, skipped_change
-from edgeslim.compress.sensitivity import layer_sensitivity, loss_per_error
+from edgeslim.compress.sensitivity import LossProfile, profile_layers
 from edgeslim.compress.train import heal
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.specs import TensorSpec
@@ -358,7 +358,10 @@ class MPO(Compressor):
         plans = [MPOPlan(name, module, config.cores, config.factor_map()) for name, module in chosen]
         sens: dict[str, float] = {}
         if calib is not None and config.ratio is not None and config.allocation == "sensitivity":
-            sens = self.profile(model, plans, config, calib)
+            profile = self.profile(model, plans, config, calib)
+            for plan in plans:  # the allocator reads each layer's measured scale
+                plan.scale = profile.scale(plan.name)
+            sens = profile.delta
         decisions = allocate(plans, config)
         layers = {}
         for plan in plans:
@@ -385,22 +388,19 @@ class MPO(Compressor):
         return self.result(model, config, changes, resolved)
 
     @staticmethod
-    def profile(model: nn.Module, plans: Sequence[MPOPlan], config: MPOConfig, calib: CalibData) -> dict[str, float]:
-        """Task-loss change per layer compressed alone at its uniform bonds; sets each plan's scale.
+    def profile(model: nn.Module, plans: Sequence[MPOPlan], config: MPOConfig, calib: CalibData) -> LossProfile:
+        """Task-loss change per layer compressed alone at its uniform bonds (compress/sensitivity.py).
 
-        The scale of a layer is its loss change per unit of relative squared error at the probe, so
-        the global greedy minimizes the estimated total loss increase (CompactifAI's profiling
-        turned into per-layer bond dimensions).
+        The profile's scale of a layer is its loss change per unit of relative squared error at the
+        probe, so the global greedy on the plans' scaled errors minimizes the estimated total loss
+        increase (CompactifAI's profiling turned into per-layer bond dimensions).
         """
         probe = allocate(plans, dataclasses.replace(config, allocation="uniform"))
-        data = calib.head(config.profile_batches)
-        builders = {p.name: (lambda _m, p=p: p.build(probe[p.name])) for p in plans if probe[p.name] is not None}
-        sens = layer_sensitivity(model, data, builders)
-        by_name = {p.name: p for p in plans}
-        scales, floor = loss_per_error(sens, {name: by_name[name].rel_error2(probe[name]) for name in sens})
-        for plan in plans:
-            plan.scale = scales.get(plan.name, floor)
-        return sens
+        built = {p.name: p for p in plans if probe[p.name] is not None}
+        builders = {name: (lambda _m, p=p: p.build(probe[p.name])) for name, p in built.items()}
+        return profile_layers("mpo", config.ratio, model, calib.head(config.profile_batches), builders,
+                              {name: p.rel_error2(probe[name]) for name, p in built.items()},
+                              {name: probe[name] for name in built})
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Swap the recorded layers for empty MPOLinears of the recorded shapes (weights load after)."""
