@@ -119,6 +119,7 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
+@pytest.mark.slow  # fuzzer
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_manifests(good_manifest, tmp_path, monkeypatch, capfd, data):
@@ -156,6 +157,7 @@ RECIPE_VALUES = JSON | st.sampled_from(["tiny-mlp", "cpu-ort-fp32", "onnx", "../
     st.dictionaries(st.sampled_from(SECTION_KEYS), JSON | st.sampled_from(["cpu-ort-fp32", "onnx", [1]]), max_size=3)
 
 
+@pytest.mark.slow  # fuzzer
 @settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.sampled_from(RECIPE_KEYS), RECIPE_VALUES, max_size=6))
 def test_fuzz_recipes(data):
@@ -176,6 +178,7 @@ TOKENS = st.sampled_from(["tiny-mlp", "-m", "svd", "fwsvd", "--rank", "0", "-1",
                           "--dim", "batch=0", "--profile", "cpu-torch-fp32", "--iters", "1", "--to", "tflite"])
 
 
+@pytest.mark.slow  # fuzzer
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["compress", "export", "profile"]), args=st.lists(TOKENS, max_size=7))
 def test_fuzz_cli_options(tmp_path, monkeypatch, capfd, command, args):

@@ -90,6 +90,7 @@ def test_profile_comparison_refusals(two_files, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~12 s: bench/ --quick
 def test_profile_sweep_quick_interleaves_and_records_the_machine(tmp_path):
     import subprocess
     import sys

