@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence, get_args
@@ -16,7 +18,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.core.config import ConfigBase
+from edgeslim.core.config import ConfigBase, describe, field_docs, field_types
 from edgeslim.core.errors import ConfigError, EdgeslimError, MissingDependencyError
 from edgeslim.core.specs import TensorSpec
 
@@ -64,56 +66,62 @@ class CompressContext:
 
 
 @dataclass(frozen=True)
-class BudgetConfig(ConfigBase):
-    """Budget forms shared by every low-rank / tensor / pruning / factorized-conv compressor.
+class TargetConfig(ConfigBase):
+    """Which modules a compressor touches: `target` and `exclude`, declared once for every family."""
 
-    Exactly one of ratio, rank, energy or speedup is set; when none is, ratio=0.5. A speedup budget
-    needs a family with a latency model of its layers (`latency_budget`) and a `Measure` in the context.
-    """
-
-    latency_budget: ClassVar[bool] = False  # True: the family allocates for `speedup` (low-rank linear maps)
-    loss_allocation: ClassVar[bool] = False  # True: the family offers allocation = "loss" (low-rank linear maps)
-
-    ratio: float | None = None  # kept fraction of the targeted layers' parameters, in (0, 1]
-    rank: int | None = None  # fixed rank / bond dimension / kept channels for every layer
-    energy: float | None = None  # kept fraction of (weighted) spectral energy per layer, in (0, 1]
-    speedup: float | None = None  # measured whole-model speedup to reach on the target with the least error, > 1
-    # "uniform": same ratio per layer; "sensitivity": global greedy on the layers' errors;
-    # "auto": sensitivity when calibration data is given and the method is data-aware, else uniform;
-    # "loss": each layer factored alone at `ratio`, the task-loss change measured on the calibration
-    # data, and the global greedy run on those measured losses (compress/sensitivity.py; svd family)
-    allocation: Literal["auto", "uniform", "sensitivity", "loss"] = "auto"
-    align: int | None = None  # decisions rounded to a multiple of this; None: the profile's, else 1
     target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
     exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
 
+
+def _either(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+@dataclass(frozen=True)
+class RatioBudgetConfig(TargetConfig):
+    """A kept-params ratio for the targeted layers and its allocation across them (pruning takes only
+    this form; BudgetConfig adds rank, energy and speedup).
+
+    Allocation values mean the same in every family:
+    "uniform": the same kept ratio per layer;
+    "sensitivity": the global greedy on each layer's error estimate (weighted spectral energy,
+    relative error, measured output change: what the family's statistics give);
+    "loss": each layer replaced alone at `ratio`, the task-loss change measured on the calibration data,
+    and the global greedy run on those measured losses (compress/sensitivity.py; families with
+    `loss_allocation`, which declare `profile_batches`);
+    "auto": decided per call by the family (`resolve`): a data-aware family with calibration data takes
+    "sensitivity" (mpo: "loss"), else "uniform".
+    """
+
+    budget_forms: ClassVar[tuple[str, ...]] = ("ratio",)  # the budget fields; one of them is set
+    loss_allocation: ClassVar[bool] = False  # True: the family offers allocation = "loss" (a measured profile)
+
+    ratio: float | None = None  # kept fraction of the targeted layers' parameters, in (0, 1]; default 0.5
+    # "uniform": the same kept ratio per layer; "sensitivity": the greedy on the layers' error estimates;
+    # "loss": the greedy on each layer's measured task-loss change; "auto": the family's choice for the data
+    allocation: Literal["auto", "uniform", "sensitivity", "loss"] = "auto"
+    align: int | None = None  # decisions rounded to a multiple of this; None: the profile's, else 1
+
     def validate(self) -> None:
-        set_forms = [k for k in ("ratio", "rank", "energy", "speedup") if getattr(self, k) is not None]
+        super().validate()
+        set_forms = [k for k in self.budget_forms if getattr(self, k) is not None]
         if len(set_forms) > 1:
-            raise ConfigError(f"give one budget form, not {set_forms} (ratio, rank, energy or speedup)")
+            raise ConfigError(f"give one budget form, not {set_forms} ({_either(self.budget_forms)})")
         if not set_forms:
             object.__setattr__(self, "ratio", 0.5)
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in (0, 1], got {self.ratio}")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
-        if self.speedup is not None and not self.speedup > 1.0:
-            raise ConfigError(f"speedup must be > 1 (e.g. 1.5), got {self.speedup}")
-        if self.speedup is not None and not self.latency_budget:
-            raise ConfigError(f"{type(self).__name__} has no latency model for a speedup budget; it is offered by "
-                              "the low-rank methods (svd, fwsvd, asvd): use ratio, rank or energy here")
-        if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.allocation == "loss" and not self.loss_allocation:
             raise ConfigError(f"{type(self).__name__} has no loss-measured allocation; allocation = \"loss\" is "
-                              "offered by the low-rank methods (svd, fwsvd, asvd): use \"sensitivity\" here")
+                              "offered by the low-rank and MPO methods (svd, fwsvd, asvd, mpo): use \"sensitivity\" "
+                              "here")
         if self.allocation == "loss" and self.ratio is None:
             raise ConfigError("allocation = \"loss\" needs a ratio budget (the kept fraction it profiles and "
                               "allocates), not rank, energy or speedup")
         if self.align is not None and self.align < 1:
             raise ConfigError(f"align must be a positive integer, got {self.align!r}")
 
-    def resolve(self, *, data_aware: bool, context: CompressContext | None) -> "BudgetConfig":
+    def resolve(self, *, data_aware: bool, context: CompressContext | None) -> "RatioBudgetConfig":
         """The config with its call-dependent defaults decided (the one place they are).
 
         Args:
@@ -125,6 +133,49 @@ class BudgetConfig(ConfigBase):
             allocation = "sensitivity" if data_aware else "uniform"
         align = self.align if self.align is not None else (context.align if context and context.align else 1)
         return dataclasses.replace(self, allocation=allocation, align=align)
+
+
+@dataclass(frozen=True)
+class BudgetConfig(RatioBudgetConfig):
+    """Budget forms shared by every low-rank / tensor / factorized-conv compressor.
+
+    Exactly one of ratio, rank, energy or speedup is set; when none is, ratio=0.5. A speedup budget
+    needs a family with a latency model of its layers (`latency_budget`) and a `Measure` in the context.
+    """
+
+    budget_forms: ClassVar[tuple[str, ...]] = ("ratio", "rank", "energy", "speedup")
+    latency_budget: ClassVar[bool] = False  # True: the family allocates for `speedup` (low-rank linear maps)
+
+    rank: int | None = None  # fixed rank / bond dimension for every layer
+    energy: float | None = None  # kept fraction of (weighted) spectral energy per layer, in (0, 1]
+    speedup: float | None = None  # measured whole-model speedup to reach on the target with the least error, > 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
+        if self.speedup is not None and not self.speedup > 1.0:
+            raise ConfigError(f"speedup must be > 1 (e.g. 1.5), got {self.speedup}")
+        if self.speedup is not None and not self.latency_budget:
+            raise ConfigError(f"{type(self).__name__} has no latency model for a speedup budget; it is offered by "
+                              "the low-rank methods (svd, fwsvd, asvd): use ratio, rank or energy here")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+
+
+@dataclass(frozen=True)
+class ProfiledBudgetConfig(BudgetConfig):
+    """A budget with allocation = "loss", whose profile runs on the first `profile_batches` calibration
+    batches (svd, fwsvd, asvd, mpo)."""
+
+    loss_allocation: ClassVar[bool] = True
+
+    profile_batches: int = 1  # calibration batches the loss profile runs each replaced layer on
+
+    def validate(self) -> None:
+        super().validate()
+        if self.profile_batches < 1:
+            raise ConfigError(f"profile_batches must be >= 1, got {self.profile_batches}")
 
 
 @dataclass
@@ -270,6 +321,23 @@ def _load_families() -> None:
             raise EdgeslimError(f"compressor family '{ep.name}' ({ep.value}) failed to import: "
                                 f"{type(exc).__name__}: {exc}") from exc
     _loaded.append(True)
+
+
+def describe_compressors() -> str:
+    """Every registered compressor with each config key, its default and its meaning (`edgeslim list
+    compressors`): the meaning is the comment on the field (edgeslim.core.config.field_docs)."""
+    lines = []
+    for name, cls in list_compressors().items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"{name} ({cls.kind}; calibration {'required' if cls.needs_calibration else 'optional'}): {summary}")
+        docs, types_ = field_docs(cls.Config), field_types(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            default = None if f.default is dataclasses.MISSING else f.default
+            shown = "none" if default is None else json.dumps(default)
+            choices = f" ({describe(types_[f.name])})" if typing.get_origin(types_[f.name]) is Literal else ""
+            lines.append(f"  {f.name} = {shown}{choices}: {docs[f.name]}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def get_compressor(name: str) -> Compressor:

@@ -250,9 +250,9 @@ class BottleneckConfig(HeadConfig):
     """Bottleneck adapters: "both" = Houlsby (attention and FFN), "ffn" = Pfeiffer (FFN only)."""
 
     train_layer_norms: bool = True
-    placement: Literal["both", "ffn"] = "both"
+    placement: Literal["both", "ffn"] = "both"  # adapters after attention and FFN outputs, or the FFN only
     reduction: int = 16  # bottleneck width = hidden width / reduction
-    nonlinearity: Literal["gelu", "relu", "swish"] = "gelu"
+    nonlinearity: Literal["gelu", "relu", "swish"] = "gelu"  # between the down and up projections
     attn_target: str | None = None  # regex of attention-output Linears (when the architecture is unknown)
     ffn_target: str | None = None  # regex of FFN-output Linears
 

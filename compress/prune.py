@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange,
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, RatioBudgetConfig,
                                     register, working_copy)
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import matches, count_params
-from edgeslim.compress.train import heal, task_loss, teacher_targets
+from edgeslim.compress.train import HealingConfig, task_loss
 from edgeslim.core.errors import ConfigError, require
 from edgeslim.core.specs import TensorSpec
 
@@ -37,7 +37,7 @@ TRACE_DIMS = {"batch": 2, "sequence": 16, "height": 32, "width": 32}  # sizes fo
 
 
 @dataclass(frozen=True)
-class PruneConfig(BudgetConfig):
+class PruneConfig(HealingConfig, RatioBudgetConfig):
     """Structured pruning; `ratio` keeps that fraction of the targeted groups' parameters.
 
     `target` selects groups by any Conv/Linear whose output channels they remove (default: all);
@@ -45,17 +45,6 @@ class PruneConfig(BudgetConfig):
     """
 
     criterion: Literal["l1", "l2", "taylor", "merge"] = "l2"  # taylor needs calib; merge is data-free
-    heal_steps: int = 0  # AdamW steps of healing on the calibration data after pruning (0: none)
-    heal_lr: float = 1e-4  # peak learning rate of healing
-
-    def validate(self) -> None:
-        if self.rank is not None or self.energy is not None:
-            raise ConfigError("prune takes a kept-params ratio (ratio = ...), not rank or energy")
-        super().validate()
-        if self.heal_steps < 0:
-            raise ConfigError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
-        if not self.heal_lr > 0:
-            raise ConfigError(f"heal_lr must be > 0, got {self.heal_lr}")
 
 
 def _tp():
@@ -373,7 +362,7 @@ class Prune(Compressor):
             specs = [TensorSpec(k, ("batch", *v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in inputs.items()]
         else:
             raise ConfigError("prune traces the model: give calibration data or the model's input spec")
-        teacher = teacher_targets(model, calib) if calib is not None and calib.targets is None and config.heal_steps else calib
+        heal_data = config.healing_data(model, calib)
         model = working_copy(model, inplace)
         was_training = model.training
         model.eval()
@@ -406,9 +395,7 @@ class Prune(Compressor):
             records.append({"root": g.root, "channels": g.channels, "unit": g.unit, "kept": kept, "attrs":
                             {names[g.heads_of]: attrs} if attrs else {}})
         history = [[n, bool(out), [int(i) for i in idx]] for n, out, idx in graph.pruning_history()]
-        heal_report = None
-        if config.heal_steps and teacher is not None:
-            heal_report = heal(model, teacher, config.heal_steps, config.heal_lr)
+        heal_report = config.heal(model, heal_data)
         model.train(was_training)
         changes = self._changes(model, touched, before, groups, kept_units, plans)
         resolved = {"history": history, "groups": records, "inputs": [s.to_dict() for s in specs],

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange,
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, TargetConfig,
                                     register, working_copy)
 from edgeslim.core.specs import TensorSpec
 from edgeslim.compress.replace import select_modules
@@ -30,13 +30,11 @@ NO_SPEEDUP = "zeros stored densely: no CPU speedup (2:4 needs TensorRT sparse ke
 
 
 @dataclass(frozen=True)
-class SparsifyConfig(ConfigBase):
-    """Which weights to zero."""
+class SparsifyConfig(TargetConfig):
+    """Which weights to zero (in the targeted Linear/Conv layers; default: all)."""
 
-    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    pattern: Literal["unstructured", "2:4"] = "unstructured"  # "unstructured": smallest |w| per layer; "2:4": 2 of every 4 consecutive input weights
     sparsity: float = 0.5  # zeroed fraction per layer for "unstructured" (2:4 is always 0.5)
-    target: str | tuple[str, ...] | None = None  # regex or names of the Linear/Conv layers (default: all)
-    exclude: str | tuple[str, ...] | None = None
 
     def validate(self) -> None:
         if not 0.0 <= float(self.sparsity) < 1.0:

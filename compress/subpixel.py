@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, register,
-                                    working_copy)
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, ConfigBase, LayerChange, TargetConfig,
+                                    register, working_copy)
 from edgeslim.compress.replace import count_params, select_modules, set_submodule
 from edgeslim.compress.train import fit
 from edgeslim.core.errors import ConfigError
@@ -177,11 +177,8 @@ class SubPixelConv2d(nn.Module):
 
 
 @dataclass(frozen=True)
-class DeconvToSubpixelConfig(ConfigBase):
+class DeconvToSubpixelConfig(TargetConfig):
     """Which strided ConvTranspose2d layers to convert (all by default); the conversion is exact."""
-
-    target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
-    exclude: str | tuple[str, ...] | None = None  # same forms; removed from the selection
 
 
 @register

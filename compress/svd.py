@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
-                                    working_copy)
+from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange,
+                                    ProfiledBudgetConfig, register, working_copy)
 from edgeslim.compress.calibration import CalibStats, collect_stats
 from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note, weigh
 from edgeslim.compress.lowrank_layer import LowRankLinear, WeightedSVD, damped_cholesky, weighted_svd
@@ -41,20 +41,11 @@ RETARGET_ROUNDS = 4  # timings of the factored model per speedup budget (each: o
 
 
 @dataclass(frozen=True)
-class LowRankConfig(BudgetConfig):
-    """What svd, fwsvd and asvd share beyond BudgetConfig: speedup budgets (lowrank_latency.py) and
-    allocation = "loss" (compress/sensitivity.py), whose profile uses the first `profile_batches`
-    calibration batches."""
+class LowRankConfig(ProfiledBudgetConfig):
+    """What svd, fwsvd and asvd share beyond ProfiledBudgetConfig (allocation = "loss",
+    compress/sensitivity.py): speedup budgets (lowrank_latency.py)."""
 
     latency_budget: ClassVar[bool] = True
-    loss_allocation: ClassVar[bool] = True
-
-    profile_batches: int = 1  # calibration batches the loss profile runs each factored layer on
-
-    def validate(self) -> None:
-        super().validate()
-        if self.profile_batches < 1:
-            raise ConfigError(f"profile_batches must be >= 1, got {self.profile_batches}")
 
 
 @dataclass(frozen=True)

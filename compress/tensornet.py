@@ -11,7 +11,6 @@ prod_{l>j} o_l i_l) the decomposition is exact. Parameters: sum_j r_{j-1} o_j i_
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,12 +20,12 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange, register,
-                                    working_copy)
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, ProfiledBudgetConfig,
+                                    register, working_copy)
 from edgeslim.compress.lowrank_budget import allocate, dense_note
 from edgeslim.compress.replace import linear_view, select_linear_maps, set_submodule, skipped_change
 from edgeslim.compress.sensitivity import LossProfile, profile_layers
-from edgeslim.compress.train import heal
+from edgeslim.compress.train import HealingConfig
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.specs import TensorSpec
 
@@ -311,26 +310,30 @@ class MPOPlan:
 
 
 @dataclass(frozen=True)
-class MPOConfig(BudgetConfig):
-    """MPO (tensor-train matrix) compression; the budget forms are those of BudgetConfig (rank = chi)."""
+class MPOConfig(HealingConfig, ProfiledBudgetConfig):
+    """MPO (tensor-train matrix) compression; the budget forms are those of BudgetConfig (rank = chi),
+    allocation "loss" profiles each layer alone (CompactifAI), healing is the shared `heal_steps`."""
 
     cores: int = 3  # k: MPO cores, i.e. factors of each layer's in and out dimension
     factors: dict[str, tuple[int, ...]] | None = None  # {dimension: factors} overriding the automatic ones
-    profile_batches: int = 4  # calibration batches for the one-layer-at-a-time sensitivity profile
-    heal_steps: int = 0  # AdamW steps of healing after compression (distils toward the original without targets)
-    heal_lr: float = 1e-4  # peak learning rate of the healing
 
     def validate(self) -> None:
         super().validate()
         if self.cores < 2:
             raise ConfigError(f"mpo cores must be >= 2, got {self.cores}")
-        if self.profile_batches < 1 or self.heal_steps < 0 or not self.heal_lr > 0:
-            raise ConfigError(f"mpo needs profile_batches >= 1, heal_steps >= 0 and heal_lr > 0, got "
-                              f"{self.profile_batches}, {self.heal_steps}, {self.heal_lr}")
         for dim, fs in (self.factors or {}).items():
             if not dim.isdigit() or len(fs) != self.cores or math.prod(fs) != int(dim) or min(fs) < 1:
                 raise ConfigError(f"mpo factors for dimension {dim!r}: {list(fs)} must be {self.cores} positive "
                                   f"integers whose product is {dim}")
+
+    def resolve(self, *, data_aware: bool, context: CompressContext | None) -> "MPOConfig":
+        """As BudgetConfig's, but with calibration data and a ratio, "auto" is "loss" (CompactifAI's profile);
+        so is "sensitivity", this family's name for the profile before the allocation words were shared
+        (recipes that say it keep their meaning)."""
+        resolved = super().resolve(data_aware=data_aware, context=context)
+        if data_aware and self.ratio is not None and self.allocation in ("auto", "sensitivity"):
+            return dataclasses.replace(resolved, allocation="loss")
+        return resolved
 
     def factor_map(self) -> dict[int, tuple[int, ...]]:
         return {int(d): tuple(f) for d, f in (self.factors or {}).items()}
@@ -349,15 +352,16 @@ class MPO(Compressor):
     def compress(self, model: nn.Module, config: MPOConfig, calib: CalibData | None = None,
                  inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config).resolve(data_aware=calib is not None, context=context)
-        if config.heal_steps and calib is None:
-            raise ConfigError("mpo heal_steps needs calibration data (calib = ...)")
+        if config.allocation == "loss" and calib is None:
+            raise ConfigError("mpo allocation = \"loss\" measures each layer's task-loss change on calibration "
+                              "data: give some (e.g. calib = \"bbc-news:64\")")
+        heal_data = config.healing_data(model, calib)
         model = working_copy(model, inplace)
-        teacher = copy.deepcopy(model) if config.heal_steps and calib.targets is None else None
         chosen, skipped = select_linear_maps(model, config.target, config.exclude)  # tied weights stay dense
         changes = [skipped_change(name, model.get_submodule(name), reason) for name, reason in skipped.items()]
         plans = [MPOPlan(name, module, config.cores, config.factor_map()) for name, module in chosen]
         sens: dict[str, float] = {}
-        if calib is not None and config.ratio is not None and config.allocation == "sensitivity":
+        if config.allocation == "loss":
             profile = self.profile(model, plans, config, calib)
             for plan in plans:  # the allocator reads each layer's measured scale
                 plan.scale = profile.scale(plan.name)
@@ -382,8 +386,8 @@ class MPO(Compressor):
                                        rel_error=math.sqrt(plan.rel_error2(bonds)), sensitivity=sens.get(plan.name),
                                        note=plan.note()))
         resolved = {"layers": layers, "dense": [p.name for p in plans if decisions[p.name] is None], "skipped": skipped}
-        if config.heal_steps:
-            report = heal(model, calib, steps=config.heal_steps, lr=config.heal_lr, teacher=teacher)
+        report = config.heal(model, heal_data)
+        if report is not None:
             resolved["heal_final_loss"] = report.final_loss
         return self.result(model, config, changes, resolved)
 

@@ -204,12 +204,46 @@ def heal(model: nn.Module, data: CalibData, steps: int = 200, lr: float = 5e-5, 
 
 
 @dataclass(frozen=True)
+class HealingConfig(ConfigBase):
+    """Healing inside a compression step (mpo, prune), declared once: the `heal` loop above, run for
+    `heal_steps` after the structure changed, on the step's calibration data (distilled toward the
+    original model's outputs when the data has no targets). A recipe may as well add a `heal` step."""
+
+    heal_steps: int = 0  # AdamW steps of healing after compression (0: none)
+    heal_lr: float = 1e-4  # peak learning rate of the healing
+
+    def validate(self) -> None:
+        super().validate()
+        if self.heal_steps < 0:
+            raise ConfigError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
+        if not self.heal_lr > 0:
+            raise ConfigError(f"heal_lr must be > 0, got {self.heal_lr}")
+
+    def healing_data(self, model: nn.Module, calib: CalibData | None) -> CalibData | None:
+        """What healing will train on, taken from the ORIGINAL `model` (call it before compressing):
+        `calib`, or its batches with the model's outputs as targets when it has none; None without healing.
+
+        Raises:
+            ConfigError: heal_steps without calibration data.
+        """
+        if not self.heal_steps:
+            return None
+        if calib is None:
+            raise ConfigError("heal_steps needs calibration data (calib = ...) to heal on")
+        return calib if calib.targets is not None else teacher_targets(model, calib)
+
+    def heal(self, model: nn.Module, data: CalibData | None) -> FitReport | None:
+        """Heal `model` in place on `healing_data`'s result (nothing when that is None)."""
+        return None if data is None else heal(model, data, self.heal_steps, self.heal_lr)
+
+
+@dataclass(frozen=True)
 class HealConfig(ConfigBase):
     """Settings of the `heal` step."""
 
     steps: int = 200  # AdamW steps
     lr: float = 5e-5  # peak learning rate, decayed linearly to 0
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0  # order of the batches
     dropout: bool = True  # False: every dropout rate at 0 while healing (fit's `dropout`)

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
+from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, TargetConfig, register,
+                                    working_copy)
 from edgeslim.compress.replace import linear_types, nearest_names, select_modules, skipped_change, tied_parameters
-from edgeslim.core.config import ConfigBase
 from edgeslim.core.errors import ConfigError, require
 from edgeslim.core.onnx_io import dims_for
 from edgeslim.core.specs import TensorSpec, example_feeds
@@ -43,14 +43,12 @@ ONNX_NOTE = "export constant-folds the decompression: the ONNX file holds dequan
 
 
 @dataclass(frozen=True)
-class WeightQuantConfig(ConfigBase):
-    """Weight-only quantization settings (see nncf.compress_weights)."""
+class WeightQuantConfig(TargetConfig):
+    """Weight-only quantization settings (see nncf.compress_weights); excluded layers stay fp32."""
 
     mode: Literal["int8", "int8_sym", "int4", "int4_sym"] = "int8"  # int8/int4: asymmetric (zero point)
     group_size: int = 64  # int4: input weights sharing one scale (-1: per output channel); int8 is per channel
     all_layers: bool = False  # int4: also the embeddings and last linear map (NNCF keeps them int8 by default)
-    target: str | tuple[str, ...] | None = None  # regex (fullmatch) or list of names / dotted suffixes
-    exclude: str | tuple[str, ...] | None = None  # same forms; these layers stay fp32
 
     def validate(self) -> None:
         if self.group_size != -1 and self.group_size < 1:

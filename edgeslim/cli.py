@@ -258,17 +258,11 @@ def list_(what: str) -> None:
     from rich.table import Table
 
     table = Table(title=what)
-    if what == "compressors":
-        import dataclasses
-
-        from edgeslim.compress.base import list_compressors
-        for col in ("name", "kind", "needs calib", "config keys", "what it does"):
-            table.add_column(col)
-        for name, cls in list_compressors().items():
-            keys = ", ".join(f.name for f in dataclasses.fields(cls.Config))
-            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            table.add_row(name, cls.kind, "yes" if cls.needs_calibration else "no", keys, doc)
-    elif what == "profiles":
+    if what == "compressors":  # every key in full: plain lines, never a table's cut cells
+        from edgeslim.compress.base import describe_compressors
+        click.echo(describe_compressors())
+        return
+    if what == "profiles":
         from edgeslim.runtime.targets import list_profiles
         for col in ("name", "runtime", "device", "precision", "keys"):
             table.add_column(col)

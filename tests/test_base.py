@@ -54,3 +54,34 @@ def test_calib_data_checks_lengths():
         CalibData("x", [])
     with pytest.raises(ConfigError, match="1 targets for 2 batches"):
         CalibData("x", [{"x": torch.zeros(1)}] * 2, [torch.zeros(1)])
+
+
+def test_list_compressors_shows_every_key_with_its_default_and_meaning(capsys):
+    import dataclasses
+
+    from edgeslim.cli import main
+    from edgeslim.core.config import field_docs
+    assert main(["list", "compressors"]) == 0
+    text = capsys.readouterr().out
+    for name, cls in list_compressors().items():
+        assert f"\n{name} (" in f"\n{text}"
+        for key, doc in field_docs(cls.Config).items():
+            assert doc, f"{name}: config key '{key}' has no comment saying what it means"
+            default = next(f.default for f in dataclasses.fields(cls.Config) if f.name == key)
+            assert f"  {key} = " in text and doc in text
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                assert f"  {key} = {default:g}" in text or f"  {key} = {default}" in text
+
+
+def test_one_vocabulary_across_families():
+    from edgeslim.compress.base import RatioBudgetConfig, TargetConfig
+    from edgeslim.compress.train import HealingConfig
+    configs = {name: cls.Config for name, cls in list_compressors().items()}
+    for name, config in configs.items():  # target/exclude, heal_steps/heal_lr, profile_batches: declared once
+        for key, home in (("exclude", TargetConfig), ("heal_steps", HealingConfig), ("profile_batches", None)):
+            owners = [c for c in config.__mro__ if key in c.__dict__.get("__annotations__", {})]
+            assert len(owners) <= 1 and (home is None or owners in ([], [home])), (name, key, owners)
+    assert {n for n, c in configs.items() if getattr(c, "loss_allocation", False)} == {"svd", "fwsvd", "asvd", "mpo"}
+    assert {n for n, c in configs.items() if "heal_steps" in c.__dataclass_fields__} == {"mpo", "prune"}
+    prune = configs["prune"]
+    assert issubclass(prune, RatioBudgetConfig) and not {"rank", "energy", "speedup"} & set(prune.__dataclass_fields__)

@@ -52,6 +52,8 @@ CASES = {  # name: (method, config, calibration: None | "free" | "labels")
     "mpo-profiled": ("mpo", {"ratio": 0.5, "cores": 2, "profile_batches": 2}, "free"),
     "mpo-sensitivity-healed": ("mpo", {"ratio": 0.5, "cores": 2, "allocation": "sensitivity", "heal_steps": 2,
                                        "heal_lr": 1e-3, "profile_batches": 1}, "labels"),
+    "mpo-healed-distilled": ("mpo", {"ratio": 0.5, "cores": 2, "heal_steps": 3, "heal_lr": 1e-3, "profile_batches": 1},
+                             "free"),
     "mpo-uniform": ("mpo", {"ratio": 0.6, "cores": 2}, None),
     "prune-healed": ("prune", {"ratio": 0.5, "heal_steps": 2, "heal_lr": 1e-3}, "free"),
     "prune-taylor": ("prune", {"ratio": 0.5, "criterion": "taylor", "allocation": "uniform"}, "labels"),

@@ -175,7 +175,10 @@ def test_bad_speedup_configs(config, message):
 
 
 def test_speedup_refused_by_a_family_without_a_latency_model():
+    from edgeslim.compress.tensornet import MPOConfig
     with pytest.raises(ConfigError, match="no latency model"):
+        MPOConfig.from_dict({"speedup": 1.5})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['speedup'\]"):  # pruning's one budget form is a ratio
         PruneConfig.from_dict({"speedup": 1.5})
 
 

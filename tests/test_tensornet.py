@@ -327,3 +327,17 @@ def test_mpo_then_int8_quantizes_the_core_matmuls(in_tmp, capsys):
         return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
     assert weight_bytes(int8) < 0.5 * weight_bytes(fp32)
     assert sum(n.op_type == "MatMul" for n in fp32.node) == len(matmuls)
+
+
+def test_allocation_words_and_profile_batches_are_the_svd_familys():
+    comp = get_compressor("mpo")
+    model, calib = tiny(), tiny_calib(False)
+    runs = {a: comp.compress(model, comp.make_config({"ratio": 0.5, "allocation": a}), calib)
+            for a in ("loss", "sensitivity", "auto")}  # "sensitivity": this family's spelling of "loss" before
+    assert runs["loss"].resolved["layers"] == runs["sensitivity"].resolved["layers"] == runs["auto"].resolved["layers"]
+    assert {r.config["allocation"] for r in runs.values()} == {"loss"}  # the manifest says the profile chose
+    assert get_compressor("svd").make_config({}).profile_batches == comp.make_config({}).profile_batches == 1
+    with pytest.raises(ConfigError, match="give some"):
+        comp.compress(model, comp.make_config({"ratio": 0.5, "allocation": "loss"}))
+    blind = comp.compress(model, comp.make_config({"ratio": 0.5, "allocation": "sensitivity"}))  # no data
+    assert blind.config["allocation"] == "sensitivity"  # the greedy on relative errors, as svd's without data

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import re
 import tomllib
 import types
 import typing
@@ -146,6 +148,33 @@ def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of each dataclass field of `cls`."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """What each dataclass field of `cls` means: the comment beside it, or the comment lines just above
+    it, in the nearest class that declares it with one ("" when none does)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        declared = klass.__dict__.get("__annotations__", {})
+        if not declared or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (a class built at run time)
+            continue
+        above: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("#").strip())
+                continue
+            match = re.match(r"\s+(\w+)\s*:", line)
+            doc = line.partition("  # ")[2].strip() or " ".join(above)
+            if match and match.group(1) in declared and doc:  # a bare redeclaration keeps the inherited meaning
+                docs[match.group(1)] = doc
+            above = []
+    return {name: docs.get(name, "") for name in field_types(cls)}
 
 
 @dataclass(frozen=True)
