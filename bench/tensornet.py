@@ -42,7 +42,8 @@ from edgeslim.compress.calibration import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, linear_view, select_linear_maps, select_modules  # noqa: E402
 from edgeslim.compress.sensitivity import layer_sensitivity  # noqa: E402
 from edgeslim.compress.svd import ASVD, SVD, LowRankLinear  # noqa: E402
-from edgeslim.compress.tensornet import MPO, MPOLinear, MPOPlan, _paired, default_factors, tt_svd  # noqa: E402
+from edgeslim.compress.mpo_layer import MPOLinear, default_factors, paired, tt_svd  # noqa: E402
+from edgeslim.compress.tensornet import MPO, MPOPlan  # noqa: E402
 from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
@@ -235,7 +236,7 @@ def tensorly_table(model, cfg: dict, names: Sequence[str]) -> list[dict]:
     for name in names:
         w = model.get_submodule(name).weight.detach().double()
         in_f, out_f = default_factors(w.shape[1], w.shape[0], cfg["cores"])
-        tensor = _paired(w, out_f, in_f)
+        tensor = paired(w, out_f, in_f)
         for chi in cfg["tl_ranks"]:
             bonds = [chi] * (cfg["cores"] - 1)
             t0 = time.perf_counter()

@@ -28,15 +28,16 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.base import CompressContext, CompressResult, Compressor, LayerChange, register, working_copy
+from edgeslim.compress.base import CompressContext, CompressResult, Compressor, register, working_copy
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, output_ranges, output_sites,
                                            site_ranges, unsigned_activations)
+from edgeslim.compress.int8_record import (activation_quantizers, dense_output, layer_rows, metric, ort_session,
+                                           probe_values, quantization_errors, record_graph, revert_quantizers,
+                                           set_initializer)
 from edgeslim.core.config import ConfigBase
 from edgeslim.core.errors import ConfigError, ExportValidationError, require
 from edgeslim.core.onnx_io import dims_for, export_graph
 from edgeslim.core.specs import TensorSpec, example_feeds
-
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Int8Config(ConfigBase):
     preset: Literal["auto", "performance", "mixed"] = "auto"
     model_type: Literal["auto", "transformer", "generic"] = "auto"  # auto: transformer when the graph has Softmax
     subset_size: int = 300  # calibration samples used for the ranges
-    # None: on, except for models whose output is a Conv's output (image-to-image: see _dense_output)
+    # None: on, except for models whose output is a Conv's output (image-to-image: see int8_record.dense_output)
     fast_bias_correction: bool | None = None
     ignored: tuple[str, ...] = ()  # ONNX node names kept in fp32
     max_drop: float | None = None  # accuracy-aware: largest allowed drop of the metric (absolute)
@@ -116,185 +117,6 @@ def overflow_fix(resolved: Mapping[str, Any]) -> str:
     return resolved["nncf"].get("overflow_fix", "first_layer")
 
 
-def _init_arrays(model) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
-def _activation_quantizers(model) -> dict[str, Any]:
-    """QuantizeLinear nodes whose input is an activation (not a weight), by node name."""
-    inits = {i.name for i in model.graph.initializer}
-    return {n.name: n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
-
-
-def _record(fp32, quantized, full=None) -> dict[str, Any]:
-    """The data-dependent part of a quantized graph: activation scales/zero points, changed initializers,
-    and (accuracy control) the quantizers of the full quantization it dropped."""
-    inits, before = _init_arrays(quantized), _init_arrays(fp32)
-    activations = {}
-    for name, node in _activation_quantizers(quantized).items():
-        zp = inits[node.input[2]]
-        activations[name] = {"scale": inits[node.input[1]].tolist(), "zero_point": zp.tolist(), "dtype": str(zp.dtype)}
-    changed = {k: v.tolist() for k, v in inits.items() if k in before and not np.array_equal(v, before[k])}
-    reverted = []
-    if full is not None:
-        kept = {n.name for n in quantized.graph.node}
-        reverted = sorted(n.name for n in full.graph.node if n.op_type == "DequantizeLinear" and n.name not in kept)
-    return {"activations": activations, "changed": changed, "reverted": reverted}
-
-
-def _set_init(model, name: str, value: np.ndarray) -> None:
-    """Replace initializer `name` by `value`, whose dtype is kept: a zero point's int8/uint8 is part of
-    the record (NNCF picks unsigned for activations that were never negative in the calibration)."""
-    from onnx import numpy_helper
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == name:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
-            return
-    raise KeyError(name)
-
-
-def _revert(model, fp32, dq_names: Sequence[str]) -> None:
-    """Take the named DequantizeLinear nodes out: their consumers read what the fp32 graph's same node
-    read at that input again; Q/DQ nodes and initializers left unused are dropped."""
-    fp32_nodes = {n.name: n for n in fp32.graph.node}
-    dq_out = {n.output[0] for n in model.graph.node if n.name in set(dq_names)}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in dq_out:
-                node.input[i] = fp32_nodes[node.name].input[i]
-    while True:
-        used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            model.graph.node.remove(n)
-    used = {x for n in model.graph.node for x in n.input}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
-        model.graph.initializer.remove(init)
-    fp32_inits = {i.name: i for i in fp32.graph.initializer}
-    have = {i.name for i in model.graph.initializer}
-    model.graph.initializer.extend(fp32_inits[n] for n in sorted(used - have) if n in fp32_inits)
-
-
-def _metric(outputs: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> float:
-    """Top-1 accuracy for integer class targets, else 1 - relative L2 error to the targets."""
-    if all(t.dtype.kind in "iu" for t in targets):
-        return float(np.mean(np.concatenate([o.argmax(-1) == t for o, t in zip(outputs, targets)])))
-    err = sum(float(np.sum((o - t) ** 2)) for o, t in zip(outputs, targets))
-    return 1.0 - float(np.sqrt(err / max(sum(float(np.sum(t ** 2)) for t in targets), 1e-30)))
-
-
-def _ort(model):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _probe(fp32, tensors: Sequence[str], batches: Sequence[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """The fp32 graph's values of `tensors` on `batches`."""
-    import onnx
-    probe = onnx.ModelProto()
-    probe.CopyFrom(fp32)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
-    session = _ort(probe)
-    values: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-    for feeds in batches:
-        for name, value in zip([o.name for o in session.get_outputs()], session.run(None, feeds)):
-            if name in values:
-                values[name].append(value)
-    return values
-
-
-def _quant_errors(fp32, record: Mapping[str, Any], quantized, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Relative error ||fq(a) - a|| / ||a|| of each activation quantizer on calibration batches."""
-    nodes = _activation_quantizers(quantized)
-    values = _probe(fp32, sorted({n.input[0] for n in nodes.values()}), batches[:2])
-    errors = {}
-    for name, node in nodes.items():
-        a = np.concatenate(values[node.input[0]]).astype(np.float64)
-        q = record["activations"][name]
-        info = np.iinfo(q["dtype"])
-        scale, zp = np.asarray(q["scale"]), np.asarray(q["zero_point"])
-        if scale.ndim:  # per-channel activation quantizer: along the node's axis (default 1)
-            axis = next((x.i for x in node.attribute if x.name == "axis"), 1) % a.ndim
-            shape = [1] * a.ndim
-            shape[axis] = scale.size
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        fq = (np.clip(np.round(a / scale) + zp, info.min, info.max) - zp) * scale
-        errors[name] = float(np.linalg.norm(fq - a) / max(np.linalg.norm(a), 1e-30))
-    return errors
-
-
-def _scope(node) -> str:
-    """The torch module a node came from (dynamo exporter metadata), else the node name."""
-    import ast
-    meta = {p.key: p.value for p in node.metadata_props}
-    try:
-        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-    except (ValueError, SyntaxError):
-        scopes = []
-    return scopes[-2] if len(scopes) >= 2 and scopes[-2] else node.name
-
-
-def _changes(fp32, quantized, record, errors: Mapping[str, float]) -> list[LayerChange]:
-    """One row per compute op: quantized (with the error of its input activations) or kept fp32."""
-    fp32_inits = _init_arrays(fp32)
-    producer = {o: n for n in quantized.graph.node for o in n.output}
-    q_of_dq = {n.output[0]: producer.get(n.input[0]) for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
-    rows = []
-    for node in fp32.graph.node:
-        if node.op_type not in COMPUTE_OPS:
-            continue
-        weights = [fp32_inits[x] for x in node.input[1:] if x in fp32_inits]
-        params = int(sum(w.size for w in weights))
-        qnode = next((n for n in quantized.graph.node if n.name == node.name), None)
-        dq_inputs = [x for x in (qnode.input if qnode is not None else []) if x in q_of_dq]
-        act = [q_of_dq[x].name for x in dq_inputs if q_of_dq[x] is not None and q_of_dq[x].name in errors]
-        kind = f"{node.op_type} ({node.name})"
-        if not dq_inputs:
-            rows.append(LayerChange(_scope(node), kind, params, params, status="skipped",
-                                    bytes_before=4 * params, bytes_after=4 * params,
-                                    note="kept fp32" + (" by accuracy control" if record["reverted"] else "")))
-            continue
-        main = fp32_inits.get(node.input[1]) if len(node.input) > 1 else None
-        quant_bytes = 4 * params if main is None else 4 * params - 3 * main.size
-        err = max((errors[a] for a in act), default=None)
-        rows.append(LayerChange(_scope(node), kind + " -> QDQ int8", params, params, status="quantized",
-                                bytes_before=4 * params, bytes_after=int(quant_bytes), rel_error=err, sensitivity=err,
-                                note=f"{len(act)} activation quantizer(s)"))
-    return rows
-
-
-PASS_THROUGH = ("DepthToSpace", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten")
-
-
-def _dense_output(model) -> bool:
-    """True when a graph output is a Conv / ConvTranspose output, reached through layout ops only
-    (a sub-pixel super-resolution net: Conv -> DepthToSpace).
-
-    Fast bias correction is then left off by default. It estimates each layer's output shift
-    (Nagel et al. 2019, Sec. 4.2, empirical form) by running the quantized layer on every channel's
-    *mean* input, q(E[x]) instead of E[q(x)]: the rounding of a constant does not average out, and
-    on a layer whose outputs are the pixels that systematic term is a brightness offset of every
-    output pixel. Measured on the shipped espcn-x3 (held-out images, ORT): NNCF moved the last Conv's
-    9 biases by +0.005..+0.009 (1.3-2.3 grey levels) and the INT8 model lost 0.36 dB against fp32;
-    without the correction 0.07 dB.
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for out in model.graph.output:
-        node = producer.get(out.name)
-        while node is not None and node.op_type in PASS_THROUGH:
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type in ("Conv", "ConvTranspose"):
-            return True
-    return False
-
-
 def _detect_type(model, config: Int8Config) -> str:
     if config.model_type != "auto":
         return config.model_type
@@ -332,7 +154,7 @@ class Int8(Compressor):
         preset = config.preset if config.preset != "auto" else "mixed" if model_type == "transformer" else "performance"
         bias_correction = config.fast_bias_correction
         if bias_correction is None:
-            bias_correction = not _dense_output(fp32)
+            bias_correction = not dense_output(fp32)
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
                              "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored),
                              "fast_bias_correction": bias_correction, "overflow_fix": config.overflow_fix,
@@ -345,11 +167,11 @@ class Int8(Compressor):
                                                   **kwargs), None, None
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
-        record = _record(fp32, quantized, full)
-        errors = _quant_errors(fp32, record, quantized, batches)
-        changes = _changes(fp32, quantized, record, errors)
+        record = record_graph(fp32, quantized, full)
+        errors = quantization_errors(fp32, record, quantized, batches)
+        changes = layer_rows(fp32, quantized, record, errors)
         sites = chain_sites(quantized) if config.tanh_table else []
-        resolved |= record | {"tanh_table": site_ranges(_probe(fp32, sites, batches)) if sites else {}}
+        resolved |= record | {"tanh_table": site_ranges(probe_values(fp32, sites, batches)) if sites else {}}
         outs = output_sites(quantized) if config.quantize_output else []
         grid = config.output_grid
         if grid == "auto":
@@ -357,7 +179,7 @@ class Int8(Compressor):
         if grid == "image":
             resolved["output_ranges"] = {z: [0.0, 1.0] for z in outs}
         else:
-            resolved["output_ranges"] = output_ranges(_probe(fp32, outs, batches)) if outs else {}
+            resolved["output_ranges"] = output_ranges(probe_values(fp32, outs, batches)) if outs else {}
         resolved["output_grid"] = grid if outs else None
         if drop is not None:
             resolved["accuracy"] = drop
@@ -375,14 +197,14 @@ class Int8(Compressor):
         if calib.targets is not None:
             targets = [t.detach().cpu().numpy() for t in list(calib.targets)[-held:]]
         else:
-            session = _ort(fp32)
+            session = ort_session(fp32)
             targets = [session.run(None, f)[0] for f in eval_part]
         items = list(zip(eval_part, targets))
 
         def validate(model, data) -> tuple[float, None]:
-            session = _ort(model)
+            session = ort_session(model)
             pairs = list(data)
-            return _metric([session.run(None, f)[0] for f, _ in pairs], [t for _, t in pairs]), None
+            return metric([session.run(None, f)[0] for f, _ in pairs], [t for _, t in pairs]), None
 
         full = nncf.quantize(fp32, nncf.Dataset(calib_part), advanced_parameters=advanced, **kwargs)
         quantized = nncf.quantize_with_accuracy_control(
@@ -412,7 +234,7 @@ class Int8(Compressor):
         kwargs["subset_size"] = 1
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bar; nothing is calibrated here
             model = nncf.quantize(fp32, nncf.Dataset([feeds]), advanced_parameters=advanced, **kwargs)
-        found, wanted = _activation_quantizers(model), resolved["activations"]
+        found, wanted = activation_quantizers(model), resolved["activations"]
         reverted = set(resolved.get("reverted", ()))
         dq_of = {n.input[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
         expected = {n for n in found if dq_of.get(found[n].output[0]) not in reverted}
@@ -424,17 +246,17 @@ class Int8(Compressor):
                 f"edgeslim/NNCF {resolved['nncf_version']} that wrote the artifact")
         for name, q in wanted.items():
             node = found[name]
-            _set_init(model, node.input[1], np.asarray(q["scale"], dtype=np.float32))
-            _set_init(model, node.input[2], np.asarray(q["zero_point"], dtype=q["dtype"]))
+            set_initializer(model, node.input[1], np.asarray(q["scale"], dtype=np.float32))
+            set_initializer(model, node.input[2], np.asarray(q["zero_point"], dtype=q["dtype"]))
         dtypes = {i.name: i.data_type for i in fp32.graph.initializer}
         for name, value in resolved["changed"].items():
             try:
-                _set_init(model, name, np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(dtypes[name])))
+                set_initializer(model, name, np.asarray(value, dtype=onnx.helper.tensor_dtype_to_np_dtype(dtypes[name])))
             except KeyError:
                 raise ExportValidationError(f"{onnx_in}: recorded initializer '{name}' is not in the exported "
                                             "graph") from None
         if reverted:
-            _revert(model, fp32, sorted(reverted))
+            revert_quantizers(model, fp32, sorted(reverted))
         try:
             close_chains(model, resolved.get("tanh_table", {}), seven_bit=overflow_fix(resolved) == "first_layer")
         except KeyError as exc:

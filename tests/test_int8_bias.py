@@ -9,7 +9,7 @@ from torch import nn
 
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, get_compressor
-from edgeslim.compress.quantize import _dense_output
+from edgeslim.compress.int8_record import dense_output
 from edgeslim.core.onnx_io import export_graph
 from edgeslim.core.specs import TensorSpec
 from test_quantize import TinyCNN, calib_data  # noqa: E402 (tests/ is on sys.path under pytest)
@@ -51,9 +51,9 @@ def _graph(model, inputs, tmp_path):
     return onnx.load(str(tmp_path / "m.onnx"))
 
 
-def test_a_conv_output_through_depth_to_space_is_a_dense_output(tmp_path):
-    assert _dense_output(_graph(SubPixel().eval(), SubPixel.edgeslim_inputs, tmp_path))
-    assert not _dense_output(_graph(TinyCNN().eval(), TinyCNN.edgeslim_inputs, tmp_path))
+def test_a_conv_output_through_depth_to_space_is_adense_output(tmp_path):
+    assert dense_output(_graph(SubPixel().eval(), SubPixel.edgeslim_inputs, tmp_path))
+    assert not dense_output(_graph(TinyCNN().eval(), TinyCNN.edgeslim_inputs, tmp_path))
 
 
 def test_bias_correction_is_off_by_default_for_a_sub_pixel_net_only():

@@ -115,9 +115,9 @@ def test_export_rebuilds_the_qdq_graph_without_calibration_data(quantized, tmp_p
                            calibration_dataset=nncf.Dataset([{"x": b["x"].numpy()} for b in calib_data().batches]),
                            subset_size=6)
     unsigned_activations(direct)
-    from edgeslim.compress.quantize import _ort
+    from edgeslim.compress.int8_record import ort_session
     x = np.random.default_rng(0).random((4, 1, 12, 12), dtype=np.float32)
-    np.testing.assert_allclose(_ort(qmodel).run(None, {"x": x})[0], _ort(direct).run(None, {"x": x})[0], atol=1e-6)
+    np.testing.assert_allclose(ort_session(qmodel).run(None, {"x": x})[0], ort_session(direct).run(None, {"x": x})[0], atol=1e-6)
     assert info["agreement"]["rel_l2"] < 0.5  # random normal inputs exceed the calibrated range
 
 

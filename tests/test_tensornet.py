@@ -13,7 +13,8 @@ from edgeslim import artifact
 from edgeslim.core.calib import CalibData
 from edgeslim.compress import get_compressor
 from edgeslim.compress.replace import count_params
-from edgeslim.compress.tensornet import MPOLinear, MPOPlan, _paired, factorize, tt_svd
+from edgeslim.compress.mpo_layer import MPOLinear, factorize, paired, tt_svd
+from edgeslim.compress.tensornet import MPOPlan
 from edgeslim.core.errors import ConfigError
 from edgeslim.export.onnx import to_onnx
 from edgeslim.sources import load_model
@@ -128,7 +129,7 @@ def test_tt_svd_matches_tensorly():
     from tensorly.decomposition import tensor_train
     torch.manual_seed(0)
     w = torch.randn(48, 64, dtype=torch.float64) @ torch.diag(torch.linspace(0.1, 2, 64, dtype=torch.float64))
-    tensor = _paired(w, (3, 4, 4), (4, 4, 4))
+    tensor = paired(w, (3, 4, 4), (4, 4, 4))
     for bonds in ((4, 4), (8, 12), (12, 48)):
         ours, _ = tt_svd(tensor, bonds)
         theirs = tensor_train(tensor.numpy(), rank=[1, *bonds, 1])
