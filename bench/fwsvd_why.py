@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from lowrank_minilm import FULL, RESULTS, TARGET, accuracy, finetuned_setup  # noqa: E402
 
 from edgeslim.core.calib import CalibData  # noqa: E402
-from edgeslim.compress.calibration import collect_stats  # noqa: E402
+from edgeslim.compress.base import StatsRequest  # noqa: E402
+from edgeslim.compress.statistics import collect_stats  # noqa: E402
 from edgeslim.compress.replace import linear_view, select_modules  # noqa: E402
 from edgeslim.compress.svd import FWSVD, SVD  # noqa: E402
 from edgeslim.core.files import JSON, replace_output  # noqa: E402
@@ -71,7 +72,7 @@ def per_sample_mass(model, calib: CalibData, names: list[str]) -> list[float]:
     for _, batch, target in calib:
         for j in range(len(target)):
             one = CalibData("one", [{k: v[j:j + 1] for k, v in batch.items()}], [target[j:j + 1]])
-            stats = collect_stats(model, one, names, activations=False, progress=False)
+            stats = collect_stats(model, one, names, StatsRequest(fisher=True), progress=False)
             mass.append(float(sum(f.double().sum() for f in stats.fisher.values())))
     return mass
 
@@ -160,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         "gauss-newton": CalibData("bbc-news (no labels)", calib.batches),
         "fitted only": CalibData("bbc-news (fitted)", fitted_batches, fitted_targets),
     }
-    stats = {label: collect_stats(model, data, names, activations=False) for label, data in estimates.items()}
-    stats_x = collect_stats(model, calib, names, fisher=False)
+    stats = {label: collect_stats(model, data, names, StatsRequest(fisher=True)) for label, data in estimates.items()}
+    stats_x = collect_stats(model, calib, names, StatsRequest(input_moments=True))
     fwsvd = FWSVD()
     fw_config = fwsvd.make_config({"ratio": 0.5})
     summary = {

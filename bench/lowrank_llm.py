@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from edgeslim.compress.base import CalibData  # noqa: E402
-from edgeslim.compress.calibration import collect_stats  # noqa: E402
+from edgeslim.compress.base import StatsRequest  # noqa: E402
+from edgeslim.compress.statistics import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, select_linear_maps  # noqa: E402
 from edgeslim.compress.sensitivity import compress_by_loss, profile_lowrank  # noqa: E402
 from edgeslim.compress.svd import ASVD, FWSVD, SVD  # noqa: E402
@@ -116,8 +117,8 @@ def run(cfg: dict, out: Path) -> dict:
                "rows": []}
     print(f"original: perplexity {summary['original']['perplexity']:.3f}", flush=True)
     names = [n for n, _ in chosen]
-    stats = {"svd": None, "fwsvd": collect_stats(model, calib, names, activations=False),
-             "asvd": collect_stats(model, calib, names, fisher=False)}
+    stats = {"svd": None, "fwsvd": collect_stats(model, calib, names, StatsRequest(fisher=True)),
+             "asvd": collect_stats(model, calib, names, StatsRequest(input_moments=True))}
     summary["calib_seconds"] = time.perf_counter() - t0
     variants = {}
     loss_method = cfg["loss_method"]

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import lowrank_llm as llm_bench  # noqa: E402
 import lowrank_minilm as lr  # noqa: E402
 from edgeslim.core.calib import CalibData  # noqa: E402
-from edgeslim.compress.calibration import collect_stats  # noqa: E402
+from edgeslim.compress.base import StatsRequest  # noqa: E402
+from edgeslim.compress.statistics import collect_stats  # noqa: E402
 from edgeslim.compress.replace import count_params, linear_view, select_linear_maps, select_modules  # noqa: E402
 from edgeslim.compress.sensitivity import layer_sensitivity  # noqa: E402
 from edgeslim.compress.svd import ASVD, SVD, LowRankLinear  # noqa: E402
@@ -122,7 +123,7 @@ def minilm(cfg: dict, cache_root: Path, summary: dict, out: Path) -> None:
     summary["minilm"] = {"machine": machine_info(), "model": str(folder), "target": lr.TARGET, "cores": cfg["cores"], "align": cfg["align"],
                          "latency_dims": cfg["latency_dims"], "test_docs": sum(len(t) for t in test.targets),
                          "calib_samples": n * 16, "original": base, "rows": rows}
-    stats = collect_stats(model, calib, names, fisher=False)
+    stats = collect_stats(model, calib, names, StatsRequest(input_moments=True))
     mpo = MPO()
     for chi in cfg["chis"]:
         variants = [("mpo", mpo.compress(model, {"rank": chi, "cores": cfg["cores"], "target": lr.TARGET}))]
@@ -327,7 +328,7 @@ def smollm(cfg: dict, summary: dict, out: Path, resume: bool = False) -> None:
             res["resumed"] = f"rows at kept {sorted(done)} kept from the previous run ({old['machine'].get('load_avg')})"
     res["original_ppl"] = ppl(model)
     print(f"SmolLM2 original: perplexity {res['original_ppl']:.2f}", flush=True)
-    stats = collect_stats(model, calib, names, fisher=False)
+    stats = collect_stats(model, calib, names, StatsRequest(input_moments=True))
     heal_data = heal_batches(calib, llm["heal_batch"], llm["heal_tokens"])
     low = min(llm["ratios"])
     lat_models = {"original": model}

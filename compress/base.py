@@ -178,6 +178,30 @@ class ProfiledBudgetConfig(BudgetConfig):
             raise ConfigError(f"profile_batches must be >= 1, got {self.profile_batches}")
 
 
+@dataclass(frozen=True)
+class StatsRequest:
+    """The calibration statistics a family needs of its targeted linear maps, declared by
+    `Compressor.statistics(config)` and gathered by the one collector (compress/statistics.py) in the
+    fewest passes: the input moments ride along whichever pass runs; the per-sample Fisher is one
+    forward and backward per sample; the output-gradient moments one backward per batch and probe.
+    (A GPTQ-style method that needs each layer's inputs with the layers before it already changed
+    reads them one layer at a time with `statistics.layer_inputs`.)"""
+
+    input_moments: bool = False  # E[x x^T] and E|x| of each layer's inputs (CalibStats.second_moment, mean_abs)
+    output_gradients: bool = False  # E[g g^T] of the model output's gradient at each layer's output (gradient_moment)
+    fisher: bool = False  # mean squared per-sample gradient of each weight (CalibStats.fisher)
+    # the Fisher's loss: "task": the calibration targets' task loss (without targets, the label-free
+    # estimate below); "output": the Gauss-Newton diagonal of the model's outputs (label-free);
+    # "auto": "task" when each sample's target holds many losses (next tokens, pixels), else "output"
+    fisher_loss: Literal["auto", "task", "output"] = "task"
+    draws: int = 1  # random probes of the output per calibration batch for output_gradients
+    seed: int = 0  # seed of the label-free Fisher's noise and of the gradient probes
+
+    def __post_init__(self) -> None:
+        if self.draws < 1:
+            raise ConfigError(f"calibration: draws must be a positive integer, got {self.draws}")
+
+
 @dataclass
 class LayerChange:
     """One targeted module: what it was, what it became (or why it stayed), at what cost.
@@ -259,6 +283,11 @@ class Compressor:
     distils: ClassVar[bool] = False  # True: without targets, train toward the ORIGINAL model's outputs
     has_onnx_stage: ClassVar[bool] = False  # True: onnx_stage runs on the exported graph
     ends_torch_steps: ClassVar[bool] = False  # True: its weights are no longer float; only ONNX-stage steps may follow
+
+    def statistics(self, config: ConfigBase) -> StatsRequest | None:
+        """The calibration statistics this family's decisions read at `config` (None: none), which its
+        `compress` gathers with the one collector, `edgeslim.compress.statistics.collect_stats`."""
+        return None
 
     def make_config(self, data: Mapping[str, Any] | ConfigBase | None = None) -> ConfigBase:
         if isinstance(data, ConfigBase):

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from torch import nn
 
 from edgeslim.compress.base import BudgetConfig, CompressContext, CompressResult, Decision
-from edgeslim.compress.calibration import CalibStats
+from edgeslim.compress.statistics import CalibStats
 from edgeslim.compress.lowrank_layer import WeightedSVD
 from edgeslim.compress.replace import set_submodule
 from edgeslim.compress.train import check_finite, task_loss, teacher_targets

@@ -24,8 +24,8 @@ from torch import nn
 
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResult, Compressor, LayerChange,
-                                    ProfiledBudgetConfig, register, working_copy)
-from edgeslim.compress.calibration import CalibStats, collect_stats
+                                    ProfiledBudgetConfig, StatsRequest, register, working_copy)
+from edgeslim.compress.statistics import CalibStats, collect_stats
 from edgeslim.compress.lowrank_budget import LayerSpectrum, allocate, dense_note, weigh
 from edgeslim.compress.lowrank_layer import LowRankLinear, WeightedSVD, damped_cholesky, weighted_svd
 from edgeslim.compress.lowrank_latency import (LayerTimes, allocate_latency, fastest_speedup, gemm_rows, reaim,
@@ -94,17 +94,15 @@ class ASVDConfig(LowRankConfig):
 class _LowRankCompressor(Compressor):
     """Shared flow: select Linears, (weighted) SVD each, allocate ranks globally, replace."""
 
-    fisher = False  # which calibration statistics the weighting needs
-    activations = False
-
     def weighting(self, name: str, linear: nn.Module, config: BudgetConfig, stats: CalibStats | None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         """(row_weight, col_factor, scale of the energy for global allocation) of one linear map."""
         return None, None, 1.0
 
     def collect(self, model: nn.Module, calib: CalibData, names: list[str], config: BudgetConfig) -> CalibStats:
-        """The calibration statistics this method's weighting reads (benchmarks reuse them across budgets)."""
-        return collect_stats(model, calib, names, fisher=self.fisher, activations=self.activations)
+        """The calibration statistics this method's weighting reads (`statistics`; benchmarks reuse them
+        across budgets)."""
+        return collect_stats(model, calib, names, self.statistics(config))
 
     def compress(self, model: nn.Module, config: BudgetConfig, calib: CalibData | None = None,
                  inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
@@ -112,7 +110,7 @@ class _LowRankCompressor(Compressor):
         if self.needs_calibration and calib is None:
             raise ConfigError(f"'{self.name}' needs calibration data (e.g. calib = \"bbc-news:256\")")
         stats = None
-        if calib is not None and (self.fisher or self.activations):
+        if calib is not None and self.statistics(config) is not None:
             names = [n for n, _ in select_linear_maps(model, config.target, config.exclude)[0]]
             stats = self.collect(model, calib, names, config)
         if config.allocation == "loss":
@@ -297,14 +295,9 @@ class FWSVD(_LowRankCompressor):
     kind = "structural"
     needs_calibration = True
     data_aware = True
-    fisher = True
 
-    def collect(self, model, calib, names, config):
-        loss = config.fisher_loss
-        if loss == "auto":  # measured: MiniLM classifier (one label per article) "output"; SmolLM2 "task"
-            many = calib.targets is not None and all(t.dim() > 1 and t[0].numel() > 1 for t in calib.targets)
-            loss = "task" if many else "output"
-        return collect_stats(model, calib, names, activations=False, labels=loss == "task")
+    def statistics(self, config):
+        return StatsRequest(fisher=True, fisher_loss=config.fisher_loss)
 
     def weighting(self, name, linear, config, stats):
         # Mean Fisher per row: the row-wise estimate of the loss change is sum_i (I_i / n) ||dW_i||^2,
@@ -337,11 +330,9 @@ class ASVD(_LowRankCompressor):
     kind = "structural"
     needs_calibration = True
     data_aware = True
-    activations = True
 
-    def collect(self, model, calib, names, config):
-        return collect_stats(model, calib, names, fisher=False, activations=True, gradients=config.mode == "kfac",
-                             draws=config.draws)
+    def statistics(self, config):
+        return StatsRequest(input_moments=True, output_gradients=config.mode == "kfac", draws=config.draws)
 
     def weighting(self, name, linear, config, stats):
         if config.mode == "scale":

@@ -41,14 +41,14 @@ def test_round_trip_reproduces_outputs_exactly(tmp_path):
 def test_replay_needs_no_calibration_data(tmp_path, monkeypatch):
     loaded, result = compressed_mlp("fwsvd", allocation="sensitivity")
     path = save(tmp_path, loaded, result)
-    import edgeslim.compress.calibration as calibration
+    import edgeslim.compress.statistics as statistics
     import edgeslim.compress.svd as svd
     import edgeslim.data as data
 
     def forbidden(*a, **k):
         raise AssertionError("replay touched calibration")
     monkeypatch.setattr(data, "load_calibration", forbidden)
-    for module in (calibration, svd):
+    for module in (statistics, svd):
         for fn in [n for n in dir(module) if n.startswith("collect")]:
             monkeypatch.setattr(module, fn, forbidden)
     x = torch.randn(3, 16)

@@ -176,6 +176,8 @@ def test_contract(name, tmp_path):
                     "add a tiny case for your family (source, config, calibration data, lossless setting)")
     case, comp = CASES[name], get_compressor(name)
     assert comp.kind in get_args(Kind) and isinstance(comp.schema, int)
+    declared = comp.statistics(comp.make_config(case.config))  # what the one collector gathers for it
+    assert declared is None or isinstance(declared, base.StatsRequest)
     loaded = load_model(case.source)
     calib = case.calib(loaded) if case.calib else None
     state, mode = copy.deepcopy(loaded.model.state_dict()), loaded.model.training

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.calibration import collect_stats
+from edgeslim.compress.base import StatsRequest
+from edgeslim.compress.statistics import collect_stats
 from edgeslim.compress.replace import set_submodule
 from edgeslim.compress.sensitivity import compress_by_loss, loss_per_error, mean_loss, profile_lowrank
 from edgeslim.compress.svd import ASVD, SVD
@@ -76,7 +77,7 @@ def test_allocation_follows_the_measured_loss_within_budget():
 
 def test_loss_allocation_with_activation_statistics():
     model, data = TwoBranch().eval(), calib()
-    stats = collect_stats(model, data, ["loud", "quiet"], fisher=False)
+    stats = collect_stats(model, data, ["loud", "quiet"], StatsRequest(input_moments=True))
     prof = profile_lowrank(ASVD(), model, stats, data, {"ratio": 0.6, "target": TARGET}, progress=False)
     result = compress_by_loss(ASVD(), model, stats, {"ratio": 0.4, "target": TARGET}, prof)  # another ratio
     assert result.params_after <= 0.4 * result.params_before + 64

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.compress.calibration import collect_stats
+from edgeslim.compress.base import StatsRequest
+from edgeslim.compress.statistics import collect_stats
 from edgeslim.compress.replace import count_params
 from edgeslim.compress.svd import ASVD, FWSVD, SVD, LowRankLinear, weighted_svd
 from edgeslim.compress.base import BudgetConfig
@@ -76,7 +77,7 @@ def test_truncated_svd_is_eckart_young():
 @pytest.mark.parametrize("compressor", [SVD(), FWSVD(), ASVD()], ids=lambda c: c.name)
 def test_each_weighting_is_exact_at_full_rank(compressor):
     model, calib = tiny_model(), tiny_calib()
-    stats = collect_stats(model, calib, ["a", "b", "c"], progress=False)
+    stats = collect_stats(model, calib, ["a", "b", "c"], StatsRequest(input_moments=True, fisher=True), progress=False)
     config = compressor.make_config({})
     x = calib.batches[0]["x"]
     for name in ("a", "b", "c"):
@@ -93,8 +94,8 @@ def test_fwsvd_fisher_is_the_output_gauss_newton_unless_task_is_asked():
     names = ["a", "b", "c"]
     output = FWSVD().collect(model, calib, names, FWSVD().make_config({}))
     task = FWSVD().collect(model, calib, names, FWSVD().make_config({"fisher_loss": "task"}))
-    free = collect_stats(model, tiny_calib(targets=False), names, activations=False, progress=False)
-    labelled = collect_stats(model, calib, names, activations=False, progress=False)
+    free = collect_stats(model, tiny_calib(targets=False), names, StatsRequest(fisher=True), progress=False)
+    labelled = collect_stats(model, calib, names, StatsRequest(fisher=True), progress=False)
     for name in names:
         torch.testing.assert_close(output.fisher[name], free.fisher[name], rtol=0, atol=0)
         torch.testing.assert_close(task.fisher[name], labelled.fisher[name], rtol=0, atol=0)
@@ -122,7 +123,7 @@ def test_fwsvd_auto_fisher_uses_the_targets_when_each_holds_many_losses():
     batches = [{"x": torch.randn(8, 24, generator=g)} for _ in range(3)]
     calib = CalibData("wide", batches, [torch.randn(8, 6, generator=g) for _ in batches])
     auto = FWSVD().collect(model, calib, ["a", "b"], FWSVD().make_config({}))
-    labelled = collect_stats(model, calib, ["a", "b"], activations=False, progress=False)
+    labelled = collect_stats(model, calib, ["a", "b"], StatsRequest(fisher=True), progress=False)
     assert auto.fisher_loss == "task"
     torch.testing.assert_close(auto.fisher["a"], labelled.fisher["a"], rtol=0, atol=0)
     one = CalibData("one label", batches, [torch.randint(0, 6, (8,), generator=g) for _ in batches])
@@ -131,7 +132,7 @@ def test_fwsvd_auto_fisher_uses_the_targets_when_each_holds_many_losses():
 
 def test_fwsvd_beats_svd_on_fisher_weighted_error():
     model, calib = tiny_model(), tiny_calib()
-    stats = collect_stats(model, calib, ["b"], activations=False, progress=False)
+    stats = collect_stats(model, calib, ["b"], StatsRequest(fisher=True), progress=False)
     w = model.b.weight.detach().double()
     row = stats.fisher["b"].double().sum(1)
     fw = FWSVD().compress_with_stats(model, {"rank": 8, "target": ["b"]}, stats).model.b.to_dense().weight

@@ -160,7 +160,8 @@ def test_gpt2_conv1d_is_compressed_and_tied_head_left_alone(tmp_path):
 
 
 def test_conv1d_lossless_and_fisher_layout():
-    from edgeslim.compress.calibration import collect_stats
+    from edgeslim.compress.base import StatsRequest
+    from edgeslim.compress.statistics import collect_stats
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -182,7 +183,7 @@ def test_conv1d_lossless_and_fisher_layout():
             return self.c(x)
 
     calib = CalibData("t", [{"x": torch.randn(2, 4)}], [torch.randn(2, 6)])
-    stats = collect_stats(M(), calib, ["c"], progress=False)
+    stats = collect_stats(M(), calib, ["c"], StatsRequest(input_moments=True, fisher=True), progress=False)
     assert tuple(stats.fisher["c"].shape) == (6, 4) and tuple(stats.second_moment("c").shape) == (4, 4)
 
 
