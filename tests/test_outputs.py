@@ -17,7 +17,7 @@ import torch
 from edgeslim import artifact, pipeline
 from edgeslim.cli import main
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.files import ARTIFACT, TEMP_SUFFIX, clean_stale_temps, replace_output
+from edgeslim.core.files import ARTIFACT, ONNX, TEMP_SUFFIX, clean_stale_temps, replace_output
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -177,6 +177,36 @@ def test_failure_inside_replace_output_keeps_the_old_output(tmp_path):
     with pytest.raises(ConfigError, match="cannot write"):
         with replace_output(tmp_path / "a.slim" / "manifest.json" / "x.slim", ARTIFACT):
             pass
+
+
+@pytest.mark.parametrize("name, kind", [("a.slim", ARTIFACT), ("a.onnx", ONNX)])
+def test_a_failing_final_rename_keeps_the_old_output(tmp_path, monkeypatch, name, kind):
+    old = tmp_path / name
+    if kind.folder:
+        old.mkdir()
+        (old / "manifest.json").write_text("old")
+    else:
+        old.write_text("old")
+    real = {"rename": os.rename, "replace": os.replace}
+
+    def fail_bringing_the_new_one_in(op):
+        def move(src, dst):
+            if Path(src).parent.name.endswith(TEMP_SUFFIX) and Path(src).name == Path(dst).name == name:
+                raise OSError(28, "No space left on device")
+            return real[op](src, dst)
+        return move
+
+    for op in real:
+        monkeypatch.setattr(os, op, fail_bringing_the_new_one_in(op))
+    with pytest.raises(OSError, match="No space"):
+        with replace_output(old, kind) as new:
+            if kind.folder:
+                new.mkdir()
+                (new / "manifest.json").write_text("new")
+            else:
+                new.write_text("new")
+    assert (old / "manifest.json" if kind.folder else old).read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left beside it
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
