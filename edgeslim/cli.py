@@ -461,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     5 export validation failure, 6 the inference process died (crash, out of memory),
     130 interrupted. Anything else is a bug and keeps its traceback.
     """
+    import os
     import warnings
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    stdin, sys.stdin = sys.stdin, open(os.devnull)  # no library may ask a question (transformers' custom code)
     try:
         cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:
@@ -487,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         click.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
         return 1
+    finally:
+        sys.stdin.close()
+        sys.stdin = stdin
     return 0
 
 
