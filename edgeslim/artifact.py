@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, EdgeslimError, SourceError
-from edgeslim.core.files import ARTIFACT, is_plain_name, replace_output, sha256_file
+from edgeslim.core.files import ARTIFACT, OWNER, is_plain_name, replace_output, sha256_file
 from edgeslim import zoo
 from edgeslim.loaded import LoadedModel, SourceSpec
 from edgeslim.loaders import check_inputs, load_factory, load_hf_folder
@@ -221,6 +221,10 @@ def verify(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     """Check every listed file's SHA-256; returns {file: "ok"} or raises SourceError naming the file."""
     path = Path(path)
     status = {}
+    unlisted = sorted(p.name for p in path.iterdir() if p.name not in (*manifest["files"], MANIFEST, OWNER))
+    if unlisted:
+        raise SourceError(f"{path} holds files its manifest does not list ({', '.join(unlisted[:5])}); an artifact "
+                          "is exactly the files it lists: refusing to load it")
     for name, digest in manifest["files"].items():
         file = path / name
         if file.is_symlink():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.files import OutputKind, replace_output
+from edgeslim.core.files import OutputKind, owned_folder, replace_output
 
 ENV = "EDGESLIM_CACHE"
 ENTRY = OutputKind("edgeslim cache entry", True, marker="model.safetensors")  # built once, never replaced
@@ -50,23 +50,28 @@ class CacheEntry:
 
 
 def list_entries() -> list[CacheEntry]:
-    """Every folder in the cache with its size on disk."""
+    """Every folder in the cache that edgeslim wrote (its ownership record matches), with its size on disk."""
     base = root()
     if not base.is_dir():
         return []
     return [CacheEntry(p.name, p, sum(f.stat().st_size for f in p.rglob("*") if f.is_file()))
-            for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+            for p in sorted(base.iterdir())
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and owned_folder(p, ENTRY) is None]
 
 
 def clear(name: str | None = None) -> list[str]:
-    """Remove one cache entry (or all); returns the names removed.
+    """Remove one cache entry (or all); returns the names removed. Only folders edgeslim wrote, whole and
+    unchanged, are entries: anything else in the cache folder is left alone.
 
     Raises:
-        ConfigError: `name` is not in the cache (the entries are listed).
+        ConfigError: `name` is not an entry (the entries are listed; a folder edgeslim did not write says so).
     """
     entries = {e.name: e for e in list_entries()}
     if name is not None and name not in entries:
-        raise ConfigError(f"no cache entry {name!r} in {root()}; entries: {sorted(entries) or 'none'}")
+        path = root() / name
+        why = owned_folder(path, ENTRY) if path.is_dir() and not path.is_symlink() else None
+        raise ConfigError(f"no cache entry {name!r} in {root()}" + (f" ({path} {why}: left alone)" if why else "")
+                          + f"; entries: {sorted(entries) or 'none'}")
     chosen = [entries[name]] if name else list(entries.values())
     for e in chosen:
         shutil.rmtree(e.path)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, sets as _sets,  # noqa: F401
+from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, not_empty, sets as _sets,  # noqa: F401
                                   source_options, trust_of, trust_options)
 from edgeslim.cli_profile import profile
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
@@ -30,7 +30,8 @@ cli.add_command(profile)
 
 @cli.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", default=str(DEFAULT_OUT), show_default=True, help="output folder")
+@click.option("-o", "--out", "out_dir", callback=not_empty, default=str(DEFAULT_OUT), show_default=True,
+              help="output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
 @json_option
 @trust_options
@@ -112,7 +113,7 @@ def _print_ops(console: Any, breakdown: dict[str, Any]) -> None:
 @source_options
 @click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
               help="target the decisions are made for (its align rounds ranks), as in `run`")
-@click.option("-o", "--out", help="output artifact folder (NAME.slim)")
+@click.option("-o", "--out", callback=not_empty, help="output artifact folder (NAME.slim)")
 @json_option
 @trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
@@ -130,7 +131,8 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
         if val is not None:
             step[key] = val
     step |= _sets(sets, get_compressor(method).Config, StepSection)
-    out = out or str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
+    if out is None:
+        out = str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
     original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
                                                                trust=trust_of(trusted, trust_source), task=task,
                                                                quiet=as_json)
@@ -172,7 +174,7 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 @click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("--bundle", is_flag=True, help="write a deployable folder (-o NAME.bundle): the model, its tokenizer "
               "or preprocessing, input spec, labels and bundle.json")
-@click.option("-o", "--out", help="output file (with --bundle: folder)")
+@click.option("-o", "--out", callback=not_empty, help="output file (with --bundle: folder)")
 @json_option
 @trust_options
 def export(item: str, to: str, profile: str | None, weights: str | None, inputs: str | None, task: str | None,
@@ -185,7 +187,7 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
 
     trust = trust_of(trusted, trust_source)
     suffix = ".bundle" if bundle else ".engine" if to == "tensorrt" else ".onnx"
-    path = Path(out) if out else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
+    path = Path(out) if out is not None else DEFAULT_OUT / (safe_stem(Path(item).name.removesuffix(".slim")) + suffix)
     if bundle:
         check_output(path, BUNDLE)
     else:
@@ -345,13 +347,14 @@ def train() -> None:
 @click.option("--scale", type=click.Choice(["2", "3", "4"]), required=True, help="upscaling factor")
 @click.option("--steps", default=SR_RECIPE["steps"], show_default=True, help="training steps (batch 32)")
 @click.option("--seed", default=0, show_default=True)
-@click.option("-o", "--out", help="output artifact folder (default edgeslim-out/espcn-xS.slim)")
+@click.option("-o", "--out", callback=not_empty,
+              help="output artifact folder (default edgeslim-out/espcn-xS.slim)")
 @json_option
 def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: bool) -> None:
     """Train ESPCN (Shi et al. 2016) with the shipped models' recipe (edgeslim/sr_train.py) on the bundled photographs."""
     from edgeslim.sr_train import train_espcn_artifact
 
-    result, path = train_espcn_artifact(int(scale), steps, out or DEFAULT_OUT / f"espcn-x{scale}.slim", seed)
+    result, path = train_espcn_artifact(int(scale), steps, DEFAULT_OUT / f"espcn-x{scale}.slim" if out is None else out, seed)
     params = sum(p.numel() for p in result.model.parameters())
     if as_json:
         click.echo(json.dumps({"model": f"espcn-x{scale}", "scale": int(scale), "steps": steps, "seed": seed,
@@ -372,7 +375,8 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: boo
 @click.option("--lr", type=float, help="peak learning rate (default: the method's)")
 @click.option("--batch", "batch_size", default=16, show_default=True, help="training batch size")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
-@click.option("-o", "--out", help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
+@click.option("-o", "--out", callback=not_empty,
+              help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
 @json_option
 def train_adapter(source: str, data: str, eval_data: str | None, method: str, epochs: int | None, lr: float | None,
                   batch_size: int, sets: tuple[str, ...], out: str | None, as_json: bool) -> None:
@@ -385,7 +389,8 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 
     settings = _sets(sets, get_compressor(method).Config) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
     test = load_labelled(eval_data, "test") if eval_data else None
-    out = out or str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
+    if out is None:
+        out = str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
     summary = train_fn(load_model(source), load_labelled(data, "train"), out, method, settings, test, batch_size, data)
     if as_json:
         click.echo(json.dumps({"source": source, "data": data, "eval_data": eval_data} | summary, indent=2))
@@ -404,7 +409,7 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, help="output image file")
+@click.option("-o", "--out", callback=not_empty, required=True, help="output image file")
 @click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
 @click.option("--compare", "compare", is_flag=False, flag_value="", default=None, metavar="SIDE.png",
               help="also write a side-by-side crop: bicubic | model | reference (default name OUT-compare.png)")
@@ -418,16 +423,20 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 def upscale(image: str, out: str, model: str, compare: str | None, reference: str | None, runtime: str, tile: int,
             trusted: str | None, trust_source: bool) -> None:
     """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
-    from edgeslim.core.files import IMAGE, check_output
+    from edgeslim.core.files import IMAGE, check_not_input, check_output
     from edgeslim.images import read_image, upscale_rgb, write_image
     from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
     trust = trust_of(trusted, trust_source)
-    check_output(out, IMAGE)
     side = None if compare is None else compare or str(Path(out).with_name(f"{Path(out).stem}-compare.png"))
-    if side is not None:
-        check_output(side, IMAGE)
+    for dest in (out, side) if side is not None else (out,):
+        check_output(dest, IMAGE)
+        for given in (image, reference, model):
+            if given is not None:
+                check_not_input(dest, given)
+    if side is not None and Path(side).resolve() == Path(out).resolve():
+        raise ConfigError(f"--compare {side} is the output image itself; name another file")
     if reference is not None and side is None:
         raise ConfigError("--reference is shown by --compare: add --compare SIDE.png")
     if tile < 0:
@@ -455,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     5 export validation failure, 6 the inference process died (crash, out of memory),
     130 interrupted. Anything else is a bug and keeps its traceback.
     """
+    import os
     import warnings
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    stdin, sys.stdin = sys.stdin, open(os.devnull)  # no library may ask a question (transformers' custom code)
     try:
         cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:
@@ -481,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         click.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
         return 1
+    finally:
+        sys.stdin.close()
+        sys.stdin = stdin
     return 0
 
 

@@ -16,6 +16,14 @@ def console():
     return Console()
 
 
+def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An output path option given as '' is refused (it would silently mean the current folder)."""
+    if value is not None and not value.strip():
+        raise ConfigError(f"{'/'.join(param.opts)}: an empty path names nothing; give a file or folder, "
+                          "or leave the option out")
+    return value
+
+
 def sets(items: tuple[str, ...], config_cls: type, step_keys: type | None = None) -> dict[str, Any]:
     """--set KEY=VALUE options, each value converted by the annotation of its config field."""
     from edgeslim.core.config import parse_text

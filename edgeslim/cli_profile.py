@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from edgeslim.cli_options import console, dims as parse_dims, ints, source_options, trust_of, trust_options
+from edgeslim.cli_options import console, dims as parse_dims, ints, not_empty, source_options, trust_of, trust_options
 from edgeslim.core.errors import ConfigError
 from edgeslim.recipe import DEFAULT_PROFILE
 
@@ -22,7 +22,7 @@ from edgeslim.recipe import DEFAULT_PROFILE
 @click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
 @click.option("--rounds", default=5, show_default=True,
               help="several ITEMs: rounds the timed calls alternate over (ratios are to the first ITEM)")
-@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), callback=not_empty,
               help="several ITEMs: also write an HTML report with plots (latency vs batch, size, op breakdown)")
 @click.option("--eval", "eval_data", help="several ITEMs: also the task's metric on this data (as `edgeslim eval --data`)")
 @source_options

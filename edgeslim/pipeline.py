@@ -17,7 +17,7 @@ from edgeslim import artifact
 from edgeslim.compress.base import CompressContext, CompressResult, get_compressor
 from edgeslim.data import load_calibration, missing_calibration_message
 from edgeslim.core.errors import ConfigError, SourceError
-from edgeslim.core.files import ARTIFACT, ONNX, REPORT, check_output, replace_output, safe_stem
+from edgeslim.core.files import ARTIFACT, ONNX, REPORT, check_not_input, check_output, replace_output, safe_stem
 from edgeslim.profiling import OP_ITERS, flops, has_op_profile, op_times_at, profile_file
 from edgeslim.recipe import DEFAULT_PROFILE, Recipe, split_step
 from edgeslim.sources import LoadedModel, load_model
@@ -89,16 +89,6 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
         current = dataclasses.replace(current, model=result.model.eval(),
                                       steps=current.steps + [result.step_record()])
     return current, results
-
-
-def check_not_input(out: str | Path, source: str | Path) -> None:
-    """Refuse an output that is the input artifact or lies inside it (exit 2): the input stays intact."""
-    src = Path(source).expanduser()
-    if not src.exists():
-        return
-    src, dest = src.resolve(), Path(out).expanduser().resolve()
-    if dest == src or src in dest.parents:
-        raise ConfigError(f"output {out} is the input {source} (or inside it); write the result elsewhere")
 
 
 def compress_to_artifact(source: str, steps: Sequence[Mapping[str, Any]], out: str | Path,

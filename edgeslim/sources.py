@@ -45,7 +45,7 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
         manifest = artifact.read_manifest(path)
         if manifest.get("kind") == adapter.KIND:  # attached to its base, which may be any source
             artifact.verify(path, manifest)
-            return adapter.attach(load_model(adapter.base_source(path, manifest, base)), path, manifest)
+            return adapter.attach(adapter.base_source(path, manifest, base), path, manifest)
         return artifact.load(path, trust)
     if path.is_dir():
         return load_hf_folder(path, task=task)
@@ -78,6 +78,6 @@ def reference_of(item: str | Path, loaded: LoadedModel, reference: str | None = 
     if not (path.is_dir() and (path / "manifest.json").is_file()):
         return None
     if loaded.source.kind == "zoo":
-        return load_model(loaded.source.identifier)
+        return artifact.load_zoo(loaded.source.identifier)  # the zoo's table, never a folder of that name
     raise ConfigError(f"{item} was made from the {loaded.source.kind} source '{loaded.source.identifier}', whose "
                       "weights the artifact does not hold: name the original with --reference SOURCE")

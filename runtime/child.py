@@ -12,7 +12,7 @@ A child that dies (a runtime crash, the kernel's out-of-memory killer, a timeout
 `InferenceCrashError` that says how it died, and the caller (the profiler) carries on with the next
 measurement instead of dying with it.
 
-    python -m edgeslim.runtime.child REQUEST.json     # what the parent runs; not a user command
+    python -I -c "...; main([REQUEST.json])"     # what the parent runs (see _command); not a user command
 """
 from __future__ import annotations
 
@@ -53,8 +53,16 @@ class ChildMemory:
         return asdict(self) | {"weights_resident_bytes": self.weights_resident_bytes}
 
 
+_BOOT = "import sys; sys.path[:] = sys.argv[1].split('\\n'); from edgeslim.runtime.child import main; sys.exit(main(sys.argv[2:]))"
+
+
 def _command(request: Path) -> list[str]:
-    return [sys.executable, "-m", "edgeslim.runtime.child", str(request)]
+    """The child's command line: isolated (`-I`: no current folder, script folder, PYTHON* variables or user
+    site on sys.path) with the parent's absolute import path minus the current folder, so that a `json.py`
+    in the folder edgeslim is run from, or beside a model, is never imported."""
+    here = Path.cwd().resolve()
+    path = [p for p in sys.path if p and Path(p).is_absolute() and Path(p).resolve() != here]
+    return [sys.executable, "-I", "-c", _BOOT, "\n".join(path), str(request)]
 
 
 def _how_it_died(code: int, stderr: str) -> str:
@@ -86,12 +94,13 @@ def child_memory(model: str | Path, profile: str | Path, feeds: Mapping[str, np.
         np.savez(folder / "feeds.npz", **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
         request = folder / "request.json"
         answer = folder / "answer.json"
+        profile = Path(profile).resolve() if Path(profile).is_file() else profile  # the child runs elsewhere
         request.write_text(json.dumps({"model": str(Path(model).resolve()), "profile": str(profile),
                                        "feeds": str(folder / "feeds.npz"), "calls": warmup + iters,
                                        "answer": str(answer)}))
         what = f"the child process measuring {Path(model).name}"
         try:
-            done = subprocess.run(_command(request), capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(_command(request), capture_output=True, text=True, timeout=timeout_s, cwd=folder)
         except subprocess.TimeoutExpired as exc:
             raise InferenceCrashError(f"{what} ran past {timeout_s:.0f} s and was stopped") from exc
         result = json.loads(answer.read_text()) if answer.is_file() else None

@@ -26,3 +26,14 @@ def in_tmp(tmp_path, monkeypatch):
     """Run the test inside an empty temporary folder."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def cpu_simd_width(request, monkeypatch):
+    """The fp32 SIMD width a local CPU target's `align` follows (runtime/peak.machine_align), pinned so that no
+    test depends on the CPU it runs on: 8 (AVX2) unless a test asks for another with
+    `@pytest.mark.parametrize("cpu_simd_width", [8, 16], indirect=True)`."""
+    from edgeslim.runtime import machine
+    width = getattr(request, "param", 8)
+    monkeypatch.setattr(machine, "simd_width_fp32", lambda: width)
+    return width

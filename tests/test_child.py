@@ -42,6 +42,21 @@ def test_child_for_an_onnx_file_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+def test_child_never_imports_from_the_current_or_the_model_folder(onnx_file, in_tmp, monkeypatch):
+    """A `json.py` (or any module) where edgeslim runs, or beside the model, is not on the child's path."""
+    evil = "import pathlib; pathlib.Path({!r}).write_text('ran'); raise SystemExit(9)\n"
+    for folder in (in_tmp, onnx_file.parent):
+        for name in ("json.py", "numpy.py", "edgeslim.py"):
+            (folder / name).write_text(evil.format(str(in_tmp / "ran")))
+    monkeypatch.setattr(sys, "path", ["", str(in_tmp), *sys.path])  # as under `python -m`, where '' is first
+    try:
+        mem = child_memory(onnx_file, "cpu-ort-fp32", feeds(), warmup=0, iters=1)
+    finally:
+        for name in ("json.py", "numpy.py", "edgeslim.py"):
+            (onnx_file.parent / name).unlink()
+    assert mem.runs == 1 and not (in_tmp / "ran").exists()
+
+
 @pytest.mark.parametrize("script, message", [
     ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", r"was killed by SIGKILL \(the usual cause: the kernel's out-of-memory killer\)"),
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", r"was killed by SIGSEGV \(a crash inside the runtime\)"),

@@ -237,6 +237,15 @@ def test_a_factory_base_named_by_the_file_is_never_loaded(trained, tmp_path):
     assert load_model(hostile, base="tiny-bert").task == "sequence-classification"  # the user names it: fine
 
 
+def test_a_recorded_zoo_base_is_never_a_folder_of_that_name(trained, in_tmp):
+    _, path = trained[0]
+    decoy = in_tmp / "tiny-bert"  # a folder in the current directory named like the zoo base
+    decoy.mkdir()
+    (decoy / "config.json").write_text('{"model_type": "bert", "auto_map": {"AutoModel": "evil.Model"}}')
+    loaded = load_model(path)
+    assert loaded.source.kind == "zoo" and loaded.task == "sequence-classification"
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"text": "a", "label": "x"}\n\n{"text": "b" "label": 1}\n', r"line 3: not valid JSON"),
     ('{"text": "a", "label": "x"}\n{"text": "b"}\n', r"line 2: expected an object with 'text' and 'label'"),

@@ -306,7 +306,8 @@ def onnx_props(path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
-def test_onnx_stage_runs_after_export(in_tmp, monkeypatch):
+@pytest.mark.parametrize("cpu_simd_width", [8, 16], indirect=True)  # a local CPU target: AVX2 and AVX-512
+def test_onnx_stage_runs_after_export(in_tmp, monkeypatch, cpu_simd_width):
     monkeypatch.setitem(base._REGISTRY, "onnx_tag", OnnxTag)
     recipe = parse_recipe({"source": "tiny-mlp", "step": [{"method": "onnx_tag"}]})
     original, compressed, _, path = pipeline.compress_to_artifact(recipe.source, recipe.steps, "t.slim", quiet=True)
@@ -315,19 +316,20 @@ def test_onnx_stage_runs_after_export(in_tmp, monkeypatch):
     assert onnx_props(in_tmp / "t.onnx") == {"edgeslim_tag": "tagged", "align": "None"}
     info = pipeline.export_model(compressed, "onnx", in_tmp / "p.onnx", "cpu-ort-fp32", quiet=True)
     assert info["onnx_stages"] == ["onnx_tag"] and info["onnx_bytes"] == (in_tmp / "p.onnx").stat().st_size
-    assert onnx_props(in_tmp / "p.onnx") == {"edgeslim_tag": "tagged", "align": "8"}
+    assert onnx_props(in_tmp / "p.onnx") == {"edgeslim_tag": "tagged", "align": str(cpu_simd_width)}
 
 
 # ---------- the same decisions from every entry point
 
-def test_compress_and_a_one_step_run_decide_the_same(in_tmp):
+@pytest.mark.parametrize("cpu_simd_width", [8, 16], indirect=True)  # a local CPU target: AVX2 and AVX-512
+def test_compress_and_a_one_step_run_decide_the_same(in_tmp, cpu_simd_width):
     assert main(["compress", "tiny-mlp", "-m", "svd", "--ratio", "0.4", "-o", "c.slim"]) == 0
     recipe = parse_recipe({"source": "tiny-mlp", "step": [{"method": "svd", "ratio": 0.4}]})
     # what pipeline.run does before exporting and profiling
     pipeline.compress_to_artifact(recipe.source, recipe.steps, "r.slim", quiet=True, profile=recipe.profile)
     one, two = (json.loads((in_tmp / p / "manifest.json").read_text())["steps"][0] for p in ("c.slim", "r.slim"))
     assert one["resolved"]["ranks"] == two["resolved"]["ranks"] and one["config"] == two["config"]
-    assert one["config"]["align"] == 8 and one["config"]["allocation"] == "uniform"  # resolved, recorded
+    assert one["config"]["align"] == cpu_simd_width and one["config"]["allocation"] == "uniform"  # resolved, recorded
     assert one["changes"] == two["changes"]
 
 

@@ -17,7 +17,7 @@ import torch
 from edgeslim import artifact, pipeline
 from edgeslim.cli import main
 from edgeslim.core.errors import ConfigError
-from edgeslim.core.files import ARTIFACT, TEMP_SUFFIX, clean_stale_temps, replace_output
+from edgeslim.core.files import ARTIFACT, ONNX, TEMP_SUFFIX, clean_stale_temps, replace_output, write_owner
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -41,11 +41,28 @@ def tree(root: Path) -> dict[str, bytes | None]:
     (lambda: Path("blocker").write_text("a file"), ["run", "r.toml", "-o", "blocker"]),
     (lambda: None, ["compress", "tiny-mlp", "-m", "svd", "-o", "."]),
     (lambda: None, ["export", "tiny-mlp", "-o", "."]),
+    # a folder that looks like an artifact (a manifest) but that edgeslim did not write, with the user's files
+    (lambda: Path("m.slim").mkdir() or Path("m.slim", "manifest.json").write_text("{}") or
+     Path("m.slim", "thesis.tex").write_text("years of work"), ["compress", "tiny-mlp", "-m", "svd", "-o", "m.slim"]),
+    (lambda: Path("b").mkdir() or Path("b", "bundle.json").write_text("{}") or Path("b", "x.txt").write_text("mine"),
+     ["export", "tiny-mlp", "--bundle", "-o", "b"]),
+    (lambda: None, ["upscale", "in.png", "-o", "in.png", "--model", "bicubic-x2"]),  # the input itself
+    (lambda: None, ["upscale", "in.png", "-o", "o.png", "--compare", "in.png", "--model", "bicubic-x2"]),
+    (lambda: __import__("PIL.Image").Image.new("RGB", (4, 4)).save("photo.png"),  # the user's image, not ours
+     ["upscale", "in.png", "-o", "photo.png", "--model", "bicubic-x2"]),
+    (lambda: Path("README.md").write_text("# my project"), ["profile", "t.onnx", "t.onnx", "--html", "README.md"]),
+    (lambda: Path("data.json").write_text("{}"), ["profile", "t.onnx", "t.onnx", "--html", "data.json"]),
+    (lambda: None, ["compress", "tiny-mlp", "-m", "svd", "-o", ""]),  # '' is no path, not the default
+    (lambda: None, ["export", "tiny-mlp", "-o", ""]),
+    (lambda: None, ["upscale", "in.png", "-o", " ", "--model", "bicubic-x2"]),
+    (lambda: None, ["run", "r.toml", "-o", ""]),
+    (lambda: None, ["profile", "t.onnx", "t.onnx", "--html", ""]),
 ])
 def test_foreign_outputs_are_refused_and_untouched(in_tmp, capsys, make, args):
     from PIL import Image
     Image.new("RGB", (8, 8)).save("in.png")
     Path("r.toml").write_text('source = "tiny-mlp"\n[profile]\nname = "cpu-torch-fp32"\n')
+    Path("t.onnx").write_bytes(b"")  # never read: the output is refused first
     make()
     before = tree(in_tmp)
     assert main(args) == 2
@@ -61,6 +78,39 @@ def test_output_equal_to_or_inside_the_input_is_refused(in_tmp, capsys):
         assert main(["compress", "a.slim", "-m", "svd", "--rank", "2", "-o", out]) == 2
         assert "is the input" in capsys.readouterr().err
     assert tree(in_tmp) == before
+
+
+def test_output_holding_the_input_is_refused(in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "-o", "inner.slim"]) == 0
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "8", "-o", "outer.slim"]) == 0
+    os.rename("inner.slim", "outer.slim/inner.slim")  # the user keeps one artifact inside another
+    before = tree(in_tmp)
+    capsys.readouterr()
+    for out in ("outer.slim", "."):
+        assert main(["compress", "outer.slim/inner.slim", "-m", "svd", "--rank", "2", "-o", out]) == 2
+        assert "a folder holding it" in capsys.readouterr().err
+    assert tree(in_tmp) == before
+
+
+def test_an_artifact_the_user_added_files_to_is_not_replaced(in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "-o", "a.slim"]) == 0
+    Path("a.slim", "notes.txt").write_text("mine")
+    before = tree(in_tmp)
+    capsys.readouterr()
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "2", "-o", "a.slim"]) == 2
+    assert "holds files edgeslim did not write (notes.txt)" in capsys.readouterr().err and tree(in_tmp) == before
+    assert main(["export", "a.slim", "-o", "a.onnx"]) == 3  # nor read: an artifact is exactly the files it lists
+    assert "does not list (notes.txt)" in capsys.readouterr().err and not Path("a.onnx").exists()
+
+
+def test_images_edgeslim_wrote_are_replaced_and_edited_ones_kept(in_tmp, capsys):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save("in.png")
+    for _ in range(2):  # the second run replaces the first's output
+        assert main(["upscale", "in.png", "-o", "o.png", "--model", "bicubic-x2"]) == 0
+    Image.new("RGB", (4, 4)).save("o.png")  # the user edits it: no longer what edgeslim wrote
+    assert main(["upscale", "in.png", "-o", "o.png", "--model", "bicubic-x2"]) == 2
+    assert Image.open("o.png").size == (4, 4)
 
 
 def test_edgeslim_outputs_are_replaced_whole(in_tmp):
@@ -168,6 +218,7 @@ def test_failure_inside_replace_output_keeps_the_old_output(tmp_path):
     old = tmp_path / "a.slim"
     old.mkdir()
     (old / "manifest.json").write_text("{}")
+    write_owner(old, ARTIFACT)
     with pytest.raises(RuntimeError, match="boom"):
         with replace_output(old, ARTIFACT) as tmp:
             tmp.mkdir()
@@ -177,6 +228,37 @@ def test_failure_inside_replace_output_keeps_the_old_output(tmp_path):
     with pytest.raises(ConfigError, match="cannot write"):
         with replace_output(tmp_path / "a.slim" / "manifest.json" / "x.slim", ARTIFACT):
             pass
+
+
+@pytest.mark.parametrize("name, kind", [("a.slim", ARTIFACT), ("a.onnx", ONNX)])
+def test_a_failing_final_rename_keeps_the_old_output(tmp_path, monkeypatch, name, kind):
+    old = tmp_path / name
+    if kind.folder:
+        old.mkdir()
+        (old / "manifest.json").write_text("old")
+        write_owner(old, kind)
+    else:
+        old.write_text("old")
+    real = {"rename": os.rename, "replace": os.replace}
+
+    def fail_bringing_the_new_one_in(op):
+        def move(src, dst):
+            if Path(src).parent.name.endswith(TEMP_SUFFIX) and Path(src).name == Path(dst).name == name:
+                raise OSError(28, "No space left on device")
+            return real[op](src, dst)
+        return move
+
+    for op in real:
+        monkeypatch.setattr(os, op, fail_bringing_the_new_one_in(op))
+    with pytest.raises(OSError, match="No space"):
+        with replace_output(old, kind) as new:
+            if kind.folder:
+                new.mkdir()
+                (new / "manifest.json").write_text("new")
+            else:
+                new.write_text("new")
+    assert (old / "manifest.json" if kind.folder else old).read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left beside it
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:

@@ -36,16 +36,18 @@ def test_recipe_files(tmp_path):
         load_recipe(tmp_path / "bad.toml")
 
 
-def test_profile_align_applies_to_steps_that_set_none():
+@pytest.mark.parametrize("cpu_simd_width", [8, 16], indirect=True)  # a local CPU target: AVX2 and AVX-512
+def test_profile_align_applies_to_steps_that_set_none(cpu_simd_width):
     from edgeslim.sources import load_model
     _, results = pipeline.apply_steps(load_model("tiny-mlp"), [{"method": "svd"}, {"method": "svd", "align": 2}],
                                       quiet=True, profile="cpu-ort-fp32")
-    assert [r.config["align"] for r in results] == [8, 2]
+    assert [r.config["align"] for r in results] == [cpu_simd_width, 2]
     _, (alone,) = pipeline.apply_steps(load_model("tiny-mlp"), [{"method": "svd"}], quiet=True)
     assert alone.config["align"] == 1  # no target profile: no rounding
 
 
-def test_run_writes_artifact_onnx_and_report(tmp_path):
+@pytest.mark.parametrize("cpu_simd_width", [8, 16], indirect=True)  # a local CPU target: AVX2 and AVX-512
+def test_run_writes_artifact_onnx_and_report(tmp_path, cpu_simd_width):
     summary = pipeline.run(parse_recipe(RECIPE), tmp_path, quiet=True)
     orig, comp = summary["models"]["original"], summary["models"]["compressed"]
     assert comp["params"] < orig["params"] and comp["flops"] < orig["flops"]
@@ -58,9 +60,9 @@ def test_run_writes_artifact_onnx_and_report(tmp_path):
     assert "Speedup or explain" in report and (tmp_path / "tiny-mlp-svd.report_latency.png").stat().st_size > 1000
     loaded = artifact.load(summary["artifact"])
     manifest = json.loads((tmp_path / "tiny-mlp-svd.slim" / "manifest.json").read_text())
-    assert manifest["steps"][0]["config"]["align"] == 8  # the profile's alignment
+    assert manifest["steps"][0]["config"]["align"] == cpu_simd_width  # the local CPU target's alignment
     ranks = [c["decision"] for c in manifest["steps"][0]["changes"] if c["status"] == "replaced"]
-    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert ranks and all(r % cpu_simd_width == 0 for r in ranks)
     assert sum(p.numel() for p in loaded.model.parameters()) == comp["params"]
     assert 0 < summary["compare"]["max_abs_diff"] < 10
     ops = summary["op_breakdown"]  # ORT kernel time by op type, original beside compressed, at the largest batch

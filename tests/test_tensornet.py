@@ -124,6 +124,26 @@ def test_energy_threshold_is_honoured():
     assert plan.energy_decision(0.3, 1) is not None and plan.energy_decision(1.0, 1) is None
 
 
+def test_energy_threshold_keeps_the_smallest_bonds():
+    """Each bond is the smallest whose dropped tail fits Oseledets' delta: one bond fewer would not."""
+    torch.manual_seed(0)
+    plan = MPOPlan("w", nn.Linear(96, 64), 3, {})
+    k = len(plan.dims)
+    for fraction in (0.5, 0.8, 0.95, 0.999):
+        eps = math.sqrt(1.0 - fraction)
+        limit = eps ** 2 * plan.norm2 / (k - 1)
+        cores, lost = tt_svd(plan.tensor, rel_error=eps)
+        bonds = [int(c.shape[-1]) for c in cores[:-1]]
+        for j, bond in enumerate(bonds):
+            assert lost[j] <= limit * (1 + 1e-12)
+            if bond > 1:  # the earlier steps are unchanged by a smaller bond j: its drop is the longer tail
+                fewer = [*bonds[:j], bond - 1, *bonds[j + 1:]]
+                assert tt_svd(plan.tensor, fewer)[1][j] > limit, (fraction, j, bonds)
+        assert plan.energy_decision(fraction, 1) in (tuple(bonds), None)
+        rounded = tuple(min(-(-b // 4) * 4, m) for b, m in zip(bonds, plan.max_bonds))
+        assert plan.energy_decision(fraction, 4) in (rounded, None)  # rounded up to align, no further
+
+
 def test_tt_svd_matches_tensorly():
     tl = pytest.importorskip("tensorly")
     from tensorly.decomposition import tensor_train

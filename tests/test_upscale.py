@@ -48,9 +48,9 @@ def test_tiled_equals_one_pass_everywhere(scale, tile, shape):
     one, tiled = images.upscale_luma(model, y, None), images.upscale_luma(model, y, tile)
     assert tiled.shape == (scale * shape[0], scale * shape[1])
     assert np.abs(one - tiled).max() < 1e-9  # borders included: the image's own border is padded as in one pass
-    model32 = _espcn(scale)
-    assert np.array_equal(images.to_uint8(images.upscale_luma(model32, y, None)),
-                          images.to_uint8(images.upscale_luma(model32, y, tile)))
+    model32 = _espcn(scale)  # fp32 kernels differ by ~1e-5 with the tile shape: at most one 8-bit step apart
+    one8, tiled8 = (images.to_uint8(images.upscale_luma(model32, y, t)).astype(int) for t in (None, tile))
+    assert np.abs(one8 - tiled8).max() <= 1
 
 
 def test_too_little_overlap_would_show():

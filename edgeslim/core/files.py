@@ -2,14 +2,17 @@
 
 Every output goes through `replace_output`: the new file or folder is written inside a temporary folder
 beside the destination (its name carries the writer's PID), and only once it is complete is it renamed
-in. An existing destination is replaced only when it is of the expected kind (an artifact folder with
-its manifest, a file with the expected suffix); anything else is refused before any work, untouched.
+in. An existing destination is replaced only when edgeslim wrote it: a folder holds edgeslim's ownership
+record (OWNER: its id, the SHA-256 of its manifest, and the files written, with none added since); a file
+has the expected suffix and, for the kinds users also keep (images, reports, JSON), the bytes edgeslim
+recorded in the folder's LEDGER. Anything else is refused before any work, untouched.
 Temporary folders left by a killed run are cleaned up by the next run that writes beside them.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -61,8 +64,9 @@ class OutputKind:
 
     what: str  # shown in messages, e.g. "edgeslim artifact folder"
     folder: bool  # a folder (artifact) or a single file
-    marker: str | None = None  # for a folder: the file that marks one of edgeslim's own
+    marker: str | None = None  # for a folder: the file whose SHA-256 is its id in the ownership record (OWNER)
     suffixes: tuple[str, ...] = ()  # for a file: the suffixes an existing file to replace may have
+    proven: bool = False  # for a file: replaced only when the folder's LEDGER shows edgeslim wrote these bytes
 
 
 ARTIFACT = OutputKind("edgeslim artifact folder", True, marker="manifest.json")
@@ -70,15 +74,75 @@ ONNX = OutputKind("ONNX file", False, suffixes=(".onnx",))
 ONNX_DATA = OutputKind("ONNX external data file", False, suffixes=(".data",))
 BUNDLE = OutputKind("edgeslim deployment bundle", True, marker="bundle.json")
 ENGINE = OutputKind("TensorRT engine", False, suffixes=(".engine", ".plan"))
-JSON = OutputKind("JSON file", False, suffixes=(".json",))
-REPORT = OutputKind("report file", False, suffixes=(".md", ".html", ".png", ".svg", ".json"))
+JSON = OutputKind("JSON file", False, suffixes=(".json",), proven=True)
+REPORT = OutputKind("report file", False, suffixes=(".md", ".html", ".png", ".svg", ".json"), proven=True)
 IMAGE = OutputKind("image file", False, suffixes=(".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp",
-                                                   ".ppm", ".gif"))
+                                                   ".ppm", ".gif"), proven=True)
 HF_FOLDER = OutputKind("Hugging Face model folder", True, marker="config.json")
 
 
+OWNER = ".edgeslim-owner.json"  # inside every folder edgeslim writes: its id and the files it wrote there
+LEDGER = ".edgeslim-outputs.json"  # beside the proven files edgeslim writes: name -> SHA-256 of what it wrote
+
+
 def _absolute(path: str | Path) -> Path:
+    if not os.fspath(path).strip():
+        raise ConfigError("output path is empty; name a file or folder (or leave -o out for the default)")
     return Path(os.path.abspath(os.fspath(path)))
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != OWNER)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def write_owner(folder: Path, kind: OutputKind) -> None:
+    """Record in `folder` that edgeslim wrote it: the id (SHA-256 of its `kind.marker` file) and its files."""
+    (folder / OWNER).write_text(json.dumps({"id": sha256_file(folder / kind.marker), "files": _files_in(folder)}))
+
+
+def owned_folder(path: Path, kind: OutputKind) -> str | None:
+    """None when folder `path` is one edgeslim wrote as `kind` and holds only what it wrote, else why not."""
+    record = _read_json(path / OWNER)
+    marker = path / kind.marker
+    if not isinstance(record, dict) or not marker.is_file() or marker.is_symlink() \
+            or record.get("id") != sha256_file(marker):
+        return f"is not an {kind.what} written by edgeslim (no matching {OWNER})"
+    extra = sorted(set(_files_in(path)) - set(record.get("files") or []))
+    return f"holds files edgeslim did not write ({', '.join(extra[:5])})" if extra else None
+
+
+def _record_file(path: Path) -> None:
+    ledger = path.parent / LEDGER
+    written = _read_json(ledger)
+    written = written if isinstance(written, dict) else {}
+    written[path.name] = sha256_file(path)
+    tmp = ledger.with_name(f"{LEDGER}.{os.getpid()}{TEMP_SUFFIX}")
+    tmp.write_text(json.dumps(written, indent=0, sort_keys=True))
+    os.replace(tmp, ledger)
+
+
+def _written_here(path: Path) -> bool:
+    written = _read_json(path.parent / LEDGER)
+    return isinstance(written, dict) and written.get(path.name) == sha256_file(path)
+
+
+def check_not_input(out: str | Path, source: str | Path) -> None:
+    """Refuse (exit 2) an output that is the input, lies inside it, or holds it (a parent folder of it)."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        return
+    src, dest = src.resolve(), _absolute(Path(out).expanduser()).resolve()
+    if dest == src or src in dest.parents or dest in src.parents:
+        raise ConfigError(f"output {out} is the input {source} (or inside it, or a folder holding it); "
+                          "write the result elsewhere")
 
 
 def check_output(path: str | Path, kind: OutputKind) -> Path:
@@ -102,15 +166,19 @@ def check_output(path: str | Path, kind: OutputKind) -> Path:
     if kind.folder:
         if not path.is_dir():
             raise ConfigError(f"output {path} exists and is a file, not an {kind.what}; choose another -o")
-        if not (path / kind.marker).is_file() or (path / kind.marker).is_symlink():
-            raise ConfigError(f"output {path} exists and is not an {kind.what} (no {kind.marker}); "
-                              "edgeslim replaces only what it wrote itself: choose another -o or move it away")
+        why = owned_folder(path, kind)
+        if why:
+            raise ConfigError(f"output {path} exists and {why}; edgeslim replaces only what it wrote itself: "
+                              "choose another -o or move it away")
     else:
         if path.is_dir():
             raise ConfigError(f"output {path} is a folder, not a {kind.what}; name a file")
         if path.suffix.lower() not in kind.suffixes:
             raise ConfigError(f"output {path} exists and is not a {kind.what} ({'/'.join(kind.suffixes)}); "
                               "edgeslim replaces only what it wrote itself: choose another -o or move it away")
+        if kind.proven and not _written_here(path):
+            raise ConfigError(f"output {path} exists and was not written by edgeslim (or changed since; see "
+                              f"{LEDGER}); edgeslim replaces only what it wrote itself: choose another -o")
     return path
 
 
@@ -180,6 +248,8 @@ def replace_output(path: str | Path, kind: OutputKind) -> Iterator[Path]:
         if not target.exists():
             return
         check_output(path, kind)  # nothing foreign appeared there meanwhile
+        if kind.folder:
+            write_owner(target, kind)
         if path.exists() and kind.folder:
             aside = tmp / f"{path.name}.old"
             os.rename(path, aside)
@@ -190,5 +260,7 @@ def replace_output(path: str | Path, kind: OutputKind) -> Iterator[Path]:
                 raise
         else:
             os.replace(target, path)  # a file: atomic, the old one is never missing
+            if kind.proven:
+                _record_file(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
