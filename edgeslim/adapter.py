@@ -121,18 +121,14 @@ def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | No
                                steps=list(base.steps) + [dict(step)])
 
 
-def base_source(path: str | Path, manifest: Mapping[str, Any], base: str | None = None) -> LoadedModel:
-    """The base of an adapter artifact, loaded: `base` when the user names one (any source), else the zoo
-    model its manifest records, built from the zoo's own table (never a folder that happens to carry the
-    zoo name in the current directory). `attach` then checks the base's weights by hash.
+def base_source(path: str | Path, manifest: Mapping[str, Any]) -> LoadedModel:
+    """The recorded base of an adapter artifact, loaded: the zoo model its manifest records, built from the
+    zoo's own table (never a folder that happens to carry the zoo name in the current directory; a base
+    the user names with --base is loaded by sources.load_model). `attach` then checks its weights by hash.
 
     Raises:
-        SourceError: no `base` and the manifest names a factory or a folder, which an artifact never loads.
+        SourceError: the manifest names a factory or a folder, which an artifact never loads.
     """
-    from edgeslim.sources import load_model  # sources imports this module
-
-    if base is not None:
-        return load_model(base)
     src = manifest["source"]
     if src.get("kind") != "zoo" or not isinstance(src.get("identifier"), str):
         what = "names code to run" if src.get("kind") == "factory" else "is read from outside the artifact"
