@@ -8,14 +8,11 @@ it was measured (`measured_on`: address and machine fingerprint; `measured_at`).
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import numpy as np
 
 from edgeslim.core.errors import ConfigError, EdgeslimError, InferenceCrashError
 from edgeslim.core.specs import example_feeds
@@ -38,12 +35,6 @@ def boards(addresses: Sequence[str], identity: str | None, prof: Any) -> list[An
     return [Board(parse_device(a, prof.python if not addresses else None), identity) for a in given]
 
 
-def _npz(feeds: Mapping[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
-    return buffer.getvalue()
-
-
 def _model_file(target: Any) -> Path:
     """The ONNX file to copy: one file, its weights inside (external data would stay behind)."""
     import onnx
@@ -59,26 +50,23 @@ def _model_file(target: Any) -> Path:
 
 
 def measure_on(board: Any, targets: Sequence[Any], loaded: Sequence[Any], prof: Any, batches: Sequence[int],
-               dims: Mapping[str, int], warmup: int, iters: int, rounds: int) -> list[list[dict[str, Any]]]:
-    """Rows per target (one per batch) measured on `board`, the targets interleaved at each batch.
+               dims: Mapping[str, int], warmup: int, iters: int, rounds: int, memory: bool = True
+               ) -> list[list[dict[str, Any]]]:
+    """Rows per target (one per batch) measured on `board`, the targets interleaved at each batch (with
+    `memory`, each target's memory first, in a fresh process on the board).
 
     A batch whose memory child died on the board (out of memory, the common case on a 4 GB board) is a
     `crashed` row for every target, as local profiling does.
     """
-    from edgeslim.runtime.remote import sha256_file
+    from edgeslim.runtime.peak import measured_peak
+    from edgeslim.runtime.roofline import roofline_fraction, roofline_ms
 
     files = [_model_file(t) for t in targets]
-    hashes = [sha256_file(f) for f in files]
-    names = [f"{h}.onnx" for h in hashes]
     out: list[list[dict[str, Any]]] = [[] for _ in targets]
     for b in batches:
         plans = [resolve_sizes(lo, dims, b) for lo in loaded]
         feeds = [example_feeds(lo.inputs, {**lo.dims, **sizes}, seed=0) for lo, (sizes, _) in zip(loaded, plans)]
-        answer = board.run("measure", {"files": dict(zip(names, files)), "models": names, "threads": prof.threads,
-                                       "provider": prof.provider, "warmup": warmup, "iters": iters, "rounds": rounds},
-                           [_npz(f) for f in feeds])
-        if answer["sha256"] != hashes:
-            raise InferenceCrashError(f"{board.device} ran a model whose SHA-256 is not the one sent: result not trusted")
+        answer = board.measure(files, feeds, prof.threads, prof.provider, warmup, iters, rounds, memory)
         where = {"address": board.device.address, **answer["machine"]}
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for i, ((sizes, size_sources), f, mem) in enumerate(zip(plans, feeds, answer["memory"])):
@@ -95,6 +83,10 @@ def measure_on(board: Any, targets: Sequence[Any], loaded: Sequence[Any], prof: 
             work = work_of(files[i], loaded[i], f, sizes, prof.precision)
             if work is not None:
                 row["flops"], row["bytes_moved"] = work
+                if prof.remote:  # a board profile: its own (published or probed) limits
+                    row["peak"] = measured_peak(prof).to_dict()
+                    row["roofline_ms"] = roofline_ms(*work, prof)
+                    row["roofline_fraction"] = roofline_fraction(row["p50_ms"], *work, prof)
             out[i].append(row)
     return out
 
@@ -117,33 +109,9 @@ def on_boards(all_boards: Sequence[Any], job) -> dict[str, Any]:
 def probe(board: Any, threads: int) -> dict[str, Any]:
     """The board's CPU, features, RAM, OS, Python and ONNX Runtime, its measured fp32 GEMM peak, copy
     bandwidth and a sample GEMM table (runtime/device_runner.probe)."""
-    from edgeslim.runtime.remote import sha256_file
-
-    with _gemm_model() as path:
-        name = f"{sha256_file(path)}.onnx"
-        info = board.run("probe", {"files": {name: path}, "gemm_model": name, "threads": threads,
-                                   "shapes": [list(s) for s in PROBE_SHAPES]})
+    info = board.probe(threads, PROBE_SHAPES)
     return {"address": board.device.address, **info, "python_path": board.device.python,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-class _gemm_model:
-    """A one-node MatMul ONNX file with free M, K, N (what the board times its GEMMs with), removed after."""
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        import onnx
-
-        from edgeslim.runtime.peak import matmul_model
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="edgeslim-gemm-")
-        path = Path(self._tmp.name) / "gemm.onnx"
-        onnx.save(matmul_model("M", "K", "N"), str(path))
-        return path
-
-    def __exit__(self, *exc) -> None:
-        self._tmp.cleanup()
 
 
 def align_of(features: Sequence[str], arch: str) -> int:

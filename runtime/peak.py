@@ -124,7 +124,8 @@ class Peak:
 
 def is_local(profile: Profile) -> bool:
     """True when the profile runs on this machine's CPU (its limits can be measured here)."""
-    return profile.device == "cpu" and profile.runtime in ("onnxruntime", "torch") and not profile.remote
+    return profile.device == "cpu" and profile.runtime in ("onnxruntime", "torch") and not profile.remote \
+        and profile.address is None
 
 
 def _measure_peak(threads: int) -> dict:
@@ -176,6 +177,18 @@ def machine_align(profile: Profile) -> int:
     from edgeslim.runtime.machine import simd_width_fp32
 
     return simd_width_fp32() if is_local(profile) and profile.device == "cpu" else profile.align
+
+
+def cached_gemm(key: str) -> dict[str, float]:
+    """The GEMM timings cached under `key` ({"MxKxN": ms}; empty when none)."""
+    return dict(_read_cache().get("gemm", {}).get(key, {}))
+
+
+def store_gemm(key: str, table: dict[str, float]) -> None:
+    """Keep `table` as the GEMM timings of `key` (a board's, measured there)."""
+    cache = _read_cache()
+    cache.setdefault("gemm", {})[key] = table
+    _write_cache(cache)
 
 
 class GemmTable:

@@ -13,7 +13,9 @@ and feeds travel on stdin, answers on stdout, so a run leaves no other file behi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -24,8 +26,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
 
 from edgeslim.core.errors import ConfigError, InferenceCrashError, MissingDependencyError, SourceError
 
@@ -47,12 +51,8 @@ d = os.path.join(os.path.expanduser("~"), %r)
 a = sys.argv[1:]
 os.makedirs(d, mode=0o700, exist_ok=True)
 if a[0] == "have":
-    v = {}
-    for n in ("numpy", "onnxruntime"):
-        try:
-            v[n] = __import__(n).__version__
-        except Exception as e:
-            v[n] = None
+    import importlib.util
+    v = {n: importlib.util.find_spec(n) is not None for n in ("numpy", "onnxruntime")}
     print(json.dumps({"python": list(sys.version_info[:3]), "have": [n for n in a[1:] if os.path.isfile(os.path.join(d, n))], **v}))
 else:
     n = a[1]
@@ -203,13 +203,14 @@ class Board:
         return json.loads(line)
 
     def check(self, names: Sequence[str]) -> dict[str, Any]:
-        """Which of `names` the board's cache holds, its Python and package versions; refuses a board
+        """Which of `names` the board's cache holds, its Python version and whether numpy and onnxruntime are
+        there (found, not imported: the runner reports their versions); refuses a board
         without Python >= 3.9, numpy or onnxruntime with what to install there."""
         info = self._call([self.device.python, "-I", "-c", BOOTSTRAP, "have", *names])
         if tuple(info["python"]) < MIN_PYTHON:
             raise MissingDependencyError(f"{self.device} has Python {'.'.join(map(str, info['python']))}; the runner "
                                          "needs >= 3.9 (name another with ?python=PATH)")
-        missing = [p for p in ("numpy", "onnxruntime") if info.get(p) is None]
+        missing = [p for p in ("numpy", "onnxruntime") if not info.get(p)]
         if missing:
             raise MissingDependencyError(f"{self.device} lacks {', '.join(missing)} for {self.device.python}: run "
                                          f"'{self.device.python} -m pip install numpy onnxruntime' on the board")
@@ -269,6 +270,51 @@ class Board:
                                                                                                    InferenceCrashError)
             raise cls(f"the runner on {self.device}: {answer['message']}")
         return answer
+
+    def measure(self, files: Sequence[Path], feeds: Sequence[Mapping[str, np.ndarray]], threads: int, provider: str,
+                warmup: int, iters: int, rounds: int, memory: bool = True) -> dict[str, Any]:
+        """The runner's `measure`: each model's memory in a fresh process (with `memory`), then the models
+        timed interleaved on one feeds dict each; refused unless it ran exactly the files sent."""
+        hashes = [sha256_file(f) for f in files]
+        names = [f"{h}.onnx" for h in hashes]
+        answer = self.run("measure", {"files": dict(zip(names, files)), "models": names, "threads": threads,
+                                      "provider": provider, "warmup": warmup, "iters": iters, "rounds": rounds,
+                                      "memory": memory}, [_npz(f) for f in feeds])
+        if answer["sha256"] != hashes:
+            raise SourceError(f"{self.device} ran a model whose SHA-256 is not the one sent: result not trusted")
+        return answer
+
+    def gemm(self, shapes: Sequence[tuple[int, int, int]], threads: int) -> dict[str, Any]:
+        """The runner's `gemm`: {"MxKxN": fastest ms} of ONNX Runtime's fp32 MatMul on the board."""
+        with _gemm_model() as (name, path):
+            return self.run("gemm", {"files": {name: path}, "gemm_model": name, "threads": threads,
+                                     "shapes": [list(s) for s in shapes]})
+
+    def probe(self, threads: int, shapes: Sequence[tuple[int, int, int]]) -> dict[str, Any]:
+        """The runner's `probe`: CPU, features, RAM, OS, Python, ONNX Runtime, fp32 GEMM peak, copy
+        bandwidth and the GEMM times of `shapes`."""
+        with _gemm_model() as (name, path):
+            return self.run("probe", {"files": {name: path}, "gemm_model": name, "threads": threads,
+                                      "shapes": [list(s) for s in shapes]})
+
+
+def _npz(feeds: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _gemm_model() -> Iterator[tuple[str, Path]]:
+    """(cache name, path) of a one-node MatMul ONNX file with free M, K, N, removed after the block."""
+    import onnx
+
+    from edgeslim.runtime.peak import matmul_model
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-gemm-") as tmp:
+        path = Path(tmp) / "gemm.onnx"
+        onnx.save(matmul_model("M", "K", "N"), str(path))
+        yield f"{sha256_file(path)}.onnx", path
 
 
 def _runner_version() -> str:

@@ -113,7 +113,7 @@ def test_second_run_copies_nothing_and_leaves_no_temp_files(env):
 def test_a_cancelled_run_stops_the_runner_and_removes_its_files(env):
     board = Board(parse_device(_address(env)), timeout_s=4)
     name = f"{remote.sha256_file(env['a'])}.onnx"
-    feeds = _npz({"x": np.ones((1, 64), np.float32)})
+    feeds = remote._npz({"x": np.ones((1, 64), np.float32)})
     with pytest.raises(InferenceCrashError, match="ran past 4 s"):
         board.run("measure", {"files": {name: env["a"]}, "models": [name], "threads": 1,
                               "provider": "CPUExecutionProvider", "warmup": 0, "iters": 10 ** 8, "rounds": 1,
@@ -134,7 +134,7 @@ def test_a_killed_runner_is_a_crash_with_the_likely_cause(env):
         with pytest.raises(InferenceCrashError, match="killed.*out of memory"):
             board.run("measure", {"files": {name: env["a"]}, "models": [name], "threads": 1,
                                   "provider": "CPUExecutionProvider", "warmup": 0, "iters": 10 ** 8, "rounds": 1,
-                                  "memory": False}, [_npz({"x": np.ones((1, 64), np.float32)})])
+                                  "memory": False}, [remote._npz({"x": np.ones((1, 64), np.float32)})])
     finally:
         killer.cancel()
 
@@ -252,12 +252,6 @@ def test_a_profile_may_name_its_board_as_device(tmp_path):
                                   "peak_gflops": 1.0, "mem_gbps": 1.0})
 
 
-def _npz(feeds) -> bytes:
-    from edgeslim.devices import _npz as pack
-
-    return pack(feeds)
-
-
 def _runner_pattern(lab) -> str:
     """The runner on the board (its command line starts with the board's Python; the local ssh's with ssh)."""
     return f"^{lab['python']} -I -c .* runner-[0-9a-f]+[.]py measure$"
@@ -275,3 +269,35 @@ def _cli(args: list[str], stdout: bool = False) -> tuple[int, str]:
     done = subprocess.run([sys.executable, "-m", "edgeslim", *args], capture_output=True, text=True,
                           env=os.environ | {"COLUMNS": "200"}, stdin=subprocess.DEVNULL, timeout=600)
     return done.returncode, done.stdout if stdout else done.stderr
+
+
+@needs_sshd
+def test_board_measure_times_a_layers_rank_ladder_in_one_visit_and_models_on_the_board(env, monkeypatch, tmp_path):
+    from torch import nn
+
+    from edgeslim.core.specs import TensorSpec
+    from edgeslim.latency import BoardMeasure
+
+    monkeypatch.setenv("EDGESLIM_CACHE_DIR", str(tmp_path / "cache"))
+    assert _cli(["device", "probe", _address(env), "--save", "ladder", "--threads", "1"])[0] == 0
+    measure = BoardMeasure("ladder", iters=2)
+    visits = []
+    gemm = measure.board.gemm
+    monkeypatch.setattr(measure.board, "gemm", lambda shapes, threads: visits.append(len(shapes)) or gemm(shapes, threads))
+    align = load_profile("ladder").align
+    dense = measure.gemm_ms(8, 64, 48)
+    ladder = [measure.gemm_ms(8, 64, r) + measure.gemm_ms(8, r, 48) for r in range(align, 48, align)]
+    assert len(visits) == 1 and visits[0] == 1 + len(range(align, 48, align)) + len(range(align, 64, align))
+    assert dense > 0 and all(t > 0 for t in ladder)
+    assert BoardMeasure("ladder").gemm_ms(8, 64, 48) == dense  # kept in the cache for the next command
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 48)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+
+    net = Net()
+    spec = (TensorSpec("x", ("batch", 64), "float32"),)
+    assert measure.model_ms(net, spec, {"batch": 2}) > 0 and 0 < measure.speedup(net, net, spec, {"batch": 2})
