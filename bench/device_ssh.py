@@ -34,7 +34,8 @@ from edgeslim.devices import measure_on  # noqa: E402
 from edgeslim.pipeline import export_model  # noqa: E402
 from edgeslim.profiling import profile_file  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
-from edgeslim.runtime.remote import Board, parse_device  # noqa: E402
+from edgeslim.runtime.address import parse_device  # noqa: E402
+from edgeslim.runtime.remote import Board  # noqa: E402
 from edgeslim.runtime.targets import load_profile  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
 

@@ -30,7 +30,8 @@ def probe(address: str, identity: str | None, threads: int, name: str | None, as
     its measured fp32 GEMM peak, copy bandwidth and a sample GEMM table."""
     from edgeslim.core.files import replace_output
     from edgeslim.devices import probe as run_probe, saved_profile_text, user_profile_path
-    from edgeslim.runtime.remote import Board, parse_device
+    from edgeslim.runtime.address import parse_device
+    from edgeslim.runtime.remote import Board
     from edgeslim.runtime.targets import list_profiles
 
     if threads < 0:

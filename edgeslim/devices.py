@@ -24,7 +24,8 @@ PROBE_SHAPES = ((1, 384, 384), (8, 384, 1536), (128, 384, 384), (128, 1536, 384)
 
 def boards(addresses: Sequence[str], identity: str | None, prof: Any) -> list[Any]:
     """A Board per address (the profile's own `address` when none is given), each checked before any work."""
-    from edgeslim.runtime.remote import Board, parse_device
+    from edgeslim.runtime.address import parse_device
+    from edgeslim.runtime.remote import Board
 
     if prof.runtime != "onnxruntime":
         raise ConfigError(f"a board runs ONNX Runtime: profile '{prof.name}' uses runtime '{prof.runtime}'; pick an "

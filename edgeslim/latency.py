@@ -88,7 +88,8 @@ class BoardMeasure(LocalMeasure):
     """GEMM table and model latency of a board, measured on it over SSH."""
 
     def __init__(self, profile: str, iters: int = 10) -> None:
-        from edgeslim.runtime.remote import Board, parse_device
+        from edgeslim.runtime.address import parse_device
+        from edgeslim.runtime.remote import Board
         from edgeslim.runtime.targets import load_profile
 
         self.profile = load_profile(profile)

@@ -24,23 +24,18 @@ import shlex
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from edgeslim.core.errors import ConfigError, InferenceCrashError, MissingDependencyError, SourceError
+from edgeslim.runtime.address import Device
 
-SCHEME = "ssh"
 CACHE = ".cache/edgeslim-device"  # under the login's home folder on the board
 CONNECT_TIMEOUT_S = 15
 RUN_TIMEOUT_S = 1800
 MIN_PYTHON = (3, 9)
-_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\]")
-_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
-_PATH = re.compile(r"[A-Za-z0-9_./+-]{1,255}")
 _NAME = re.compile(r"(runner-)?[0-9a-f]{64}\.(py|onnx)")
 
 # The bootstrap the board's Python runs (`python -I -c BOOTSTRAP have NAME... | put NAME`): what is cached,
@@ -77,57 +72,6 @@ else:
 # Runs the cached runner by its name (the login's home folder decides where the cache is, as for BOOTSTRAP).
 LAUNCH = ("import os, runpy, sys; name = sys.argv.pop(1); "
           f"runpy.run_path(os.path.join(os.path.expanduser('~'), {CACHE!r}, name), run_name='__main__')")
-
-
-@dataclass(frozen=True)
-class Device:
-    """One board's address, checked: nothing in it can become a shell word on either side."""
-
-    host: str
-    user: str | None = None
-    port: int | None = None
-    python: str = "python3"
-
-    @property
-    def address(self) -> str:
-        who = f"{self.user}@" if self.user else ""
-        return f"{SCHEME}://{who}{self.host}" + (f":{self.port}" if self.port else "")
-
-    def __str__(self) -> str:
-        return self.address
-
-
-def parse_device(text: str, python: str | None = None) -> Device:
-    """`ssh://[user@]host[:port][?python=PATH]` as a Device (`python` overrides the query's).
-
-    Raises:
-        ConfigError: another scheme, or a host, user, port or Python path with characters outside the
-            plain set (shell metacharacters, spaces, options), or an unknown query key.
-    """
-    where = f"--device {text!r}"
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    if parts.scheme != SCHEME or not parts.hostname:
-        raise ConfigError(f"{where}: a device is an address ssh://[user@]host[:port][?python=PATH]")
-    host = parts.netloc.rpartition("@")[2]
-    host = host[:host.rindex("]") + 1] if host.startswith("[") else host.partition(":")[0]
-    user = parts.username
-    if not _HOST.fullmatch(host) or (user is not None and not _USER.fullmatch(user)) or parts.password is not None:
-        raise ConfigError(f"{where}: the host and user may hold only letters, digits and . _ - (no password in the "
-                          "address: use your SSH agent or --identity KEY)")
-    if parts.path not in ("", "/") or parts.fragment:
-        raise ConfigError(f"{where}: an address has no path; name the device's Python with ?python=PATH")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - {"python"})
-    if unknown or any(len(v) != 1 for v in query.values()):
-        raise ConfigError(f"{where}: unknown or repeated query key(s) {unknown or sorted(query)}; allowed: ['python']")
-    python = python or query.get("python", ["python3"])[0]
-    if not _PATH.fullmatch(python) or python.startswith("-"):
-        raise ConfigError(f"{where}: the device's Python must be a plain path (letters, digits, _ . / + -), got {python!r}")
-    return Device(host=host, user=user, port=port, python=python)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -90,7 +90,7 @@ class Profile:
         if self.runtime == "torch" and self.precision == "fp16" and self.device != "cuda":
             raise ConfigError(f"{where}: fp16 with runtime 'torch' needs device 'cuda'")
         if self.address is not None:
-            from edgeslim.runtime.remote import parse_device
+            from edgeslim.runtime.address import parse_device
 
             parse_device(self.address, self.python)  # a bad address is refused when the profile is read
             if self.runtime != "onnxruntime":

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper
 
 from edgeslim.core.errors import ConfigError, InferenceCrashError, SourceError
 from edgeslim.runtime import remote
-from edgeslim.runtime.remote import Board, parse_device
+from edgeslim.runtime.address import parse_device
+from edgeslim.runtime.remote import Board
 from edgeslim.runtime.targets import Profile, load_profile
 
 from loopback_ssh import Boards, device_python, missing
