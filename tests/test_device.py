@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from edgeslim.cli import main
 from edgeslim.core.errors import ConfigError, InferenceCrashError, SourceError
 from edgeslim.runtime import remote
 from edgeslim.runtime.address import parse_device
@@ -302,3 +303,21 @@ def test_board_measure_times_a_layers_rank_ladder_in_one_visit_and_models_on_the
     net = Net()
     spec = (TensorSpec("x", ("batch", 64), "float32"),)
     assert measure.model_ms(net, spec, {"batch": 2}) > 0 and 0 < measure.speedup(net, net, spec, {"batch": 2})
+
+
+@needs_sshd
+def test_the_readme_board_block_runs_as_written(env, in_tmp):
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Measure on your board.*?```console\n(.*?)```", readme, flags=re.S).group(1)
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--ratio", "0.5", "-o", "mlp-svd.slim"]) == 0
+    assert main(["export", "mlp-svd.slim", "--to", "onnx", "-o", "mlp-svd.onnx"]) == 0
+    boards = {"ssh://pi@raspberrypi.local": _address(env, 0), "ssh://ubuntu@n100.local": _address(env, 1)}
+    for line in block.strip().splitlines():
+        for name, address in boards.items():
+            line = line.replace(name, address)
+        args = shlex.split(line)
+        assert args[0] == "edgeslim" and main(args[1:] + ["--iters", "3"] * (args[1] == "profile")) == 0, line
+    assert Path("boards.html").read_text().count("@ 127.0.0.1:") >= 4
