@@ -11,6 +11,7 @@ import click
 
 from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, not_empty, sets as _sets,  # noqa: F401
                                   source_options, trust_of, trust_options)
+from edgeslim.cli_device import device
 from edgeslim.cli_profile import profile
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
@@ -26,6 +27,7 @@ def cli() -> None:
 
 
 cli.add_command(profile)
+cli.add_command(device)
 
 
 @cli.command()

@@ -25,41 +25,89 @@ from edgeslim.recipe import DEFAULT_PROFILE
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), callback=not_empty,
               help="several ITEMs: also write an HTML report with plots (latency vs batch, size, op breakdown)")
 @click.option("--eval", "eval_data", help="several ITEMs: also the task's metric on this data (as `edgeslim eval --data`)")
+@click.option("--device", "devices", multiple=True, metavar="ssh://[user@]host[:port][?python=PATH]",
+              help="measure on this board over SSH (repeat for several boards at once); default: the profile's address")
+@click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key for --device (default: your SSH "
+              "agent and config)")
 @source_options
 @trust_options
 def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
-            as_json: bool, ops: bool, rounds: int, html_out: str | None, eval_data: str | None, weights: str | None,
-            inputs: str | None,
+            as_json: bool, ops: bool, rounds: int, html_out: str | None, eval_data: str | None,
+            devices: tuple[str, ...], identity: str | None, weights: str | None, inputs: str | None,
             task: str | None, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target; with
-    several, the candidates interleaved round by round with ratios to the first."""
+    several, the candidates interleaved round by round with ratios to the first. With --device (or a
+    profile that names a board's address) everything is measured on the board over SSH."""
     import torch
-    from rich.table import Table
 
     from edgeslim.pipeline import profile_target
     from edgeslim.profiling import profile_file
-    from edgeslim.report import memory_method_text, ms, peak_mem_text
+    from edgeslim.runtime.targets import load_profile
 
     if warmup < 0 or iters < 1:
         raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
     batches, sizes = ints(batch), parse_dims(dims)
     source = {"weights": weights, "inputs": inputs, "task": task}
+    on_boards = bool(devices) or load_profile(profile).address is not None
+    if on_boards and ops:
+        raise ConfigError("--ops reads ONNX Runtime's profiler on this machine; it is not available with --device")
     if len(items) > 1:
         _compare(items, profile, batches, sizes, warmup, iters, rounds, ops, html_out, as_json,
-                 trust_of(trusted, trust_source), source, eval_data)
+                 trust_of(trusted, trust_source), source, eval_data, devices if on_boards else None, identity)
         return
     if html_out or eval_data:
         raise ConfigError("--html and --eval belong to a comparison: give two or more ITEMs (the first is the "
                           "reference); for one model's metric use `edgeslim eval`")
     item = items[0]
+    if on_boards:
+        _profile_on_boards(item, profile, devices, identity, batches, sizes, warmup, iters,
+                           trust_of(trusted, trust_source), source, as_json)
+        return
     with profile_target(item, profile, as_json, trust_of(trusted, trust_source), source) as (target, loaded):
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
                             roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
     if as_json:
         click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
         return
+    _print_rows(f"{item} on {profile}", rows)
+
+
+def _profile_on_boards(item: str, profile: str, devices: tuple[str, ...], identity: str | None,
+                       batches: list[int] | None, sizes: dict[str, int], warmup: int, iters: int, trust: Any,
+                       source: dict[str, Any], as_json: bool) -> None:
+    """`profile X --device A [--device B]`: the rows of each board; a board that failed says why (one line)."""
+    from edgeslim.core.errors import EdgeslimError, InferenceCrashError
+    from edgeslim.devices import profile_on_boards
+
+    results = profile_on_boards(item, profile, devices, identity, batches, sizes, warmup, iters, trust, source, as_json)
+    failed = {a: r for a, r in results.items() if isinstance(r, EdgeslimError)}
+    measured = {a: r for a, r in results.items() if a not in failed}
+    if as_json:
+        click.echo(json.dumps({"model": str(item), "profile": profile, "boards": [
+            {"address": a, "timings": rows} for a, rows in measured.items()] + [
+            {"address": a, "error": " ".join(str(e).split())} for a, e in failed.items()]}, indent=2))
+    else:
+        for address, rows in measured.items():
+            machine = rows[0]["measured_on"]
+            _print_rows(f"{item} on {profile} at {address} (measured on {machine['cpu_model']}, {machine['arch']}, "
+                        f"onnxruntime {machine['onnxruntime']})", rows)
+        for address, exc in failed.items():
+            click.echo(f"error: {address}: {' '.join(str(exc).split())}", err=True)
+    if failed:
+        first = next(iter(failed.values()))
+        raise type(first)(f"{len(failed)} of {len(results)} board(s) failed (above)")
+    if all("crashed" in r for rows in measured.values() for r in rows):
+        raise InferenceCrashError("every run crashed on the board(s) (above)")
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    """One model's rows as a table (predicted rows say so), then memory, crashes, roofline limits and ops."""
+    from rich.table import Table
+
+    from edgeslim.report import memory_method_text, ms, peak_mem_text
+
     if rows and rows[0].get("predicted"):
-        table = Table(title=f"{item} on {profile}: PREDICTED from the roofline (not measured here)")
+        table = Table(title=f"{title}: PREDICTED from the roofline (not measured here)")
         for col in ("batch", "sizes", "predicted p50 ms (lower bound)", "GFLOP", "MB moved", "fits RAM"):
             table.add_column(col, justify="right")
         for r in rows:
@@ -67,7 +115,7 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
                           f"{r['bytes_moved'] / 1e6:.4g}", {True: "yes", False: "NO"}.get(r.get("fits_ram"), "-"))
         console().print(table)
         return
-    table = Table(title=f"{item} on {profile}")
+    table = Table(title=title)
     for col in ("batch", "sizes", "p50 ms", "p90 ms", "p99 ms", "cv", "throughput /s", "peak mem", "of roofline"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -85,6 +133,12 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
     for r in rows:
         if "crashed" in r:
             console().print(f"[red]batch {r['batch']} crashed[/red]: {r['crashed']}")
+    where = next((r for r in rows if "measured_on" in r), None)
+    if where is not None:
+        m = where["measured_on"]
+        console().print(f"measured on {m['address']}: {m['cpu_model']} ({m['arch']}, {m['logical_cpus']} CPUs, "
+                        f"{', '.join(m['int8_features']) or 'no INT8 dot-product features'}), onnxruntime "
+                        f"{m['onnxruntime']}, at {where['measured_at']}")
     peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
     for source, p in peaks.items():
         console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
@@ -98,20 +152,27 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
 
 def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, sizes: dict[str, int], warmup: int,
              iters: int, rounds: int, ops: bool, html_out: str | None, as_json: bool, trust: Any,
-             source: dict[str, Any], eval_data: str | None) -> None:
-    """`profile A B C`: edgeslim.compare, printed as a table (or JSON) and drawn as HTML when asked."""
+             source: dict[str, Any], eval_data: str | None, devices: tuple[str, ...] | None = None,
+             identity: str | None = None) -> None:
+    """`profile A B C`: edgeslim.compare (or each board's, with `devices`), printed as a table (or JSON) and
+    drawn as HTML when asked."""
     from rich.table import Table
 
     from edgeslim.compare import compare, write_html
     from edgeslim.core.files import REPORT, check_output
+    from edgeslim.devices import compare_on_boards
     from edgeslim.report import ms, peak_mem_text, si
 
     if rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
     if html_out:
         check_output(html_out, REPORT)  # before any work
-    result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json,
-                     eval_data=eval_data)
+    if devices is not None:
+        result = compare_on_boards(items, profile, devices, identity, batches, sizes, warmup, iters, rounds, trust,
+                                   source, as_json, eval_data)
+    else:
+        result = compare(items, profile, batches, sizes, warmup, iters, rounds, ops, trust, source, quiet=as_json,
+                         eval_data=eval_data)
     if html_out:
         result["html"] = str(write_html(result, html_out))
     if as_json:
@@ -137,6 +198,8 @@ def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, si
             if "op_time_share" in r:
                 top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
                 out.print(f"{cand['item']} batch {r['batch']} kernel time by op type: {top}")
+    for address, message in result.get("board_errors", {}).items():
+        click.echo(f"error: {address}: {message}", err=True)
     if html_out:
         out.print(f"report: {result['html']}")
 

@@ -55,6 +55,7 @@ def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, d
             each candidate on its own), or sizes that do not fit a candidate.
     """
     from edgeslim.runtime import child
+    from edgeslim.runtime.machine import measured_here
     from edgeslim.runtime.measure import interleave
     from edgeslim.runtime.op_profile import op_fields
     from edgeslim.runtime.session import open_session
@@ -77,7 +78,7 @@ def compare(items: Sequence[str], profile: str, batches: Sequence[int] | None, d
                      for (_, loaded), (sizes, _) in zip(opened, plans)]
             timings = interleave(sessions, feeds, warmup, iters, rounds, progress=not quiet)
             for cand, (target, loaded), (sizes, where), f, t in zip(candidates, opened, plans, feeds, timings):
-                row = t.to_dict() | {"sizes": sizes, "size_sources": where}
+                row = t.to_dict() | {"sizes": sizes, "size_sources": where} | measured_here()
                 work = work_of(target, loaded, f, sizes, prof.precision)
                 if work is not None:
                     row["flops"], row["bytes_moved"] = work

@@ -3,6 +3,9 @@
 - `LocalMeasure`: a local CPU target: GEMM shapes timed here in ONNX Runtime (runtime/peak.GemmTable,
   cached per machine) and the whole model exported to ONNX and timed in the profile's session (a speedup:
   beside the other model, in alternating rounds).
+- `BoardMeasure`: a board over SSH (a profile with an `address`, e.g. saved by `device probe --save`): GEMM
+  shapes and models timed ON the board by its runner (runtime/remote.py); GEMM times cached here under the
+  board's address, threads and machine fingerprint.
 - `TableMeasure`: another target, from a JSON table measured ON that target:
   `{"target": "jetson-orin-nano", "gemm_ms": {"MxKxN": ms, ...}, "model_ms": ms}` where model_ms is the
   source model's latency there at the budget's input sizes. A shape the table lacks is an error that
@@ -79,6 +82,55 @@ class LocalMeasure:
             weakref.finalize(model, tmp.cleanup)
             self._exports[id(model)] = (weakref.ref(model), path)
         return path
+
+
+class BoardMeasure(LocalMeasure):
+    """GEMM table and model latency of a board, measured on it over SSH."""
+
+    def __init__(self, profile: str, iters: int = 10) -> None:
+        from edgeslim.runtime.address import parse_device
+        from edgeslim.runtime.remote import Board
+        from edgeslim.runtime.targets import load_profile
+
+        self.profile = load_profile(profile)
+        self.board = Board(parse_device(self.profile.address, self.profile.python))
+        self.iters = iters
+        self._exports = {}
+        self._table: dict[str, float] | None = None
+
+    def _key(self) -> str:
+        return f"{self.profile.address}|threads={self.profile.threads}"
+
+    def gemm_ms(self, m: int, k: int, n: int) -> float:
+        """Latency (ms) of an (m x k) @ (k x n) fp32 product on the board. A shape not yet timed there is timed
+        with the rest of its rank ladder ((m, k, r) and (m, r, n) for every aligned r), in one visit."""
+        from edgeslim.runtime.peak import cached_gemm, store_gemm
+
+        shape = f"{int(m)}x{int(k)}x{int(n)}"
+        if self._table is None:
+            self._table = cached_gemm(self._key())
+        if shape not in self._table:
+            align = max(1, self.profile.align)
+            ladder = {(m, k, n)} | {(m, k, r) for r in range(align, n, align)} | {(m, r, n) for r in range(align, k, align)}
+            self._table.update(self.board.gemm(sorted(ladder), self.profile.threads)["gemm_ms"])
+            store_gemm(self._key(), self._table)
+        return float(self._table[shape])
+
+    def model_ms(self, model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
+        """p50 latency of `model` exported to ONNX (validated) and run on the board."""
+        answer = self.board.measure([self._export(model, inputs)], [example_feeds(inputs, dims)], self.profile.threads,
+                                    self.profile.provider, 2, self.iters, 1, memory=False)
+        return answer["timings"][0]["p50_ms"]
+
+    def speedup(self, base: nn.Module, trial: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]
+                ) -> float:
+        """p50 of `base` over p50 of `trial`, timed side by side on the board in PAIRED_ROUNDS rounds."""
+        feeds = example_feeds(inputs, dims)
+        answer = self.board.measure([self._export(base, inputs), self._export(trial, inputs)], [feeds, feeds],
+                                    self.profile.threads, self.profile.provider, 2, PAIRED_ROUNDS * self.iters,
+                                    PAIRED_ROUNDS, memory=False)
+        first, second = answer["timings"]
+        return first["p50_ms"] / second["p50_ms"]
 
 
 class TableMeasure:

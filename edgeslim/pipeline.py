@@ -45,15 +45,17 @@ def compress_context(loaded: LoadedModel, profile: str | None, gemm_table: str |
                      latency_batch: int = 8) -> CompressContext:
     """What a compressor gets to know beyond the model: its input spec, the target's alignment (a local CPU
     target's follows this CPU's SIMD width) and the target's latencies (edgeslim/latency.py): timed here for a
-    local CPU target, read from `gemm_table` (measured on the target) for any other, else none."""
+    local CPU target, on the board for a profile with an address, read from `gemm_table` (measured on the
+    target) for any other, else none."""
     align, measure = None, None
     if profile:
-        from edgeslim.latency import LocalMeasure, TableMeasure
+        from edgeslim.latency import BoardMeasure, LocalMeasure, TableMeasure
         from edgeslim.runtime.peak import is_local, machine_align
         from edgeslim.runtime.targets import load_profile
         prof = load_profile(profile)
         align = machine_align(prof)
-        measure = TableMeasure(gemm_table) if gemm_table else LocalMeasure(profile) if is_local(prof) else None
+        measure = TableMeasure(gemm_table) if gemm_table else BoardMeasure(profile) if prof.address else \
+            LocalMeasure(profile) if is_local(prof) else None
     return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure,
                            dims={**loaded.dims, "batch": latency_batch}, task=loaded.task)
 

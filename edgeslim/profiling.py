@@ -124,6 +124,7 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
         return predict_rows(model, loaded, prof, plan)
     from edgeslim.core.errors import InferenceCrashError
     from edgeslim.runtime import child
+    from edgeslim.runtime.machine import measured_here
 
     in_child = child_memory and isinstance(model, (str, Path))
     rows = []
@@ -138,7 +139,7 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
                     rows.append({"batch": b, "sizes": sizes, "size_sources": where, "crashed": str(exc)})
                     warnings.warn(f"batch {b}: {exc}", RuntimeWarning, stacklevel=2)
                     continue
-            row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters))
+            row = dataclasses.asdict(measure(session, feeds, warmup=warmup, iters=iters)) | measured_here()
             row["sizes"], row["size_sources"] = sizes, where
             if memory is not None:
                 row["memory"], row["peak_rss_bytes"] = memory.to_dict(), memory.peak_rss_bytes

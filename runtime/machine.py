@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 # CPU flags that change which kernels a runtime picks (fp32 SIMD width, INT8 dot products, AMX tiles).
@@ -17,20 +16,10 @@ INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("unknown", set()) where it cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        return platform.processor() or "unknown", set()
-    model, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "cpu model", "hardware") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    return model or platform.processor() or "unknown", flags
+    """(model name, flags) of this CPU, read as a board's runner reads its own (runtime/device_runner.py)."""
+    from edgeslim.runtime.device_runner import cpu_model_and_flags
+
+    return cpu_model_and_flags()
 
 
 def cpu_model() -> str:
@@ -67,3 +56,13 @@ def machine_info() -> dict[str, Any]:
         except ImportError:
             info[f"{lib}_version"] = None
     return info
+
+
+def measured_here() -> dict[str, Any]:
+    """Where and when a local measurement is taken, in the form a board's rows carry (`measured_on`, `measured_at`)."""
+    import time
+
+    from edgeslim.runtime.device_runner import fingerprint
+
+    return {"measured_on": {"address": "local", **fingerprint()},
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

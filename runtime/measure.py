@@ -28,14 +28,14 @@ import numpy as np
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.runtime.cuda_timing import resolve_clock, timer
+# Above UNSTABLE_CV the run-to-run spread (here usually other processes sharing the cores) is as large as
+# the 1.2-2x speedups compression is judged by, so ratios taken from such runs are unreliable: the Timing
+# is flagged `unstable` and a warning says so. A board's runner computes the same statistics.
+from edgeslim.runtime.device_runner import INTERLEAVED_MEM, UNSTABLE_CV, round_shares, summarize
 from edgeslim.runtime.memory import MemoryProbe
 
 Feeds = dict[str, np.ndarray]
 
-# Above this coefficient of variation the run-to-run spread (here usually other processes sharing
-# the cores) is as large as the 1.2-2x speedups compression is judged by, so ratios taken from such
-# runs are unreliable: the Timing is flagged `unstable` and a warning says so.
-UNSTABLE_CV = 0.15
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,8 @@ def _timed_calls(session, feeds: Feeds, iters: int, probe: MemoryProbe, advance:
 
 def _summarize(batch: int, times_s: np.ndarray, peak: int | None, method: str, warmup: int,
                clock: str = "wall") -> Timing:
-    ms = times_s * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    mean = float(ms.mean())
-    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
-    cv = std / mean if mean > 0 else 0.0
-    return Timing(batch=batch, p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=mean, std_ms=std,
-                  cv=cv, throughput_per_s=batch / (mean / 1e3) if mean > 0 else float("inf"),
-                  peak_mem_bytes=peak, mem_method=method, iters=len(ms), warmup=warmup, unstable=cv > UNSTABLE_CV,
-                  clock=clock)
+    """The statistics a board's runner computes too (runtime/device_runner.summarize), as a Timing."""
+    return Timing(**summarize(times_s, batch, warmup, peak, method, clock))
 
 
 def _check_counts(warmup: int, iters: int) -> None:
@@ -179,9 +172,6 @@ def sweep(session, make_feeds: Callable[[int], Feeds], batches: Sequence[int], w
     return results
 
 
-INTERLEAVED_MEM = "not measured: interleaved sessions share one process (see runtime/child.py)"
-
-
 def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5, iters: int = 30, rounds: int = 5,
                progress: bool = False, clock: str = "auto") -> list[Timing]:
     """Time several sessions side by side, round by round, so drift (other jobs, clock changes) hits all alike.
@@ -208,7 +198,7 @@ def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5,
                           f"{len(sessions)} session(s) and {len(feeds)} feeds")
     clocks = [resolve_clock(s, clock) for s in sessions]
     rounds = min(rounds, iters)
-    shares = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    shares = round_shares(iters, rounds)
     times: list[list[np.ndarray]] = [[] for _ in sessions]
     with _progress(progress) as bar:
         task = bar.add_task(f"{len(sessions)} candidates, {rounds} rounds", total=len(sessions) * (warmup + iters))

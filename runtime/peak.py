@@ -20,10 +20,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from edgeslim.runtime.device_runner import best_seconds, copy_gbps
 from edgeslim.runtime.machine import _cpuinfo, cpu_model
 from edgeslim.runtime.targets import Profile
 
@@ -61,8 +61,8 @@ def machine_key(threads: int) -> str:
     return f"{cpu_model()}|onnxruntime-{ort.__version__}|threads={threads}"
 
 
-def _matmul_session(m: int, k: int, n: int, threads: int, int8: bool = False):
-    import onnxruntime as ort
+def matmul_model(m: int | str, k: int | str, n: int | str, int8: bool = False):
+    """A one-node ONNX MatMul (fp32) or MatMulInteger (u8 x s8) of (m x k) @ (k x n); a str dim is left free."""
     from onnx import TensorProto, helper
 
     elem = TensorProto.UINT8 if int8 else TensorProto.FLOAT
@@ -74,6 +74,13 @@ def _matmul_session(m: int, k: int, n: int, threads: int, int8: bool = False):
                               [helper.make_tensor_value_info("Y", out, [m, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def _matmul_session(m: int, k: int, n: int, threads: int, int8: bool = False):
+    import onnxruntime as ort
+
+    model = matmul_model(m, k, n, int8)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
     sess = ort.InferenceSession(model.SerializeToString(),
@@ -86,28 +93,15 @@ def _matmul_session(m: int, k: int, n: int, threads: int, int8: bool = False):
     return sess, feeds
 
 
-def _best_seconds(call: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` calls after one warm-up: the least disturbed by other processes."""
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def time_gemm_ms(m: int, k: int, n: int, threads: int, repeats: int = 5, int8: bool = False) -> float:
     """Fastest latency (ms) of one ORT (m x k) @ (k x n) product, fp32 MatMul or INT8 MatMulInteger."""
     sess, feeds = _matmul_session(m, k, n, threads, int8)
-    return _best_seconds(lambda: sess.run(None, feeds), repeats) * 1e3
+    return best_seconds(lambda: sess.run(None, feeds), repeats) * 1e3
 
 
 def copy_bandwidth_gbps(nbytes: int = _COPY_BYTES, repeats: int = 5) -> float:
-    """Stream-like copy bandwidth in GB/s: (read + write bytes) / fastest np.copyto of a large array."""
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    return 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
+    """Stream-like copy bandwidth in GB/s, measured as a board's runner measures its own."""
+    return copy_gbps(nbytes, repeats)
 
 
 @dataclass(frozen=True)
@@ -130,7 +124,8 @@ class Peak:
 
 def is_local(profile: Profile) -> bool:
     """True when the profile runs on this machine's CPU (its limits can be measured here)."""
-    return profile.device == "cpu" and profile.runtime in ("onnxruntime", "torch") and not profile.remote
+    return profile.device == "cpu" and profile.runtime in ("onnxruntime", "torch") and not profile.remote \
+        and profile.address is None
 
 
 def _measure_peak(threads: int) -> dict:
@@ -182,6 +177,18 @@ def machine_align(profile: Profile) -> int:
     from edgeslim.runtime.machine import simd_width_fp32
 
     return simd_width_fp32() if is_local(profile) and profile.device == "cpu" else profile.align
+
+
+def cached_gemm(key: str) -> dict[str, float]:
+    """The GEMM timings cached under `key` ({"MxKxN": ms}; empty when none)."""
+    return dict(_read_cache().get("gemm", {}).get(key, {}))
+
+
+def store_gemm(key: str, table: dict[str, float]) -> None:
+    """Keep `table` as the GEMM timings of `key` (a board's, measured there)."""
+    cache = _read_cache()
+    cache.setdefault("gemm", {})[key] = table
+    _write_cache(cache)
 
 
 class GemmTable:

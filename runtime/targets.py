@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ ALLOWED: dict[str, tuple[type, tuple[Any, ...] | None]] = {
     "workspace_mib": (int, None),
     "remote": (bool, None),
     "ram_gb": (float, None),
+    "address": (str, None),
+    "python": (str, None),
 }
 REQUIRED = ("device", "runtime", "precision", "peak_gflops", "mem_gbps")
 _PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
@@ -57,6 +60,8 @@ class Profile:
     workspace_mib: int = 1024  # TensorRT builder workspace limit
     remote: bool = False  # a board that is not the machine at hand: latency is predicted, peaks are published
     ram_gb: float | None = None  # the board's RAM, for the "does it fit" check
+    address: str | None = None  # ssh://[user@]host[:port] of the board: profiling then measures there
+    python: str | None = None  # the board's Python (default: the one its login shell finds)
 
     def __post_init__(self) -> None:
         for key, value in self.to_dict().items():
@@ -84,6 +89,12 @@ class Profile:
                               "on a quantized ONNX model")
         if self.runtime == "torch" and self.precision == "fp16" and self.device != "cuda":
             raise ConfigError(f"{where}: fp16 with runtime 'torch' needs device 'cuda'")
+        if self.address is not None:
+            from edgeslim.runtime.address import parse_device
+
+            parse_device(self.address, self.python)  # a bad address is refused when the profile is read
+            if self.runtime != "onnxruntime":
+                raise ConfigError(f"{where}: a board at an address runs runtime 'onnxruntime', not '{self.runtime}'")
 
     def to_dict(self) -> dict[str, Any]:
         """All keys except the name, as they would be written in TOML (None values dropped)."""
@@ -106,10 +117,13 @@ class Profile:
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "Profile":
         """Build and check a profile from parsed TOML; unknown or missing keys raise ConfigError."""
         _check_keys(name, data)
-        missing = [k for k in REQUIRED if k not in data]
+        missing = [k for k in REQUIRED if k not in data and not (k == "device" and "address" in data)]
         if missing:
             raise ConfigError(f"profile '{name}': missing key(s) {missing}; required: {list(REQUIRED)}")
         fields = dict(data)
+        if str(fields.get("device", "")).startswith("ssh://"):  # `device = "ssh://..."`: the board's address
+            fields["address"] = fields.pop("device")
+            fields["device"] = _PROVIDER_DEVICE.get(fields.get("provider"), "cpu")
         if "batch" in fields:
             _check_value(name, "batch", fields["batch"])
             fields["batch"] = tuple(fields["batch"])
@@ -125,7 +139,7 @@ def _check_keys(name: str, data: Mapping[str, Any]) -> None:
 def _check_value(name: str, key: str, value: Any) -> None:
     kind, allowed = ALLOWED[key]
     where = f"profile '{name}': key '{key}'"
-    if key in ("provider", "ram_gb") and value is None:
+    if key in ("provider", "ram_gb", "address", "python") and value is None:
         return
     if kind is bool:
         if not isinstance(value, bool):
@@ -161,10 +175,25 @@ def _shipped() -> dict[str, Any]:
     return {p.name[:-len(".toml")]: p for p in root.iterdir() if p.name.endswith(".toml")}
 
 
+def user_profiles_dir() -> Path:
+    """The user's own profiles (`device probe --save NAME`): $EDGESLIM_CONFIG_DIR/profiles, else
+    ~/.config/edgeslim/profiles."""
+    root = os.environ.get("EDGESLIM_CONFIG_DIR")
+    return (Path(root) if root else Path.home() / ".config" / "edgeslim") / "profiles"
+
+
+def _saved() -> dict[str, Path]:
+    folder = user_profiles_dir()
+    return {p.stem: p for p in folder.glob("*.toml")} if folder.is_dir() else {}
+
+
 def list_profiles() -> dict[str, Profile]:
-    """Every shipped profile by name, loaded and checked."""
-    return {name: _read_toml(name, p.read_text(encoding="utf-8"), name + ".toml")
-            for name, p in sorted(_shipped().items())}
+    """Every shipped profile by name, then the user's saved ones, loaded and checked."""
+    found = {name: _read_toml(name, p.read_text(encoding="utf-8"), name + ".toml")
+             for name, p in sorted(_shipped().items())}
+    for name, path in sorted(_saved().items()):
+        found.setdefault(name, _read_toml(name, path.read_text(encoding="utf-8"), str(path)))
+    return found
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -183,7 +212,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
             raise SourceError(f"cannot read profile file {path}: {exc.strerror or exc}") from exc
         return _read_toml(path.stem, text, str(path))
     shipped = _shipped()
+    if text_form not in shipped and text_form in _saved():
+        path = _saved()[text_form]
+        return _read_toml(text_form, path.read_text(encoding="utf-8"), str(path))
     if text_form not in shipped:
-        raise ConfigError(f"unknown profile '{text_form}'; shipped profiles: {sorted(shipped)} "
-                          "(or give the path of a .toml file)")
+        saved = sorted(_saved())
+        raise ConfigError(f"unknown profile '{text_form}'; shipped profiles: {sorted(shipped)}"
+                          + (f", saved: {saved}" if saved else "") + " (or give the path of a .toml file)")
     return _read_toml(text_form, shipped[text_form].read_text(encoding="utf-8"), text_form + ".toml")
