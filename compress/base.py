@@ -1,9 +1,11 @@
-"""The Compressor protocol (contract v2), its result types, the shared budget config and the registry.
+"""The Compressor protocol (contract v2) and its flags, its result types, the shared configs
+(TargetConfig, RatioBudgetConfig, BudgetConfig, ProfiledBudgetConfig), the statistics a family
+declares (StatsRequest) and the registry.
 
 A compressor family is one module under compress/ (or in another package) that defines
 `Compressor` subclasses decorated with `@register`, and is listed in the `edgeslim.compressors`
-entry-point group of its package's pyproject.toml (one line per module). See the README section
-"Adding a compressor".
+entry-point group of its package's pyproject.toml (one line per module). See "Adding a compressor"
+in docs/architecture.md (a worked example) and in the README.
 """
 from __future__ import annotations
 

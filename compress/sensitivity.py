@@ -187,8 +187,6 @@ def compress_by_loss(compressor: LowRankFamily, model: nn.Module, stats: CalibSt
     CompressResult (its config says allocation "loss"; replay needs only the ranks). `svds`:
     the weighted SVDs `profile_lowrank` filled for the same statistics, reused.
     """
-    if profile.method != compressor.name:
-        raise ConfigError(f"a loss profile of '{profile.method}' cannot allocate '{compressor.name}'")
     result = compressor.compress_with_stats(model, config, stats, inplace=inplace, context=context, svds=svds,
                                             profile=profile)
     for change in result.changes:

@@ -138,6 +138,8 @@ class _LowRankCompressor(Compressor):
         (allocation "loss")."""
         config = self.make_config(config)
         if profile is not None:
+            if profile.method != self.name:
+                raise ConfigError(f"a loss profile of '{profile.method}' cannot allocate '{self.name}'")
             config = dataclasses.replace(config, allocation="loss")
         elif config.allocation == "loss":
             raise ConfigError("allocation = \"loss\" profiles the model on calibration data: call compress() with "
