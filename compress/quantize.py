@@ -32,7 +32,7 @@ from edgeslim.compress.base import CompressContext, CompressResult, Compressor, 
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, output_ranges, output_sites,
                                            site_ranges, unsigned_activations)
 from edgeslim.core.config import ConfigBase
-from edgeslim.core.errors import ConfigError, ExportValidationError, require
+from edgeslim.core.errors import ConfigError, ExportValidationError, SourceError, require
 from edgeslim.core.onnx_io import dims_for, export_graph
 from edgeslim.core.specs import TensorSpec, example_feeds
 
@@ -74,6 +74,9 @@ class Int8Config(ConfigBase):
             raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        import onnx
+        if not MIN_OPSET <= self.opset <= onnx.defs.onnx_opset_version():
+            raise ConfigError(f"opset must be in {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {self.opset}")
 
 
 def _nncf():
@@ -141,6 +144,41 @@ def _record(fp32, quantized, full=None) -> dict[str, Any]:
         kept = {n.name for n in quantized.graph.node}
         reverted = sorted(n.name for n in full.graph.node if n.op_type == "DequantizeLinear" and n.name not in kept)
     return {"activations": activations, "changed": changed, "reverted": reverted}
+
+
+ZERO_POINT_DTYPES = ("int8", "uint8")
+MIN_OPSET = 13  # per-axis QuantizeLinear
+
+
+def check_record(resolved: Mapping[str, Any], where: str) -> None:
+    """SourceError unless an INT8 record is one `onnx_stage` can apply: an opset ONNX knows (>= 13), and
+    every activation quantizer with finite positive scales and int8/uint8 zero points in their range
+    (NaN scales would export a NaN model; a dtype such as int4 or a bad value would crash the stage)."""
+    import onnx
+
+    opset = resolved.get("opset")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise SourceError(f"{where}: INT8 opset {opset!r} is not one ONNX {onnx.__version__} has "
+                          f"({MIN_OPSET}..{newest})")
+    activations = resolved.get("activations")
+    if not isinstance(activations, Mapping) or not isinstance(resolved.get("changed"), Mapping):
+        raise SourceError(f"{where}: INT8 record needs 'activations' and 'changed' objects")
+    for name, q in activations.items():
+        try:
+            dtype = q["dtype"]
+            if dtype not in ZERO_POINT_DTYPES:
+                raise ValueError(f"zero-point dtype {dtype!r} is not one of {ZERO_POINT_DTYPES}")
+            scale, zp = np.asarray(q["scale"], dtype=np.float64), np.asarray(q["zero_point"], dtype=np.float64)
+            info = np.iinfo(dtype)
+            if scale.size == 0 or scale.size > 1 << 20 or scale.shape != zp.shape:
+                raise ValueError(f"scale {scale.shape} and zero point {zp.shape} do not match")
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise ValueError("scales that are not finite and positive (calibration data with NaN or inf?)")
+            if not ((zp == np.round(zp)) & (zp >= info.min) & (zp <= info.max)).all():
+                raise ValueError(f"zero points outside {dtype}")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SourceError(f"{where}: INT8 quantizer {name!r} has {exc}") from None
 
 
 def _set_init(model, name: str, value: np.ndarray) -> None:
@@ -216,17 +254,20 @@ def _quant_errors(fp32, record: Mapping[str, Any], quantized, batches: Sequence[
     values = _probe(fp32, sorted({n.input[0] for n in nodes.values()}), batches[:2])
     errors = {}
     for name, node in nodes.items():
-        a = np.concatenate(values[node.input[0]]).astype(np.float64)
         q = record["activations"][name]
         info = np.iinfo(q["dtype"])
-        scale, zp = np.asarray(q["scale"]), np.asarray(q["zero_point"])
-        if scale.ndim:  # per-channel activation quantizer: along the node's axis (default 1)
-            axis = next((x.i for x in node.attribute if x.name == "axis"), 1) % a.ndim
-            shape = [1] * a.ndim
-            shape[axis] = scale.size
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        fq = (np.clip(np.round(a / scale) + zp, info.min, info.max) - zp) * scale
-        errors[name] = float(np.linalg.norm(fq - a) / max(np.linalg.norm(a), 1e-30))
+        lost = kept = 0.0
+        for a in values[node.input[0]]:  # batch by batch: length-bucketed batches differ in shape
+            a = a.astype(np.float64)
+            scale, zp = np.asarray(q["scale"]), np.asarray(q["zero_point"])
+            if scale.ndim:  # per-channel activation quantizer: along the node's axis (default 1)
+                axis = next((x.i for x in node.attribute if x.name == "axis"), 1) % a.ndim
+                shape = [1] * a.ndim
+                shape[axis] = scale.size
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            fq = (np.clip(np.round(a / scale) + zp, info.min, info.max) - zp) * scale
+            lost, kept = lost + float(np.square(fq - a).sum()), kept + float(np.square(a).sum())
+        errors[name] = float(np.sqrt(lost) / max(np.sqrt(kept), 1e-30))
     return errors
 
 
@@ -346,6 +387,7 @@ class Int8(Compressor):
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
         record = _record(fp32, quantized, full)
+        check_record(resolved | record, f"int8 calibration on {calib.name}")  # NaN/inf data: NaN scales
         errors = _quant_errors(fp32, record, quantized, batches)
         changes = _changes(fp32, quantized, record, errors)
         sites = chain_sites(quantized) if config.tanh_table else []
@@ -403,6 +445,7 @@ class Int8(Compressor):
                 opset, exporter or NNCF placement than at compress time).
         """
         import onnx
+        check_record(resolved, "the artifact's int8 step")
         nncf = _nncf()
         fp32 = onnx.load(str(onnx_in))
         names = _graph_inputs(fp32)

@@ -234,7 +234,8 @@ def _folder_bytes(path: str | Path) -> int:
 @click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False, exists=True),
               help="evaluate this exported ONNX file (ITEM supplies task, tokenizer and the original)")
 @click.option("--task", help=TASK_HELP)
-@click.option("--batch", "batch_size", default=8, show_default=True, help="batch size")
+@click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="batch size")
 @click.option("--reference", help="the original model, for the agreement of an encoder artifact whose source "
               "is not a zoo model (a Hugging Face folder or pkg.mod:factory)")
 @click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
@@ -379,7 +380,8 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: boo
               type=click.Choice(["compacter", "compacter_pp", "lora", "bottleneck", "head"]))
 @click.option("--epochs", type=int, help="passes over the training data (default: the method's)")
 @click.option("--lr", type=float, help="peak learning rate (default: the method's)")
-@click.option("--batch", "batch_size", default=16, show_default=True, help="training batch size")
+@click.option("--batch", "batch_size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="training batch size")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("-o", "--out", callback=not_empty,
               help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")

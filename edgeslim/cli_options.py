@@ -54,7 +54,7 @@ def dims(pairs: tuple[str, ...]) -> dict[str, int]:
     out = {}
     for p in pairs:
         key, _, val = p.partition("=")
-        if not key.isidentifier() or not val.isdigit() or int(val) < 1:
+        if not key.isidentifier() or not (val.isascii() and val.isdigit()) or int(val) < 1:
             raise ConfigError(f"--dim takes NAME=SIZE with a positive SIZE (e.g. sequence=128), got {p!r}")
         out[key] = int(val)
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import importlib.util
 import json
 import random
@@ -14,6 +15,7 @@ import torch
 
 from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.files import MAX_DATA_BYTES, read_bounded
 from edgeslim.loaded import LoadedModel
 from edgeslim.core.specs import example_feeds
 
@@ -255,9 +257,9 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
         return CalibData(str(path), [loaded.encode([read_image(f) for f in files[i:i + batch_size]])
                                      for i in range(0, len(files), batch_size)])
     if path.is_dir():
-        texts = [f.read_text(errors="ignore") for f in sorted(path.glob("*.txt"))]
+        texts = [data_text(f, "calibration data") for f in sorted(path.glob("*.txt"))]
     else:
-        texts = [line for line in path.read_text(errors="ignore").splitlines() if line.strip()]
+        texts = [line for line in data_text(path, "calibration data").splitlines() if line.strip()]
     if not texts:
         raise SourceError(f"calibration data {path} holds no text (one text a line, or a folder of .txt)")
     texts = texts[:count or len(texts)]
@@ -302,6 +304,12 @@ def _label_value(value: object, where: str) -> str | int:
     return value
 
 
+def data_text(path: Path, what: str) -> str:
+    """A user's data file as text (undecodable bytes replaced), read only when it is a regular file within
+    `MAX_DATA_BYTES` (`/dev/zero` or a 100 GB file is refused, not read)."""
+    return read_bounded(path, what, MAX_DATA_BYTES).decode("utf-8", errors="replace")
+
+
 def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
     """(text, label) pairs from a JSONL file (`{"text": ..., "label": ...}` a line) or a CSV file with
     `text` and `label` columns. Labels are strings or integers; in a CSV, a label column holding only
@@ -315,7 +323,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
         raise SourceError(f"labelled data file not found: {path}")
     rows: list[tuple[str, str | int]] = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        with io.StringIO(data_text(path, "labelled data file"), newline="") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in ("text", "label") if c not in (reader.fieldnames or [])]
             if missing:
@@ -332,7 +340,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
         if rows and all(str(y).lstrip("-").isdigit() for _, y in rows):
             rows = [(t, int(y)) for t, y in rows]
     else:
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for number, line in enumerate(data_text(path, "labelled data file").splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}, line {number}"

@@ -76,7 +76,8 @@ def _texts(data: str) -> list[str]:
         path = Path(data)
         if not path.is_file():
             raise ConfigError(f"evaluation data '{data}': not a file and not one of {TEXT_SETS}")
-        texts = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        from edgeslim.data import data_text
+        texts = [line for line in data_text(path, "evaluation data").splitlines() if line.strip()]
     if not texts:
         raise SourceError(f"evaluation data '{data}' holds no text")
     return texts[:count or len(texts)]
