@@ -9,7 +9,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -248,13 +248,13 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
         batches = [{k: tensors[k][i:i + batch_size] for k in names} for i in range(0, n, batch_size)]
         targets = list(tensors["targets"][:n].split(batch_size)) if "targets" in tensors else None
         return CalibData(str(path), batches, targets)
-    if loaded.task == "image-classification":
+    if loaded.task == "image-classification" or path.suffix.lower() in IMAGE_SUFFIXES:
         from edgeslim.images import read_image
         files = [f for f in sorted(path.rglob("*") if path.is_dir() else [path]) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise SourceError(f"calibration data {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        files = files[:count or len(files)]
-        return CalibData(str(path), [loaded.encode([read_image(f) for f in files[i:i + batch_size]])
+        files, encode = files[:count or len(files)], image_encode(loaded)
+        return CalibData(str(path), [encode([read_image(f) for f in files[i:i + batch_size]])
                                      for i in range(0, len(files), batch_size)])
     if path.is_dir():
         texts = [data_text(f, "calibration data") for f in sorted(path.glob("*.txt"))]
@@ -267,6 +267,14 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_encode(loaded: LoadedModel) -> Callable[[Sequence[Any]], dict[str, torch.Tensor]]:
+    """How `loaded` turns images into its inputs (size, mean/std), or ConfigError when that is not known."""
+    if loaded.encode is None:
+        raise ConfigError(f"{loaded.source.identifier} has no image preprocessing edgeslim knows (input size, mean/"
+                          "std): give its calibration data as a .safetensors file of input tensors")
+    return loaded.encode
 
 _BUILDERS: dict[str, Callable[[LoadedModel, int | None, int, int], CalibData]] = {
     "bbc-news": _bbc, "bbc-news-sentences": _bbc_sentences, "sentences": _sentences, "random": _random,
