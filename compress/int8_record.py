@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgeslim.compress.base import LayerChange
+from edgeslim.core.errors import SourceError
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -23,6 +24,41 @@ def activation_quantizers(model) -> dict[str, Any]:
     """QuantizeLinear nodes whose input is an activation (not a weight), by node name."""
     inits = {i.name for i in model.graph.initializer}
     return {n.name: n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+ZERO_POINT_DTYPES = ("int8", "uint8")
+MIN_OPSET = 13  # per-axis QuantizeLinear
+
+
+def check_record(resolved: Mapping[str, Any], where: str) -> None:
+    """SourceError unless an INT8 record is one `onnx_stage` can apply: an opset ONNX knows (>= 13), and
+    every activation quantizer with finite positive scales and int8/uint8 zero points in their range
+    (NaN scales would export a NaN model; a dtype such as int4 or a bad value would crash the stage)."""
+    import onnx
+
+    opset = resolved.get("opset")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise SourceError(f"{where}: INT8 opset {opset!r} is not one ONNX {onnx.__version__} has "
+                          f"({MIN_OPSET}..{newest})")
+    activations = resolved.get("activations")
+    if not isinstance(activations, Mapping) or not isinstance(resolved.get("changed"), Mapping):
+        raise SourceError(f"{where}: INT8 record needs 'activations' and 'changed' objects")
+    for name, q in activations.items():
+        try:
+            dtype = q["dtype"]
+            if dtype not in ZERO_POINT_DTYPES:
+                raise ValueError(f"zero-point dtype {dtype!r} is not one of {ZERO_POINT_DTYPES}")
+            scale, zp = np.asarray(q["scale"], dtype=np.float64), np.asarray(q["zero_point"], dtype=np.float64)
+            info = np.iinfo(dtype)
+            if scale.size == 0 or scale.size > 1 << 20 or scale.shape != zp.shape:
+                raise ValueError(f"scale {scale.shape} and zero point {zp.shape} do not match")
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise ValueError("scales that are not finite and positive (calibration data with NaN or inf?)")
+            if not ((zp == np.round(zp)) & (zp >= info.min) & (zp <= info.max)).all():
+                raise ValueError(f"zero points outside {dtype}")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SourceError(f"{where}: INT8 quantizer {name!r} has {exc}") from None
 
 
 def record_graph(fp32, quantized, full=None) -> dict[str, Any]:
@@ -114,17 +150,20 @@ def quantization_errors(fp32, record: Mapping[str, Any], quantized, batches: Seq
     values = probe_values(fp32, sorted({n.input[0] for n in nodes.values()}), batches[:2])
     errors = {}
     for name, node in nodes.items():
-        a = np.concatenate(values[node.input[0]]).astype(np.float64)
         q = record["activations"][name]
         info = np.iinfo(q["dtype"])
-        scale, zp = np.asarray(q["scale"]), np.asarray(q["zero_point"])
-        if scale.ndim:  # per-channel activation quantizer: along the node's axis (default 1)
-            axis = next((x.i for x in node.attribute if x.name == "axis"), 1) % a.ndim
-            shape = [1] * a.ndim
-            shape[axis] = scale.size
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        fq = (np.clip(np.round(a / scale) + zp, info.min, info.max) - zp) * scale
-        errors[name] = float(np.linalg.norm(fq - a) / max(np.linalg.norm(a), 1e-30))
+        lost = kept = 0.0
+        for a in values[node.input[0]]:  # batch by batch: length-bucketed batches differ in shape
+            a = a.astype(np.float64)
+            scale, zp = np.asarray(q["scale"]), np.asarray(q["zero_point"])
+            if scale.ndim:  # per-channel activation quantizer: along the node's axis (default 1)
+                axis = next((x.i for x in node.attribute if x.name == "axis"), 1) % a.ndim
+                shape = [1] * a.ndim
+                shape[axis] = scale.size
+                scale, zp = scale.reshape(shape), zp.reshape(shape)
+            fq = (np.clip(np.round(a / scale) + zp, info.min, info.max) - zp) * scale
+            lost, kept = lost + float(np.square(fq - a).sum()), kept + float(np.square(a).sum())
+        errors[name] = float(np.sqrt(lost) / max(np.sqrt(kept), 1e-30))
     return errors
 
 

@@ -31,9 +31,9 @@ from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, register, working_copy
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, output_ranges, output_sites,
                                            site_ranges, unsigned_activations)
-from edgeslim.compress.int8_record import (activation_quantizers, dense_output, layer_rows, metric, ort_session,
-                                           probe_values, quantization_errors, record_graph, revert_quantizers,
-                                           set_initializer)
+from edgeslim.compress.int8_record import (MIN_OPSET, activation_quantizers, check_record, dense_output, layer_rows,
+                                           metric, ort_session, probe_values, quantization_errors, record_graph,
+                                           revert_quantizers, set_initializer)
 from edgeslim.core.config import ConfigBase
 from edgeslim.core.errors import ConfigError, ExportValidationError, require
 from edgeslim.core.onnx_io import dims_for, export_graph
@@ -75,6 +75,9 @@ class Int8Config(ConfigBase):
             raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        import onnx
+        if not MIN_OPSET <= self.opset <= onnx.defs.onnx_opset_version():
+            raise ConfigError(f"opset must be in {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {self.opset}")
 
 
 def _nncf():
@@ -168,6 +171,7 @@ class Int8(Compressor):
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
         record = record_graph(fp32, quantized, full)
+        check_record(resolved | record, f"int8 calibration on {calib.name}")  # NaN/inf data: NaN scales
         errors = quantization_errors(fp32, record, quantized, batches)
         changes = layer_rows(fp32, quantized, record, errors)
         sites = chain_sites(quantized) if config.tanh_table else []
@@ -225,6 +229,7 @@ class Int8(Compressor):
                 opset, exporter or NNCF placement than at compress time).
         """
         import onnx
+        check_record(resolved, "the artifact's int8 step")
         nncf = _nncf()
         fp32 = onnx.load(str(onnx_in))
         names = _graph_inputs(fp32)

@@ -38,6 +38,7 @@ MANIFEST, WEIGHTS, REPORT = "manifest.json", "weights.safetensors", "report.json
 SOURCE_PREFIX = "source."  # an "hf" source's config and tokenizer files are stored as source.NAME
 SOURCE_KINDS = ("zoo", "factory", "hf")
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_LOAD_ELEMENTS = 1 << 22  # elements of one example input at the recorded dims (the load's forward pass)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -195,6 +196,11 @@ def check_manifest(manifest: Mapping[str, Any], file: Path) -> None:
             raise SourceError(f"corrupt manifest {file}: {exc}") from exc
     for name, size in manifest["dims"].items():
         _require(_count(size, 1), file, f"dim {name!r} must be a positive integer, got {size!r}")
+    for spec in manifest["inputs"]:  # load runs the model once at these sizes: bounded before any weight is read
+        shape = [manifest["dims"].get(d, 1) if isinstance(d, str) else d for d in spec["shape"]]
+        _require(math.prod(shape) <= MAX_LOAD_ELEMENTS, file,
+                 f"input {spec['name']!r} at the recorded dims {shape} has {math.prod(shape):,} elements, over the "
+                 f"{MAX_LOAD_ELEMENTS:,} a load may allocate")
     for i, step in enumerate(manifest["steps"], 1):
         _require(isinstance(step, dict) and isinstance(step.get("method"), str), file, f"step {i} has no 'method'")
         _require(isinstance(step.get("config"), dict), file, f"step {i} 'config' must be a JSON object")

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, not_empty, sets as _sets,  # noqa: F401
-                                  source_options, trust_of, trust_options)
+from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, not_empty, print_json,  # noqa: F401
+                                  sets as _sets, source_options, trust_of, trust_options)
 from edgeslim.cli_device import device
 from edgeslim.cli_profile import profile
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
@@ -50,7 +50,7 @@ def run(recipe: str | None, out_dir: str, quiet: bool, as_json: bool, trusted: s
                                trust_source=trust_source or plan.trust_source)
     summary = pipeline.run(plan, out_dir, quiet or as_json)
     if as_json:
-        click.echo(json.dumps(summary | {"speed": speed_rows(summary)}, indent=2))
+        print_json(summary | {"speed": speed_rows(summary)})
         return
     _print_summary(summary, speed_rows(summary))
 
@@ -146,12 +146,12 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
     skipped = results[-1].resolved.get("skipped", {})
     if as_json:
         from edgeslim.pipeline import count
-        click.echo(json.dumps({
+        print_json({
             "source": source, "method": method, "profile": profile, "task": original.task, "artifact": str(path),
             "artifact_bytes": _folder_bytes(path), "modules": dict(counts),
             "params": {"targeted_before": before, "targeted_after": after, "model_before": count(original.model),
                        "model_after": count(compressed.model)}, **({"bytes": size} if size else {}),
-            "notes": skipped, "steps": [r.step_record() for r in results]}, indent=2))
+            "notes": skipped, "steps": [r.step_record() for r in results]})
         return
     console = _console()
     for name, reason in skipped.items():
@@ -205,8 +205,8 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
         info = export_model(loaded, to, path, profile, precision=precision, data=data, quiet=as_json)
     if as_json:
         engine = {"engine_bytes": Path(info["engine"]).stat().st_size} if "engine" in info else {}
-        click.echo(json.dumps({"source": item, "to": to, "profile": profile, "task": loaded.task,
-                               "params": sum(p.numel() for p in loaded.model.parameters())} | info | engine, indent=2))
+        print_json({"source": item, "to": to, "profile": profile, "task": loaded.task,
+                               "params": sum(p.numel() for p in loaded.model.parameters())} | info | engine)
         return
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in info["max_abs_diff"].items())
     from edgeslim.report import si
@@ -236,11 +236,12 @@ def _folder_bytes(path: str | Path) -> int:
 @click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False, exists=True),
               help="evaluate this exported ONNX file (ITEM supplies task, tokenizer and the original)")
 @click.option("--task", help=TASK_HELP)
-@click.option("--batch", "batch_size", default=8, show_default=True, help="batch size")
+@click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="batch size")
 @click.option("--reference", help="the original model, for the agreement of an encoder artifact whose source "
               "is not a zoo model (a Hugging Face folder or pkg.mod:factory)")
 @click.option("--base", help="base model of an adapter artifact (zoo name or folder), when not the recorded one")
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@json_option
 @trust_options
 def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_size: int, reference: str | None,
           base: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
@@ -252,7 +253,10 @@ def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_s
     original = reference_of(item, loaded, reference) if loaded.task == "feature-extraction" else None
     result = evaluate(loaded, data, original, onnx_file, batch_size, progress=not as_json)
     result.model = str(onnx_file or item)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.line())
 
 
 @cli.command(name="list")
@@ -291,7 +295,7 @@ def list_(what: str) -> None:
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+@json_option
 def inspect(path: str, as_json: bool) -> None:
     """Show an artifact's source, steps, per-layer decisions and file hashes (verified)."""
     from edgeslim.artifact import read_manifest, verify
@@ -299,7 +303,7 @@ def inspect(path: str, as_json: bool) -> None:
     manifest = read_manifest(path)
     status = verify(path, manifest)
     if as_json:
-        click.echo(json.dumps(manifest | {"verified": status}, indent=2))
+        print_json(manifest | {"verified": status})
         return
     src = manifest["source"]
     console = _console()
@@ -359,10 +363,10 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: boo
     result, path = train_espcn_artifact(int(scale), steps, DEFAULT_OUT / f"espcn-x{scale}.slim" if out is None else out, seed)
     params = sum(p.numel() for p in result.model.parameters())
     if as_json:
-        click.echo(json.dumps({"model": f"espcn-x{scale}", "scale": int(scale), "steps": steps, "seed": seed,
+        print_json({"model": f"espcn-x{scale}", "scale": int(scale), "steps": steps, "seed": seed,
                                "params": params, "artifact": str(path), "artifact_bytes": _folder_bytes(path),
                                "architecture": result.resolved.get("architecture"),
-                               "training": result.resolved.get("training")}, indent=2))
+                               "training": result.resolved.get("training")})
         return
     _console().print(f"ESPCN x{scale}: {params:,} parameters, {steps} steps\nartifact: {path}")
 
@@ -375,7 +379,8 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: boo
               type=click.Choice(["compacter", "compacter_pp", "lora", "bottleneck", "head"]))
 @click.option("--epochs", type=int, help="passes over the training data (default: the method's)")
 @click.option("--lr", type=float, help="peak learning rate (default: the method's)")
-@click.option("--batch", "batch_size", default=16, show_default=True, help="training batch size")
+@click.option("--batch", "batch_size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="training batch size")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
 @click.option("-o", "--out", callback=not_empty,
               help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
@@ -395,7 +400,7 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
         out = str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
     summary = train_fn(load_model(source), load_labelled(data, "train"), out, method, settings, test, batch_size, data)
     if as_json:
-        click.echo(json.dumps({"source": source, "data": data, "eval_data": eval_data} | summary, indent=2))
+        print_json({"source": source, "data": data, "eval_data": eval_data} | summary)
         return
     console = _console()
     console.print(f"{method} on {source}: {len(summary['labels'])} labels {summary['labels'][:8]}; trainable "

@@ -1,6 +1,11 @@
 """What the `edgeslim` commands share: option decorators (source, trust, JSON) and option parsing."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
+import sys
 from typing import Any
 
 import click
@@ -54,7 +59,7 @@ def dims(pairs: tuple[str, ...]) -> dict[str, int]:
     out = {}
     for p in pairs:
         key, _, val = p.partition("=")
-        if not key.isidentifier() or not val.isdigit() or int(val) < 1:
+        if not key.isidentifier() or not (val.isascii() and val.isdigit()) or int(val) < 1:
             raise ConfigError(f"--dim takes NAME=SIZE with a positive SIZE (e.g. sequence=128), got {p!r}")
         out[key] = int(val)
     return out
@@ -77,9 +82,54 @@ def source_options(command: Any) -> Any:
     return click.option("--weights", help="weights file for a pkg.mod:factory source (.safetensors or .pt)")(command)
 
 
+_JSON_RESULT: list[str] = []  # what print_json was given while a --json command runs (printed when it ends)
+
+
+def print_json(obj: Any) -> None:
+    """The result of a --json command: printed on stdout, alone, once the command is done."""
+    text = json.dumps(obj, indent=2, default=str)
+    if _JSON_QUIET:
+        _JSON_RESULT.append(text)
+    else:
+        click.echo(text)
+
+
+_JSON_QUIET: list[bool] = []
+
+
+def json_only(command: Any) -> Any:
+    """Run `command` so that with `as_json` its stdout is the JSON of `print_json` alone: everything else
+    written to stdout meanwhile, by Python or by a library's own handle or C code (NNCF's progress bars and
+    log lines), goes to stderr."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("as_json"):
+            return command(*args, **kwargs)
+        stdout = sys.stdout
+        stdout.flush()
+        saved_fd = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        _JSON_QUIET.append(True)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _JSON_QUIET.pop()
+            for stream in (sys.stdout, stdout, sys.__stdout__):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+            sys.stdout = stdout
+            results, _JSON_RESULT[:] = list(_JSON_RESULT), []
+            for text in results:
+                click.echo(text)
+    return run
+
+
 def json_option(command: Any) -> Any:
-    """--json: print one JSON object (the result) on stdout instead of the human-readable lines."""
-    return click.option("--json", "as_json", is_flag=True, help="print the result as JSON")(command)
+    """--json: print one JSON object (the result, `print_json`) on stdout instead of the human-readable lines."""
+    return click.option("--json", "as_json", is_flag=True, help="print the result as JSON")(json_only(command))
 
 
 def trust_of(trusted: str | None, trust_source: bool) -> Any:

@@ -1,12 +1,12 @@
 """`edgeslim profile`: one model's latency, memory and roofline, or several candidates side by side."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
-from edgeslim.cli_options import console, dims as parse_dims, ints, not_empty, source_options, trust_of, trust_options
+from edgeslim.cli_options import (console, dims as parse_dims, ints, json_option, not_empty, print_json, source_options,
+                                  trust_of, trust_options)
 from edgeslim.core.errors import ConfigError
 from edgeslim.recipe import DEFAULT_PROFILE
 
@@ -18,7 +18,7 @@ from edgeslim.recipe import DEFAULT_PROFILE
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="size of a named dim, e.g. sequence=128")
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@json_option
 @click.option("--ops", is_flag=True, help="also break ORT kernel time down by op type (CPU onnxruntime)")
 @click.option("--rounds", default=5, show_default=True,
               help="several ITEMs: rounds the timed calls alternate over (ratios are to the first ITEM)")
@@ -67,7 +67,7 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
         rows = profile_file(target, loaded, profile, batches, sizes, warmup, iters,
                             roofline=not isinstance(loaded.model, torch.nn.Identity) or str(target).endswith(".onnx"), ops=ops)
     if as_json:
-        click.echo(json.dumps({"model": str(item), "profile": profile, "timings": rows}, indent=2))
+        print_json({"model": str(item), "profile": profile, "timings": rows})
         return
     _print_rows(f"{item} on {profile}", rows)
 
@@ -176,7 +176,7 @@ def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, si
     if html_out:
         result["html"] = str(write_html(result, html_out))
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        print_json(result)
         return
     table = Table(title=f"{len(items)} candidates on {profile}, interleaved over {rounds} rounds (ratios to the first)")
     for col in ("candidate", "batch", "p50 ms", "x first", "cv", "file", "peak mem", "GFLOP"):

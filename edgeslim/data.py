@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import importlib.util
 import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.files import MAX_DATA_BYTES, read_bounded
 from edgeslim.loaded import LoadedModel
 from edgeslim.core.specs import example_feeds
 
@@ -246,18 +248,18 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
         batches = [{k: tensors[k][i:i + batch_size] for k in names} for i in range(0, n, batch_size)]
         targets = list(tensors["targets"][:n].split(batch_size)) if "targets" in tensors else None
         return CalibData(str(path), batches, targets)
-    if loaded.task == "image-classification":
+    if loaded.task == "image-classification" or path.suffix.lower() in IMAGE_SUFFIXES:
         from edgeslim.images import read_image
         files = [f for f in sorted(path.rglob("*") if path.is_dir() else [path]) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise SourceError(f"calibration data {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        files = files[:count or len(files)]
-        return CalibData(str(path), [loaded.encode([read_image(f) for f in files[i:i + batch_size]])
+        files, encode = files[:count or len(files)], image_encode(loaded)
+        return CalibData(str(path), [encode([read_image(f) for f in files[i:i + batch_size]])
                                      for i in range(0, len(files), batch_size)])
     if path.is_dir():
-        texts = [f.read_text(errors="ignore") for f in sorted(path.glob("*.txt"))]
+        texts = [data_text(f, "calibration data") for f in sorted(path.glob("*.txt"))]
     else:
-        texts = [line for line in path.read_text(errors="ignore").splitlines() if line.strip()]
+        texts = [line for line in data_text(path, "calibration data").splitlines() if line.strip()]
     if not texts:
         raise SourceError(f"calibration data {path} holds no text (one text a line, or a folder of .txt)")
     texts = texts[:count or len(texts)]
@@ -265,6 +267,14 @@ def _from_file(path: Path, loaded: LoadedModel, count: int | None, batch_size: i
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_encode(loaded: LoadedModel) -> Callable[[Sequence[Any]], dict[str, torch.Tensor]]:
+    """How `loaded` turns images into its inputs (size, mean/std), or ConfigError when that is not known."""
+    if loaded.encode is None:
+        raise ConfigError(f"{loaded.source.identifier} has no image preprocessing edgeslim knows (input size, mean/"
+                          "std): give its calibration data as a .safetensors file of input tensors")
+    return loaded.encode
 
 _BUILDERS: dict[str, Callable[[LoadedModel, int | None, int, int], CalibData]] = {
     "bbc-news": _bbc, "bbc-news-sentences": _bbc_sentences, "sentences": _sentences, "random": _random,
@@ -302,6 +312,12 @@ def _label_value(value: object, where: str) -> str | int:
     return value
 
 
+def data_text(path: Path, what: str) -> str:
+    """A user's data file as text (undecodable bytes replaced), read only when it is a regular file within
+    `MAX_DATA_BYTES` (`/dev/zero` or a 100 GB file is refused, not read)."""
+    return read_bounded(path, what, MAX_DATA_BYTES).decode("utf-8", errors="replace")
+
+
 def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
     """(text, label) pairs from a JSONL file (`{"text": ..., "label": ...}` a line) or a CSV file with
     `text` and `label` columns. Labels are strings or integers; in a CSV, a label column holding only
@@ -315,7 +331,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
         raise SourceError(f"labelled data file not found: {path}")
     rows: list[tuple[str, str | int]] = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        with io.StringIO(data_text(path, "labelled data file"), newline="") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in ("text", "label") if c not in (reader.fieldnames or [])]
             if missing:
@@ -332,7 +348,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | int]]:
         if rows and all(str(y).lstrip("-").isdigit() for _, y in rows):
             rows = [(t, int(y)) for t, y in rows]
     else:
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for number, line in enumerate(data_text(path, "labelled data file").splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}, line {number}"

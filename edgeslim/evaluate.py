@@ -76,7 +76,8 @@ def _texts(data: str) -> list[str]:
         path = Path(data)
         if not path.is_file():
             raise ConfigError(f"evaluation data '{data}': not a file and not one of {TEXT_SETS}")
-        texts = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        from edgeslim.data import data_text
+        texts = [line for line in data_text(path, "evaluation data").splitlines() if line.strip()]
     if not texts:
         raise SourceError(f"evaluation data '{data}' holds no text")
     return texts[:count or len(texts)]
@@ -240,9 +241,11 @@ def evaluate(loaded: LoadedModel, data: str, reference: LoadedModel | None = Non
         return EvalResult(task, data, "perplexity", ppl, len(texts), {"perplexity": ppl, "tokens": tokens}, name)
     if task in ("sequence-classification", "image-classification"):
         if task == "image-classification":
+            from edgeslim.data import image_encode
             from edgeslim.images import read_image
             files, truth = _image_folder(loaded, data)
-            batches = [loaded.encode([read_image(f) for f in files[i:i + batch_size]])
+            encode = image_encode(loaded)
+            batches = [encode([read_image(f) for f in files[i:i + batch_size]])
                        for i in range(0, len(files), batch_size)]
             where = data
         else:

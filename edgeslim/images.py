@@ -38,6 +38,9 @@ def _pil() -> Any:
     return require("PIL.Image", "data", "reading and writing images")
 
 
+MAX_PIXELS = 64_000_000  # 8000 x 8000: below Pillow's own bomb limit, far above any photo a model takes
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as an RGB uint8 array [H, W, 3] (grey and palette images are converted).
 
@@ -49,12 +52,15 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise SourceError(f"image file not found: {path}")
     try:
-        with image_mod.open(path) as img:
+        with image_mod.open(path) as img:  # reads the header only: the size is known before any pixel is decoded
+            if img.width * img.height > MAX_PIXELS:
+                raise SourceError(f"image {path} is {img.width}x{img.height} = {img.width * img.height:,} pixels, "
+                                  f"over the limit of {MAX_PIXELS:,} (a decompression bomb or an image too large)")
             if img.mode.startswith("I;16") or img.mode in ("I", "F"):
                 return _deep_to_rgb8(np.asarray(img), img.mode, path)
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
-        raise SourceError(f"cannot read image {path}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:  # UnidentifiedImageError
+        raise SourceError(f"cannot read image {path}: {exc}") from exc                     # is an OSError
 
 
 def _deep_to_rgb8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:

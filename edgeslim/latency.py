@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.files import parse_file
 from edgeslim.core.specs import TensorSpec, example_feeds
 
 
@@ -140,12 +141,7 @@ class TableMeasure:
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise SourceError(f"GEMM table {path} cannot be read: {exc}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"GEMM table {path} is not JSON: {exc}") from exc
+        data = parse_file(path, "GEMM table", "JSON", json.loads)
         if not isinstance(data, dict) or not isinstance(data.get("gemm_ms"), dict) or "model_ms" not in data:
             raise ConfigError(f"GEMM table {path} needs 'gemm_ms' ({{\"MxKxN\": ms}}) and 'model_ms' (the source "
                               "model's latency on that target)")

@@ -95,7 +95,7 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     fresh child process (runtime/child.py): `memory` (baseline, loaded, peak resident bytes, arena
     settings) and `peak_rss_bytes`, what the inference holds. A child that dies makes that batch a
     `crashed` row (with how it died; warned) and profiling goes on with the next batch, without
-    running the model that crashed in this process.
+    running the model that crashed in this process; when every batch crashed, InferenceCrashError (exit 6).
 
     With `ops` (an .onnx file on a CPU onnxruntime profile), each row also holds `op_time_ms` and
     `op_time_share`: ORT's kernel time per op type, in ms per run and as fractions of the whole
@@ -158,6 +158,9 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
 
                 row |= op_fields(model, feeds, iters, prof.threads)
             rows.append(row)
+    if rows and all("crashed" in r for r in rows):  # nothing was measured: a failure, not a report
+        raise InferenceCrashError(f"every batch crashed ({', '.join(str(r['batch']) for r in rows)}); "
+                                  f"batch {rows[0]['batch']}: {rows[0]['crashed']}")
     return rows
 
 

@@ -10,8 +10,8 @@ from typing import Any, Literal, Mapping
 
 from edgeslim.compress.base import get_compressor
 from edgeslim.core.config import ConfigBase
-from edgeslim.core.errors import ConfigError, SourceError
-from edgeslim.core.files import plain_stem, safe_stem
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.files import parse_file, plain_stem, safe_stem
 from edgeslim.trust import Trust
 
 DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
@@ -167,11 +167,4 @@ def _check_names(top: RecipeSection, prof: ProfileSection, origin: str) -> None:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe TOML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"recipe not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_recipe(data, str(path))
+    return parse_recipe(parse_file(path, "recipe", "TOML", tomllib.loads), str(path))

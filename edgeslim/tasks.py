@@ -212,23 +212,32 @@ def _processor_config(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def image_encoder(folder: Path, config: Any) -> Callable[[Sequence[np.ndarray]], dict[str, torch.Tensor]]:
-    """RGB uint8 images [H, W, 3] -> `pixel_values`: bicubic resize to the model's size, scale by
-    `rescale_factor` (1/255), normalize by the processor's `image_mean`/`image_std`."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def pixel_encoder(height: int, width: int, mean: Sequence[float], std: Sequence[float], scale: float = 1 / 255,
+                  name: str = "pixel_values") -> Callable[[Sequence[np.ndarray]], dict[str, torch.Tensor]]:
+    """RGB uint8 images [H, W, 3] (grey replicated, alpha dropped) -> input `name` [N, 3, height, width]:
+    bicubic resize, multiplied by `scale`, normalized by `mean`/`std` per channel."""
     from edgeslim.images import resize_bicubic
 
-    proc = _processor_config(folder)
-    height, width = image_size(folder, config)
-    mean = np.asarray(proc.get("image_mean", [0.5, 0.5, 0.5]), dtype=np.float32)
-    std = np.asarray(proc.get("image_std", [0.5, 0.5, 0.5]), dtype=np.float32)
-    scale = float(proc.get("rescale_factor", 1 / 255))
+    mean_a, std_a = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
 
     def encode(images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         rgb = [np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im[..., :3] for im in map(np.asarray, images)]
-        out = [((resize_bicubic(im.astype(np.uint8), height, width).astype(np.float32) * scale - mean) / std)
+        out = [((resize_bicubic(im.astype(np.uint8), height, width).astype(np.float32) * scale - mean_a) / std_a)
                .transpose(2, 0, 1) for im in rgb]
-        return {"pixel_values": torch.from_numpy(np.stack(out).astype(np.float32))}
+        return {name: torch.from_numpy(np.stack(out).astype(np.float32))}
     return encode
+
+
+def image_encoder(folder: Path, config: Any) -> Callable[[Sequence[np.ndarray]], dict[str, torch.Tensor]]:
+    """`pixel_encoder` at the model's size, with the processor's `rescale_factor` (1/255) and
+    `image_mean`/`image_std`."""
+    proc = _processor_config(folder)
+    height, width = image_size(folder, config)
+    return pixel_encoder(height, width, proc.get("image_mean", [0.5] * 3), proc.get("image_std", [0.5] * 3),
+                         float(proc.get("rescale_factor", 1 / 255)))
 
 
 def _model_class(transformers: Any, config: Any, task: str) -> Any:

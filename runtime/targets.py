@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.errors import ConfigError
 
 # The one table of allowed keys: key -> (type, allowed values or None for any value of that type).
 # Defaults live only on the Profile dataclass below.
@@ -38,6 +39,7 @@ ALLOWED: dict[str, tuple[type, tuple[Any, ...] | None]] = {
     "address": (str, None),
     "python": (str, None),
 }
+UPPER = {"threads": 1024, "align": 1024, "workspace_mib": 1 << 20}  # beyond any device: a typo or a hostile file
 REQUIRED = ("device", "runtime", "precision", "peak_gflops", "mem_gbps")
 _PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
@@ -158,15 +160,17 @@ def _check_value(name: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where} has value {value!r}; allowed values: {list(allowed)}")
     if kind is int and (value < 0 or (key == "align" and value < 1)):
         raise ConfigError(f"{where} must be {'>= 1' if key == 'align' else '>= 0'}, got {value}")
-    if kind is float and value <= 0:
-        raise ConfigError(f"{where} must be > 0, got {value}")
+    if kind is int and value > UPPER.get(key, value):
+        raise ConfigError(f"{where} must be <= {UPPER[key]}, got {value}")
+    if kind is float and not 0 < value < math.inf:
+        raise ConfigError(f"{where} must be a finite number > 0, got {value}")
 
 
 def _read_toml(name: str, text: str, origin: str) -> Profile:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"profile file {origin} is not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"profile file {origin} is not valid TOML: {exc or 'nested too deeply'}") from exc
     return Profile.from_dict(name, data)
 
 
@@ -205,11 +209,12 @@ def load_profile(name_or_path: str | Path) -> Profile:
     """
     text_form = str(name_or_path)
     if isinstance(name_or_path, Path) or text_form.endswith(".toml") or "/" in text_form or "\\" in text_form:
+        from edgeslim.core.files import read_bounded
         path = Path(name_or_path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SourceError(f"cannot read profile file {path}: {exc.strerror or exc}") from exc
+            text = read_bounded(path, "profile file").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"profile file {path} is not UTF-8 text: {exc}") from exc
         return _read_toml(path.stem, text, str(path))
     shipped = _shipped()
     if text_form not in shipped and text_form in _saved():

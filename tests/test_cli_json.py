@@ -124,3 +124,28 @@ def test_train_adapter_json(in_tmp, capsys):
     assert 0 < out["trainable_params"] < out["total_params"]
     assert out["eval"]["samples"] == 8 and 0 <= out["eval"]["accuracy"] <= 1
     assert out["weights_bytes"] == (in_tmp / "a.slim" / "weights.safetensors").stat().st_size
+
+
+SHOUTING = """
+import logging, os, sys
+from edgeslim import cli
+logging.getLogger("shout").addHandler(logging.StreamHandler(sys.stdout))  # a handle taken early, like NNCF's
+real = cli.print_json
+def noisy(obj):
+    print("progress 100%")
+    logging.getLogger("shout").warning("a library log line")
+    os.write(1, b"a C-level write\\n")
+    real(obj)
+cli.print_json = noisy
+sys.exit(cli.main(["compress", "tiny-mlp", "-m", "int8", "--calib", "random:16", "--json", "-o", "q.slim"]))
+"""
+
+
+def test_json_is_alone_on_stdout_even_when_a_library_prints(in_tmp):
+    """NNCF prints progress bars and log lines to stdout from its own handles: --json moves them to stderr."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", SHOUTING], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["method"] == "int8"
+    assert all(line in done.stderr for line in ("progress 100%", "a library log line", "a C-level write"))

@@ -89,3 +89,33 @@ def test_bbc_sentences_come_from_training_articles_only():
         return sum(b["attention_mask"].numel() - int(b["attention_mask"].sum()) for b in batches)
     assert sum(int(b["attention_mask"].sum()) for b in calib.batches) == sum(int(b["attention_mask"].sum()) for b in plain)
     assert padding(calib.batches) < padding(plain)
+
+
+def test_a_folder_of_photos_calibrates_an_image_classifier(tmp_path):
+    """The zoo's EfficientNet-Lite0 takes the user's photos, resized to 224 and normalized as its README does."""
+    import numpy as np
+    from PIL import Image
+
+    from edgeslim.sources import load_model
+    photos = tmp_path / "photos" / "holiday"
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(300, 200), (64, 96), (224, 224)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg")
+    Image.new("L", (50, 40), 255).save(photos / "grey.png")  # grey: replicated to 3 channels
+    calib = load_calibration(str(tmp_path / "photos"), load_model("efficientnet-lite0"), 3)
+    x = torch.cat([b["x"] for b in calib.batches])
+    assert x.shape == (4, 3, 224, 224) and [len(b["x"]) for b in calib.batches] == [3, 1]
+    white = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(x[0].mean((1, 2)), white, atol=1e-3)  # sorted: grey.png first, all white
+
+
+def test_an_image_model_without_known_preprocessing_is_one_line(in_tmp, capsys):
+    from PIL import Image
+
+    from edgeslim.cli import main
+    Image.new("RGB", (8, 8)).save("a.png")
+    assert main(["compress", "edgeslim_test_factories:tiny", "--input", "x:batch,16", "--task", "image-classification",
+                 "-m", "int8", "--calib", "a.png", "-o", "q.slim"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no image preprocessing" in err[-1] and "Traceback" not in "".join(err)

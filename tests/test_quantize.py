@@ -272,3 +272,23 @@ def test_weight_only_llm_benchmark_quick_mode(tmp_path):
     assert rows["int4_sym"]["state_bytes"] < rows["int8_sym"]["state_bytes"] < rows["fp32"]["state_bytes"]
     assert rows["int4_sym"]["quantized_bytes_ratio"] < rows["int8_sym"]["quantized_bytes_ratio"] < 0.3  # edgeslim's wq rows
     assert all(abs(r["perplexity_ratio"] - 1) < 0.2 for k, r in rows.items() if k != "fp32")
+
+
+def test_int8_with_length_bucketed_calibration(in_tmp):
+    """bbc-news-sentences batches a text classifier's sentences by length: batches of different lengths."""
+    import sys
+    from pathlib import Path
+
+    from edgeslim.cli import main
+    from edgeslim.data import load_calibration
+    from edgeslim.sources import load_model
+    import transformers
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_tasks import VOCAB, save, tokenizer
+
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=512, num_labels=2)
+    folder = save(transformers.BertForSequenceClassification(config), in_tmp / "bert", tokenizer())
+    calib = load_calibration("bbc-news-sentences:48", load_model(folder), 8)
+    assert len({tuple(b["input_ids"].shape) for b in calib.batches}) > 1  # the case under test
+    assert main(["compress", str(folder), "-m", "int8", "--calib", "bbc-news-sentences:48", "-o", "q.slim"]) == 0

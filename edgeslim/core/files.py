@@ -20,9 +20,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-from edgeslim.core.errors import ConfigError
+from edgeslim.core.errors import ConfigError, SourceError
+
+T = TypeVar("T")
+MAX_TEXT_BYTES = 16 << 20  # a recipe, profile, table or config: far below this
+MAX_DATA_BYTES = 1 << 30  # a calibration or eval data file read whole
 
 TEMP_SUFFIX = ".edgeslim-tmp"
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
@@ -50,6 +54,42 @@ def plain_stem(name: object, what: str) -> str:
         raise ConfigError(f"{what} {name!r} must be a plain file name (letters, digits, '.', '_', '+', '-'; "
                           "no folder, no '..', not starting with '.')")
     return str(name)
+
+
+def read_bounded(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a user's file, read only when it is a regular file of at most `max_bytes`.
+
+    Raises:
+        SourceError: missing, not a regular file (a device such as /dev/zero, a FIFO, a folder), larger than
+            `max_bytes`, or unreadable; the message names `what` it is.
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise SourceError(f"{what} not found: {path}")
+        if not path.is_file():
+            raise SourceError(f"{what} {path} is not a regular file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SourceError(f"{what} {path} is {size:,} bytes, over the {max_bytes:,}-byte limit for it")
+        return path.read_bytes()[:max_bytes]
+    except OSError as exc:
+        raise SourceError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def parse_file(path: str | Path, what: str, fmt: str, parse: Callable[[str], T], max_bytes: int = MAX_TEXT_BYTES) -> T:
+    """`parse` applied to the UTF-8 text of a user's file (`read_bounded`).
+
+    Raises:
+        SourceError: the file cannot be read (see `read_bounded`).
+        ConfigError: its text is not UTF-8 or not valid `fmt` (a nesting too deep included).
+    """
+    raw = read_bounded(path, what, max_bytes)
+    try:
+        return parse(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSON and TOML decode errors are ValueErrors
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:200]
+        raise ConfigError(f"{path}: not valid {fmt}: {detail}") from exc
 
 
 def safe_stem(text: str) -> str:
