@@ -1,13 +1,12 @@
 """`edgeslim device probe ssh://...`: what a board is and what it measures, saved as a profile."""
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import click
 
-from edgeslim.cli_options import console
+from edgeslim.cli_options import console, json_option, print_json
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.files import OutputKind
 
@@ -24,7 +23,7 @@ def device() -> None:
 @click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key (default: your SSH agent and config)")
 @click.option("--threads", default=0, show_default=True, help="intra-op threads to measure with (0: every core)")
 @click.option("--save", "name", help="write a measured profile NAME (then: edgeslim profile X --profile NAME)")
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@json_option
 def probe(address: str, identity: str | None, threads: int, name: str | None, as_json: bool) -> None:
     """The board's CPU, cores, SIMD and INT8 features, RAM, OS, Python, ONNX Runtime and providers, and
     its measured fp32 GEMM peak, copy bandwidth and a sample GEMM table."""
@@ -51,7 +50,7 @@ def probe(address: str, identity: str | None, threads: int, name: str | None, as
             tmp.write_text(saved_profile_text(info, threads or info["logical_cpus"]))
         info["saved"] = str(path)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        print_json(info)
         return
     _print_probe(info)
 

@@ -83,9 +83,9 @@ def _profile_on_boards(item: str, profile: str, devices: tuple[str, ...], identi
     failed = {a: r for a, r in results.items() if isinstance(r, EdgeslimError)}
     measured = {a: r for a, r in results.items() if a not in failed}
     if as_json:
-        click.echo(json.dumps({"model": str(item), "profile": profile, "boards": [
+        print_json({"model": str(item), "profile": profile, "boards": [
             {"address": a, "timings": rows} for a, rows in measured.items()] + [
-            {"address": a, "error": " ".join(str(e).split())} for a, e in failed.items()]}, indent=2))
+            {"address": a, "error": " ".join(str(e).split())} for a, e in failed.items()]})
     else:
         for address, rows in measured.items():
             machine = rows[0]["measured_on"]
