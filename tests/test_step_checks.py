@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from edgeslim import pipeline
-from edgeslim.compress.base import get_compressor
+from edgeslim.compress import base
+from edgeslim.compress.base import Compressor, get_compressor, working_copy
+from edgeslim.core.config import ConfigBase
 from edgeslim.sources import load_model
 from edgeslim.step_checks import step_warnings
 
@@ -40,3 +42,26 @@ def test_linear_map_families_on_a_cnn_point_to_factorize_and_prune():
                    for w in step_warnings(result, cnn)), method
     mlp = load_model("tiny-mlp").model
     assert not any("convolutions" in w for w in step_warnings(get_compressor("svd").compress(mlp, {"ratio": 0.5}), mlp))
+
+
+class Breaker(Compressor):
+    """Test-only: a transform that breaks the model (a layer of the wrong width), as a buggy family would."""
+
+    name, Config, kind = "breaker", ConfigBase, "structural"
+
+    def compress(self, model, config, calib=None, inplace=False, context=None):
+        model = working_copy(model, inplace)
+        model.fc2 = nn.Linear(3, 64)
+        return self.result(model, self.make_config(config), [], {})
+
+    def replay(self, model, resolved, inputs):
+        return model
+
+
+def test_a_transform_that_breaks_the_model_is_named_not_the_input(in_tmp, capsys, monkeypatch):
+    from edgeslim.cli import main
+    monkeypatch.setitem(base._REGISTRY, "breaker", Breaker)
+    assert main(["compress", "tiny-mlp", "-m", "breaker", "-o", "b.slim"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "after the breaker step" in err and "the breaker transform broke it, not the input spec" in err
+    assert "--input" not in err and not (in_tmp / "b.slim").exists()
