@@ -128,10 +128,7 @@ def _uniform(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[st
     out: dict[str, Decision | None] = {l.name: None for l in fixed}
     if not free:
         return out
-    layer_ratio = budget / sum(l.dense_params for l in free)
-    if layer_ratio <= 0.0:
-        raise ConfigError(f"ratio {ratio} is below what the layers that cannot be factored already keep "
-                          f"({[l.name for l in fixed]})")
+    layer_ratio = budget / sum(l.dense_params for l in free)  # <= 0: the dense layers alone exceed the ratio
     for l in free:
         if layer_ratio >= 1.0:
             out[l.name] = None
@@ -171,9 +168,8 @@ def _greedy(layers: Sequence[BudgetLayer], ratio: float, align: int) -> dict[str
     budget = ratio * sum(l.dense_params for l in layers) - sum(l.dense_params for l in fixed)
     out: dict[str, Decision | None] = {l.name: None for l in fixed}
     spent = sum(l.params_at(options[l.name][0]) for l in free)
-    if free and spent > budget:
-        raise ConfigError(f"ratio {ratio} is too small: even the smallest decision in every targeted layer "
-                          f"keeps {spent} parameters, over the budget of {int(budget)}")
+    if spent > budget:  # the ratio cannot be reached: the smallest decisions are the closest (the caller warns)
+        return out | {l.name: options[l.name][0] for l in free}
     path = {l.name: _hull(l, options[l.name]) for l in free}
     index = {l.name: 0 for l in free}  # position on the layer's hull
 

@@ -27,6 +27,7 @@ from torch import nn
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, RatioBudgetConfig,
                                     register, working_copy)
+from edgeslim.compress.prune_checks import check_pruned, nonzero_outputs
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import matches, count_params
 from edgeslim.compress.train import HealingConfig, task_loss
@@ -102,10 +103,16 @@ class Group:
     dims: list[tuple[str, int, int]]  # (parameter key, dim, indices of that dim per unit) it shrinks
     scores: torch.Tensor | None = None  # importance per unit
     heads_of: nn.Module | None = None  # attention module whose head count changes
+    parts: int = 1  # a fused projection (Phi-3 gate_up_proj): its channels are `parts` stacked parts, cut in step
 
     @property
     def units(self) -> int:
-        return self.channels // self.unit
+        return self.channels // (self.unit * self.parts)
+
+    def unit_channels(self, units: Sequence[int]) -> list[int]:
+        """The root's channel indices of these units: `unit` consecutive channels in each of the `parts`."""
+        inner = self.channels // self.parts
+        return sorted(p * inner + u * self.unit + c for u in units for p in range(self.parts) for c in range(self.unit))
 
 
 def _probe_dims(name: str, module: nn.Module, handler, per_unit: int) -> list[tuple[str, int, int]]:
@@ -159,18 +166,41 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
                 and graph.is_out_channel_pruning_fn(d.handler)]
         unit = head[0][1] if head else 1
         if head and len({d.target.module.out_features for _, d in layers if d.target.module in heads}) > 1:
-            notes.append(f"{root}: left whole (grouped-query attention heads are not pruned)")
+            notes.append(f"{root}: left whole (attention projections of different widths, fused q/k/v or "
+                         "grouped-query attention, are not pruned by head)")
             continue
         channels = len(g[0].idxs)
+        parts = _fused_parts(g, channels)
+        if parts is None or (parts > 1 and (head or config.criterion == "merge")):
+            why = "criterion merge does not fold fused parts" if parts else "its parts do not map one-to-one"
+            notes.append(f"{root}: left whole (a fused projection: {why})")
+            continue
+        units = channels // (unit * parts)
         dims: dict[tuple[str, int], int] = {}
         for n, d in layers:
             if any(p.numel() for p in d.target.module.parameters(recurse=False)):
-                for key, dim, per in _probe_dims(n, d.target.module, d.handler, len(_idxs(g, d)) // channels * unit):
+                for key, dim, per in _probe_dims(n, d.target.module, d.handler, len(_idxs(g, d)) // units):
                     dims.setdefault((key, dim), per)  # a depthwise conv is reached as both out and in
-        groups.append(Group(root, channels, unit, g, [(k, d, p) for (k, d), p in dims.items()], heads_of=head[0][0] if head else None))
+        groups.append(Group(root, channels, unit, g, [(k, d, p) for (k, d), p in dims.items()],
+                            heads_of=head[0][0] if head else None, parts=parts))
     if not groups:
         raise ConfigError(f"nothing to prune: {'; '.join(notes) or 'no Conv/Linear group matches target'}")
     return groups, notes
+
+
+def _fused_parts(g, channels: int) -> int | None:
+    """How many stacked parts the group's root output is split into (1: not fused; None: not a clean split).
+
+    A fused projection (Phi-3's gate_up_proj, split in two and multiplied) reaches its consumer with
+    channels / parts indices; its parts are pruned in step (channel i of every part with channel i of
+    the consumer), never a share of one part only."""
+    widths = {len(i) for d, i in g if isinstance(d.target.module, nn.Module)}
+    least = min(widths)
+    if least == channels:
+        return 1
+    if channels % least or any(w % least for w in widths):
+        return None
+    return channels // least
 
 
 def _gqa_projections(model: nn.Module) -> dict[nn.Module, str]:
@@ -194,7 +224,12 @@ def _all_groups(model: nn.Module, graph, notes: list[str]):
     """
     gqa = _gqa_projections(model)
     for block in sorted(set(gqa.values())):
-        notes.append(f"{block}: heads left whole (grouped-query attention)")
+        notes.append(f"{block}: heads left whole (grouped-query attention: key/value heads shared by query "
+                     "heads are not pruned by group)")
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D":  # GPT-2's transposed Linear: Torch-Pruning has no handler for it
+            notes.append(f"{name}: left whole (Conv1D weights are not pruning targets: use svd/asvd/mpo/int8 "
+                         "for them)")
     visited: set[nn.Module] = set()
     for module in list(graph.module2node):
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module in visited or module in gqa:
@@ -282,7 +317,7 @@ def allocate(groups: list[Group], pm: ParamModel, config: PruneConfig) -> list[i
 
 
 def _unit_scores(group: Group, channel_scores: torch.Tensor) -> torch.Tensor:
-    return channel_scores.reshape(group.units, group.unit).sum(dim=1).double()
+    return channel_scores.reshape(group.parts, group.units, group.unit).sum(dim=(0, 2)).double()
 
 
 def score_groups(model: nn.Module, graph, groups: list[Group], config: PruneConfig,
@@ -323,9 +358,7 @@ def _accumulate_grads(model: nn.Module, calib: CalibData | None) -> None:
 def _removed_channels(group: Group, keep_units: int) -> tuple[list[int], list[int]]:
     """(kept, removed) channel indices of the group for the highest-scoring `keep_units` units."""
     order = torch.argsort(group.scores, descending=True, stable=True).tolist()
-    kept_u, removed_u = sorted(order[:keep_units]), sorted(order[keep_units:])
-    expand = lambda us: [u * group.unit + c for u in us for c in range(group.unit)]  # noqa: E731
-    return expand(kept_u), expand(removed_u)
+    return group.unit_channels(order[:keep_units]), group.unit_channels(order[keep_units:])
 
 
 def _set_heads(attention: nn.Module, head_dim: int, channels: int) -> dict[str, int]:
@@ -376,6 +409,7 @@ class Prune(Compressor):
         touched = sorted({names[d.target.module] for g in groups for d, _ in g.items
                           if d.target.module in names and isinstance(d.target.module, nn.Module)
                           and any(True for _ in d.target.module.parameters(recurse=False))}, key=list(before).index)
+        alive = nonzero_outputs(model, inputs, touched)
         records, merged = [], 0
         cuts = []
         for g, k in zip(groups, kept_units):
@@ -394,13 +428,15 @@ class Prune(Compressor):
             attrs = _set_heads(g.heads_of, g.unit, len(kept)) if g.heads_of is not None and removed else {}
             records.append({"root": g.root, "channels": g.channels, "unit": g.unit, "kept": kept, "attrs":
                             {names[g.heads_of]: attrs} if attrs else {}})
+        check_pruned(model, inputs, alive)
         history = [[n, bool(out), [int(i) for i in idx]] for n, out, idx in graph.pruning_history()]
         heal_report = config.heal(model, heal_data)
         model.train(was_training)
         changes = self._changes(model, touched, before, groups, kept_units, plans)
         resolved = {"history": history, "groups": records, "inputs": [s.to_dict() for s in specs],
                     "params_targeted": pm.full, "params_kept": pm.count(kept_units), "merged": merged,
-                    "notes": notes, "heal_final_loss": heal_report.final_loss if heal_report else None}
+                    "notes": notes, "skipped": dict(n.split(": ", 1) for n in notes),
+                    "heal_final_loss": heal_report.final_loss if heal_report else None}
         return self.result(model, config, changes, resolved)
 
     @staticmethod

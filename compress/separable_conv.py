@@ -132,6 +132,16 @@ class SeparableConvNd(nn.Module):
         return self.out_proj(y)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense kernel (the CP product), computed on each access: code that reads a conv's
+        `.weight` (its dtype, device or shape, as ViT's patch embedding does) keeps working."""
+        return self.dense_kernel()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.out_proj.bias
+
+    @property
     def per_group_modes(self) -> tuple[int, ...]:
         """Sizes of the CP modes per group: (Cout/g, Cin/g, k of each filtered axis)."""
         return (self.out_channels // self.groups, self.in_channels // self.groups,

@@ -143,7 +143,11 @@ def parse_inputs(text: str) -> list[TensorSpec]:
     return specs
 
 
-def check_inputs(model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int], what: str) -> None:
+INPUT_HINT = "give the right shapes with --input 'x:batch,3,224,224'"
+
+
+def check_inputs(model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int], what: str,
+                 hint: str = INPUT_HINT) -> None:
     """Run one forward pass on example inputs so a wrong input spec fails now, not in a saved artifact.
 
     Named dimensions take their size from `dims` (batch 1), others 8.
@@ -160,8 +164,7 @@ def check_inputs(model: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[s
             model(**feeds)
     except Exception as exc:  # the user's model may raise anything on inputs it does not take
         shown = "; ".join(f"{s.name}[{', '.join(map(str, s.shape))}] {s.dtype}" for s in inputs)
-        raise ConfigError(f"{what} does not run on its inputs {shown}: {_one_line(exc)} "
-                          "(give the right shapes with --input 'x:batch,3,224,224')") from exc
+        raise ConfigError(f"{what} does not run on its inputs {shown}: {_one_line(exc)} ({hint})") from exc
 
 
 def load_factory(target: str, weights: str | None, inputs: str | Sequence[TensorSpec] | None) -> LoadedModel:

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -22,6 +23,8 @@ from edgeslim.profiling import OP_ITERS, flops, has_op_profile, op_times_at, pro
 from edgeslim.recipe import DEFAULT_PROFILE, Recipe, split_step
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.core.specs import example_feeds
+from edgeslim.loaders import check_inputs
+from edgeslim.step_checks import step_warnings
 from edgeslim.trust import Trust
 
 DEFAULT_OUT = Path("edgeslim-out")
@@ -87,6 +90,11 @@ def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: 
             context = compress_context(current, profile, section.gemm_table, section.latency_batch)
             result = comp.compress(current.model, config, calib, context=context)
         result.resolved.setdefault("calib", calib.name if calib else None)
+        check_inputs(result.model.eval(), current.inputs, current.dims, f"the model after the {comp.name} step",
+                     f"it ran before: the {comp.name} transform broke it, not the input spec; exclude the layers "
+                     "it names or use another method")
+        for text in step_warnings(result, current.model):
+            warnings.warn(text, stacklevel=2)
         results.append(result)
         current = dataclasses.replace(current, model=result.model.eval(),
                                       steps=current.steps + [result.step_record()])

@@ -260,6 +260,21 @@ def refuse_remote_code(folder: Path) -> None:
                               "folder: use a model whose architecture transformers ships")
 
 
+_SPEECH_MAPS = ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES",
+                "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES")
+
+
+def refuse_speech(transformers: Any, config: Any, folder: Path) -> None:
+    """ConfigError for a speech model (Whisper, wav2vec2, ...): its inputs are audio features
+    (`input_features` / `input_values`), which no task here feeds; refused before any weight is read."""
+    from transformers.models.auto import modeling_auto
+
+    kind = getattr(config, "model_type", None)
+    if any(kind in getattr(modeling_auto, name, {}) for name in _SPEECH_MAPS):
+        raise ConfigError(f"{folder} is a speech model ({kind}: audio features in, not text or pixels); edgeslim's "
+                          f"tasks do not feed audio yet, so it is not loaded")
+
+
 def load_task_model(folder: Path, task: str | None = None, weights: bool = True) -> TaskModel:
     """Load a Hugging Face folder for `task` (default: the one its config's `architectures` names).
 
@@ -277,6 +292,7 @@ def load_task_model(folder: Path, task: str | None = None, weights: bool = True)
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+    refuse_speech(transformers, config, folder)
     task = canonical_task(task) if task else task_from_architectures(config.architectures)
     if task not in _AUTO:
         raise ConfigError(f"task {task!r} is not a Hugging Face task; use one of {', '.join(_AUTO)}")

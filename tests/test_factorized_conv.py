@@ -208,11 +208,17 @@ def test_cp_budget_forms_and_sensitivity():
 
 @pytest.mark.parametrize("cfg,match", [({"init": "tucker"}, "init"), ({"init": "fresh", "energy": 0.9}, "fresh"),
                                        ({"init": "fresh", "allocation": "sensitivity"}, "fresh"),
-                                       ({"n_iter": 0}, "n_iter"), ({"ratio": 0.001, "allocation": "sensitivity"}, "too small")])
+                                       ({"n_iter": 0}, "n_iter")])
 def test_config_errors(cfg, match):
     comp = get_compressor("factorize")
     with pytest.raises(ConfigError, match=match):
         comp.compress(TinyCNN(), comp.make_config(cfg))
+
+
+def test_a_ratio_below_the_smallest_ranks_keeps_the_smallest_ranks():
+    comp = get_compressor("factorize")
+    least = comp.compress(TinyCNN(), comp.make_config({"ratio": 0.001, "allocation": "sensitivity"}))
+    assert least.params_after > 0.001 * least.params_before  # the pipeline warns with the reached ratio
 
 
 def test_replay_rebuilds_the_structure_and_artifact_round_trip(tmp_path):
@@ -303,3 +309,27 @@ def test_static_same_padding_subclass_is_understood_and_others_refused():
     torch.testing.assert_close(SeparableConv2d.from_conv(conv)(x), conv(x), atol=2e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="overrides"):
         SeparableConv2d.from_conv(Odd(3, 8, 3), 2)
+
+
+def test_a_factorized_conv_keeps_weight_and_bias_so_vit_patch_embedding_runs():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 4, stride=4)
+    sep = SeparableConv2d.from_conv(conv, rank=4, n_iter=5)
+    assert torch.equal(sep.weight, sep.dense_kernel()) and sep.weight.shape == conv.weight.shape
+    assert sep.bias is sep.out_proj.bias
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+
+    class ViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hf = transformers.ViTForImageClassification(config)
+
+        def forward(self, pixel_values):
+            return self.hf(pixel_values=pixel_values).logits  # reads patch_embeddings.projection.weight.dtype
+
+    comp = get_compressor("factorize")
+    result = comp.compress(ViT().eval(), comp.make_config({"rank": 4, "n_iter": 5}))
+    assert isinstance(result.model.hf.vit.embeddings.patch_embeddings.projection, SeparableConv2d)
+    assert result.model(torch.randn(2, 3, 16, 16)).shape == (2, 3)

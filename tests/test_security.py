@@ -60,3 +60,17 @@ def test_no_library_reads_the_commands_stdin(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
     assert main(["list", "profiles"]) == 0
     assert seen == [""] and sys.stdin.read() == "y\n"  # the command saw an empty stdin; the caller's is restored
+
+
+@pytest.mark.parametrize("task", [None, "feature-extraction", "seq2seq"])
+def test_a_speech_model_is_refused_in_one_line(in_tmp, capsys, task):
+    import transformers
+    config = transformers.WhisperConfig(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=3, d_model=16, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                        decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=16,
+                                        max_target_positions=16)
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(in_tmp / "whisper")
+    capsys.readouterr()
+    args = ["export", "whisper", "-o", "w.onnx"] + (["--task", task] if task else [])
+    assert "speech model (whisper" in _refused(capsys, args, code=2) and not (in_tmp / "w.onnx").exists()

@@ -219,8 +219,8 @@ def test_config_errors():
         FWSVD().compress(model, {"ratio": 0.5})
     with pytest.raises(ConfigError, match="mode"):
         ASVD().make_config({"mode": "whatever"})
-    with pytest.raises(ConfigError, match="too small"):
-        SVD().compress(model, {"ratio": 0.01, "allocation": "sensitivity", "target": ["a", "b", "c"]})
+    least = SVD().compress(model, {"ratio": 0.01, "allocation": "sensitivity", "target": ["a", "b", "c"]})
+    assert least.params_after > 0.01 * least.params_before  # the smallest ranks; the pipeline warns what it reached
 
 
 @pytest.mark.parametrize("compressor", [SVD(), FWSVD(), ASVD()], ids=lambda c: c.name)

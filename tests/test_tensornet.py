@@ -237,8 +237,8 @@ def test_budget_forms_keep_the_ratio_and_dense_when_nothing_saves():
     assert all(c.status == "dense" and c.decision is None for c in nothing.changes)
     assert {c.status for c in result.changes} <= {"replaced", "dense"}
     assert all(isinstance(c.decision, tuple) for c in result.changes if c.status == "replaced")
-    with pytest.raises(ConfigError, match="too small"):
-        comp.compress(model, comp.make_config({"ratio": 0.01, "allocation": "sensitivity", "align": 8}))
+    least = comp.compress(model, comp.make_config({"ratio": 0.01, "allocation": "sensitivity", "align": 8}))
+    assert least.params_after > 0.01 * least.params_before  # the smallest bonds; the pipeline warns what it reached
     x = torch.randn(2, 24)
     assert torch.equal(model(x), tiny()(x))  # the caller's model is untouched
 
