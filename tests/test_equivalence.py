@@ -1,8 +1,10 @@
 """Refactors keep decisions: each family's resolved decisions and outputs on tiny models, recorded.
 
 GOLDEN was written by the code before the architecture step of issue 35 (commit fe62c48: the
-sensitivity profile through a run-time subclass, per-family configs); the refactored code must make
-the same decisions (ranks, bonds, kept channels) and compute the same outputs. Regenerate only for
+sensitivity profile through a run-time subclass, per-family configs; the mpo distilled-healing case
+by 446f48e, which matched fe62c48 on every other case, before healing was shared); the refactored
+code must make the same decisions (ranks, bonds, kept channels) and compute the same outputs. The
+demo checks the same on MiniLM: fe62c48 and the refactored code write bit-identical weights. Regenerate only for
 an intended change of behaviour: `python tests/test_equivalence.py` rewrites tests/golden_decisions.json.
 """
 from __future__ import annotations
