@@ -27,7 +27,8 @@ from torch import nn
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, RatioBudgetConfig,
                                     register, working_copy)
-from edgeslim.compress.prune_checks import check_pruned, nonzero_outputs
+from edgeslim.compress.prune_checks import (check_pruned, fused_parts, gqa_projections, nonzero_outputs,
+                                           relative_bias_projections)
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import matches, count_params
 from edgeslim.compress.train import HealingConfig, task_loss
@@ -170,7 +171,7 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
                          "grouped-query attention, are not pruned by head)")
             continue
         channels = len(g[0].idxs)
-        parts = _fused_parts(g, channels)
+        parts = fused_parts(g, channels)
         if parts is None or (parts > 1 and (head or config.criterion == "merge")):
             why = "criterion merge does not fold fused parts" if parts else "its parts do not map one-to-one"
             notes.append(f"{root}: left whole (a fused projection: {why})")
@@ -188,44 +189,21 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
     return groups, notes
 
 
-def _fused_parts(g, channels: int) -> int | None:
-    """How many stacked parts the group's root output is split into (1: not fused; None: not a clean split).
-
-    A fused projection (Phi-3's gate_up_proj, split in two and multiplied) reaches its consumer with
-    channels / parts indices; its parts are pruned in step (channel i of every part with channel i of
-    the consumer), never a share of one part only."""
-    widths = {len(i) for d, i in g if isinstance(d.target.module, nn.Module)}
-    least = min(widths)
-    if least == channels:
-        return 1
-    if channels % least or any(w % least for w in widths):
-        return None
-    return channels // least
-
-
-def _gqa_projections(model: nn.Module) -> dict[nn.Module, str]:
-    """Projections inside grouped-query attention blocks (query heads sharing key/value heads)."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "num_key_value_groups", None), int) and module.num_key_value_groups > 1:
-            out.update({child: name for child in module.children() if isinstance(child, nn.Linear)
-                        and child.out_features != getattr(module, "o_proj", child).in_features})
-            out.update({child: name for child in module.children() if isinstance(child, nn.Linear)
-                        and child.in_features != getattr(module, "o_proj", child).in_features})
-            out.update({getattr(module, k): name for k in ("q_proj",) if hasattr(module, k)})
-    return out
-
-
 def _all_groups(model: nn.Module, graph, notes: list[str]):
     """Torch-Pruning's groups rooted at each Conv/Linear's output channels, each coupled set once.
 
     Grouped-query attention projections are not used as roots: Torch-Pruning's graph does not
     resolve the key/value head sharing (its traversal does not end), so those heads stay whole.
     """
-    gqa = _gqa_projections(model)
+    gqa = gqa_projections(model)
     for block in sorted(set(gqa.values())):
         notes.append(f"{block}: heads left whole (grouped-query attention: key/value heads shared by query "
                      "heads are not pruned by group)")
+    biased = relative_bias_projections(model)
+    for block in sorted(set(biased.values())):
+        notes.append(f"{block}: heads left whole (a relative position bias per head, T5 / Swin style, is not "
+                     "pruned with its heads)")
+    gqa |= biased
     for name, module in model.named_modules():
         if type(module).__name__ == "Conv1D":  # GPT-2's transposed Linear: Torch-Pruning has no handler for it
             notes.append(f"{name}: left whole (Conv1D weights are not pruning targets: use svd/asvd/mpo/int8 "

@@ -320,6 +320,9 @@ def inspect(path: str, as_json: bool) -> None:
         changed = sum(c.get("status", "replaced") not in ("dense", "skipped") for c in changes)
         console.print(f"  {changed} of {len(changes)} targeted module(s) changed, parameters {before:,} -> {after:,}; "
                       f"calibration: {step.get('resolved', {}).get('calib')}")
+        skipped = step.get("resolved", {}).get("skipped")
+        for name, reason in (skipped.items() if isinstance(skipped, dict) else ()):
+            console.print(f"  left whole: {name}: {reason}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
 

@@ -25,6 +25,12 @@ def step_warnings(result: CompressResult, before: nn.Module) -> list[str]:
             out.append(f"{result.method}: ratio {ratio:g} asked, {reached:.3f} reached on the targeted layers "
                        f"({dense} of {len(result.changes)} left as they were: no smaller shape saved parameters there)")
     if result.method in LINEAR_MAP_FAMILIES:
+        fused = [f"{n} ({type(m).__name__})" for n, m in before.named_modules()
+                 if isinstance(m, (nn.MultiheadAttention, nn.RNNBase))]
+        if fused:
+            out.append(f"{result.method} does not factor {', '.join(fused[:4])}{' ...' if len(fused) > 4 else ''}: "
+                       "their weights (in_proj_weight, recurrent gates) are not nn.Linear maps; int8 or prune "
+                       "reach them")
         convs = sum(p.numel() for m in before.modules() if isinstance(m, nn.modules.conv._ConvNd)
                     for p in m.parameters(recurse=False))
         total = sum(p.numel() for p in before.parameters()) or 1

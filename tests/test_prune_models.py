@@ -54,7 +54,7 @@ def test_phi3_fused_gate_up_is_pruned_as_its_two_parts_in_step():
 
 def test_a_pruning_that_empties_or_silences_a_layer_is_refused(monkeypatch):
     """Without the in-step cut, Torch-Pruning keeps a share of one part: the MLP ends with 0 channels."""
-    monkeypatch.setattr(prune_mod, "_fused_parts", lambda g, channels: 1)
+    monkeypatch.setattr(prune_mod, "fused_parts", lambda g, channels: 1)
     with pytest.raises(ConfigError, match="0 channels|output zeros only"):
         Prune().compress(phi3(), {"ratio": 0.5}, CalibData("t", [{"input_ids": IDS}]))
 
@@ -67,7 +67,7 @@ def test_gpt2_conv1d_projections_are_listed_with_the_reason():
                          CalibData("t", [{"input_ids": IDS}]))
 
 
-def test_swin_window_attention_that_pruning_breaks_is_refused_not_saved():
+def swin() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
                                      num_heads=[2, 2], window_size=4, num_labels=3)
@@ -79,6 +79,47 @@ def test_swin_window_attention_that_pruning_breaks_is_refused_not_saved():
 
         def forward(self, pixel_values):
             return self.hf(pixel_values=pixel_values).logits
+    return Image().eval()
 
+
+PIXELS = CalibData("t", [{"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}])
+
+
+def test_swin_heads_with_a_relative_position_bias_are_left_whole_with_the_reason():
+    result = Prune().compress(swin(), {"ratio": 0.5}, PIXELS)
+    biased = [k for k, why in result.resolved["skipped"].items() if "relative position bias" in why]
+    assert biased and result.model(**PIXELS.batches[0]).shape == (2, 3)
+    assert result.params_after < result.params_before  # the MLPs were pruned
+
+
+def test_a_pruning_that_breaks_the_model_is_refused_not_saved(monkeypatch):
+    monkeypatch.setattr(prune_mod, "relative_bias_projections", lambda model: {})  # as before: heads cut
     with pytest.raises(ConfigError, match="the pruned model no longer runs|0 channels|output zeros only"):
-        Prune().compress(Image().eval(), {"ratio": 0.5}, CalibData("t", [{"pixel_values": torch.randn(2, 3, 32, 32)}]))
+        Prune().compress(swin(), {"ratio": 0.5}, PIXELS)
+
+
+def test_t5_heads_with_their_relative_bias_are_left_whole_and_the_ffn_pruned():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hf = transformers.T5EncoderModel(config)
+
+        def forward(self, input_ids):
+            return self.hf(input_ids=input_ids).last_hidden_state
+
+    result = Prune().compress(Encoder().eval(), {"ratio": 0.5}, CalibData("t", [{"input_ids": IDS}]))
+    assert any("relative position bias" in why for why in result.resolved["skipped"].values())
+    block = result.model.hf.encoder.block[0]
+    assert block.layer[0].SelfAttention.n_heads == 4 and block.layer[1].DenseReluDense.wi.out_features == 32
+    assert result.model(IDS).shape == (2, 8, 32)
+
+
+def test_inspect_lists_what_pruning_left_whole_and_why(in_tmp, capsys):
+    from edgeslim.cli import main
+    assert main(["compress", "tiny-mlp", "-m", "prune", "--ratio", "0.5", "-o", "p.slim"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "p.slim"]) == 0
+    assert "left whole: head: left whole (its channels reach the model's output)" in capsys.readouterr().out

@@ -65,3 +65,18 @@ def test_a_transform_that_breaks_the_model_is_named_not_the_input(in_tmp, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "after the breaker step" in err and "the breaker transform broke it, not the input spec" in err
     assert "--input" not in err and not (in_tmp / "b.slim").exists()
+
+
+def test_linear_map_families_say_which_attention_and_recurrent_modules_they_leave():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha, self.rnn = nn.MultiheadAttention(16, 2, batch_first=True), nn.GRU(16, 16, batch_first=True)
+            self.ffn = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.ffn(self.rnn(self.mha(x, x, x, need_weights=False)[0])[0])
+
+    model = Mixed()
+    said = step_warnings(get_compressor("svd").compress(model, {"ratio": 0.5}), model)
+    assert any("does not factor mha (MultiheadAttention), rnn (GRU)" in w for w in said)
