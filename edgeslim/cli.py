@@ -15,10 +15,7 @@ from edgeslim.cli_device import device
 from edgeslim.cli_profile import profile
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
-from edgeslim.images import TILE as TILE_DEFAULT
-from edgeslim.pipeline import DEFAULT_OUT
-from edgeslim.recipe import DEFAULT_PROFILE
-from edgeslim.sr_train import RECIPE as SR_RECIPE
+from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE, SR_RECIPE, TILE as TILE_DEFAULT
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeslim")

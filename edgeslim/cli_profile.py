@@ -8,7 +8,7 @@ import click
 from edgeslim.cli_options import (console, dims as parse_dims, ints, json_option, not_empty, print_json, source_options,
                                   trust_of, trust_options)
 from edgeslim.core.errors import ConfigError
-from edgeslim.recipe import DEFAULT_PROFILE
+from edgeslim.defaults import DEFAULT_PROFILE
 
 
 @click.command()

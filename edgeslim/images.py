@@ -15,6 +15,7 @@ import torch
 from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, EdgeslimError, SourceError, require
 from edgeslim.core.files import IMAGE, replace_output
+from edgeslim.defaults import TILE
 
 # Images that install offline with the `data` extra: scikit-image's wheel (no download), scikit-learn's
 # sample photographs, PyWavelets' (`pywt.data.camera` is scikit-image's camera, so it is not listed twice).
@@ -271,7 +272,6 @@ def held_out_gain(model: torch.nn.Module, scale: int) -> float:
     return float(np.mean([r["sr_psnr"] - r["bicubic_psnr"] for r in rows]))
 
 
-TILE = 640  # LR tile side for models that declare their receptive radius (`halo`): bounded memory
 
 
 def upscale_luma(model: torch.nn.Module, y_lr: np.ndarray, tile: int | None = TILE) -> np.ndarray:
