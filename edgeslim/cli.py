@@ -19,7 +19,9 @@ from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE, SR_RECIPE, TILE as T
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeslim")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="show the libraries' own warnings, logs and progress bars "
+              "(hidden by default); allowed anywhere on the command line")
+def cli(verbose: bool) -> None:
     """edgeslim: compress a trained PyTorch model, export it to a device runtime, profile it."""
 
 
@@ -473,10 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     """
     import os
     import warnings
+
+    from edgeslim.noise import quiet_libraries
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    words = args[:args.index("--")] if "--" in args else args
+    verbose = any(w in ("-v", "--verbose") for w in words)
+    args = [w for w in words if w not in ("-v", "--verbose")] + args[len(words):]
+    quiet_libraries(verbose)
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     stdin, sys.stdin = sys.stdin, open(os.devnull)  # no library may ask a question (transformers' custom code)
     try:
-        cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
+        cli.main(args=args, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:
         text = str(exc) if isinstance(exc, ExportValidationError) else " ".join(str(exc).split())
         click.echo(f"error: {text}", err=True)

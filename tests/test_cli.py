@@ -94,3 +94,21 @@ def test_tables_into_a_pipe_are_not_cut(capsys):
     out = capsys.readouterr().out
     assert "minipc-n100-ort-fp32" in out and "…" not in out
     assert any("minipc-n100-ort-fp32" in line and "CPUExecutionProvider" in line for line in out.splitlines())
+
+
+def test_library_noise_is_hidden_unless_verbose(in_tmp):
+    """torchao's missing .so lines, torch's _pytree deprecations and NNCF's warnings stay out of stderr."""
+    done = subprocess.run([sys.executable, "-m", "edgeslim", "compress", "tiny-bert", "-m", "int8", "--calib",
+                           "random:8", "-o", "a.slim"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    noise = [line for line in done.stderr.splitlines() if not line.startswith(("done ", "warning: "))]
+    assert noise == [], noise
+
+
+def test_verbose_is_taken_anywhere_on_the_line(monkeypatch):
+    from edgeslim import noise
+
+    seen = []
+    monkeypatch.setattr(noise, "quiet_libraries", lambda verbose=False: seen.append(verbose))
+    assert main(["list", "profiles", "-v"]) == 0 and main(["--verbose", "list", "profiles"]) == 0
+    assert main(["list", "profiles"]) == 0 and seen == [True, True, False]
