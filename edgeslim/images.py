@@ -64,6 +64,16 @@ def read_image(path: str | Path) -> np.ndarray:
         raise SourceError(f"cannot read image {path}: {exc}") from exc                     # is an OSError
 
 
+SAMPLE = "sample:"  # `sample:astronaut`: a bundled photograph instead of a file (edgeslim upscale)
+
+
+def read_any_image(text: str | Path) -> np.ndarray:
+    """`sample:NAME` (one of BUNDLED_IMAGES, nothing to download) or an image file, as RGB uint8 [H, W, 3]."""
+    if str(text).startswith(SAMPLE):
+        return load_bundled(str(text)[len(SAMPLE):])
+    return read_image(text)
+
+
 def _deep_to_rgb8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
     """A 16-bit (or 32-bit integer) grey image scaled with full precision to 8 bits (v * 255 / 65535, rounded);
     a floating-point one is taken as 0..255 and clipped, with a warning when that changes values."""
