@@ -15,14 +15,13 @@ from edgeslim.cli_device import device
 from edgeslim.cli_profile import profile
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
-from edgeslim.images import TILE as TILE_DEFAULT
-from edgeslim.pipeline import DEFAULT_OUT
-from edgeslim.recipe import DEFAULT_PROFILE
-from edgeslim.sr_train import RECIPE as SR_RECIPE
+from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE, SR_RECIPE, TILE as TILE_DEFAULT
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeslim")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="show the libraries' own warnings, logs and progress bars "
+              "(hidden by default); allowed anywhere on the command line")
+def cli(verbose: bool) -> None:
     """edgeslim: compress a trained PyTorch model, export it to a device runtime, profile it."""
 
 
@@ -418,13 +417,13 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 
 
 @cli.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image", metavar="IMAGE|sample:NAME")
 @click.option("-o", "--out", callback=not_empty, required=True, help="output image file")
 @click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
 @click.option("--compare", "compare", is_flag=False, flag_value="", default=None, metavar="SIDE.png",
               help="also write a side-by-side crop: bicubic | model | reference (default name OUT-compare.png)")
-@click.option("--reference", type=click.Path(dir_okay=False),
-              help="the high-resolution original IMAGE was made from: --compare shows it with each PSNR")
+@click.option("--reference", metavar="HR.png|sample:NAME",
+              help="the high-resolution original IMAGE was made from: --compare shows it, and each Y-PSNR is printed")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True,
               help="engine for the model (ONNX Runtime is the fast one on CPUs)")
 @click.option("--tile", default=TILE_DEFAULT, show_default=True,
@@ -432,9 +431,10 @@ def train_adapter(source: str, data: str, eval_data: str | None, method: str, ep
 @trust_options
 def upscale(image: str, out: str, model: str, compare: str | None, reference: str | None, runtime: str, tile: int,
             trusted: str | None, trust_source: bool) -> None:
-    """Upscale an image: the Y channel through the model, Cb/Cr bicubic."""
+    """Upscale an image (a file, or sample:NAME for a bundled photograph such as sample:astronaut): the Y
+    channel through the model, Cb/Cr bicubic."""
     from edgeslim.core.files import IMAGE, check_not_input, check_output
-    from edgeslim.images import read_image, upscale_rgb, write_image
+    from edgeslim.images import read_any_image, upscale_rgb, write_image
     from edgeslim.pipeline import runnable
     from edgeslim.sources import load_model, sr_scale
 
@@ -451,8 +451,8 @@ def upscale(image: str, out: str, model: str, compare: str | None, reference: st
         raise ConfigError("--reference is shown by --compare: add --compare SIDE.png")
     if tile < 0:
         raise ConfigError(f"--tile must be >= 0 (0: one pass), got {tile}")
-    ref = read_image(reference) if reference is not None else None
-    lr = read_image(image)
+    ref = read_any_image(reference) if reference is not None else None
+    lr = read_any_image(image)
     loaded = load_model(model, trust=trust)
     net = runnable(loaded, onnx=runtime == "onnxruntime")  # an INT8 artifact always runs its QDQ graph in ORT
     scale = sr_scale(net)
@@ -462,8 +462,11 @@ def upscale(image: str, out: str, model: str, compare: str | None, reference: st
     console.print(f"wrote {out} (x{scale} with {model}, {runtime})")
     if side is not None:
         from edgeslim.sr_compare import panels, side_by_side
-        side_by_side(panels(lr, sr, scale, Path(model).name.removesuffix(".slim"), ref), side)
+        shown = panels(lr, sr, scale, Path(model).name.removesuffix(".slim"), ref)
+        side_by_side(shown, side)
         console.print(f"wrote {side} (bicubic | {model}{' | reference, Y-PSNR' if ref is not None else ''})")
+        for caption, _ in shown[:2] if ref is not None else ():
+            console.print(f"Y-PSNR against the reference: {caption}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,10 +479,18 @@ def main(argv: list[str] | None = None) -> int:
     """
     import os
     import warnings
+
+    from edgeslim.noise import quiet_libraries
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    words = args[:args.index("--")] if "--" in args else args
+    verbose = any(w in ("-v", "--verbose") for w in words)
+    args = [w for w in words if w not in ("-v", "--verbose")] + args[len(words):]
+    quiet_libraries(verbose)
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     stdin, sys.stdin = sys.stdin, open(os.devnull)  # no library may ask a question (transformers' custom code)
     try:
-        cli.main(args=argv, prog_name="edgeslim", standalone_mode=False)
+        cli.main(args=args, prog_name="edgeslim", standalone_mode=False)
     except EdgeslimError as exc:
         text = str(exc) if isinstance(exc, ExportValidationError) else " ".join(str(exc).split())
         click.echo(f"error: {text}", err=True)

@@ -16,9 +16,15 @@ TASK_HELP = ("what a Hugging Face folder is loaded for: causal-lm, sequence-clas
              "image-classification, seq2seq (default: its config.json's architectures)")
 
 
+PIPE_WIDTH = 1000  # columns of a table printed into a pipe or a file: never cut, so it can be copied whole
+
+
 def console():
+    """The stdout console: the terminal's width on a terminal, else wide enough that no cell is cut
+    (`edgeslim list profiles | grep n100` finds `minipc-n100-ort-fp32` whole)."""
     from rich.console import Console
-    return Console()
+
+    return Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
 
 
 def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

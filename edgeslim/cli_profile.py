@@ -8,7 +8,7 @@ import click
 from edgeslim.cli_options import (console, dims as parse_dims, ints, json_option, not_empty, print_json, source_options,
                                   trust_of, trust_options)
 from edgeslim.core.errors import ConfigError
-from edgeslim.recipe import DEFAULT_PROFILE
+from edgeslim.defaults import DEFAULT_PROFILE
 
 
 @click.command()
@@ -141,7 +141,8 @@ def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
                         f"{m['onnxruntime']}, at {where['measured_at']}")
     peaks = {r["peak"]["source"]: r["peak"] for r in rows if "peak" in r}
     for source, p in peaks.items():
-        console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}")
+        when = f"; measured {p['measured_at']} at load {p['load_avg']:.2f}" if p.get("measured_at") else ""
+        console().print(f"roofline limits: {p['fp32_gflops']:.0f} GFLOP/s fp32, {p['mem_gbps']:.0f} GB/s, {source}{when}")
     for r in rows:
         if "op_time_share" in r:
             top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])

@@ -15,6 +15,7 @@ import torch
 from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, EdgeslimError, SourceError, require
 from edgeslim.core.files import IMAGE, replace_output
+from edgeslim.defaults import TILE
 
 # Images that install offline with the `data` extra: scikit-image's wheel (no download), scikit-learn's
 # sample photographs, PyWavelets' (`pywt.data.camera` is scikit-image's camera, so it is not listed twice).
@@ -61,6 +62,16 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:  # UnidentifiedImageError
         raise SourceError(f"cannot read image {path}: {exc}") from exc                     # is an OSError
+
+
+SAMPLE = "sample:"  # `sample:astronaut`: a bundled photograph instead of a file (edgeslim upscale)
+
+
+def read_any_image(text: str | Path) -> np.ndarray:
+    """`sample:NAME` (one of BUNDLED_IMAGES, nothing to download) or an image file, as RGB uint8 [H, W, 3]."""
+    if str(text).startswith(SAMPLE):
+        return load_bundled(str(text)[len(SAMPLE):])
+    return read_image(text)
 
 
 def _deep_to_rgb8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
@@ -271,7 +282,6 @@ def held_out_gain(model: torch.nn.Module, scale: int) -> float:
     return float(np.mean([r["sr_psnr"] - r["bicubic_psnr"] for r in rows]))
 
 
-TILE = 640  # LR tile side for models that declare their receptive radius (`halo`): bounded memory
 
 
 def upscale_luma(model: torch.nn.Module, y_lr: np.ndarray, tile: int | None = TILE) -> np.ndarray:

@@ -45,6 +45,9 @@ def load_hf_folder(folder: str | Path, version: str | None = None, kind: str = "
     Args:
         weights: False builds the architecture from config.json alone (an artifact supplies the weights).
     """
+    from edgeslim.noise import quiet_transformers
+
+    quiet_transformers()
     folder = Path(folder)
     weights_file = folder / "model.safetensors"
     if not (folder / "config.json").is_file():

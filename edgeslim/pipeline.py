@@ -20,14 +20,14 @@ from edgeslim.data import load_calibration, missing_calibration_message
 from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.core.files import ARTIFACT, ONNX, REPORT, check_not_input, check_output, replace_output, safe_stem
 from edgeslim.profiling import OP_ITERS, flops, has_op_profile, op_times_at, profile_file
-from edgeslim.recipe import DEFAULT_PROFILE, Recipe, split_step
+from edgeslim.recipe import Recipe, split_step
 from edgeslim.sources import LoadedModel, load_model
 from edgeslim.core.specs import example_feeds
 from edgeslim.loaders import check_inputs
 from edgeslim.step_checks import step_warnings
 from edgeslim.trust import Trust
+from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
 
-DEFAULT_OUT = Path("edgeslim-out")
 
 
 @contextlib.contextmanager

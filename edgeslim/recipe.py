@@ -13,8 +13,8 @@ from edgeslim.core.config import ConfigBase
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.files import parse_file, plain_stem, safe_stem
 from edgeslim.trust import Trust
+from edgeslim.defaults import DEFAULT_PROFILE
 
-DEFAULT_PROFILE = "cpu-ort-fp32"  # the target `run` and `compress` decide for when none is named
 
 
 # The built-in demo: packaged MiniLM, activation-aware SVD at a 0.5 kept ratio of its encoder linears,

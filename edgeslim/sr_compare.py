@@ -34,6 +34,12 @@ def fit_reference(reference: np.ndarray, height: int, width: int) -> np.ndarray:
     if not (height <= rh < 2 * height and width <= rw < 2 * width):
         raise ConfigError(f"the reference is {rh}x{rw} but the upscaled image is {height}x{width}: give the "
                           f"high-resolution original the input was made from")
+    if (rh, rw) != (height, width):
+        import warnings
+
+        warnings.warn(f"the reference is {rh}x{rw}, the upscaled image {height}x{width}: the PSNR is taken on the "
+                      f"reference's top-left {height}x{width} (the protocol crops HR to a multiple of the scale)",
+                      stacklevel=2)
     return reference[:height, :width]
 
 

@@ -21,10 +21,10 @@ from edgeslim.core.files import ARTIFACT, check_output
 from edgeslim.images import patch_calibration
 from edgeslim.sources import load_model
 from edgeslim.core.sr_models import BicubicUpsampler
+from edgeslim.defaults import SR_RECIPE as RECIPE
 
 # The shipped models' schedule (per scale): ~13 minutes of 2 CPU cores each (~26 ms/step). The held-out
 # gain still rises at the end (bench/results/train_espcn.json's learning curves): longer runs gain more.
-RECIPE = {"steps": 30000, "batch_size": 32, "lr": 1e-3, "count": 32768, "patch": 17}
 
 
 def train_espcn(scale: int, steps: int = RECIPE["steps"], seed: int = 0, count: int = RECIPE["count"],

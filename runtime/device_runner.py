@@ -123,13 +123,29 @@ def cpu_model_and_flags():
     return model, flags
 
 
+def cpu_ids():
+    """The numbers that tell apart CPUs sold under one name (an "AMD EPYC" Zen 2 from a Zen 4): x86 family,
+    model and stepping, ARM implementer, part and revision, as /proc/cpuinfo gives them."""
+    keys = ("cpu family", "model", "stepping", "cpu implementer", "cpu part", "cpu revision")
+    ids = {}
+    for line in _read_text("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in keys and key not in ids and value.strip():
+            ids[key] = value.strip()
+        elif not line.strip() and ids:
+            break  # the first processor's block is enough
+    return ids
+
+
 def cpu_info():
     """CPU model, architecture, cores, SIMD and INT8 features, RAM and OS of this machine."""
     model, flags = cpu_model_and_flags()
     mem_kib = next((int(line.split()[1]) for line in _read_text("/proc/meminfo").splitlines()
                     if line.startswith("MemTotal:")), None)
     features = [f for f in X86_FEATURES + ARM_FEATURES if f in flags]
-    return {"cpu_model": model, "arch": platform.machine(), "logical_cpus": os.cpu_count(), "features": features,
+    return {"cpu_model": model, "cpu_ids": cpu_ids(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
+            "features": features,
             "int8_features": [f for f in INT8_FEATURES if f in flags],
             "ram_bytes": mem_kib * 1024 if mem_kib else None, "os": platform.platform(),
             "python": platform.python_version(), "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -22,6 +22,19 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return cpu_model_and_flags()
 
 
+def cpu_signature() -> str:
+    """The CPU as a cache key: model name, family/model/stepping (or ARM part) and a digest of all its flags,
+    so two CPUs sold under one brand string ("AMD EPYC": Zen 2 with AVX2, Zen 4 with AVX-512) never share
+    measured figures."""
+    import hashlib
+
+    from edgeslim.runtime.device_runner import cpu_ids
+
+    model, flags = _cpuinfo()
+    ids = "/".join(cpu_ids().values()) or "?"
+    return f"{model} [{ids}] flags:{hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:10]}"
+
+
 def cpu_model() -> str:
     """The CPU's model name (e.g. 'AMD EPYC 7B13'), the key for per-machine caches."""
     return _cpuinfo()[0]

@@ -9,8 +9,12 @@ came from a slower CPU). For a local CPU target the profiler instead measures, o
 - memory bandwidth: a stream-like copy (Copy kernel of McCalpin's STREAM, 1995) of an array far
   larger than the caches, counting read + write bytes.
 The results live in one JSON cache under ~/.cache/edgeslim (EDGESLIM_CACHE_DIR overrides), keyed by
-CPU model, runtime version and thread count. The same cache holds GEMM-shape timings (`gemm_ms`), the
-`Measure` a latency budget reads through CompressContext.
+the CPU (model name, family/model/stepping, a digest of its flags), the runtime version and the thread
+count. The same cache holds GEMM-shape timings (`gemm_ms`), the `Measure` a latency budget reads
+through CompressContext. A figure is kept only when it was taken on a quiet machine (1-minute load
+under QUIET_LOAD per CPU, before and after): one taken under load serves the command that measured it
+and is then forgotten. A GEMM table is checked when read: a shape slower than one with more work by
+more than the noise is measured again (the smaller time kept).
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeslim.runtime.device_runner import best_seconds, copy_gbps
-from edgeslim.runtime.machine import _cpuinfo, cpu_model
+from edgeslim.runtime.machine import _cpuinfo, cpu_signature
 from edgeslim.runtime.targets import Profile
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+QUIET_LOAD = 0.75  # 1-minute load per logical CPU under which a measurement may be kept (1.5 on 2 cores)
+NOISE = 1.5  # a GEMM slower than one with at least its work by more than this factor is measured again
 _GEMM_SIZES = (1024, 2048)  # square fp32 products tried for the peak; the best GFLOP/s is kept
 _COPY_BYTES = 256 << 20  # 256 MiB source array: far beyond any L3
 
@@ -55,10 +61,20 @@ def _write_cache(data: dict) -> None:
 
 
 def machine_key(threads: int) -> str:
-    """Cache key: CPU model, ONNX Runtime version and intra-op threads (0 = the runtime's default)."""
+    """Cache key: the CPU (runtime/machine.cpu_signature), ONNX Runtime version and intra-op threads (0 = the
+    runtime's default)."""
     import onnxruntime as ort
 
-    return f"{cpu_model()}|onnxruntime-{ort.__version__}|threads={threads}"
+    return f"{cpu_signature()}|onnxruntime-{ort.__version__}|threads={threads}"
+
+
+def load_now() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def quiet(load: float | None = None) -> bool:
+    """Whether the machine is quiet enough for a measurement to be kept (see QUIET_LOAD)."""
+    return (load_now() if load is None else load) < QUIET_LOAD * (os.cpu_count() or 1)
 
 
 def matmul_model(m: int | str, k: int | str, n: int | str, int8: bool = False):
@@ -113,6 +129,9 @@ class Peak:
     mem_gbps: float
     source: str  # "measured on <key>" or "published (profile <name>)"
     simd_lanes_fp32: int | None  # fp32 lanes of this CPU's widest vector unit; None for a remote board
+    measured_at: str | None = None  # UTC time of the measurement (None: published figures)
+    load_avg: float | None = None  # the 1-minute load it was taken under (the larger of before and after)
+    kept: bool | None = None  # whether it was cached (taken on a quiet machine); None: published
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,26 +149,28 @@ def is_local(profile: Profile) -> bool:
 
 def _measure_peak(threads: int) -> dict:
     flags = _cpuinfo()[1]
+    before = load_now()
     fp32 = max(2 * s ** 3 / time_gemm_ms(s, s, s, threads) / 1e6 for s in _GEMM_SIZES)
     int8 = None
     if any(f in flags for f in VNNI_FLAGS):
         int8 = max(2 * s ** 3 / time_gemm_ms(s, s, s, threads, int8=True) / 1e6 for s in _GEMM_SIZES)
     return {"fp32_gflops": fp32, "int8_gops": int8, "mem_gbps": copy_bandwidth_gbps(),
-            "load_avg": list(os.getloadavg()), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "load_avg": [max(before, load_now())], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _contended(entry: dict) -> bool:
-    """Whether a cached peak was measured on an oversubscribed CPU (1-minute load above the CPU count)
-    that is less loaded now: such a figure is too low (a roofline fraction over 100% follows), so it is
-    measured again."""
-    then = (entry.get("load_avg") or [0.0])[0]
-    return then > (os.cpu_count() or 1) and os.getloadavg()[0] < then
+    """Whether a cached peak was measured on a machine busier than a quiet one (caches written before the
+    quiet rule): such a figure is too low (a roofline fraction over 100% follows), so it is measured again."""
+    return not quiet((entry.get("load_avg") or [0.0])[0])
+
+
+_UNDER_LOAD: dict[str, dict] = {}  # figures measured under load in this process: used, never written
 
 
 def measured_peak(profile: Profile, refresh: bool = False) -> Peak:
     """The limits a roofline on `profile` should use: measured once per machine for a local CPU target
-    (cached; `refresh` measures again, as does a figure measured under heavier contention than now;
-    a new measurement never lowers a cached one), the profile's published figures for anything else."""
+    (cached when measured on a quiet machine; `refresh` measures again, as does a cached figure taken
+    under load; a new measurement never lowers a cached one), the profile's published figures otherwise."""
     from edgeslim.runtime.machine import simd_width_fp32
 
     if not is_local(profile):
@@ -158,16 +179,24 @@ def measured_peak(profile: Profile, refresh: bool = False) -> Peak:
     key = machine_key(profile.threads)
     cache = _read_cache()
     entry = cache.get("peak", {}).get(key)
-    if entry is None or refresh or _contended(entry):
+    kept = True
+    if key in _UNDER_LOAD and not refresh and (entry is None or _contended(entry)):
+        entry, kept = _UNDER_LOAD[key], False  # this process measured it under load already
+    elif entry is None or refresh or _contended(entry):
         new = _measure_peak(profile.threads)
         for k in ("fp32_gflops", "int8_gops", "mem_gbps"):  # a peak is a maximum: contention only lowers one
             before = (entry or {}).get(k)
             if before is not None and (new[k] is None or before > new[k]):
                 new[k] = before
-        entry = new
-        cache.setdefault("peak", {})[key] = entry
-        _write_cache(cache)
-    return Peak(entry["fp32_gflops"], entry["int8_gops"], entry["mem_gbps"], f"measured on {key}", simd_width_fp32())
+        entry, kept = new, quiet(new["load_avg"][0])
+        if kept:
+            cache.setdefault("peak", {})[key] = entry
+            _write_cache(cache)
+        else:
+            _UNDER_LOAD[key] = entry
+    where = f"measured on {key}" + ("" if kept else f" under load {entry['load_avg'][0]:.2f} (not kept)")
+    return Peak(entry["fp32_gflops"], entry["int8_gops"], entry["mem_gbps"], where, simd_width_fp32(),
+                entry.get("measured_at"), entry["load_avg"][0], kept)
 
 
 def machine_align(profile: Profile) -> int:
@@ -191,20 +220,68 @@ def store_gemm(key: str, table: dict[str, float]) -> None:
     _write_cache(cache)
 
 
+def inconsistent(table: dict[str, float]) -> list[str]:
+    """Shapes of `table` ({"MxKxN": ms}) slower than some shape of at least their work by more than NOISE:
+    time grows with the work, so one of the two was timed while something else ran."""
+    def work(shape: str) -> int:
+        m, k, n = (int(x) for x in shape.split("x"))
+        return m * k * n
+
+    ordered = sorted(table, key=work, reverse=True)
+    out, fastest = [], float("inf")  # the fastest time among shapes of at least this work
+    for shape in ordered:
+        if table[shape] > NOISE * fastest:
+            out.append(shape)
+        fastest = min(fastest, table[shape])
+    return out
+
+
 class GemmTable:
     """`Measure` (compress/base.py) for a local CPU target: ORT GEMM latency per shape, timed once per
-    machine and kept in the same cache as the peak."""
+    machine and kept in the same cache as the peak (see the module docstring: quiet, checked)."""
 
     def __init__(self, threads: int = 0, repeats: int = 5) -> None:
         self.threads, self.repeats = threads, repeats
         self.key = machine_key(threads)
+        self._under_load: dict[str, float] = {}  # timed under load: used by this table, never written
+        self._checked = False
+
+    def _time(self, shape: str) -> tuple[float, bool]:
+        m, k, n = (int(x) for x in shape.split("x"))
+        before = load_now()
+        ms = time_gemm_ms(m, k, n, self.threads, self.repeats)
+        return ms, quiet(max(before, load_now()))
+
+    def _check(self, cache: dict) -> None:
+        """Measure again the shapes the cached table contradicts (once per table object); keep the smaller."""
+        self._checked = True
+        table = cache.get("gemm", {}).get(self.key, {})
+        changed = False
+        for shape in inconsistent(table):
+            ms, calm = self._time(shape)
+            if calm and ms < table[shape]:
+                table[shape], changed = ms, True
+            elif calm:
+                continue
+            else:
+                self._under_load[shape] = min(ms, table[shape])
+        if changed:
+            _write_cache(cache)
 
     def gemm_ms(self, m: int, k: int, n: int) -> float:
-        """Latency in ms of an (m x k) @ (k x n) fp32 product on this machine (cached)."""
+        """Latency in ms of an (m x k) @ (k x n) fp32 product on this machine (cached when timed quietly)."""
         shape = f"{int(m)}x{int(k)}x{int(n)}"
         cache = _read_cache()
+        if not self._checked:
+            self._check(cache)
+        if shape in self._under_load:
+            return self._under_load[shape]
         table = cache.setdefault("gemm", {}).setdefault(self.key, {})
         if shape not in table:
-            table[shape] = time_gemm_ms(m, k, n, self.threads, self.repeats)
+            ms, calm = self._time(shape)
+            if not calm:
+                self._under_load[shape] = ms
+                return ms
+            table[shape] = ms
             _write_cache(cache)
         return float(table[shape])

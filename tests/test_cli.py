@@ -3,6 +3,8 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +77,38 @@ def test_demo_runs_on_packaged_minilm(in_tmp, capsys):
     report = (in_tmp / "edgeslim-out" / "minilm-asvd.report.md").read_text()
     assert "Speedup or explain" in report and "Layers that cost the most" in report
     assert (in_tmp / "edgeslim-out" / "minilm-asvd.onnx").stat().st_size < (in_tmp / "edgeslim-out" / "minilm-asvd-original.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list", "profiles"], ["profile", "--help"], ["device", "--help"]])
+def test_quick_commands_start_without_torch(args):
+    """`--help` and the lists start in a fraction of a second: they import neither torch nor transformers."""
+    code = ("import sys; from edgeslim.cli import main; code = main(%r); "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'nncf') if m in sys.modules); "
+            "print(code, heavy)" % (args,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+
+
+def test_tables_into_a_pipe_are_not_cut(capsys):
+    assert main(["list", "profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "minipc-n100-ort-fp32" in out and "…" not in out
+    assert any("minipc-n100-ort-fp32" in line and "CPUExecutionProvider" in line for line in out.splitlines())
+
+
+def test_library_noise_is_hidden_unless_verbose(in_tmp):
+    """torchao's missing .so lines, torch's _pytree deprecations and NNCF's warnings stay out of stderr."""
+    done = subprocess.run([sys.executable, "-m", "edgeslim", "compress", "tiny-bert", "-m", "int8", "--calib",
+                           "random:8", "-o", "a.slim"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    noise = [line for line in done.stderr.splitlines() if not line.startswith(("done ", "warning: "))]
+    assert noise == [], noise
+
+
+def test_verbose_is_taken_anywhere_on_the_line(monkeypatch):
+    from edgeslim import noise
+
+    seen = []
+    monkeypatch.setattr(noise, "quiet_libraries", lambda verbose=False: seen.append(verbose))
+    assert main(["list", "profiles", "-v"]) == 0 and main(["--verbose", "list", "profiles"]) == 0
+    assert main(["list", "profiles"]) == 0 and seen == [True, True, False]

@@ -30,10 +30,6 @@ def test_readme_has_the_two_setup_commands():
 
 @pytest.mark.slow  # ~50 s on 2 cores: the README's commands on the packaged models and BBC News
 def test_readme_blocks_run(in_tmp):
-    from skimage import data
-    from PIL import Image
-
-    Image.fromarray(data.astronaut()[:96, :96]).save("astronaut.png")  # the user's own image
     ran = 0
     for lang, body in blocks():
         if lang == "toml":

@@ -135,3 +135,18 @@ def test_sr_models_is_a_leaf():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {n for n in names if n.startswith("edgeslim")} == {"edgeslim.core.errors"}  # compress/ may import it
+
+
+def test_upscale_a_bundled_sample_and_print_the_psnrs(in_tmp, capsys):
+    from PIL import Image
+
+    hr = images.load_bundled("astronaut")[:300, :300]
+    Image.fromarray(hr).resize((100, 100), Image.BICUBIC).save("lr.png")
+    assert main(["upscale", "sample:astronaut", "-o", "big.png", "--model", "bicubic-x2", "--tile", "0"]) == 0
+    assert Image.open("big.png").size == (1024, 1024)  # the 512 x 512 photograph, x2: no file needed
+    with pytest.warns(UserWarning, match="the reference is 512x512, the upscaled image 300x300"):
+        assert main(["upscale", "lr.png", "-o", "up.png", "--model", "bicubic-x3", "--compare",
+                     "--reference", "sample:astronaut"]) == 0
+    psnrs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Y-PSNR")]
+    assert len(psnrs) == 2 and all(line.endswith(" dB") for line in psnrs)
+    assert main(["upscale", "sample:nothing", "-o", "x.png"]) == 2
