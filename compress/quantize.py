@@ -65,8 +65,9 @@ class Int8Config(ConfigBase):
     # 7-bit weights in every Conv/MatMul (NNCF's overflow fix): x86 CPUs without VNNI (AVX2, AVX-512F)
     # multiply uint8 x int8 with vpmaddubsw, whose int16 pair sums saturate on 8-bit weights (measured
     # here: a factored MiniLM's embedding at cosine 0.03 in ORT, a ReLU ESPCN at -6 dB); first_layer is
-    # NNCF's default; disable (8 bits) is for VNNI/AMX CPUs, GPUs, or graphs ORT runs in fp32 anyway
-    overflow_fix: Literal["enable", "first_layer", "disable"] = "enable"
+    # NNCF's default; disable (8 bits) is for VNNI/AMX CPUs, GPUs, or graphs ORT runs in fp32 anyway;
+    # auto: follow the target CPU's INT8 features (overflow_fix_for), enable when they are unknown
+    overflow_fix: Literal["auto", "enable", "first_layer", "disable"] = "auto"
 
     def validate(self) -> None:
         if self.subset_size < 1:
@@ -113,6 +114,17 @@ def _quantize_kwargs(resolved: Mapping[str, Any], bias_correction: bool) -> dict
 
 
 _OVERFLOW = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}
+# INT8 dot products that add uint8 x int8 products in int32 (vpdpbusd, AMX tiles): no int16 pair sum to saturate
+NON_SATURATING = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def resolve_overflow_fix(setting: str, int8_features: Sequence[str] | None) -> str:
+    """The overflow fix `setting` means on a CPU with `int8_features`: "auto" is "disable" (8-bit weights)
+    where a VNNI/AMX dot product adds in int32, else "enable" (7 bits: AVX2's vpmaddubsw saturates its
+    int16 pair sums, and an unknown target may be such a CPU); any other setting is kept."""
+    if setting != "auto":
+        return setting
+    return "disable" if any(f in NON_SATURATING for f in int8_features or ()) else "enable"
 
 
 def overflow_fix(resolved: Mapping[str, Any]) -> str:
@@ -160,8 +172,10 @@ class Int8(Compressor):
             bias_correction = not dense_output(fp32)
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
                              "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored),
-                             "fast_bias_correction": bias_correction, "overflow_fix": config.overflow_fix,
+                             "fast_bias_correction": bias_correction,
+                             "overflow_fix": resolve_overflow_fix(config.overflow_fix, context.int8_features),
                              "per_tensor_activations": True},
+                    "overflow_fix_for": None if context.int8_features is None else list(context.int8_features),
                     "opset": config.opset, "nncf_version": nncf.__version__}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=bias_correction)
         kwargs["fast_bias_correction"] = bias_correction
