@@ -48,6 +48,21 @@ def check_record(resolved: Mapping[str, Any], where: str) -> None:
     activations = resolved.get("activations")
     if not isinstance(activations, Mapping) or not isinstance(resolved.get("changed"), Mapping):
         raise SourceError(f"{where}: INT8 record needs 'activations' and 'changed' objects")
+    for key in ("tanh_table", "output_ranges"):
+        for name, pair in (resolved.get(key) or {}).items():
+            try:
+                lo, hi = (float(v) for v in pair)
+            except (TypeError, ValueError):
+                raise SourceError(f"{where}: INT8 {key} of {name!r} is not a pair of numbers") from None
+            if not (np.isfinite([lo, hi]).all() and lo <= hi):
+                raise SourceError(f"{where}: INT8 {key} of {name!r} is [{lo}, {hi}], not a finite range")
+    for name, value in resolved["changed"].items():
+        try:
+            finite = bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise SourceError(f"{where}: INT8 corrected initializer {name!r} is not finite numbers")
     for name, q in activations.items():
         try:
             dtype = q["dtype"]
