@@ -65,6 +65,8 @@ class CompressContext:
     monitor: Callable[[int, nn.Module], None] | None = None  # training families call it after each step
     dims: Mapping[str, int] = field(default_factory=dict)  # input sizes a latency budget is for (batch, sequence)
     task: str | None = None  # the source's task, e.g. "super-resolution" (its outputs are images in [0, 1])
+    # the target CPU's INT8 features (runtime.machine.INT8_FLAGS it has, e.g. ("avx2", "avx512_vnni")); None: unknown
+    int8_features: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ def activation_quantizers(model) -> dict[str, Any]:
 
 ZERO_POINT_DTYPES = ("int8", "uint8")
 MIN_OPSET = 13  # per-axis QuantizeLinear
+OVERFLOW_FIXES = ("enable", "first_layer", "disable")  # what a record may hold ("auto" is resolved before)
 
 
 def check_record(resolved: Mapping[str, Any], where: str) -> None:
@@ -41,9 +42,27 @@ def check_record(resolved: Mapping[str, Any], where: str) -> None:
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
         raise SourceError(f"{where}: INT8 opset {opset!r} is not one ONNX {onnx.__version__} has "
                           f"({MIN_OPSET}..{newest})")
+    fix = resolved.get("nncf", {}).get("overflow_fix", "first_layer") if isinstance(resolved.get("nncf"), Mapping) else None
+    if fix not in OVERFLOW_FIXES:
+        raise SourceError(f"{where}: INT8 overflow fix {fix!r} is not one of {OVERFLOW_FIXES}")
     activations = resolved.get("activations")
     if not isinstance(activations, Mapping) or not isinstance(resolved.get("changed"), Mapping):
         raise SourceError(f"{where}: INT8 record needs 'activations' and 'changed' objects")
+    for key in ("tanh_table", "output_ranges"):
+        for name, pair in (resolved.get(key) or {}).items():
+            try:
+                lo, hi = (float(v) for v in pair)
+            except (TypeError, ValueError):
+                raise SourceError(f"{where}: INT8 {key} of {name!r} is not a pair of numbers") from None
+            if not (np.isfinite([lo, hi]).all() and lo <= hi):
+                raise SourceError(f"{where}: INT8 {key} of {name!r} is [{lo}, {hi}], not a finite range")
+    for name, value in resolved["changed"].items():
+        try:
+            finite = bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise SourceError(f"{where}: INT8 corrected initializer {name!r} is not finite numbers")
     for name, q in activations.items():
         try:
             dtype = q["dtype"]

@@ -48,7 +48,8 @@ class Int8Config(ConfigBase):
     # transformers (measured on MiniLM: closer to fp32, and uint8 x int8 is the fast GEMM on AVX2), else performance
     preset: Literal["auto", "performance", "mixed"] = "auto"
     model_type: Literal["auto", "transformer", "generic"] = "auto"  # auto: transformer when the graph has Softmax
-    subset_size: int = 300  # calibration samples used for the ranges
+    # calibration samples used for the ranges; None: all the data has, at most 300 (more than it has is refused)
+    subset_size: int | None = None
     # None: on, except for models whose output is a Conv's output (image-to-image: see int8_record.dense_output)
     fast_bias_correction: bool | None = None
     ignored: tuple[str, ...] = ()  # ONNX node names kept in fp32
@@ -65,11 +66,12 @@ class Int8Config(ConfigBase):
     # 7-bit weights in every Conv/MatMul (NNCF's overflow fix): x86 CPUs without VNNI (AVX2, AVX-512F)
     # multiply uint8 x int8 with vpmaddubsw, whose int16 pair sums saturate on 8-bit weights (measured
     # here: a factored MiniLM's embedding at cosine 0.03 in ORT, a ReLU ESPCN at -6 dB); first_layer is
-    # NNCF's default; disable (8 bits) is for VNNI/AMX CPUs, GPUs, or graphs ORT runs in fp32 anyway
-    overflow_fix: Literal["enable", "first_layer", "disable"] = "enable"
+    # NNCF's default; disable (8 bits) is for VNNI/AMX CPUs, GPUs, or graphs ORT runs in fp32 anyway;
+    # auto: follow the target CPU's INT8 features (overflow_fix_for), enable when they are unknown
+    overflow_fix: Literal["auto", "enable", "first_layer", "disable"] = "auto"
 
     def validate(self) -> None:
-        if self.subset_size < 1:
+        if self.subset_size is not None and self.subset_size < 1:
             raise ConfigError(f"subset_size must be >= 1, got {self.subset_size}")
         if self.max_drop is not None and self.max_drop < 0:
             raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}")
@@ -93,6 +95,40 @@ def _numpy_batches(data: CalibData, names: Sequence[str]) -> list[dict[str, np.n
     return [{k: v.detach().cpu().numpy() for k, v in batch.items() if k in names} for _, batch, _ in data]
 
 
+DEFAULT_SUBSET = 300  # calibration samples when subset_size is not set
+
+
+def calibration_batches(batches: Sequence[dict[str, np.ndarray]], subset_size: int | None,
+                        where: str) -> tuple[int, int]:
+    """(batches, samples) of the calibration data that `subset_size` samples take, counted in samples
+    (NNCF counts batches).
+
+    Raises:
+        ConfigError: `subset_size` asks for more samples than the data has; an input holds NaN or inf;
+            every floating-point input is one constant (no activation range to measure).
+    """
+    sizes = [len(next(iter(b.values()))) if b else 1 for b in batches]
+    if subset_size is not None and subset_size > sum(sizes):
+        raise ConfigError(f"{where}: subset_size={subset_size} asks for more samples than the {sum(sizes)} the "
+                          f"data has: ask for more (NAME:{subset_size}) or set subset_size <= {sum(sizes)}")
+    floats: dict[str, tuple[float, float]] = {}
+    for i, batch in enumerate(batches):
+        for name, value in batch.items():
+            if value.dtype.kind != "f":
+                continue
+            if not np.isfinite(value).all():
+                raise ConfigError(f"{where}: input '{name}' holds NaN or inf (batch {i}): INT8 ranges need finite data")
+            lo, hi = floats.get(name, (np.inf, -np.inf))
+            floats[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
+    if floats and all(lo == hi for lo, hi in floats.values()):
+        name, (lo, _) = next(iter(floats.items()))
+        raise ConfigError(f"{where}: every input is constant ('{name}' is {lo:g} everywhere): INT8 ranges need "
+                          "varied calibration inputs")
+    wanted = min(sum(sizes), subset_size or DEFAULT_SUBSET)
+    count = next(k for k in range(1, len(sizes) + 1) if sum(sizes[:k]) >= wanted)
+    return count, int(sum(sizes[:count]))
+
+
 def _quantize_kwargs(resolved: Mapping[str, Any], bias_correction: bool) -> dict[str, Any]:
     nncf = _nncf()
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
@@ -113,6 +149,17 @@ def _quantize_kwargs(resolved: Mapping[str, Any], bias_correction: bool) -> dict
 
 
 _OVERFLOW = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}
+# INT8 dot products that add uint8 x int8 products in int32 (vpdpbusd, AMX tiles): no int16 pair sum to saturate
+NON_SATURATING = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def resolve_overflow_fix(setting: str, int8_features: Sequence[str] | None) -> str:
+    """The overflow fix `setting` means on a CPU with `int8_features`: "auto" is "disable" (8-bit weights)
+    where a VNNI/AMX dot product adds in int32, else "enable" (7 bits: AVX2's vpmaddubsw saturates its
+    int16 pair sums, and an unknown target may be such a CPU); any other setting is kept."""
+    if setting != "auto":
+        return setting
+    return "disable" if any(f in NON_SATURATING for f in int8_features or ()) else "enable"
 
 
 def overflow_fix(resolved: Mapping[str, Any]) -> str:
@@ -152,17 +199,19 @@ class Int8(Compressor):
             fp32 = onnx.load(str(path))
         names = _graph_inputs(fp32)
         batches = _numpy_batches(calib, names)
-        per_batch = max(1, len(next(iter(batches[0].values()))))
+        subset, samples = calibration_batches(batches, config.subset_size, f"int8 calibration on {calib.name}")
         model_type = _detect_type(fp32, config)
         preset = config.preset if config.preset != "auto" else "mixed" if model_type == "transformer" else "performance"
         bias_correction = config.fast_bias_correction
         if bias_correction is None:
             bias_correction = not dense_output(fp32)
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
-                             "subset_size": max(1, -(-config.subset_size // per_batch)), "ignored": list(config.ignored),
-                             "fast_bias_correction": bias_correction, "overflow_fix": config.overflow_fix,
+                             "subset_size": subset, "ignored": list(config.ignored),
+                             "fast_bias_correction": bias_correction,
+                             "overflow_fix": resolve_overflow_fix(config.overflow_fix, context.int8_features),
                              "per_tensor_activations": True},
-                    "opset": config.opset, "nncf_version": nncf.__version__}
+                    "overflow_fix_for": None if context.int8_features is None else list(context.int8_features),
+                    "calibration_samples": samples, "opset": config.opset, "nncf_version": nncf.__version__}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=bias_correction)
         kwargs["fast_bias_correction"] = bias_correction
         if config.max_drop is None:

@@ -49,8 +49,9 @@ def compress_context(loaded: LoadedModel, profile: str | None, gemm_table: str |
     """What a compressor gets to know beyond the model: its input spec, the target's alignment (a local CPU
     target's follows this CPU's SIMD width) and the target's latencies (edgeslim/latency.py): timed here for a
     local CPU target, on the board for a profile with an address, read from `gemm_table` (measured on the
-    target) for any other, else none."""
-    align, measure = None, None
+    target) for any other, else none. The target CPU's INT8 features are this CPU's for a local target (or
+    none named), unknown for a board."""
+    align, measure, local = None, None, True
     if profile:
         from edgeslim.latency import BoardMeasure, LocalMeasure, TableMeasure
         from edgeslim.runtime.peak import is_local, machine_align
@@ -59,8 +60,11 @@ def compress_context(loaded: LoadedModel, profile: str | None, gemm_table: str |
         align = machine_align(prof)
         measure = TableMeasure(gemm_table) if gemm_table else BoardMeasure(profile) if prof.address else \
             LocalMeasure(profile) if is_local(prof) else None
+        local = is_local(prof)
+    from edgeslim.runtime.machine import int8_features
     return CompressContext(inputs=tuple(loaded.inputs), align=align, profile=profile, measure=measure,
-                           dims={**loaded.dims, "batch": latency_batch}, task=loaded.task)
+                           dims={**loaded.dims, "batch": latency_batch}, task=loaded.task,
+                           int8_features=int8_features() if local else None)
 
 
 def apply_steps(loaded: LoadedModel, steps: Sequence[Mapping[str, Any]], quiet: bool = False,

@@ -50,6 +50,12 @@ def simd_width_fp32() -> int:
     return 4
 
 
+def int8_features() -> tuple[str, ...]:
+    """This CPU's INT8 features (`INT8_FLAGS` it has): what decides whether 8-bit weights saturate (AVX2 alone)."""
+    flags = _cpuinfo()[1]
+    return tuple(f for f in INT8_FLAGS if f in flags)
+
+
 def machine_info() -> dict[str, Any]:
     """JSON-ready description of this machine for a benchmark's results."""
     model, flags = _cpuinfo()
@@ -57,7 +63,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "arch": platform.machine(),
         "simd_flags": [f for f in SIMD_FLAGS if f in flags],
-        "int8_features": [f for f in INT8_FLAGS if f in flags],
+        "int8_features": list(int8_features()),
         "simd_width_fp32": simd_width_fp32(),
         "logical_cpus": os.cpu_count(),
         "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -1,4 +1,4 @@
-"""INT8 weights are 7-bit by default (NNCF's overflow fix on every Conv/MatMul): x86 CPUs without VNNI
+"""INT8 weights are 7-bit where the target CPU needs it (NNCF's overflow fix on every Conv/MatMul): x86 CPUs without VNNI
 multiply uint8 x int8 with vpmaddubsw, whose int16 pair sums saturate on full 8-bit weights; int8
 activation quantizers become uint8 so ORT fuses every Conv between two of them."""
 from __future__ import annotations
@@ -72,3 +72,39 @@ def test_int8_activations_become_uint8_losslessly():
     assert arrays["z"].dtype == np.uint8 and int(arrays["z"]) == 125 and arrays["wz"].dtype == np.int8  # weights stay
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     np.testing.assert_array_equal(run(model), before)
+
+
+@pytest.mark.parametrize("features, fix", [(("avx2",), "enable"), (("avx2", "avx512_vnni"), "disable"),
+                                           (("avx2", "avx_vnni"), "disable"), (("avx2", "amx_int8"), "disable"),
+                                           ((), "enable"), (None, "enable")])
+def test_auto_overflow_fix_follows_the_cpu(features, fix):
+    from edgeslim.compress.quantize import resolve_overflow_fix
+    assert resolve_overflow_fix("auto", features) == fix
+    assert resolve_overflow_fix("first_layer", features) == "first_layer"  # a setting the user wrote is kept
+
+
+@pytest.mark.parametrize("cpu, other, fix", [(("avx2",), ("avx2", "avx512_vnni", "amx_int8"), "enable"),
+                                             (("avx2", "avx512_vnni", "amx_int8"), ("avx2",), "disable")])
+def test_default_overflow_fix_is_the_compressing_cpus_and_replays_anywhere(cpu, other, fix, tmp_path, monkeypatch):
+    """Whatever CPU runs the tests: the INT8 features are set, the default follows them into the record, and
+    an export on a CPU with the other features rebuilds the recorded weights, not its own choice."""
+    from edgeslim import artifact
+    from edgeslim.runtime import machine
+    monkeypatch.setattr(machine, "int8_features", lambda: cpu)
+    steps = [{"method": "asvd", "ratio": 0.5, "calib": "random:32"}, {"method": "int8", "calib": "random:32"}]
+    _, _, results, path = pipeline.compress_to_artifact("tiny-mlp", steps, tmp_path / "q.slim", quiet=True)
+    resolved = results[1].resolved
+    assert resolved["nncf"]["overflow_fix"] == fix and resolved["overflow_fix_for"] == list(cpu)
+    monkeypatch.setattr(machine, "int8_features", lambda: other)
+    info = pipeline.export_model(artifact.load(path), "onnx", tmp_path / "q.onnx", quiet=True)
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(info["onnx"]))
+    assert (peak <= 64) if fix == "enable" else (peak >= 127), peak
+
+
+def test_a_record_with_an_unknown_overflow_fix_is_refused():
+    from edgeslim.compress.int8_record import check_record
+    from edgeslim.core.errors import SourceError
+    record = {"opset": 20, "activations": {}, "changed": {}, "nncf": {"overflow_fix": "auto"}}
+    with pytest.raises(SourceError, match="overflow fix 'auto'"):
+        check_record(record, "test")
+    check_record(record | {"nncf": {"overflow_fix": "disable"}}, "test")
