@@ -4,7 +4,8 @@ GOLDEN was written by the code before the architecture step of issue 35 (commit 
 sensitivity profile through a run-time subclass, per-family configs; the mpo distilled-healing case
 by 446f48e, which matched fe62c48 on every other case, before healing was shared); the refactored
 code must make the same decisions (ranks, bonds, kept channels) and compute the same outputs. The
-demo checks the same on MiniLM: fe62c48 and the refactored code write bit-identical weights. Regenerate only for
+demo checks the same on MiniLM: fe62c48 and the refactored code write bit-identical weights. The prune cases gained
+the `skipped` record of issue 40 (fc3 left whole, its channels reach the output): the same decisions. Regenerate only for
 an intended change of behaviour: `python tests/test_equivalence.py` rewrites tests/golden_decisions.json.
 """
 from __future__ import annotations
