@@ -32,13 +32,16 @@ from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
 
 @contextlib.contextmanager
 def stage(message: str, quiet: bool = False) -> Iterator[None]:
-    """Show a spinner with the elapsed time while a long stage runs (stderr), then a done line."""
+    """Show a spinner with the elapsed time while a long stage runs (stderr; off a terminal, a line when it
+    starts), then a done line."""
     if quiet:
         yield
         return
     from rich.console import Console
     console = Console(stderr=True)
     start = time.perf_counter()
+    if not console.is_terminal:
+        console.print(f"{message} ...")
     with console.status(f"{message} ..."):
         yield
     console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
