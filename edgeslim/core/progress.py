@@ -110,6 +110,12 @@ class bar:
         self._bar.close()
 
 
+def say(text: str) -> None:
+    """One line of news from long work (a measured round, a decision), on stderr, terminal or not."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def each(items: list[Any], description: str, enabled: bool = True) -> Iterator[Any]:
     """Iterate `items` with a bar (what rich.progress.track did, also off a terminal)."""
     with bar(description, len(items), enabled) as b:
