@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from edgeslim.compress.base import BudgetConfig, CompressContext, CompressResult, Decision
@@ -26,6 +25,7 @@ from edgeslim.compress.train import check_finite, task_loss, teacher_targets
 from edgeslim.core.calib import CalibData
 from edgeslim.core.config import ConfigBase
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.progress import bar
 
 
 @torch.no_grad()
@@ -60,8 +60,7 @@ def layer_sensitivity(model: nn.Module, data: CalibData, builders: Mapping[str, 
     try:
         base = mean_loss(model, data)
         out: dict[str, float] = {}
-        with Progress(transient=True, disable=not progress) as bar:
-            task = bar.add_task(f"layer sensitivity on {data.name}", total=len(builders))
+        with bar(f"layer sensitivity on {data.name}", len(builders), progress) as shown:
             for name, build in builders.items():
                 original = model.get_submodule(name)
                 set_submodule(model, name, build(original))
@@ -69,7 +68,7 @@ def layer_sensitivity(model: nn.Module, data: CalibData, builders: Mapping[str, 
                     out[name] = mean_loss(model, data) - base
                 finally:
                     set_submodule(model, name, original)
-                bar.advance(task)
+                shown.advance()
     finally:
         model.train(was_training)
     return out

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from edgeslim.compress.base import StatsRequest
@@ -22,6 +21,7 @@ from edgeslim.compress.replace import linear_view
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.train import check_finite, task_loss
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.progress import bar
 
 
 @dataclass
@@ -200,8 +200,7 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], request:
             for name, mod in modules.items():
                 mod.weight.requires_grad_(True)
                 stats.fisher[name] = torch.zeros_like(linear_view(mod).weight, dtype=torch.float32)
-        with Progress(transient=True, disable=not progress) as bar:
-            task = bar.add_task(f"calibrating on {calib.name}", total=len(calib.batches))
+        with bar(f"calibrating on {calib.name}", len(calib.batches), progress) as shown:
             for i, batch, target in calib:
                 where = f"calibration batch {i} of '{calib.name}'"
                 check_finite(batch, where)
@@ -229,7 +228,7 @@ def collect_stats(model: nn.Module, calib: CalibData, names: list[str], request:
                         stats.fisher[name] += (grad.T if transposed[name] else grad).square()
                     stats.samples += 1
                 stats.batches += 1
-                bar.advance(task)
+                shown.advance()
         for name in stats.fisher:
             stats.fisher[name] /= max(stats.samples, 1)
         stats.fisher_loss = loss

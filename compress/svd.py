@@ -35,6 +35,7 @@ from edgeslim.compress.replace import (linear_types, linear_view, recorded_modul
 from edgeslim.compress.sensitivity import LossProfile, compress_by_loss, profile_lowrank
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.specs import TensorSpec
+from edgeslim.core.progress import say
 
 OVERSHOOT = 1.05  # a measured speedup up to this factor above the one asked ends the re-aiming (more costs error)
 RETARGET_ROUNDS = 4  # timings of the factored model per speedup budget (each: one ONNX export, timed beside the original)
@@ -239,15 +240,24 @@ class _LowRankCompressor(Compressor):
             return allocate(spectra, config), times, {}
         model_ms = measure.model_ms(model, context.inputs, context.dims)
         layers = list(times.values())
-        ranks, latency = allocate_latency(layers, config.speedup, config.align, model_ms)
-        aimed, rounds, trials = config.speedup, [], []  # trials: (ranks, latency summary) of each round
+        timed = factored is not None and measure.times_models
         reachable = fastest_speedup(layers, config.align, model_ms)
-        while factored is not None and measure.times_models:
+        aimed = config.speedup if config.speedup < reachable or not timed else reachable * (1 - 1e-9)
+        # an estimate out of reach is not a verdict where models are timed: the fastest allocation is measured first
+        ranks, latency = allocate_latency(layers, aimed, config.align, model_ms)
+        rounds, trials = [], []  # trials: (ranks, latency summary) of each round
+        while timed:
             measured = measure.speedup(model, factored(ranks), context.inputs, context.dims)  # side by side
             rounds.append({"aimed": aimed, "estimated": latency["estimated_speedup"], "measured": measured})
             trials.append((ranks, latency))
+            say(f"speedup round {len(rounds)}: aimed at {aimed:.2f}x by the GEMM table, estimated "
+                f"{latency['estimated_speedup']:.2f}x, measured {measured:.2f}x (asked {config.speedup:g}x)")
             if config.speedup <= measured <= config.speedup * OVERSHOOT or len(rounds) == RETARGET_ROUNDS:
                 break
+            if aimed >= reachable * (1 - 1e-6) and measured < config.speedup:  # the fastest allocation, measured
+                raise ConfigError(f"speedup {config.speedup:g} is out of reach on this target: the fastest allocation "
+                                  f"(every targeted layer at its fastest rank) measured {measured:.2f}x; target more "
+                                  "layers or ask for less")
             aimed = reaim(rounds, config.speedup, reachable)
             ranks, latency = allocate_latency(layers, aimed, config.align, model_ms)
             if any(ranks == tried for tried, _ in trials):  # the estimate cannot go further

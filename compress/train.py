@@ -17,6 +17,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, ConfigBase, register, working_copy
 from edgeslim.core.errors import ConfigError, SourceError
 from edgeslim.core.specs import TensorSpec
+from edgeslim.core.progress import bar
 
 Batch = dict[str, torch.Tensor]
 Augment = Callable[[Batch, torch.Tensor | None, torch.Generator], tuple[Batch, torch.Tensor | None]]
@@ -105,7 +106,7 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         params: the parameters to train (default: every parameter of model that requires grad).
         seed: batch order, augmentation and the model's own randomness (dropout) come from a forked
             RNG seeded with it; the caller's global RNG state is left as it was.
-        progress: show a tqdm progress bar with the current loss.
+        progress: show progress with the current loss (edgeslim.core.progress).
         weight_decay, max_grad_norm: AdamW decoupled weight decay, gradient clipping (None: off).
         schedule, lr_end: learning-rate decay from lr to lr_end over the run ("constant": none).
         augment: augment(batch, target, generator) -> (batch, target), applied to every batch.
@@ -123,8 +124,6 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         ConfigError: no targets and no teacher, bad steps/epochs/lr, or targets that do not fit.
         SourceError: a batch, the loss or the gradient is NaN/Inf (step and batch named).
     """
-    from tqdm.auto import tqdm
-
     if (steps is None) == (epochs is None):
         raise ConfigError(f"{label}: give steps or epochs (one of them), got steps={steps}, epochs={epochs}")
     total = steps if steps is not None else epochs * len(data.batches)
@@ -155,7 +154,7 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
         try:
             for m in rates:
                 m.p = 0.0
-            with tqdm(total=total, desc=f"{label} on {data.name}", disable=not progress, leave=False) as bar:
+            with bar(f"{label} on {data.name}", total, progress) as shown:
                 for step in range(total):
                     if not order:
                         order = torch.randperm(len(data.batches), generator=gen).tolist()
@@ -178,8 +177,8 @@ def fit(model: nn.Module, data: CalibData, *, steps: int | None = None, epochs: 
                     opt.step()
                     sched.step()
                     report.losses.append(float(value.detach()))
-                    bar.set_postfix(loss=f"{report.losses[-1]:.4g}", refresh=False)
-                    bar.update()
+                    shown.note(f"loss {report.losses[-1]:.4g}")
+                    shown.advance()
                     if monitor is not None:
                         monitor(step + 1, model)
         finally:

@@ -111,6 +111,8 @@ def _print_ops(console: Any, breakdown: dict[str, Any]) -> None:
 @click.option("--target", help="regex (fullmatch) of module names to compress")
 @click.option("--exclude", help="regex of module names to leave alone")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
+@click.option("--heal", type=int, metavar="STEPS", help="then heal the compressed model for STEPS steps on the --calib "
+              "data (distilling the original's outputs where the data has no labels), in the same command")
 @source_options
 @click.option("--profile", default=DEFAULT_PROFILE, show_default=True,
               help="target the decisions are made for (its align rounds ranks), as in `run`")
@@ -119,7 +121,7 @@ def _print_ops(console: Any, breakdown: dict[str, Any]) -> None:
 @trust_options
 def compress(source: str, method: str, ratio: float | None, rank: int | None, energy: float | None,
              speedup: float | None, gemm_table: str | None, calib: str | None, target: str | None, exclude: str | None, sets: tuple[str, ...],
-             weights: str | None, inputs: str | None, task: str | None, profile: str, out: str | None,
+             heal: int | None, weights: str | None, inputs: str | None, task: str | None, profile: str, out: str | None,
              as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Compress SOURCE with METHOD and save a replayable .slim artifact."""
     from edgeslim.compress.base import get_compressor
@@ -132,11 +134,18 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
         if val is not None:
             step[key] = val
     step |= _sets(sets, get_compressor(method).Config, StepSection)
+    steps = [step]
+    if heal is not None:
+        if calib is None or heal < 1:
+            raise ConfigError(f"--heal STEPS needs STEPS >= 1 and --calib DATA to heal on (got --heal {heal}"
+                              f"{'' if calib else ', no --calib'})")
+        steps.append({"method": "heal", "steps": heal, "calib": calib})
     if out is None:
         out = str(DEFAULT_OUT / f"{safe_stem(Path(source).name.removesuffix('.slim'))}-{safe_stem(method)}.slim")
-    original, compressed, results, path = compress_to_artifact(source, [step], out, weights, inputs, profile=profile,
+    original, compressed, results, path = compress_to_artifact(source, steps, out, weights, inputs, profile=profile,
                                                                trust=trust_of(trusted, trust_source), task=task,
                                                                quiet=as_json)
+    quality = _agreement(original, compressed, calib)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
     sized = [c for c in results[-1].changes if c.bytes_before is not None and c.bytes_after is not None]
@@ -150,7 +159,7 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
             "artifact_bytes": _folder_bytes(path), "modules": dict(counts),
             "params": {"targeted_before": before, "targeted_after": after, "model_before": count(original.model),
                        "model_after": count(compressed.model)}, **({"bytes": size} if size else {}),
-            "notes": skipped, "steps": [r.step_record() for r in results]})
+            "notes": skipped, "agreement": quality, "steps": [r.step_record() for r in results]})
         return
     console = _console()
     for name, reason in skipped.items():
@@ -161,6 +170,34 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
                       f"(x{size['targeted_bytes_after'] / max(size['targeted_bytes_before'], 1):.3f}); " if size else "") +
                   f"model {sum(p.numel() for p in original.model.parameters()):,} -> "
                   f"{sum(p.numel() for p in compressed.model.parameters()):,} ({original.task})\nartifact: {path}")
+    _print_agreement(console, quality, source, method, calib, heal)
+
+
+POOR = {"cosine_mean": 0.95, "top1_agreement": 0.9, "next_token_agreement": 0.8}  # below: say so, suggest healing
+
+
+def _agreement(original: Any, compressed: Any, calib: str | None) -> dict[str, Any]:
+    """The compressed model against the original on calibration samples it was not calibrated on (the data
+    set drawn with another seed; random inputs without --calib), the metric the task has."""
+    from edgeslim.data import parse_spec
+    from edgeslim.pipeline import compare_outputs
+
+    held_out = f"{parse_spec(calib)[0]}:32" if calib else None
+    out = compare_outputs(original, compressed.model, held_out, seed=1)
+    return out | {"data": f"{held_out} (drawn with another seed)" if held_out else "random inputs"}
+
+
+def _print_agreement(console: Any, quality: dict[str, Any], source: str, method: str, calib: str | None,
+                     heal: int | None) -> None:
+    shown = {k: quality[k] for k in POOR if k in quality}
+    words = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in shown.items()) or \
+        f"max |difference| {quality['max_abs_diff']:.3g}"
+    console.print(f"agreement with the original on {quality['samples']} samples of {quality['data']}: {words}")
+    poor = [k for k, v in shown.items() if v < POOR[k]]
+    if poor:
+        how = (f"heal it: edgeslim compress {source} -m {method} ... --heal 40 --calib {calib or 'DATA'}"
+               if not heal else "heal longer (--heal) or keep more of the model (a higher --ratio)")
+        console.print(f"[yellow]poor agreement[/] ({', '.join(f'{k} under {POOR[k]}' for k in poor)}): {how}")
 
 
 @cli.command()

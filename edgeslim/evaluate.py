@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from rich.progress import track
+from edgeslim.core.progress import each
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, SourceError
@@ -108,7 +108,7 @@ def perplexity(model: Callable[..., torch.Tensor], tokenizer: Any, texts: Sequen
         raise SourceError("no text long enough to score (each document needs at least 2 tokens)")
     nll, count = 0.0, 0
     batches = range(0, len(rows), batch_size)
-    for i in track(batches, description="perplexity", disable=not progress, transient=True):
+    for i in each(batches, "perplexity", progress):
         chunk = rows[i:i + batch_size]
         length = max(len(r) for r, _ in chunk)
         ids = torch.full((len(chunk), length), pad, dtype=torch.int64)
@@ -170,7 +170,7 @@ def _id2label(loaded: LoadedModel) -> dict[int, str] | None:
 
 def _classify(model: Callable[..., torch.Tensor], batches: list[dict[str, torch.Tensor]], progress: bool) -> list[int]:
     out = []
-    for b in track(batches, description="classifying", disable=not progress, transient=True):
+    for b in each(batches, "classifying", progress):
         with torch.inference_mode():
             out += model(**b).argmax(-1).tolist()
     return out
@@ -257,8 +257,7 @@ def evaluate(loaded: LoadedModel, data: str, reference: LoadedModel | None = Non
         texts = _texts(data)
         ref = (reference or loaded).model.eval()
         cos = []
-        for i in track(range(0, len(texts), batch_size), description="embedding", disable=not progress,
-                       transient=True):
+        for i in each(list(range(0, len(texts), batch_size)), "embedding", progress):
             feeds = loaded.encode(texts[i:i + batch_size])
             with torch.inference_mode():
                 cos.append(torch.nn.functional.cosine_similarity(model(**feeds).double(), ref(**feeds).double(), dim=1))

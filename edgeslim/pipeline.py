@@ -32,13 +32,16 @@ from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
 
 @contextlib.contextmanager
 def stage(message: str, quiet: bool = False) -> Iterator[None]:
-    """Show a spinner with the elapsed time while a long stage runs (stderr), then a done line."""
+    """Show a spinner with the elapsed time while a long stage runs (stderr; off a terminal, a line when it
+    starts), then a done line."""
     if quiet:
         yield
         return
     from rich.console import Console
     console = Console(stderr=True)
     start = time.perf_counter()
+    if not console.is_terminal:
+        console.print(f"{message} ...")
     with console.status(f"{message} ..."):
         yield
     console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
@@ -132,17 +135,23 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: str | None) -> dict[str, float]:
-    """Max output difference (and for embeddings the cosine similarity, for classifiers top-1 agreement)."""
+def compare_outputs(original: LoadedModel, compressed: torch.nn.Module, data: str | None,
+                    seed: int = 0) -> dict[str, float]:
+    """Max output difference (and for embeddings the cosine similarity, for classifiers top-1 agreement, for
+    causal LMs the agreement of the next-token argmax at every position) on `data` (drawn with `seed`)."""
     if data:
-        batches = [b for _, b, _ in load_calibration(data, original, batch_size=16)]
+        batches = [b for _, b, _ in load_calibration(data, original, batch_size=16, seed=seed)]
     else:
         feeds = example_feeds(original.inputs, original.dims, seed=3)
         batches = [{k: torch.from_numpy(v) for k, v in feeds.items()}]
     with torch.inference_mode():
-        a = torch.cat([original.model(**b) for b in batches]).flatten(1).double()
-        b = torch.cat([compressed(**b) for b in batches]).flatten(1).double()
+        outs = [(original.model(**b), compressed(**b)) for b in batches]
+    a = torch.cat([x.flatten(1) for x, _ in outs]).double()
+    b = torch.cat([y.flatten(1) for _, y in outs]).double()
     out = {"max_abs_diff": float((a - b).abs().max()), "samples": int(a.shape[0])}
+    if original.task == "causal-lm":
+        same = torch.cat([(x.argmax(-1) == y.argmax(-1)).flatten() for x, y in outs]).double()
+        out["next_token_agreement"] = float(same.mean())
     if original.task == "feature-extraction":
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
         out |= {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.progress import bar
 from edgeslim.runtime.cuda_timing import resolve_clock, timer
 # Above UNSTABLE_CV the run-to-run spread (here usually other processes sharing the cores) is as large as
 # the 1.2-2x speedups compression is judged by, so ratios taken from such runs are unreliable: the Timing
@@ -67,13 +68,6 @@ def _batch_of(feeds: Feeds) -> int:
         raise ConfigError("feeds are empty: give one array per model input")
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
 
 
 def _timed_calls(session, feeds: Feeds, iters: int, probe: MemoryProbe, advance: Callable[[], None],
@@ -134,7 +128,7 @@ def measure(session, feeds: Feeds, warmup: int = 5, iters: int = 30, progress: b
         feeds: one array per input; the batch size is the first input's leading dimension.
         warmup: untimed calls first (lazy allocation, kernel selection, caches).
         iters: timed calls.
-        progress: show a rich progress bar.
+        progress: show progress on stderr (edgeslim.core.progress).
         clock: "auto" (CUDA events for a session on CUDA, else the wall clock), "wall" or "cuda-events".
 
     Returns:
@@ -144,9 +138,8 @@ def measure(session, feeds: Feeds, warmup: int = 5, iters: int = 30, progress: b
         ConfigError: iters < 1, warmup < 0, empty feeds, or CUDA events for a session not on CUDA.
         MissingDependencyError: CUDA events where torch sees no CUDA device.
     """
-    with _progress(progress) as bar:
-        task = bar.add_task(f"timing batch {_batch_of(feeds)}", total=warmup + iters)
-        return _measure(session, feeds, warmup, iters, lambda: bar.advance(task), clock)
+    with bar(f"timing batch {_batch_of(feeds)}", warmup + iters, progress) as shown:
+        return _measure(session, feeds, warmup, iters, shown.advance, clock)
 
 
 def sweep(session, make_feeds: Callable[[int], Feeds], batches: Sequence[int], warmup: int = 5, iters: int = 30,
@@ -158,17 +151,16 @@ def sweep(session, make_feeds: Callable[[int], Feeds], batches: Sequence[int], w
         make_feeds: batch size -> feeds (e.g. `lambda b: example_feeds(specs, {"batch": b, ...})`).
         batches: batch sizes; measured in ascending order (see the module docstring on memory).
         warmup, iters: per batch, as in `measure`.
-        progress: show a rich progress bar.
+        progress: show progress on stderr (edgeslim.core.progress).
     """
     order = sorted(set(int(b) for b in batches))
     if not order or order[0] < 1:
         raise ConfigError(f"batches must be positive integers, got {list(batches)}")
-    with _progress(progress) as bar:
-        task = bar.add_task("profiling", total=len(order) * (warmup + iters))
+    with bar("profiling", len(order) * (warmup + iters), progress) as shown:
         results = []
         for b in order:
-            bar.update(task, description=f"batch {b}")
-            results.append(_measure(session, make_feeds(b), warmup, iters, lambda: bar.advance(task)))
+            shown.describe(f"profiling batch {b}")
+            results.append(_measure(session, make_feeds(b), warmup, iters, shown.advance))
     return results
 
 
@@ -200,15 +192,14 @@ def interleave(sessions: Sequence[Any], feeds: Sequence[Feeds], warmup: int = 5,
     rounds = min(rounds, iters)
     shares = round_shares(iters, rounds)
     times: list[list[np.ndarray]] = [[] for _ in sessions]
-    with _progress(progress) as bar:
-        task = bar.add_task(f"{len(sessions)} candidates, {rounds} rounds", total=len(sessions) * (warmup + iters))
+    with bar(f"{len(sessions)} candidates, {rounds} rounds", len(sessions) * (warmup + iters), progress) as shown:
         for session, f in zip(sessions, feeds):
             for _ in range(warmup):
                 session.run(f)
-                bar.advance(task)
+                shown.advance()
         for share in shares:
             for i, (session, f) in enumerate(zip(sessions, feeds)):
-                times[i].append(_timed_calls(session, f, share, MemoryProbe("rss"), lambda: bar.advance(task), clocks[i]))
+                times[i].append(_timed_calls(session, f, share, MemoryProbe("rss"), shown.advance, clocks[i]))
     out = [_summarize(_batch_of(f), np.concatenate(t), None, INTERLEAVED_MEM, warmup, c)
            for f, t, c in zip(feeds, times, clocks)]
     for timing in out:

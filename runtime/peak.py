@@ -165,6 +165,7 @@ def _contended(entry: dict) -> bool:
 
 
 _UNDER_LOAD: dict[str, dict] = {}  # figures measured under load in this process: used, never written
+_GEMM_UNDER_LOAD: dict[str, dict[str, float]] = {}  # the same for GEMM times, by machine key and shape
 
 
 def measured_peak(profile: Profile, refresh: bool = False) -> Peak:
@@ -243,7 +244,7 @@ class GemmTable:
     def __init__(self, threads: int = 0, repeats: int = 5) -> None:
         self.threads, self.repeats = threads, repeats
         self.key = machine_key(threads)
-        self._under_load: dict[str, float] = {}  # timed under load: used by this table, never written
+        self._under_load = _GEMM_UNDER_LOAD.setdefault(self.key, {})  # timed under load: this process, never written
         self._checked = False
 
     def _time(self, shape: str) -> tuple[float, bool]:

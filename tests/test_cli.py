@@ -2,9 +2,9 @@
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,7 +101,8 @@ def test_library_noise_is_hidden_unless_verbose(in_tmp):
     done = subprocess.run([sys.executable, "-m", "edgeslim", "compress", "tiny-bert", "-m", "int8", "--calib",
                            "random:8", "-o", "a.slim"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    noise = [line for line in done.stderr.splitlines() if not line.startswith(("done ", "warning: "))]
+    noise = [line for line in done.stderr.splitlines() if not line.startswith(("done ", "warning: ")) and
+             not line.endswith(" ...")]  # edgeslim's own: a stage's start and end, its warnings
     assert noise == [], noise
 
 
@@ -112,3 +113,22 @@ def test_verbose_is_taken_anywhere_on_the_line(monkeypatch):
     monkeypatch.setattr(noise, "quiet_libraries", lambda verbose=False: seen.append(verbose))
     assert main(["list", "profiles", "-v"]) == 0 and main(["--verbose", "list", "profiles"]) == 0
     assert main(["list", "profiles"]) == 0 and seen == [True, True, False]
+
+
+def test_compress_reports_agreement_and_heals_in_the_same_command(in_tmp, capsys, monkeypatch):
+    from edgeslim import pipeline
+
+    assert main(["compress", "tiny-bert", "-m", "svd", "--rank", "1", "--calib", "random:16", "-o", "a.slim"]) == 0
+    out = capsys.readouterr().out
+    assert "agreement with the original on 32 samples of random:32 (drawn with another seed): cosine mean" in out
+    with monkeypatch.context() as m:  # a model the step broke: the report says so and how to heal it
+        m.setattr(pipeline, "compare_outputs", lambda *a, **k: {"max_abs_diff": 3.0, "samples": 32, "cosine_mean": 0.61})
+        assert main(["compress", "tiny-bert", "-m", "svd", "--rank", "1", "--calib", "random:16", "-o", "p.slim"]) == 0
+    out = capsys.readouterr().out
+    assert "poor agreement (cosine_mean under 0.95): heal it: edgeslim compress tiny-bert -m svd ... --heal 40" in out
+    assert main(["compress", "tiny-bert", "-m", "svd", "--rank", "1", "--calib", "random:16", "--heal", "3",
+                 "-o", "b.slim", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [s["method"] for s in result["steps"]] == ["svd", "heal"] and 0 < result["agreement"]["cosine_mean"] <= 1
+    assert main(["compress", "tiny-bert", "-m", "svd", "--rank", "1", "--heal", "3", "-o", "c.slim"]) == 2
+    assert "--heal STEPS needs" in capsys.readouterr().err and not Path("c.slim").exists()

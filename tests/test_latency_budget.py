@@ -161,8 +161,30 @@ def test_greedy_matches_brute_force_on_two_layers():
 
 
 def test_speedup_out_of_reach_names_the_best():
+    with pytest.raises(ConfigError, match="out of reach.*the fastest allocation .* measured"):
+        SVD().compress(Wrapped(), {"speedup": 50.0}, context=_context(FakeMeasure()))  # a measured round says so
+    table = FakeMeasure()
+    table.times_models = False  # a table measured elsewhere: the estimate is all there is
     with pytest.raises(ConfigError, match="out of reach.*estimate is"):
-        SVD().compress(Wrapped(), {"speedup": 50.0}, context=_context(FakeMeasure()))
+        SVD().compress(Wrapped(), {"speedup": 50.0}, context=_context(table))
+
+
+class FasterThanTheTable(FakeMeasure):
+    """The whole model gains more than its GEMMs timed alone promise (issue 38: estimated 1.19x, ran 1.9x).
+    The fastest allocation is estimated at 4.75x here and runs 107x."""
+
+    def speedup(self, base, trial, inputs, dims):
+        return super().speedup(base, trial, inputs, dims) ** 3
+
+
+def test_an_estimate_out_of_reach_is_measured_before_it_is_refused(capsys):
+    measure = FasterThanTheTable()
+    model = Wrapped()
+    result = SVD().compress(model, {"speedup": 6.0}, context=_context(measure))
+    rounds = result.resolved["latency"]["rounds"]
+    assert rounds[0]["estimated"] < 6.0 <= rounds[0]["measured"]  # the table alone would have refused
+    assert result.resolved["latency"]["measured_speedup"] >= 6.0 and len(rounds) > 1  # then re-aimed down
+    assert "speedup round 1: aimed at" in capsys.readouterr().err  # each round is shown
 
 
 @pytest.mark.parametrize("config, message", [
