@@ -29,6 +29,7 @@ from edgeslim.compress.base import (BudgetConfig, CompressContext, CompressResul
                                     register, working_copy)
 from edgeslim.compress.prune_checks import (check_pruned, fused_parts, gqa_projections, nonzero_outputs,
                                            relative_bias_projections)
+from edgeslim.compress import prune_gqa
 from edgeslim.compress.prune_conv1d import conv1d_pruners, conv1d_scores, is_conv1d
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import matches, count_params
@@ -213,9 +214,8 @@ def _all_groups(model: nn.Module, graph, notes: list[str]):
     resolve the key/value head sharing (its traversal does not end), so those heads stay whole.
     """
     gqa = gqa_projections(model)
-    for block in sorted(set(gqa.values())):
-        notes.append(f"{block}: heads left whole (grouped-query attention: key/value heads shared by query "
-                     "heads are not pruned by group)")
+    for block in sorted(set(gqa.values()) - set(prune_gqa.gqa_blocks(model))):
+        notes.append(f"{block}: heads left whole (grouped-query attention with fused projections is not pruned)")
     biased = relative_bias_projections(model)
     for block in sorted(set(biased.values())):
         notes.append(f"{block}: heads left whole (a relative position bias per head, T5 / Swin style, is not "
@@ -429,6 +429,11 @@ class Prune(Compressor):
             attrs = _set_heads(g.heads_of, g.unit, len(kept)) if g.heads_of is not None and removed else {}
             records.append({"root": g.root, "channels": g.channels, "unit": g.unit, "kept": kept, "attrs":
                             {names[g.heads_of]: attrs} if attrs else {}})
+        gqa = prune_gqa.plan(model, config.ratio) if config.ratio is not None else {}
+        prune_gqa.apply(model, gqa)
+        touched += [f"{b}.{p}" for b in gqa for p in prune_gqa.PROJECTIONS]
+        notes += [f"{b}: heads left whole (the ratio keeps every key/value group)"
+                  for b in prune_gqa.gqa_blocks(model) if b not in gqa]
         check_pruned(model, inputs, alive)
         history = [[n, bool(out), [int(i) for i in idx]] for n, out, idx in graph.pruning_history()]
         heal_report = None
@@ -438,7 +443,7 @@ class Prune(Compressor):
         changes = self._changes(model, touched, before, groups, kept_units, plans)
         resolved = {"history": history, "groups": records, "inputs": [s.to_dict() for s in specs],
                     "params_targeted": pm.full, "params_kept": pm.count(kept_units), "merged": merged,
-                    "notes": notes, "skipped": dict(n.split(": ", 1) for n in notes),
+                    "notes": notes, "skipped": dict(n.split(": ", 1) for n in notes), "gqa": gqa,
                     "heal_final_loss": heal_report.final_loss if heal_report else None}
         return self.result(model, config, changes, resolved)
 
@@ -478,5 +483,9 @@ class Prune(Compressor):
             for name, attrs in record.get("attrs", {}).items():
                 for key, value in attrs.items():
                     setattr(model.get_submodule(name), key, int(value))
+        gqa = resolved.get("gqa", {})
+        if not isinstance(gqa, Mapping):
+            raise ConfigError("replay of 'prune': 'gqa' must map attention blocks to kept key/value heads")
+        prune_gqa.apply(model, gqa)
         model.train(was_training)
         return model
