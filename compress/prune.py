@@ -29,6 +29,8 @@ from edgeslim.compress.base import (CompressContext, CompressResult, Compressor,
                                     register, working_copy)
 from edgeslim.compress.prune_checks import (check_pruned, fused_parts, gqa_projections, nonzero_outputs,
                                            relative_bias_projections)
+from edgeslim.compress import prune_gqa
+from edgeslim.compress.prune_conv1d import conv1d_pruners, conv1d_scores, is_conv1d
 from edgeslim.compress.prune_merge import MergePlan, merge_plan
 from edgeslim.compress.replace import matches, count_params
 from edgeslim.compress.train import HealingConfig, task_loss
@@ -70,7 +72,8 @@ def build_graph(model: nn.Module, inputs: Mapping[str, torch.Tensor]):
     running: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: running.append(n)) for n, m in model.named_modules() if n]
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=dict(inputs))
+        return tp.DependencyGraph().build_dependency(model, example_inputs=dict(inputs),
+                                                     customized_pruners=conv1d_pruners())
     except Exception as exc:
         where = running[-1] if running else "(model input)"
         raise ConfigError(f"Torch-Pruning cannot trace the model: failed in or after module '{where}' "
@@ -145,7 +148,7 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
         layers = [(names.get(d.target.module), d) for d, _ in g if isinstance(d.target.module, nn.Module)
                   and d.target.module in names]
         producers = [n for n, d in layers if graph.is_out_channel_pruning_fn(d.handler)
-                     and isinstance(d.target.module, (nn.modules.conv._ConvNd, nn.Linear))]
+                     and (isinstance(d.target.module, (nn.modules.conv._ConvNd, nn.Linear)) or is_conv1d(d.target.module))]
         if any(d.target.type == tp.ops.OPTYPE.OUTPUT or (not d.target.outputs and graph.is_out_channel_pruning_fn(
                 d.handler)) for d, _ in g):  # a sink of the graph produces a model output
             notes.append(f"{root}: left whole (its channels reach the model's output)")
@@ -172,6 +175,10 @@ def collect_groups(model: nn.Module, graph, config: PruneConfig) -> tuple[list[G
             continue
         channels = len(g[0].idxs)
         parts = fused_parts(g, channels)
+        if not head and _in_attention(model, root):
+            notes.append(f"{root}: left whole (an attention projection whose heads are not recognised, such as "
+                         "GPT-2's fused q/k/v c_attn: cut per channel it would break the head layout)")
+            continue
         if parts is None or (parts > 1 and (head or config.criterion == "merge")):
             why = "criterion merge does not fold fused parts" if parts else "its parts do not map one-to-one"
             notes.append(f"{root}: left whole (a fused projection: {why})")
@@ -196,21 +203,17 @@ def _all_groups(model: nn.Module, graph, notes: list[str]):
     resolve the key/value head sharing (its traversal does not end), so those heads stay whole.
     """
     gqa = gqa_projections(model)
-    for block in sorted(set(gqa.values())):
-        notes.append(f"{block}: heads left whole (grouped-query attention: key/value heads shared by query "
-                     "heads are not pruned by group)")
+    for block in sorted(set(gqa.values()) - set(prune_gqa.gqa_blocks(model))):
+        notes.append(f"{block}: heads left whole (grouped-query attention with fused projections is not pruned)")
     biased = relative_bias_projections(model)
     for block in sorted(set(biased.values())):
         notes.append(f"{block}: heads left whole (a relative position bias per head, T5 / Swin style, is not "
                      "pruned with its heads)")
     gqa |= biased
-    for name, module in model.named_modules():
-        if type(module).__name__ == "Conv1D":  # GPT-2's transposed Linear: Torch-Pruning has no handler for it
-            notes.append(f"{name}: left whole (Conv1D weights are not pruning targets: use svd/asvd/mpo/int8 "
-                         "for them)")
     visited: set[nn.Module] = set()
     for module in list(graph.module2node):
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module in visited or module in gqa:
+        if not (isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or is_conv1d(module)) or module in visited \
+                or module in gqa:
             continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
@@ -218,6 +221,13 @@ def _all_groups(model: nn.Module, graph, notes: list[str]):
         g = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
         visited.update(d.target.module for d, _ in g if graph.is_out_channel_pruning_fn(d.handler))
         yield g
+
+
+def _in_attention(model: nn.Module, name: str) -> bool:
+    """Whether module `name` sits directly in an attention block (a parent with a head size): a fused q/k/v
+    projection there is cut per head or not at all."""
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return any(isinstance(getattr(parent, k, None), int) for k in ("head_dim", "attention_head_size", "num_heads"))
 
 
 def _idxs(g, dep) -> list[int]:
@@ -314,7 +324,9 @@ def score_groups(model: nn.Module, graph, groups: list[Group], config: PruneConf
             plans[g.root] = merge_plan(model, graph, g.items, g.unit)
             g.scores = plans[g.root].scores.double()
         else:
-            g.scores = _unit_scores(g, imp(g.items).detach())
+            scores = imp(g.items)  # None when no layer of the group is one Torch-Pruning scores (GPT-2's Conv1D)
+            scores = conv1d_scores(g.items, g.channels, config.criterion) if scores is None else scores.detach()
+            g.scores = _unit_scores(g, scores)
     if config.criterion == "taylor":
         model.zero_grad(set_to_none=True)
     return plans
@@ -406,6 +418,11 @@ class Prune(Compressor):
             attrs = _set_heads(g.heads_of, g.unit, len(kept)) if g.heads_of is not None and removed else {}
             records.append({"root": g.root, "channels": g.channels, "unit": g.unit, "kept": kept, "attrs":
                             {names[g.heads_of]: attrs} if attrs else {}})
+        gqa = prune_gqa.plan(model, config.ratio) if config.ratio is not None else {}
+        prune_gqa.apply(model, gqa)
+        touched += [f"{b}.{p}" for b in gqa for p in prune_gqa.PROJECTIONS]
+        notes += [f"{b}: heads left whole (the ratio keeps every key/value group)"
+                  for b in prune_gqa.gqa_blocks(model) if b not in gqa]
         check_pruned(model, inputs, alive)
         history = [[n, bool(out), [int(i) for i in idx]] for n, out, idx in graph.pruning_history()]
         heal_report = config.heal(model, heal_data)
@@ -413,7 +430,7 @@ class Prune(Compressor):
         changes = self._changes(model, touched, before, groups, kept_units, plans)
         resolved = {"history": history, "groups": records, "inputs": [s.to_dict() for s in specs],
                     "params_targeted": pm.full, "params_kept": pm.count(kept_units), "merged": merged,
-                    "notes": notes, "skipped": dict(n.split(": ", 1) for n in notes),
+                    "notes": notes, "skipped": dict(n.split(": ", 1) for n in notes), "gqa": gqa,
                     "heal_final_loss": heal_report.final_loss if heal_report else None}
         return self.result(model, config, changes, resolved)
 
@@ -453,5 +470,9 @@ class Prune(Compressor):
             for name, attrs in record.get("attrs", {}).items():
                 for key, value in attrs.items():
                     setattr(model.get_submodule(name), key, int(value))
+        gqa = resolved.get("gqa", {})
+        if not isinstance(gqa, Mapping):
+            raise ConfigError("replay of 'prune': 'gqa' must map attention blocks to kept key/value heads")
+        prune_gqa.apply(model, gqa)
         model.train(was_training)
         return model

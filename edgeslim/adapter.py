@@ -121,10 +121,10 @@ def attach(base: LoadedModel, path: str | Path, manifest: Mapping[str, Any] | No
                                steps=list(base.steps) + [dict(step)])
 
 
-def base_source(path: str | Path, manifest: Mapping[str, Any]) -> LoadedModel:
-    """The recorded base of an adapter artifact, loaded: the zoo model its manifest records, built from the
-    zoo's own table (never a folder that happens to carry the zoo name in the current directory; a base
-    the user names with --base is loaded by sources.load_model). `attach` then checks its weights by hash.
+def base_source(path: str | Path, manifest: Mapping[str, Any]) -> str:
+    """The zoo name of the base an adapter artifact records, to build from the zoo's own table
+    (`edgeslim.artifact.load_zoo`), never looked up as a folder of that name in the current directory;
+    a base the user names (`--base`) is loaded instead of this. `attach` then checks the base's weights by hash.
 
     Raises:
         SourceError: the manifest names a factory or a folder, which an artifact never loads.
@@ -134,7 +134,7 @@ def base_source(path: str | Path, manifest: Mapping[str, Any]) -> LoadedModel:
         what = "names code to run" if src.get("kind") == "factory" else "is read from outside the artifact"
         raise SourceError(f"{path} is an adapter for the {src.get('kind')} base '{src.get('identifier')}', which "
                           f"{what}: an artifact never does that; pass the base yourself with --base SOURCE")
-    return artifact.load_zoo(src["identifier"])
+    return src["identifier"]
 
 
 def train_adapter(base: LoadedModel, train: Sequence[tuple[str, str | int]], out: str | Path, method: str = "compacter",

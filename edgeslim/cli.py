@@ -399,7 +399,8 @@ def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: boo
     """Train ESPCN (Shi et al. 2016) with the shipped models' recipe (edgeslim/sr_train.py) on the bundled photographs."""
     from edgeslim.sr_train import train_espcn_artifact
 
-    result, path = train_espcn_artifact(int(scale), steps, DEFAULT_OUT / f"espcn-x{scale}.slim" if out is None else out, seed)
+    out = DEFAULT_OUT / f"espcn-x{scale}.slim" if out is None else out
+    result, path = train_espcn_artifact(int(scale), steps, out, seed)
     params = sum(p.numel() for p in result.model.parameters())
     if as_json:
         print_json({"model": f"espcn-x{scale}", "scale": int(scale), "steps": steps, "seed": seed,

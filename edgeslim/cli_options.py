@@ -88,19 +88,16 @@ def source_options(command: Any) -> Any:
     return click.option("--weights", help="weights file for a pkg.mod:factory source (.safetensors or .pt)")(command)
 
 
-_JSON_RESULT: list[str] = []  # what print_json was given while a --json command runs (printed when it ends)
+_JSON_RESULTS: list[list[str]] = []  # one list per running --json command: what print_json was given
 
 
 def print_json(obj: Any) -> None:
     """The result of a --json command: printed on stdout, alone, once the command is done."""
     text = json.dumps(obj, indent=2, default=str)
-    if _JSON_QUIET:
-        _JSON_RESULT.append(text)
+    if _JSON_RESULTS:
+        _JSON_RESULTS[-1].append(text)
     else:
         click.echo(text)
-
-
-_JSON_QUIET: list[bool] = []
 
 
 def json_only(command: Any) -> Any:
@@ -116,18 +113,17 @@ def json_only(command: Any) -> Any:
         saved_fd = os.dup(1)
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-        _JSON_QUIET.append(True)
+        _JSON_RESULTS.append([])
         try:
             return command(*args, **kwargs)
         finally:
-            _JSON_QUIET.pop()
+            results = _JSON_RESULTS.pop()
             for stream in (sys.stdout, stdout, sys.__stdout__):
                 with contextlib.suppress(Exception):
                     stream.flush()
             os.dup2(saved_fd, 1)
             os.close(saved_fd)
             sys.stdout = stdout
-            results, _JSON_RESULT[:] = list(_JSON_RESULT), []
             for text in results:
                 click.echo(text)
     return run

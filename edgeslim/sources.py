@@ -45,8 +45,9 @@ def load_model(source: str | os.PathLike, weights: str | None = None,
         manifest = artifact.read_manifest(path)
         if manifest.get("kind") == adapter.KIND:  # attached to its base, which may be any source
             artifact.verify(path, manifest)
-            return adapter.attach(load_model(base) if base is not None else adapter.base_source(path, manifest),
-                                  path, manifest)
+            base_model = (load_model(base) if base is not None  # the user's word, else the zoo's own table
+                          else artifact.load_zoo(adapter.base_source(path, manifest)))
+            return adapter.attach(base_model, path, manifest)
         return artifact.load(path, trust)
     if path.is_dir():
         return load_hf_folder(path, task=task)

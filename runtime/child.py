@@ -53,7 +53,8 @@ class ChildMemory:
         return asdict(self) | {"weights_resident_bytes": self.weights_resident_bytes}
 
 
-_BOOT = "import sys; sys.path[:] = sys.argv[1].split('\\n'); from edgeslim.runtime.child import main; sys.exit(main(sys.argv[2:]))"
+_BOOT = ("import sys; sys.path[:] = sys.argv[1].split('\\n'); "
+         "from edgeslim.runtime.child import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _command(request: Path) -> list[str]:

@@ -193,7 +193,8 @@ def test_pruned_cnn_onnx_parity(tmp_path):
     assert max(out.max_abs_diff.values()) < 1e-4  # to_onnx validates at batch 2 and 3 and raises past tolerance
 
 
-def test_llama_mlp_gate_up_down_pruned_together_and_gqa_heads_left_whole():
+def test_llama_mlp_gate_up_down_pruned_together_and_gqa_heads_pruned_by_key_value_group():
+    import copy
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -210,12 +211,24 @@ def test_llama_mlp_gate_up_down_pruned_together_and_gqa_heads_left_whole():
     model = LM().eval()
     ids = torch.randint(0, 64, (2, 8))
     result = Prune().compress(model, {"ratio": 0.5}, CalibData("t", [{"input_ids": ids}]))
-    mlp = result.model.lm.model.layers[0].mlp
+    mlp, attn = result.model.lm.model.layers[0].mlp, result.model.lm.model.layers[0].self_attn
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 32
-    assert result.model.lm.model.layers[0].self_attn.q_proj.out_features == 32
-    assert any("grouped-query" in n for n in result.resolved["notes"])
-    assert result.model(ids).shape == (2, 8, 64)
-
+    # one of two key/value heads kept, with the two query heads that read it (head_dim 8)
+    (kv,) = result.resolved["gqa"]["lm.model.layers.0.self_attn"]
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features,
+            attn.o_proj.in_features) == (16, 8, 8, 16)
+    silenced = copy.deepcopy(model)  # the removed query heads' contribution switched off at o_proj
+    gone = [c for c in range(32) if c // 16 != kv]
+    kept_mlp = next(g["kept"] for g in result.resolved["groups"] if g["root"].endswith("mlp.up_proj"))
+    with torch.no_grad():
+        silenced.lm.model.layers[0].self_attn.o_proj.weight[:, gone] = 0
+        silenced.lm.model.layers[0].mlp.down_proj.weight[:, sorted(set(range(64)) - set(kept_mlp))] = 0
+        assert torch.allclose(result.model(ids), silenced(ids), atol=1e-5)
+    torch.manual_seed(1)
+    again = Prune().replay(LM().eval(), result.resolved, [TensorSpec("input_ids", ("batch", "sequence"), "int64", 64)])
+    again.load_state_dict(result.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(ids), result.model(ids))  # replay rebuilds the same shapes without data
 
 def test_protected_layers_and_replay_from_the_artifact(tmp_path):
     from edgeslim import artifact, zoo

@@ -59,13 +59,20 @@ def test_a_pruning_that_empties_or_silences_a_layer_is_refused(monkeypatch):
         Prune().compress(phi3(), {"ratio": 0.5}, CalibData("t", [{"input_ids": IDS}]))
 
 
-def test_gpt2_conv1d_projections_are_listed_with_the_reason():
+def test_gpt2_conv1d_mlp_is_pruned_and_the_fused_qkv_left_whole_with_the_reason():
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)
-    with pytest.raises(ConfigError, match=r"c_attn: left whole \(Conv1D weights are not pruning targets"):
-        Prune().compress(LM(transformers.GPT2LMHeadModel(config)).eval(), {"ratio": 0.5},
-                         CalibData("t", [{"input_ids": IDS}]))
-
+    model = LM(transformers.GPT2LMHeadModel(config)).eval()
+    for criterion in ("l2", "taylor"):
+        result = Prune().compress(model, {"ratio": 0.5, "criterion": criterion}, CalibData("t", [{"input_ids": IDS}]))
+        mlp = result.model.lm.transformer.h[0].mlp
+        assert mlp.c_fc.nf == mlp.c_proj.weight.shape[0] == 64 and mlp.c_fc.weight.shape == (32, 64)
+        assert "c_attn" in " ".join(result.resolved["skipped"]) and result.model.lm.transformer.h[0].attn.c_attn.nf == 96
+        kept = next(g["kept"] for g in result.resolved["groups"] if g["root"].endswith("c_fc"))
+        silenced = copy.deepcopy(model)
+        with torch.no_grad():
+            silenced.lm.transformer.h[0].mlp.c_proj.weight[sorted(set(range(128)) - set(kept))] = 0
+            assert torch.allclose(result.model(IDS), silenced(IDS), atol=1e-5)
 
 def swin() -> nn.Module:
     torch.manual_seed(0)

@@ -48,7 +48,8 @@ def test_an_artifact_naming_custom_code_is_refused(in_tmp, capsys, monkeypatch):
     (slim / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
     capsys.readouterr()
-    for args in (["export", "a.slim", "-o", "a.onnx"], ["compress", "a.slim", "-m", "svd", "--rank", "2", "-o", "b.slim"]):
+    for args in (["export", "a.slim", "-o", "a.onnx"],
+                 ["compress", "a.slim", "-m", "svd", "--rank", "2", "-o", "b.slim"]):
         assert "auto_map" in _refused(capsys, args)
     assert not (in_tmp / "ran").exists() and not (in_tmp / "a.onnx").exists() and not (in_tmp / "b.slim").exists()
 
