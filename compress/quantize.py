@@ -167,6 +167,15 @@ def resolve_overflow_fix(setting: str, int8_features: Sequence[str] | None) -> s
     return "disable" if any(f in NON_SATURATING for f in int8_features or ()) else "enable"
 
 
+def image_input_grid(quantized, inputs: Sequence[str], activations: dict[str, Any]) -> None:
+    """Put the uint8 quantizers of graph inputs on 1/255 steps over [0, 1] (in `activations`, the record): an
+    image's own 8-bit values then pass exactly, where the calibrated range clips what the calibration
+    patches never reached (espcn-x3: [0, 0.90])."""
+    for name, node in activation_quantizers(quantized).items():
+        if node.input[0] in inputs and activations[name]["dtype"] == "uint8" and np.ndim(activations[name]["scale"]) == 0:
+            activations[name] |= {"scale": 1.0 / 255.0, "zero_point": 0}
+
+
 def dynamic_mode_wins(model_type: str, int8_features: Sequence[str] | None) -> bool:
     """Whether "auto" activations are dynamic: for transformers on a CPU with a VNNI/AMX dot product, where
     ORT's MatMulInteger runs at the speed of the static QDQ graph's QLinearMatMul and keeps closer to fp32
@@ -252,6 +261,7 @@ class Int8(Compressor):
             grid = "image" if context is not None and context.task == "super-resolution" else "calibrated"
         if grid == "image":
             resolved["output_ranges"] = {z: [0.0, 1.0] for z in outs}
+            image_input_grid(quantized, names, resolved["activations"])
         else:
             resolved["output_ranges"] = output_ranges(probe_values(fp32, outs, batches)) if outs else {}
         resolved["output_grid"] = grid if outs else None
