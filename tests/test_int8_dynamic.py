@@ -73,3 +73,17 @@ def test_a_dynamic_record_with_unknown_ops_is_refused(tmp_path):
                                                          "reduce_range": False, "ignored": []}}
     with pytest.raises(SourceError, match="dynamic record"):
         get_compressor("int8").onnx_stage(record, tmp_path / "in.onnx", tmp_path / "out.onnx", CompressContext())
+
+
+def test_the_dynamic_stage_is_quiet(tmp_path, caplog):
+    """ORT's advice to pre-process (a root-logger warning) stays off a quiet command's stderr."""
+    import logging
+    from edgeslim.compress.int8_dynamic import dynamic_record, quantize_dynamic_graph
+    from edgeslim.export.onnx import to_onnx
+    from edgeslim.sources import load_model
+    loaded = load_model("tiny-bert")
+    fp32 = to_onnx(loaded.model, loaded.inputs, tmp_path / "f.onnx").path
+    with caplog.at_level(logging.WARNING):
+        quantize_dynamic_graph(dynamic_record("disable", ()), fp32, tmp_path / "q.onnx")
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
