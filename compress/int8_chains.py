@@ -114,11 +114,39 @@ def uint8_grid(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-lo / scale), 0, 255))
 
 
+TABLE_SAMPLES = 100_000  # calibration values of 2z a table range is fitted on (a fixed random subset)
+TABLE_SHRINK = np.linspace(0.3, 1.0, 15)  # candidate fractions of the calibrated low and high ends
+
+
+def table_error(t: np.ndarray, lo: float, hi: float) -> float:
+    """Mean squared error of the tanh chain on values t = 2z, with the table input on the uint8 grid of
+    [lo, hi]: tanh(t / 2) against (round(256 sigmoid(t^)) - 128) / 128, t^ = t rounded and clipped."""
+    scale, zp = uint8_grid(lo, hi)
+    q = np.clip(np.round(t / scale) + zp, 0, 255)
+    s = 1.0 / (1.0 + np.exp(-(q - zp) * scale))
+    h = (np.clip(np.round(s * 256), 0, 255) - 128) / 128
+    return float(np.mean((h - np.tanh(t / 2)) ** 2))
+
+
+def table_range(t: np.ndarray, lo: float, hi: float) -> list[float]:
+    """The input range of a tanh table with the least `table_error` on t = 2z, each end a fraction
+    (`TABLE_SHRINK`) of the calibrated [lo, hi]: tanh is flat far from 0, so a step finer near 0 is worth
+    clipping the rare large |2z| (measured on the shipped espcn-x3: its second table's error 2.8x lower
+    at 0.45 and 0.5 of the calibrated ends; 0.24 -> 0.12 dB lost on the held-out photos)."""
+    if t.size > TABLE_SAMPLES:
+        t = t[np.random.default_rng(0).choice(t.size, TABLE_SAMPLES, replace=False)]
+    _, f, g = min((table_error(t, lo * f, hi * g), f, g) for f in TABLE_SHRINK for g in TABLE_SHRINK)
+    return [float(lo * f), float(hi * g)]
+
+
 def site_ranges(values: Mapping[str, Sequence[np.ndarray]]) -> dict[str, list[float]]:
-    """The recorded part: per site the calibrated range of 2z (z: the Conv output), clipped to where
-    the sigmoid table still changes."""
-    return {name: [max(2 * lo, -SIGMOID_EDGE), min(2 * hi, SIGMOID_EDGE)]
-            for name, (lo, hi) in output_ranges(values).items()}
+    """The recorded part: per site the range of 2z (z: the Conv output) the table reads, clipped to where
+    the sigmoid table still changes and fitted to the calibration values (`table_range`)."""
+    out = {}
+    for name, (lo, hi) in output_ranges(values).items():
+        t = 2.0 * np.concatenate([np.asarray(a, np.float64).ravel() for a in values[name]])
+        out[name] = table_range(t, max(2 * lo, -SIGMOID_EDGE), min(2 * hi, SIGMOID_EDGE))
+    return out
 
 
 def _init(model, name: str, value: np.ndarray) -> str:

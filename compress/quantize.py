@@ -31,6 +31,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, register, working_copy
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, output_ranges, output_sites,
                                            site_ranges, unsigned_activations)
+from edgeslim.compress.int8_dynamic import check_dynamic, dynamic_record, dynamic_rows, quantize_dynamic_graph
 from edgeslim.compress.int8_record import (MIN_OPSET, activation_quantizers, check_record, dense_output, layer_rows,
                                            metric, ort_session, probe_values, quantization_errors, record_graph,
                                            revert_quantizers, set_initializer)
@@ -69,6 +70,10 @@ class Int8Config(ConfigBase):
     # NNCF's default; disable (8 bits) is for VNNI/AMX CPUs, GPUs, or graphs ORT runs in fp32 anyway;
     # auto: follow the target CPU's INT8 features (overflow_fix_for), enable when they are unknown
     overflow_fix: Literal["auto", "enable", "first_layer", "disable"] = "auto"
+    # activation ranges from calibration ("static": NNCF's QDQ graph, the record above) or from each input
+    # at run time ("dynamic": DynamicQuantizeLinear + MatMulInteger, int8 weights per channel, settings
+    # only: compress/int8_dynamic.py); auto: dynamic_mode_wins(model type, the target CPU's INT8 features)
+    activations: Literal["auto", "static", "dynamic"] = "auto"
 
     def validate(self) -> None:
         if self.subset_size is not None and self.subset_size < 1:
@@ -162,6 +167,23 @@ def resolve_overflow_fix(setting: str, int8_features: Sequence[str] | None) -> s
     return "disable" if any(f in NON_SATURATING for f in int8_features or ()) else "enable"
 
 
+def image_input_grid(quantized, inputs: Sequence[str], activations: dict[str, Any]) -> None:
+    """Put the uint8 quantizers of graph inputs on 1/255 steps over [0, 1] (in `activations`, the record): an
+    image's own 8-bit values then pass exactly, where the calibrated range clips what the calibration
+    patches never reached (espcn-x3: [0, 0.90])."""
+    for name, node in activation_quantizers(quantized).items():
+        if node.input[0] in inputs and activations[name]["dtype"] == "uint8" and np.ndim(activations[name]["scale"]) == 0:
+            activations[name] |= {"scale": 1.0 / 255.0, "zero_point": 0}
+
+
+def dynamic_mode_wins(model_type: str, int8_features: Sequence[str] | None) -> bool:
+    """Whether "auto" activations are dynamic: for transformers on a CPU with a VNNI/AMX dot product, where
+    ORT's MatMulInteger runs at the speed of the static QDQ graph's QLinearMatMul and keeps closer to fp32
+    (measured in bench/int8.py, MiniLM at batch 1 and 8 x 128: bench/results/int8.json); static elsewhere
+    (CNNs fuse Conv chains into QLinearConv; ConvInteger is slow)."""
+    return model_type == "transformer" and any(f in NON_SATURATING for f in int8_features or ())
+
+
 def overflow_fix(resolved: Mapping[str, Any]) -> str:
     """The recorded overflow fix; artifacts written before it was recorded used NNCF's default."""
     return resolved["nncf"].get("overflow_fix", "first_layer")
@@ -202,15 +224,23 @@ class Int8(Compressor):
         subset, samples = calibration_batches(batches, config.subset_size, f"int8 calibration on {calib.name}")
         model_type = _detect_type(fp32, config)
         preset = config.preset if config.preset != "auto" else "mixed" if model_type == "transformer" else "performance"
+        fix = resolve_overflow_fix(config.overflow_fix, context.int8_features)
+        features = None if context.int8_features is None else list(context.int8_features)
+        dynamic = config.activations == "dynamic" or (config.activations == "auto" and
+                                                      dynamic_mode_wins(model_type, context.int8_features))
+        if dynamic:
+            if config.max_drop is not None:
+                raise ConfigError("max_drop (accuracy control) removes static quantizers: set activations=static "
+                                  "with it")
+            return self._dynamic(model, config, fp32, batches[:subset], model_type, fix, features, samples)
         bias_correction = config.fast_bias_correction
         if bias_correction is None:
             bias_correction = not dense_output(fp32)
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
                              "subset_size": subset, "ignored": list(config.ignored),
                              "fast_bias_correction": bias_correction,
-                             "overflow_fix": resolve_overflow_fix(config.overflow_fix, context.int8_features),
-                             "per_tensor_activations": True},
-                    "overflow_fix_for": None if context.int8_features is None else list(context.int8_features),
+                             "overflow_fix": fix, "per_tensor_activations": True},
+                    "activations_mode": "static", "overflow_fix_for": features,
                     "calibration_samples": samples, "opset": config.opset, "nncf_version": nncf.__version__}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=bias_correction)
         kwargs["fast_bias_correction"] = bias_correction
@@ -231,12 +261,30 @@ class Int8(Compressor):
             grid = "image" if context is not None and context.task == "super-resolution" else "calibrated"
         if grid == "image":
             resolved["output_ranges"] = {z: [0.0, 1.0] for z in outs}
+            image_input_grid(quantized, names, resolved["activations"])
         else:
             resolved["output_ranges"] = output_ranges(probe_values(fp32, outs, batches)) if outs else {}
         resolved["output_grid"] = grid if outs else None
         if drop is not None:
             resolved["accuracy"] = drop
         return self.result(model, config, changes, resolved)
+
+    def _dynamic(self, model: nn.Module, config: Int8Config, fp32, batches, model_type: str, fix: str,
+                 features: list[str] | None, samples: int) -> CompressResult:
+        """Dynamic activations: the settings, one row per compute op, and the output's relative L2 error
+        to fp32 on the calibration batches (the data checks the mode; it decides nothing)."""
+        import onnx
+        record = dynamic_record(fix, config.ignored)
+        with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
+            onnx.save(fp32, str(Path(tmp) / "fp32.onnx"))
+            quantize_dynamic_graph(record, Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx")
+            session = ort_session(onnx.load(str(Path(tmp) / "int8.onnx")))
+        reference = ort_session(fp32)
+        err = 1.0 - metric([session.run(None, f)[0] for f in batches], [reference.run(None, f)[0] for f in batches])
+        resolved = {"activations_mode": "dynamic", "dynamic": record, "model_type": model_type,
+                    "overflow_fix": fix, "overflow_fix_for": features, "opset": config.opset,
+                    "calibration_samples": samples, "calibration_rel_l2": err}
+        return self.result(model, config, dynamic_rows(fp32, record), resolved)
 
     def _accuracy_control(self, fp32, calib: CalibData, batches, config: Int8Config, kwargs, advanced):
         """nncf.quantize_with_accuracy_control on a held-out share of the calibration batches; the
@@ -278,6 +326,10 @@ class Int8(Compressor):
                 opset, exporter or NNCF placement than at compress time).
         """
         import onnx
+        if resolved.get("activations_mode") == "dynamic":
+            check_dynamic(resolved.get("dynamic"), "the artifact's int8 step")
+            quantize_dynamic_graph(resolved["dynamic"], onnx_in, onnx_out)
+            return
         check_record(resolved, "the artifact's int8 step")
         nncf = _nncf()
         fp32 = onnx.load(str(onnx_in))

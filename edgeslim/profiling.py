@@ -86,6 +86,23 @@ def predict_rows(model: Any, loaded: LoadedModel, prof: Any, plan: Sequence[tupl
     return rows
 
 
+def int8_bound_warning(onnx_path: str | Path, features: Sequence[str]) -> str | None:
+    """The one warning for an INT8 model on a local CPU without a VNNI/AMX dot product (None where it has
+    one): the bound of u8 x s8 through vpmaddubsw and the compute ops ORT keeps in fp32."""
+    from edgeslim.runtime.op_profile import fp32_compute_ops
+    from edgeslim.runtime.peak import VNNI_FLAGS
+
+    if any(f in VNNI_FLAGS for f in features):
+        return None
+
+    kept = fp32_compute_ops(onnx_path)
+    listed = "; ".join(f"{name} ({why})" for name, why in list(kept.items())[:8])
+    more = f" and {len(kept) - 8} more" if len(kept) > 8 else ""
+    return (f"this CPU has no VNNI/AMX INT8 dot product ({', '.join(features) or 'no INT8 features'}): INT8 GEMMs run "
+            f"at most about 2x fp32 here (u8 x s8 through vpmaddubsw), not VNNI's 4x; ops that stay fp32: "
+            f"{len(kept)}" + (f": {listed}{more}" if kept else ""))
+
+
 def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profile: str, batches: Sequence[int] | None,
                  dims: Mapping[str, int], warmup: int = 5, iters: int = 30, roofline: bool = True,
                  ops: bool = False, child_memory: bool = True) -> list[dict[str, Any]]:
@@ -126,6 +143,12 @@ def profile_file(model: str | Path | torch.nn.Module, loaded: LoadedModel, profi
     from edgeslim.runtime import child
     from edgeslim.runtime.machine import measured_here
 
+    from edgeslim.runtime.peak import is_local
+    if prof.precision == "int8" and is_local(prof) and isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        from edgeslim.runtime.machine import int8_features
+        text = int8_bound_warning(model, int8_features())
+        if text:
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
     in_child = child_memory and isinstance(model, (str, Path))
     rows = []
     with open_session(model, prof) as session:

@@ -122,3 +122,32 @@ def gemm_fraction(breakdown: Mapping[str, float]) -> float:
 def amdahl_bound(gemm_share: float, flops_ratio: float) -> float:
     """Best latency ratio when only the GEMMs shrink by `flops_ratio`: (1 - m) + m * f."""
     return (1.0 - gemm_share) + gemm_share * flops_ratio
+
+
+FP32_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
+
+
+def fp32_compute_ops(onnx_path: str | Path) -> dict[str, str]:
+    """{node name: "OpType: why"} of the Conv/MatMul/Gemm nodes ONNX Runtime still runs in fp32 once it has
+    fused the Q/DQ pairs it can (its optimized graph, extended level: QLinearConv, QLinearMatMul,
+    MatMulInteger are INT8): "its input is dequantized but not fused" (a Q/DQ chain ORT does not
+    take, e.g. an activation between the op and its output quantizer) or "no quantizer on its input"
+    (kept fp32 when compressing: ignored, reverted, or an op the quantizer leaves)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-ops-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    out = {}
+    for node in graph.node:
+        if node.op_type in FP32_COMPUTE and node.domain in ("", "com.microsoft"):
+            fused = producer.get(node.input[0]) == "DequantizeLinear"
+            out[node.name] = f"{node.op_type}: " + ("its input is dequantized but not fused" if fused
+                                                    else "no quantizer on its input")
+    return out

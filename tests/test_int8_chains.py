@@ -173,6 +173,9 @@ def test_a_conv_output_becomes_uint8_and_depth_to_space_runs_on_bytes(tmp_path):
     assert results[True].resolved["output_grid"] == "calibrated"
     sr = comp.compress(model, {}, calib, context=CompressContext(inputs=tuple(SPEC), task="super-resolution"))
     assert sr.resolved["output_grid"] == "image" and list(sr.resolved["output_ranges"].values()) == [[0.0, 1.0]]
+    inputs = [q for q in sr.resolved["activations"].values() if q["dtype"] == "uint8" and q["zero_point"] == 0]
+    assert {"scale": 1 / 255, "zero_point": 0, "dtype": "uint8"} in inputs  # the image's input grid: 8-bit values exact
+    assert results[True].resolved["activations"] != sr.resolved["activations"]  # calibrated elsewhere
     comp.onnx_stage(sr.resolved, fp32, tmp_path / "sr.onnx", context)
     image = _session(tmp_path / "sr.onnx", plain).run(None, x)[0]  # the bytes an app writes, as they are
     np.testing.assert_allclose(image * 255, np.rint(image * 255), atol=1e-3)
@@ -181,3 +184,17 @@ def test_a_conv_output_becomes_uint8_and_depth_to_space_runs_on_bytes(tmp_path):
     resolved["output_ranges"]["no_such_conv"] = [0.0, 1.0]
     with pytest.raises(ExportValidationError, match="no_such_conv"):
         comp.onnx_stage(resolved, fp32, tmp_path / "bad.onnx", context)
+
+
+def test_table_range_fits_the_calibration_values():
+    """A range tighter than the calibrated one where tanh is flat: lower chain error on heavy-tailed 2z, and
+    never higher than the calibrated range's (it is a candidate)."""
+    from edgeslim.compress.int8_chains import table_error, table_range
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.standard_normal(50_000), rng.choice([-6.0, 6.0], 50)])  # a few large outputs
+    fitted = table_range(t, -6.0, 6.0)
+    assert -6.0 < fitted[0] < -2 and 2 < fitted[1] < 6.0
+    assert table_error(t, *fitted) < 0.6 * table_error(t, -6.0, 6.0)
+    wide = rng.uniform(-6, 6, 20_000)  # values everywhere: nothing to gain by clipping
+    assert table_error(wide, *table_range(wide, -6.0, 6.0)) <= table_error(wide, -6.0, 6.0)
+    assert table_error(np.zeros(10), -1.0, 1.0) == 0.0  # 0 maps to the table's middle byte: h = 0 exactly

@@ -108,3 +108,23 @@ def test_a_record_with_an_unknown_overflow_fix_is_refused():
     with pytest.raises(SourceError, match="overflow fix 'auto'"):
         check_record(record, "test")
     check_record(record | {"nncf": {"overflow_fix": "disable"}}, "test")
+
+
+@pytest.mark.parametrize("cpu, warned", [(("avx2",), True), (("avx2", "avx512_vnni"), False)])
+def test_profile_int8_warns_once_on_a_cpu_without_vnni(cpu, warned, in_tmp, monkeypatch):
+    """`profile --profile cpu-ort-int8` refuses nothing on AVX2 but says, once, what INT8 can give there and
+    which compute ops ORT keeps in fp32 (tiny-mlp's last Gemm: ORT fuses no QDQ Gemm without an output Q)."""
+    from edgeslim.cli import main
+    from edgeslim.runtime import machine
+    assert main(["compress", "tiny-mlp", "-m", "int8", "--calib", "random:32", "-o", "a.slim"]) == 0
+    monkeypatch.setattr(machine, "int8_features", lambda: cpu)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a warning raised per batch would show twice
+        assert main(["profile", "a.slim", "--profile", "cpu-ort-int8", "--batch", "1,2", "--iters", "3"]) == 0
+    lines = [str(w.message) for w in caught if "VNNI/AMX" in str(w.message)]
+    if not warned:
+        assert lines == []
+        return
+    assert len(lines) == 1 and "at most about 2x fp32" in lines[0], lines
+    assert "ops that stay fp32: 1: " in lines[0] and "(Gemm: its input is dequantized but not fused)" in lines[0]

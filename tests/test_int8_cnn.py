@@ -1,0 +1,62 @@
+"""CNN INT8 (issue 39): Conv + ReLU6 (Clip) chains, depthwise convs included, run as QLinearConv in ORT, the
+clip folded into the uint8 output range; what stays fp32 is named (runtime/op_profile.fp32_compute_ops)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.compress.base import CompressContext, get_compressor
+from edgeslim.core.calib import CalibData
+from edgeslim.core.specs import TensorSpec
+from edgeslim.export.onnx import to_onnx
+from edgeslim.runtime.op_profile import fp32_compute_ops
+
+pytest.importorskip("nncf")
+SPEC = [TensorSpec("x", ("batch", 3, 16, 16))]
+
+
+class MobileBlock(nn.Module):
+    """EfficientNet-Lite's inverted residual: expand + ReLU6, depthwise + ReLU6, linear projection, skip;
+    then a pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+        self.expand = nn.Sequential(nn.Conv2d(8, 24, 1), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.ReLU6())
+        self.project = nn.Conv2d(24, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.project(self.depthwise(self.expand(y)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_relu6_and_depthwise_convs_run_as_qlinearconv(tmp_path):
+    model = MobileBlock().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = CalibData("tiny", [{"x": torch.randn(8, 3, 16, 16, generator=g)} for _ in range(4)])
+    comp, context = get_compressor("int8"), CompressContext(inputs=tuple(SPEC))
+    result = comp.compress(model, {}, calib, context=context)
+    fp32 = to_onnx(model, SPEC, tmp_path / "f.onnx").path
+    comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)
+    kept = fp32_compute_ops(tmp_path / "q.onnx")
+    assert [why.split(":")[0] for why in kept.values()] == ["Gemm"], kept  # every Conv is INT8, the head is not
+    import onnx
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 4 and "Clip" not in ops  # the ReLU6s are folded into the output ranges
+    x = torch.randn(16, 3, 16, 16, generator=g)
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    out = session.run(None, {"x": x.numpy()})[0]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
