@@ -195,9 +195,13 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
         raise
 
 
-def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, opset: int = 20) -> dict[str, Any]:
+def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, opset: int = 20,
+                 accuracy_level: int = 0) -> dict[str, Any]:
     """A causal LM's key/value-cache ONNX graph (export/kv_cache.py), validated, with its tokenizer, chat
     template and end-of-sequence ids in the file's metadata for a torch-free runner.
+
+    A wq model's weights stay integers in the file (MatMulNBits, export/nbits.py), checked against the
+    fake-quantized fp32 model; `accuracy_level` 4 lets ORT compute with int8 activations.
 
     Raises:
         ConfigError: not a causal LM, or a model with ONNX-level steps (INT8), which the cache graph does not run.
@@ -215,13 +219,22 @@ def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, ops
                           "the model before them, or use -m wq for weight-only quantization")
     check_output(path, ONNX)
     config = hf_config(loaded.model)
+    model, quantized = loaded.model, []
+    if any(s["method"] == "wq" for s in loaded.steps):  # integers in the file (MatMulNBits), checked against
+        from edgeslim.compress.weight_quant import dequantized  # the fake-quantized fp32 model they define
+        from edgeslim.export.nbits import QuantizedMatrix
+        model, ints = dequantized(loaded.model)
+        quantized = [QuantizedMatrix(name, model.get_parameter(name).detach().numpy(), w.q.numpy(), w.scale.numpy(),
+                                     w.zero.numpy(), w.bits) for name, w in ints.items()]
     with stage(f"export {Path(path).stem} with its key/value cache (validated in ONNX Runtime)", quiet):
-        res = to_onnx_cache(loaded.model, path, positions=max_positions(config) if config is not None else None,
-                            meta=lm_meta(loaded), opset=opset)
+        res = to_onnx_cache(model, path, positions=max_positions(config) if config is not None else None,
+                            meta=lm_meta(loaded), opset=opset, quantized=quantized,
+                            accuracy_level=accuracy_level)
     return {"onnx": str(res.path), "onnx_bytes": res.file_bytes, "layers": res.layers, "kv_heads": res.kv_heads,
             "head_dims": res.head_dims, "position_ids": res.position_ids,
             "max_abs_diff": {f"logits@past{k}": v for k, v in res.max_abs_diff.items()},
-            "greedy_prompts_equal": res.greedy_equal, "export_notes": res.notes}
+            "greedy_prompts_equal": res.greedy_equal, "export_notes": res.notes,
+            "matmul_nbits": res.lowering.matmuls if res.lowering else 0}
 
 
 def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path: Path, res: Any, profile: str | None,

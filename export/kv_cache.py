@@ -29,6 +29,7 @@ from torch import nn
 from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
+from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.validate import close
 from edgeslim.runtime.kv_decoder import META_KEY, PAST, PRESENT, open_cache_graph
 
@@ -51,6 +52,7 @@ class CacheExport:
     max_abs_diff: dict[int, float] = field(default_factory=dict)  # past length -> max |ORT - torch| of logits
     greedy_equal: int = 0  # prompts whose greedy tokens in ORT equal torch generate's
     notes: list[str] = field(default_factory=list)
+    lowering: Lowering | None = None  # the MatMulNBits pass, for a weight-only quantized model
 
 
 class CacheModel(nn.Module):
@@ -192,7 +194,8 @@ def _check_greedy(path: Path, hf: nn.Module, vocab: int, limit: int | None) -> i
 
 
 def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = None, meta: dict[str, Any] | None = None,
-                  opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True) -> CacheExport:
+                  opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True,
+                  quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0) -> CacheExport:
     """Export a causal LM's key/value-cache graph to `path`, validated (see the module docstring).
 
     Args:
@@ -202,6 +205,10 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             keep the checks within it.
         meta: JSON-able facts a runner needs without torch (tokenizer, chat template, end-of-sequence
             ids), stored in the file's metadata under `edgeslim.lm` with the layout and positions.
+        quantized: the integer weights of a weight-only quantized model, whose `model` is then the
+            fake-quantized fp32 one (compress/weight_quant.py `dequantized`): its MatMuls are lowered
+            to MatMulNBits (export/nbits.py) before the checks, which compare with `model`.
+        accuracy_level: MatMulNBits' compute type (0: fp32, checked at the usual tolerance).
 
     Raises:
         ConfigError: not a causal LM.
@@ -225,6 +232,13 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             if slim:
                 note = slim_onnx(target)
                 notes += [note] if note else []
+            lowered = None
+            if quantized:
+                lowered = lower_matmul_nbits(target, quantized, accuracy_level)
+                notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
+                             f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
+                             + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"
+                                if lowered.unmatched else ""))
             graph = onnx.load(str(target))
             entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
                      "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
@@ -235,4 +249,4 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             shutil.move(str(target), tmp)
     finally:
         hf.train(was_training)
-    return CacheExport(path, path.stat().st_size, layers, kv_heads, head_dims, pos, diffs, equal, notes)
+    return CacheExport(path, path.stat().st_size, layers, kv_heads, head_dims, pos, diffs, equal, notes, lowered)

@@ -100,3 +100,17 @@ def test_non_causal_model_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not a Hugging Face causal LM"):
         to_onnx_cache(bert, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("method, params", [("svd", {"ratio": 0.5}), ("prune", {"ratio": 0.5}),
+                                            pytest.param("mpo", {"ratio": 0.5}, marks=pytest.mark.slow)])
+def test_compressed_models_export_their_cache(method, params, tmp_path):
+    from edgeslim.compress.base import CompressContext, get_compressor
+    from edgeslim.tasks import TextModel, text_inputs
+    model = TextModel(tiny("llama"), "logits").eval()
+    comp = get_compressor(method)
+    context = CompressContext(inputs=tuple(text_inputs(96)), dims={"batch": 2, "sequence": 16}, task="causal-lm")
+    result = comp.compress(model, comp.make_config(params), None, context=context)
+    assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
+    res = to_onnx_cache(result.model, tmp_path / "m.onnx", positions=192)
+    assert res.greedy_equal == 3 and max(res.max_abs_diff.values()) < 1e-4
