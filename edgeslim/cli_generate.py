@@ -1,33 +1,9 @@
 """`edgeslim generate`: a causal LM's text from its key/value-cache graph in ONNX Runtime, streamed, with tokens/s."""
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator
-
 import click
 
 from edgeslim.cli_options import console, json_option, print_json, source_options, trust_of, trust_options
-
-
-@contextlib.contextmanager
-def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[Path]:
-    """The cache graph of `item`: an .onnx file as it is, else the source or artifact exported (validated)
-    into a temporary folder, removed after."""
-    if item.endswith(".onnx"):
-        if not Path(item).is_file():
-            from edgeslim.core.errors import SourceError
-            raise SourceError(f"no such ONNX file: {item}")
-        yield Path(item)
-        return
-    with tempfile.TemporaryDirectory(prefix="edgeslim-generate-") as tmp:
-        from edgeslim.pipeline import export_cache
-        from edgeslim.sources import load_model
-        loaded = load_model(item, **source)
-        path = Path(tmp) / "model.onnx"
-        export_cache(loaded, path, quiet=quiet)
-        yield path
 
 
 @click.command()
@@ -49,6 +25,7 @@ def generate(item: str, prompt: str, n: int, greedy: bool, temperature: float, s
     ONNX Runtime; prints tokens/s. An .onnx file runs without torch; anything else is exported first."""
     from edgeslim.core.errors import ConfigError
     from edgeslim.generation import generate_text
+    from edgeslim.lm_profile import cache_graph_file
 
     if greedy and temperature:
         raise ConfigError("--greedy and --temperature exclude each other")

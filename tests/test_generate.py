@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgeslim.cli import main  # noqa: E402
 from edgeslim.zoo import _tiny_tokenizer  # noqa: E402
+from tiny_lm import llama_folder  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -21,18 +22,7 @@ TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor 
 
 @pytest.fixture(scope="module")
 def lm_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lm") / "tiny-llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=160,
-                                      tie_word_embeddings=True, eos_token_id=None)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    base = _tiny_tokenizer()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, unk_token="[UNK]",
-                                               eos_token="[SEP]")
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
+    return llama_folder(tmp_path_factory.mktemp("lm") / "tiny-llama", chat_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,14 @@ pytest.importorskip("nncf")
 
 from edgeslim.cli import main  # noqa: E402
 from edgeslim.export.nbits import QuantizedMatrix, block_size, lower_matmul_nbits, nbits_tensors  # noqa: E402
-from edgeslim.zoo import _tiny_tokenizer  # noqa: E402
+from tiny_lm import llama_folder  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nbits") / "tiny-llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=90, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=192,
-                                      tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    _tiny_tokenizer().save_pretrained(path)
-    return path
+    return llama_folder(tmp_path_factory.mktemp("nbits") / "tiny-llama", hidden=128, positions=192)
 
 
 def weight_bytes(path) -> int:
