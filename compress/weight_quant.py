@@ -14,6 +14,9 @@ record names them so replay leaves them out again.
 
 The size gain is in the torch model and its artifact. `export` runs the decompression in the graph
 and ONNX constant-folds it: the ONNX file holds the dequantized fp32 weights (same outputs, fp32 size).
+A causal LM's key/value-cache export (`export --kv-cache`) keeps the integers instead: `integer_weights`
+gives each quantized weight as unsigned integers, scales and zero points per block, `dequantized` the
+fake-quantized fp32 model they define, and export/nbits.py lowers its MatMuls to ORT's MatMulNBits.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from edgeslim.core.specs import TensorSpec, example_feeds
 
 NNCF_MODES = {"int8": "int8_asym", "int8_sym": "int8_sym", "int4": "int4_asym", "int4_sym": "int4_sym"}
 HOOKS = "__nncf_hooks"
-ONNX_NOTE = "export constant-folds the decompression: the ONNX file holds dequantized fp32 weights"
+ONNX_NOTE = ("export constant-folds the decompression: the ONNX file holds dequantized fp32 weights (a causal LM's "
+             "`export --kv-cache` keeps the integers: MatMulNBits)")
 
 
 @dataclass(frozen=True)
@@ -230,3 +234,82 @@ class WeightQuant(Compressor):
             raise ValueError("the rebuilt weight quantization differs from the recorded one (another model or "
                              f"NNCF than {resolved['nncf_version']}): {sorted(_layout(model))[:5]}")
         return model
+
+
+@dataclass(frozen=True)
+class IntegerWeight:
+    """One quantized weight [N, K] as unsigned integers: w[n, k] = scale[n, g] * (q[n, k] - zero[n, g]),
+    g = k // (K / G). Symmetric modes are shifted to unsigned (zero = 8 or 128), so every mode reads alike."""
+
+    q: torch.Tensor  # uint8 [N, K], values < 2**bits
+    scale: torch.Tensor  # float32 [N, G]
+    zero: torch.Tensor  # uint8 [N, G]
+    bits: int  # 4 or 8
+
+    def dense(self) -> torch.Tensor:
+        """The fp32 weight these integers define (computed in fp32: what MatMulNBits computes)."""
+        n, k = self.q.shape
+        groups = self.scale.shape[1]
+        q = self.q.reshape(n, groups, k // groups).float()
+        return ((q - self.zero.float()[..., None]) * self.scale[..., None]).reshape(n, k)
+
+
+def integer_weights(model: nn.Module) -> dict[str, IntegerWeight]:
+    """Every NNCF-quantized weight of `model` (a wq step's output) as an IntegerWeight, by parameter name.
+
+    Raises:
+        ConfigError: a decompressor type this reading does not know (another NNCF than the tested one).
+    """
+    from nncf.torch.quantization.layers import unpack_uint4
+    out = {}
+    for name, dec in decompressors(model).items():
+        stored = model.get_parameter(name).detach()
+        kind = type(dec).__name__
+        scale = dec.get_buffer("_scale").detach().float()
+        if kind.startswith("INT4"):
+            q = unpack_uint4(stored).reshape(dec.compressed_weight_shape)  # [N, G, group]
+            if kind == "INT4AsymmetricWeightsDecompressor":
+                zero = unpack_uint4(dec.get_buffer("_zero_point")).reshape(dec.zero_point_shape)
+            elif kind == "INT4SymmetricWeightsDecompressor":
+                zero = torch.full_like(scale, 8, dtype=torch.uint8)  # unpack_int4 is unpack_uint4 - 8
+            else:
+                raise ConfigError(f"unknown NNCF decompressor {kind} for {name}")
+            n, groups = q.shape[0], q.shape[1]
+            out[name] = IntegerWeight(q.reshape(n, -1).to(torch.uint8), scale.reshape(n, groups),
+                                      zero.reshape(n, groups).to(torch.uint8), 4)
+        elif kind == "INT8AsymmetricWeightsDecompressor":
+            out[name] = IntegerWeight(stored.to(torch.uint8), scale.reshape(stored.shape[0], -1),
+                                      dec.get_buffer("_zero_point").detach().reshape(stored.shape[0], -1).to(torch.uint8), 8)
+        elif kind == "INT8SymmetricWeightsDecompressor":
+            q = (stored.to(torch.int16) + 128).to(torch.uint8)
+            out[name] = IntegerWeight(q, scale.reshape(stored.shape[0], -1),
+                                      torch.full((stored.shape[0], 1), 128, dtype=torch.uint8), 8)
+        else:
+            raise ConfigError(f"unknown NNCF decompressor {kind} for {name}")
+    return out
+
+
+def dequantized(model: nn.Module) -> tuple[nn.Module, dict[str, IntegerWeight]]:
+    """A plain copy of a wq model (no NNCF hooks) whose quantized weights are fp32 again, computed from
+    their integers (`IntegerWeight.dense`), and those integers by parameter name. Tied weights stay tied."""
+    ints = integer_weights(model)
+    copy_ = copy.deepcopy(model)
+    for attr in ("forward", "_replicate_for_data_parallel"):
+        copy_.__dict__.pop(attr, None)  # NNCF's wrap_model sets them on the instance
+    copy_._modules.pop(HOOKS, None)
+    for name, iw in ints.items():
+        owner, _, leaf = name.rpartition(".")
+        module = copy_.get_submodule(owner)
+        shape = tuple(module.weight.shape) if isinstance(module, nn.Linear) and module.weight.dtype.is_floating_point \
+            else None
+        dense = iw.dense()
+        if shape is not None and dense.shape != shape:
+            raise ValueError(f"{name}: integers of shape {tuple(dense.shape)} for a weight of shape {shape}")
+        setattr(module, leaf, nn.Parameter(dense, requires_grad=False))
+    tied = tied_parameters(model)
+    for name in ints:  # a weight shared with others (an LM head tied to the embedding): the others follow
+        for other in tied.get(name, []):
+            if other != name:
+                owner, _, leaf = other.rpartition(".")
+                setattr(copy_.get_submodule(owner), leaf, copy_.get_parameter(name))
+    return copy_.eval(), ints

@@ -13,6 +13,7 @@ from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, n
                                   sets as _sets, source_options, trust_of, trust_options)
 from edgeslim.cli_device import device
 from edgeslim.cli_profile import profile
+from edgeslim.cli_generate import generate
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
 from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE, SR_RECIPE, TILE as TILE_DEFAULT
@@ -27,6 +28,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(profile)
 cli.add_command(device)
+cli.add_command(generate)
 
 
 @cli.command()
@@ -212,12 +214,14 @@ def _print_agreement(console: Any, quality: dict[str, Any], source: str, method:
 @click.option("--eval", "data", help="data for the INT8/fp16 agreement metrics (NAME[:COUNT] or a file)")
 @click.option("--bundle", is_flag=True, help="write a deployable folder (-o NAME.bundle): the model, its tokenizer "
               "or preprocessing, input spec, labels and bundle.json")
+@click.option("--kv-cache", "kv_cache", is_flag=True, help="causal LMs: one graph with a key/value cache (Optimum's "
+              "merged-decoder names: past_key_values.*, present.*) for `generate` and LLM profiling")
 @click.option("-o", "--out", callback=not_empty, help="output file (with --bundle: folder)")
 @json_option
 @trust_options
 def export(item: str, to: str, profile: str | None, weights: str | None, inputs: str | None, task: str | None,
-           base: str | None, unmerged: bool, precision: str | None, data: str | None, bundle: bool, out: str | None,
-           as_json: bool, trusted: str | None, trust_source: bool) -> None:
+           base: str | None, unmerged: bool, precision: str | None, data: str | None, bundle: bool, kv_cache: bool,
+           out: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.core.files import BUNDLE, check_output
     from edgeslim.pipeline import check_export_paths, export_bundle, export_model
@@ -235,6 +239,19 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
+    if kv_cache:
+        if bundle or to != "onnx" or precision == "fp16":
+            raise ConfigError("--kv-cache writes an fp32 ONNX graph: drop --bundle, --to tensorrt and --precision fp16")
+        from edgeslim.pipeline import export_cache
+        info = export_cache(loaded, path, quiet=as_json)
+        if as_json:
+            print_json({"source": item, "to": to, "task": loaded.task, "kv_cache": True} | info)
+            return
+        _console().print(f"wrote {info['onnx']} ({info['onnx_bytes']:,} bytes, {info['layers']} layers, key/value "
+                         f"cache); max |ONNX - PyTorch| of the logits at past 0/1/100: "
+                         + ", ".join(f"{v:.2e}" for v in info["max_abs_diff"].values())
+                         + f"; greedy tokens equal to torch generate for {info['greedy_prompts_equal']} prompts")
+        return
     if bundle:
         info = export_bundle(loaded, to, path, profile, precision=precision, data=data, quiet=as_json)
     else:

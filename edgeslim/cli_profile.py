@@ -29,12 +29,15 @@ from edgeslim.defaults import DEFAULT_PROFILE
               help="measure on this board over SSH (repeat for several boards at once); default: the profile's address")
 @click.option("--identity", type=click.Path(dir_okay=False), help="SSH private key for --device (default: your SSH "
               "agent and config)")
+@click.option("--prompt", "prompts", metavar="128,512", help="causal LMs: prompt lengths for time to first token "
+              "(default 128,512; given, or a --kv-cache .onnx ITEM, profiles the key/value-cache graph)")
+@click.option("--new-tokens", type=int, help="causal LMs: tokens decoded after each prompt for tokens/s (default 128)")
 @source_options
 @trust_options
 def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple[str, ...], warmup: int, iters: int,
             as_json: bool, ops: bool, rounds: int, html_out: str | None, eval_data: str | None,
-            devices: tuple[str, ...], identity: str | None, weights: str | None, inputs: str | None,
-            task: str | None, trusted: str | None, trust_source: bool) -> None:
+            devices: tuple[str, ...], identity: str | None, prompts: str | None, new_tokens: int | None,
+            weights: str | None, inputs: str | None, task: str | None, trusted: str | None, trust_source: bool) -> None:
     """Latency percentiles, throughput and peak memory of a model file or artifact on a target; with
     several, the candidates interleaved round by round with ratios to the first. With --device (or a
     profile that names a board's address) everything is measured on the board over SSH."""
@@ -48,6 +51,15 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
         raise ConfigError(f"--warmup must be >= 0 and --iters >= 1, got {warmup} and {iters}")
     batches, sizes = ints(batch), parse_dims(dims)
     source = {"weights": weights, "inputs": inputs, "task": task}
+    from edgeslim.lm_profile import is_cache_graph
+    if prompts is not None or new_tokens is not None or any(is_cache_graph(i) for i in items):
+        if devices or ops or eval_data or sizes:
+            raise ConfigError("LLM profiling (--prompt/--new-tokens, a cache graph) runs here in ONNX Runtime: "
+                              "--device, --ops, --eval and --dim do not apply (use `edgeslim eval --onnx` for perplexity)")
+        _profile_lms(items, profile, ints(prompts) if prompts is not None else None, new_tokens, batches,
+                     rounds if len(items) > 1 else 1, html_out, as_json,
+                     source | {"trust": trust_of(trusted, trust_source)})
+        return
     on_boards = bool(devices) or load_profile(profile).address is not None
     if on_boards and ops:
         raise ConfigError("--ops reads ONNX Runtime's profiler on this machine; it is not available with --device")
@@ -70,6 +82,48 @@ def profile(items: tuple[str, ...], profile: str, batch: str | None, dims: tuple
         print_json({"model": str(item), "profile": profile, "timings": rows})
         return
     _print_rows(f"{item} on {profile}", rows)
+
+
+def _profile_lms(items: tuple[str, ...], profile: str, prompts: list[int] | None, new_tokens: int | None,
+                 batches: list[int] | None, rounds: int, html_out: str | None, as_json: bool,
+                 source: dict[str, Any]) -> None:
+    """`profile LM [LM2 ...] --prompt 128,512 --new-tokens 128`: time to first token and decode tokens/s."""
+    from rich.table import Table
+
+    from edgeslim.core.files import REPORT, check_output
+    from edgeslim.lm_profile import DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS, profile_lms, write_lm_html
+    from edgeslim.report import si
+
+    if html_out:
+        if len(items) < 2:
+            raise ConfigError("--html belongs to a comparison: give two or more ITEMs")
+        check_output(html_out, REPORT)
+    result = profile_lms(items, profile, prompts or DEFAULT_PROMPTS,
+                         DEFAULT_NEW_TOKENS if new_tokens is None else new_tokens, batches or [1], rounds, source,
+                         quiet=as_json)
+    if html_out:
+        result["html"] = str(write_lm_html(result, html_out))
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title=f"causal LM{'s' if len(items) > 1 else ''} on {profile} ({result['threads']} threads, "
+                        f"key/value cache in ONNX Runtime, {result['new_tokens']} new tokens"
+                        + (f", medians of {rounds} alternating rounds)" if len(items) > 1 else ")"))
+    for col in ("candidate", "batch", "prompt", "TTFT ms", "decode tok/s", "x first", "flat (vs past 16)", "file",
+                "peak mem"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    first = result["candidates"][0]["rows"]
+    for cand in result["candidates"]:
+        for ref, r in zip(first, cand["rows"]):
+            table.add_row(cand["item"], str(r["batch"]), str(r["prompt"]), f"{r['ttft_ms']:.1f}",
+                          f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}",
+                          f"{r['decode_flatness']:.2f}" if "decode_flatness" in r else "-", si(cand["file_bytes"], "B"),
+                          si(cand["peak_rss_bytes"], "B"))
+    console().print(table)
+    console().print("peak mem: resident set of a fresh process running the cache graph (weights + cache); "
+                    "flat: decode tokens/s after the prompt over tokens/s at a past of 16")
+    if html_out:
+        console().print(f"report: {result['html']}")
 
 
 def _profile_on_boards(item: str, profile: str, devices: tuple[str, ...], identity: str | None,

@@ -50,15 +50,26 @@ class EvalResult:
 
 
 class OnnxModel(nn.Module):
-    """An exported ONNX file called like the torch model (`model(**feeds) -> tensor`), run by ONNX Runtime."""
+    """An exported ONNX file called like the torch model (`model(**feeds) -> tensor`), run by ONNX Runtime.
+    A causal LM's key/value-cache graph (`export --kv-cache`) is fed an empty past: its logits for the
+    whole window, through the graph a deployment runs."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         from edgeslim.runtime.session import open_session
         self.path = Path(path)
         self.session = open_session(self.path, "cpu-ort-fp32")
+        self.cache = None
+        if any(name.startswith("past_key_values.") for name in self.session.inputs):
+            from edgeslim.runtime.kv_decoder import open_cache_graph
+            self.session.close()
+            self.cache = open_cache_graph(self.path)
 
     def forward(self, **feeds: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            ids = feeds["input_ids"].numpy()
+            mask = feeds["attention_mask"].numpy() if "attention_mask" in feeds else None
+            return torch.from_numpy(self.cache.step(ids, self.cache.empty_past(ids.shape[0]), mask)[0])
         out = self.session.run({k: v.numpy() for k, v in feeds.items() if k in self.session.inputs})
         return torch.from_numpy(next(iter(out.values())))
 

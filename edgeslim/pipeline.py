@@ -208,6 +208,48 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
         raise
 
 
+def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, opset: int = 20,
+                 accuracy_level: int = 0) -> dict[str, Any]:
+    """A causal LM's key/value-cache ONNX graph (export/kv_cache.py), validated, with its tokenizer, chat
+    template and end-of-sequence ids in the file's metadata for a torch-free runner.
+
+    A wq model's weights stay integers in the file (MatMulNBits, export/nbits.py), checked against the
+    fake-quantized fp32 model; `accuracy_level` 4 lets ORT compute with int8 activations.
+
+    Raises:
+        ConfigError: not a causal LM, or a model with ONNX-level steps (INT8), which the cache graph does not run.
+    """
+    from edgeslim.export.kv_cache import to_onnx_cache
+    from edgeslim.generation import lm_meta
+    from edgeslim.tasks import hf_config, max_positions
+
+    if loaded.task != "causal-lm":
+        raise ConfigError(f"a key/value cache graph is for causal LMs; {loaded.source.identifier} is a {loaded.task} "
+                          "model (load a Hugging Face folder with --task causal-lm)")
+    staged = [s["method"] for s in loaded.steps if get_compressor(s["method"]).has_onnx_stage]
+    if staged:
+        raise ConfigError(f"the key/value cache graph does not run ONNX-level steps ({', '.join(staged)}): export "
+                          "the model before them, or use -m wq for weight-only quantization")
+    check_output(path, ONNX)
+    config = hf_config(loaded.model)
+    model, quantized = loaded.model, []
+    if any(s["method"] == "wq" for s in loaded.steps):  # integers in the file (MatMulNBits), checked against
+        from edgeslim.compress.weight_quant import dequantized  # the fake-quantized fp32 model they define
+        from edgeslim.export.nbits import QuantizedMatrix
+        model, ints = dequantized(loaded.model)
+        quantized = [QuantizedMatrix(name, model.get_parameter(name).detach().numpy(), w.q.numpy(), w.scale.numpy(),
+                                     w.zero.numpy(), w.bits) for name, w in ints.items()]
+    with stage(f"export {Path(path).stem} with its key/value cache (validated in ONNX Runtime)", quiet):
+        res = to_onnx_cache(model, path, positions=max_positions(config) if config is not None else None,
+                            meta=lm_meta(loaded), opset=opset, quantized=quantized,
+                            accuracy_level=accuracy_level)
+    return {"onnx": str(res.path), "onnx_bytes": res.file_bytes, "layers": res.layers, "kv_heads": res.kv_heads,
+            "head_dims": res.head_dims, "position_ids": res.position_ids,
+            "max_abs_diff": {f"logits@past{k}": v for k, v in res.max_abs_diff.items()},
+            "greedy_prompts_equal": res.greedy_equal, "export_notes": res.notes,
+            "matmul_nbits": res.lowering.matmuls if res.lowering else 0}
+
+
 def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path: Path, res: Any, profile: str | None,
                    quiet: bool, precision: str | None, data: str | None) -> dict[str, Any]:
     """export_model after the validated fp32 file is written: ONNX stages, fp16, agreement, engine."""

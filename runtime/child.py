@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -93,24 +93,63 @@ def child_memory(model: str | Path, profile: str | Path, feeds: Mapping[str, np.
     with tempfile.TemporaryDirectory(prefix="edgeslim-child-") as tmp:
         folder = Path(tmp)
         np.savez(folder / "feeds.npz", **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        request = folder / "request.json"
-        answer = folder / "answer.json"
         profile = Path(profile).resolve() if Path(profile).is_file() else profile  # the child runs elsewhere
-        request.write_text(json.dumps({"model": str(Path(model).resolve()), "profile": str(profile),
-                                       "feeds": str(folder / "feeds.npz"), "calls": warmup + iters,
-                                       "answer": str(answer)}))
-        what = f"the child process measuring {Path(model).name}"
-        try:
-            done = subprocess.run(_command(request), capture_output=True, text=True, timeout=timeout_s, cwd=folder)
-        except subprocess.TimeoutExpired as exc:
-            raise InferenceCrashError(f"{what} ran past {timeout_s:.0f} s and was stopped") from exc
-        result = json.loads(answer.read_text()) if answer.is_file() else None
+        result = _run_child(folder, {"model": str(Path(model).resolve()), "profile": str(profile),
+                                     "feeds": str(folder / "feeds.npz"), "calls": warmup + iters},
+                            f"the child process measuring {Path(model).name}", timeout_s)
+    return ChildMemory(**result)
+
+
+def _run_child(folder: Path, request: dict[str, Any], what: str, timeout_s: float) -> dict[str, Any]:
+    """Write `request` in `folder`, run the child on it, return its answer (or raise how it failed)."""
+    path, answer = folder / "request.json", folder / "answer.json"
+    path.write_text(json.dumps(request | {"answer": str(answer)}))
+    try:
+        done = subprocess.run(_command(path), capture_output=True, text=True, timeout=timeout_s, cwd=folder)
+    except subprocess.TimeoutExpired as exc:
+        raise InferenceCrashError(f"{what} ran past {timeout_s:.0f} s and was stopped") from exc
+    result = json.loads(answer.read_text()) if answer.is_file() else None
     if result is not None and "error" in result:
         cls = getattr(errors, result["error"]) if result["error"] in _REPORTED else InferenceCrashError
         raise cls(f"{what}: {result['message']}")
     if done.returncode != 0 or result is None:
         raise InferenceCrashError(f"{what} {_how_it_died(done.returncode, done.stderr)}")
-    return ChildMemory(**result)
+    return result
+
+
+def child_lm(model: str | Path, prompts: Sequence[int], new_tokens: int, batches: Sequence[int] = (1,),
+             threads: int | None = None, repeats: int = 3, timeout_s: float = CHILD_TIMEOUT_S) -> dict[str, Any]:
+    """A causal LM's cache graph measured in a fresh process (runtime/lm_timing.py): {"rows": [...], "memory":
+    ChildMemory fields}; the peak is the child's whole life (weights + cache at the longest prompt and batch).
+
+    Raises:
+        InferenceCrashError: the child died. ConfigError, SourceError: what it refused (not a cache graph).
+    """
+    with tempfile.TemporaryDirectory(prefix="edgeslim-child-") as tmp:
+        result = _run_child(Path(tmp), {"model": str(Path(model).resolve()), "lm": {
+            "prompts": list(prompts), "new_tokens": new_tokens, "batches": list(batches), "threads": threads,
+            "repeats": repeats}}, f"the child process measuring {Path(model).name}", timeout_s)
+    return result
+
+
+def _serve_lm(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The child's side of `child_lm`."""
+    import onnxruntime  # noqa: F401  (loaded before the baseline, as a bare script has it)
+
+    from edgeslim.runtime.kv_decoder import open_cache_graph
+    from edgeslim.runtime.lm_timing import lm_timings
+    from edgeslim.runtime.memory import MemoryProbe
+
+    lm = request["lm"]
+    probe = MemoryProbe("rss")
+    baseline = probe.current()
+    graph = open_cache_graph(request["model"], lm["threads"])
+    loaded = probe.current()
+    rows = lm_timings(graph, lm["prompts"], lm["new_tokens"], lm["batches"], lm["repeats"])
+    memory = {"baseline_rss_bytes": baseline, "loaded_rss_bytes": loaded, "peak_rss_bytes": probe.peak(),
+              "runs": len(rows), "method": "VmHWM of a fresh child process (its whole life)",
+              "runtime": {"runtime": "onnxruntime", "provider": "CPUExecutionProvider", "threads": lm["threads"]}}
+    return {"rows": rows, "memory": memory}
 
 
 def _serve(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,7 +187,7 @@ def _serve(request: Mapping[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[0]).read_text())
     try:
-        out = _serve(request)
+        out = _serve_lm(request) if "lm" in request else _serve(request)
     except EdgeslimError as exc:
         out = {"error": type(exc).__name__, "message": " ".join(str(exc).split())}
     Path(request["answer"]).write_text(json.dumps(out))

@@ -1,0 +1,252 @@
+"""A causal LM's key/value-cache ONNX graph: one graph for the prompt and for every next token.
+
+Inputs and outputs follow Optimum's merged-decoder names, so existing runners can feed the file:
+`input_ids` [batch, sequence], `attention_mask` [batch, past + sequence], `position_ids` [batch,
+sequence] (families that take them; not OPT, which derives positions from the mask),
+`past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim] -> `logits` [batch, sequence,
+vocab], `present.{i}.key/value` [batch, kv_heads, past + sequence, head_dim]. Batch, sequence and
+past are dynamic; a past of length 0 is the prompt. The Hugging Face model runs with transformers'
+DynamicCache built from the flat tensors, exported by torch.export (dynamo), so any layer a
+compressor put in (low-rank, MPO, pruned heads) exports as it runs.
+
+Validation before the file is moved into place: logits and presents agree with PyTorch at past
+lengths 0, 1 and 100 (`PARITY_PASTS`), and greedy decoding of `GREEDY_TOKENS` tokens from
+`PROMPTS` prompts in ONNX Runtime (runtime/kv_decoder.py) equals torch `generate` token for token.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.core.errors import ConfigError, ExportValidationError
+from edgeslim.core.files import ONNX, replace_output
+from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
+from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
+from edgeslim.export.validate import close
+from edgeslim.runtime.kv_decoder import META_KEY, PAST, PRESENT, open_cache_graph
+
+NO_POSITION_IDS = frozenset({"opt"})  # families whose forward derives positions from the attention mask
+PARITY_PASTS = (0, 1, 100)
+GREEDY_TOKENS = 32
+PROMPTS = (3, 8, 20)  # prompt lengths (random token ids) for the greedy check
+
+
+@dataclass
+class CacheExport:
+    """What `to_onnx_cache` wrote and how it was checked."""
+
+    path: Path
+    file_bytes: int
+    layers: int
+    kv_heads: list[int]
+    head_dims: list[int]
+    position_ids: bool
+    max_abs_diff: dict[int, float] = field(default_factory=dict)  # past length -> max |ORT - torch| of logits
+    greedy_equal: int = 0  # prompts whose greedy tokens in ORT equal torch generate's
+    notes: list[str] = field(default_factory=list)
+    lowering: Lowering | None = None  # the MatMulNBits pass, for a weight-only quantized model
+
+
+class CacheModel(nn.Module):
+    """A Hugging Face causal LM called with flat cache tensors: (logits, key_0, value_0, key_1, ...)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]],
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+        cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past], config=self.hf.config)
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                      **kwargs)
+        flat: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def causal_hf(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a loaded model (TextModel.hf), or the model itself.
+
+    Raises:
+        ConfigError: not a causal LM with a cache (no `generate`, no `config.use_cache`).
+    """
+    hf = getattr(model, "hf", model)
+    config = getattr(hf, "config", None)
+    if config is None or not callable(getattr(hf, "generate", None)) or \
+            not type(hf).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        raise ConfigError(f"{type(hf).__name__} is not a Hugging Face causal LM: a key/value cache graph needs one "
+                          "(a folder loaded with --task causal-lm)")
+    return hf
+
+
+def cache_layout(hf: nn.Module) -> tuple[list[int], list[int]]:
+    """(kv heads, head dim) of every layer, read from the cache of one short forward pass (pruned heads
+    and GQA included)."""
+    ids = torch.zeros((1, 2), dtype=torch.int64)
+    with torch.inference_mode(), _quiet_torch():
+        out = hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    layers = out.past_key_values.layers
+    return [int(x.keys.shape[1]) for x in layers], [int(x.keys.shape[3]) for x in layers]
+
+
+def uses_position_ids(hf: nn.Module) -> bool:
+    return getattr(hf.config, "model_type", "") not in NO_POSITION_IDS
+
+
+def _feeds(vocab: int, kv_heads: Sequence[int], head_dims: Sequence[int], batch: int, seq: int, past: int,
+           position_ids: bool, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(0, vocab, (batch, seq)).astype(np.int64),
+             "attention_mask": np.ones((batch, past + seq), np.int64)}
+    if position_ids:
+        feeds["position_ids"] = np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64).copy()
+    for i, (h, d) in enumerate(zip(kv_heads, head_dims)):
+        for kv in ("key", "value"):
+            feeds[PAST.format(i, kv)] = rng.standard_normal((batch, h, past, d)).astype(np.float32)
+    return feeds
+
+
+def _torch_call(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int) -> list[np.ndarray]:
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    past = [(t[PAST.format(i, "key")], t[PAST.format(i, "value")]) for i in range(layers)]
+    with torch.inference_mode():
+        out = wrapper(t["input_ids"], t["attention_mask"], past, t.get("position_ids"))
+    return [o.float().numpy() for o in out]
+
+
+def _names(layers: int, position_ids: bool) -> tuple[list[str], list[str]]:
+    past = [PAST.format(i, kv) for i in range(layers) for kv in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", *past] + (["position_ids"] if position_ids else [])
+    return inputs, ["logits"] + [PRESENT.format(i, kv) for i in range(layers) for kv in ("key", "value")]
+
+
+def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, position_ids: bool, path: Path,
+            opset: int) -> None:
+    from torch.export import Dim
+    from edgeslim.core.onnx_io import eager_attention
+    batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    args: tuple[Any, ...] = (t["input_ids"], t["attention_mask"],
+                             [(t[PAST.format(i, "key")], t[PAST.format(i, "value")]) for i in range(layers)])
+    shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total}, [({0: batch, 2: past}, {0: batch, 2: past})] * layers]
+    if position_ids:
+        args += (t["position_ids"],)
+        shapes.append({0: batch, 1: seq})
+    inputs, outputs = _names(layers, position_ids)
+    with _quiet_torch(), eager_attention(wrapper):
+        try:
+            torch.onnx.export(wrapper, args, str(path), dynamo=True, dynamic_shapes=tuple(shapes), input_names=inputs,
+                              output_names=outputs, opset_version=opset, verbose=False)
+        except Exception as exc:  # torch.export raises many unrelated classes; keep the cause chained
+            raise ExportValidationError(f"the key/value cache graph of {type(wrapper.hf).__name__} does not export: "
+                                        f"{export_cause(exc)}") from exc
+
+
+def _check_parity(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int], head_dims: list[int],
+                  position_ids: bool, limit: int | None, atol: float, rtol: float) -> dict[int, float]:
+    graph = open_cache_graph(path)
+    diffs = {}
+    for past in PARITY_PASTS:
+        past = min(past, (limit or past + 4) - 4)
+        feeds = _feeds(vocab, kv_heads, head_dims, 2, 3, past, position_ids, seed=past + 1)
+        expected = _torch_call(wrapper, feeds, len(kv_heads))
+        actual = graph.session.run(None, feeds)
+        names = [o.name for o in graph.session.get_outputs()]
+        bad = [(n, a.shape, e.shape) for n, a, e in zip(names, actual, expected)
+               if a.shape != e.shape or not close(a, e, atol, rtol)]
+        diffs[past] = float(np.max(np.abs(actual[0] - expected[0]))) if actual[0].shape == expected[0].shape else float("inf")
+        if bad:
+            n, a, e = bad[0]
+            raise ExportValidationError(f"ONNX Runtime output differs from PyTorch in the cache graph at past length "
+                                        f"{past}: {len(bad)} output(s), first {n} (shapes ORT {list(a)}, torch {list(e)}; "
+                                        f"max |logits diff| {diffs[past]:.3g})")
+    return diffs
+
+
+def _check_greedy(path: Path, hf: nn.Module, vocab: int, limit: int | None) -> int:
+    graph = open_cache_graph(path)
+    rng = np.random.default_rng(7)
+    for length in PROMPTS:
+        n = GREEDY_TOKENS if limit is None else max(1, min(GREEDY_TOKENS, limit - length))
+        prompt = rng.integers(0, vocab, length).tolist()
+        ids = torch.tensor([prompt])
+        with torch.inference_mode(), _quiet_torch():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)[0, length:].tolist()
+        got = graph.generate(prompt, n).tokens
+        if got != ref:
+            first = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b) if len(got) == len(ref) else min(len(got), len(ref))
+            raise ExportValidationError(f"greedy decoding in ONNX Runtime differs from torch generate for a prompt of "
+                                        f"{length} tokens at new token {first}: ORT {got[first:first + 3]}, "
+                                        f"torch {ref[first:first + 3]}")
+    return len(PROMPTS)
+
+
+def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = None, meta: dict[str, Any] | None = None,
+                  opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True,
+                  quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0) -> CacheExport:
+    """Export a causal LM's key/value-cache graph to `path`, validated (see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM or a loaded model wrapping one (`.hf`); compressed layers stay
+            as they are (plain torch modules that export).
+        positions: the model's length limit (tasks.max_positions), recorded for runners and used to
+            keep the checks within it.
+        meta: JSON-able facts a runner needs without torch (tokenizer, chat template, end-of-sequence
+            ids), stored in the file's metadata under `edgeslim.lm` with the layout and positions.
+        quantized: the integer weights of a weight-only quantized model, whose `model` is then the
+            fake-quantized fp32 one (compress/weight_quant.py `dequantized`): its MatMuls are lowered
+            to MatMulNBits (export/nbits.py) before the checks, which compare with `model`.
+        accuracy_level: MatMulNBits' compute type (0: fp32, checked at the usual tolerance).
+
+    Raises:
+        ConfigError: not a causal LM.
+        ExportValidationError: it does not export, or ORT differs from torch (nothing is written then).
+    """
+    import onnx
+    hf = causal_hf(model)
+    was_training = hf.training
+    hf.eval()
+    path = Path(path)
+    try:
+        kv_heads, head_dims = cache_layout(hf)
+        layers, pos = len(kv_heads), uses_position_ids(hf)
+        vocab = int(hf.get_output_embeddings().weight.shape[0]) if hf.get_output_embeddings() is not None \
+            else int(hf.config.vocab_size)
+        wrapper = CacheModel(hf).eval()
+        notes: list[str] = []
+        with replace_output(path, ONNX) as tmp, tempfile.TemporaryDirectory(prefix="edgeslim-kv-", dir=path.parent) as work:
+            target = Path(work) / path.name
+            _export(wrapper, _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset)
+            if slim:
+                note = slim_onnx(target)
+                notes += [note] if note else []
+            lowered = None
+            if quantized:
+                lowered = lower_matmul_nbits(target, quantized, accuracy_level)
+                notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
+                             f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
+                             + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"
+                                if lowered.unmatched else ""))
+            graph = onnx.load(str(target))
+            entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
+                     "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
+            graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
+            onnx.save(graph, str(target))
+            diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions, atol, rtol)
+            equal = _check_greedy(target, hf, vocab, positions)
+            shutil.move(str(target), tmp)
+    finally:
+        hf.train(was_training)
+    return CacheExport(path, path.stat().st_size, layers, kv_heads, head_dims, pos, diffs, equal, notes, lowered)

@@ -1,0 +1,192 @@
+"""Weight-only INT4/INT8 in the ONNX file: MatMuls lowered to ONNX Runtime's `MatMulNBits` (com.microsoft).
+
+An exported graph holds each quantized weight as the fp32 matrix its integers define (compress/
+weight_quant.py `dequantized`). This pass finds every MatMul whose constant right-hand side is one of
+those matrices (transposed, [K, N], matched by its bytes, so a name the exporter chose does not
+matter) and replaces it by MatMulNBits with the integers themselves: B uint8 [N, K / block,
+block * bits / 8] (4-bit values packed two per byte, low nibble first), scales fp32 [N * K / block],
+zero points uint8 (4-bit: packed per row, low nibble first), the artifact's group size as the block
+(a per-channel scale is repeated over power-of-two blocks that divide K). An embedding table
+quantized per row (int8, NNCF's choice for the embedding an LM head is tied to) becomes a Gather of
+the same integers plus its scale and zero point: the file keeps one copy of the table.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """One weight [N, K] as w = scale * (q - zero) per block of K / G inputs, and the fp32 matrix that is."""
+
+    name: str
+    dense: np.ndarray  # float32 [N, K]: exactly what the exported graph holds (transposed) for this weight
+    q: np.ndarray  # uint8 [N, K]
+    scale: np.ndarray  # float32 [N, G]
+    zero: np.ndarray  # uint8 [N, G]
+    bits: int
+
+
+@dataclass
+class Lowering:
+    """What `lower_matmul_nbits` did."""
+
+    matmuls: int = 0
+    gathers: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    unmatched: list[str] = field(default_factory=list)  # quantized weights the graph does not use as a MatMul constant
+
+
+def _key(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest() + str(array.shape)
+
+
+def block_size(group: int) -> int | None:
+    """The MatMulNBits block for a group of `group` inputs: the group when it is a power of two >= 16,
+    else the largest power of two >= 16 dividing it (the scale repeated), else None."""
+    if group >= 16 and group & (group - 1) == 0:
+        return group
+    best = None
+    b = 16
+    while b <= group:
+        if group % b == 0:
+            best = b
+        b *= 2
+    return best
+
+
+def _pack4(values: np.ndarray) -> np.ndarray:
+    """uint8 values < 16 along the last axis, two per byte, low nibble first (an odd count padded with 0)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], -1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def nbits_tensors(m: QuantizedMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """(B, scales, zero points, block) of `m` in MatMulNBits' layout, or None when no block fits K."""
+    n, k = m.q.shape
+    groups = m.scale.shape[1]
+    block = block_size(k // groups)
+    if block is None:
+        return None
+    repeat = (k // groups) // block
+    blocks = k // block
+    scale = np.repeat(m.scale.astype(np.float32), repeat, axis=1)  # [N, blocks]
+    zero = np.repeat(m.zero.astype(np.uint8), repeat, axis=1)
+    q = m.q.reshape(n, blocks, block).astype(np.uint8)
+    if m.bits == 4:
+        return _pack4(q), scale.reshape(-1), _pack4(zero).reshape(-1), block
+    return q, scale.reshape(-1), zero.reshape(-1), block
+
+
+def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], accuracy_level: int = 0) -> Lowering:
+    """Rewrite the ONNX file at `path` in place (see the module docstring).
+
+    Args:
+        accuracy_level: MatMulNBits' compute type (0: fp32 as the dequantized weights; 4: int8
+            activations, faster on CPUs with VNNI, not bit-exact).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    by_t = {_key(m.dense.T): m for m in matrices}  # a MatMul's right-hand side is W^T [K, N]
+    by_w = {_key(m.dense): m for m in matrices}  # an embedding table, or a Transpose's input, is W [N, K]
+    shape_of = {name: tuple(i.dims) for name, i in inits.items()}
+    wanted_t = {tuple(m.dense.T.shape) for m in matrices}
+    wanted_w = {tuple(m.dense.shape) for m in matrices}
+    report = Lowering()
+    used: dict[str, tuple[str, QuantizedMatrix, int]] = {}  # matrix name -> (B initializer, matrix, block)
+    new_nodes, new_inits = [], []
+
+    def integers(m: QuantizedMatrix) -> tuple[str, int] | None:
+        if m.name in used:
+            return used[m.name][0], used[m.name][2]
+        packed = nbits_tensors(m)
+        if packed is None:
+            return None
+        b, scale, zero, block = packed
+        stem = m.name.replace(".", "_")
+        for suffix, value in (("_q", b), ("_scales", scale), ("_zp", zero)):
+            new_inits.append(numpy_helper.from_array(value, stem + suffix))
+        used[m.name] = (stem + "_q", m, block)
+        report.bytes_after += b.nbytes + scale.nbytes + zero.nbytes
+        return stem + "_q", block
+
+    # W^T as Transpose(W) where W is shared (a tied LM head and its embedding): not folded by the exporter
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
+                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
+                  and shape_of[n.input[0]] in wanted_w}
+    dropped: set[str] = set()
+    for node in graph.node:
+        rhs = node.input[1] if len(node.input) > 1 else None
+        m = None
+        if node.op_type == "MatMul" and rhs in transposed:
+            m = by_w.get(_key(numpy_helper.to_array(inits[transposed[rhs]])))
+            rhs = transposed[rhs] if m is not None else rhs
+        elif node.op_type == "MatMul" and rhs in inits and shape_of[rhs] in wanted_t:
+            m = by_t.get(_key(numpy_helper.to_array(inits[rhs])))
+        got = integers(m) if m is not None else None
+        if got is not None:
+            q_name, block = got
+            stem = m.name.replace(".", "_")
+            n, k = m.q.shape
+            new_nodes.append(helper.make_node(
+                "MatMulNBits", [node.input[0], q_name, stem + "_scales", stem + "_zp"], list(node.output),
+                name=node.name or f"{stem}_matmulnbits", domain=MS_DOMAIN, K=k, N=n, bits=m.bits,
+                block_size=block, accuracy_level=accuracy_level))
+            report.matmuls += 1
+            dropped.add(rhs)
+            continue
+        if node.op_type == "Gather" and node.input[0] in inits and shape_of[node.input[0]] in wanted_w:
+            m = by_w.get(_key(numpy_helper.to_array(inits[node.input[0]])))
+            m = m if m is not None and m.scale.shape[1] == 1 else None
+            got = integers(m) if m is not None and m.bits == 8 else None
+            if got is not None:
+                q_name, _ = got
+                stem = m.name.replace(".", "_")
+                out = node.output[0]
+                n, k = m.q.shape
+                table, shape = f"{stem}_table", f"{stem}_table_shape"
+                new_inits.append(numpy_helper.from_array(np.array([n, k], np.int64), shape))
+                new_inits.append(numpy_helper.from_array(m.scale.astype(np.float32).reshape(n, 1), f"{stem}_row_scale"))
+                new_inits.append(numpy_helper.from_array(m.zero.astype(np.float32).reshape(n, 1), f"{stem}_row_zero"))
+                report.bytes_after += 8 * n
+                new_nodes += [
+                    helper.make_node("Reshape", [q_name, shape], [table], name=f"{stem}_table_view"),
+                    helper.make_node("Gather", [table, node.input[1]], [f"{out}_q"], name=f"{stem}_gather_q", axis=0),
+                    helper.make_node("Cast", [f"{out}_q"], [f"{out}_qf"], name=f"{stem}_cast", to=onnx.TensorProto.FLOAT),
+                    helper.make_node("Gather", [f"{stem}_row_zero", node.input[1]], [f"{out}_z"], name=f"{stem}_gather_z", axis=0),
+                    helper.make_node("Gather", [f"{stem}_row_scale", node.input[1]], [f"{out}_s"], name=f"{stem}_gather_s", axis=0),
+                    helper.make_node("Sub", [f"{out}_qf", f"{out}_z"], [f"{out}_c"], name=f"{stem}_sub"),
+                    helper.make_node("Mul", [f"{out}_c", f"{out}_s"], [out], name=f"{stem}_mul"),
+                ]
+                report.gathers += 1
+                dropped.add(node.input[0])
+                continue
+        new_nodes.append(node)
+    live = {i for node in new_nodes for i in node.input} | {o.name for o in graph.output}
+    new_nodes = [n for n in new_nodes if n.op_type != "Transpose" or n.output[0] in live]  # W^T no longer read
+    still_used = {i for node in new_nodes for i in node.input}
+    for name in dropped - still_used:
+        report.bytes_before += int(np.prod(shape_of[name])) * 4
+    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still_used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
+    if report.matmuls and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    report.unmatched = sorted(set(m.name for m in matrices) - set(used))
+    onnx.save(model, str(path))
+    return report

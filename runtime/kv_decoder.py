@@ -1,0 +1,191 @@
+"""Run a causal LM's key/value-cache ONNX graph in ONNX Runtime: prefill, then one token at a time.
+
+The graph follows Optimum's merged-decoder convention (export/kv_cache.py writes it): inputs
+`input_ids`, `attention_mask`, `position_ids` (when the family uses them) and
+`past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim]; outputs `logits` and
+`present.{i}.key/value` (the past with the new tokens appended). One graph serves the prompt (past of
+length 0) and each new token (a sequence of 1), so a token costs the same whatever came before it.
+numpy and onnxruntime only: no torch import (an edge device runs this file's code alone).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgeslim.core.errors import ConfigError, SourceError
+
+PAST = "past_key_values.{}.{}"
+PRESENT = "present.{}.{}"
+META_KEY = "edgeslim.lm"  # the ONNX metadata entry export/kv_cache.py writes: JSON (layers, positions, tokenizer)
+
+
+@dataclass
+class Generation:
+    """What one `generate` call produced and how fast."""
+
+    tokens: list[int]  # the new token ids (prompt excluded)
+    prompt_tokens: int
+    ttft_s: float  # prefill of the prompt and the first token chosen
+    decode_s: float  # every later token
+    stopped: str  # "length" (n tokens), "eos", or "positions" (the model's length limit)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        later = len(self.tokens) - 1
+        return later / self.decode_s if later > 0 and self.decode_s > 0 else float("nan")
+
+
+@dataclass
+class CacheGraph:
+    """An open key/value-cache graph: its layers' cache shapes, whether it takes position ids, its metadata."""
+
+    session: object
+    layers: int
+    kv_heads: list[int]
+    head_dims: list[int]
+    position_ids: bool
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.meta.get("max_positions")
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length past of every layer for `batch` sequences."""
+        out = {}
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                out[PAST.format(i, kv)] = np.zeros((batch, self.kv_heads[i], 0, self.head_dims[i]), np.float32)
+        return out
+
+    def check_past(self, past: dict[str, np.ndarray], batch: int) -> int:
+        """The past length of `past`, after checking every layer's shape against the graph's.
+
+        Raises:
+            ConfigError: a missing layer or a shape that is not [batch, kv_heads, past, head_dim].
+        """
+        length = None
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                name = PAST.format(i, kv)
+                if name not in past:
+                    raise ConfigError(f"the cache graph needs {name}; it was not fed")
+                shape = tuple(past[name].shape)
+                want = (batch, self.kv_heads[i], shape[2] if len(shape) == 4 else "past", self.head_dims[i])
+                if len(shape) != 4 or shape[0] != batch or shape[1] != want[1] or shape[3] != want[3] \
+                        or (length is not None and shape[2] != length):
+                    raise ConfigError(f"{name} has shape {list(shape)}; the cache graph takes [batch={batch}, "
+                                      f"kv_heads={want[1]}, past (same for every layer), head_dim={want[3]}]")
+                length = shape[2]
+        return int(length or 0)
+
+    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray], attention_mask: np.ndarray | None = None
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One call of the graph: logits [batch, sequence, vocab] and the grown past.
+
+        `attention_mask` covers past + new tokens (default all ones); position ids follow it.
+        """
+        batch, seq = input_ids.shape
+        past_len = self.check_past(past, batch)
+        if self.max_positions and past_len + seq > self.max_positions:
+            raise ConfigError(f"{past_len + seq} tokens exceed the model's {self.max_positions} positions")
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past_len + seq), np.int64)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **past}
+        if self.position_ids:
+            pos = np.cumsum(attention_mask, axis=1) - 1
+            feeds["position_ids"] = np.maximum(pos[:, past_len:], 0).astype(np.int64)
+        outs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        values = dict(zip(names, outs))
+        grown = {PAST.format(i, kv): values[PRESENT.format(i, kv)] for i in range(self.layers) for kv in ("key", "value")}
+        return values["logits"], grown
+
+    def stream(self, prompt: Sequence[int], n: int, temperature: float = 0.0, eos: Sequence[int] = (),
+               seed: int = 0) -> Iterator[tuple[int, float]]:
+        """Yield (token id, seconds since the call) for up to `n` new tokens: greedy at temperature 0,
+        else sampled from softmax(logits / temperature). Stops at an `eos` id (yielded) or at the
+        model's positions; `self.last_stop` says which ("length", "eos", "positions")."""
+        if n <= 0:
+            raise ConfigError(f"the number of new tokens must be > 0, got {n}")
+        if not prompt:
+            raise ConfigError("the prompt has no tokens")
+        if self.max_positions and len(prompt) > self.max_positions:
+            raise ConfigError(f"the prompt has {len(prompt)} tokens; the model takes at most {self.max_positions}")
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        ids = np.asarray([prompt], np.int64)
+        past = self.empty_past(1)
+        self.last_stop = "length"
+        for i in range(n):
+            logits, past = self.step(ids, past)
+            token = _choose(logits[0, -1], temperature, rng)
+            yield token, time.perf_counter() - start
+            if token in eos:
+                self.last_stop = "eos"
+                return
+            if self.max_positions and len(prompt) + i + 1 > self.max_positions and i + 1 < n:
+                self.last_stop = "positions"
+                return
+            ids = np.asarray([[token]], np.int64)
+
+    def generate(self, prompt: Sequence[int], n: int, temperature: float = 0.0, eos: Sequence[int] = (),
+                 seed: int = 0) -> Generation:
+        """`stream` collected, with the time to first token and the decode time."""
+        tokens, times = [], []
+        for token, t in self.stream(prompt, n, temperature, eos, seed):
+            tokens.append(token)
+            times.append(t)
+        return Generation(tokens, len(prompt), times[0], times[-1] - times[0], self.last_stop)
+
+
+def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def session_options(threads: int | None = None):
+    """ORT options for decoding: full graph optimization, `threads` intra-op threads when given."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def open_cache_graph(path: str | Path, threads: int | None = None) -> CacheGraph:
+    """Open a key/value-cache ONNX graph in ONNX Runtime (CPU) and read its cache layout.
+
+    Raises:
+        SourceError: ORT cannot load the file.
+        ConfigError: the graph is not a cache graph (no `past_key_values.*` inputs: export it with
+            `edgeslim export SOURCE --kv-cache`).
+    """
+    import onnxruntime as ort
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001  (ORT raises its own classes for unreadable files)
+        raise SourceError(f"ONNX Runtime cannot load {path}: {' '.join(str(exc).split())[:300]}") from exc
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+    if not layers or "input_ids" not in inputs or "logits" not in {o.name for o in session.get_outputs()}:
+        raise ConfigError(f"{path} is not a causal LM's key/value-cache graph (inputs {sorted(inputs)[:4]}...): "
+                          "export a causal LM with `edgeslim export SOURCE --kv-cache`")
+    shapes = [inputs[PAST.format(i, "key")] for i in range(layers)]
+    bad = [i for i, s in enumerate(shapes) if len(s) != 4 or not isinstance(s[1], int) or not isinstance(s[3], int)]
+    if bad:
+        raise ConfigError(f"{path}: past_key_values.{bad[0]}.key has shape {shapes[bad[0]]}, not "
+                          "[batch, kv_heads, past, head_dim] with fixed heads and head size")
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    meta = json.loads(raw) if raw else {}
+    return CacheGraph(session, layers, [s[1] for s in shapes], [s[3] for s in shapes], "position_ids" in inputs, meta)

@@ -1,0 +1,116 @@
+"""Key/value-cache ONNX export of causal LMs (export/kv_cache.py) and its ORT decoder (runtime/kv_decoder.py),
+on tiny random models of every architecture the issue names: logits parity at past 0, 1, 100 and
+greedy tokens equal to torch generate (both checked inside to_onnx_cache; asserted again here)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeslim.core.errors import ConfigError
+from edgeslim.export.kv_cache import GREEDY_TOKENS, PARITY_PASTS, to_onnx_cache
+from edgeslim.runtime.kv_decoder import open_cache_graph
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=192)
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    """A tiny random causal LM of `arch` (seeded)."""
+    t = transformers
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = t.LlamaConfig(**SMALL, num_key_value_heads=2)
+        return t.LlamaForCausalLM(cfg).eval()
+    if arch == "qwen2":
+        return t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL, num_key_value_heads=2)).eval()
+    if arch == "mistral":
+        return t.MistralForCausalLM(t.MistralConfig(**SMALL, num_key_value_heads=1)).eval()
+    if arch == "phi3":
+        return t.Phi3ForCausalLM(t.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0)).eval()
+    if arch == "gemma":
+        return t.GemmaForCausalLM(t.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=8)).eval()
+    if arch == "gpt2":
+        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=192)).eval()
+    if arch == "gpt_neox":
+        return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SMALL)).eval()
+    if arch == "opt":
+        return t.OPTForCausalLM(t.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=192,
+                                            word_embed_proj_dim=32)).eval()
+    raise ValueError(arch)
+
+
+FAST = ["llama", "gpt2", "qwen2"]
+SLOW = ["mistral", "phi3", "gemma", "gpt_neox", "opt"]
+
+
+@pytest.mark.parametrize("arch", FAST + [pytest.param(a, marks=pytest.mark.slow) for a in SLOW])
+def test_cache_graph_matches_torch(arch, tmp_path):
+    hf = tiny(arch)
+    res = to_onnx_cache(hf, tmp_path / "m.onnx", positions=192)
+    assert res.greedy_equal == 3
+    assert set(res.max_abs_diff) == set(PARITY_PASTS)
+    assert max(res.max_abs_diff.values()) < 1e-4
+    graph = open_cache_graph(res.path)
+    names = {i.name for i in graph.session.get_inputs()}
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
+    assert ("position_ids" in names) == (arch != "opt")
+    outs = [o.name for o in graph.session.get_outputs()]
+    assert outs[0] == "logits" and "present.1.value" in outs
+    # batch and past are dynamic: a batch of 3 with a past of 7 runs, and a prompt in one call equals
+    # the same prompt fed token by token through the cache
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 96, (3, 6))
+    whole, _ = graph.step(ids, graph.empty_past(3))
+    past = graph.empty_past(3)
+    for j in range(6):
+        logits, past = graph.step(ids[:, j:j + 1], past)
+    assert past["past_key_values.0.key"].shape[2] == 6
+    np.testing.assert_allclose(logits[:, -1], whole[:, -1], atol=1e-4)
+    # torch generate, once more, from the file alone
+    prompt = [5, 17, 3, 44]
+    with torch.inference_mode():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)[0, 4:].tolist()
+    assert graph.generate(prompt, GREEDY_TOKENS).tokens == ref
+
+
+def test_decoder_refuses_bad_input(tmp_path):
+    res = to_onnx_cache(tiny("llama"), tmp_path / "m.onnx", positions=40)
+    graph = open_cache_graph(res.path)
+    past = graph.empty_past(1)
+    past["past_key_values.1.key"] = np.zeros((1, 3, 0, 8), np.float32)  # 3 kv heads, the graph has 2
+    with pytest.raises(ConfigError, match="past_key_values.1.key has shape"):
+        graph.step(np.zeros((1, 2), np.int64), past)
+    with pytest.raises(ConfigError, match="must be > 0"):
+        list(graph.stream([1, 2], 0))
+    with pytest.raises(ConfigError, match="at most 40"):
+        list(graph.stream(list(range(41)), 4))
+    out = graph.generate(list(range(30)), 64)  # 30 + 10 = the 40 positions: stops there and says so
+    assert out.stopped == "positions" and len(out.tokens) == 11
+    assert graph.generate([1, 2, 3], 5).stopped == "length"
+
+
+def test_non_causal_model_is_refused(tmp_path):
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ConfigError, match="not a Hugging Face causal LM"):
+        to_onnx_cache(bert, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("method, params", [("svd", {"ratio": 0.5}), ("prune", {"ratio": 0.5}),
+                                            pytest.param("mpo", {"ratio": 0.5}, marks=pytest.mark.slow)])
+def test_compressed_models_export_their_cache(method, params, tmp_path):
+    from edgeslim.compress.base import CompressContext, get_compressor
+    from edgeslim.tasks import TextModel, text_inputs
+    model = TextModel(tiny("llama"), "logits").eval()
+    comp = get_compressor(method)
+    context = CompressContext(inputs=tuple(text_inputs(96)), dims={"batch": 2, "sequence": 16}, task="causal-lm")
+    result = comp.compress(model, comp.make_config(params), None, context=context)
+    assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
+    res = to_onnx_cache(result.model, tmp_path / "m.onnx", positions=192)
+    assert res.greedy_equal == 3 and max(res.max_abs_diff.values()) < 1e-4

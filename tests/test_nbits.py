@@ -1,0 +1,105 @@
+"""wq in the file: a causal LM's cache graph keeps its int4/int8 weights as MatMulNBits (export/nbits.py),
+agrees with the fake-quantized torch model, is about 4.5 bits per weight, and replays from the artifact."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("nncf")
+
+from edgeslim.cli import main  # noqa: E402
+from edgeslim.export.nbits import QuantizedMatrix, block_size, lower_matmul_nbits, nbits_tensors  # noqa: E402
+from tiny_lm import llama_folder  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return llama_folder(tmp_path_factory.mktemp("nbits") / "tiny-llama", hidden=128, positions=192)
+
+
+def weight_bytes(path) -> int:
+    return sum(len(i.raw_data) for i in onnx.load(str(path)).graph.initializer)
+
+
+def export(item, out, capsys):
+    assert main(["export", str(item), "--kv-cache", "-o", str(out), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_int4_and_int8_files(folder, tmp_path, capsys):
+    fp32 = export(folder, tmp_path / "fp32.onnx", capsys)
+    assert fp32["matmul_nbits"] == 0
+    sizes = {}
+    for mode in ("int4", "int8"):
+        slim = tmp_path / f"{mode}.slim"
+        assert main(["compress", str(folder), "-m", "wq", "--set", f"mode={mode}", "--set", "group_size=32",
+                     "-o", str(slim), "--json"]) == 0
+        capsys.readouterr()
+        info = export(slim, tmp_path / f"{mode}.onnx", capsys)  # the artifact replays with no data
+        assert info["matmul_nbits"] == 2 * 7 + 1  # q k v o gate up down per layer, and the tied head
+        assert info["greedy_prompts_equal"] == 3 and max(info["max_abs_diff"].values()) < 1e-4
+        ops = {n.op_type for n in onnx.load(info["onnx"]).graph.node}
+        assert "MatMulNBits" in ops
+        sizes[mode] = weight_bytes(info["onnx"])
+    base = weight_bytes(fp32["onnx"])
+    # int4 g32: 4 bits + a 32-bit scale and a 4-bit zero point per 32 weights (the tied head/embedding
+    # is int8, NNCF's default); int8: 8 bits + per-row scale
+    assert sizes["int4"] / base < 0.30
+    assert 0.25 < sizes["int8"] / base < 0.30
+    # generate runs the int4 file
+    assert main(["generate", str(tmp_path / "int4.onnx"), "--prompt", "abc", "-n", "5", "--raw", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 5
+
+
+def test_factored_then_int4_quantizes_both_factors(folder, tmp_path, capsys):
+    svd = tmp_path / "svd.slim"
+    assert main(["compress", str(folder), "-m", "svd", "--rank", "32", "--target", r".*layers\.\d+\..*proj",
+                 "-o", str(svd), "--json"]) == 0
+    wq = tmp_path / "svd-wq.slim"
+    assert main(["compress", str(svd), "-m", "wq", "--set", "mode=int4", "--set", "group_size=32", "-o", str(wq),
+                 "--json"]) == 0
+    capsys.readouterr()
+    info = export(wq, tmp_path / "svd-wq.onnx", capsys)
+    assert info["matmul_nbits"] == 2 * 7 * 2 + 1
+    names = {i.name for i in onnx.load(info["onnx"]).graph.initializer}
+    assert {"hf_model_layers_0_self_attn_q_proj_first_weight_q", "hf_model_layers_0_self_attn_q_proj_second_weight_q"} <= names
+    assert info["greedy_prompts_equal"] == 3
+
+
+def test_layout_and_packing():
+    assert [block_size(g) for g in (32, 128, 576, 24, 8)] == [32, 128, 64, None, None]
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (3, 64)).astype(np.uint8)
+    zero = rng.integers(0, 16, (3, 2)).astype(np.uint8)
+    scale = rng.random((3, 2)).astype(np.float32)
+    dense = (q.reshape(3, 2, 32) - zero[..., None].astype(np.float32)) * scale[..., None]
+    m = QuantizedMatrix("w", dense.reshape(3, 64).astype(np.float32), q, scale, zero, 4)
+    b, s, z, block = nbits_tensors(m)
+    assert block == 32 and b.shape == (3, 2, 16) and s.shape == (6,) and z.shape == (3,)
+    assert b[0, 0, 0] == q[0, 0] | (q[0, 1] << 4)  # low nibble first
+    assert z[0] == zero[0, 0] | (zero[0, 1] << 4)
+    # a lone MatMul against the dense weight, lowered, computes x @ W^T
+    from onnx import helper, numpy_helper, TensorProto
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(np.ascontiguousarray(m.dense.T), "wt")])
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nbits-{os.getpid()}.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    try:
+        report = lower_matmul_nbits(path, [m])
+        assert report.matmuls == 1 and not report.unmatched
+        import onnxruntime as ort
+        x = rng.standard_normal((2, 64)).astype(np.float32)
+        y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, x @ m.dense.T, rtol=1e-5, atol=1e-5)
+    finally:
+        os.unlink(path)
