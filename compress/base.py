@@ -5,7 +5,7 @@ declares (StatsRequest) and the registry.
 A compressor family is one module under compress/ (or in another package) that defines
 `Compressor` subclasses decorated with `@register`, and is listed in the `edgeslim.compressors`
 entry-point group of its package's pyproject.toml (one line per module). See "Adding a compressor"
-in docs/architecture.md (a worked example) and in the README.
+in docs/architecture.md (a worked example) and in docs/adding-a-compressor.md.
 """
 from __future__ import annotations
 

@@ -306,12 +306,12 @@ def test_board_measure_times_a_layers_rank_ladder_in_one_visit_and_models_on_the
 
 
 @needs_sshd
-def test_the_readme_board_block_runs_as_written(env, in_tmp):
+def test_the_devices_page_block_runs_as_written(env, in_tmp):
     import re
     import shlex
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"## Measure on your board.*?```console\n(.*?)```", readme, flags=re.S).group(1)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "devices.md").read_text()
+    block = re.search(r"# Measure on your board.*?```console\n(.*?)```", page, flags=re.S).group(1)
     assert main(["compress", "tiny-mlp", "-m", "svd", "--ratio", "0.5", "-o", "mlp-svd.slim"]) == 0
     assert main(["export", "mlp-svd.slim", "--to", "onnx", "-o", "mlp-svd.onnx"]) == 0
     boards = {"ssh://pi@raspberrypi.local": _address(env, 0), "ssh://ubuntu@n100.local": _address(env, 1)}

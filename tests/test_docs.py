@@ -58,3 +58,10 @@ def test_the_worked_example_is_a_family_that_passes_the_contract(tmp_path, monke
             comp.make_config({"damping": 0})
     finally:
         sys.modules.pop("half_rank", None)
+
+
+def test_the_cli_reference_is_the_commands_own_help():
+    from edgeslim.cli_reference import reference
+
+    assert (ROOT / "docs" / "cli.md").read_text() == reference(), \
+        "docs/cli.md drifted from the commands: python -m edgeslim.cli_reference > docs/cli.md"

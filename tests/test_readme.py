@@ -1,4 +1,4 @@
-"""Run the README's Python blocks and `edgeslim ...` command lines in a temporary folder.
+"""Run the README's and the docs pages' Python blocks and `edgeslim ...` command lines in a temporary folder.
 
 The two set-up commands (install + demo, tests) are run by .ci/run, not here.
 """
@@ -13,10 +13,27 @@ from edgeslim.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+DOCS = README.parent / "docs"
+# the pages whose blocks run after the README's, in this order, in the same folder (they reuse its files)
+PAGES = ("adapters.md", "recipes-and-budgets.md", "models.md", "int8.md", "factorized-convolutions.md",
+         "pruning.md", "mpo.md", "super-resolution.md", "python-api.md", "adding-a-compressor.md", "security.md")
+
+
 def blocks() -> list[tuple[str, str]]:
     text = README.read_text()
     usage = text.split("## The command line", 1)[1]  # everything after the set-up section
+    for page in PAGES:
+        usage += "\n" + (DOCS / page).read_text()
     return re.findall(r"```(\w+)\n(.*?)```", usage, flags=re.S)
+
+
+def test_every_docs_page_with_commands_is_run():
+    """A page that shows commands is in PAGES (devices.md runs against loopback SSH in test_device.py; cli.md
+    is the generated reference; architecture.md's example runs in test_docs.py; data.md lists packages)."""
+    elsewhere = {"devices.md", "cli.md", "architecture.md", "data.md", "toolchain.md"}
+    for page in sorted(DOCS.glob("*.md")):
+        if page.name not in elsewhere:
+            assert page.name in PAGES, f"docs/{page.name} is not run by tests/test_readme.py"
 
 
 def test_readme_has_the_two_setup_commands():
