@@ -266,9 +266,11 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
 
     for note in info.get("export_notes", ()):
         _console().print(f"note: {note}")
-    if bundle:
+    written = Path(info.get("engine") or info["onnx"])
+    if bundle:  # the model was written in a temporary folder, then the folder renamed into place
         _console().print(f"bundle {info['bundle']}: {', '.join(info['files'])} + bundle.json")
-    _console().print(f"wrote {info.get('engine') or info['onnx']} ({si(info['onnx_bytes'], 'B')} ONNX); "
+        written = Path(info["bundle"]) / written.name
+    _console().print(f"wrote {written} ({si(info['onnx_bytes'], 'B')} ONNX); "
                      f"max |ONNX - PyTorch|: {diffs}")
     if "agreement" in info:
         a = info["agreement"]
@@ -347,7 +349,7 @@ def list_(what: str) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 @json_option
 def inspect(path: str, as_json: bool) -> None:
     """Show an artifact's source, steps, per-layer decisions and file hashes (verified)."""
@@ -361,7 +363,8 @@ def inspect(path: str, as_json: bool) -> None:
     src = manifest["source"]
     console = _console()
     console.print(f"[bold]{path}[/]  format {manifest['format_version']}, edgeslim {manifest.get('edgeslim_version')}")
-    console.print(f"source: {src['kind']} {src['identifier']} (version {src.get('version')}, sha256 {str(src.get('sha256'))[:16]}...)")
+    weights = f"weights sha256 {src['sha256'][:16]}..." if src.get("sha256") else "no weights file: built by code, seeded"
+    console.print(f"source: {src['kind']} {src['identifier']} (version {src.get('version')}, {weights})")
     if manifest.get("kind") == "adapter":
         console.print(f"adapter artifact: needs its base (state sha256 {str(manifest.get('base_sha256'))[:16]}...); "
                       f"labels {manifest.get('labels')}")
@@ -373,6 +376,10 @@ def inspect(path: str, as_json: bool) -> None:
         changed = sum(c.get("status", "replaced") not in ("dense", "skipped") for c in changes)
         console.print(f"  {changed} of {len(changes)} targeted module(s) changed, parameters {before:,} -> {after:,}; "
                       f"calibration: {step.get('resolved', {}).get('calib')}")
+        for c in changes:  # the per-layer decisions and their reasons (dense and why, factoring paid off or not)
+            decision = "" if c.get("decision") is None else f" -> {c['decision']}"
+            console.print(f"  {c['name']}: {c.get('status', 'replaced')}{decision}, {c['params_before']:,} -> "
+                          f"{c['params_after']:,} params" + (f"; {c['note']}" if c.get("note") else ""))
         skipped = step.get("resolved", {}).get("skipped")
         for name, reason in (skipped.items() if isinstance(skipped, dict) else ()):
             console.print(f"  left whole: {name}: {reason}")

@@ -132,3 +132,21 @@ def test_compress_reports_agreement_and_heals_in_the_same_command(in_tmp, capsys
     assert [s["method"] for s in result["steps"]] == ["svd", "heal"] and 0 < result["agreement"]["cosine_mean"] <= 1
     assert main(["compress", "tiny-bert", "-m", "svd", "--rank", "1", "--heal", "3", "-o", "c.slim"]) == 2
     assert "--heal STEPS needs" in capsys.readouterr().err and not Path("c.slim").exists()
+
+
+def test_inspect_text_shows_each_layer_and_a_missing_artifact_exits_3(in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "--set", "align=4", "-o", "m.slim"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "m.slim"]) == 0
+    out = capsys.readouterr().out
+    assert "fc1: replaced -> 4, 1,088 -> 384 params" in out and "sha256 None" not in out  # 16*4 + 4*64 + 64
+    assert "no weights file: built by code, seeded" in out
+    assert main(["inspect", "missing.slim"]) == 3
+
+
+def test_export_bundle_prints_the_final_path(in_tmp, capsys):
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "--set", "align=4", "-o", "m.slim"]) == 0
+    capsys.readouterr()
+    assert main(["export", "m.slim", "--bundle", "-o", "m.bundle"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote m.bundle/model.onnx" in out.replace("\\", "/") and ".edgeslim-tmp" not in out
