@@ -62,19 +62,29 @@ def _at_least(config: ConfigBase, minimum: int, *keys: str) -> None:
             raise ConfigError(f"{key} must be at least {minimum}, got {getattr(config, key)}")
 
 
+AUTO_STEPS = 120  # optimizer steps a default training aims at: a 20-line set gets ~60 passes, not one
+AUTO_MAX_EPOCHS = 60
+
+
+def auto_epochs(batches: int) -> int:
+    """Passes over `batches` batches that make about AUTO_STEPS steps (at least 1, at most AUTO_MAX_EPOCHS)."""
+    return max(1, min(AUTO_MAX_EPOCHS, -(-AUTO_STEPS // max(batches, 1))))
+
+
 @dataclass(frozen=True)
 class HeadConfig(ConfigBase):
     """Settings shared by every adapter method (head-only training uses just these)."""
 
     labels: tuple[str | int, ...] | None = None  # class names: adds a new head Linear(features, len(labels))
     head_target: str = r"(.*\.)?(classifier|score)"  # existing head trained when labels is None
-    epochs: int = 1  # passes over the training data; 0 (or no data): attached untrained, as the identity
+    epochs: int | None = None  # passes over the data; None: enough for AUTO_STEPS steps (1..AUTO_MAX_EPOCHS); 0: untrained
     lr: float = 3e-3  # peak AdamW learning rate, decayed linearly to 0
     seed: int = 0  # initialisation of the new weights and order of the batches
     train_layer_norms: bool = False  # also train the base's LayerNorm/RMSNorm weights
 
     def validate(self) -> None:
-        _at_least(self, 0, "epochs")
+        if self.epochs is not None:
+            _at_least(self, 0, "epochs")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
@@ -223,12 +233,14 @@ class _AdapterCompressor(Compressor):
         if not resolved["trainable"]:
             raise ConfigError(f"{self.name}: nothing to train (no head matches head_target={config.head_target!r}; "
                               "give labels=[...] to add one)")
-        if calib is not None and config.epochs:
+        epochs = config.epochs if config.epochs is not None or calib is None else auto_epochs(len(calib.batches))
+        if calib is not None and epochs:
             if calib.targets is None:
                 raise ConfigError(f"{self.name} trains on labelled data: '{calib.name}' has no targets")
-            report = fit(adapted, calib, epochs=config.epochs, lr=config.lr, seed=config.seed, max_grad_norm=1.0,
-                         weight_decay=0.01, label=f"{self.name} on {calib.name}")
-            resolved["train"] = {"steps": report.steps, "final_loss": report.final_loss, "data": calib.name}
+            report = fit(adapted, calib, epochs=epochs, lr=config.lr, seed=config.seed, max_grad_norm=1.0,
+                         weight_decay=0.01, label=self.name)
+            resolved["train"] = {"steps": report.steps, "epochs": epochs, "final_loss": report.final_loss,
+                                 "data": calib.name}
         return self.result(adapted.eval(), config, changes(adapted), resolved)
 
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[Any] = ()) -> nn.Module:

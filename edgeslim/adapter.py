@@ -7,6 +7,8 @@ its state dict. It needs its base present: the zoo model its manifest names, or 
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import copy
 import dataclasses
 from pathlib import Path
@@ -159,6 +161,13 @@ def train_adapter(base: LoadedModel, train: Sequence[tuple[str, str | int]], out
     summary["trainable_fraction"] = summary["trainable_params"] / total
     if test is not None:
         summary["eval"] = evaluate(result.model, encode_pairs(base, list(test), labels, batch_size, "eval"))
+        chance = max(Counter(label for _, label in test).values()) / len(test)  # always guessing the commonest
+        if summary["eval"]["accuracy"] <= chance:
+            import warnings
+
+            warnings.warn(f"held-out accuracy {summary['eval']['accuracy']:.3f} is at chance (always answering the "
+                          f"commonest label scores {chance:.3f}): more data, more epochs (--epochs) or another "
+                          "method", stacklevel=2)
     path = save_adapter(out, result, base, summary)
     summary["artifact"] = str(path)
     summary["artifact_bytes"] = sum(f.stat().st_size for f in Path(path).iterdir())

@@ -12,7 +12,7 @@ from edgeslim import artifact, zoo
 from edgeslim.adapter import attach, encode_pairs, label_set, save_adapter, train_adapter
 from edgeslim.cli import main
 from edgeslim.compress.base import get_compressor
-from edgeslim.compress.compacter import (Adapter, LoRALinear, PHMLinear, init_rule, merge_for_export,
+from edgeslim.compress.compacter import (Adapter, LoRALinear, PHMLinear, auto_epochs, init_rule, merge_for_export,
                                          paper_param_count, state_sha256)
 from edgeslim.data import read_labelled
 from edgeslim.core.errors import ConfigError, SourceError
@@ -146,7 +146,8 @@ def test_training_changes_only_the_adapters_and_head():
                 continue
             assert torch.equal(params[adapted], value), adapted
         assert not torch.equal(params["head.weight"], torch.zeros_like(params["head.weight"]))
-        assert result.resolved["train"]["steps"] == len(data.batches)
+        epochs = result.resolved["train"]["epochs"]  # the default: enough passes for about AUTO_STEPS steps
+        assert epochs == auto_epochs(len(data.batches)) == 40 and result.resolved["train"]["steps"] == 3 * epochs
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in original.items())  # caller's model untouched
 
 
@@ -316,3 +317,16 @@ def test_artifact_load_sends_an_adapter_artifact_to_load_model(trained):
     _, path = trained[0]
     with pytest.raises(SourceError, match=r"adapter artifact, which needs its base: load it with edgeslim.sources.load_model"):
         artifact.load(path)
+
+
+def test_default_epochs_follow_the_data_size():
+    assert [auto_epochs(n) for n in (1, 2, 3, 60, 120, 500)] == [60, 60, 40, 2, 1, 1]  # 20 lines in batches of 16: 2
+    assert get_compressor("lora").make_config({"epochs": 2}).epochs == 2  # the user's number wins
+
+
+def test_held_out_accuracy_at_chance_is_warned(tmp_path, monkeypatch):
+    from edgeslim import adapter
+
+    monkeypatch.setattr(adapter, "evaluate", lambda model, data: {"accuracy": 0.5, "macro_f1": 0.33})
+    with pytest.warns(UserWarning, match="held-out accuracy 0.500 is at chance .* commonest label scores 0.500"):
+        train_adapter(load_model("tiny-bert"), PAIRS, tmp_path / "a.slim", "head", {"epochs": 1}, PAIRS, batch_size=4)
