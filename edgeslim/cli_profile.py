@@ -245,14 +245,16 @@ def _compare(items: tuple[str, ...], profile: str, batches: list[int] | None, si
     out = console()
     out.print(table)
     for cand in result["candidates"]:
-        if "eval" in cand or "eval_error" in cand:
+        if "eval_note" in cand:
+            out.print(f"{cand['item']}: {cand['eval_note']}")
+        elif "eval" in cand or "eval_error" in cand:
             ev = cand.get("eval")
             out.print(f"{cand['item']}: " + (f"{ev['metric']} {ev['value']:.4f} on {ev['data']}" if ev else
                                                  f"no metric ({cand['eval_error']})"))
         for r in cand["rows"]:
-            if "op_time_share" in r:
-                top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["op_time_share"].items())[:6])
-                out.print(f"{cand['item']} batch {r['batch']} kernel time by op type: {top}")
+            if "op_time_ms" in r:
+                top = ", ".join(f"{k} {v:.3g} ms" for k, v in list(r["op_time_ms"].items())[:6])
+                out.print(f"{cand['item']} batch {r['batch']} kernel time by op type (per run): {top}")
     for address, message in result.get("board_errors", {}).items():
         click.echo(f"error: {address}: {message}", err=True)
     if html_out:

@@ -103,7 +103,9 @@ def _evaluate(candidates: Sequence[dict[str, Any]], opened: Sequence[tuple[Any, 
     from edgeslim.evaluate import evaluate
 
     reference = opened[0][1]
-    for cand, (target, loaded) in zip(candidates, opened):
+    for i, (cand, (target, loaded)) in enumerate(zip(candidates, opened)):
+        if i == 0 and loaded.task == "feature-extraction":  # its agreement with itself (1.0) is plotted, not reported
+            cand["eval_note"] = "the reference the others' agreement is measured against"
         onnx = target if str(target).endswith(".onnx") and loaded.task != "generic" else None
         try:
             result = evaluate(loaded, data, reference if loaded.task == "feature-extraction" else None, onnx,
@@ -169,18 +171,20 @@ def _plot_size_latency(result: Mapping[str, Any]) -> bytes:
 
 
 def _plot_ops(result: Mapping[str, Any], top: int = 8) -> bytes | None:
-    shares = [c["rows"][0].get("op_time_share") for c in result["candidates"]]
-    if not all(shares):
+    """Kernel milliseconds per op type at the first batch asked, side by side: what each candidate spends
+    where (a share of each model's own time would hide that the compressed one spends less on everything)."""
+    times = [c["rows"][0].get("op_time_ms") for c in result["candidates"]]
+    if not all(times):
         return None
-    kinds = sorted({k for s in shares for k in s}, key=lambda k: -max(s.get(k, 0) for s in shares))[:top]
+    kinds = sorted({k for t in times for k in t}, key=lambda k: -max(t.get(k, 0) for t in times))[:top]
     fig = figure(6.5, 0.35 * len(kinds) + 1.2)
     ax = fig.subplots()
-    width = 0.8 / len(shares)
-    for i, (name, share) in enumerate(zip(_names(result), shares)):
-        ax.barh([k + i * width for k in range(len(kinds))], [share.get(op, 0) for op in kinds], height=width, label=name)
+    width = 0.8 / len(times)
+    for i, (name, ms) in enumerate(zip(_names(result), times)):
+        ax.barh([k + i * width for k in range(len(kinds))], [ms.get(op, 0) for op in kinds], height=width, label=name)
     ax.set_yticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"share of ONNX Runtime kernel time, batch {result['candidates'][0]['rows'][0]['batch']}")
+    ax.set_xlabel(f"ONNX Runtime kernel time per run, ms, batch {result['candidates'][0]['rows'][0]['batch']}")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=7)
     return png_bytes(fig)
@@ -218,16 +222,19 @@ def write_html(result: Mapping[str, Any], path: str | Path) -> Path:
              _row("parameters", [f"{c['params']:,}" if c["params"] else "-" for c in cands])]
     for i, ref in enumerate(cands[0]["rows"]):
         rows = [c["rows"][i] for c in cands]
-        lines.append(_row(f"p50, batch {ref['batch']}", [f"{r['p50_ms']:.3g} ms ({r['p50_ms'] / ref['p50_ms']:.2f}x)"
-                                                         + (" unstable" if r["unstable"] else "") for r in rows]))
+        sizes = ", ".join(f"{k}={v}" for k, v in ref.get("sizes", {}).items() if k != "batch")
+        lines.append(_row(f"p50, batch {ref['batch']}" + (f" ({sizes})" if sizes else ""),
+                          [f"{r['p50_ms']:.3g} ms" + (f" (x{ref['p50_ms'] / r['p50_ms']:.2f} speedup)" if r is not ref
+                                                      else " (reference)") + (" unstable" if r["unstable"] else "")
+                           for r in rows]))
         lines.append(_row(f"peak memory, batch {ref['batch']}", [peak_mem_text(r) for r in rows]))
     plots = [_img(_plot_latency(result), "latency vs batch"), _img(_plot_size_latency(result), "size and latency")]
     for extra, alt in ((_plot_ops(result), "kernel time by op type"), (_plot_metric(result), "metric vs latency")):
         if extra is not None:
             plots.append(_img(extra, alt))
     if any("eval" in c for c in cands):
-        lines.append(_row("metric", [f"{c['eval']['metric']} {c['eval']['value']:.4g}" if "eval" in c else "-"
-                                     for c in cands]))
+        lines.append(_row("metric", ["reference" if "eval_note" in c else f"{c['eval']['metric']} "
+                                     f"{c['eval']['value']:.4g}" if "eval" in c else "-" for c in cands]))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>edgeslim comparison on "
             f"{html.escape(result['profile'])}</title></head><body><h1>Comparison on {html.escape(result['profile'])}</h1>"
             f"<p>Timed calls interleaved over {result['rounds']} rounds; ratios are to {html.escape(names[0])}. "

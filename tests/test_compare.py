@@ -119,6 +119,12 @@ def test_compare_with_eval_draws_metric_against_latency(in_tmp, capsys):
     assert code == 0, out.err
     first, second = json.loads(out.out)["candidates"]
     assert first["eval"]["metric"] == second["eval"]["metric"]
-    assert first["eval"]["value"] == pytest.approx(1.0)  # the reference agrees with itself
-    assert second["eval"]["value"] < 1.0  # rank 4 of 32: the embeddings move
-    assert (in_tmp / "e.html").read_text().count("data:image/png;base64,") == 3  # latency, size, metric
+    assert first["eval"]["value"] == pytest.approx(1.0) and first["eval_note"].startswith("the reference")
+    assert second["eval"]["value"] < 1.0 and "eval_note" not in second  # rank 4 of 32: the embeddings move
+    page = (in_tmp / "e.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<td>reference</td>" in page  # latency, size, metric
+    assert "(reference)" in page and "speedup)" in page  # the first is the reference, the ratio says what it is
+    main(["profile", "tiny-bert", "b.slim", "--profile", "cpu-torch-fp32", "--batch", "2", "--iters", "2",
+          "--warmup", "0", "--eval", "sentences"])
+    text = capsys.readouterr().out
+    assert "tiny-bert: the reference the others' agreement is measured against" in text and "cosine 1.0000" not in text
