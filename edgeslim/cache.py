@@ -16,6 +16,7 @@ from edgeslim.core.files import OutputKind, owned_folder, replace_output
 
 ENV = "EDGESLIM_CACHE"
 ENTRY = OutputKind("edgeslim cache entry", True, marker="model.safetensors")  # built once, never replaced
+EXPORT = OutputKind("edgeslim cached export", True, marker="model.onnx")  # an artifact's export, by its hash
 
 
 def root() -> Path:
@@ -23,8 +24,10 @@ def root() -> Path:
     return Path(os.environ.get(ENV) or Path.home() / ".cache" / "edgeslim").expanduser()
 
 
-def entry(name: str, build: Callable[[Path], None], announce: Callable[[str], None] | None = None) -> Path:
-    """The cache folder `name`, built once by `build(tmp_folder)` when it is absent.
+def entry(name: str, build: Callable[[Path], None], announce: Callable[[str], None] | None = None,
+          kind: OutputKind = ENTRY) -> Path:
+    """The cache folder `name`, built once by `build(tmp_folder)` when it is absent (or not whole: a folder
+    of that name edgeslim did not write, or that changed since, is refused by replace_output).
 
     Raises:
         ConfigError: a name that is not a plain folder name.
@@ -32,11 +35,11 @@ def entry(name: str, build: Callable[[Path], None], announce: Callable[[str], No
     if not name or Path(name).name != name or name.startswith("."):
         raise ConfigError(f"cache entry name must be a plain folder name, got {name!r}")
     path = root() / name
-    if path.is_dir():
+    if path.is_dir() and owned_folder(path, kind) is None:
         return path
     if announce:
         announce(f"building {name} once into the cache {path} (set {ENV} to move it)")
-    with replace_output(path, ENTRY) as tmp:
+    with replace_output(path, kind) as tmp:
         tmp.mkdir()
         build(tmp)
     return path
@@ -56,7 +59,8 @@ def list_entries() -> list[CacheEntry]:
         return []
     return [CacheEntry(p.name, p, sum(f.stat().st_size for f in p.rglob("*") if f.is_file()))
             for p in sorted(base.iterdir())
-            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and owned_folder(p, ENTRY) is None]
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+            and (owned_folder(p, ENTRY) is None or owned_folder(p, EXPORT) is None)]
 
 
 def clear(name: str | None = None) -> list[str]:
@@ -73,6 +77,15 @@ def clear(name: str | None = None) -> list[str]:
         raise ConfigError(f"no cache entry {name!r} in {root()}" + (f" ({path} {why}: left alone)" if why else "")
                           + f"; entries: {sorted(entries) or 'none'}")
     chosen = [entries[name]] if name else list(entries.values())
+    for e in chosen:
+        shutil.rmtree(e.path)
+    return [e.name for e in chosen]
+
+
+def keep_newest(prefix: str, count: int) -> list[str]:
+    """Remove the entries named `prefix`* beyond the `count` most recently used (edgeslim's own only); their names."""
+    chosen = sorted((e for e in list_entries() if e.name.startswith(prefix)), key=lambda e: e.path.stat().st_mtime,
+                    reverse=True)[count:]
     for e in chosen:
         shutil.rmtree(e.path)
     return [e.name for e in chosen]

@@ -446,8 +446,32 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
                               "profile it on an onnxruntime profile (e.g. cpu-ort-int8)")
         yield loaded.model, loaded
         return
+    to = "tensorrt" if prof.runtime == "tensorrt" and not prof.remote else "onnx"  # a board: predicted from ONNX
+    if to == "onnx" and (path / artifact.MANIFEST).is_file():  # an artifact: exported once, kept by its hash
+        yield cached_export(path, loaded, prof, quiet), loaded
+        return
     with tempfile.TemporaryDirectory(prefix="edgeslim-profile-") as tmp:
-        to = "tensorrt" if prof.runtime == "tensorrt" and not prof.remote else "onnx"  # a board: predicted from ONNX
         out = Path(tmp) / f"{safe_stem(path.name.removesuffix('.slim'))}.{'engine' if to == 'tensorrt' else 'onnx'}"
         info = export_model(loaded, to, out, profile, quiet=quiet)
         yield info.get("engine") or info["onnx"], loaded
+
+
+EXPORTS_KEPT = 16  # artifact exports kept in the cache (the least recently profiled go first)
+
+
+def cached_export(folder: Path, loaded: LoadedModel, prof: Any, quiet: bool = False) -> Path:
+    """The ONNX export of artifact `folder` for profile `prof`, made once and kept in edgeslim's cache under the
+    SHA-256 of the artifact's manifest (which holds the hash of every file), the profile and edgeslim's
+    version: profiling an INT8 artifact again quantizes nothing again."""
+    import hashlib
+    import json
+
+    from edgeslim import __version__, cache
+
+    key = hashlib.sha256((folder / artifact.MANIFEST).read_bytes() + json.dumps(
+        [prof.name, prof.to_dict(), __version__], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    built = cache.entry(f"export-{key}", lambda tmp: export_model(loaded, "onnx", tmp / "model.onnx", prof.name,
+                                                                 quiet=quiet), kind=cache.EXPORT)
+    built.touch()  # most recently used: the oldest exports beyond EXPORTS_KEPT go
+    cache.keep_newest("export-", EXPORTS_KEPT)
+    return built / "model.onnx"

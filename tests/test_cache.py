@@ -1,4 +1,6 @@
 """The local cache of converted models: relocatable root, built once, list and clear (API and CLI)."""
+from pathlib import Path
+
 import pytest
 
 from edgeslim import cache
@@ -49,3 +51,32 @@ def test_clear_removes_only_what_edgeslim_wrote(tmp_path, monkeypatch, capsys):
     assert main(["cache", "clear", "photos"]) == 2 and "left alone" in capsys.readouterr().err
     assert main(["cache", "clear"]) == 0
     assert not path.exists() and (mine / "model.safetensors").is_file() and (grown / "notes.txt").is_file()
+
+
+def test_profiling_an_artifact_exports_it_once(in_tmp, monkeypatch):
+    from edgeslim import pipeline
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(in_tmp / "cache"))
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "4", "--set", "align=4", "-o", "m.slim"]) == 0
+    exports = []
+    real = pipeline.export_model
+    monkeypatch.setattr(pipeline, "export_model", lambda *a, **k: exports.append(a[2]) or real(*a, **k))
+    for _ in range(2):
+        assert main(["profile", "m.slim", "--batch", "1", "--iters", "2", "--warmup", "0"]) == 0
+    assert len(exports) == 1  # the second profile reads the cached export
+    assert [e.name for e in cache.list_entries()] == [Path(exports[0]).parent.name]
+    assert main(["compress", "tiny-mlp", "-m", "svd", "--rank", "2", "--set", "align=2", "-o", "n.slim"]) == 0
+    assert main(["profile", "n.slim", "--batch", "1", "--iters", "2", "--warmup", "0"]) == 0
+    assert len(exports) == 2  # another artifact, another export
+
+
+def test_only_the_newest_exports_are_kept(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path))
+    for i in range(4):
+        path = cache.entry(f"export-{i}", lambda tmp: (tmp / "model.onnx").write_bytes(b"x" * i), kind=cache.EXPORT)
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "export-foreign").mkdir()  # not edgeslim's: never removed
+    assert sorted(cache.keep_newest("export-", 2)) == ["export-0", "export-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export-2", "export-3", "export-foreign"]
