@@ -9,14 +9,16 @@ from typing import Any
 
 import click
 
-from edgeslim.cli_options import (TASK_HELP, console as _console, json_option, not_empty, print_json,  # noqa: F401
-                                  sets as _sets, source_options, trust_of, trust_options)
+from edgeslim.cli_options import (TASK_HELP, console as _console, folder_bytes, json_option, not_empty,
+                                  print_json, sets as _sets, source_options, trust_of, trust_options)
 from edgeslim.cli_device import device
 from edgeslim.cli_profile import profile
+from edgeslim.cli_train import train
+from edgeslim.cli_upscale import upscale
 from edgeslim.cli_generate import generate
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
-from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE, SR_RECIPE, TILE as TILE_DEFAULT
+from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeslim")
@@ -27,6 +29,8 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(profile)
+cli.add_command(train)
+cli.add_command(upscale)
 cli.add_command(device)
 cli.add_command(generate)
 
@@ -158,7 +162,7 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
         from edgeslim.pipeline import count
         print_json({
             "source": source, "method": method, "profile": profile, "task": original.task, "artifact": str(path),
-            "artifact_bytes": _folder_bytes(path), "modules": dict(counts),
+            "artifact_bytes": folder_bytes(path), "modules": dict(counts),
             "params": {"targeted_before": before, "targeted_after": after, "model_before": count(original.model),
                        "model_after": count(compressed.model)}, **({"bytes": size} if size else {}),
             "notes": skipped, "agreement": quality, "steps": [r.step_record() for r in results]})
@@ -277,10 +281,6 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
         _console().print(f"{info['precision']} graph ({', '.join(info['onnx_stages']) or 'converted'}) vs PyTorch "
                          f"fp32 on {a['data']} inputs: relative L2 error {a['rel_l2']:.3g} (SNR {a['snr_db']:.1f} dB)"
                          + (f", top-1 agreement {a['top1_agreement']:.3f}" if "top1_agreement" in a else ""))
-
-
-def _folder_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
 @cli.command(name="eval")
@@ -405,130 +405,6 @@ def cache_(action: str, name: str | None) -> None:
     console.print(f"cache {cache.root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
         console.print(f"  {e.name}  {si(e.size_bytes, 'B')}")
-
-
-@cli.group()
-def train() -> None:
-    """Train the models edgeslim ships (ESPCN super-resolution) and task adapters on your data."""
-
-
-@train.command(name="espcn")
-@click.option("--scale", type=click.Choice(["2", "3", "4"]), required=True, help="upscaling factor")
-@click.option("--steps", default=SR_RECIPE["steps"], show_default=True, help="training steps (batch 32)")
-@click.option("--seed", default=0, show_default=True)
-@click.option("-o", "--out", callback=not_empty,
-              help="output artifact folder (default edgeslim-out/espcn-xS.slim)")
-@json_option
-def train_espcn(scale: str, steps: int, seed: int, out: str | None, as_json: bool) -> None:
-    """Train ESPCN (Shi et al. 2016) with the shipped models' recipe (edgeslim/sr_train.py) on the bundled photographs."""
-    from edgeslim.sr_train import train_espcn_artifact
-
-    out = DEFAULT_OUT / f"espcn-x{scale}.slim" if out is None else out
-    result, path = train_espcn_artifact(int(scale), steps, out, seed)
-    params = sum(p.numel() for p in result.model.parameters())
-    if as_json:
-        print_json({"model": f"espcn-x{scale}", "scale": int(scale), "steps": steps, "seed": seed,
-                               "params": params, "artifact": str(path), "artifact_bytes": _folder_bytes(path),
-                               "architecture": result.resolved.get("architecture"),
-                               "training": result.resolved.get("training")})
-        return
-    _console().print(f"ESPCN x{scale}: {params:,} parameters, {steps} steps\nartifact: {path}")
-
-
-@train.command(name="adapter")
-@click.argument("source")
-@click.option("--data", required=True, help="training data: JSONL {\"text\", \"label\"} lines, CSV with those columns, or bbc-news[:N]")
-@click.option("--eval", "eval_data", help="held-out data in the same forms (bbc-news: its test split)")
-@click.option("-m", "--method", default="compacter", show_default=True,
-              type=click.Choice(["compacter", "compacter_pp", "lora", "bottleneck", "head"]))
-@click.option("--epochs", type=int, help="passes over the training data (default: the method's)")
-@click.option("--lr", type=float, help="peak learning rate (default: the method's)")
-@click.option("--batch", "batch_size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="training batch size")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (repeatable)")
-@click.option("-o", "--out", callback=not_empty,
-              help="output adapter artifact (default edgeslim-out/SOURCE-METHOD.slim)")
-@json_option
-def train_adapter(source: str, data: str, eval_data: str | None, method: str, epochs: int | None, lr: float | None,
-                  batch_size: int, sets: tuple[str, ...], out: str | None, as_json: bool) -> None:
-    """Train a task adapter on your labelled texts over a frozen SOURCE; the artifact holds only the adapter."""
-    from edgeslim.adapter import train_adapter as train_fn
-    from edgeslim.compress.base import get_compressor
-    from edgeslim.data import load_labelled
-    from edgeslim.report import si
-    from edgeslim.sources import load_model
-
-    settings = _sets(sets, get_compressor(method).Config) | {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
-    test = load_labelled(eval_data, "test") if eval_data else None
-    if out is None:
-        out = str(DEFAULT_OUT / f"{Path(source).name.removesuffix('.slim')}-{method}.slim")
-    summary = train_fn(load_model(source), load_labelled(data, "train"), out, method, settings, test, batch_size, data)
-    if as_json:
-        print_json({"source": source, "data": data, "eval_data": eval_data} | summary)
-        return
-    console = _console()
-    console.print(f"{method} on {source}: {len(summary['labels'])} labels {summary['labels'][:8]}; trainable "
-                  f"parameters {summary['trainable_params']:,} of {summary['total_params']:,} "
-                  f"({summary['trainable_fraction']:.3%})")
-    if "eval" in summary:
-        ev = summary["eval"]
-        console.print(f"eval on {eval_data} ({ev['samples']} examples): accuracy {ev['accuracy']:.4f}, "
-                      f"macro-F1 {ev['macro_f1']:.4f}")
-    console.print(f"adapter artifact: {summary['artifact']} ({si(summary['artifact_bytes'], 'B')}; weights "
-                  f"{si(summary['weights_bytes'], 'B')}; needs its base {source})")
-
-
-@cli.command()
-@click.argument("image", metavar="IMAGE|sample:NAME")
-@click.option("-o", "--out", callback=not_empty, required=True, help="output image file")
-@click.option("--model", default="espcn-x3", show_default=True, help="zoo name (edgeslim list models) or a .slim artifact")
-@click.option("--compare", "compare", is_flag=False, flag_value="", default=None, metavar="SIDE.png",
-              help="also write a side-by-side crop: bicubic | model | reference (default name OUT-compare.png)")
-@click.option("--reference", metavar="HR.png|sample:NAME",
-              help="the high-resolution original IMAGE was made from: --compare shows it, and each Y-PSNR is printed")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True,
-              help="engine for the model (ONNX Runtime is the fast one on CPUs)")
-@click.option("--tile", default=TILE_DEFAULT, show_default=True,
-              help="LR tile side for models with a known receptive field (bounded memory; 0: one pass)")
-@trust_options
-def upscale(image: str, out: str, model: str, compare: str | None, reference: str | None, runtime: str, tile: int,
-            trusted: str | None, trust_source: bool) -> None:
-    """Upscale an image (a file, or sample:NAME for a bundled photograph such as sample:astronaut): the Y
-    channel through the model, Cb/Cr bicubic."""
-    from edgeslim.core.files import IMAGE, check_not_input, check_output
-    from edgeslim.images import read_any_image, upscale_rgb, write_image
-    from edgeslim.pipeline import runnable
-    from edgeslim.sources import load_model, sr_scale
-
-    trust = trust_of(trusted, trust_source)
-    side = None if compare is None else compare or str(Path(out).with_name(f"{Path(out).stem}-compare.png"))
-    for dest in (out, side) if side is not None else (out,):
-        check_output(dest, IMAGE)
-        for given in (image, reference, model):
-            if given is not None:
-                check_not_input(dest, given)
-    if side is not None and Path(side).resolve() == Path(out).resolve():
-        raise ConfigError(f"--compare {side} is the output image itself; name another file")
-    if reference is not None and side is None:
-        raise ConfigError("--reference is shown by --compare: add --compare SIDE.png")
-    if tile < 0:
-        raise ConfigError(f"--tile must be >= 0 (0: one pass), got {tile}")
-    ref = read_any_image(reference) if reference is not None else None
-    lr = read_any_image(image)
-    loaded = load_model(model, trust=trust)
-    net = runnable(loaded, onnx=runtime == "onnxruntime")  # an INT8 artifact always runs its QDQ graph in ORT
-    scale = sr_scale(net)
-    sr = upscale_rgb(lr, net, scale, tile or None)
-    write_image(out, sr)
-    console = _console()
-    console.print(f"wrote {out} (x{scale} with {model}, {runtime})")
-    if side is not None:
-        from edgeslim.sr_compare import panels, side_by_side
-        shown = panels(lr, sr, scale, Path(model).name.removesuffix(".slim"), ref)
-        side_by_side(shown, side)
-        console.print(f"wrote {side} (bicubic | {model}{' | reference, Y-PSNR' if ref is not None else ''})")
-        for caption, _ in shown[:2] if ref is not None else ():
-            console.print(f"Y-PSNR against the reference: {caption}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -137,3 +138,8 @@ def json_option(command: Any) -> Any:
 def trust_of(trusted: str | None, trust_source: bool) -> Any:
     from edgeslim.trust import Trust
     return Trust(trusted, trust_source)
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the files directly in folder `path` (an artifact's size)."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
