@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +31,9 @@ from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
 
 
 
+STAGE_LINE_S = 2.0  # off a terminal, a stage that runs longer than this says so when it passes this mark
+
+
 @contextlib.contextmanager
 def stage(message: str, quiet: bool = False) -> Iterator[None]:
     """Show a spinner with the elapsed time while a long stage runs (stderr; off a terminal, a line when it
@@ -40,10 +44,17 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
     from rich.console import Console
     console = Console(stderr=True)
     start = time.perf_counter()
-    if not console.is_terminal:
-        console.print(f"{message} ...")
-    with console.status(f"{message} ..."):
-        yield
+    if console.is_terminal:
+        with console.status(f"{message} ..."):
+            yield
+    else:  # a log gets a line only for a stage still running after STAGE_LINE_S (a quick refusal stays one line)
+        timer = threading.Timer(STAGE_LINE_S, lambda: console.print(f"{message} ..."))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
     console.print(f"[green]done[/] {message} ({time.perf_counter() - start:.1f} s)")
 
 
