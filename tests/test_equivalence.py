@@ -5,7 +5,8 @@ sensitivity profile through a run-time subclass, per-family configs; the mpo dis
 by 446f48e, which matched fe62c48 on every other case, before healing was shared); the refactored
 code must make the same decisions (ranks, bonds, kept channels) and compute the same outputs. The
 demo checks the same on MiniLM: fe62c48 and the refactored code write bit-identical weights. The prune cases gained
-the `skipped` record of issue 40 (fc3 left whole, its channels reach the output): the same decisions. Regenerate only for
+the `skipped` record of issue 40 (fc3 left whole, its channels reach the output) and an empty `gqa` record (no
+grouped-query attention in an MLP): the same decisions. Regenerate only for
 an intended change of behaviour: `python tests/test_equivalence.py` rewrites tests/golden_decisions.json.
 """
 from __future__ import annotations
