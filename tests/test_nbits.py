@@ -54,6 +54,16 @@ def test_int4_and_int8_files(folder, tmp_path, capsys):
     # is int8, NNCF's default); int8: 8 bits + per-row scale
     assert sizes["int4"] / base < 0.30
     assert 0.25 < sizes["int8"] / base < 0.30
+    # int8 activations: exact at accuracy level 0 first, then checked at the looser tolerance
+    out = tmp_path / "int4-acc4.onnx"
+    assert main(["export", str(tmp_path / "int4.slim"), "--kv-cache", "--nbits-accuracy", "4", "-o", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert any("accuracy_level 4" in n for n in info["export_notes"])
+    levels = {a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert main(["export", str(folder), "--nbits-accuracy", "4", "-o", str(tmp_path / "x.onnx")]) == 2
     # generate runs the int4 file
     assert main(["generate", str(tmp_path / "int4.onnx"), "--prompt", "abc", "-n", "5", "--raw", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 5
