@@ -320,6 +320,9 @@ def effnet_part(cfg: dict, tmp: Path) -> dict:
 def goals(summary: dict) -> dict:
     """Issue 39's goals on a VNNI/AMX CPU; on a CPU without one, the speed goals are replaced by the bound."""
     out: dict = {}
+
+    def ge(a, b):  # None where a latency was not measured (null in a loaded JSON, NaN in this run)
+        return None if a is None or b is None or a != a or b != b else a >= b
     vnni = any(f in ("avx512_vnni", "avx_vnni", "amx_int8") for f in summary.get("machine", {}).get("int8_features", []))
     speed = (lambda ok: ok) if vnni else (lambda ok: f"not a goal here (no VNNI/AMX): measured {ok}")
     untimed = {p for p in ("espcn", "text", "efficientnet_lite0") if summary.get(p, {}).get("timed") is False}
@@ -328,17 +331,17 @@ def goals(summary: dict) -> dict:
         speed = lambda ok: "not measured (--no-timing)"  # noqa: E731
     for act, r in esp.items():
         out[f"espcn_{act}_within_0.1dB"] = r["int8_psnr_drop_db"] <= 0.1
-        out[f"espcn_{act}_1.5x_at_1080p"] = speed(r["int8_speedup"] >= 1.5)
+        out[f"espcn_{act}_1.5x_at_1080p"] = speed(ge(r["int8_speedup"], 1.5))
         if "int8_last_conv_fp32_speedup" in r:
             out[f"espcn_{act}_last_conv_fp32_within_0.1dB"] = r["int8_last_conv_fp32_psnr_drop_db"] <= 0.1
-            out[f"espcn_{act}_last_conv_fp32_1.5x_at_1080p"] = speed(r["int8_last_conv_fp32_speedup"] >= 1.5)
+            out[f"espcn_{act}_last_conv_fp32_1.5x_at_1080p"] = speed(ge(r["int8_last_conv_fp32_speedup"], 1.5))
     text = summary.get("text", {}).get("rows", {})
     speed = (lambda ok: "not measured (--no-timing)") if "text" in untimed else \
         (lambda ok: ok) if vnni else (lambda ok: f"not a goal here (no VNNI/AMX): measured {ok}")
     if text:
         mine, peer = text["int8"], text["ort_quantize_dynamic"]
         for b in summary["text"]["batches"]:
-            out[f"minilm_speed_ge_peer_b{b}"] = speed(mine[f"p50_ms_b{b}"] <= peer[f"p50_ms_b{b}"])
+            out[f"minilm_speed_ge_peer_b{b}"] = speed(ge(peer[f"p50_ms_b{b}"], mine[f"p50_ms_b{b}"]))
         out["minilm_cosine_ge_peer"] = mine["cosine_to_fp32"] >= peer["cosine_to_fp32"]
         out["minilm_within_0.5pt"] = text["fp32"]["probe_accuracy"] - mine["probe_accuracy"] <= 0.005
     eff = summary.get("efficientnet_lite0", {})
@@ -346,10 +349,10 @@ def goals(summary: dict) -> dict:
         (lambda ok: ok) if vnni else (lambda ok: f"not a goal here (no VNNI/AMX): measured {ok}")
     if "int8" in eff and "top1_agreement" in eff["int8"]:
         mine, peer = eff["int8"], eff["ort_quantize_static"]
-        out["efficientnet_1.5x"] = speed(mine["speedup"] >= 1.5)
+        out["efficientnet_1.5x"] = speed(ge(mine["speedup"], 1.5))
         out["efficientnet_agreement_0.95"] = mine["top1_agreement"] >= 0.95
         out["efficientnet_agreement_ge_ort_static"] = mine["top1_agreement"] >= peer["top1_agreement"]
-        out["efficientnet_faster_than_ort_static"] = speed(mine["p50_ms"] <= peer["p50_ms"])
+        out["efficientnet_faster_than_ort_static"] = speed(ge(peer["p50_ms"], mine["p50_ms"]))
     if not vnni and "gemm" in summary:
         out["bound"] = (f"this CPU has no VNNI/AMX INT8 dot product: INT8 GEMMs measured at "
                         f"{summary['gemm']['int8_over_fp32']:.2f}x fp32, the most an INT8 model can gain here")
@@ -367,7 +370,8 @@ def plot(summary: dict, out: Path) -> None:
                 continue
             labels.append(f"{act}\n" + {"int8": "edgeslim", "int8_last_conv_fp32": "es, last fp32", "nncf_default": "NNCF",
                                          "ort_quantize_static": "ORT qs"}[tag])
-            speed.append(r["fp32_p50_ms"] / r[f"{tag}_p50_ms"])
+            fp32, ms = (np.nan if v is None else v for v in (r["fp32_p50_ms"], r[f"{tag}_p50_ms"]))  # null: untimed
+            speed.append(fp32 / ms)
             drop.append(r["fp32_psnr"] - r[f"{tag}_psnr"])
     axes[0].bar(labels, speed, color="tab:blue")
     axes[0].axhline(1.5, ls="--", c="k", lw=0.8)
@@ -384,8 +388,9 @@ def plot(summary: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         big = summary["text"]["batches"][0]
         for tag, r in rows.items():
-            ax.scatter(r[f"p50_ms_b{big}"], r["cosine_to_fp32"], s=40)
-            ax.annotate(tag, (r[f"p50_ms_b{big}"], r["cosine_to_fp32"]), fontsize=7)
+            ms = np.nan if r[f"p50_ms_b{big}"] is None else r[f"p50_ms_b{big}"]
+            ax.scatter(ms, r["cosine_to_fp32"], s=40)
+            ax.annotate(tag, (0 if ms != ms else ms, r["cosine_to_fp32"]), fontsize=7)
         ax.set_xlabel(f"ORT p50 ms (batch {big}, seq {summary['text']['seq']})")
         ax.set_ylabel("sentence-embedding cosine to fp32")
         ax.set_title(f"{summary['text']['model']}: edgeslim INT8 and peers\n{cpu}", fontsize=8)

@@ -249,3 +249,12 @@ def dense_output(model) -> bool:
         if node is not None and node.op_type in ("Conv", "ConvTranspose"):
             return True
     return False
+
+
+def stem_conv(model) -> list[str]:
+    """The name of the Conv that reads a graph input (pixels: at most 4 channels) directly, as a list (empty
+    when there is none): a network's stem, cheap to keep in fp32, its error carried through every layer."""
+    inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs
+            and len(shapes.get(n.input[1], ())) == 4 and shapes[n.input[1]][1] <= 4][:1]

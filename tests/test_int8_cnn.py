@@ -41,8 +41,14 @@ def test_relu6_and_depthwise_convs_run_as_qlinearconv(tmp_path):
     g = torch.Generator().manual_seed(0)
     calib = CalibData("tiny", [{"x": torch.randn(8, 3, 16, 16, generator=g)} for _ in range(4)])
     comp, context = get_compressor("int8"), CompressContext(inputs=tuple(SPEC))
-    result = comp.compress(model, {}, calib, context=context)
     fp32 = to_onnx(model, SPEC, tmp_path / "f.onnx").path
+    default = comp.compress(model, {}, calib, context=context)  # the stem on the pixels stays fp32, and says why
+    comp.onnx_stage(default.resolved, fp32, tmp_path / "d.onnx", context)
+    kept = fp32_compute_ops(tmp_path / "d.onnx")
+    assert sorted(why for why in kept.values()) == ["Conv: no quantizer on its input", "Gemm: its input is dequantized "
+                                                    "but not fused"], kept
+    assert [r.status for r in default.changes if r.kind.startswith("Conv")].count("skipped") == 1
+    result = comp.compress(model, {"stem_fp32": False}, calib, context=context)
     comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)
     kept = fp32_compute_ops(tmp_path / "q.onnx")
     assert [why.split(":")[0] for why in kept.values()] == ["Gemm"], kept  # every Conv is INT8, the head is not
