@@ -22,7 +22,8 @@ def reference() -> str:
     """The Markdown reference of every `edgeslim` command."""
     from edgeslim.cli import cli
 
-    root = click.Context(cli, info_name="edgeslim", terminal_width=WIDTH, max_content_width=WIDTH)
+    settings = {**cli.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}  # `-h` as the CLI has it
+    root = click.Context(cli, info_name="edgeslim", **settings)
     parts = ["# Command-line reference\n",
              "Generated from the commands' own help (`python -m edgeslim.cli_reference > docs/cli.md`); "
              "every option of every command, as `edgeslim COMMAND --help` prints it.\n"]
