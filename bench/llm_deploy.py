@@ -165,8 +165,11 @@ COMMON = textwrap.dedent("""
 """)
 
 LLAMA_CPP = COMMON + textwrap.dedent("""
+    import llama_cpp
     from llama_cpp import Llama
     out = {}
+    def last_logits(llm):  # llm.scores holds n_batch rows without logits_all: read the context's last row
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
     llm = Llama(req["model"], n_ctx=max(req["eval_tokens"], max(req["prompts"]) + req["new_tokens"]) + 8,
                 n_threads=req["threads"], n_threads_batch=req["threads"], n_batch=512, logits_all=True, verbose=False)
     total = count = 0
@@ -183,10 +186,10 @@ LLAMA_CPP = COMMON + textwrap.dedent("""
         times = []
         for _ in range(3):
             llm.reset(); t = time.perf_counter(); llm.eval(prompt)
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1])); times.append(time.perf_counter() - t)
+            tok = int(np.argmax(last_logits(llm))); times.append(time.perf_counter() - t)
         t = time.perf_counter()
         for _ in range(req["new_tokens"]):
-            llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok]); tok = int(np.argmax(last_logits(llm)))
         out[f"ttft_ms_{p}"] = sorted(times)[1] * 1000
         out[f"decode_tokens_per_s_{p}"] = req["new_tokens"] / (time.perf_counter() - t)
     out["peak_rss_bytes"] = peak()
