@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from edgeslim.core.errors import ConfigError, InferenceCrashError, MissingDependencyError, SourceError
+from edgeslim.core.files import sha256_file
 from edgeslim.runtime.address import Device
 
 CACHE = ".cache/edgeslim-device"  # under the login's home folder on the board
@@ -72,14 +73,6 @@ else:
 # Runs the cached runner by its name (the login's home folder decides where the cache is, as for BOOTSTRAP).
 LAUNCH = ("import os, runpy, sys; name = sys.argv.pop(1); "
           f"runpy.run_path(os.path.join(os.path.expanduser('~'), {CACHE!r}, name), run_name='__main__')")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def runner_file() -> Path:

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgeslim.cli import main
+from edgeslim.core.files import sha256_file
 from edgeslim.core.errors import ConfigError, InferenceCrashError, SourceError
 from edgeslim.runtime import remote
 from edgeslim.runtime.address import parse_device
@@ -107,14 +108,14 @@ def test_second_run_copies_nothing_and_leaves_no_temp_files(env):
         measure_on(again, [target], [loaded], prof, [1], {}, 1, 2, 1)
     assert again.copied == []
     names = sorted(p.name for p in _cache(env).iterdir())
-    assert f"{remote.sha256_file(env['b'])}.onnx" in names and any(n.startswith("runner-") for n in names)
+    assert f"{sha256_file(env['b'])}.onnx" in names and any(n.startswith("runner-") for n in names)
     assert not [n for n in names if n.startswith(("run-", ".part-"))]
 
 
 @needs_sshd
 def test_a_cancelled_run_stops_the_runner_and_removes_its_files(env):
     board = Board(parse_device(_address(env)), timeout_s=4)
-    name = f"{remote.sha256_file(env['a'])}.onnx"
+    name = f"{sha256_file(env['a'])}.onnx"
     feeds = remote._npz({"x": np.ones((1, 64), np.float32)})
     with pytest.raises(InferenceCrashError, match="ran past 4 s"):
         board.run("measure", {"files": {name: env["a"]}, "models": [name], "threads": 1,
@@ -129,7 +130,7 @@ def test_a_cancelled_run_stops_the_runner_and_removes_its_files(env):
 @needs_sshd
 def test_a_killed_runner_is_a_crash_with_the_likely_cause(env):
     board = Board(parse_device(_address(env)))
-    name = f"{remote.sha256_file(env['a'])}.onnx"
+    name = f"{sha256_file(env['a'])}.onnx"
     killer = threading.Timer(3, lambda: subprocess.run(["pkill", "-KILL", "-f", _runner_pattern(env)]))
     killer.start()
     try:
