@@ -321,35 +321,45 @@ def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_s
 
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["compressors", "profiles", "models", "datasets"]))
-def list_(what: str) -> None:
+@json_option
+def list_(what: str, as_json: bool) -> None:
     """List compressors, target profiles, zoo models or data sets."""
-    from rich.table import Table
-
-    table = Table(title=what)
     if what == "compressors":  # every key in full: plain lines, never a table's cut cells
-        from edgeslim.compress.base import describe_compressors
-        click.echo(describe_compressors())
+        from edgeslim.compress.base import compressor_rows, describe_compressors
+        if as_json:
+            print_json(compressor_rows())
+        else:
+            click.echo(describe_compressors())
         return
     if what == "profiles":
         from edgeslim.runtime.targets import list_profiles
-        for col in ("name", "runtime", "device", "precision", "keys"):
-            table.add_column(col)
-        for name, p in list_profiles().items():
-            table.add_row(name, p.runtime, p.device, p.precision,
-                          ", ".join(f"{k}={v}" for k, v in p.to_dict().items() if k not in ("runtime", "device", "precision", "description")))
+        columns = ("name", "runtime", "device", "precision", "keys")
+        rows = [{"name": name, **p.to_dict()} for name, p in list_profiles().items()]
+        cells = [(r["name"], r["runtime"], r["device"], r["precision"], ", ".join(
+            f"{k}={v}" for k, v in r.items() if k not in ("name", "runtime", "device", "precision", "description")))
+            for r in rows]
     elif what == "models":
-        from edgeslim import zoo
-        for col in ("name", "available", "description"):
-            table.add_column(col)
-        for e in zoo.entries().values():
-            missing = "not in this install" if e.shipped else f"{e.requires} missing"
-            table.add_row(e.name, "yes" if e.available else f"no ({missing})", e.description)
+        from edgeslim.catalog import ZOO
+        columns = ("name", "available", "description")
+        rows = [{"name": e.name, "available": e.available, "requires": e.requires, "description": e.description}
+                for e in ZOO.values()]
+        cells = [(e.name, "yes" if e.available else
+                  f"no ({'not in this install' if e.shipped else f'{e.requires} missing'})", e.description)
+                 for e in ZOO.values()]
     else:
-        from edgeslim.data import list_datasets
-        for col in ("name", "kind", "available", "description"):
-            table.add_column(col)
-        for d in list_datasets().values():
-            table.add_row(d.name, d.kind, "yes" if d.available else f"no ({d.requires} missing)", d.description)
+        from edgeslim.catalog import list_datasets
+        columns = ("name", "kind", "available", "description")
+        rows = [{"name": d.name, "kind": d.kind, "available": d.available, "requires": d.requires,
+                 "description": d.description} for d in list_datasets().values()]
+        cells = [(d.name, d.kind, "yes" if d.available else f"no ({d.requires} missing)", d.description)
+                 for d in list_datasets().values()]
+    if as_json:
+        print_json(rows)
+        return
+    from rich.table import Table
+    table = Table(*columns, title=what)
+    for row in cells:
+        table.add_row(*row)
     _console().print(table)
 
 
@@ -395,7 +405,8 @@ def inspect(path: str, as_json: bool) -> None:
 @cli.command(name="cache")
 @click.argument("action", type=click.Choice(["list", "clear"]))
 @click.argument("name", required=False)
-def cache_(action: str, name: str | None) -> None:
+@json_option
+def cache_(action: str, name: str | None, as_json: bool) -> None:
     """List or clear the local cache of converted models ($EDGESLIM_CACHE, default ~/.cache/edgeslim)."""
     from edgeslim import cache
     from edgeslim.report import si
@@ -403,10 +414,17 @@ def cache_(action: str, name: str | None) -> None:
     console = _console()
     if action == "clear":
         removed = cache.clear(name)
+        if as_json:
+            print_json({"root": str(cache.root()), "removed": removed})
+            return
         console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.root()}"
                       + (f": {', '.join(removed)}" if removed else ""))
         return
     entries = cache.list_entries()
+    if as_json:
+        print_json({"root": str(cache.root()), "entries": [{"name": e.name, "path": str(e.path),
+                                                            "size_bytes": e.size_bytes} for e in entries]})
+        return
     console.print(f"cache {cache.root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
         console.print(f"  {e.name}  {si(e.size_bytes, 'B')}")

@@ -1,4 +1,5 @@
 """The local cache of converted models: relocatable root, built once, list and clear (API and CLI)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def test_entry_built_once_listed_and_cleared(tmp_path, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="plain folder name"):
         cache.entry("../x", build)
     assert main(["cache", "list"]) == 0 and "m1" in capsys.readouterr().out
+    assert main(["cache", "list", "--json"]) == 0
+    assert [(e["name"], e["size_bytes"]) for e in json.loads(capsys.readouterr().out)["entries"]] == [("m1", on_disk)]
     assert main(["cache", "clear", "nope"]) == 2
     assert main(["cache", "clear"]) == 0 and cache.list_entries() == []
 
