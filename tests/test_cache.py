@@ -73,6 +73,27 @@ def test_profiling_an_artifact_exports_it_once(in_tmp, monkeypatch):
     assert len(exports) == 2  # another artifact, another export
 
 
+def test_upscaling_with_an_artifact_exports_it_once(in_tmp, monkeypatch):
+    """`upscale --model X.slim` (an INT8 one: quantized in its ONNX graph) reads the export `profile` caches."""
+    import numpy as np
+
+    from edgeslim import images, pipeline
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(in_tmp / "cache"))
+    images.write_image("lr.png", np.random.default_rng(0).integers(0, 256, (12, 14, 3)).astype(np.uint8))
+    assert main(["compress", "espcn-x2", "-m", "int8", "--calib", "random:4", "-o", "q.slim"]) == 0
+    exports = []
+    real = pipeline.export_model
+    monkeypatch.setattr(pipeline, "export_model", lambda *a, **k: exports.append(a[2]) or real(*a, **k))
+    for out in ("a.png", "b.png"):
+        assert main(["upscale", "lr.png", "-o", out, "--model", "q.slim", "--tile", "0"]) == 0
+    assert len(exports) == 1  # the second upscale runs the cached graph
+    assert np.array_equal(images.read_image("a.png"), images.read_image("b.png"))
+    assert main(["profile", "q.slim", "--batch", "1", "--iters", "2", "--warmup", "0", "--dim", "height=8",
+                 "--dim", "width=8"]) == 0
+    assert len(exports) == 1  # profile on the default target reads the same export
+
+
 def test_only_the_newest_exports_are_kept(monkeypatch, tmp_path):
     import os
 
