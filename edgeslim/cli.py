@@ -402,32 +402,49 @@ def inspect(path: str, as_json: bool) -> None:
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
 
 
+LIMITS = "limits"  # `cache clear limits`: the measured peaks and GEMM tables (runtime/peak.py), not a folder
+
+
 @cli.command(name="cache")
 @click.argument("action", type=click.Choice(["list", "clear"]))
 @click.argument("name", required=False)
 @json_option
 def cache_(action: str, name: str | None, as_json: bool) -> None:
-    """List or clear the local cache of converted models ($EDGESLIM_CACHE, default ~/.cache/edgeslim)."""
+    """List or clear the local cache: converted models and artifact exports ($EDGESLIM_CACHE, default
+    ~/.cache/edgeslim), and the peaks and GEMM tables measured on this machine (`clear limits`)."""
     from edgeslim import cache
     from edgeslim.report import si
+    from edgeslim.runtime import peak
 
     console = _console()
     if action == "clear":
-        removed = cache.clear(name)
+        limits = name == LIMITS and peak.clear_limits()
+        removed = [] if name == LIMITS else cache.clear(name)
         if as_json:
-            print_json({"root": str(cache.root()), "removed": removed})
-            return
-        console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.root()}"
-                      + (f": {', '.join(removed)}" if removed else ""))
+            print_json({"root": str(cache.root()), "removed": removed, "limits_removed": limits})
+        elif name == LIMITS:
+            console.print(f"removed the measured limits {peak.cache_path()}" if limits else
+                          f"no measured limits to remove ({peak.cache_path()})")
+        else:
+            console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.root()}"
+                          + (f": {', '.join(removed)}" if removed else ""))
         return
-    entries = cache.list_entries()
+    entries, limits = cache.list_entries(), peak.cached_limits()
     if as_json:
         print_json({"root": str(cache.root()), "entries": [{"name": e.name, "path": str(e.path),
-                                                            "size_bytes": e.size_bytes} for e in entries]})
+                                                            "size_bytes": e.size_bytes} for e in entries],
+                    "limits_file": str(peak.cache_path()), "limits": limits})
         return
     console.print(f"cache {cache.root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
         console.print(f"  {e.name}  {si(e.size_bytes, 'B')}")
+    console.print(f"measured limits {peak.cache_path()} (`edgeslim cache clear {LIMITS}` forgets them): "
+                  f"{len(limits)} machine key{'' if len(limits) == 1 else 's'}")
+    for row in limits:
+        load = row.get("peak_load_avg")
+        measured = (f"peak measured {row['peak_measured_at']}" + (f" at load {load:.2f}" if load is not None else "")
+                    if row["peak_measured_at"] else "no peak")
+        console.print(f"  {row['machine']}: {measured}; {row['gemm_shapes']} GEMM shapes timed")
 
 
 def main(argv: list[str] | None = None) -> int:

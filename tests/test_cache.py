@@ -94,6 +94,27 @@ def test_upscaling_with_an_artifact_exports_it_once(in_tmp, monkeypatch):
     assert len(exports) == 1  # profile on the default target reads the same export
 
 
+def test_cache_lists_and_clears_the_measured_limits(tmp_path, monkeypatch, capsys):
+    """The peaks and GEMM tables (runtime/peak.py) are listed with their age and load; `clear limits` forgets them."""
+    from edgeslim.runtime import peak
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "models"))
+    monkeypatch.setenv("EDGESLIM_CACHE_DIR", str(tmp_path / "limits"))
+    peak.store_gemm("cpu-a|ort|threads=2", {"8x8x8": 0.01, "16x16x16": 0.02})
+    peak._write_cache({**peak._read_cache(), "peak": {"cpu-b|ort|threads=2": {
+        "fp32_gflops": 100.0, "int8_gops": None, "mem_gbps": 20.0, "load_avg": [0.4], "measured_at": "2026-12-07T00:00:00Z"}}})
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu-a|ort|threads=2: no peak; 2 GEMM shapes timed" in out
+    assert "cpu-b|ort|threads=2: peak measured 2026-12-07T00:00:00Z at load 0.40; 0 GEMM shapes timed" in out
+    assert main(["cache", "list", "--json"]) == 0
+    assert {r["machine"]: r["gemm_shapes"] for r in json.loads(capsys.readouterr().out)["limits"]} == {
+        "cpu-a|ort|threads=2": 2, "cpu-b|ort|threads=2": 0}
+    assert main(["cache", "clear"]) == 0 and peak.cache_path().is_file()  # entries only: limits need their name
+    assert main(["cache", "clear", "limits"]) == 0 and not peak.cache_path().exists()
+    assert peak.cached_limits() == []
+
+
 def test_only_the_newest_exports_are_kept(monkeypatch, tmp_path):
     import os
 
