@@ -5,10 +5,11 @@ Sections (`--sections`, default both):
   script a user runs), REPEATS times after one warm-up; the goal is under 0.5 s.
 - quickstart: the README's "Make my model faster" block run as written (each line a fresh `edgeslim`
   process in an empty folder, with empty caches: the GEMM table is timed by the first command), then
-  VARIANTS (other requests a user makes, e.g. `--speedup 2`): every speedup round (aimed, estimated, measured), the round kept, the agreement `compress` prints (cosine mean
-  on held-out sentences), the side-by-side profile's ratio, and each command's wall time.
+  VARIANTS (other requests a user makes, e.g. `--speedup 2`): every speedup round (aimed, estimated,
+  measured), the round kept, the agreement `compress` prints (cosine mean on held-out sentences), the
+  side-by-side profile's output, and each command's wall time.
 
-    python bench/first_hour.py                      # ~10 min on 2 cores; writes bench/results/first_hour.json
+    python bench/first_hour.py                      # ~15 min on 2 cores; writes bench/results/first_hour.json
     python bench/first_hour.py --quick              # tiny BERT in place of MiniLM, 2 repeats: a smoke run
 """
 from __future__ import annotations
