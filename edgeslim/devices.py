@@ -8,6 +8,7 @@ it was measured (`measured_on`: address and machine fingerprint; `measured_at`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,16 +39,27 @@ def boards(addresses: Sequence[str], identity: str | None, prof: Any) -> list[An
 
 def _model_file(target: Any) -> Path:
     """The ONNX file to copy: one file, its weights inside (external data would stay behind)."""
-    import onnx
-
     path = Path(target)
     if path.suffix != ".onnx":
         raise ConfigError(f"a board runs ONNX files; {path.name} is not one")
-    model = onnx.load(str(path), load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    if _external_data(*_stat_key(path)):
         raise ConfigError(f"{path.name} keeps its weights in external data files; export it as one file (< 2 GB) to "
                           "profile it on a board")
     return path
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+# a run after the first (the same file, unchanged since: path, size, modification time) does not read it again
+@functools.lru_cache(maxsize=64)
+def _external_data(path: str, size: int, mtime_ns: int) -> bool:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def measure_on(board: Any, targets: Sequence[Any], loaded: Sequence[Any], prof: Any, batches: Sequence[int],

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 
-VERSION = "1"  # the local side refuses an answer from a runner of another version
+VERSION = "2"  # the local side refuses an answer from a runner of another version
 UNSTABLE_CV = 0.15  # above this spread a timing is flagged unstable (runtime/measure.py reads it here)
 INTERLEAVED_MEM = "not measured: interleaved sessions share one process (see runtime/child.py)"
 MEMORY_TIMEOUT_S = 900
@@ -364,10 +364,15 @@ def main(argv) -> int:
         except ImportError as exc:
             out = {"error": "MissingDependencyError", "message": "%s on the device: pip install numpy onnxruntime" % exc}
         else:
+            missing = [n for n in request.get("models", []) + [request.get("gemm_model")]
+                       if n and not os.path.isfile(_cached(cache, n))]
             task = {"probe": lambda: probe(request, cache), "gemm": lambda: {"gemm_ms": gemm_ms(
                 _cached(cache, request["gemm_model"]), [tuple(s) for s in request["shapes"]], int(request["threads"]))},
                     "measure": lambda: measure(request, cache, folder)}.get(argv[0] if argv else "")
-            out = task() if task else {"error": "ConfigError", "message": "unknown runner command %r" % argv[:1]}
+            if missing:  # removed from the cache since the local side looked: it copies them and asks again
+                out = {"error": "CacheMiss", "message": "not in the cache: %s" % " ".join(missing), "names": missing}
+            else:
+                out = task() if task else {"error": "ConfigError", "message": "unknown runner command %r" % argv[:1]}
     except Exception as exc:  # reported to the local side as one line; the runner never prompts or hangs
         out = {"error": "RunnerError", "message": "%s: %s" % (type(exc).__name__, " ".join(str(exc).split()))}
     finally:

@@ -18,6 +18,7 @@ graph inputs read and outputs written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from math import prod
 from pathlib import Path
 from typing import Mapping
@@ -101,12 +102,23 @@ def node_flops(node, shapes: Mapping[str, tuple[int, ...] | None]) -> int | None
 
 
 def graph_work(path: str | Path, sizes: Mapping[str, int]) -> GraphWork:
-    """FLOPs and bytes moved of one run of the ONNX file with its dynamic dims set to `sizes`.
+    """FLOPs and bytes moved of one run of the ONNX file with its dynamic dims set to `sizes`; reading a
+    90 MB graph costs a good part of a second, so the same file (path, size, modification time unchanged)
+    at the same sizes is read once.
 
     Raises:
         SourceError: the file cannot be read as ONNX.
         ConfigError: an input dim has no size in `sizes`.
     """
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        raise SourceError(f"cannot read {path} as ONNX: {exc}") from exc
+    return _graph_work(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tuple(sorted(sizes.items())))
+
+
+@lru_cache(maxsize=256)
+def _graph_work(path: str, size: int, mtime_ns: int, sizes: tuple[tuple[str, int], ...]) -> GraphWork:
     import onnx
     from onnx import shape_inference
 
@@ -114,7 +126,7 @@ def graph_work(path: str | Path, sizes: Mapping[str, int]) -> GraphWork:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise SourceError(f"cannot read {path} as ONNX: {exc}") from exc
-    _fix_inputs(model, sizes)
+    _fix_inputs(model, dict(sizes))
     for out in model.graph.output:  # declared (often symbolic) output shapes: let inference fill them
         out.type.tensor_type.ClearField("shape")
     model = shape_inference.infer_shapes(model, data_prop=True)

@@ -98,6 +98,16 @@ class Board:
             raise SourceError(f"--identity {identity}: no such key file")
         self.device, self.identity, self.timeout_s = device, identity, timeout_s
         self.copied: list[str] = []  # names uploaded by this object (a second run copies nothing)
+        self.present: set[str] = set()  # names this object saw in the board's cache: not looked up again
+        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256 of a local file
+
+    def sha256(self, path: Path) -> str:
+        """The SHA-256 of a local file, computed once while its size and modification time stay the same."""
+        st = Path(path).stat()
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(path)
+        return self._hashes[key]
 
     def _ssh(self) -> list[str]:
         control = Path(tempfile.gettempdir()) / f"edgeslim-ssh-{os.getuid()}"
@@ -158,9 +168,12 @@ class Board:
         for name in files:
             if not _NAME.fullmatch(name):
                 raise ConfigError(f"not a cache name: {name!r}")
+        if set(files) <= self.present:
+            return
         have = set(self.check(list(files))["have"])
         for name, path in files.items():
             if name in have:
+                self.present.add(name)
                 continue
             answer = self._call([self.device.python, "-I", "-c", BOOTSTRAP, "put", name], Path(path).read_bytes())
             if "error" in answer:
@@ -168,6 +181,7 @@ class Board:
                 raise SourceError(f"copying {Path(path).name} to {self.device}:~/{CACHE} failed: {answer['message']}"
                                   + (" (free space on the board)" if full else ""))
             self.copied.append(name)
+            self.present.add(name)
 
     def run(self, command: str, header: dict[str, Any], payload: Sequence[bytes] = ()) -> dict[str, Any]:
         """The runner's `command` with a JSON header and payload on stdin; its answer once checked.
@@ -180,8 +194,22 @@ class Board:
             SourceError: an answer from a runner of another version.
         """
         runner = runner_file()
-        name = f"runner-{sha256_file(runner)}.py"
-        self.ensure({name: runner, **header.pop("files", {})})
+        name = f"runner-{self.sha256(runner)}.py"
+        files = {name: runner, **header.pop("files", {})}
+        self.ensure(files)
+        answer = self._run_once(name, command, header, payload)
+        if answer.get("error") == "CacheMiss":  # removed on the board since it was seen there: copy, ask again
+            self.present -= set(answer.get("names", ()))
+            self.ensure(files)
+            answer = self._run_once(name, command, header, payload)
+        if "error" in answer:
+            cls = {"MissingDependencyError": MissingDependencyError, "ConfigError": ConfigError}.get(answer["error"],
+                                                                                                   InferenceCrashError)
+            raise cls(f"the runner on {self.device}: {answer['message']}")
+        return answer
+
+    def _run_once(self, name: str, command: str, header: dict[str, Any], payload: Sequence[bytes]) -> dict[str, Any]:
+        """One start of the cached runner `name`; its answer once its version is checked (errors included)."""
         words = [self.device.python, "-I", "-c", LAUNCH, name, command]
         body = json.dumps({**header, "payload": [len(p) for p in payload]}).encode() + b"\n" + b"".join(payload)
         proc = subprocess.Popen(self._ssh() + [shlex.join(words)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -202,17 +230,13 @@ class Board:
         if answer.get("runner_version") != _runner_version():
             raise SourceError(f"the runner on {self.device} answered as version {answer.get('runner_version')!r}, "
                               f"not {_runner_version()!r}: result not trusted")
-        if "error" in answer:
-            cls = {"MissingDependencyError": MissingDependencyError, "ConfigError": ConfigError}.get(answer["error"],
-                                                                                                   InferenceCrashError)
-            raise cls(f"the runner on {self.device}: {answer['message']}")
         return answer
 
     def measure(self, files: Sequence[Path], feeds: Sequence[Mapping[str, np.ndarray]], threads: int, provider: str,
                 warmup: int, iters: int, rounds: int, memory: bool = True) -> dict[str, Any]:
         """The runner's `measure`: each model's memory in a fresh process (with `memory`), then the models
         timed interleaved on one feeds dict each; refused unless it ran exactly the files sent."""
-        hashes = [sha256_file(f) for f in files]
+        hashes = [self.sha256(f) for f in files]
         names = [f"{h}.onnx" for h in hashes]
         answer = self.run("measure", {"files": dict(zip(names, files)), "models": names, "threads": threads,
                                       "provider": provider, "warmup": warmup, "iters": iters, "rounds": rounds,

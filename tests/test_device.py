@@ -113,6 +113,26 @@ def test_second_run_copies_nothing_and_leaves_no_temp_files(env):
 
 
 @needs_sshd
+def test_a_board_object_looks_up_its_cache_once_and_copies_again_what_vanished(env, monkeypatch):
+    from edgeslim.devices import measure_on
+    from edgeslim.pipeline import profile_target
+
+    prof = load_profile("cpu-ort-fp32")
+    board = Board(parse_device(_address(env)))
+    checks = []
+    real_check = board.check
+    monkeypatch.setattr(board, "check", lambda names: checks.append(list(names)) or real_check(names))
+    with profile_target(str(env["a"]), "cpu-ort-fp32", True) as (target, loaded):
+        measure_on(board, [target], [loaded], prof, [1], {}, 0, 1, 1, False)
+        measure_on(board, [target], [loaded], prof, [1], {}, 0, 1, 1, False)
+        assert len(checks) == 1  # the second run trusts what the first saw: no lookup before it
+        name = f"{sha256_file(env['a'])}.onnx"
+        (_cache(env) / name).unlink()  # removed on the board behind this object's back
+        rows = measure_on(board, [target], [loaded], prof, [1], {}, 0, 1, 1, False)[0]
+    assert rows[0]["p50_ms"] > 0 and (_cache(env) / name).is_file() and len(checks) == 2
+
+
+@needs_sshd
 def test_a_cancelled_run_stops_the_runner_and_removes_its_files(env):
     board = Board(parse_device(_address(env)), timeout_s=4)
     name = f"{sha256_file(env['a'])}.onnx"
@@ -217,8 +237,10 @@ def test_probe_never_overwrites_a_profile_it_did_not_write(env):
 def test_an_answer_from_another_runner_version_is_not_trusted(env, monkeypatch):
     from edgeslim.devices import profile_on_boards
 
+    from edgeslim.runtime.device_runner import VERSION
+
     monkeypatch.setattr(remote, "_runner_version", lambda: "0")
-    with pytest.raises(SourceError, match="answered as version '1', not '0': result not trusted"):
+    with pytest.raises(SourceError, match=f"answered as version '{VERSION}', not '0': result not trusted"):
         profile_on_boards(str(env["a"]), "cpu-ort-fp32", [_address(env)], None, [1], {}, 1, 2, None, {}, True)
 
 
