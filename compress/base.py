@@ -356,19 +356,33 @@ def _load_families() -> None:
     _loaded.append(True)
 
 
+def compressor_rows() -> list[dict[str, Any]]:
+    """Every registered compressor as data: name, kind, whether calibration is required, its summary,
+    and each config key with its default, allowed values (a Literal) and meaning (the field's comment)."""
+    rows = []
+    for name, cls in list_compressors().items():
+        docs, types_ = field_docs(cls.Config), field_types(cls.Config)
+        keys = {}
+        for f in dataclasses.fields(cls.Config):
+            literal = typing.get_origin(types_[f.name]) is Literal
+            keys[f.name] = {"default": None if f.default is dataclasses.MISSING else f.default,
+                            "choices": list(get_args(types_[f.name])) if literal else None, "doc": docs[f.name]}
+        rows.append({"name": name, "kind": cls.kind, "needs_calibration": cls.needs_calibration,
+                     "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "", "keys": keys})
+    return rows
+
+
 def describe_compressors() -> str:
     """Every registered compressor with each config key, its default and its meaning (`edgeslim list
     compressors`): the meaning is the comment on the field (edgeslim.core.config.field_docs)."""
     lines = []
-    for name, cls in list_compressors().items():
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        lines.append(f"{name} ({cls.kind}; calibration {'required' if cls.needs_calibration else 'optional'}): {summary}")
-        docs, types_ = field_docs(cls.Config), field_types(cls.Config)
-        for f in dataclasses.fields(cls.Config):
-            default = None if f.default is dataclasses.MISSING else f.default
-            shown = "none" if default is None else json.dumps(default)
-            choices = f" ({describe(types_[f.name])})" if typing.get_origin(types_[f.name]) is Literal else ""
-            lines.append(f"  {f.name} = {shown}{choices}: {docs[f.name]}")
+    for row in compressor_rows():
+        lines.append(f"{row['name']} ({row['kind']}; calibration {'required' if row['needs_calibration'] else 'optional'}): "
+                     f"{row['summary']}")
+        for key, k in row["keys"].items():
+            shown = "none" if k["default"] is None else json.dumps(k["default"])
+            choices = f" ({describe(Literal[tuple(k['choices'])])})" if k["choices"] is not None else ""
+            lines.append(f"  {key} = {shown}{choices}: {k['doc']}")
         lines.append("")
     return "\n".join(lines).rstrip()
 

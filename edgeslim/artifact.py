@@ -296,7 +296,7 @@ def load_zoo(name: str) -> LoadedModel:
     """
     entry = zoo.entry(name)
     if entry.shipped is None:
-        return entry.build()
+        return zoo.build(name)
     if not entry.shipped.is_dir():
         raise SourceError(f"the packaged model '{name}' is missing from this install ({entry.shipped}); "
                           f"retrain it with: python bench/train_espcn.py")

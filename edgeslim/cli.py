@@ -16,6 +16,7 @@ from edgeslim.cli_profile import profile
 from edgeslim.cli_train import train
 from edgeslim.cli_upscale import upscale
 from edgeslim.cli_generate import generate
+from edgeslim.cli_lists import cache_, list_
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
 from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
@@ -33,6 +34,8 @@ cli.add_command(train)
 cli.add_command(upscale)
 cli.add_command(device)
 cli.add_command(generate)
+cli.add_command(list_)
+cli.add_command(cache_)
 
 
 @cli.command()
@@ -319,40 +322,6 @@ def eval_(item: str, data: str, onnx_file: str | None, task: str | None, batch_s
         click.echo(result.line())
 
 
-@cli.command(name="list")
-@click.argument("what", type=click.Choice(["compressors", "profiles", "models", "datasets"]))
-def list_(what: str) -> None:
-    """List compressors, target profiles, zoo models or data sets."""
-    from rich.table import Table
-
-    table = Table(title=what)
-    if what == "compressors":  # every key in full: plain lines, never a table's cut cells
-        from edgeslim.compress.base import describe_compressors
-        click.echo(describe_compressors())
-        return
-    if what == "profiles":
-        from edgeslim.runtime.targets import list_profiles
-        for col in ("name", "runtime", "device", "precision", "keys"):
-            table.add_column(col)
-        for name, p in list_profiles().items():
-            table.add_row(name, p.runtime, p.device, p.precision,
-                          ", ".join(f"{k}={v}" for k, v in p.to_dict().items() if k not in ("runtime", "device", "precision", "description")))
-    elif what == "models":
-        from edgeslim import zoo
-        for col in ("name", "available", "description"):
-            table.add_column(col)
-        for e in zoo.entries().values():
-            missing = "not in this install" if e.shipped else f"{e.requires} missing"
-            table.add_row(e.name, "yes" if e.available else f"no ({missing})", e.description)
-    else:
-        from edgeslim.data import list_datasets
-        for col in ("name", "kind", "available", "description"):
-            table.add_column(col)
-        for d in list_datasets().values():
-            table.add_row(d.name, d.kind, "yes" if d.available else f"no ({d.requires} missing)", d.description)
-    _console().print(table)
-
-
 @cli.command()
 @click.argument("path")
 @json_option
@@ -390,26 +359,6 @@ def inspect(path: str, as_json: bool) -> None:
             console.print(f"  left whole: {name}: {reason}")
     for name, digest in manifest["files"].items():
         console.print(f"  {name}: sha256 {digest[:16]}... {status[name]}")
-
-
-@cli.command(name="cache")
-@click.argument("action", type=click.Choice(["list", "clear"]))
-@click.argument("name", required=False)
-def cache_(action: str, name: str | None) -> None:
-    """List or clear the local cache of converted models ($EDGESLIM_CACHE, default ~/.cache/edgeslim)."""
-    from edgeslim import cache
-    from edgeslim.report import si
-
-    console = _console()
-    if action == "clear":
-        removed = cache.clear(name)
-        console.print(f"removed {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} from {cache.root()}"
-                      + (f": {', '.join(removed)}" if removed else ""))
-        return
-    entries = cache.list_entries()
-    console.print(f"cache {cache.root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
-    for e in entries:
-        console.print(f"  {e.name}  {si(e.size_bytes, 'B')}")
 
 
 def main(argv: list[str] | None = None) -> int:

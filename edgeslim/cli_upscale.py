@@ -48,7 +48,10 @@ def upscale(image: str, out: str, model: str, compare: str | None, reference: st
     ref = read_any_image(reference) if reference is not None else None
     lr = read_any_image(image)
     loaded = load_model(model, trust=trust)
-    net = runnable(loaded, onnx=runtime == "onnxruntime")  # an INT8 artifact always runs its QDQ graph in ORT
+    from edgeslim.catalog import ZOO
+    shipped = ZOO[model].shipped if model in ZOO and not Path(model).is_dir() else None  # as load_model resolves it
+    net = runnable(loaded, onnx=runtime == "onnxruntime",  # an INT8 artifact always runs its QDQ graph in ORT
+                   folder=shipped or Path(model))  # an artifact's export is made once, kept by its hash
     scale = sr_scale(net)
     sr = upscale_rgb(lr, net, scale, tile or None)
     write_image(out, sr)

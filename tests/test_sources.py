@@ -89,6 +89,14 @@ def test_unknown_source_lists_zoo():
         load_model("no-such-model")
 
 
+def test_every_zoo_name_is_built_or_shipped():
+    """catalog.ZOO (what `list models` prints, torch-free) and zoo.BUILDERS name the same models."""
+    from edgeslim import catalog, zoo
+    assert set(zoo.BUILDERS) == {n for n, e in catalog.ZOO.items() if e.shipped is None}
+    with pytest.raises(SourceError, match="ships as an artifact"):
+        zoo.build("espcn-x2")
+
+
 def test_parse_inputs():
     specs = parse_inputs("ids:batch,sequence:int64; x:batch,3,8,8")
     assert specs == [TensorSpec("ids", ("batch", "sequence"), "int64"), TensorSpec("x", ("batch", 3, 8, 8))]

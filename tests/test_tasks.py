@@ -262,8 +262,8 @@ def test_torch_attention_modules(cls, skipped, tmp_path, monkeypatch):
 
     inputs = [TensorSpec("x", ("batch", "sequence", 16))]
     monkeypatch.setattr(zoo, "names", lambda: ["attn-test"])  # the artifact's source, rebuilt by load
-    monkeypatch.setattr(zoo, "entry", lambda name: zoo.ZooEntry(
-        name, "test model", lambda: LoadedModel(cls().eval(), SourceSpec("zoo", name), inputs)))
+    monkeypatch.setattr(zoo, "entry", lambda name: zoo.ZooEntry(name, "test model"))
+    monkeypatch.setitem(zoo.BUILDERS, "attn-test", lambda: LoadedModel(cls().eval(), SourceSpec("zoo", "attn-test"), inputs))
     torch.manual_seed(0)
     model = cls().eval()
     loaded = LoadedModel(model, SourceSpec("zoo", "attn-test"), inputs, "generic", {"batch": 2, "sequence": 6})
