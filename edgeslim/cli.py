@@ -16,6 +16,7 @@ from edgeslim.cli_profile import profile
 from edgeslim.cli_train import train
 from edgeslim.cli_upscale import upscale
 from edgeslim.cli_generate import generate
+from edgeslim.cli_optimize import optimize
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
 from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
@@ -33,6 +34,7 @@ cli.add_command(train)
 cli.add_command(upscale)
 cli.add_command(device)
 cli.add_command(generate)
+cli.add_command(optimize)
 
 
 @cli.command()
