@@ -16,13 +16,14 @@ from typing import Any, Mapping, Sequence
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.progress import say
-from edgeslim.optimize_jobs import Job, Runner, data_hash, store_result
+from edgeslim.optimize_jobs import Job, Runner, data_hash, read_results, store_result
 from edgeslim.optimize_search import Estimate, Point, drop_of, search
 from edgeslim.optimize_space import FAMILIES, build_space
 from edgeslim.trust import Trust
 
 LATENCY_BATCH = 8  # the batch size a time budget is measured at (other dims: the model's defaults)
 CALIB_COUNT = 64  # calibration samples of the default data set
+SPACE = "space"  # the result cache's entry of the combos' measured costs and losses (a resumed search reuses them)
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,12 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
     check_output(out, OPTIMIZE)
     start = time.monotonic()
     deadline = start + 60 * request.budget_minutes if request.budget_minutes else None
-    loaded = load_model(request.source, trust=request.trust, **dict(request.source_options))
-    calib_spec = _calib_spec(request, loaded)
-    measure, fingerprint = _measure(request)
-    folder = work_folder(request, calib_spec, axis)
-    with Runner(request.workers, request.ray) as runner:
+    with Runner(request.workers, request.ray) as runner:  # a Ray address that does not answer: before any work
+        loaded = load_model(request.source, trust=request.trust, **dict(request.source_options))
+        calib_spec = _calib_spec(request, loaded)
+        measure, fingerprint = _measure(request)
+        folder = work_folder(request, calib_spec, axis)
+
         def job(steps: Sequence[Mapping[str, Any]]) -> Job:
             return Job(request.source, tuple(steps), request.profile, request.eval, str(folder), fingerprint,
                        dict(request.source_options), request.trust)
@@ -147,8 +149,10 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
         say(f"original: {base['metric_name']} {base['metric']:.4f} on {request.eval}")
         calib = load_calibration(calib_spec, loaded)
         context = compress_context(loaded, request.profile, latency_batch=request.batch)
-        space = build_space(loaded, calib, calib_spec, measure, request.profile, request.families, axis,
-                            context, request.explicit_families)
+        space = build_space(loaded, calib, calib_spec, measure, request.profile, measure.profile.runtime,
+                            request.families, axis,
+                            context, request.explicit_families, read_results(folder).get(SPACE))
+        store_result(folder, SPACE, {c.label: [c.cost, c.loss] for c in space.combos})
         for family, why in space.skipped.items():
             say(f"family {family} left out: {why}")
         asked = (request.speedup or (space.base_cost / request.latency_ms if request.latency_ms else

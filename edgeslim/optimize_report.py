@@ -60,14 +60,20 @@ def point_dict(p: Point) -> dict[str, Any]:
             "latency_ms": p.result.get("latency_ms"), "cached": p.result.get("cached", False)}
 
 
+def front_of(summary: Mapping[str, Any], points: Sequence[Point]) -> list[int]:
+    """id() of the points on the Pareto front of metric vs measured gain."""
+    idx = pareto([{"gain": p.gain, "metric": p.metric} for p in points], summary["metric"] != "perplexity")
+    return [id(points[i]) for i in idx]
+
+
 def _plot(summary: Mapping[str, Any], outcome: Outcome) -> bytes:
     """Metric against measured gain: every point, the Pareto front, the chosen one and each family's best."""
     fig = figure(6.4, 4.2)
     ax = fig.add_subplot()
     pts = outcome.points
-    higher = summary["metric"] != "perplexity"
     ax.scatter([p.gain for p in pts], [p.metric for p in pts], s=18, color="0.6", label="verified candidates")
-    front = [pts[i] for i in pareto([{"gain": p.gain, "metric": p.metric} for p in pts], higher)]
+    front = [p for p in pts if id(p) in set(front_of(summary, pts))]
+    front.sort(key=lambda p: p.gain)
     ax.plot([p.gain for p in front], [p.metric for p in front], "-o", color="tab:blue", ms=4, label="Pareto front")
     for family, p in outcome.best_single.items():
         ax.scatter([p.gain], [p.metric], marker="s", s=40, label=f"best {family} alone")
@@ -85,9 +91,9 @@ def report_html(summary: Mapping[str, Any], outcome: Outcome) -> str:
     verdict = ("met" if outcome.met else "OUT OF REACH: the best point found is shown")
     head = "".join(f"<th>{h}</th>" for h in ("", "families", "estimated", "measured", summary["metric"], "drop",
                                                  "round"))
-    rows = []
+    rows, front = [], set(front_of(summary, outcome.points))
     for p in sorted(outcome.points, key=lambda p: p.gain):
-        mark = " (chosen)" if p is outcome.chosen else ""
+        mark = (" (chosen)" if p is outcome.chosen else "") + (" (Pareto front)" if id(p) in front else "")
         rows.append(_row(p.label + mark, ["+".join(p.families) or "-", f"{p.estimated_gain:.2f}x",
                                           f"{p.gain:.2f}x", f"{p.metric:.4f}", f"{p.drop:+.4f}", str(p.round + 1)]))
     single = "".join(f"<li>{html.escape(f)}: {html.escape(p.label)}, {p.gain:.2f}x, {p.metric:.4f}</li>"
@@ -100,6 +106,8 @@ def report_html(summary: Mapping[str, Any], outcome: Outcome) -> str:
             f"{html.escape(summary['metric'])} {outcome.chosen.metric:.4f} (original {summary['base_metric']:.4f}); "
             f"{len(outcome.points)} candidates verified in {outcome.rounds} rounds, {summary['seconds']:.0f} s.</p>"
             f"<p>{_img(_plot(summary, outcome), 'metric vs measured gain')}</p>"
+            f"<h2>Pareto front</h2><p>{len(front)} of {len(outcome.points)} candidates: no other one is both "
+            "faster and better on the metric (marked in the table).</p>"
             f"<h2>Best single-family recipes</h2><ul>{single}</ul>"
             + (f"<h2>Families left out</h2><ul>{skipped}</ul>" if skipped else "")
             + f"<h2>Every verified candidate</h2><table border='1' cellpadding='4'><tr>{head}</tr>{''.join(rows)}"
@@ -119,7 +127,9 @@ def final_table(summary: Mapping[str, Any], points: Sequence[Mapping[str, Any]])
 def write_outputs(out: str | Path, summary: dict[str, Any], outcome: Outcome, request: Any) -> dict[str, Any]:
     """Write -o DIR whole; returns the summary with every point, the chosen one and the files."""
     chosen = outcome.chosen
-    summary |= {"points": [point_dict(p) for p in outcome.points], "chosen": point_dict(chosen),
+    front = set(front_of(summary, outcome.points))
+    summary |= {"points": [point_dict(p) | {"pareto": id(p) in front} for p in outcome.points],
+                "chosen": point_dict(chosen),
                 "best_single_family": {f: point_dict(p) for f, p in outcome.best_single.items()},
                 "out": str(out), "files": ["recipe.toml", "best.slim", "best.onnx", "report.html", "optimize.json"]}
     with replace_output(out, OPTIMIZE) as tmp:

@@ -171,15 +171,17 @@ def build_combo(loaded: LoadedModel, stages: tuple[Stage, ...], profile_name: st
 
 
 def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure: Any, profile_name: str,
-                families: Sequence[str], axis: str, context: CompressContext, explicit: bool = False) -> Space:
+                runtime: str, families: Sequence[str], axis: str, context: CompressContext, explicit: bool = False,
+                known: Mapping[str, tuple[float, float]] | None = None) -> Space:
     """Apply and measure every combo of the families' stages, and the per-layer asvd options on each.
+
+    `known`: combo label -> (cost, loss) measured by an earlier run of the same search (resumed: not measured
+    again, so that its estimates, and so its candidates, are the same).
 
     Raises:
         ConfigError: a family the user named explicitly (`explicit`) cannot apply (named, with why), or none can.
     """
-    from edgeslim.runtime.targets import load_profile
-
-    runtime = load_profile(profile_name).runtime
+    known = known or {}
     groups, skipped = stage_options(loaded, families, axis, runtime, calib_spec)
     _refuse_skipped(loaded, skipped, explicit)
     align = int(context.align or 1)
@@ -202,12 +204,17 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
             built.append((Combo(stages, current), path))
         combos = [c for c, _ in built if not {s.family for s in c.stages} & set(skipped)]
         paths = [p for c, p in built if not {s.family for s in c.stages} & set(skipped)]
-        if axis == "ms":
-            say(f"timing the original and {len(combos) - 1} whole-model stage combinations side by side on the target")
-            times = measure.files_ms(paths, loaded.inputs, context.dims)
-        for i, combo in enumerate(combos):
-            combo.cost = times[i] if axis == "ms" else float(weight_bytes(combo.loaded.model))
-            combo.loss = 0.0 if i == 0 else mean_loss(runnable(combo.loaded), data.head(2)) - base_loss
+        if all(c.label in known for c in combos):  # a resumed search: the combos as measured before
+            for combo in combos:
+                combo.cost, combo.loss = known[combo.label]
+        else:
+            if axis == "ms":
+                say(f"timing the original and {len(combos) - 1} whole-model stage combinations side by side on "
+                    "the target")
+                times = measure.files_ms(paths, loaded.inputs, context.dims)
+            for i, combo in enumerate(combos):
+                combo.cost = times[i] if axis == "ms" else float(weight_bytes(combo.loaded.model))
+                combo.loss = 0.0 if i == 0 else mean_loss(runnable(combo.loaded), data.head(2)) - base_loss
     _refuse_skipped(loaded, skipped, explicit)
     torch_level = {c.families: c for c in combos}
     for combo in combos:  # the fp32 torch model an INT8 combo quantizes: the same combo without int8
