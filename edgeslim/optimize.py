@@ -139,7 +139,7 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
 
         def job(steps: Sequence[Mapping[str, Any]]) -> Job:
             return Job(request.source, tuple(steps), request.profile, request.eval, str(folder), fingerprint,
-                       dict(request.source_options), request.trust)
+                       dict(request.source_options), request.trust, export_required=axis == "ms")
 
         answers: dict[str, dict[str, Any]] = {}
         runner.map([job(())], lambda j, r: answers.__setitem__(j.key, r))
@@ -189,7 +189,6 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
             return points
 
         outcome = search(space, axis, asked, request.max_drop, verify, deadline, request.rounds, request.top)
-    outcome.points = [p for p in outcome.points if p.gain > 0]
     summary = {"source": request.source, "profile": request.profile, "device": request.device, "axis": axis,
                "asked": asked, "max_drop": request.max_drop, "eval": request.eval, "calib": calib_spec,
                "metric": base["metric_name"], "base_metric": base["metric"], "base_cost": space.base_cost,

@@ -135,7 +135,10 @@ def write_outputs(out: str | Path, summary: dict[str, Any], outcome: Outcome, re
     with replace_output(out, OPTIMIZE) as tmp:
         tmp.mkdir()
         shutil.copytree(chosen.result["slim"], tmp / "best.slim")
-        shutil.copyfile(chosen.result["onnx"], tmp / "best.onnx")
+        if chosen.result.get("onnx"):
+            shutil.copyfile(chosen.result["onnx"], tmp / "best.onnx")
+        else:  # a size budget's wq int4 model: the artifact is the deliverable (export --kv-cache for an LLM)
+            summary["files"].remove("best.onnx")
         (tmp / "recipe.toml").write_text(recipe_text(summary, chosen, request.source_options, request.batch))
         (tmp / "report.html").write_text(report_html(summary, outcome))
         (tmp / "optimize.json").write_text(json.dumps(summary, indent=1, default=str))

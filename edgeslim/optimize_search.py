@@ -26,7 +26,7 @@ from edgeslim.compress.lowrank_budget import allocate
 from edgeslim.compress.lowrank_latency import allocate_latency, fastest_speedup, reaim
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.progress import say
-from edgeslim.optimize_space import Combo, Space
+from edgeslim.optimize_space import Combo, Space, bytes_per_weight
 
 TOLERANCE = 0.05  # the measured gain meets the asked one within 5%
 ROUNDS = 4  # verification rounds at most (each re-aims every combo it measured)
@@ -83,7 +83,9 @@ def estimate(combo: Combo, space: Space, aim: float, axis: str) -> Estimate | No
     """The least-loss asvd ranks on `combo` whose estimated cost is base/aim (None: out of the combo's reach)."""
     target = space.base_cost / aim
     dense = {s.name: None for s in combo.spectra}
-    if combo.cost <= target:
+    if combo.cost <= target:  # the stages alone reach it (the original itself is no candidate)
+        if not combo.stages:
+            return None
         return Estimate(combo, dense, combo.cost, space.base_cost / combo.cost, combo.loss, aim)
     if not combo.spectra:
         return None
@@ -97,7 +99,7 @@ def estimate(combo: Combo, space: Space, aim: float, axis: str) -> Estimate | No
         if cost > target * (1 + 1e-9) or all(r is None for r in ranks.values()):
             return None
     else:
-        per_param = combo.cost / sum(p.numel() for p in combo.loaded.model.parameters())
+        per_param = bytes_per_weight(combo.loaded.model)
         dense_params = sum(s.dense_params for s in combo.spectra)
         ratio = 1.0 - (combo.cost - target) / per_param / dense_params
         if ratio <= 0.0:
@@ -119,7 +121,7 @@ def reachable(combo: Combo, space: Space, axis: str) -> float:
     if axis == "ms":
         fastest = combo.dense_cost / fastest_speedup(combo.layers, space.align, combo.dense_cost)
         return space.base_cost / (combo.cost / combo.dense_cost * fastest)
-    per_param = combo.cost / sum(p.numel() for p in combo.loaded.model.parameters())
+    per_param = bytes_per_weight(combo.loaded.model)
     saved = sum(s.dense_params - s.params_at(s.decisions(space.align)[0]) for s in combo.spectra
                 if len(s.decisions(space.align)))
     return space.base_cost / (combo.cost - per_param * saved)
@@ -182,12 +184,17 @@ def search(space: Space, axis: str, asked: float, max_drop: float, verify: Verif
     measured: dict[str, list[dict[str, float]]] = {c.label: [] for c in space.combos}
     points: list[Point] = []
     seen: set[str] = set()
+    verified_rounds = 0
     for r in range(rounds):
         if deadline is not None and time.monotonic() > deadline and points:
             say(f"time budget over after {r} rounds")
             break
         estimates = [e for c in space.combos if (e := estimate(c, space, aims[c.label], axis)) is not None]
         fresh = [e for e in estimates if _signature(e) not in seen]
+        good = [p for p in points if meets(p, asked, max_drop)]
+        if good:  # only an estimate that promises less loss than the best point that meets the budget is worth it
+            promise = min(good, key=lambda p: p.drop).estimated_loss
+            fresh = [e for e in fresh if e.loss < promise]
         picked = sorted(fresh, key=lambda e: e.loss)[:top]
         for family in sorted({f for e in fresh for f in e.families}):  # the best single-family candidates
             alone = [e for e in fresh if e.families == (family,)]
@@ -201,6 +208,7 @@ def search(space: Space, axis: str, asked: float, max_drop: float, verify: Verif
             break
         seen.update(_signature(e) for e in picked)
         new = verify(picked, r)
+        verified_rounds = r + 1
         points += new
         for est, point in zip(picked, new):
             if est.combo.spectra and point.gain > 0:
@@ -210,8 +218,11 @@ def search(space: Space, axis: str, asked: float, max_drop: float, verify: Verif
                 aims[combo.label] = reaim(measured[combo.label], asked, limits[combo.label])
         if any(meets(p, asked, max_drop) and p.gain <= asked * (1 + TOLERANCE) for p in points):
             break
+    points = [p for p in points if p.gain > 0]  # a candidate that failed to build said why on its line
+    if not points:
+        raise ConfigError("no candidate could be built and measured (each one's error is on its line above)")
     chosen, met = choose(points, asked, max_drop)
-    return Outcome(points, chosen, met, asked, r + 1, best_single(points, asked, max_drop))
+    return Outcome(points, chosen, met, asked, verified_rounds, best_single(points, asked, max_drop))
 
 
 def _signature(e: Estimate) -> str:

@@ -105,6 +105,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def bytes_per_weight(model: torch.nn.Module) -> float:
+    """Stored bytes per stored number (4 for fp32; about 1 after wq int8, 0.5 after int4): what one parameter
+    that a smaller rank removes saves in a --size-mb budget."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    return weight_bytes(model) / max(sum(t.numel() for t in tensors), 1)
+
+
 def stage_options(loaded: LoadedModel, families: Sequence[str], axis: str, runtime: str, calib: str
                   ) -> tuple[list[list[Stage]], dict[str, str]]:
     """The stages of each family that applies on the budget's `axis` ("ms" or "bytes"), and why the others
@@ -159,12 +166,15 @@ def lowrank_spectra(loaded: LoadedModel, calib: CalibData, profile: LossProfile 
     return out
 
 
-def build_combo(loaded: LoadedModel, stages: tuple[Stage, ...], profile_name: str, folder: Path) -> tuple[
-        LoadedModel, Path]:
-    """Apply the stages (pipeline.apply_steps) and export the result with its ONNX stages into `folder`."""
+def build_combo(loaded: LoadedModel, stages: tuple[Stage, ...], profile_name: str, folder: Path | None) -> tuple[
+        LoadedModel, Path | None]:
+    """Apply the stages (pipeline.apply_steps) and export the result with its ONNX stages into `folder` (None:
+    no export, a size budget times nothing)."""
     from edgeslim.pipeline import apply_steps, export_model
 
     current, _ = apply_steps(loaded, [dict(s.step) for s in stages], quiet=True, profile=profile_name)
+    if folder is None:
+        return current, None
     path = folder / f"combo{len(list(folder.iterdir()))}.onnx"
     export_model(current, "onnx", path, profile_name, quiet=True)
     return current, path
@@ -190,9 +200,10 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
     built: list[tuple[Combo, Path]] = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-optimize-") as tmp:
         from edgeslim.pipeline import export_model, runnable
-        folder = Path(tmp)
-        export_model(loaded, "onnx", folder / "original.onnx", profile_name, quiet=True)
-        built.append((Combo((), loaded), folder / "original.onnx"))
+        folder = Path(tmp) if axis == "ms" else None
+        if folder is not None:
+            export_model(loaded, "onnx", folder / "original.onnx", profile_name, quiet=True)
+        built.append((Combo((), loaded), Path(tmp) / "original.onnx"))
         for stages in combos_of(groups)[1:]:
             if {s.family for s in stages} & set(skipped):
                 continue

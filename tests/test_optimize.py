@@ -225,7 +225,7 @@ def test_jobs_on_a_local_ray_match_local_ones(tmp_path):
     finally:
         ray.shutdown()
     local = {}
-    with Runner() as runner:
+    with Runner(workers=2) as runner:  # two local worker processes
         runner.map(jobs, lambda j, r: local.__setitem__(j.key, r))
     for j in jobs:
         assert local[j.key]["artifact_reused"]  # built by the Ray workers, in the same work folder
@@ -284,3 +284,11 @@ def test_bench_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
     assert row["asked_speedup"] == 1.05 and row["points"] and "prune" in row["best_single_family"]
     assert row["within_5pct"] == (row["measured_speedup"] >= 1.05 * 0.95)
     assert set(result["goals"]) >= {"optimize_ge_single_every_row", "optimize_strictly_better_half"}
+
+
+def test_the_search_stops_when_no_estimate_promises_less_loss_than_a_point_that_meets():
+    sp = space(int8_factor=2.0)
+    sp.combos[1].loss = 0.0  # INT8 measured no loss change: nothing can promise less
+    log = []
+    outcome = search(sp, "ms", 1.5, max_drop=0.01, verify=fake_verify(lambda g: g ** 0.7, log=log))
+    assert outcome.rounds == 1 and outcome.met and outcome.chosen.families == ("int8",)
