@@ -17,6 +17,7 @@ from edgeslim.cli_train import train
 from edgeslim.cli_upscale import upscale
 from edgeslim.cli_generate import generate
 from edgeslim.cli_lists import cache_, list_
+from edgeslim.cli_optimize import optimize
 from edgeslim.core.errors import ConfigError, EdgeslimError, ExportValidationError
 from edgeslim.core.files import safe_stem
 from edgeslim.defaults import DEFAULT_OUT, DEFAULT_PROFILE
@@ -36,6 +37,7 @@ cli.add_command(device)
 cli.add_command(generate)
 cli.add_command(list_)
 cli.add_command(cache_)
+cli.add_command(optimize)
 
 
 @cli.command()

@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import tempfile
 import weakref
@@ -59,15 +61,24 @@ class LocalMeasure:
         """p50 of `base` over p50 of `trial`, their sessions called in PAIRED_ROUNDS alternating rounds of
         `iters` calls each: timed one after the other, a 10-call p50 each, MiniLM's factored model once
         measured 1.24x where it ran 1.01x (the machine's state drifts between the two timings)."""
+        return self._pair_ratio(self._export(base, inputs), self._export(trial, inputs), inputs, dims)
+
+    def _pair_ratio(self, base: Path, trial: Path, inputs: Sequence[TensorSpec], dims: Mapping[str, int]) -> float:
+        first, second = self.files_ms([base, trial], inputs, dims, PAIRED_ROUNDS)
+        return first / second
+
+    def files_ms(self, paths: Sequence[Path], inputs: Sequence[TensorSpec], dims: Mapping[str, int],
+                 rounds: int = PAIRED_ROUNDS) -> list[float]:
+        """p50 latency of each ONNX file (the same feeds), their sessions called side by side in `rounds`
+        alternating rounds of `iters` calls each: ratios between them are what to read."""
         from edgeslim.runtime.measure import interleave
         from edgeslim.runtime.session import open_session
 
         feeds = example_feeds(inputs, dims)
-        with open_session(self._export(base, inputs), self.profile) as a, \
-                open_session(self._export(trial, inputs), self.profile) as b:
-            first, second = interleave([a, b], [feeds, feeds], warmup=2, iters=PAIRED_ROUNDS * self.iters,
-                                       rounds=PAIRED_ROUNDS)
-        return first.p50_ms / second.p50_ms
+        with contextlib.ExitStack() as stack:
+            sessions = [stack.enter_context(open_session(p, self.profile)) for p in paths]
+            timings = interleave(sessions, [feeds] * len(paths), warmup=2, iters=rounds * self.iters, rounds=rounds)
+        return [t.p50_ms for t in timings]
 
     def _export(self, model: nn.Module, inputs: Sequence[TensorSpec]) -> Path:
         """The model's ONNX file (validated), exported once and kept while the model lives: timing the same
@@ -88,12 +99,15 @@ class LocalMeasure:
 class BoardMeasure(LocalMeasure):
     """GEMM table and model latency of a board, measured on it over SSH."""
 
-    def __init__(self, profile: str, iters: int = 10) -> None:
+    def __init__(self, profile: str, iters: int = 10, address: str | None = None) -> None:
+        """`address`: the board (ssh://...) when the profile names none (or another one)."""
         from edgeslim.runtime.address import parse_device
         from edgeslim.runtime.remote import Board
         from edgeslim.runtime.targets import load_profile
 
         self.profile = load_profile(profile)
+        if address is not None:
+            self.profile = dataclasses.replace(self.profile, address=address)
         self.board = Board(parse_device(self.profile.address, self.profile.python))
         self.iters = iters
         self._exports = {}
@@ -126,12 +140,15 @@ class BoardMeasure(LocalMeasure):
     def speedup(self, base: nn.Module, trial: nn.Module, inputs: Sequence[TensorSpec], dims: Mapping[str, int]
                 ) -> float:
         """p50 of `base` over p50 of `trial`, timed side by side on the board in PAIRED_ROUNDS rounds."""
+        return self._pair_ratio(self._export(base, inputs), self._export(trial, inputs), inputs, dims)
+
+    def files_ms(self, paths: Sequence[Path], inputs: Sequence[TensorSpec], dims: Mapping[str, int],
+                 rounds: int = PAIRED_ROUNDS) -> list[float]:
+        """p50 latency of each ONNX file, timed side by side ON the board in `rounds` rounds."""
         feeds = example_feeds(inputs, dims)
-        answer = self.board.measure([self._export(base, inputs), self._export(trial, inputs)], [feeds, feeds],
-                                    self.profile.threads, self.profile.provider, 2, PAIRED_ROUNDS * self.iters,
-                                    PAIRED_ROUNDS, memory=False)
-        first, second = answer["timings"]
-        return first["p50_ms"] / second["p50_ms"]
+        answer = self.board.measure(list(paths), [feeds] * len(paths), self.profile.threads, self.profile.provider, 2,
+                                    rounds * self.iters, rounds, memory=False)
+        return [t["p50_ms"] for t in answer["timings"]]
 
 
 class TableMeasure:

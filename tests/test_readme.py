@@ -16,7 +16,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 DOCS = README.parent / "docs"
 # the pages whose blocks run after the README's, in this order, in the same folder (they reuse its files)
 PAGES = ("adapters.md", "recipes-and-budgets.md", "models.md", "int8.md", "llm.md", "factorized-convolutions.md",
-         "pruning.md", "mpo.md", "super-resolution.md", "python-api.md", "adding-a-compressor.md", "security.md")
+         "pruning.md", "mpo.md", "super-resolution.md", "python-api.md", "adding-a-compressor.md", "security.md",
+         "optimize.md")
 
 
 def blocks() -> list[tuple[str, str]]:
