@@ -13,9 +13,10 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from edgeslim.core.errors import ConfigError, EdgeslimError, InferenceCrashError
+from edgeslim.core.progress import say
 from edgeslim.core.specs import example_feeds
 from edgeslim.profiling import resolve_sizes, work_of
 
@@ -63,10 +64,11 @@ def _external_data(path: str, size: int, mtime_ns: int) -> bool:
 
 
 def measure_on(board: Any, targets: Sequence[Any], loaded: Sequence[Any], prof: Any, batches: Sequence[int],
-               dims: Mapping[str, int], warmup: int, iters: int, rounds: int, memory: bool = True
-               ) -> list[list[dict[str, Any]]]:
+               dims: Mapping[str, int], warmup: int, iters: int, rounds: int, memory: bool = True,
+               news: Callable[[str], None] | None = None) -> list[list[dict[str, Any]]]:
     """Rows per target (one per batch) measured on `board`, the targets interleaved at each batch (with
-    `memory`, each target's memory first, in a fresh process on the board).
+    `memory`, each target's memory first, in a fresh process on the board); `news` gets a line as each
+    batch starts on the board (its files there) and as it ends: the board works silently for seconds to minutes.
 
     A batch whose memory child died on the board (out of memory, the common case on a 4 GB board) is a
     `crashed` row for every target, as local profiling does.
@@ -79,7 +81,12 @@ def measure_on(board: Any, targets: Sequence[Any], loaded: Sequence[Any], prof: 
     for b in batches:
         plans = [resolve_sizes(lo, dims, b) for lo in loaded]
         feeds = [example_feeds(lo.inputs, {**lo.dims, **sizes}, seed=0) for lo, (sizes, _) in zip(loaded, plans)]
-        answer = board.measure(files, feeds, prof.threads, prof.provider, warmup, iters, rounds, memory)
+        start = time.perf_counter()
+        answer = board.measure(files, feeds, prof.threads, prof.provider, warmup, iters, rounds, memory, started=news and (
+            lambda: news(f"{board.device}: batch {b}, {len(files)} model(s) on the board: " + (
+                "memory in a fresh process, " if memory else "") + f"{warmup} warm-up + {iters} timed calls")))
+        if news:
+            news(f"{board.device}: batch {b} measured in {time.perf_counter() - start:.1f} s")
         where = {"address": board.device.address, **answer["machine"]}
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for i, ((sizes, size_sources), f, mem) in enumerate(zip(plans, feeds, answer["memory"])):
@@ -168,7 +175,8 @@ def profile_on_boards(item: str, profile: str, addresses: Sequence[str], identit
     all_boards = boards(addresses, identity, prof)
     with profile_target(item, profile, quiet, trust, source) as (target, loaded):
         return {a: r[0] if isinstance(r, list) else r for a, r in on_boards(all_boards, lambda board: measure_on(
-            board, [target], [loaded], prof, batches or prof.batch, dims, warmup, iters, 1)).items()}
+            board, [target], [loaded], prof, batches or prof.batch, dims, warmup, iters, 1,
+            news=None if quiet else say)).items()}
 
 
 def compare_on_boards(items: Sequence[str], profile: str, addresses: Sequence[str], identity: str | None,
@@ -190,7 +198,8 @@ def compare_on_boards(items: Sequence[str], profile: str, addresses: Sequence[st
     with contextlib.ExitStack() as stack:
         opened = [stack.enter_context(profile_target(i, profile, quiet, trust, source)) for i in items]
         results = on_boards(all_boards, lambda board: measure_on(board, [t for t, _ in opened], [lo for _, lo in opened],
-                                                                 prof, batches or prof.batch, dims, warmup, iters, rounds))
+                                                                 prof, batches or prof.batch, dims, warmup, iters, rounds,
+                                                                 news=None if quiet else say))
         local = [{"item": str(i), "file_bytes": _file_bytes(t), "params": _params(lo)} for i, (t, lo) in zip(items, opened)]
         if eval_data:
             _evaluate(local, opened, eval_data)

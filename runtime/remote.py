@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -183,8 +183,10 @@ class Board:
             self.copied.append(name)
             self.present.add(name)
 
-    def run(self, command: str, header: dict[str, Any], payload: Sequence[bytes] = ()) -> dict[str, Any]:
-        """The runner's `command` with a JSON header and payload on stdin; its answer once checked.
+    def run(self, command: str, header: dict[str, Any], payload: Sequence[bytes] = (),
+            started: Callable[[], None] | None = None) -> dict[str, Any]:
+        """The runner's `command` with a JSON header and payload on stdin; its answer once checked;
+        `started()` is called once the board has every file and the runner starts.
 
         stdin stays open while the runner works: closing it (Ctrl-C, a timeout here) makes the runner stop
         its children and remove its temporary folder on the board.
@@ -197,6 +199,8 @@ class Board:
         name = f"runner-{self.sha256(runner)}.py"
         files = {name: runner, **header.pop("files", {})}
         self.ensure(files)
+        if started:
+            started()
         answer = self._run_once(name, command, header, payload)
         if answer.get("error") == "CacheMiss":  # removed on the board since it was seen there: copy, ask again
             self.present -= set(answer.get("names", ()))
@@ -212,18 +216,18 @@ class Board:
         """One start of the cached runner `name`; its answer once its version is checked (errors included)."""
         words = [self.device.python, "-I", "-c", LAUNCH, name, command]
         body = json.dumps({**header, "payload": [len(p) for p in payload]}).encode() + b"\n" + b"".join(payload)
-        proc = subprocess.Popen(self._ssh() + [shlex.join(words)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        try:
-            proc.stdin.write(body)
-            proc.stdin.flush()
-            line = _read_line(proc, self.timeout_s)
-        except BaseException:  # Ctrl-C or a timeout: closing stdin makes the runner clean up on the board
-            _stop(proc)
-            raise
-        proc.stdin.close()
-        stderr = proc.stderr.read().decode(errors="replace")
-        code = proc.wait()
+        with subprocess.Popen(self._ssh() + [shlex.join(words)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as proc:  # its pipes closed on the way out
+            try:
+                proc.stdin.write(body)
+                proc.stdin.flush()
+                line = _read_line(proc, self.timeout_s)
+            except BaseException:  # Ctrl-C or a timeout: closing stdin makes the runner clean up on the board
+                _stop(proc)
+                raise
+            proc.stdin.close()
+            stderr = proc.stderr.read().decode(errors="replace")
+            code = proc.wait()
         if line is None:
             raise InferenceCrashError(f"the runner on {self.device} ran past {self.timeout_s:.0f} s and was stopped")
         answer = self._answer(code if not line else 0, line, stderr)
@@ -233,14 +237,15 @@ class Board:
         return answer
 
     def measure(self, files: Sequence[Path], feeds: Sequence[Mapping[str, np.ndarray]], threads: int, provider: str,
-                warmup: int, iters: int, rounds: int, memory: bool = True) -> dict[str, Any]:
+                warmup: int, iters: int, rounds: int, memory: bool = True,
+                started: Callable[[], None] | None = None) -> dict[str, Any]:
         """The runner's `measure`: each model's memory in a fresh process (with `memory`), then the models
         timed interleaved on one feeds dict each; refused unless it ran exactly the files sent."""
         hashes = [self.sha256(f) for f in files]
         names = [f"{h}.onnx" for h in hashes]
         answer = self.run("measure", {"files": dict(zip(names, files)), "models": names, "threads": threads,
                                       "provider": provider, "warmup": warmup, "iters": iters, "rounds": rounds,
-                                      "memory": memory}, [_npz(f) for f in feeds])
+                                      "memory": memory}, [_npz(f) for f in feeds], started)
         if answer["sha256"] != hashes:
             raise SourceError(f"{self.device} ran a model whose SHA-256 is not the one sent: result not trusted")
         return answer

@@ -198,6 +198,15 @@ def test_an_unreachable_board_is_one_line(monkeypatch, tmp_path):
 
 
 @needs_sshd
+def test_the_board_reports_progress_while_it_works(env):
+    code, err = _cli(["profile", str(env["a"]), "--device", _address(env), "--batch", "1,2", "--iters", "3"])
+    lines = [ln for ln in err.splitlines() if ln.startswith("ssh://127.0.0.1:")]
+    assert code == 0 and len(lines) == 4, err  # a line as each batch starts on the board and one as it ends
+    assert "unclosed" not in err  # the ssh pipes are closed after each run
+    assert "batch 1, 1 model(s)" in lines[0] and "batch 1 measured in" in lines[1] and "batch 2 measured" in lines[3]
+
+
+@needs_sshd
 def test_a_fleet_of_two_boards_in_one_report(env, tmp_path):
     html = tmp_path / "fleet.html"
     code, out = _cli(["profile", str(env["a"]), str(env["b"]), "--device", _address(env, 0), "--device",
