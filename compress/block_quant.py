@@ -27,13 +27,14 @@ GRIDS = ("int4_min", "int8_sym")
 class IntegerWeight:
     """One quantized weight [N, K] as unsigned integers: w[n, k] = scale[n, g] * (q[n, k] - zero[n, g])
     (+ offset[n, g] when given), g = k // (K / G). Symmetric modes are shifted to unsigned (zero = 8 or
-    128), so every mode reads alike; a float minimum (int4_min) is the offset, with zero 0."""
+    128), so every mode reads alike; a float minimum m (int4_min) is an integer zero point z plus the
+    offset m + d * z."""
 
     q: torch.Tensor  # uint8 [N, K], values < 2**bits
     scale: torch.Tensor  # float32 [N, G]
     zero: torch.Tensor  # uint8 [N, G]
     bits: int  # 4 or 8
-    offset: torch.Tensor | None = None  # float32 [N, G]: a block's minimum (int4_min), else None
+    offset: torch.Tensor | None = None  # float32 [N, G]: what a block's float minimum adds (int4_min), else None
 
     def dense(self) -> torch.Tensor:
         """The fp32 weight these integers define (computed in fp32: what MatMulNBits computes)."""
@@ -61,7 +62,10 @@ def grid_weight(weight: torch.Tensor, grid: str, group: int | None) -> IntegerWe
         d = (hi - lo) / 15
         d = torch.where(d > 0, d, torch.ones_like(d))  # a constant block: q = 0, w = m
         q = torch.clamp(torch.round((b - lo[..., None]) / d[..., None]), 0, 15)
-        return IntegerWeight(q.reshape(n, -1).to(torch.uint8), d, torch.zeros((n, groups), dtype=torch.uint8), 4, lo)
+        # w = d * (q - z) + (m + d * z): the integer zero point nearest -m / d takes the bulk of the minimum, the
+        # offset only the rest (|offset| <= d / 2 inside the grid), so the two terms a runtime sums stay small
+        z = torch.clamp(torch.round(-lo / d), 0, 15)
+        return IntegerWeight(q.reshape(n, -1).to(torch.uint8), d, z.to(torch.uint8), 4, lo + d * z)
     if grid == "int8_sym":
         d = b.abs().amax(-1) / 127
         d = torch.where(d > 0, d, torch.ones_like(d))

@@ -29,6 +29,7 @@ from torch import nn
 from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
+from edgeslim.export.attention import grouped_attention
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.validate import close
 from edgeslim.runtime.kv_decoder import META_KEY, PAST, PRESENT, open_cache_graph
@@ -145,7 +146,7 @@ def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, posi
         args += (t["position_ids"],)
         shapes.append({0: batch, 1: seq})
     inputs, outputs = _names(layers, position_ids)
-    with _quiet_torch(), eager_attention(wrapper):
+    with _quiet_torch(), eager_attention(wrapper), grouped_attention(wrapper.hf):
         try:
             torch.onnx.export(wrapper, args, str(path), dynamo=True, dynamic_shapes=tuple(shapes), input_names=inputs,
                               output_names=outputs, opset_version=opset, verbose=False)
@@ -197,7 +198,7 @@ def _check_greedy(path: Path, hf: nn.Module, vocab: int, limit: int | None, stri
     return equal
 
 
-def _set_accuracy(path: Path, level: int) -> None:
+def set_accuracy(path: Path, level: int) -> None:
     """Set every MatMulNBits' accuracy_level (4: int8 activations) in the file at `path`."""
     import onnx
     graph = onnx.load(str(path))
@@ -264,7 +265,7 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions, atol, rtol)
             equal = _check_greedy(target, hf, vocab, positions)
             if lowered is not None and accuracy_level:  # exact at level 0 first, then the faster compute checked
-                _set_accuracy(target, accuracy_level)  # within ACTIVATION_TOL (int8 activations are not exact)
+                set_accuracy(target, accuracy_level)  # within ACTIVATION_TOL (int8 activations are not exact)
                 diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions, *ACTIVATION_TOL)
                 equal = _check_greedy(target, hf, vocab, positions, strict=False)
                 notes.append(f"MatMulNBits accuracy_level {accuracy_level}: exact at level 0, then logits within "

@@ -8,8 +8,9 @@ block * bits / 8] (4-bit values packed two per byte, low nibble first), scales f
 zero points uint8 (4-bit: packed per row, low nibble first), the artifact's group size as the block
 (a per-channel scale is repeated over power-of-two blocks that divide K). A float minimum per block
 (wq int4_min, GGUF's Q4_1 grid: w = d * q + m) is not a zero point MatMulNBits computes fast (a float
-zero_points input makes ORT dequantize B on every call), so the block's m is added after it:
-y = MatMulNBits(x) + blocksum(x) @ m^T, blocksum(x) [..., K / block] the sum of x over each block.
+zero_points input makes ORT dequantize B on every call), so an integer zero point takes the bulk of
+the minimum and the rest (`offset`) is added after it: y = MatMulNBits(x) + blocksum(x) @ offset^T,
+blocksum(x) [..., K / block] the sum of x over each block (x @ a 0/1 block indicator).
 An 8-bit embedding table (per row, NNCF's choice for the embedding an LM head is tied to, or per
 block, int4_min's Q8_0) becomes a Gather of the same integers times their scales, minus their zero
 points (the MatMulNBits tensors reshaped): the file keeps one copy of the table.
@@ -114,6 +115,7 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
     report = Lowering()
     used: dict[str, tuple[str, QuantizedMatrix, int]] = {}  # matrix name -> (B initializer, matrix, block)
     new_nodes, new_inits = [], []
+    sums: dict[tuple[str, int, int], str] = {}  # (input, K, blocks) -> its block sums, shared by the MatMuls reading it
 
     def integers(m: QuantizedMatrix) -> tuple[str, int] | None:
         if m.name in used:
@@ -153,7 +155,7 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
                 name=node.name or f"{stem}_matmulnbits", domain=MS_DOMAIN, K=k, N=n, bits=m.bits,
                 block_size=block, accuracy_level=accuracy_level))
             if m.offset is not None:
-                new_nodes += _offset_nodes(m, node.input[0], out, node.output[0], stem, new_inits)
+                new_nodes += _offset_nodes(m, node.input[0], out, node.output[0], stem, new_inits, sums)
                 report.bytes_after += m.offset.size * 4
             report.matmuls += 1
             dropped.add(rhs)
@@ -184,21 +186,25 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
     return report
 
 
-def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list) -> list:
-    """out = partial + blocksum(x) @ offset^T: the float minimum of every block (sum_k x_k * m_block(k))."""
+def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list,
+                  sums: dict[tuple[str, int, int], str]) -> list:
+    """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) = x @ E, E [K, blocks] the
+    0/1 block indicator: one initializer per (K, blocks), one product per input (q, k and v read the same x)."""
     from onnx import helper, numpy_helper
     n, k = m.q.shape
     groups = m.offset.shape[1]
-    new_inits += [numpy_helper.from_array(np.ascontiguousarray(m.offset.T.astype(np.float32)), f"{stem}_offset_t"),
-                  numpy_helper.from_array(np.array([groups, k // groups], np.int64), f"{stem}_blocks"),
-                  numpy_helper.from_array(np.array([-1], np.int64), f"{stem}_axis")]
-    return [helper.make_node("Shape", [x], [f"{out}_lead"], name=f"{stem}_lead", end=-1),
-            helper.make_node("Concat", [f"{out}_lead", f"{stem}_blocks"], [f"{out}_bshape"], name=f"{stem}_bshape", axis=0),
-            helper.make_node("Reshape", [x, f"{out}_bshape"], [f"{out}_xb"], name=f"{stem}_xblocks"),
-            helper.make_node("ReduceSum", [f"{out}_xb", f"{stem}_axis"], [f"{out}_xs"], name=f"{stem}_blocksum",
-                             keepdims=0),
-            helper.make_node("MatMul", [f"{out}_xs", f"{stem}_offset_t"], [f"{out}_off"], name=f"{stem}_offset"),
-            helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
+    nodes = []
+    key = (x, k, groups)
+    if key not in sums:
+        indicator = f"block_indicator_{k}x{groups}"
+        if indicator not in {i.name for i in new_inits}:
+            new_inits.append(numpy_helper.from_array(np.repeat(np.eye(groups, dtype=np.float32), k // groups, axis=0),
+                                                     indicator))
+        sums[key] = f"{out}_blocksum"
+        nodes.append(helper.make_node("MatMul", [x, indicator], [sums[key]], name=f"{stem}_blocksum"))
+    new_inits.append(numpy_helper.from_array(np.ascontiguousarray(m.offset.T.astype(np.float32)), f"{stem}_offset_t"))
+    return nodes + [helper.make_node("MatMul", [sums[key], f"{stem}_offset_t"], [f"{out}_off"], name=f"{stem}_offset"),
+                    helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
 
 
 def _gather_nodes(m: QuantizedMatrix, q_name: str, block: int, ids: str, out: str, new_inits: list) -> list:

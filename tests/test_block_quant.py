@@ -67,7 +67,7 @@ def test_offset_lowering_matches_the_dense_matmul(tmp_path):
     report = lower_matmul_nbits(path, [m])
     assert report.matmuls == 1 and not report.unmatched
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert "MatMulNBits" in ops and "ReduceSum" in ops and "wt" not in {i.name for i in onnx.load(str(path)).graph.initializer}
+    assert "MatMulNBits" in ops and ops.count("MatMul") == 2 and "wt" not in {i.name for i in onnx.load(str(path)).graph.initializer}
     x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
     y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ m.dense.T, rtol=1e-5, atol=1e-5)
@@ -87,7 +87,8 @@ def test_int4_min_cache_graph(tmp_path, capsys):
     assert info["greedy_prompts_equal"] == 3 and max(info["max_abs_diff"].values()) < 1e-4
     model = onnx.load(info["onnx"])
     bits = sorted({a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
-    assert bits == [4, 8] and sum(n.op_type == "ReduceSum" for n in model.graph.node) == 2 * 7
+    # the offsets: one block sum per input (qkv, o, gate/up, down) and one product per MatMul
+    assert bits == [4, 8] and sum(n.op_type == "MatMul" for n in model.graph.node) >= 2 * (4 + 7)
     sizes = [sum(len(i.raw_data) for i in onnx.load(p).graph.initializer) for p in (info["onnx"], fp32["onnx"])]
     assert sizes[0] / sizes[1] < 0.30  # 4 bits + fp32 scale and minimum per 32 weights; the table at 8 bits
     assert not any(tuple(i.dims) == (90, 128) and i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer)
