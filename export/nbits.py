@@ -56,14 +56,15 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest() + str(array.shape)
 
 
+MAX_BLOCK = 128  # ORT's blockwise kernels take blocks of 16..128 (an 8-bit block of 512 came out wrong at level 0)
+
+
 def block_size(group: int) -> int | None:
-    """The MatMulNBits block for a group of `group` inputs: the group when it is a power of two >= 16,
-    else the largest power of two >= 16 dividing it (the scale repeated), else None."""
-    if group >= 16 and group & (group - 1) == 0:
-        return group
+    """The MatMulNBits block for a group of `group` inputs: the largest power of two in 16..MAX_BLOCK
+    dividing it (the group itself when it is one; else its scale repeated over the blocks), else None."""
     best = None
     b = 16
-    while b <= group:
+    while b <= min(group, MAX_BLOCK):
         if group % b == 0:
             best = b
         b *= 2
