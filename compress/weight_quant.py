@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.calib import CalibData
+from edgeslim.compress.block_quant import IntegerWeight, grid_layers, integers, snap
 from edgeslim.compress.base import (CompressContext, CompressResult, Compressor, LayerChange, TargetConfig, register,
                                     working_copy)
 from edgeslim.compress.replace import linear_types, nearest_names, select_modules, skipped_change, tied_parameters
@@ -42,6 +43,8 @@ from edgeslim.core.specs import TensorSpec, example_feeds
 
 NNCF_MODES = {"int8": "int8_asym", "int8_sym": "int8_sym", "int4": "int4_asym", "int4_sym": "int4_sym"}
 HOOKS = "__nncf_hooks"
+GRID_NOTE = ("int4_min: the artifact keeps fp32 weights on the grid (bytes_after counts the integers); "
+             "`export --kv-cache` writes the integers (MatMulNBits)")
 ONNX_NOTE = ("export constant-folds the decompression: the ONNX file holds dequantized fp32 weights (a causal LM's "
              "`export --kv-cache` keeps the integers: MatMulNBits)")
 
@@ -50,13 +53,18 @@ ONNX_NOTE = ("export constant-folds the decompression: the ONNX file holds dequa
 class WeightQuantConfig(TargetConfig):
     """Weight-only quantization settings (see nncf.compress_weights); excluded layers stay fp32."""
 
-    mode: Literal["int8", "int8_sym", "int4", "int4_sym"] = "int8"  # int8/int4: asymmetric (zero point)
+    # int8/int4: asymmetric (integer zero point, NNCF); int4_min: a float minimum per block (GGUF Q4_1's
+    # grid, compress/block_quant.py), embeddings and LM head on int8 blocks (Q8_0)
+    mode: Literal["int8", "int8_sym", "int4", "int4_sym", "int4_min"] = "int8"
     group_size: int = 64  # int4: input weights sharing one scale (-1: per output channel); int8 is per channel
     all_layers: bool = False  # int4: also the embeddings and last linear map (NNCF keeps them int8 by default)
 
     def validate(self) -> None:
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size must be a positive integer or -1 (per channel), got {self.group_size}")
+        if self.mode == "int4_min" and self.all_layers:
+            raise ConfigError("all_layers applies to NNCF's int4 modes; int4_min keeps the embeddings and the LM head "
+                              "on int8 blocks (GGUF Q8_0)")
 
 
 def _nncf():
@@ -94,9 +102,8 @@ def _kept_fp32(model: nn.Module, config: WeightQuantConfig) -> dict[str, str]:
     return kept
 
 
-def _plan(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
-    """The data-free decisions: NNCF mode and group size, checked against every quantized linear map,
-    and the layers kept fp32."""
+def _checked(model: nn.Module, config: WeightQuantConfig) -> tuple[dict[str, str], int | None]:
+    """(layers kept fp32, int4 group size or None): the data-free checks every mode shares."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"wq quantizes the weights of linear maps (nn.Linear); {type(model).__name__} has none")
@@ -113,6 +120,14 @@ def _plan(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
             raise ConfigError(f"group_size={group} does not divide the input dimension of layer '{bad[0][0]}' "
                               f"({bad[0][1]} inputs; {len(bad)} layer(s) in all): use a divisor of {common} "
                               "or group_size=-1 (per channel)")
+    return kept, group
+
+
+def _plan(model: nn.Module, config: WeightQuantConfig) -> dict[str, Any]:
+    """The data-free decisions: NNCF mode and group size, checked against every quantized linear map,
+    and the layers kept fp32."""
+    kept, group = _checked(model, config)
+    int4 = config.mode.startswith("int4")
     return {"nncf_mode": NNCF_MODES[config.mode], "group_size": group if int4 else None,
             "all_layers": bool(config.all_layers and int4), "fp32": kept,
             "nncf_version": _nncf().__version__}
@@ -207,6 +222,8 @@ class WeightQuant(Compressor):
     def compress(self, model: nn.Module, config: WeightQuantConfig, calib: CalibData | None = None,
                  inplace: bool = False, context: CompressContext | None = None) -> CompressResult:
         config = self.make_config(config)
+        if config.mode == "int4_min":
+            return self._compress_grid(model, config, inplace)
         if decompressors(model):
             raise ConfigError("this model's weights are already quantized by NNCF (a wq step): apply wq once")
         # the rows compare against the fp32 weights, which quantizing in place overwrites
@@ -227,8 +244,39 @@ class WeightQuant(Compressor):
         kept = [skipped_change(n, original.get_submodule(n), f"kept fp32 ({why})") for n, why in plan["fp32"].items()]
         return self.result(model, config, changes + kept, resolved)
 
+    def _compress_grid(self, model: nn.Module, config: WeightQuantConfig, inplace: bool) -> CompressResult:
+        """int4_min: the weights snapped onto GGUF's grids (compress/block_quant.py), one row per weight."""
+        original = copy.deepcopy(model) if inplace else model
+        model = working_copy(model, inplace)
+        kept, group = _checked(model, config)
+        layers = grid_layers(model, kept)
+        ints = snap(model, layers, group)
+        owners = {id(p): n.rsplit(".", 1)[0] for n, p in original.named_parameters()}
+        changes = []
+        for name, iw in ints.items():
+            w = original.get_parameter(name)
+            err = float(torch.linalg.vector_norm(iw.dense().reshape(w.shape) - w.detach().float())
+                        / torch.linalg.vector_norm(w.detach().float()).clamp_min(1e-30))
+            stored = iw.q.numel() * iw.bits // 8 + _nbytes([iw.scale]) + (_nbytes([iw.offset]) if iw.offset is not None else 0)
+            grid = layers[name]
+            shape = "per row" if iw.scale.shape[1] == 1 else f"blocks of {w.shape[1] // iw.scale.shape[1]}"
+            changes.append(LayerChange(owners[id(w)], f"{type(original.get_submodule(owners[id(w)])).__name__} -> "
+                                       f"{grid} weights ({shape})", w.numel(), w.numel(), status="quantized",
+                                       bytes_before=_nbytes([w]), bytes_after=stored, rel_error=err, note=GRID_NOTE))
+        before, after = sum(c.bytes_before for c in changes), sum(c.bytes_after for c in changes)
+        resolved = {"grid": layers, "group_size": group, "fp32": kept, "bytes_before": before, "bytes_after": after,
+                    "size_ratio": after / before, "onnx_note": GRID_NOTE}
+        kept_rows = [skipped_change(n, original.get_submodule(n), f"kept fp32 ({why})") for n, why in kept.items()]
+        return self.result(model, config, changes + kept_rows, resolved)
+
     def replay(self, model: nn.Module, resolved: Mapping[str, Any], inputs: Sequence[TensorSpec]) -> nn.Module:
         """Re-apply the recorded quantization (data-free, deterministic) so the stored weights load."""
+        if "grid" in resolved:  # int4_min: fp32 weights on the grid, the structure unchanged
+            names = dict(model.named_parameters())
+            missing = [n for n in resolved["grid"] if n not in names]
+            if missing:
+                raise ValueError(f"the recorded int4_min weights are not in this model: {missing[:5]}")
+            return model
         model = _apply(model, resolved, inputs)
         if _layout(model) != dict(resolved["layers"]):
             raise ValueError("the rebuilt weight quantization differs from the recorded one (another model or "
@@ -236,30 +284,15 @@ class WeightQuant(Compressor):
         return model
 
 
-@dataclass(frozen=True)
-class IntegerWeight:
-    """One quantized weight [N, K] as unsigned integers: w[n, k] = scale[n, g] * (q[n, k] - zero[n, g]),
-    g = k // (K / G). Symmetric modes are shifted to unsigned (zero = 8 or 128), so every mode reads alike."""
-
-    q: torch.Tensor  # uint8 [N, K], values < 2**bits
-    scale: torch.Tensor  # float32 [N, G]
-    zero: torch.Tensor  # uint8 [N, G]
-    bits: int  # 4 or 8
-
-    def dense(self) -> torch.Tensor:
-        """The fp32 weight these integers define (computed in fp32: what MatMulNBits computes)."""
-        n, k = self.q.shape
-        groups = self.scale.shape[1]
-        q = self.q.reshape(n, groups, k // groups).float()
-        return ((q - self.zero.float()[..., None]) * self.scale[..., None]).reshape(n, k)
-
-
-def integer_weights(model: nn.Module) -> dict[str, IntegerWeight]:
-    """Every NNCF-quantized weight of `model` (a wq step's output) as an IntegerWeight, by parameter name.
+def integer_weights(model: nn.Module, resolved: Mapping[str, Any] | None = None) -> dict[str, IntegerWeight]:
+    """Every quantized weight of `model` (a wq step's output, whose record is `resolved`) as an
+    IntegerWeight, by parameter name: NNCF's integers, or (int4_min) the grid read back from the weights.
 
     Raises:
         ConfigError: a decompressor type this reading does not know (another NNCF than the tested one).
     """
+    if resolved and "grid" in resolved:
+        return integers(model, resolved["grid"], resolved["group_size"])
     from nncf.torch.quantization.layers import unpack_uint4
     out = {}
     for name, dec in decompressors(model).items():
@@ -289,10 +322,12 @@ def integer_weights(model: nn.Module) -> dict[str, IntegerWeight]:
     return out
 
 
-def dequantized(model: nn.Module) -> tuple[nn.Module, dict[str, IntegerWeight]]:
+def dequantized(model: nn.Module, resolved: Mapping[str, Any] | None = None
+                ) -> tuple[nn.Module, dict[str, IntegerWeight]]:
     """A plain copy of a wq model (no NNCF hooks) whose quantized weights are fp32 again, computed from
-    their integers (`IntegerWeight.dense`), and those integers by parameter name. Tied weights stay tied."""
-    ints = integer_weights(model)
+    their integers (`IntegerWeight.dense`), and those integers by parameter name. Tied weights stay tied.
+    `resolved`: the wq step's record (int4_min names each weight's grid there)."""
+    ints = integer_weights(model, resolved)
     copy_ = copy.deepcopy(model)
     for attr in ("forward", "_replicate_for_data_parallel"):
         copy_.__dict__.pop(attr, None)  # NNCF's wrap_model sets them on the instance

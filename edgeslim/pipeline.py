@@ -247,9 +247,11 @@ def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, ops
     if any(s["method"] == "wq" for s in loaded.steps):  # integers in the file (MatMulNBits), checked against
         from edgeslim.compress.weight_quant import dequantized  # the fake-quantized fp32 model they define
         from edgeslim.export.nbits import QuantizedMatrix
-        model, ints = dequantized(loaded.model)
+        record = next(s.get("resolved") for s in loaded.steps if s["method"] == "wq")
+        model, ints = dequantized(loaded.model, record)
         quantized = [QuantizedMatrix(name, model.get_parameter(name).detach().numpy(), w.q.numpy(), w.scale.numpy(),
-                                     w.zero.numpy(), w.bits) for name, w in ints.items()]
+                                     w.zero.numpy(), w.bits, None if w.offset is None else w.offset.numpy())
+                     for name, w in ints.items()]
     with stage(f"export {Path(path).stem} with its key/value cache (validated in ONNX Runtime)", quiet):
         res = to_onnx_cache(model, path, positions=max_positions(config) if config is not None else None,
                             meta=lm_meta(loaded), opset=opset, quantized=quantized,

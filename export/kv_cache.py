@@ -15,6 +15,7 @@ lengths 0, 1 and 100 (`PARITY_PASTS`), and greedy decoding of `GREEDY_TOKENS` to
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from torch import nn
 from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
+from edgeslim.export.attention import grouped_attention
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.validate import close
 from edgeslim.runtime.kv_decoder import META_KEY, PAST, PRESENT, open_cache_graph
@@ -38,6 +40,9 @@ PARITY_PASTS = (0, 1, 100)
 GREEDY_TOKENS = 32
 PROMPTS = (3, 8, 20)  # prompt lengths (random token ids) for the greedy check
 ACTIVATION_TOL = (0.05, 0.05)  # (atol x max|logit|, rtol) once MatMulNBits computes with int8 activations
+# MatMulNBits at level 0 sums each product block by block, in another order than torch's dense GEMM: on SmolLM2
+# (hidden outliers of ~500) one layer's values differed by ~1e-3 of their largest while the logits agreed to 1e-4
+NBITS_ATOL = 1e-3
 
 
 @dataclass
@@ -133,7 +138,7 @@ def _names(layers: int, position_ids: bool) -> tuple[list[str], list[str]]:
 
 
 def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, position_ids: bool, path: Path,
-            opset: int) -> None:
+            opset: int, grouped: bool = True) -> None:
     from torch.export import Dim
     from edgeslim.core.onnx_io import eager_attention
     batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
@@ -145,7 +150,9 @@ def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, posi
         args += (t["position_ids"],)
         shapes.append({0: batch, 1: seq})
     inputs, outputs = _names(layers, position_ids)
-    with _quiet_torch(), eager_attention(wrapper):
+    # grouped attention (flat decode) for fp32 graphs only: with MatMulNBits in them, SmolLM2's grouped cache
+    # graphs failed the parity check on one layer's present value, another layer each run (issue 41, open)
+    with _quiet_torch(), eager_attention(wrapper), grouped_attention(wrapper.hf) if grouped else contextlib.nullcontext():
         try:
             torch.onnx.export(wrapper, args, str(path), dynamo=True, dynamic_shapes=tuple(shapes), input_names=inputs,
                               output_names=outputs, opset_version=opset, verbose=False)
@@ -197,7 +204,7 @@ def _check_greedy(path: Path, hf: nn.Module, vocab: int, limit: int | None, stri
     return equal
 
 
-def _set_accuracy(path: Path, level: int) -> None:
+def set_accuracy(path: Path, level: int) -> None:
     """Set every MatMulNBits' accuracy_level (4: int8 activations) in the file at `path`."""
     import onnx
     graph = onnx.load(str(path))
@@ -222,7 +229,8 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             ids), stored in the file's metadata under `edgeslim.lm` with the layout and positions.
         quantized: the integer weights of a weight-only quantized model, whose `model` is then the
             fake-quantized fp32 one (compress/weight_quant.py `dequantized`): its MatMuls are lowered
-            to MatMulNBits (export/nbits.py) before the checks, which compare with `model`.
+            to MatMulNBits (export/nbits.py) before the checks, which compare with `model` (outputs within
+            NBITS_ATOL of their largest value; greedy tokens equal, as always).
         accuracy_level: MatMulNBits' compute type: 0 (fp32) is checked at atol/rtol; 4 (int8 activations,
             faster on CPUs with VNNI/AMX) is checked exact at 0 first, then at ACTIVATION_TOL, with the
             greedy agreement counted, not required.
@@ -245,7 +253,8 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         notes: list[str] = []
         with replace_output(path, ONNX) as tmp, tempfile.TemporaryDirectory(prefix="edgeslim-kv-", dir=path.parent) as work:
             target = Path(work) / path.name
-            _export(wrapper, _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset)
+            _export(wrapper, _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset,
+                    grouped=not quantized)
             if slim:
                 note = slim_onnx(target)
                 notes += [note] if note else []
@@ -261,10 +270,11 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
                      "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
             graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
             onnx.save(graph, str(target))
-            diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions, atol, rtol)
+            diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions,
+                                  max(atol, NBITS_ATOL) if lowered is not None else atol, rtol)
             equal = _check_greedy(target, hf, vocab, positions)
             if lowered is not None and accuracy_level:  # exact at level 0 first, then the faster compute checked
-                _set_accuracy(target, accuracy_level)  # within ACTIVATION_TOL (int8 activations are not exact)
+                set_accuracy(target, accuracy_level)  # within ACTIVATION_TOL (int8 activations are not exact)
                 diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions, *ACTIVATION_TOL)
                 equal = _check_greedy(target, hf, vocab, positions, strict=False)
                 notes.append(f"MatMulNBits accuracy_level {accuracy_level}: exact at level 0, then logits within "

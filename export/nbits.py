@@ -6,9 +6,14 @@ those matrices (transposed, [K, N], matched by its bytes, so a name the exporter
 matter) and replaces it by MatMulNBits with the integers themselves: B uint8 [N, K / block,
 block * bits / 8] (4-bit values packed two per byte, low nibble first), scales fp32 [N * K / block],
 zero points uint8 (4-bit: packed per row, low nibble first), the artifact's group size as the block
-(a per-channel scale is repeated over power-of-two blocks that divide K). An embedding table
-quantized per row (int8, NNCF's choice for the embedding an LM head is tied to) becomes a Gather of
-the same integers plus its scale and zero point: the file keeps one copy of the table.
+(a per-channel scale is repeated over power-of-two blocks that divide K). A float minimum per block
+(wq int4_min, GGUF's Q4_1 grid: w = d * q + m) is not a zero point MatMulNBits computes fast (a float
+zero_points input makes ORT dequantize B on every call), so an integer zero point takes the bulk of
+the minimum and the rest (`offset`) is added after it: y = MatMulNBits(x) + blocksum(x) @ offset^T,
+blocksum(x) [..., K / block] the sum of x over each block (x @ a 0/1 block indicator).
+An 8-bit embedding table (per row, NNCF's choice for the embedding an LM head is tied to, or per
+block, int4_min's Q8_0) becomes a Gather of the same integers times their scales, minus their zero
+points (the MatMulNBits tensors reshaped): the file keeps one copy of the table.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclass(frozen=True)
 class QuantizedMatrix:
-    """One weight [N, K] as w = scale * (q - zero) per block of K / G inputs, and the fp32 matrix that is."""
+    """One weight [N, K] as w = scale * (q - zero) (+ offset) per block of K / G inputs, and the fp32 matrix
+    that is."""
 
     name: str
     dense: np.ndarray  # float32 [N, K]: exactly what the exported graph holds (transposed) for this weight
@@ -32,6 +38,7 @@ class QuantizedMatrix:
     scale: np.ndarray  # float32 [N, G]
     zero: np.ndarray  # uint8 [N, G]
     bits: int
+    offset: np.ndarray | None = None  # float32 [N, G]: + offset per block (a float minimum, int4_min)
 
 
 @dataclass
@@ -49,14 +56,15 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest() + str(array.shape)
 
 
+MAX_BLOCK = 128  # ORT's blockwise kernels take blocks of 16..128 (an 8-bit block of 512 came out wrong at level 0)
+
+
 def block_size(group: int) -> int | None:
-    """The MatMulNBits block for a group of `group` inputs: the group when it is a power of two >= 16,
-    else the largest power of two >= 16 dividing it (the scale repeated), else None."""
-    if group >= 16 and group & (group - 1) == 0:
-        return group
+    """The MatMulNBits block for a group of `group` inputs: the largest power of two in 16..MAX_BLOCK
+    dividing it (the group itself when it is one; else its scale repeated over the blocks), else None."""
     best = None
     b = 16
-    while b <= group:
+    while b <= min(group, MAX_BLOCK):
         if group % b == 0:
             best = b
         b *= 2
@@ -108,6 +116,7 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
     report = Lowering()
     used: dict[str, tuple[str, QuantizedMatrix, int]] = {}  # matrix name -> (B initializer, matrix, block)
     new_nodes, new_inits = [], []
+    sums: dict[tuple[str, int, int], str] = {}  # (input, K, blocks) -> its block sums, shared by the MatMuls reading it
 
     def integers(m: QuantizedMatrix) -> tuple[str, int] | None:
         if m.name in used:
@@ -141,36 +150,22 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
             q_name, block = got
             stem = m.name.replace(".", "_")
             n, k = m.q.shape
+            out = node.output[0] if m.offset is None else f"{node.output[0]}_nbits"
             new_nodes.append(helper.make_node(
-                "MatMulNBits", [node.input[0], q_name, stem + "_scales", stem + "_zp"], list(node.output),
+                "MatMulNBits", [node.input[0], q_name, stem + "_scales", stem + "_zp"], [out],
                 name=node.name or f"{stem}_matmulnbits", domain=MS_DOMAIN, K=k, N=n, bits=m.bits,
                 block_size=block, accuracy_level=accuracy_level))
+            if m.offset is not None:
+                new_nodes += _offset_nodes(m, node.input[0], out, node.output[0], stem, new_inits, sums)
+                report.bytes_after += m.offset.size * 4
             report.matmuls += 1
             dropped.add(rhs)
             continue
         if node.op_type == "Gather" and node.input[0] in inits and shape_of[node.input[0]] in wanted_w:
             m = by_w.get(_key(numpy_helper.to_array(inits[node.input[0]])))
-            m = m if m is not None and m.scale.shape[1] == 1 else None
-            got = integers(m) if m is not None and m.bits == 8 else None
+            got = integers(m) if m is not None and m.bits == 8 and m.offset is None else None
             if got is not None:
-                q_name, _ = got
-                stem = m.name.replace(".", "_")
-                out = node.output[0]
-                n, k = m.q.shape
-                table, shape = f"{stem}_table", f"{stem}_table_shape"
-                new_inits.append(numpy_helper.from_array(np.array([n, k], np.int64), shape))
-                new_inits.append(numpy_helper.from_array(m.scale.astype(np.float32).reshape(n, 1), f"{stem}_row_scale"))
-                new_inits.append(numpy_helper.from_array(m.zero.astype(np.float32).reshape(n, 1), f"{stem}_row_zero"))
-                report.bytes_after += 8 * n
-                new_nodes += [
-                    helper.make_node("Reshape", [q_name, shape], [table], name=f"{stem}_table_view"),
-                    helper.make_node("Gather", [table, node.input[1]], [f"{out}_q"], name=f"{stem}_gather_q", axis=0),
-                    helper.make_node("Cast", [f"{out}_q"], [f"{out}_qf"], name=f"{stem}_cast", to=onnx.TensorProto.FLOAT),
-                    helper.make_node("Gather", [f"{stem}_row_zero", node.input[1]], [f"{out}_z"], name=f"{stem}_gather_z", axis=0),
-                    helper.make_node("Gather", [f"{stem}_row_scale", node.input[1]], [f"{out}_s"], name=f"{stem}_gather_s", axis=0),
-                    helper.make_node("Sub", [f"{out}_qf", f"{out}_z"], [f"{out}_c"], name=f"{stem}_sub"),
-                    helper.make_node("Mul", [f"{out}_c", f"{out}_s"], [out], name=f"{stem}_mul"),
-                ]
+                new_nodes += _gather_nodes(m, got[0], got[1], node.input[1], node.output[0], new_inits)
                 report.gathers += 1
                 dropped.add(node.input[0])
                 continue
@@ -190,3 +185,54 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
     report.unmatched = sorted(set(m.name for m in matrices) - set(used))
     onnx.save(model, str(path))
     return report
+
+
+def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list,
+                  sums: dict[tuple[str, int, int], str]) -> list:
+    """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) = x @ E, E [K, blocks] the
+    0/1 block indicator: one initializer per (K, blocks), one product per input (q, k and v read the same x)."""
+    from onnx import helper, numpy_helper
+    n, k = m.q.shape
+    groups = m.offset.shape[1]
+    nodes = []
+    key = (x, k, groups)
+    if key not in sums:
+        indicator = f"block_indicator_{k}x{groups}"
+        if indicator not in {i.name for i in new_inits}:
+            new_inits.append(numpy_helper.from_array(np.repeat(np.eye(groups, dtype=np.float32), k // groups, axis=0),
+                                                     indicator))
+        sums[key] = f"{out}_blocksum"
+        nodes.append(helper.make_node("MatMul", [x, indicator], [sums[key]], name=f"{stem}_blocksum"))
+    new_inits.append(numpy_helper.from_array(np.ascontiguousarray(m.offset.T.astype(np.float32)), f"{stem}_offset_t"))
+    return nodes + [helper.make_node("MatMul", [sums[key], f"{stem}_offset_t"], [f"{out}_off"], name=f"{stem}_offset"),
+                    helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
+
+
+def _gather_nodes(m: QuantizedMatrix, q_name: str, block: int, ids: str, out: str, new_inits: list) -> list:
+    """An 8-bit embedding table gathered from the MatMulNBits integers of the same weight (B, scales, zero
+    points reshaped, not copied): rows of q, minus their zero point, times their scale, per block."""
+    import onnx
+    from onnx import helper, numpy_helper
+    n, k = m.q.shape
+    blocks = k // block
+    stem = m.name.replace(".", "_")
+    for suffix, value in (("table_shape", [n, k]), ("block_shape", [n, blocks, 1]), ("row_blocks", [blocks, block]),
+                          ("row_width", [k])):
+        new_inits.append(numpy_helper.from_array(np.array(value, np.int64), f"{stem}_{suffix}"))
+    return [
+        helper.make_node("Reshape", [q_name, f"{stem}_table_shape"], [f"{stem}_table"], name=f"{stem}_table_view"),
+        helper.make_node("Reshape", [f"{stem}_scales", f"{stem}_block_shape"], [f"{stem}_scale3"], name=f"{stem}_scale_view"),
+        helper.make_node("Reshape", [f"{stem}_zp", f"{stem}_block_shape"], [f"{stem}_zp3"], name=f"{stem}_zp_view"),
+        helper.make_node("Gather", [f"{stem}_table", ids], [f"{out}_q"], name=f"{stem}_gather_q", axis=0),
+        helper.make_node("Cast", [f"{out}_q"], [f"{out}_qf"], name=f"{stem}_cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Shape", [ids], [f"{out}_lead"], name=f"{stem}_lead"),
+        helper.make_node("Concat", [f"{out}_lead", f"{stem}_row_blocks"], [f"{out}_bshape"], name=f"{stem}_bshape", axis=0),
+        helper.make_node("Concat", [f"{out}_lead", f"{stem}_row_width"], [f"{out}_shape"], name=f"{stem}_shape", axis=0),
+        helper.make_node("Reshape", [f"{out}_qf", f"{out}_bshape"], [f"{out}_qb"], name=f"{stem}_qblocks"),
+        helper.make_node("Gather", [f"{stem}_zp3", ids], [f"{out}_zq"], name=f"{stem}_gather_z", axis=0),
+        helper.make_node("Cast", [f"{out}_zq"], [f"{out}_z"], name=f"{stem}_cast_z", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Gather", [f"{stem}_scale3", ids], [f"{out}_s"], name=f"{stem}_gather_s", axis=0),
+        helper.make_node("Sub", [f"{out}_qb", f"{out}_z"], [f"{out}_c"], name=f"{stem}_sub"),
+        helper.make_node("Mul", [f"{out}_c", f"{out}_s"], [f"{out}_w"], name=f"{stem}_mul"),
+        helper.make_node("Reshape", [f"{out}_w", f"{out}_shape"], [out], name=f"{stem}_rows"),
+    ]

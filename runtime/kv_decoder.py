@@ -75,7 +75,7 @@ class CacheGraph:
                 name = PAST.format(i, kv)
                 if name not in past:
                     raise ConfigError(f"the cache graph needs {name}; it was not fed")
-                shape = tuple(past[name].shape)
+                shape = _shape(past[name])
                 want = (batch, self.kv_heads[i], shape[2] if len(shape) == 4 else "past", self.head_dims[i])
                 if len(shape) != 4 or shape[0] != batch or shape[1] != want[1] or shape[3] != want[3] \
                         or (length is not None and shape[2] != length):
@@ -88,7 +88,10 @@ class CacheGraph:
              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One call of the graph: logits [batch, sequence, vocab] and the grown past.
 
-        `attention_mask` covers past + new tokens (default all ones); position ids follow it.
+        `attention_mask` covers past + new tokens (default all ones); position ids follow it. The past
+        goes in and comes out as ONNX Runtime values bound to the call (IO binding: `present.*` is fed
+        back as the next `past_key_values.*` where ORT wrote it, never copied through numpy); numpy
+        arrays are accepted too (`past_arrays` reads one back).
         """
         batch, seq = input_ids.shape
         past_len = self.check_past(past, batch)
@@ -100,11 +103,19 @@ class CacheGraph:
         if self.position_ids:
             pos = np.cumsum(attention_mask, axis=1) - 1
             feeds["position_ids"] = np.maximum(pos[:, past_len:], 0).astype(np.int64)
-        outs = self.session.run(None, feeds)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
         names = [o.name for o in self.session.get_outputs()]
-        values = dict(zip(names, outs))
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        values = dict(zip(names, binding.get_outputs()))
         grown = {PAST.format(i, kv): values[PRESENT.format(i, kv)] for i in range(self.layers) for kv in ("key", "value")}
-        return values["logits"], grown
+        return values["logits"].numpy(), grown
 
     def stream(self, prompt: Sequence[int], n: int, temperature: float = 0.0, eos: Sequence[int] = (),
                seed: int = 0) -> Iterator[tuple[int, float]]:
@@ -142,6 +153,16 @@ class CacheGraph:
             tokens.append(token)
             times.append(t)
         return Generation(tokens, len(prompt), times[0], times[-1] - times[0], self.last_stop)
+
+
+def _shape(value) -> tuple:
+    """The shape of a numpy array or of an ONNX Runtime value."""
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
+
+
+def past_arrays(past: dict) -> dict[str, np.ndarray]:
+    """A past (as `CacheGraph.step` returns it) as numpy arrays (a copy)."""
+    return {name: value if isinstance(value, np.ndarray) else value.numpy() for name, value in past.items()}
 
 
 def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.export.kv_cache import GREEDY_TOKENS, PARITY_PASTS, to_onnx_cache
-from edgeslim.runtime.kv_decoder import open_cache_graph
+from edgeslim.runtime.kv_decoder import open_cache_graph, past_arrays
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,7 +68,7 @@ def test_cache_graph_matches_torch(arch, tmp_path):
     past = graph.empty_past(3)
     for j in range(6):
         logits, past = graph.step(ids[:, j:j + 1], past)
-    assert past["past_key_values.0.key"].shape[2] == 6
+    assert graph.check_past(past, 3) == 6 and past_arrays(past)["past_key_values.0.key"].shape[2] == 6
     np.testing.assert_allclose(logits[:, -1], whole[:, -1], atol=1e-4)
     # torch generate, once more, from the file alone
     prompt = [5, 17, 3, 44]
@@ -114,3 +114,30 @@ def test_compressed_models_export_their_cache(method, params, tmp_path):
     assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
     res = to_onnx_cache(result.model, tmp_path / "m.onnx", positions=192)
     assert res.greedy_equal == 3 and max(res.max_abs_diff.values()) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gemma"])
+def test_grouped_attention_equals_eager(arch):
+    """export/attention.py folds the query heads of a kv head into its rows: the logits equal eager's."""
+    from edgeslim.export.attention import grouped_attention
+    model = tiny(arch)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = model(ids, attention_mask=torch.ones_like(ids)).logits
+        with grouped_attention(model) as grouped:
+            folded = model(ids, attention_mask=torch.ones_like(ids)).logits
+    assert grouped and model.config._attn_implementation == "eager"
+    torch.testing.assert_close(folded, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_cache_graph_does_not_expand_the_past(tmp_path, monkeypatch):
+    import onnx
+    from edgeslim.export import attention
+    counts = {}
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(attention, "GROUPED_FAMILIES", frozenset())
+        res = to_onnx_cache(tiny("llama"), tmp_path / f"{grouped}.onnx")  # validated against eager torch
+        counts[grouped] = sum(n.op_type == "Expand" for n in onnx.load(str(res.path)).graph.node)
+    assert counts[False] - counts[True] == 2 * res.layers  # repeat_kv of keys and values, per layer

@@ -85,7 +85,8 @@ def test_factored_then_int4_quantizes_both_factors(folder, tmp_path, capsys):
 
 
 def test_layout_and_packing():
-    assert [block_size(g) for g in (32, 128, 576, 24, 8)] == [32, 128, 64, None, None]
+    # per channel over 1536 inputs: blocks of 128 (ORT's kernels stop there), the scale repeated
+    assert [block_size(g) for g in (32, 128, 576, 1536, 256, 24, 8)] == [32, 128, 64, 128, 128, None, None]
     rng = np.random.default_rng(0)
     q = rng.integers(0, 16, (3, 64)).astype(np.uint8)
     zero = rng.integers(0, 16, (3, 2)).astype(np.uint8)
@@ -113,3 +114,28 @@ def test_layout_and_packing():
         np.testing.assert_allclose(y, x @ m.dense.T, rtol=1e-5, atol=1e-5)
     finally:
         os.unlink(path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_channel_weight_over_many_inputs(bits, tmp_path):
+    """A per-channel scale over K = 1536 inputs (SmolLM2's down projection) computes x @ W^T in ORT: the scale is
+    repeated over blocks ORT's kernels take (an 8-bit block of 512 did not)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    n, k = 8, 1536
+    q = rng.integers(0, 2 ** bits, (n, k)).astype(np.uint8)
+    zero = rng.integers(0, 2 ** bits, (n, 1)).astype(np.uint8)
+    scale = (rng.random((n, 1)) * 0.01).astype(np.float32)
+    dense = ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+    m = QuantizedMatrix("w", dense, q, scale, zero, bits)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(np.ascontiguousarray(dense.T), "wt")])
+    path = tmp_path / "pc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    assert lower_matmul_nbits(path, [m]).matmuls == 1
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dense.T, rtol=1e-4, atol=1e-4 * float(np.abs(x @ dense.T).max()))
