@@ -268,29 +268,40 @@ def unsigned_activations(model) -> int:
 
 
 def fold_unfused_weights(model) -> list[str]:
-    """Replace each weight DequantizeLinear whose every reader takes an fp32 activation by its fp32 result,
-    in place; returns the folded DQ nodes' names.
+    """Replace each weight DequantizeLinear that ONNX Runtime leaves unfused by its fp32 result, in place;
+    returns the folded DQ nodes' names.
 
-    ORT fuses `DQ(weights)` into an int8 kernel only when the data input is dequantized too; where NNCF put no
-    quantizer on it (EfficientNet-Lite0's classifier Gemm after the pooling), ORT dequantized the 1000 x 1280
-    weights on every call: 14% of the int8 model's time, measured (issue 39). The values are the ones the
-    DequantizeLinear computes, (q - zero point) * scale in float32, so the outputs are unchanged.
+    ORT fuses `DQ(weights)` into an int8 kernel only when the data input is dequantized too (also through
+    a Reshape or Transpose it moves the DQ across); where it cannot (EfficientNet-Lite0's classifier Gemm
+    after the pooling), it dequantized the 1000 x 1280 weights on every call: 14% of the int8 model's
+    time, measured (issue 39). ORT itself says which: the DequantizeLinear nodes with constant inputs left
+    in its optimized graph (CPU provider, extended level). The values are the ones the DequantizeLinear
+    computes, (q - zero point) * scale in float32, so the outputs are unchanged.
     """
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
     from onnx import numpy_helper
     inits = {i.name: i for i in model.graph.initializer}
-    uses, producer = _consumers(model), _producer(model)
-
-    def fp32_reader(node) -> bool:
-        data = producer.get(node.input[0]) if node.input else None
-        return node.op_type in ("Conv", "Gemm", "MatMul") and getattr(data, "op_type", None) != "DequantizeLinear"
-
+    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name
+                  and all(i in inits for i in n.input if i)]
+    if not weight_dqs:
+        return []
+    with tempfile.TemporaryDirectory(prefix="edgeslim-fold-") as tmp:
+        path, optimized = Path(tmp) / "q.onnx", Path(tmp) / "opt.onnx"
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath, opts.log_severity_level = str(optimized), 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        left = {n.name for n in onnx.load(str(optimized), load_external_data=False).graph.node
+                if n.op_type == "DequantizeLinear"}
     outputs = {o.name for o in model.graph.output}
     folded, freed = [], set()
-    for dq in list(model.graph.node):
-        if dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input if i):
-            continue
-        readers = uses.get(dq.output[0], [])
-        if not readers or not all(fp32_reader(r) for r in readers) or dq.output[0] in outputs:
+    for dq in weight_dqs:
+        if dq.name not in left or dq.output[0] in outputs:
             continue
         q, scale = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
         zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)

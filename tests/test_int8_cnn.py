@@ -69,44 +69,51 @@ def test_relu6_and_depthwise_convs_run_as_qlinearconv(tmp_path):
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
-def _head_graph(dequantized_input: bool) -> onnx.ModelProto:
-    """x -> [Q -> DQ] -> Gemm(x, DQ(int8 weights, per-row scales, axis -2), bias): a classifier head."""
+def _head_graph(fusable: bool) -> onnx.ModelProto:
+    """A classifier head on int8 weights. Not fusable: Gemm(x, DQ(weights, per-row scales, axis -2), bias)
+    on the fp32 x. Fusable: Q -> DQ on x, MatMul with per-tensor weights, Q -> DQ on its output, which ORT
+    turns into one int8 kernel."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.integers(-127, 128, (6, 5)).astype(np.int8), "wq"),
-             numpy_helper.from_array(rng.random(6).astype(np.float32) / 50, "ws"),
-             numpy_helper.from_array(rng.integers(-3, 4, 6).astype(np.int8), "wz"),
+    rows = rng.integers(-127, 128, (6, 5)).astype(np.int8)
+    inits = [numpy_helper.from_array(rows.T.copy() if fusable else rows, "wq"),
+             numpy_helper.from_array(np.array(0.01, np.float32) if fusable else rng.random(6).astype(np.float32) / 50, "ws"),
+             numpy_helper.from_array(np.array(0, np.int8) if fusable else rng.integers(-3, 4, 6).astype(np.int8), "wz"),
              numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
              numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
              numpy_helper.from_array(np.array(128, np.uint8), "xz")]
-    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=-2, name="dq_w")]
-    data = "x"
-    if dequantized_input:
-        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
-        data = "xd"
-    nodes.append(helper.make_node("Gemm", [data, "w", "b"], ["y"], transB=1))
+    if fusable:
+        nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="dq_w"),
+                 helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                 helper.make_node("MatMul", ["xd", "w"], ["m"]),
+                 helper.make_node("QuantizeLinear", ["m", "xs", "xz"], ["mq"]),
+                 helper.make_node("DequantizeLinear", ["mq", "xs", "xz"], ["y"])]
+    else:
+        nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=-2, name="dq_w"),
+                 helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
-@pytest.mark.parametrize("dequantized_input", [False, True])
-def test_weights_no_int8_kernel_reads_are_folded_exactly(dequantized_input):
+@pytest.mark.parametrize("fusable", [False, True])
+def test_weights_no_int8_kernel_reads_are_folded_exactly(fusable):
     import onnxruntime as ort
 
     from edgeslim.compress.int8_chains import fold_unfused_weights
-    model = _head_graph(dequantized_input)
+    model = _head_graph(fusable)
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     names = fold_unfused_weights(folded)
     onnx.checker.check_model(folded, full_check=True)
     x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
+
     def run(m: onnx.ModelProto) -> np.ndarray:
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     assert np.array_equal(run(folded), run(model))  # the values the DequantizeLinear computed, bit for bit
-    if dequantized_input:  # an int8 kernel can read these weights: left for ORT to fuse
+    if fusable:  # ORT reads these weights with an int8 kernel: left for it
         assert names == [] and folded == model
     else:
         assert names == ["dq_w"] and "DequantizeLinear" not in [n.op_type for n in folded.graph.node]
