@@ -15,7 +15,6 @@ lengths 0, 1 and 100 (`PARITY_PASTS`), and greedy decoding of `GREEDY_TOKENS` to
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
@@ -138,7 +137,7 @@ def _names(layers: int, position_ids: bool) -> tuple[list[str], list[str]]:
 
 
 def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, position_ids: bool, path: Path,
-            opset: int, grouped: bool = True) -> None:
+            opset: int) -> None:
     from torch.export import Dim
     from edgeslim.core.onnx_io import eager_attention
     batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
@@ -150,9 +149,7 @@ def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, posi
         args += (t["position_ids"],)
         shapes.append({0: batch, 1: seq})
     inputs, outputs = _names(layers, position_ids)
-    # grouped attention (flat decode) for fp32 graphs only: with MatMulNBits in them, SmolLM2's grouped cache
-    # graphs failed the parity check on one layer's present value, another layer each run (issue 41, open)
-    with _quiet_torch(), eager_attention(wrapper), grouped_attention(wrapper.hf) if grouped else contextlib.nullcontext():
+    with _quiet_torch(), eager_attention(wrapper), grouped_attention(wrapper.hf):
         try:
             torch.onnx.export(wrapper, args, str(path), dynamo=True, dynamic_shapes=tuple(shapes), input_names=inputs,
                               output_names=outputs, opset_version=opset, verbose=False)
@@ -253,8 +250,7 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         notes: list[str] = []
         with replace_output(path, ONNX) as tmp, tempfile.TemporaryDirectory(prefix="edgeslim-kv-", dir=path.parent) as work:
             target = Path(work) / path.name
-            _export(wrapper, _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset,
-                    grouped=not quantized)
+            _export(wrapper, _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset)
             if slim:
                 note = slim_onnx(target)
                 notes += [note] if note else []
