@@ -282,22 +282,18 @@ def fold_unfused_weights(model) -> list[str]:
     from pathlib import Path
 
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
+
+    from edgeslim.core.onnx_io import ort_fused_graph
     inits = {i.name: i for i in model.graph.initializer}
     weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name
                   and all(i in inits for i in n.input if i)]
     if not weight_dqs:
         return []
     with tempfile.TemporaryDirectory(prefix="edgeslim-fold-") as tmp:
-        path, optimized = Path(tmp) / "q.onnx", Path(tmp) / "opt.onnx"
+        path = Path(tmp) / "q.onnx"
         onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath, opts.log_severity_level = str(optimized), 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        left = {n.name for n in onnx.load(str(optimized), load_external_data=False).graph.node
-                if n.op_type == "DequantizeLinear"}
+        left = {n.name for n in ort_fused_graph(path).node if n.op_type == "DequantizeLinear"}
     outputs = {o.name for o in model.graph.output}
     folded, freed = [], set()
     for dq in weight_dqs:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from edgeslim.core.errors import ConfigError, EdgeslimError, InferenceCrashError
+from edgeslim.core.files import file_key
 from edgeslim.core.progress import say
 from edgeslim.core.specs import example_feeds
 from edgeslim.profiling import resolve_sizes, work_of
@@ -43,15 +44,10 @@ def _model_file(target: Any) -> Path:
     path = Path(target)
     if path.suffix != ".onnx":
         raise ConfigError(f"a board runs ONNX files; {path.name} is not one")
-    if _external_data(*_stat_key(path)):
+    if _external_data(*file_key(path)):
         raise ConfigError(f"{path.name} keeps its weights in external data files; export it as one file (< 2 GB) to "
                           "profile it on a board")
     return path
-
-
-def _stat_key(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 # a run after the first (the same file, unchanged since: path, size, modification time) does not read it again

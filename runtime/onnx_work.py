@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.files import file_key
 
 COUNTED = ("MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "MatMulInteger")
 
@@ -111,10 +112,10 @@ def graph_work(path: str | Path, sizes: Mapping[str, int]) -> GraphWork:
         ConfigError: an input dim has no size in `sizes`.
     """
     try:
-        st = Path(path).stat()
+        key = file_key(path)
     except OSError as exc:
         raise SourceError(f"cannot read {path} as ONNX: {exc}") from exc
-    return _graph_work(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, tuple(sorted(sizes.items())))
+    return _graph_work(*key, tuple(sorted(sizes.items())))
 
 
 @lru_cache(maxsize=256)

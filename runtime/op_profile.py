@@ -133,16 +133,9 @@ def fp32_compute_ops(onnx_path: str | Path) -> dict[str, str]:
     MatMulInteger are INT8): "its input is dequantized but not fused" (a Q/DQ chain ORT does not
     take, e.g. an activation between the op and its output quantizer) or "no quantizer on its input"
     (kept fp32 when compressing: ignored, reverted, or an op the quantizer leaves)."""
-    import onnx
-    import onnxruntime as ort
+    from edgeslim.core.onnx_io import ort_fused_graph
 
-    with tempfile.TemporaryDirectory(prefix="edgeslim-ops-") as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        graph = onnx.load(opts.optimized_model_filepath).graph
+    graph = ort_fused_graph(onnx_path)
     producer = {o: n.op_type for n in graph.node for o in n.output}
     out = {}
     for node in graph.node:

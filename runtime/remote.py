@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from edgeslim.core.errors import ConfigError, InferenceCrashError, MissingDependencyError, SourceError
-from edgeslim.core.files import sha256_file
+from edgeslim.core.files import file_key, sha256_file
 from edgeslim.runtime.address import Device
 
 CACHE = ".cache/edgeslim-device"  # under the login's home folder on the board
@@ -103,8 +103,7 @@ class Board:
 
     def sha256(self, path: Path) -> str:
         """The SHA-256 of a local file, computed once while its size and modification time stay the same."""
-        st = Path(path).stat()
-        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        key = file_key(path)
         if key not in self._hashes:
             self._hashes[key] = sha256_file(path)
         return self._hashes[key]

@@ -34,6 +34,13 @@ _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
 _COMMAND_START = time.time()  # this process's temps and any made after it started are never stale
 
 
+def file_key(path: str | Path) -> tuple[str, int, int]:
+    """(resolved path, size, modification time in ns): what a cache of facts read from a file is keyed by,
+    so it is read again once the file changes."""
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

@@ -220,3 +220,20 @@ def _exports(module: nn.Module, args: tuple, kwargs: dict) -> bool:
             return True
         except Exception:  # noqa: BLE001  (any failure counts)
             return False
+
+
+def ort_fused_graph(onnx_path: str | Path):
+    """The graph ONNX Runtime's CPU provider runs once it has fused what it can (its optimized graph at the
+    extended level: the Q/DQ groups it takes become QLinearConv, QLinearMatMul, MatMulInteger; node
+    names of what it leaves are kept), its initializers not read."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-ort-graph-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath, opts.log_severity_level = str(Path(tmp) / "optimized.onnx"), 3
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
