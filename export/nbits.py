@@ -137,7 +137,9 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
                   and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
                   and shape_of[n.input[0]] in wanted_w}
     dropped: set[str] = set()
-    for node in graph.node:
+    nodes = list(graph.node)
+    matched = {}  # index of a MatMul in `nodes` -> its quantized weight, for the MatMuls that lower
+    for index, node in enumerate(nodes):
         rhs = node.input[1] if len(node.input) > 1 else None
         m = None
         if node.op_type == "MatMul" and rhs in transposed:
@@ -145,21 +147,38 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
             rhs = transposed[rhs] if m is not None else rhs
         elif node.op_type == "MatMul" and rhs in inits and shape_of[rhs] in wanted_t:
             m = by_t.get(_key(numpy_helper.to_array(inits[rhs])))
-        got = integers(m) if m is not None else None
-        if got is not None:
-            q_name, block = got
+        if m is not None and block_size(m.q.shape[1] // m.scale.shape[1]) is not None:
+            matched[index] = m
+            dropped.add(rhs)
+    tables = {_key(numpy_helper.to_array(inits[n.input[0]])) for n in graph.node if n.op_type == "Gather"
+              and n.input[0] in inits and shape_of[n.input[0]] in wanted_w}
+    groups = _shared_input_groups(nodes, matched, {m.name for m in matrices if _key(m.dense) in tables})
+    for index, node in enumerate(nodes):
+        if index in matched:
+            group = groups.get(index)
+            if group is None:  # a later member of a group: lowered with its first
+                continue
+            members = [matched[i] for i in group]
+            group = [nodes[i] for i in group]
+            m = members[0] if len(members) == 1 else _concatenated(members)
+            q_name, block = integers(m)
             stem = m.name.replace(".", "_")
             n, k = m.q.shape
-            out = node.output[0] if m.offset is None else f"{node.output[0]}_nbits"
+            whole = group[0].output[0] if len(group) == 1 else f"{stem}_out"
+            out = whole if m.offset is None else f"{whole}_nbits"
             new_nodes.append(helper.make_node(
                 "MatMulNBits", [node.input[0], q_name, stem + "_scales", stem + "_zp"], [out],
                 name=node.name or f"{stem}_matmulnbits", domain=MS_DOMAIN, K=k, N=n, bits=m.bits,
                 block_size=block, accuracy_level=accuracy_level))
             if m.offset is not None:
-                new_nodes += _offset_nodes(m, node.input[0], out, node.output[0], stem, new_inits, sums)
+                new_nodes += _offset_nodes(m, node.input[0], out, whole, stem, new_inits, sums)
                 report.bytes_after += m.offset.size * 4
-            report.matmuls += 1
-            dropped.add(rhs)
+            if len(group) > 1:
+                new_inits.append(numpy_helper.from_array(np.array([x.q.shape[0] for x in members], np.int64),
+                                                         f"{stem}_split"))
+                new_nodes.append(helper.make_node("Split", [whole, f"{stem}_split"], [g.output[0] for g in group],
+                                                  name=f"{stem}_split", axis=-1))
+            report.matmuls += len(group)
             continue
         if node.op_type == "Gather" and node.input[0] in inits and shape_of[node.input[0]] in wanted_w:
             m = by_w.get(_key(numpy_helper.to_array(inits[node.input[0]])))
@@ -182,9 +201,29 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
     graph.initializer.extend(keep + new_inits)
     if report.matmuls and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    report.unmatched = sorted(set(m.name for m in matrices) - set(used))
+    report.unmatched = sorted(set(m.name for m in matrices) - set(used) - {m.name for m in matched.values()})
     onnx.save(model, str(path))
     return report
+
+
+def _shared_input_groups(nodes: list, matched: dict[int, QuantizedMatrix], alone: set[str]) -> dict[int, list[int]]:
+    """First node's index -> the MatMuls (indices in `nodes`) lowered as one MatMulNBits (its N the sum of theirs, then a Split): those
+    reading the same input with the same bits, block and minimum form (q, k and v; gate and up), fewer
+    kernels per token. A weight an embedding Gather reads too (`alone`) keeps its own."""
+    by_key: dict[tuple, list[int]] = {}
+    for index, m in sorted(matched.items()):
+        key = (nodes[index].input[0], m.bits, m.q.shape[1], m.scale.shape[1], m.offset is None) \
+            if m.name not in alone else (index,)
+        by_key.setdefault(key, []).append(index)
+    return {group[0]: group for group in by_key.values()}
+
+
+def _concatenated(members: list[QuantizedMatrix]) -> QuantizedMatrix:
+    """The weights of `members` stacked along N (their outputs side by side)."""
+    def cat(field: str):
+        return np.concatenate([getattr(m, field) for m in members], axis=0)
+    return QuantizedMatrix(f"{members[0].name}.merged", cat("dense"), cat("q"), cat("scale"), cat("zero"),
+                           members[0].bits, None if members[0].offset is None else cat("offset"))
 
 
 def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list,

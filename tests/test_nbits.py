@@ -80,7 +80,9 @@ def test_factored_then_int4_quantizes_both_factors(folder, tmp_path, capsys):
     info = export(wq, tmp_path / "svd-wq.onnx", capsys)
     assert info["matmul_nbits"] == 2 * 7 * 2 + 1
     names = {i.name for i in onnx.load(info["onnx"]).graph.initializer}
-    assert {"hf_model_layers_0_self_attn_q_proj_first_weight_q", "hf_model_layers_0_self_attn_q_proj_second_weight_q"} <= names
+    # q, k and v's first factors read the same input: one MatMulNBits; each second factor its own
+    assert {"hf_model_layers_0_self_attn_q_proj_first_weight_merged_q", "hf_model_layers_0_self_attn_q_proj_second_weight_q",
+            "hf_model_layers_0_self_attn_k_proj_second_weight_q"} <= names
     assert info["greedy_prompts_equal"] == 3
 
 
