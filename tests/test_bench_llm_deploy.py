@@ -18,7 +18,7 @@ def test_llm_deploy_quick_mode_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "llm_deploy.json").read_text())
     rows = {r["name"]: r for r in summary["rows"]}
     assert list(rows) == ["edgeslim fp32", "edgeslim wq int8 int8-act", "edgeslim wq int4 g16 (NNCF zero points)",
-                          "edgeslim wq int4_min g16", "edgeslim wq int4_min g16 int8-act", "edgeslim wq int4_min g32 int8-act",
+                          "edgeslim wq int4 g16 (NNCF zero points) int8-act", "edgeslim wq int4_min g16", "edgeslim wq int4_min g16 int8-act", "edgeslim wq int4_min g32 int8-act",
                           "edgeslim asvd 0.9 + wq int4_min g16 int8-act"]
     fp32 = rows["edgeslim fp32"]
     for name, row in rows.items():
