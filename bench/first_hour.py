@@ -40,7 +40,9 @@ GOAL_S = 0.5
 GOAL_COSINE = 0.9
 # requests beside the README's, run after it in the same folder: (name, the line's replacements)
 VARIANTS = (("speedup 2, no heal", {"--speedup": "2", "--heal": None, "-o": "minilm-2x.slim"}),
-            ("speedup 1.5, kfac weighting", {"--set": "mode=kfac", "-o": "minilm-kfac.slim"}))
+            ("speedup 1.5, heal 120 steps", {"--heal": "120", "-o": "minilm-heal120.slim"}),
+            ("speedup 1.5, whiten weighting (asvd's default; every linear)",
+             {"--set": None, "--target": None, "-o": "minilm-whiten.slim"}))
 ROUND = re.compile(r"speedup round (\d+): aimed at ([\d.]+)x by the GEMM table, estimated ([\d.]+)x, "
                    r"measured ([\d.]+)x")
 COSINE = re.compile(r"cosine mean ([\d.]+)")

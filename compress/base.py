@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, Sequence
 from torch import nn
 
 from edgeslim.core.calib import CalibData
-from edgeslim.core.config import ConfigBase, describe, field_docs, field_types
+from edgeslim.core.config import ConfigBase, field_docs, field_types
 from edgeslim.core.errors import ConfigError, EdgeslimError, MissingDependencyError
 from edgeslim.core.specs import TensorSpec
 
@@ -370,21 +369,6 @@ def compressor_rows() -> list[dict[str, Any]]:
         rows.append({"name": name, "kind": cls.kind, "needs_calibration": cls.needs_calibration,
                      "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "", "keys": keys})
     return rows
-
-
-def describe_compressors() -> str:
-    """Every registered compressor with each config key, its default and its meaning (`edgeslim list
-    compressors`): the meaning is the comment on the field (edgeslim.core.config.field_docs)."""
-    lines = []
-    for row in compressor_rows():
-        lines.append(f"{row['name']} ({row['kind']}; calibration {'required' if row['needs_calibration'] else 'optional'}): "
-                     f"{row['summary']}")
-        for key, k in row["keys"].items():
-            shown = "none" if k["default"] is None else json.dumps(k["default"])
-            choices = f" ({describe(Literal[tuple(k['choices'])])})" if k["choices"] is not None else ""
-            lines.append(f"  {key} = {shown}{choices}: {k['doc']}")
-        lines.append("")
-    return "\n".join(lines).rstrip()
 
 
 def get_compressor(name: str) -> Compressor:

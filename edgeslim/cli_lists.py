@@ -1,6 +1,6 @@
 """`edgeslim list` and `edgeslim cache`: what is available here, and what edgeslim keeps between runs.
 
-Imports nothing heavy at module level: `list models|datasets|profiles` start without torch."""
+Imports nothing heavy at module level: every `list` starts without torch."""
 from __future__ import annotations
 
 import click
@@ -14,11 +14,11 @@ from edgeslim.cli_options import console as _console, json_option, print_json
 def list_(what: str, as_json: bool) -> None:
     """List compressors, target profiles, zoo models or data sets."""
     if what == "compressors":  # every key in full: plain lines, never a table's cut cells
-        from edgeslim.compress.base import compressor_rows, describe_compressors
+        from edgeslim.catalog import compressor_rows, describe_compressors
         if as_json:
             print_json(compressor_rows())
         else:
-            click.echo(describe_compressors())
+            click.echo(describe_compressors(compressor_rows()))
         return
     if what == "profiles":
         from edgeslim.runtime.targets import list_profiles

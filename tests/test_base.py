@@ -1,4 +1,7 @@
 """The compressor registry, config validation and the shared budget."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -71,6 +74,31 @@ def test_list_compressors_shows_every_key_with_its_default_and_meaning(capsys):
             assert f"  {key} = " in text and doc in text
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 assert f"  {key} = {default:g}" in text or f"  {key} = {default}" in text
+
+
+def test_the_torch_free_compressor_table_is_what_the_classes_say():
+    """`list compressors` reads edgeslim/compressor_table.py (no torch): it must hold exactly the rows of
+    the Config classes and the installed families."""
+    from pathlib import Path
+
+    from edgeslim import compressor_table
+    from edgeslim.catalog import compressor_entry_points, compressor_table_source, describe_compressors
+    from edgeslim.compress.base import ENTRY_POINT_GROUP, compressor_rows
+    assert compressor_table.ROWS == compressor_rows() and compressor_table.GROUP == ENTRY_POINT_GROUP
+    assert compressor_table.ENTRY_POINTS == compressor_entry_points(ENTRY_POINT_GROUP)
+    assert describe_compressors(compressor_table.ROWS) == describe_compressors(compressor_rows())
+    assert Path(compressor_table.__file__).read_text() == compressor_table_source(), \
+        "regenerate: python -m edgeslim.catalog > edgeslim/compressor_table.py"
+
+
+def test_list_compressors_reads_the_classes_when_the_installed_families_differ():
+    """A family the table was not written from (another package's entry point): the rows come from the
+    classes, which import it (torch then), never from a table that would leave it out."""
+    code = ("import sys, edgeslim.catalog as c; from edgeslim import compressor_table as t; "
+            "c.compressor_entry_points = lambda group: {**t.ENTRY_POINTS, 'mine': 'edgeslim.compress.svd'}; "
+            "rows = c.compressor_rows(); print('torch' in sys.modules, rows == t.ROWS)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr
 
 
 def test_one_vocabulary_across_families():

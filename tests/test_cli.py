@@ -80,6 +80,7 @@ def test_demo_runs_on_packaged_minilm(in_tmp, capsys):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["list", "profiles"], ["list", "models"], ["list", "datasets"],
+                                  ["list", "compressors"], ["list", "compressors", "--json"],
                                   ["profile", "--help"], ["device", "--help"]])
 def test_quick_commands_start_without_torch(args):
     """`--help` and the lists start in a fraction of a second: they import neither torch nor transformers."""
