@@ -32,6 +32,7 @@ from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
 from edgeslim.export.attention import grouped_attention
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.rms_norm import fuse_rms_norms
+from edgeslim.export.rotary import fuse_rotary, rotary_tables
 from edgeslim.export.validate import close
 from edgeslim.runtime.kv_decoder import META_KEY, PAST, PRESENT, open_cache_graph
 
@@ -279,6 +280,9 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
                 notes += [note] if note else []
             norms = fuse_rms_norms(target)
             notes += [f"{norms} RMSNorm(s) as SimplifiedLayerNormalization"] if norms else []
+            tables = rotary_tables(hf, positions) if pos else None
+            rotary = fuse_rotary(target, *tables) if tables else 0
+            notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
             lowered = None
             if quantized:
                 lowered = lower_matmul_nbits(target, quantized, 0)
