@@ -11,39 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgeslim.export.graph_rewrite import Chains
+
 
 def fuse_rms_norms(path: str | Path) -> int:
     """Rewrite every RMSNorm chain in the ONNX file at `path` in place; returns how many were fused."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     model = onnx.load(str(path))
-    graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    nodes = list(graph.node)  # one Python object per node, so identities hold
-    producer = {o: n for n in nodes for o in n.output}
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    for o in graph.output:
-        readers[o.name] = readers.get(o.name, 0) + 1
-
-    def only(name: str, op: str):
-        """The node of type `op` making `name`, read only by the chain."""
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op and readers.get(name) == 1 else None
-
-    def scalar(name: str) -> float | None:
-        value = consts.get(name)
-        return float(value) if value is not None and value.size == 1 else None
-
+    chains = Chains(model.graph)
+    only, scalar, consts = chains.only, chains.scalar, chains.consts
     fused, drop = 0, set()
     replaced: dict[int, object] = {}
-    for node in nodes:
+    for node in chains.nodes:
         if node.op_type != "Mul" or len(node.input) != 2:
             continue
         weight = next((i for i in node.input if i in consts and consts[i].ndim == 1 and consts[i].size > 1), None)
@@ -57,9 +38,7 @@ def fuse_rms_norms(path: str | Path) -> int:
         drop.update(id(n) for n in chain["nodes"])
         fused += 1
     if fused:
-        kept = [replaced.get(id(n), n) for n in nodes if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(kept)
+        chains.rewrite(replaced, drop)
         onnx.save(model, str(path))
     return fused
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeslim.export.graph_rewrite import Chains
+
 STATIC_ROPE = frozenset({"default", "linear", "llama3"})  # tables that depend on the position alone
 
 
@@ -45,21 +47,11 @@ def fuse_rotary(path: str | Path, cos: np.ndarray, sin: np.ndarray, position_ids
     graph = model.graph
     if position_ids not in {i.name for i in graph.input}:
         return 0
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    nodes = list(graph.node)  # one Python object per node, so identities hold
-    producer = {o: n for n in nodes for o in n.output}
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-
-    def only(name: str, op: str):
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op and readers.get(name) == 1 else None
-
+    chains = Chains(graph)
+    only, consts = chains.only, chains.consts
     half = cos.shape[1]
     replaced, drop = {}, set()
-    for node in nodes:
+    for node in chains.nodes:
         if node.op_type != "Add":
             continue
         chain = _chain(node, only, consts, half)
@@ -71,9 +63,7 @@ def fuse_rotary(path: str | Path, cos: np.ndarray, sin: np.ndarray, position_ids
         drop.update(id(n) for n in chain["nodes"])
     if not replaced:
         return 0
-    kept = [replaced.get(id(n), n) for n in nodes if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(_live(kept, {o.name for o in graph.output}))
+    chains.rewrite(replaced, drop)
     graph.initializer.extend([numpy_helper.from_array(cos.astype(np.float32), "rotary_cos_cache"),
                               numpy_helper.from_array(sin.astype(np.float32), "rotary_sin_cache")])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -119,13 +109,3 @@ def _bounds(node, consts) -> tuple[int, int | None] | None:
     if axis not in (-1, 3):
         return None
     return start, (None if end >= 2 ** 31 - 1 else end)
-
-
-def _live(nodes: list, outputs: set[str]) -> list:
-    """`nodes` without those whose outputs nothing reads (the cos/sin chains the fused nodes replaced)."""
-    while True:
-        read = {i for n in nodes for i in n.input} | outputs
-        kept = [n for n in nodes if any(o in read for o in n.output)]
-        if len(kept) == len(nodes):
-            return kept
-        nodes = kept
