@@ -13,8 +13,9 @@ reverted DequantizeLinear nodes go into the record (`reverted`), and the export 
 Measured on EfficientNet-Lite0 (48 bundled crops, Xeon AMX): the first depthwise conv alone carries 41 %
 of the output error (0.120 -> 0.071 in fp32), the rest is spread thin (no other op removes 6 %); the
 defaults keep three ops of the first two blocks fp32 (8.6 % of the INT8 kernels' multiply-adds with the
-conv they unfuse; 0.060), and top-1 agreement on 192 held-out crops goes from 0.932 to 0.958. With a 5 %
-budget (two ops) it is 0.948; ESPCN x3's two quantized convs (88 % and 12 %) never fit.
+conv they unfuse; 0.060), and top-1 agreement on 192 held-out crops goes from 0.932 to 0.958, at a cost
+the MAC share understates: batch-1 speedup 1.63x -> 1.43x (bench/int8.py; fp32 convs at 112 x 112 lose ORT's
+NCHWc layout). With a 5 % budget (two ops) it is 0.948; ESPCN x3's two quantized convs (88 %, 12 %) never fit.
 """
 from __future__ import annotations
 
