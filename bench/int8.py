@@ -13,7 +13,9 @@ all three. ORT's quantizers ship inside onnxruntime and NNCF is edgeslim's own e
   8 x 128 tokens; edgeslim's default (`activations = "auto"`: dynamic on a VNNI/AMX CPU) and its
   static QDQ path side by side, so the choice per CPU is measured.
 - EfficientNet-Lite0: top-1 agreement with fp32 on crops of the bundled images, latency at batch 1,
-  and per variant the Conv/MatMul/Gemm nodes ORT still runs in fp32, with why (runtime/op_profile.py).
+  and per variant the Conv/MatMul/Gemm nodes ORT still runs in fp32, with why (runtime/op_profile.py);
+  edgeslim's default beside the same without the ops its measured sensitivity keeps fp32
+  (`sensitive_fp32=false`), so what that lever costs and buys is timed in the same rounds.
 - The CPU: machine_info() (model, INT8 features) and the measured int8/fp32 GEMM ratio; on a CPU
   without VNNI/AMX that ratio is the bound stated instead of a speedup goal.
 Latencies of the variants of one model are timed in alternating rounds (the CPU is shared); the
@@ -83,6 +85,7 @@ def int8_onnx(loaded, calib: CalibData, fp32_path: Path, out: Path, **config) ->
     return out, {"worst_layers": [{"name": c.name, "rel_error": c.rel_error} for c in worst],
                  "quantized_layers": sum(c.status == "quantized" for c in result.changes),
                  "activations_mode": result.resolved.get("activations_mode", "static"),
+                 "sensitivity": {k: v for k, v in result.resolved.get("sensitivity", {}).items() if k != "ranking"},
                  "overflow_fix": result.resolved.get("overflow_fix") or result.resolved["nncf"]["overflow_fix"]}
 
 
@@ -282,8 +285,9 @@ def text_part(cfg: dict, tmp: Path) -> dict:
             "rows": rows, "op_shares": shares}
 
 
-def effnet_part(cfg: dict, tmp: Path) -> dict:
-    loaded = load_model("efficientnet-lite0")
+def effnet_crops(cfg: dict) -> tuple[CalibData, torch.Tensor]:
+    """EfficientNet-Lite0's calibration batches (the first `effnet_crops` random crops of the bundled images)
+    and the held-out crops agreement is measured on (the next `effnet_eval_crops`), ImageNet-normalized."""
     rng = np.random.default_rng(0)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     crops = []
@@ -299,10 +303,18 @@ def effnet_part(cfg: dict, tmp: Path) -> dict:
         crops.append(((c[0].numpy().transpose(1, 2, 0) - mean) / std).transpose(2, 0, 1).astype(np.float32))
     held = torch.from_numpy(np.stack(crops))
     x, calib_x = held[cfg["effnet_crops"]:], held[:cfg["effnet_crops"]]  # agreement on crops not calibrated on
-    calib = CalibData("bundled-crops", [{"x": calib_x[i:i + 8]} for i in range(0, len(calib_x), 8)])
+    return CalibData("bundled-crops", [{"x": calib_x[i:i + 8]} for i in range(0, len(calib_x), 8)]), x
+
+
+def effnet_part(cfg: dict, tmp: Path) -> dict:
+    loaded = load_model("efficientnet-lite0")
+    calib, x = effnet_crops(cfg)
+    calib_x = torch.cat([b["x"] for b in calib.batches])
     fp32 = to_onnx(loaded.model, loaded.inputs, tmp / "effnet.onnx", dims={"batch": 1}).path
     q, info = int8_onnx(loaded, calib, fp32, tmp / "effnet-int8.onnx")
-    paths = {"fp32": fp32, "int8": q, "ort_quantize_static": ort_static(fp32, calib, tmp / "effnet-ortq.onnx"),
+    plain = int8_onnx(loaded, calib, fp32, tmp / "effnet-int8-plain.onnx", sensitive_fp32=False)[0]  # the lever's share
+    paths = {"fp32": fp32, "int8": q, "int8_no_sensitive_fp32": plain,
+             "ort_quantize_static": ort_static(fp32, calib, tmp / "effnet-ortq.onnx"),
              "nncf_default": nncf_default(fp32, calib, tmp / "effnet-nncf.onnx")}
     ref = OrtModule(fp32)(x=x).numpy().argmax(1)
     feeds = {"x": x[:1].numpy()}
@@ -312,7 +324,7 @@ def effnet_part(cfg: dict, tmp: Path) -> dict:
            "note": "calibrated on 48 crops, agreement on the other crops (no other images are bundled)"}
     for tag, p in list(paths.items())[1:]:
         kept = fp32_compute_ops(p)
-        row[tag] = {"top1_agreement": float((OrtModule(p)(x=x).numpy().argmax(1) == ref).mean()),
+        row[tag] = row.get(tag, {}) | {"top1_agreement": float((OrtModule(p)(x=x).numpy().argmax(1) == ref).mean()),
                     "p50_ms": lat[tag], "speedup": lat["fp32"] / lat[tag], "bytes": p.stat().st_size,
                     "fp32_compute_ops": len(kept), "fp32_ops_why": kept}
         print(f"EfficientNet-Lite0 {tag}: top-1 agreement {row[tag]['top1_agreement']:.3f}, x{row[tag]['speedup']:.2f}, "
@@ -443,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
             summary.pop(keys[part], None)
             summary["machine_per_part"].pop(part)
     summary.pop("goals", None)
-    summary |= {"config": cfg, "quick": args.quick, "cut": CUT if not args.quick else ["quick mode: tiny inputs"],
+    kept = sorted(keys[p] for p in PARTS if p not in parts and keys[p] in summary)
+    summary |= {"parts_run": parts, "parts_kept": {"parts": kept, "note": "kept from the int8.json of an earlier run "
+                                                   "(its machine_per_part entry says which CPU)"} if kept else None,
+                "config": cfg, "quick": args.quick, "cut": CUT if not args.quick else ["quick mode: tiny inputs"],
                 "latency": "ORT CPU p50 (2 threads), median of rounds alternating between the variants",
                 "machine": here, "gemm": gemm_ratio()}
     summary.setdefault("machine_per_part", {})

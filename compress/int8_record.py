@@ -197,8 +197,10 @@ def node_scope(node) -> str:
     return scopes[-2] if len(scopes) >= 2 and scopes[-2] else node.name
 
 
-def layer_rows(fp32, quantized, record, errors: Mapping[str, float]) -> list[LayerChange]:
-    """One row per compute op: quantized (with the error of its input activations) or kept fp32."""
+def layer_rows(fp32, quantized, record, errors: Mapping[str, float],
+               notes: Mapping[str, str] | None = None) -> list[LayerChange]:
+    """One row per compute op: quantized (with the error of its input activations) or kept fp32 (with the
+    op's entry of `notes` as its note, where it has one)."""
     fp32_inits = initializer_arrays(fp32)
     producer = {o: n for n in quantized.graph.node for o in n.output}
     q_of_dq = {n.output[0]: producer.get(n.input[0]) for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
@@ -215,7 +217,8 @@ def layer_rows(fp32, quantized, record, errors: Mapping[str, float]) -> list[Lay
         if not dq_inputs:
             rows.append(LayerChange(node_scope(node), kind, params, params, status="skipped",
                                     bytes_before=4 * params, bytes_after=4 * params,
-                                    note="kept fp32" + (" by accuracy control" if record["reverted"] else "")))
+                                    note=(notes or {}).get(node.name) or
+                                    "kept fp32" + (" by accuracy control" if record["reverted"] else "")))
             continue
         main = fp32_inits.get(node.input[1]) if len(node.input) > 1 else None
         quant_bytes = 4 * params if main is None else 4 * params - 3 * main.size

@@ -31,6 +31,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, register, working_copy
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, fold_unfused_weights, output_ranges,
                                            output_sites, site_ranges, unsigned_activations)
+from edgeslim.compress.int8_sensitivity import keep_sensitive
 from edgeslim.compress.int8_dynamic import check_dynamic, dynamic_record, dynamic_rows, quantize_dynamic_graph
 from edgeslim.compress.int8_record import (MIN_OPSET, activation_quantizers, check_record, dense_output, layer_rows,
                                            metric, ort_session, probe_values, quantization_errors, record_graph,
@@ -79,6 +80,14 @@ class Int8Config(ConfigBase):
     # with under 3% of the MACs; on the shipped ESPCN x3: -0.113 -> -0.091 dB, and ORT's int8 Conv on one
     # input channel (im2col with K = 25) was slower than the fp32 one: 0.91x -> 1.16x at 1080p, Xeon AMX)
     stem_fp32: bool | None = None
+    # keep in fp32 the compute ops whose INT8 error costs the output most, measured on the calibration data
+    # (int8_sensitivity.py): ranked by the output error left with each alone in fp32, reverted in that order
+    # while each removes >= sensitive_gain of the all-INT8 output error, their multiply-adds (and those of
+    # the kernels they unfuse) within sensitive_macs of the INT8 kernels'; None: for every CNN on the static
+    # path without max_drop (EfficientNet-Lite0: 3 ops, output error 0.120 -> 0.060; ESPCN: none fits)
+    sensitive_fp32: bool | None = None
+    sensitive_gain: float = 0.02
+    sensitive_macs: float = 0.1
 
     def validate(self) -> None:
         if self.subset_size is not None and self.subset_size < 1:
@@ -87,6 +96,9 @@ class Int8Config(ConfigBase):
             raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not (0.0 <= self.sensitive_gain <= 1.0 and 0.0 <= self.sensitive_macs <= 1.0):
+            raise ConfigError(f"sensitive_gain and sensitive_macs must be in [0, 1], got {self.sensitive_gain} and "
+                              f"{self.sensitive_macs}")
         import onnx
         if not MIN_OPSET <= self.opset <= onnx.defs.onnx_opset_version():
             raise ConfigError(f"opset must be in {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {self.opset}")
@@ -252,15 +264,22 @@ class Int8(Compressor):
                     "calibration_samples": samples, "opset": config.opset, "nncf_version": nncf.__version__}
         kwargs, advanced = _quantize_kwargs(resolved, bias_correction=bias_correction)
         kwargs["fast_bias_correction"] = bias_correction
+        notes = {}
         if config.max_drop is None:
             quantized, full, drop = nncf.quantize(fp32, nncf.Dataset(batches), advanced_parameters=advanced,
                                                   **kwargs), None, None
+            if config.sensitive_fp32 if config.sensitive_fp32 is not None else model_type == "generic":
+                full = quantized
+                quantized, resolved["sensitivity"] = keep_sensitive(
+                    fp32, full, batches[:subset], config.sensitive_gain, config.sensitive_macs,
+                    output_sites(full) if config.quantize_output else ())
+                notes = {op: "kept fp32: measured sensitivity" for op in resolved["sensitivity"]["fp32_ops"]}
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
         record = record_graph(fp32, quantized, full)
         check_record(resolved | record, f"int8 calibration on {calib.name}")  # NaN/inf data: NaN scales
         errors = quantization_errors(fp32, record, quantized, batches)
-        changes = layer_rows(fp32, quantized, record, errors)
+        changes = layer_rows(fp32, quantized, record, errors, notes)
         sites = chain_sites(quantized) if config.tanh_table else []
         resolved |= record | {"tanh_table": site_ranges(probe_values(fp32, sites, batches)) if sites else {}}
         outs = output_sites(quantized) if config.quantize_output else []

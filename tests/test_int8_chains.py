@@ -143,8 +143,8 @@ def test_a_conv_output_becomes_uint8_and_depth_to_space_runs_on_bytes(tmp_path):
     calib = CalibData("tiny", [{"x": torch.rand(4, 1, 12, 12, generator=g)} for _ in range(4)])
     comp, context = get_compressor("int8"), CompressContext(inputs=tuple(SPEC))
     fp32 = to_onnx(model, SPEC, tmp_path / "f.onnx").path
-    results = {flag: comp.compress(model, {"quantize_output": flag, "stem_fp32": False}, calib, context=context)
-               for flag in (True, False)}
+    results = {flag: comp.compress(model, {"quantize_output": flag, "stem_fp32": False, "sensitive_fp32": False}, calib,
+                                   context=context) for flag in (True, False)}  # both convs INT8: no op kept by sensitivity
     paths = {flag: tmp_path / f"q{int(flag)}.onnx" for flag in results}
     for flag, result in results.items():
         comp.onnx_stage(result.resolved, fp32, paths[flag], context)
@@ -174,7 +174,7 @@ def test_a_conv_output_becomes_uint8_and_depth_to_space_runs_on_bytes(tmp_path):
     assert np.abs(fused - ref).max() < 0.1 * np.abs(ref).max() and moved_out.shape == ref.shape
     assert float(np.abs(fused - moved_out).max()) <= 2 * scale + 1e-6  # fused kernels: at most a rounding step off
     assert results[True].resolved["output_grid"] == "calibrated"
-    sr = comp.compress(model, {"stem_fp32": False}, calib, context=CompressContext(inputs=tuple(SPEC), task="super-resolution"))
+    sr = comp.compress(model, {"stem_fp32": False, "sensitive_fp32": False}, calib, context=CompressContext(inputs=tuple(SPEC), task="super-resolution"))
     assert sr.resolved["output_grid"] == "image" and list(sr.resolved["output_ranges"].values()) == [[0.0, 1.0]]
     inputs = [q for q in sr.resolved["activations"].values() if q["dtype"] == "uint8" and q["zero_point"] == 0]
     assert {"scale": 1 / 255, "zero_point": 0, "dtype": "uint8"} in inputs  # the image's input grid: 8-bit values exact

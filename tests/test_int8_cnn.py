@@ -37,19 +37,25 @@ class MobileBlock(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def test_relu6_and_depthwise_convs_run_as_qlinearconv(tmp_path):
-    model = MobileBlock().eval()
+def _setup(model: nn.Module, tmp_path):
+    """Calibration batches, the int8 compressor, its context and the model's fp32 ONNX file."""
     g = torch.Generator().manual_seed(0)
     calib = CalibData("tiny", [{"x": torch.randn(8, 3, 16, 16, generator=g)} for _ in range(4)])
-    comp, context = get_compressor("int8"), CompressContext(inputs=tuple(SPEC))
-    fp32 = to_onnx(model, SPEC, tmp_path / "f.onnx").path
-    default = comp.compress(model, {}, calib, context=context)  # the stem on the pixels stays fp32, and says why
+    return calib, get_compressor("int8"), CompressContext(inputs=tuple(SPEC)), to_onnx(model, SPEC, tmp_path / "f.onnx").path
+
+
+def test_relu6_and_depthwise_convs_run_as_qlinearconv(tmp_path):
+    model = MobileBlock().eval()
+    calib, comp, context, fp32 = _setup(model, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    # the stem on the pixels stays fp32, and says why (no op kept fp32 by its measured sensitivity: tested below)
+    default = comp.compress(model, {"sensitive_fp32": False}, calib, context=context)
     comp.onnx_stage(default.resolved, fp32, tmp_path / "d.onnx", context)
     kept = fp32_compute_ops(tmp_path / "d.onnx")
     assert sorted(why for why in kept.values()) == ["Conv: no quantizer on its input", "Gemm: its input is dequantized "
                                                     "but not fused"], kept
     assert [r.status for r in default.changes if r.kind.startswith("Conv")].count("skipped") == 1
-    result = comp.compress(model, {"stem_fp32": False}, calib, context=context)
+    result = comp.compress(model, {"stem_fp32": False, "sensitive_fp32": False}, calib, context=context)
     comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)
     kept = fp32_compute_ops(tmp_path / "q.onnx")
     assert [why.split(":")[0] for why in kept.values()] == ["Gemm"], kept  # every Conv is INT8, the head is not
@@ -118,3 +124,50 @@ def test_weights_no_int8_kernel_reads_are_folded_exactly(fusable):
     else:
         assert names == ["dq_w"] and "DequantizeLinear" not in [n.op_type for n in folded.graph.node]
         assert {i.name for i in folded.graph.initializer} == {"w", "b", "xs", "xz"}
+
+
+class Outlier(nn.Module):
+    """A CNN whose second Conv reads one channel 300x larger than the others (its weights scaled down to
+    match): one activation scale per tensor leaves the small channels a few levels, so that Conv is by far
+    the most sensitive op; the others read balanced activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.mid, self.last = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.tail = nn.Conv2d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            self.stem.weight[0] *= 300
+            self.stem.bias[0] *= 300
+            self.mid.weight[:, 0] /= 300
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.mid(torch.relu(self.stem(x))))
+        y = torch.relu(self.tail(torch.relu(self.last(y))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_the_most_sensitive_op_is_kept_fp32_and_replays(tmp_path):
+    import onnxruntime as ort
+    model = Outlier().eval()
+    calib, comp, context, fp32 = _setup(model, tmp_path)
+    nodes = onnx.load(str(fp32)).graph.node
+    mid, head = [n.name for n in nodes if n.op_type == "Conv"][1], {n.name for n in nodes if n.op_type == "Gemm"}
+    result = comp.compress(model, {"sensitive_macs": 0.5}, calib, context=context)
+    sens = result.resolved["sensitivity"]
+    ranking = sens["ranking"]
+    assert [r["error_if_fp32"] for r in ranking] == sorted(r["error_if_fp32"] for r in ranking)
+    assert ranking[0]["op"] == mid and sens["fp32_ops"][0] == mid  # the planted op: the largest measured error
+    assert ranking[0]["error_if_fp32"] < 0.5 * sens["error_int8"] < ranking[1]["error_if_fp32"]
+    assert sens["error"] <= ranking[0]["error_if_fp32"] and 0 < sens["macs_fp32_share"] <= 0.5
+    assert [r.note for r in result.changes if f"({mid})" in r.kind] == ["kept fp32: measured sensitivity"]
+    comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)  # the record replays without data
+    assert mid in fp32_compute_ops(tmp_path / "q.onnx")
+    x = np.concatenate([b["x"].numpy() for b in calib.batches])
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) == pytest.approx(sens["error"], rel=0.05)
+    # no INT8 kernel fits a zero budget: only the head may go back (ORT runs it in fp32 anyway: no output quantizer)
+    none = comp.compress(model, {"sensitive_macs": 0.0}, calib, context=context).resolved["sensitivity"]
+    assert mid not in none["fp32_ops"] and none["macs_fp32_share"] == 0.0 and set(none["fp32_ops"]) <= head

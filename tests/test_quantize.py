@@ -55,8 +55,10 @@ def quantized():
     """A tiny CNN, its int8 result and the QDQ model NNCF made from the calibration data directly."""
     model = tiny_cnn()
     context = CompressContext(inputs=tuple(TinyCNN.edgeslim_inputs))
-    # the stem too (stem_fp32 keeps it fp32 by default): these tests hold every quantizer to NNCF's own
-    result = get_compressor("int8").compress(model, {"subset_size": 48, "stem_fp32": False}, calib_data(), context=context)
+    # the stem too (stem_fp32 keeps it fp32 by default) and every op (sensitive_fp32 may keep some fp32: tested in
+    # test_int8_cnn.py): these tests hold every quantizer to NNCF's own
+    result = get_compressor("int8").compress(model, {"subset_size": 48, "stem_fp32": False, "sensitive_fp32": False},
+                                             calib_data(), context=context)
     return model, result
 
 

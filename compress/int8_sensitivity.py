@@ -1,0 +1,134 @@
+"""Keep the compute ops INT8 hurts most in fp32, chosen by a measured sensitivity (compress/quantize.py).
+
+Each Conv / MatMul / Gemm that NNCF quantized is scored on the calibration batches by the output error
+left when that op alone goes back to fp32 (the DequantizeLinear nodes on its inputs, activation and
+weight, taken out: int8_record.revert_quantizers): the leave-one-out ranking of NNCF's accuracy control,
+measured on the model's outputs against the fp32 graph's (relative L2), so it needs no labels. The ops
+are then reverted in that order, the error measured again after each, while each one removes at least
+`min_gain` of the all-INT8 graph's output error and the reverted ops' multiply-adds stay within `max_macs`
+of the INT8 kernels' (an op that does not fit is passed over). An op's cost counts the ops whose kernels
+it unfuses too: a Conv whose output quantizer only fed the reverted op runs in fp32 as well. The
+reverted DequantizeLinear nodes go into the record (`reverted`), and the export replays them without data.
+
+Measured on EfficientNet-Lite0 (48 bundled crops, Xeon AMX): the first depthwise conv alone carries 41 %
+of the output error (0.120 -> 0.071 in fp32), the rest is spread thin (no other op removes 6 %); the
+defaults keep three ops of the first two blocks fp32 (8.6 % of the INT8 kernels' multiply-adds with the
+conv they unfuse; 0.060), and top-1 agreement on 192 held-out crops goes from 0.932 to 0.958, at a cost
+the MAC share understates: batch-1 speedup 1.63x -> 1.43x (bench/int8.py; fp32 convs at 112 x 112 lose ORT's
+NCHWc layout). With a 5 % budget (two ops) it is 0.948; ESPCN x3's two quantized convs (88 %, 12 %) never fit.
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Any, Collection, Sequence
+
+import numpy as np
+
+from edgeslim.compress.int8_record import COMPUTE_OPS, initializer_arrays, ort_session, probe_values, revert_quantizers
+from edgeslim.core.progress import bar
+
+
+def op_quantizers(quantized) -> dict[str, list[str]]:
+    """The DequantizeLinear nodes that feed each quantized compute op directly, by op name."""
+    dq = {n.output[0]: n.name for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    ops = {}
+    for node in quantized.graph.node:
+        found = [dq[x] for x in node.input if x in dq]
+        if node.op_type in COMPUTE_OPS and found:
+            ops[node.name] = found
+    return ops
+
+
+ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish")
+
+
+def int8_ops(model, outputs: Collection[str] = ()) -> set[str]:
+    """The compute ops ORT can run as INT8 kernels: a DequantizeLinear on their data input, and their output
+    (through one activation at most, which ORT folds or runs quantized) read by QuantizeLinear nodes only,
+    or one of `outputs` (the graph outputs int8_chains.close_outputs quantizes later)."""
+    uses: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    found = set()
+    for node in model.graph.node:
+        after = uses.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type in ACTIVATIONS:
+            after = uses.get(after[0].output[0], [])
+        closed = node.output[0] in outputs or (after and all(u.op_type == "QuantizeLinear" for u in after))
+        if node.op_type in COMPUTE_OPS and node.input[0] in dq and closed:
+            found.add(node.name)
+    return found
+
+
+def op_macs(fp32, ops: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """Multiply-adds of each named compute op of `fp32` on `feeds`: output elements times the reduction
+    length (a Conv's C/groups * kernel from its weight; a MatMul / Gemm's inner dimension)."""
+    nodes = {n.name: n for n in fp32.graph.node if n.name in set(ops)}
+    inits = initializer_arrays(fp32)
+    shapes = {k: v[0].shape for k, v in probe_values(
+        fp32, sorted({t for n in nodes.values() for t in (n.input[0], n.output[0]) if t not in inits}), [feeds]).items()}
+    shapes |= {k: v.shape for k, v in inits.items()}
+    macs = {}
+    for name, node in nodes.items():
+        if node.op_type in ("Conv", "ConvTranspose"):
+            k = prod(shapes[node.input[1]][1:])
+        elif node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            k = shapes[node.input[0]][0]
+        else:
+            k = shapes[node.input[0]][-1]
+        macs[name] = int(prod(shapes[node.output[0]]) * k)
+    return macs
+
+
+def output_error(model, batches: Sequence[dict[str, np.ndarray]], reference: Sequence[list[np.ndarray]]) -> float:
+    """Relative L2 error of `model`'s outputs (all of them) to `reference` over `batches`."""
+    session = ort_session(model)
+    lost = kept = 0.0
+    for feeds, ref in zip(batches, reference):
+        for out, r in zip(session.run(None, feeds), ref):
+            lost += float(np.square(out.astype(np.float64) - r).sum())
+            kept += float(np.square(r.astype(np.float64)).sum())
+    return float(np.sqrt(lost / max(kept, 1e-30)))
+
+
+def reverted(quantized, fp32, dq_names: Sequence[str]):
+    """A copy of `quantized` with the named DequantizeLinear nodes taken out."""
+    import onnx
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    revert_quantizers(model, fp32, dq_names)
+    return model
+
+
+def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], min_gain: float, max_macs: float,
+                   outputs: Collection[str] = (), progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The quantized graph with its most sensitive compute ops reverted to fp32, and what was measured:
+    {"error_int8", "error", "fp32_ops", "macs_fp32_share" (of the INT8 kernels' multiply-adds, the reverted
+    ops' and those they unfuse; `outputs` as in int8_ops), "ranking": [{"op", "error_if_fp32", "macs"}]}."""
+    fp32_session = ort_session(fp32)
+    reference = [fp32_session.run(None, f) for f in batches]
+    full = output_error(quantized, batches, reference)
+    dqs = op_quantizers(quantized)
+    macs = op_macs(fp32, list(dqs), {k: v[:1] for k, v in batches[0].items()})
+    ranking = []
+    with bar(f"INT8 sensitivity of {len(dqs)} ops", len(dqs), progress) as shown:
+        for op, names in dqs.items():
+            ranking.append((output_error(reverted(quantized, fp32, names), batches, reference), op))
+            shown.advance()
+    ranking.sort()
+    fast = int8_ops(quantized, outputs)
+    total = sum(macs[o] for o in fast)
+    chosen, model, error, lost = [], quantized, full, 0
+    for _, op in ranking:
+        trial = reverted(quantized, fp32, sorted({d for o in chosen + [op] for d in dqs[o]}))
+        trial_lost = sum(macs[o] for o in fast - int8_ops(trial, outputs))  # its neighbours' kernels it unfuses too
+        if trial_lost > max_macs * total:
+            continue
+        trial_error = output_error(trial, batches, reference)
+        if error - trial_error < min_gain * full:
+            break
+        chosen, model, error, lost = chosen + [op], trial, trial_error, trial_lost
+    return model, {"error_int8": full, "error": error, "fp32_ops": chosen, "macs_fp32_share": lost / max(total, 1),
+                   "ranking": [{"op": op, "error_if_fp32": e, "macs": macs[op]} for e, op in ranking]}
