@@ -86,8 +86,8 @@ class Int8Config(ConfigBase):
     # the kernels they unfuse) within sensitive_macs of the INT8 kernels'; None: for every CNN on the static
     # path without max_drop (EfficientNet-Lite0: 3 ops, output error 0.120 -> 0.060; ESPCN: none fits)
     sensitive_fp32: bool | None = None
-    sensitive_gain: float = 0.02
-    sensitive_macs: float = 0.1
+    sensitive_gain: float = 0.02  # sensitive_fp32: least share of the all-INT8 output error one more op must remove
+    sensitive_macs: float = 0.1  # sensitive_fp32: most multiply-adds kept fp32, as a share of the INT8 kernels'
 
     def validate(self) -> None:
         if self.subset_size is not None and self.subset_size < 1:

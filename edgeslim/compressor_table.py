@@ -389,7 +389,25 @@ ROWS = [{'name': 'asvd',
                                 'agreement 0.875 -> 0.917, output error 0.17 -> 0.12, for a conv with under '
                                 "3% of the MACs; on the shipped ESPCN x3: -0.113 -> -0.091 dB, and ORT's "
                                 'int8 Conv on one input channel (im2col with K = 25) was slower than the '
-                                'fp32 one: 0.91x -> 1.16x at 1080p, Xeon AMX)'}}},
+                                'fp32 one: 0.91x -> 1.16x at 1080p, Xeon AMX)'},
+           'sensitive_fp32': {'default': None,
+                              'choices': None,
+                              'doc': 'keep in fp32 the compute ops whose INT8 error costs the output most, '
+                                     'measured on the calibration data (int8_sensitivity.py): ranked by the '
+                                     'output error left with each alone in fp32, reverted in that order '
+                                     'while each removes >= sensitive_gain of the all-INT8 output error, '
+                                     'their multiply-adds (and those of the kernels they unfuse) within '
+                                     "sensitive_macs of the INT8 kernels'; None: for every CNN on the static "
+                                     'path without max_drop (EfficientNet-Lite0: 3 ops, output error 0.120 '
+                                     '-> 0.060; ESPCN: none fits)'},
+           'sensitive_gain': {'default': 0.02,
+                              'choices': None,
+                              'doc': 'sensitive_fp32: least share of the all-INT8 output error one more op '
+                                     'must remove'},
+           'sensitive_macs': {'default': 0.1,
+                              'choices': None,
+                              'doc': 'sensitive_fp32: most multiply-adds kept fp32, as a share of the INT8 '
+                                     "kernels'"}}},
  {'name': 'lora',
   'kind': 'adapter',
   'needs_calibration': False,
