@@ -127,22 +127,43 @@ def model_rows(name: str, cfg: dict, work: Path) -> list[dict]:
                          "within_5pct": False, "optimize_ge_single": True, "optimize_strictly_better": False,
                          "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
             continue
-        asked = summary["asked"]
-        row = {"model": name, "budget": kind, "budget_value": value, "asked_gain": asked, "met": summary["met"],
-               "measured_gain": summary["chosen"]["gain"],
-               "within_5pct": summary["chosen"]["gain"] >= asked * (1 - TOLERANCE),
-               "metric": summary["metric"], "base_metric": summary["base_metric"], "max_drop": cfg["max_drop"],
-               "chosen": summary["chosen"], "seconds": summary["seconds"], "rounds": summary["rounds"],
-               "points": summary["points"], "best_single_family": summary["best_single_family"],
-               "skipped": summary["skipped"], "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-               } | compare_single(summary, cfg["max_drop"])
-        if kind == "size_mb":
-            row["asked_size_ratio"] = 1 / asked
-        print(f"{name} {kind} {value:g} (gain {asked:.2f}x): {row['chosen']['label']} measured {row['measured_gain']:.2f}x, "
-              f"{row['metric']} {row['chosen']['metric']:.4f} (original {row['base_metric']:.4f}); met {row['met']}; "
-              f">= best single family at that gain: {row['optimize_ge_single']}", flush=True)
-        rows.append(row)
+        rows.append(row_of(name, kind, value, cfg, summary))
     return rows
+
+
+def row_of(name: str, kind: str, value: float, cfg: dict, summary: dict) -> dict:
+    """One row of the results: what optimize() returned (its optimize.json) beside the best single family."""
+    asked = summary["asked"]
+    row = {"model": name, "budget": kind, "budget_value": value, "asked_gain": asked, "met": summary["met"],
+           "measured_gain": summary["chosen"]["gain"],
+           "within_5pct": summary["chosen"]["gain"] >= asked * (1 - TOLERANCE),
+           "metric": summary["metric"], "base_metric": summary["base_metric"], "max_drop": cfg["max_drop"],
+           "chosen": summary["chosen"], "seconds": summary["seconds"], "rounds": summary["rounds"],
+           "points": summary["points"], "best_single_family": summary["best_single_family"],
+           "skipped": summary["skipped"], "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+           } | compare_single(summary, cfg["max_drop"])
+    if kind == "size_mb":
+        row["asked_size_ratio"] = 1 / asked
+    print(f"{name} {kind} {value:g} (gain {asked:.2f}x): {row['chosen']['label']} measured {row['measured_gain']:.2f}x, "
+          f"{row['metric']} {row['chosen']['metric']:.4f} (original {row['base_metric']:.4f}); met {row['met']}; "
+          f">= best single family at that gain: {row['optimize_ge_single']}", flush=True)
+    return row
+
+
+def salvage(work: Path, out: Path, keep: list[dict]) -> dict:
+    """The rows of a run whose results file could not be written, rebuilt from the optimize.json each of its
+    searches left in its work folder (`work/<model>-<budget><value>/`): nothing is measured again."""
+    rows = []
+    for folder in sorted(work.glob("*/optimize.json"), key=lambda f: f.stat().st_mtime):
+        summary = json.loads(folder.read_text())
+        name = next(n for n in MODELS if folder.parent.name.startswith(n + "-"))
+        kind, value = ("speedup", summary["asked"]) if summary["axis"] == "ms" else ("size_mb", float(
+            folder.parent.name.split("size_mb")[1]))
+        rows.append(row_of(name, kind, value, MODELS[name], summary) | {
+            "run": f"salvaged from {folder} (written {time.ctime(folder.stat().st_mtime)})"})
+    models = {r["model"]: MODELS[r["model"]] for r in rows}
+    seconds = sum(r["seconds"] for r in rows)
+    return write(models, out, [r for r in keep if r["model"] not in models] + rows, time.monotonic() - seconds)
 
 
 def run(models: dict, out: Path, keep: list[dict] | None = None) -> dict:
@@ -234,10 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--regrade", action="store_true",
                         help="recompute the comparisons and goals of the results file from its points, measure nothing")
+    parser.add_argument("--salvage", type=Path, default=None,
+                        help="a work folder of a run whose results file could not be written: rebuild its rows")
     args = parser.parse_args(argv)
     quiet_libraries(False)
     if args.regrade:
         print(f"goals {regrade(args.out or RESULTS)['goals']}")
+        return
+    if args.salvage:
+        out = args.out or RESULTS
+        print(f"goals {salvage(args.salvage, out, earlier_rows(json.loads((out / 'optimize.json').read_text())))['goals']}")
         return
     out = args.out or (Path(tempfile.mkdtemp(prefix="optimize_quick_")) if args.quick else RESULTS)
     picked = QUICK if args.quick else {m: MODELS[m] for m in args.models.split(",")}
