@@ -295,13 +295,13 @@ def test_the_search_stops_when_no_estimate_promises_less_loss_than_a_point_that_
 
 
 @pytest.mark.slow
-def test_a_size_budget_exports_only_the_chosen_candidate(in_tmp, monkeypatch):
+def test_a_size_budget_exports_only_the_chosen_candidate(in_tmp, encoder, monkeypatch):
     from pathlib import Path
     from edgeslim.optimize_space import weight_bytes
     from edgeslim.sources import load_model
     monkeypatch.setenv("EDGESLIM_CACHE", str(in_tmp / "cache"))
-    mb = weight_bytes(load_model("tiny-bert").model) / 1e6
-    assert main(["optimize", "tiny-bert", "--size-mb", f"{mb * 0.95:.6f}", "--eval", "sentences", "--max-drop", "1",
+    mb = weight_bytes(load_model(str(encoder)).model) / 1e6
+    assert main(["optimize", str(encoder), "--size-mb", f"{mb * 0.95:.6f}", "--eval", "sentences", "--max-drop", "1",
                  "--calib", "sentences", "--families", "wq", "--rounds", "1", "-o", "out"]) == 0
     summary = json.loads((in_tmp / "out" / "optimize.json").read_text())
     assert not list(Path(summary["work_folder"]).glob("*.onnx"))  # a size budget times nothing: no job exported
