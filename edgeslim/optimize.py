@@ -139,7 +139,7 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
 
         def job(steps: Sequence[Mapping[str, Any]]) -> Job:
             return Job(request.source, tuple(steps), request.profile, request.eval, str(folder), fingerprint,
-                       dict(request.source_options), request.trust, export_required=axis == "ms")
+                       dict(request.source_options), request.trust, export=axis == "ms")
 
         answers: dict[str, dict[str, Any]] = {}
         runner.map([job(())], lambda j, r: answers.__setitem__(j.key, r))

@@ -41,7 +41,7 @@ class Job:
     fingerprint: str  # the target's (profile, machine or board) fingerprint
     source_options: Mapping[str, Any] = field(default_factory=dict)  # weights, inputs, task of load_model
     trust: Trust | None = None
-    export_required: bool = True  # False (a size budget): a model ONNX cannot hold (wq int4) is still a candidate
+    export: bool = True  # False (a size budget): nothing is timed, so nothing is exported (the chosen one is, at the end)
 
     @property
     def key(self) -> str:
@@ -100,14 +100,8 @@ def run_job(job: Job) -> dict[str, Any]:
         _, compressed, _, _ = compress_to_artifact(job.source, job.steps, slim, options.get("weights"),
                                                    options.get("inputs"), True, job.profile, job.trust,
                                                    options.get("task"))
-    export_note = None
-    if not onnx.is_file():
-        try:
-            export_model(compressed, "onnx", onnx, job.profile, quiet=True)
-        except EdgeslimError as exc:
-            if job.export_required:
-                raise
-            export_note = " ".join(str(exc).split())
+    if job.export and not onnx.is_file():
+        export_model(compressed, "onnx", onnx, job.profile, quiet=True)
     artifact_sha = sha256_file(slim / artifact.MANIFEST)
     key = result_key(artifact_sha, job.fingerprint, data_hash(job.eval))
     cached = read_results(folder).get(key)
@@ -117,7 +111,7 @@ def run_job(job: Job) -> dict[str, Any]:
     result = evaluate(compressed, job.eval, reference=reference, onnx=onnx if has_onnx_stage(compressed) else None,
                       progress=False)
     return {"key": key, "job": job.key, "slim": str(slim), "onnx": str(onnx) if onnx.is_file() else None,
-            "export_note": export_note, "artifact_sha256": artifact_sha,
+            "artifact_sha256": artifact_sha,
             "metric_name": result.metric, "metric": result.value, "samples": result.samples,
             "weight_bytes": weight_bytes(compressed.model), "cached": False,
             "artifact_reused": reused}

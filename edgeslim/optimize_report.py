@@ -124,6 +124,22 @@ def final_table(summary: Mapping[str, Any], points: Sequence[Mapping[str, Any]])
     return out
 
 
+def export_best(chosen: Point, path: Path, request: Any, summary: dict[str, Any]) -> bool:
+    """Export the chosen artifact of a size budget (its jobs export nothing: no time is measured). A model ONNX
+    cannot hold (a wq int4 LLM: `export --kv-cache` is its deployment) keeps the artifact alone, with the why in
+    summary["export_note"]."""
+    from edgeslim.core.errors import EdgeslimError
+    from edgeslim.pipeline import export_model
+    from edgeslim.sources import load_model
+
+    try:
+        export_model(load_model(chosen.result["slim"], trust=request.trust), "onnx", path, request.profile, quiet=True)
+    except EdgeslimError as exc:
+        summary["export_note"] = " ".join(str(exc).split())
+        return False
+    return True
+
+
 def write_outputs(out: str | Path, summary: dict[str, Any], outcome: Outcome, request: Any) -> dict[str, Any]:
     """Write -o DIR whole; returns the summary with every point, the chosen one and the files."""
     chosen = outcome.chosen
@@ -137,7 +153,7 @@ def write_outputs(out: str | Path, summary: dict[str, Any], outcome: Outcome, re
         shutil.copytree(chosen.result["slim"], tmp / "best.slim")
         if chosen.result.get("onnx"):
             shutil.copyfile(chosen.result["onnx"], tmp / "best.onnx")
-        else:  # a size budget's wq int4 model: the artifact is the deliverable (export --kv-cache for an LLM)
+        elif not export_best(chosen, tmp / "best.onnx", request, summary):
             summary["files"].remove("best.onnx")
         (tmp / "recipe.toml").write_text(recipe_text(summary, chosen, request.source_options, request.batch))
         (tmp / "report.html").write_text(report_html(summary, outcome))

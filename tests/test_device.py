@@ -353,3 +353,22 @@ def test_the_devices_page_block_runs_as_written(env, in_tmp):
         args = shlex.split(line)
         assert args[0] == "edgeslim" and main(args[1:] + ["--iters", "3"] * (args[1] == "profile")) == 0, line
     assert Path("boards.html").read_text().count("@ 127.0.0.1:") >= 4
+
+
+@needs_sshd
+@pytest.mark.slow
+def test_optimize_times_every_candidate_on_the_board(env, tmp_path, monkeypatch):
+    """`optimize --device ssh://...` end to end: the stage combos and every verified candidate are timed on the
+    board (their ONNX files land in its cache), and the chosen one's export is among them."""
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["optimize", "tiny-bert", "--profile", "cpu-ort-fp32", "--device", _address(env), "--speedup", "1.1",
+                 "--eval", "sentences", "--max-drop", "0.05", "--families", "prune", "--rounds", "1", "--top", "1",
+                 "-o", str(out)]) == 0
+    summary = json.loads((out / "optimize.json").read_text())
+    assert summary["device"] == _address(env) and summary["points"]
+    assert all(p["latency_ms"] > 0 for p in summary["points"])
+    on_board = {p.name for p in _cache(env).iterdir()}
+    candidates = sorted(Path(summary["work_folder"]).glob("*.onnx"))
+    assert candidates and all(f"{sha256_file(c)}.onnx" in on_board for c in candidates)
+    assert f"{sha256_file(out / 'best.onnx')}.onnx" in on_board

@@ -279,10 +279,10 @@ def test_bench_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     bench.main(["--quick", "--out", str(tmp_path / "r")])
     result = json.loads((tmp_path / "r" / "optimize.json").read_text())
-    assert (tmp_path / "r" / "optimize.png").stat().st_size > 0 and result["cut"]
+    assert (tmp_path / "r" / "optimize.png").stat().st_size > 0 and set(result["models"]) == {"tiny-bert"}
     (row,) = result["rows"]
-    assert row["asked_speedup"] == 1.05 and row["points"] and "prune" in row["best_single_family"]
-    assert row["within_5pct"] == (row["measured_speedup"] >= 1.05 * 0.95)
+    assert row["asked_gain"] == 1.05 and row["points"] and "prune" in row["best_single_family"]
+    assert row["within_5pct"] == (row["measured_gain"] >= 1.05 * 0.95)
     assert set(result["goals"]) >= {"optimize_ge_single_every_row", "optimize_strictly_better_half"}
 
 
@@ -292,3 +292,19 @@ def test_the_search_stops_when_no_estimate_promises_less_loss_than_a_point_that_
     log = []
     outcome = search(sp, "ms", 1.5, max_drop=0.01, verify=fake_verify(lambda g: g ** 0.7, log=log))
     assert outcome.rounds == 1 and outcome.met and outcome.chosen.families == ("int8",)
+
+
+@pytest.mark.slow
+def test_a_size_budget_exports_only_the_chosen_candidate(in_tmp, encoder, monkeypatch):
+    from pathlib import Path
+    from edgeslim.optimize_space import weight_bytes
+    from edgeslim.sources import load_model
+    monkeypatch.setenv("EDGESLIM_CACHE", str(in_tmp / "cache"))
+    mb = weight_bytes(load_model(str(encoder)).model) / 1e6
+    assert main(["optimize", str(encoder), "--size-mb", f"{mb * 0.95:.6f}", "--eval", "sentences", "--max-drop", "1",
+                 "--calib", "sentences", "--families", "wq", "--rounds", "1", "-o", "out"]) == 0
+    summary = json.loads((in_tmp / "out" / "optimize.json").read_text())
+    assert not list(Path(summary["work_folder"]).glob("*.onnx"))  # a size budget times nothing: no job exported
+    assert summary["met"] and summary["chosen"]["families"] == ["wq"]
+    exported = (in_tmp / "out" / "best.onnx").is_file()
+    assert exported == ("best.onnx" in summary["files"]) and exported != ("export_note" in summary)
