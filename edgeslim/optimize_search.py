@@ -145,12 +145,15 @@ def meets(point: Point, asked: float, max_drop: float) -> bool:
 
 def choose(points: Sequence[Point], asked: float, max_drop: float) -> tuple[Point, bool]:
     """The point with the best metric among those meeting the budget; else the fastest within the metric
-    budget (else the fastest of all): the best point found, the budget out of reach."""
+    budget, else the one that loses least (a fast point that no longer works is no answer): the best point
+    found, the budget out of reach."""
     good = [p for p in points if meets(p, asked, max_drop)]
     if good:
         return min(good, key=lambda p: (p.drop, -p.gain)), True
-    within = [p for p in points if p.drop <= max_drop] or list(points)
-    return max(within, key=lambda p: p.gain), False
+    within = [p for p in points if p.drop <= max_drop]
+    if within:
+        return max(within, key=lambda p: p.gain), False
+    return min(points, key=lambda p: (p.drop, -p.gain)), False
 
 
 def best_single(points: Sequence[Point], asked: float, max_drop: float) -> dict[str, Point]:

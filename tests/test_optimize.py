@@ -14,7 +14,7 @@ from edgeslim.core.errors import ConfigError
 from edgeslim.core.specs import TensorSpec
 from edgeslim.loaded import LoadedModel
 from edgeslim.artifact import SourceSpec
-from edgeslim.optimize_search import Point, estimate, pareto, search
+from edgeslim.optimize_search import Point, choose, estimate, pareto, search
 from edgeslim.optimize_space import Combo, Space, Stage, combos_of
 
 
@@ -110,6 +110,13 @@ def test_an_out_of_reach_budget_reports_the_best_point_found():
     outcome = search(sp, "ms", 1.5, max_drop=10.0, verify=fake_verify(lambda g: min(g, 1.2)), rounds=3)
     assert not outcome.met
     assert outcome.chosen.gain == max(p.gain for p in outcome.points) == pytest.approx(1.2)
+
+
+def test_with_nothing_within_the_metric_budget_the_least_loss_is_reported():
+    fast_broken = Point("prune", ("prune",), [], 3.3, 0.5, gain=3.31, metric=0.0, drop=1.0)
+    slower_close = Point("int8", ("int8",), [], 2.0, 0.05, gain=2.05, metric=0.905, drop=0.095)
+    chosen, met = choose([fast_broken, slower_close], 1.5, max_drop=0.01)
+    assert not met and chosen is slower_close
 
 
 def test_an_estimate_out_of_reach_of_every_combo_is_refused():
