@@ -4,10 +4,11 @@ Sections (`--sections`, default both):
 - startup: wall time of `edgeslim --help` and each `edgeslim list ...` in a fresh process (the console
   script a user runs), REPEATS times after one warm-up; the goal is under 0.5 s.
 - quickstart: the README's "Make my model faster" block run as written (each line a fresh `edgeslim`
-  process in an empty folder, with empty caches: the GEMM table is timed by the first command), then
-  VARIANTS (other requests a user makes, e.g. `--speedup 2`): every speedup round (aimed, estimated,
-  measured), the round kept, the agreement `compress` prints (cosine mean on held-out sentences), the
-  side-by-side profile's output, and each command's wall time.
+  process in an empty folder, with empty caches: the GEMM table is timed by the first command that needs
+  it), then VARIANTS (other requests a user makes: the README's low-rank example at `--speedup 1.5`):
+  every speedup round (aimed, estimated, measured), the round kept, the agreement `compress` prints
+  (cosine mean on held-out sentences, of what the artifact deploys: for INT8 its ONNX graph), the
+  side-by-side profile's output and the speedup it measured, and each command's wall time.
 
     python bench/first_hour.py                      # ~15 min on 2 cores; writes bench/results/first_hour.json
     python bench/first_hour.py --quick              # tiny BERT in place of MiniLM, 2 repeats: a smoke run
@@ -38,14 +39,14 @@ STARTUP = (["--help"], ["list", "models"], ["list", "datasets"], ["list", "profi
 REPEATS = 7
 GOAL_S = 0.5
 GOAL_COSINE = 0.9
-# requests beside the README's, run after it in the same folder: (name, the line's replacements)
-VARIANTS = (("speedup 2, no heal", {"--speedup": "2", "--heal": None, "-o": "minilm-2x.slim"}),
-            ("speedup 1.5, heal 120 steps", {"--heal": "120", "-o": "minilm-heal120.slim"}),
-            ("speedup 1.5, whiten weighting (asvd's default; every linear)",
-             {"--set": None, "--target": None, "-o": "minilm-whiten.slim"}))
+# requests beside the README's, run after it in the same folder: (name, the compress line's replacements)
+VARIANTS = (("low rank: asvd (K-FAC weighting on the encoder's layers) at --speedup 1.5, heal 40 steps",
+             {"-m": "asvd", "--speedup": "1.5", "--target": r".*encoder\.layer\.\d+\..*", "--set": "mode=kfac",
+              "--heal": "40", "-o": "minilm-lowrank.slim"}),)
 ROUND = re.compile(r"speedup round (\d+): aimed at ([\d.]+)x by the GEMM table, estimated ([\d.]+)x, "
                    r"measured ([\d.]+)x")
 COSINE = re.compile(r"cosine mean ([\d.]+)")
+ROW = re.compile(r"^\W*(\S+)\s*│\s*(\d+)\s*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│", re.M)  # candidate, batch, p50, x first
 
 
 def quickstart_lines() -> list[str]:
@@ -99,6 +100,14 @@ def compress_summary(result: dict, artifact: Path) -> dict:
     return out
 
 
+def profile_summary(result: dict) -> dict:
+    """What a side-by-side profile printed: each candidate's p50 and ratio to the first, and the last
+    candidate's speedup over the first (1 / its ratio)."""
+    rows = [{"candidate": c, "batch": int(b), "p50_ms": float(p), "x_first": float(x)}
+            for c, b, p, x in ROW.findall(result["stdout"])]
+    return {"rows": rows, **({"speedup": 1 / rows[-1]["x_first"]} if len(rows) > 1 else {})}
+
+
 def variant_line(line: str, changes: dict) -> str:
     """`line` with each option in `changes` set to its value (None: removed, with its value; an option the
     line lacks is added)."""
@@ -132,6 +141,8 @@ def quickstart(quick: bool) -> dict:
             row = {k: result[k] for k in ("line", "returncode", "seconds")}
             if line.startswith("edgeslim compress"):
                 row.update(compress_summary(result, folder / shlex.split(line)[shlex.split(line).index("-o") + 1]))
+            if line.startswith("edgeslim profile"):
+                row["profile"] = profile_summary(result)
             row["stdout"] = result["stdout"][-4000:]
             summary["commands"].append(row)
         compress = next(line for line in lines if line.startswith("edgeslim compress"))
@@ -142,10 +153,13 @@ def quickstart(quick: bool) -> dict:
                                         "seconds": result["seconds"], **compress_summary(result, folder / changes["-o"]),
                                         "stdout": result["stdout"][-4000:], "stderr_tail": result["stderr"][-2000:]})
     first = summary["commands"][0]
-    summary["goal"] = {"asked_speedup": 1.5, "cosine_at_least": GOAL_COSINE,
-                       "measured_speedup": first.get("measured_speedup"), "cosine_mean": first.get("cosine_mean"),
+    profiled = next((c["profile"] for c in summary["commands"] if "profile" in c), {})
+    speedup = profiled.get("speedup")  # what the user's `profile` measured, else what `compress` measured
+    speedup = speedup if speedup is not None else first.get("measured_speedup")
+    summary["goal"] = {"speedup_at_least": 1.5, "cosine_at_least": GOAL_COSINE, "measured_speedup": speedup,
+                       "compress_measured_speedup": first.get("measured_speedup"), "cosine_mean": first.get("cosine_mean"),
                        "met": bool(first.get("cosine_mean") and first["cosine_mean"] >= GOAL_COSINE
-                                   and (first.get("measured_speedup") or 0) >= 1.5)}
+                                   and (speedup or 0) >= 1.5)}
     return summary
 
 

@@ -156,7 +156,7 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
     original, compressed, results, path = compress_to_artifact(source, steps, out, weights, inputs, profile=profile,
                                                                trust=trust_of(trusted, trust_source), task=task,
                                                                quiet=as_json)
-    quality = _agreement(original, compressed, calib)
+    quality = _agreement(original, compressed, calib, path, as_json)
     before, after = sum(r.params_before for r in results), sum(r.params_after for r in results)
     counts = Counter(c.status for r in results for c in r.changes)
     sized = [c for c in results[-1].changes if c.bytes_before is not None and c.bytes_after is not None]
@@ -187,14 +187,15 @@ def compress(source: str, method: str, ratio: float | None, rank: int | None, en
 POOR = {"cosine_mean": 0.95, "top1_agreement": 0.9, "next_token_agreement": 0.8}  # below: say so, suggest healing
 
 
-def _agreement(original: Any, compressed: Any, calib: str | None) -> dict[str, Any]:
-    """The compressed model against the original on calibration samples it was not calibrated on (the data
+def _agreement(original: Any, compressed: Any, calib: str | None, folder: Path, quiet: bool) -> dict[str, Any]:
+    """What the artifact at `folder` deploys (its torch model, or its cached ONNX export when a step lives in
+    the graph, as INT8 does) against the original on calibration samples it was not calibrated on (the data
     set drawn with another seed; random inputs without --calib), the metric the task has."""
     from edgeslim.data import parse_spec
-    from edgeslim.pipeline import compare_outputs
+    from edgeslim.pipeline import compare_outputs, runnable
 
     held_out = f"{parse_spec(calib)[0]}:32" if calib else None
-    out = compare_outputs(original, compressed.model, held_out, seed=1)
+    out = compare_outputs(original, runnable(compressed, quiet=quiet, folder=Path(folder)), held_out, seed=1)
     return out | {"data": f"{held_out} (drawn with another seed)" if held_out else "random inputs"}
 
 

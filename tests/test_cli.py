@@ -164,3 +164,18 @@ def test_export_bundle_prints_the_final_path(in_tmp, capsys):
     assert main(["export", "m.slim", "--bundle", "-o", "m.bundle"]) == 0
     out = capsys.readouterr().out
     assert "wrote m.bundle/model.onnx" in out.replace("\\", "/") and ".edgeslim-tmp" not in out
+
+
+def test_compress_agreement_is_that_of_the_deployed_int8_graph(in_tmp, capsys):
+    """INT8 lives in the exported graph, not in the torch model: the agreement `compress` reports is that of
+    the artifact's ONNX export in ONNX Runtime (not the unchanged torch model's exact match)."""
+    from edgeslim import artifact
+    from edgeslim.pipeline import compare_outputs, runnable
+    from edgeslim.sources import load_model
+
+    assert main(["compress", "tiny-mlp", "-m", "int8", "--calib", "random:16", "--json", "-o", "q.slim"]) == 0
+    reported = json.loads(capsys.readouterr().out)["agreement"]
+    deployed = runnable(artifact.load("q.slim"), folder=Path("q.slim"))
+    assert type(deployed).__name__ == "OrtModule"
+    expected = compare_outputs(load_model("tiny-mlp"), deployed, "random:32", seed=1)
+    assert reported["max_abs_diff"] > 0 and reported["max_abs_diff"] == pytest.approx(expected["max_abs_diff"], rel=1e-9)
