@@ -296,6 +296,7 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
         if precision == "fp16" and not stages:
             from edgeslim.export.fp16 import check_fp16
             check_fp16(info["agreement"], onnx_path)
+    record_dims(onnx_path, loaded)
     if to == "tensorrt":
         from edgeslim.export.tensorrt import to_tensorrt
         from edgeslim.runtime.targets import load_profile
@@ -303,6 +304,40 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
             to_tensorrt(onnx_path, load_profile(profile or "cuda-trt-fp16"), engine, dims=loaded.dims)
         info["engine"] = str(engine)
     return info
+
+
+DIMS_KEY = "edgeslim.dims"  # ONNX metadata: the sizes of the named input dims the model runs at (its own, not 128)
+
+
+def record_dims(path: Path, loaded: LoadedModel) -> None:
+    """Write the model's sizes of its named input dims (a sequence within its positions) into the ONNX file,
+    so `profile X.onnx` feeds what the model takes; weights stored beside the file are left as they are."""
+    import json
+
+    import onnx
+    from edgeslim.core.specs import dynamic_dims
+    dims = {k: int(v) for k, v in loaded.dims.items() if k != "batch" and k in dynamic_dims(loaded.inputs)}
+    if not dims:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [m for m in model.metadata_props if m.key != DIMS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=DIMS_KEY, value=json.dumps(dims))
+    onnx.save(model, str(path))
+
+
+def recorded_dims(path: Path) -> dict[str, int]:
+    """The sizes `record_dims` wrote into the ONNX file at `path` ({} for a file from elsewhere)."""
+    import json
+
+    import onnx
+    meta = {m.key: m.value for m in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        dims = json.loads(meta.get(DIMS_KEY, "{}"))
+    except ValueError:
+        return {}
+    return {str(k): int(v) for k, v in dims.items() if isinstance(v, int) and v > 0} if isinstance(dims, dict) else {}
 
 
 def export_bundle(loaded: LoadedModel, to: str, folder: str | Path, profile: str | None = None, quiet: bool = False,
@@ -451,7 +486,9 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
                           f"SOURCE; {path.name} is a model file, which carries its own inputs")
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
         specs = onnx_inputs(path) if path.suffix == ".onnx" else []
-        dims = {"sequence": 128} if any("sequence" in s.shape for s in specs) else {}
+        named = {d for s in specs for d in s.shape if isinstance(d, str)}
+        dims = {**({"sequence": 128} if "sequence" in named else {}),
+                **{k: v for k, v in (recorded_dims(path) if path.suffix == ".onnx" else {}).items() if k in named}}
         loaded = LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
         yield path, loaded
         return

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.core.errors import ConfigError, MissingDependencyError, SourceError
+from edgeslim.core.errors import ConfigError, InferenceCrashError, MissingDependencyError, SourceError
 from edgeslim.runtime.session_base import BaseSession, check_file
 from edgeslim.runtime.targets import Profile
 
@@ -52,7 +52,13 @@ class OrtSession(BaseSession):
         """Run once; float feeds are cast to the model's declared float type (fp32 or fp16)."""
         cast = {n: a.astype(self._float_type[n], copy=False)
                 if self._float_type[n] is not None and a.dtype.kind == "f" else a for n, a in feeds.items()}
-        return dict(zip(self.outputs, self._sess.run(None, cast)))
+        try:
+            return dict(zip(self.outputs, self._sess.run(None, cast)))
+        except Exception as exc:  # noqa: BLE001  (ORT raises its own pybind classes: InvalidArgument, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in feeds.items())
+            raise InferenceCrashError(f"ONNX Runtime failed running {self.path.name} on inputs {shapes}: "
+                                      f"{first[:300]}") from exc
 
     def session_options(self) -> Any:
         """ONNX Runtime's SessionOptions of this session (arena and memory-pattern settings, threads)."""

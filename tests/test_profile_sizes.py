@@ -69,3 +69,22 @@ def test_profile_onnx_file_gets_graph_roofline_and_op_breakdown(in_tmp, capsys):
     assert main(["profile", "m.onnx", "--batch", "1", "--iters", "2", "--warmup", "0"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "memory read by: VmHWM of a fresh child process" in out and "cpu_mem_arena True" in out
+
+
+def test_an_exported_file_is_profiled_at_the_model_s_own_sequence(in_tmp, capsys):
+    """tiny-bert takes 64 positions: its file records sequence 16 (the model's size), not the bare-file 128
+    that made its token-type Expand fail; a size the graph cannot run is one line and exit 6, no traceback."""
+    import json
+
+    from edgeslim.cli import main
+    from edgeslim.pipeline import recorded_dims
+
+    assert main(["export", "tiny-bert", "-o", "b.onnx"]) == 0
+    assert recorded_dims(Path("b.onnx")) == {"sequence": 16}
+    capsys.readouterr()
+    assert main(["profile", "b.onnx", "--batch", "2", "--iters", "2", "--warmup", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["timings"]
+    assert rows[0]["sizes"] == {"batch": 2, "sequence": 16}
+    assert main(["profile", "b.onnx", "--batch", "1", "--iters", "2", "--warmup", "0", "--dim", "sequence=200"]) == 6
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ONNX Runtime failed running b.onnx on inputs input_ids [1, 200]" in err
