@@ -278,23 +278,23 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             if slim:
                 note = slim_onnx(target)
                 notes += [note] if note else []
-            norms = fuse_rms_norms(target)
+            graph = onnx.load(str(target))  # one pass over the file: the fusions and the runner's metadata
+            norms = fuse_rms_norms(graph)
             notes += [f"{norms} RMSNorm(s) as SimplifiedLayerNormalization"] if norms else []
             tables = rotary_tables(hf, positions) if pos else None
-            rotary = fuse_rotary(target, *tables) if tables else 0
+            rotary = fuse_rotary(graph, *tables) if tables else 0
             notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
+            entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
+                     "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
+            graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
+            onnx.save(graph, str(target))
             lowered = None
-            if quantized:
+            if quantized:  # rewrites the file, its metadata kept
                 lowered = lower_matmul_nbits(target, quantized, 0)
                 notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
                              f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
                              + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"
                                 if lowered.unmatched else ""))
-            graph = onnx.load(str(target))
-            entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
-                     "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
-            graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
-            onnx.save(graph, str(target))
             diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions,
                                   max(atol, NBITS_ATOL) if lowered is not None else atol, rtol)
             equal = _check_greedy(target, hf, vocab, positions)

@@ -9,17 +9,13 @@ Runtime registers it; its model builder writes the same node), which computes th
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from edgeslim.export.graph_rewrite import Chains
 
 
-def fuse_rms_norms(path: str | Path) -> int:
-    """Rewrite every RMSNorm chain in the ONNX file at `path` in place; returns how many were fused."""
-    import onnx
+def fuse_rms_norms(model) -> int:
+    """Rewrite every RMSNorm chain of the ONNX `model` (a ModelProto) in place; returns how many were fused."""
     from onnx import helper
 
-    model = onnx.load(str(path))
     chains = Chains(model.graph)
     only, scalar, consts = chains.only, chains.scalar, chains.consts
     fused, drop = 0, set()
@@ -39,7 +35,6 @@ def fuse_rms_norms(path: str | Path) -> int:
         fused += 1
     if fused:
         chains.rewrite(replaced, drop)
-        onnx.save(model, str(path))
     return fused
 
 

@@ -10,8 +10,6 @@ theta and static scaling are the ones the file uses). Rope types whose tables de
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from edgeslim.export.graph_rewrite import Chains
@@ -37,13 +35,11 @@ def rotary_tables(hf, positions: int | None) -> tuple[np.ndarray, np.ndarray] | 
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-def fuse_rotary(path: str | Path, cos: np.ndarray, sin: np.ndarray, position_ids: str = "position_ids") -> int:
-    """Rewrite every rotate-half chain of head width 2 * cos.shape[1] in the ONNX file at `path` in place;
-    returns how many were fused (0 leaves the file untouched)."""
-    import onnx
+def fuse_rotary(model, cos: np.ndarray, sin: np.ndarray, position_ids: str = "position_ids") -> int:
+    """Rewrite every rotate-half chain of head width 2 * cos.shape[1] of the ONNX `model` (a ModelProto) in
+    place; returns how many were fused (0 leaves it untouched)."""
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     if position_ids not in {i.name for i in graph.input}:
         return 0
@@ -68,7 +64,6 @@ def fuse_rotary(path: str | Path, cos: np.ndarray, sin: np.ndarray, position_ids
                               numpy_helper.from_array(sin.astype(np.float32), "rotary_sin_cache")])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(path))
     return len(replaced)
 
 
