@@ -60,10 +60,12 @@ TOLERANCE = 0.05
 
 def compare_single(summary: dict, max_drop: float) -> dict:
     """The best single-family point at least as fast (small) as the chosen one (within 5%), and the verdict.
-    Where no single family reaches the chosen one's gain, the chosen one is strictly better only if it is
+    A single-family point is a family's own recipe: one whole-model stage (a pruning ratio, INT8, wq int8 or
+    int4) or asvd's allocated ranks; a per-layer precision mix the search made (some of a wq stage's weights
+    left fp32) is not one. Where no single family reaches the chosen one's gain, the chosen one is strictly better only if it is
     within the metric budget (a point outside it is better at nothing)."""
     chosen, lower = summary["chosen"], summary["metric"] == "perplexity"
-    alone = [p for p in summary["points"] if len(p["families"]) == 1]
+    alone = [p for p in summary["points"] if len(p["families"]) == 1 and not p.get("mixed")]
     fast = [p for p in alone if p["gain"] >= chosen["gain"] * (1 - TOLERANCE)]
     best = (min if lower else max)(fast, key=lambda p: p["metric"]) if fast else None
     sign = -1.0 if lower else 1.0

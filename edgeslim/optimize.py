@@ -159,7 +159,7 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
                                      space.base_cost / (request.size_mb * 1e6)))
 
         def verify(estimates: Sequence[Estimate], round_: int) -> list[Point]:
-            jobs = [job(e.combo.steps(e.ranks, calib_spec, space.align)) for e in estimates]
+            jobs = [job(e.combo.steps(e.ranks, calib_spec, space.align, e.fp32)) for e in estimates]
             for j in jobs:
                 answers.pop(j.key, None)
             runner.map(jobs, lambda j, r: answers.__setitem__(j.key, r))
@@ -179,11 +179,11 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
                 if "error" in r:
                     say(f"[round {round_ + 1}] {e.label}: failed: {r['error']}")
                     points.append(Point(e.label, e.families, list(j.steps), e.gain, e.loss, 0.0, float("nan"),
-                                        float("inf"), r, e.combo.label, round_))
+                                        float("inf"), r, e.combo.label, round_, bool(e.fp32)))
                     continue
                 drop = drop_of(r["metric"], base["metric"], r["metric_name"])
                 points.append(Point(e.label, e.families, list(j.steps), e.gain, e.loss, r["gain"], r["metric"], drop,
-                                    r, e.combo.label, round_))
+                                    r, e.combo.label, round_, bool(e.fp32)))
                 say(f"[round {round_ + 1}] {e.label}: measured {r['gain']:.2f}x (estimated {e.gain:.2f}x), "
                     f"{r['metric_name']} {r['metric']:.4f} (drop {drop:+.4f}){' (cached)' if r.get('cached') else ''}")
             return points

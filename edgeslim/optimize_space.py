@@ -3,7 +3,7 @@
 A candidate is a list of recipe steps in the pipeline's step order: pruning first (it changes the shapes
 later steps see), then low-rank factorization of single linear maps (asvd: one step per rank, each
 targeting its layers by name), then INT8 (an ONNX-level stage, last) or weight-only quantization (wq,
-last: its weights are no longer float). Two kinds of choices:
+last: its weights are no longer float). Three kinds of choices:
 - **stages**, whole-model choices of a family (a pruning ratio, INT8, wq int8/int4): every product of
   them (a `Combo`) is really applied to the source, exported and timed on the target beside the
   original (so INT8 kernels are timed, never assumed), and its task-loss change measured on the
@@ -12,6 +12,8 @@ last: its weights are no longer float). Two kinds of choices:
   (`LayerTimes`: the target's GEMM table) and its estimated loss change: the layer's loss-measured
   sensitivity (compress/sensitivity.py, one probe of every layer alone on the original) per unit of its
   relative weighted squared error, times that error at the rank (`LayerSpectrum.error_at`).
+- **per-weight precision** of a wq stage alone under a size budget (optimize_precision): each weight
+  quantized or left fp32, with its bytes both ways and its loss change measured with it alone quantized.
 A family that cannot apply to the model (no linear map, a runtime without INT8 kernels, no gain on the
 budget's axis) is left out with the reason (`Space.skipped`).
 """
@@ -37,6 +39,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.core.progress import say
 from edgeslim.loaded import LoadedModel
+from edgeslim.optimize_precision import PrecisionLayer, precision_layers
 
 FAMILIES = ("asvd", "prune", "int8", "wq")
 PRUNE_KEPT = (0.75, 0.5)  # pruning stages: kept fraction of the prunable groups' parameters
@@ -66,6 +69,7 @@ class Combo:
     loss: float = 0.0  # task-loss change on the calibration data against the original
     layers: list[LayerTimes] = field(default_factory=list)  # asvd options (speed budgets)
     spectra: list[LayerSpectrum] = field(default_factory=list)  # asvd options (all budgets)
+    precision: list[PrecisionLayer] = field(default_factory=list)  # per-weight fp32 options of a wq stage (size)
 
     @property
     def label(self) -> str:
@@ -75,8 +79,10 @@ class Combo:
     def families(self) -> tuple[str, ...]:
         return tuple(s.family for s in self.stages)
 
-    def steps(self, ranks: Mapping[str, int | None], calib: str, align: int) -> list[dict[str, Any]]:
-        """The recipe steps of this combo with `ranks` (None: dense) of asvd, in the pipeline's step order."""
+    def steps(self, ranks: Mapping[str, int | None], calib: str, align: int, fp32: Sequence[str] = ()
+              ) -> list[dict[str, Any]]:
+        """The recipe steps of this combo with `ranks` (None: dense) of asvd, in the pipeline's step order; `fp32`:
+        the modules its wq stage leaves fp32."""
         by_rank: dict[int, list[str]] = {}
         for name, rank in ranks.items():
             if rank is not None:
@@ -84,7 +90,8 @@ class Combo:
         lowrank = [{"method": LOWRANK, "rank": r, "target": sorted(names), "align": align, "calib": calib}
                    for r, names in sorted(by_rank.items())]
         first = [dict(s.step) for s in self.stages if s.family == "prune"]
-        last = [dict(s.step) for s in self.stages if s.family != "prune"]
+        last = [dict(s.step) | ({"exclude": list(fp32)} if fp32 and s.family == "wq" else {})
+                for s in self.stages if s.family != "prune"]
         return first + lowrank + last
 
 
@@ -230,6 +237,11 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
     torch_level = {c.families: c for c in combos}
     for combo in combos:  # the fp32 torch model an INT8 combo quantizes: the same combo without int8
         combo.dense_cost = torch_level[tuple(f for f in combo.families if f != "int8")].cost
+    if axis == "bytes":
+        for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
+            if combo.families == ("wq",):
+                say(f"measuring the loss of each weight of {combo.label} alone")
+                combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(1))
     profile = None
     if "asvd" in families and "asvd" not in skipped:
         profile = _lowrank_profile(loaded, calib, context)

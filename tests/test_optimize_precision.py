@@ -1,0 +1,107 @@
+"""optimize under a size budget: the per-weight precision of a wq stage (which weights stay fp32), measured on a tiny
+model, allocated by the shared greedy, and compared with the wq stage alone."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.artifact import SourceSpec
+from edgeslim.compress.sensitivity import mean_loss
+from edgeslim.core.calib import CalibData
+from edgeslim.core.specs import TensorSpec
+from edgeslim.loaded import LoadedModel
+from edgeslim.optimize_precision import PrecisionLayer, allocate_precision, kept_fp32, precision_layers
+from edgeslim.optimize_search import Point, best_single, estimate, search
+from edgeslim.optimize_space import Combo, Space, Stage, weight_bytes
+
+
+class Tiny(nn.Module):  # not an nn.Sequential: NNCF adds its hook storage as a child module
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 8)])
+
+    def forward(self, input):
+        return self.layers[2](torch.relu(self.layers[1](torch.relu(self.layers[0](input)))))
+
+
+def tiny():
+    return Tiny()
+
+
+def calib():
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input": torch.randn(16, 64, generator=g)} for _ in range(2)]
+    return CalibData("t", batches, [torch.randint(0, 8, (16,), generator=g) for _ in range(2)])
+
+
+def quantized(model):
+    from edgeslim.compress.base import CompressContext, get_compressor
+    context = CompressContext(inputs=[TensorSpec("input", ("batch", 64))])
+    return get_compressor("wq").compress(model, {"mode": "int8"}, context=context).model
+
+
+def test_each_weight_is_measured_alone_with_its_stored_integers():
+    pytest.importorskip("nncf")
+    from edgeslim.compress.weight_quant import integer_weights
+    model, data = tiny(), calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantized(model)
+    layers = precision_layers(model, q, data)
+    assert [l.name for l in layers] == ["layers.0", "layers.1", "layers.2"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # every weight put back
+    base, ints = mean_loss(model, data), integer_weights(q)
+    for layer in layers:
+        w = model.get_submodule(layer.name).weight
+        assert layer.dense_params == w.numel() * 4
+        # int8 per output channel: one byte a weight, a scale and a zero point a row
+        assert w.numel() < layer.quantized_bytes <= w.numel() + w.shape[0] * 8
+        saved = w.data
+        w.data = ints[f"{layer.name}.weight"].dense().reshape(w.shape)
+        assert layer.delta == pytest.approx(mean_loss(model, data) - base, abs=1e-7)
+        w.data = saved
+
+
+def test_the_allocation_keeps_the_most_loss_per_byte_fp32_within_the_budget():
+    layers = [PrecisionLayer(str(i), 4000, 1000, d) for i, d in enumerate([0.5, 0.01, 0.3, -0.02, 0.2])]
+    for room in range(6):  # room for `room` weights fp32 (each costs 3000 bytes more)
+        budget = 5 * 1000 + room * 3000
+        quantize = allocate_precision(layers, budget)
+        fp32 = kept_fp32(layers, quantize)
+        assert sum(4000 if n in fp32 else 1000 for n in quantize) <= budget
+        best = min(itertools.combinations(range(5), room),
+                   key=lambda keep: sum(max(layers[i].delta, 0) for i in range(5) if i not in keep))
+        assert sorted(fp32) == sorted(str(i) for i in best)  # the exact optimum of equal-sized weights
+
+
+def bytes_space(model, layers, wq_loss):
+    loaded = LoadedModel(model, SourceSpec("zoo", "test"), [TensorSpec("input", ("batch", 64))], "generic", {})
+    base = float(weight_bytes(model))
+    quant_cost = base - sum(l.dense_params - l.quantized_bytes for l in layers)
+    wq = Combo((Stage("wq", "wq int8", {"method": "wq", "mode": "int8"}),), loaded, quant_cost, quant_cost, wq_loss,
+               precision=layers)
+    return Space([Combo((), loaded, base, base), wq], base, {}, None, 1)
+
+
+def test_a_size_budget_with_slack_buys_loss_back_and_beats_the_stage_alone():
+    model = tiny()
+    layers = [PrecisionLayer(n, model.get_submodule(n).weight.numel() * 4, model.get_submodule(n).weight.numel() + 64,
+                             d) for n, d in (("layers.0", 0.002), ("layers.1", 0.03),
+                                                                         ("layers.2", 0.0005))]
+    sp = bytes_space(model, layers, 0.033)
+    aim = 1.6  # the whole stage is 3.8x smaller: room for the most sensitive weight (layers.1, 32 KB) in fp32
+    e = estimate(sp.combos[1], sp, aim, "bytes")
+    assert e.fp32 == ("layers.1",) and e.cost <= sp.base_cost / aim and e.loss == pytest.approx(0.033 - 0.03)
+    steps = sp.combos[1].steps(e.ranks, "c", 1, e.fp32)
+    assert steps == [{"method": "wq", "mode": "int8", "exclude": ["layers.1"]}]
+
+    def verify(estimates, round_):  # the measured size is the estimate's; the metric drop is the estimated loss
+        return [Point(e.label, e.families, [], e.gain, e.loss, e.gain, 1.0 - e.loss, e.loss, {}, e.combo.label,
+                      round_, bool(e.fp32)) for e in estimates]
+
+    outcome = search(sp, "bytes", aim, max_drop=0.01, verify=verify)
+    assert outcome.met and outcome.chosen.mixed and outcome.chosen.label == "wq int8 (1 weights fp32)"
+    alone = outcome.best_single["wq"]
+    assert not alone.mixed and alone.label == "wq int8" and alone.drop > outcome.chosen.drop
+    assert best_single(outcome.points, aim, 0.01)["wq"] is not outcome.chosen
