@@ -307,6 +307,7 @@ def _finish_export(loaded: LoadedModel, to: str, engine: Path | None, onnx_path:
 
 
 DIMS_KEY = "edgeslim.dims"  # ONNX metadata: the sizes of the named input dims the model runs at (its own, not 128)
+MAX_RECORDED_DIM = 1 << 16  # a recorded size above this is not a model's own (a file from elsewhere): ignored
 
 
 def record_dims(path: Path, loaded: LoadedModel) -> None:
@@ -327,17 +328,20 @@ def record_dims(path: Path, loaded: LoadedModel) -> None:
     onnx.save(model, str(path))
 
 
-def recorded_dims(path: Path) -> dict[str, int]:
-    """The sizes `record_dims` wrote into the ONNX file at `path` ({} for a file from elsewhere)."""
+def recorded_dims(model) -> dict[str, int]:
+    """The sizes `record_dims` wrote into an ONNX file (a path, or the model `read_onnx_header` read); {} for a
+    file from elsewhere. A size above MAX_RECORDED_DIM is not ours (ours are a model's own sizes) and is left out."""
     import json
 
-    import onnx
-    meta = {m.key: m.value for m in onnx.load(str(path), load_external_data=False).metadata_props}
+    from edgeslim.export.onnx import read_onnx_header
+    proto = read_onnx_header(model) if isinstance(model, (str, Path)) else model
+    meta = {m.key: m.value for m in proto.metadata_props}
     try:
         dims = json.loads(meta.get(DIMS_KEY, "{}"))
     except ValueError:
         return {}
-    return {str(k): int(v) for k, v in dims.items() if isinstance(v, int) and v > 0} if isinstance(dims, dict) else {}
+    return {str(k): v for k, v in dims.items() if isinstance(v, int) and 0 < v <= MAX_RECORDED_DIM} \
+        if isinstance(dims, dict) else {}
 
 
 def export_bundle(loaded: LoadedModel, to: str, folder: str | Path, profile: str | None = None, quiet: bool = False,
@@ -476,7 +480,7 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
     """
     given = {k: v for k, v in (source or {}).items() if v is not None}
 
-    from edgeslim.export.onnx import onnx_inputs
+    from edgeslim.export.onnx import onnx_inputs, read_onnx_header
     from edgeslim.runtime.targets import load_profile
 
     prof = load_profile(profile)
@@ -485,10 +489,11 @@ def profile_target(item: str | Path, profile: str, quiet: bool = False, trust: T
         raise ConfigError(f"{', '.join('--' + ('input' if k == 'inputs' else k) for k in given)} describe a model "
                           f"SOURCE; {path.name} is a model file, which carries its own inputs")
     if path.suffix in (".onnx", ".engine", ".plan") and path.is_file():
-        specs = onnx_inputs(path) if path.suffix == ".onnx" else []
+        header = read_onnx_header(path) if path.suffix == ".onnx" else None
+        specs = onnx_inputs(header) if header is not None else []
         named = {d for s in specs for d in s.shape if isinstance(d, str)}
         dims = {**({"sequence": 128} if "sequence" in named else {}),
-                **{k: v for k, v in (recorded_dims(path) if path.suffix == ".onnx" else {}).items() if k in named}}
+                **{k: v for k, v in (recorded_dims(header) if header is not None else {}).items() if k in named}}
         loaded = LoadedModel(torch.nn.Identity(), artifact.SourceSpec("file", str(path)), specs, "generic", dims)
         yield path, loaded
         return

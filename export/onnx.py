@@ -117,15 +117,24 @@ def to_onnx(model: nn.Module, inputs: Sequence[TensorSpec], path: str | Path, di
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
 
 
-def onnx_inputs(path: str | Path) -> list[TensorSpec]:
-    """Input specs read from an ONNX file's graph (named dims stay named)."""
+def read_onnx_header(path: str | Path):
+    """An ONNX file's graph and metadata, without its external weights.
+
+    Raises:
+        SourceError: the file is not an ONNX model.
+    """
     import onnx
 
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         from edgeslim.core.errors import SourceError
         raise SourceError(f"cannot read ONNX file {path}: {exc}") from exc
+
+
+def onnx_inputs(model) -> list[TensorSpec]:
+    """Input specs of an ONNX file (a path) or of a model `read_onnx_header` read (named dims stay named)."""
+    graph = (read_onnx_header(model) if isinstance(model, (str, Path)) else model).graph
     inits = {i.name for i in graph.initializer}
     return [TensorSpec(i.name, tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim),
                        _ONNX_DTYPES.get(i.type.tensor_type.elem_type, "float32"))

@@ -268,6 +268,7 @@ class GemmTable:
         self.key = machine_key(threads)
         self._under_load = _GEMM_UNDER_LOAD.setdefault(self.key, {})  # timed under load: this process, never written
         self._checked = False
+        self._known: dict[str, float] = {}  # shapes this object has read or timed quietly: the file is not read again
 
     def _time(self, shape: str) -> tuple[float, bool]:
         m, k, n = (int(x) for x in shape.split("x"))
@@ -294,6 +295,8 @@ class GemmTable:
     def gemm_ms(self, m: int, k: int, n: int) -> float:
         """Latency in ms of an (m x k) @ (k x n) fp32 product on this machine (cached when timed quietly)."""
         shape = f"{int(m)}x{int(k)}x{int(n)}"
+        if shape in self._known:
+            return self._known[shape]
         cache = _read_cache()
         if not self._checked:
             self._check(cache)
@@ -307,4 +310,5 @@ class GemmTable:
                 return ms
             table[shape] = ms
             _write_cache(cache)
-        return float(table[shape])
+        self._known[shape] = float(table[shape])
+        return self._known[shape]

@@ -63,6 +63,15 @@ def test_gemm_table_times_each_shape_once(cache, monkeypatch):
     assert timed == [(8, 16, 32)]
 
 
+def test_a_gemm_table_reads_the_cache_file_once_per_shape(cache, monkeypatch):
+    monkeypatch.setattr(peak, "time_gemm_ms", lambda m, k, n, threads, repeats: 1.5)
+    reads, read = [], peak._read_cache
+    monkeypatch.setattr(peak, "_read_cache", lambda: reads.append(1) or read())
+    table = peak.GemmTable(threads=1)
+    assert [table.gemm_ms(8, 16, 32) for _ in range(5)] == [1.5] * 5 and len(reads) == 1
+    assert table.gemm_ms(8, 16, 64) == 1.5 and len(reads) == 2
+
+
 def test_real_gemm_and_copy_measure_something():
     assert peak.time_gemm_ms(16, 16, 16, threads=1, repeats=1) > 0
     assert peak.copy_bandwidth_gbps(1 << 20, repeats=1) > 0

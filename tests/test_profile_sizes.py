@@ -88,3 +88,25 @@ def test_an_exported_file_is_profiled_at_the_model_s_own_sequence(in_tmp, capsys
     assert main(["profile", "b.onnx", "--batch", "1", "--iters", "2", "--warmup", "0", "--dim", "sequence=200"]) == 6
     err = capsys.readouterr().err
     assert "Traceback" not in err and "ONNX Runtime failed running b.onnx on inputs input_ids [1, 200]" in err
+
+
+def test_a_recorded_size_beyond_any_model_s_is_ignored(tmp_path):
+    """A file from elsewhere whose metadata asks for a huge or negative sequence gets none of it (the example
+    inputs would be that big); a model's own size is read, from a path or from the header already read."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeslim.export.onnx import read_onnx_header
+    from edgeslim.pipeline import DIMS_KEY, MAX_RECORDED_DIM, recorded_dims
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])])
+    model = helper.make_model(graph)
+    model.metadata_props.add(key=DIMS_KEY, value=json.dumps({"sequence": MAX_RECORDED_DIM + 1, "width": -3,
+                                                              "frames": 24}))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert recorded_dims(tmp_path / "m.onnx") == {"frames": 24}
+    assert recorded_dims(read_onnx_header(tmp_path / "m.onnx")) == {"frames": 24}
