@@ -21,6 +21,7 @@ from edgeslim.compress.base import BudgetConfig
 from edgeslim.compress.lowrank_budget import allocate
 from edgeslim.compress.sensitivity import mean_loss
 from edgeslim.core.calib import CalibData
+from edgeslim.core.progress import bar
 
 QUANTIZED = 0  # the one non-dense decision of a PrecisionLayer
 
@@ -51,7 +52,8 @@ class PrecisionLayer:
 
 
 @torch.no_grad()
-def precision_layers(original: nn.Module, quantized: nn.Module, data: CalibData) -> list[PrecisionLayer]:
+def precision_layers(original: nn.Module, quantized: nn.Module, data: CalibData, label: str = "wq",
+                     progress: bool = True) -> list[PrecisionLayer]:
     """Every weight a wq stage quantized in `quantized` (the stage applied to `original`), with its bytes both
     ways and its loss-measured sensitivity on `data` (which has targets). A weight tied to others (an LM head
     sharing the embedding) is one layer: replacing the shared parameter changes every use of it."""
@@ -64,17 +66,21 @@ def precision_layers(original: nn.Module, quantized: nn.Module, data: CalibData)
     base = mean_loss(original, data)
     out = []
     try:
-        for name, iw in sorted(ints.items()):
-            param = original.get_parameter(name)
-            kept = param.data
-            param.data = iw.dense().reshape(kept.shape).to(kept.dtype)
-            try:
-                delta = mean_loss(original, data) - base
-            finally:
-                param.data = kept
-            q = quantized.get_parameter(name)
-            qbytes = q.numel() * q.element_size() + sum(b.numel() * b.element_size() for b in stored[name].buffers())
-            out.append(PrecisionLayer(name.rsplit(".", 1)[0], kept.numel() * kept.element_size(), int(qbytes), delta))
+        with bar(f"loss of each weight of {label} quantized alone", len(ints), progress) as shown:
+            for name, iw in sorted(ints.items()):
+                param = original.get_parameter(name)
+                kept = param.data
+                param.data = iw.dense().reshape(kept.shape).to(kept.dtype)
+                try:
+                    delta = mean_loss(original, data) - base
+                finally:
+                    param.data = kept
+                q = quantized.get_parameter(name)
+                qbytes = q.numel() * q.element_size() + sum(b.numel() * b.element_size()
+                                                            for b in stored[name].buffers())
+                out.append(PrecisionLayer(name.rsplit(".", 1)[0], kept.numel() * kept.element_size(), int(qbytes),
+                                          delta))
+                shown.advance()
     finally:
         original.train(was_training)
     return out

@@ -240,8 +240,7 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
     if axis == "bytes":
         for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
             if combo.families == ("wq",):
-                say(f"measuring the loss of each weight of {combo.label} alone")
-                combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(1))
+                combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(1), combo.label)
     profile = None
     if "asvd" in families and "asvd" not in skipped:
         profile = _lowrank_profile(loaded, calib, context)
