@@ -7,6 +7,7 @@ or on Ray (optimize_jobs) and timed on the target only, and the outputs are writ
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -24,6 +25,7 @@ from edgeslim.trust import Trust
 LATENCY_BATCH = 8  # the batch size a time budget is measured at (other dims: the model's defaults)
 CALIB_COUNT = 64  # calibration samples of the default data set
 SPACE = "space"  # the result cache's entry of the combos' measured costs and losses (a resumed search reuses them)
+PRECISION = "precision"  # its entry of each wq combo's per-weight bytes and losses (optimize_precision)
 
 
 @dataclass(frozen=True)
@@ -149,10 +151,13 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
         say(f"original: {base['metric_name']} {base['metric']:.4f} on {request.eval}")
         calib = load_calibration(calib_spec, loaded)
         context = compress_context(loaded, request.profile, latency_batch=request.batch)
+        cached = read_results(folder)
         space = build_space(loaded, calib, calib_spec, measure, request.profile, measure.profile.runtime,
                             request.families, axis,
-                            context, request.explicit_families, read_results(folder).get(SPACE))
+                            context, request.explicit_families, cached.get(SPACE), cached.get(PRECISION))
         store_result(folder, SPACE, {c.label: [c.cost, c.loss] for c in space.combos})
+        store_result(folder, PRECISION, {c.label: [dataclasses.astuple(p) for p in c.precision]
+                                         for c in space.combos if c.precision})
         for family, why in space.skipped.items():
             say(f"family {family} left out: {why}")
         asked = (request.speedup or (space.base_cost / request.latency_ms if request.latency_ms else

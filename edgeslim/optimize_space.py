@@ -189,11 +189,13 @@ def build_combo(loaded: LoadedModel, stages: tuple[Stage, ...], profile_name: st
 
 def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure: Any, profile_name: str,
                 runtime: str, families: Sequence[str], axis: str, context: CompressContext, explicit: bool = False,
-                known: Mapping[str, tuple[float, float]] | None = None) -> Space:
+                known: Mapping[str, tuple[float, float]] | None = None,
+                known_precision: Mapping[str, Sequence[Sequence[Any]]] | None = None) -> Space:
     """Apply and measure every combo of the families' stages, and the per-layer asvd options on each.
 
     `known`: combo label -> (cost, loss) measured by an earlier run of the same search (resumed: not measured
-    again, so that its estimates, and so its candidates, are the same).
+    again, so that its estimates, and so its candidates, are the same); `known_precision`: combo label -> its
+    PrecisionLayer fields, likewise.
 
     Raises:
         ConfigError: a family the user named explicitly (`explicit`) cannot apply (named, with why), or none can.
@@ -211,15 +213,25 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
         if folder is not None:
             export_model(loaded, "onnx", folder / "original.onnx", profile_name, quiet=True)
         built.append((Combo((), loaded), Path(tmp) / "original.onnx"))
+        broken: dict[str, str] = {}  # stage label -> why it cannot apply to this model
         for stages in combos_of(groups)[1:]:
-            if {s.family for s in stages} & set(skipped):
+            if {s.family for s in stages} & set(skipped) or any(s.label in broken for s in stages):
                 continue
             try:
                 current, path = build_combo(loaded, stages, profile_name, folder)
-            except EdgeslimError as exc:  # a stage that cannot apply to this model: its family is left out
-                skipped[stages[-1].family] = " ".join(str(exc).split())
+            except EdgeslimError as exc:  # a stage (or product) that cannot apply to this model is left out
+                why = " ".join(str(exc).split())
+                if len(stages) == 1:
+                    broken[stages[0].label] = why
+                else:
+                    say(f"{' + '.join(s.label for s in stages)} left out: {why}")
                 continue
             built.append((Combo(stages, current), path))
+        for group in groups:  # a family none of whose stages applies is left out, with the first one's why
+            if all(s.label in broken for s in group):
+                skipped[group[0].family] = broken[group[0].label]
+            for stage in (s for s in group if s.label in broken and group[0].family not in skipped):
+                say(f"stage {stage.label} left out: {broken[stage.label]}")
         combos = [c for c, _ in built if not {s.family for s in c.stages} & set(skipped)]
         paths = [p for c, p in built if not {s.family for s in c.stages} & set(skipped)]
         if all(c.label in known for c in combos):  # a resumed search: the combos as measured before
@@ -234,12 +246,12 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
                 combo.cost = times[i] if axis == "ms" else float(weight_bytes(combo.loaded.model))
                 combo.loss = 0.0 if i == 0 else mean_loss(runnable(combo.loaded), data.head(2)) - base_loss
     _refuse_skipped(loaded, skipped, explicit)
-    torch_level = {c.families: c for c in combos}
-    for combo in combos:  # the fp32 torch model an INT8 combo quantizes: the same combo without int8
-        combo.dense_cost = torch_level[tuple(f for f in combo.families if f != "int8")].cost
+    set_dense_costs(combos)
     if axis == "bytes":
         for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
-            if combo.families == ("wq",):
+            if combo.families == ("wq",) and combo.label in (known_precision or {}):
+                combo.precision = [PrecisionLayer(*row) for row in known_precision[combo.label]]
+            elif combo.families == ("wq",):
                 combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(1), combo.label)
     profile = None
     if "asvd" in families and "asvd" not in skipped:
@@ -257,6 +269,14 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
         raise ConfigError("no compression family applies to this model: " +
                           "; ".join(f"{f}: {why}" for f, why in skipped.items()))
     return Space(combos, combos[0].cost, skipped, profile, align)
+
+
+def set_dense_costs(combos: Sequence[Combo]) -> None:
+    """Each combo's dense_cost: the cost of the fp32 torch model its INT8 stage quantizes, the same stages
+    without int8 (keyed by the stages themselves: prune 0.75 and prune 0.5 are one family, two models)."""
+    torch_level = {tuple(s.label for s in c.stages): c for c in combos}
+    for combo in combos:
+        combo.dense_cost = torch_level[tuple(s.label for s in combo.stages if s.family != "int8")].cost
 
 
 def _refuse_skipped(loaded: LoadedModel, skipped: Mapping[str, str], explicit: bool) -> None:

@@ -105,3 +105,14 @@ def test_a_size_budget_with_slack_buys_loss_back_and_beats_the_stage_alone():
     alone = outcome.best_single["wq"]
     assert not alone.mixed and alone.label == "wq int8" and alone.drop > outcome.chosen.drop
     assert best_single(outcome.points, aim, 0.01)["wq"] is not outcome.chosen
+
+
+def test_an_int8_combo_is_costed_against_its_own_pruned_model():
+    from edgeslim.optimize_space import set_dense_costs
+    loaded = bytes_space(tiny(), [], 0.0).combos[0].loaded
+    p75, p50 = (Stage("prune", f"prune {r}", {"method": "prune", "ratio": r}) for r in (0.75, 0.5))
+    int8 = Stage("int8", "int8", {"method": "int8"})
+    combos = [Combo(stages, loaded, cost) for stages, cost in
+              [((), 10.0), ((p75,), 8.0), ((p50,), 5.0), ((int8,), 4.0), ((p75, int8), 3.0), ((p50, int8), 2.0)]]
+    set_dense_costs(combos)
+    assert [c.dense_cost for c in combos] == [10.0, 8.0, 5.0, 10.0, 8.0, 5.0]
