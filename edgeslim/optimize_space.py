@@ -13,7 +13,8 @@ last: its weights are no longer float). Three kinds of choices:
   sensitivity (compress/sensitivity.py, one probe of every layer alone on the original) per unit of its
   relative weighted squared error, times that error at the rank (`LayerSpectrum.error_at`).
 - **per-weight precision** of a wq stage alone under a size budget (optimize_precision): each weight
-  quantized or left fp32, with its bytes both ways and its loss change measured with it alone quantized.
+  quantized or left fp32, with its bytes both ways and its loss change (Fisher's estimate with class or
+  next-token targets, else measured with it alone quantized).
 A family that cannot apply to the model (no linear map, a runtime without INT8 kernels, no gain on the
 budget's axis) is left out with the reason (`Space.skipped`).
 """
@@ -248,11 +249,12 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
     _refuse_skipped(loaded, skipped, explicit)
     set_dense_costs(combos)
     if axis == "bytes":
+        fisher: dict[str, torch.Tensor] = {}  # shared by the wq stages (the same weights at other precisions)
         for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
             if combo.families == ("wq",) and combo.label in (known_precision or {}):
                 combo.precision = [PrecisionLayer(*row) for row in known_precision[combo.label]]
             elif combo.families == ("wq",):
-                combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(1), combo.label)
+                combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(2), combo.label, fisher)
     profile = None
     if "asvd" in families and "asvd" not in skipped:
         profile = _lowrank_profile(loaded, calib, context)

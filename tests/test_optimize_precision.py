@@ -42,10 +42,12 @@ def quantized(model):
     return get_compressor("wq").compress(model, {"mode": "int8"}, context=context).model
 
 
-def test_each_weight_is_measured_alone_with_its_stored_integers():
+def test_with_distillation_targets_each_weight_is_measured_alone_with_its_stored_integers():
     pytest.importorskip("nncf")
+    from edgeslim.compress.train import teacher_targets
     from edgeslim.compress.weight_quant import integer_weights
-    model, data = tiny(), calib()
+    model = tiny()
+    data = teacher_targets(model, CalibData("t", calib().batches))  # float targets: every gradient is 0 here
     before = {k: v.clone() for k, v in model.state_dict().items()}
     q = quantized(model)
     layers = precision_layers(model, q, data)
@@ -59,8 +61,33 @@ def test_each_weight_is_measured_alone_with_its_stored_integers():
         assert w.numel() < layer.quantized_bytes <= w.numel() + w.shape[0] * 8
         saved = w.data
         w.data = ints[f"{layer.name}.weight"].dense().reshape(w.shape)
-        assert layer.delta == pytest.approx(mean_loss(model, data) - base, abs=1e-7)
+        assert layer.delta == pytest.approx(mean_loss(model, data) - base, abs=1e-7) and layer.delta > 0
         w.data = saved
+
+
+def test_with_class_targets_the_loss_change_is_fishers_estimate():
+    pytest.importorskip("nncf")
+    from edgeslim.compress.train import task_loss
+    from edgeslim.compress.weight_quant import integer_weights
+    model, data = tiny(), calib()
+    q = quantized(model)
+    fisher = {}
+    layers = precision_layers(model, q, data, fisher=fisher)
+    assert sorted(fisher) == ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    assert not any(p.requires_grad is False for p in model.parameters())  # requires_grad as it was (True)
+    ints = integer_weights(q)
+    for layer in layers:  # 0.5 * sum over weights of (mean over batches of the squared gradient) * dw**2
+        w = model.get_submodule(layer.name).weight
+        squares = []
+        for batch, target in zip(data.batches, data.targets):
+            model.zero_grad()
+            task_loss(model(**batch), target).backward()
+            squares.append(w.grad.square())
+        dw = ints[f"{layer.name}.weight"].dense().reshape(w.shape) - w.detach()
+        expected = 0.5 * float((sum(squares) / len(squares) * dw.square()).sum())
+        assert expected > 0 and layer.delta == pytest.approx(expected, rel=1e-4)
+    again = precision_layers(model, q, data, fisher={k: 2 * v for k, v in fisher.items()})  # the cache is used
+    assert [a.delta for a in again] == pytest.approx([2 * l.delta for l in layers])
 
 
 def test_the_allocation_keeps_the_most_loss_per_byte_fp32_within_the_budget():
