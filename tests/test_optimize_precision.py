@@ -143,3 +143,23 @@ def test_an_int8_combo_is_costed_against_its_own_pruned_model():
               [((), 10.0), ((p75,), 8.0), ((p50,), 5.0), ((int8,), 4.0), ((p75, int8), 3.0), ((p50, int8), 2.0)]]
     set_dense_costs(combos)
     assert [c.dense_cost for c in combos] == [10.0, 8.0, 5.0, 10.0, 8.0, 5.0]
+
+
+@pytest.mark.slow
+def test_tiny_bert_size_budget_keeps_wq_int8_when_int4_cannot_apply_and_fills_the_budget(in_tmp, capsys,
+                                                                                        monkeypatch):
+    """tiny-bert's linear maps take 32 inputs: wq int4's groups of 64 cannot apply, wq int8 still does."""
+    import json
+    from edgeslim.cli import main
+    from edgeslim.sources import load_model
+    monkeypatch.setenv("EDGESLIM_CACHE", str(in_tmp / "cache"))
+    mb = weight_bytes(load_model("tiny-bert").model) / 1e6
+    assert main(["optimize", "tiny-bert", "--size-mb", f"{mb * 0.8:.6f}", "--eval", "sentences", "--calib",
+                 "sentences", "--max-drop", "0.05", "--families", "wq", "--rounds", "1", "-o", "out"]) == 0
+    assert "stage wq int4 left out: group_size=64 does not divide" in capsys.readouterr().err
+    summary = json.loads((in_tmp / "out" / "optimize.json").read_text())
+    chosen = summary["chosen"]
+    assert summary["met"] and chosen["mixed"] and chosen["steps"][0]["exclude"]
+    assert 1 / 0.8 * 0.95 <= chosen["gain"] < 3  # within the budget, weights put back fp32 (int8 alone is ~3.9x)
+    alone = [p for p in summary["points"] if p["label"] == "wq int8"]
+    assert alone and alone[0]["gain"] > chosen["gain"]
