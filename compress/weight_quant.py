@@ -25,7 +25,6 @@ import copy
 import io
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
@@ -143,9 +142,8 @@ def _apply(model: nn.Module, plan: Mapping[str, Any], inputs: Sequence[TensorSpe
     kwargs: dict[str, Any] = {}
     if plan["nncf_mode"].startswith("int4"):
         kwargs = {"ratio": 1.0, "group_size": plan["group_size"] or -1, "all_layers": plan["all_layers"]}
-    if plan.get("fp32"):  # NNCF names a module's op nodes "a/b/c/<op>/<i>" (torch function-hook graph)
-        patterns = [rf"{re.escape(n.replace('.', '/'))}/[^/]+/\d+$" for n in sorted(plan["fp32"])]
-        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+    if plan.get("fp32"):
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=_op_nodes(model, feeds, plan["fp32"]), validate=False)
     log = logging.getLogger("nncf")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -155,6 +153,17 @@ def _apply(model: nn.Module, plan: Mapping[str, Any], inputs: Sequence[TensorSpe
                                          dataset=nncf.Dataset([feeds]), **kwargs)
     finally:
         log.setLevel(level)
+
+
+def _op_nodes(model: nn.Module, feeds: Mapping[str, torch.Tensor], modules: Sequence[str]) -> list[str]:
+    """The NNCF graph nodes that read the weights of `modules` (NNCF's ignored scope for them). Found by the
+    weight each op reads, not by name: NNCF's op names drop ModuleList indices ("encoder/attention/.../linear/1"
+    for layer 1), so a module's dotted name does not spell them."""
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+    graph = build_nncf_graph(model, dict(feeds))
+    weights = {f"{m}.weight" for m in modules}
+    return sorted({n.node_name for n in graph.get_all_nodes()
+                   if any(e.from_node.node_name in weights for e in graph.get_input_edges(n))})
 
 
 def decompressors(model: nn.Module) -> dict[str, nn.Module]:

@@ -7,6 +7,7 @@ or on Ray (optimize_jobs) and timed on the target only, and the outputs are writ
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -24,6 +25,7 @@ from edgeslim.trust import Trust
 LATENCY_BATCH = 8  # the batch size a time budget is measured at (other dims: the model's defaults)
 CALIB_COUNT = 64  # calibration samples of the default data set
 SPACE = "space"  # the result cache's entry of the combos' measured costs and losses (a resumed search reuses them)
+PRECISION = "precision"  # its entry of each wq combo's per-weight bytes and losses (optimize_precision)
 
 
 @dataclass(frozen=True)
@@ -149,17 +151,20 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
         say(f"original: {base['metric_name']} {base['metric']:.4f} on {request.eval}")
         calib = load_calibration(calib_spec, loaded)
         context = compress_context(loaded, request.profile, latency_batch=request.batch)
+        cached = read_results(folder)
         space = build_space(loaded, calib, calib_spec, measure, request.profile, measure.profile.runtime,
                             request.families, axis,
-                            context, request.explicit_families, read_results(folder).get(SPACE))
+                            context, request.explicit_families, cached.get(SPACE), cached.get(PRECISION))
         store_result(folder, SPACE, {c.label: [c.cost, c.loss] for c in space.combos})
+        store_result(folder, PRECISION, {c.label: [dataclasses.astuple(p) for p in c.precision]
+                                         for c in space.combos if c.precision})
         for family, why in space.skipped.items():
             say(f"family {family} left out: {why}")
         asked = (request.speedup or (space.base_cost / request.latency_ms if request.latency_ms else
                                      space.base_cost / (request.size_mb * 1e6)))
 
         def verify(estimates: Sequence[Estimate], round_: int) -> list[Point]:
-            jobs = [job(e.combo.steps(e.ranks, calib_spec, space.align)) for e in estimates]
+            jobs = [job(e.combo.steps(e.ranks, calib_spec, space.align, e.fp32)) for e in estimates]
             for j in jobs:
                 answers.pop(j.key, None)
             runner.map(jobs, lambda j, r: answers.__setitem__(j.key, r))
@@ -179,11 +184,11 @@ def optimize(request: OptimizeRequest, out: str | Path) -> dict[str, Any]:
                 if "error" in r:
                     say(f"[round {round_ + 1}] {e.label}: failed: {r['error']}")
                     points.append(Point(e.label, e.families, list(j.steps), e.gain, e.loss, 0.0, float("nan"),
-                                        float("inf"), r, e.combo.label, round_))
+                                        float("inf"), r, e.combo.label, round_, bool(e.fp32)))
                     continue
                 drop = drop_of(r["metric"], base["metric"], r["metric_name"])
                 points.append(Point(e.label, e.families, list(j.steps), e.gain, e.loss, r["gain"], r["metric"], drop,
-                                    r, e.combo.label, round_))
+                                    r, e.combo.label, round_, bool(e.fp32)))
                 say(f"[round {round_ + 1}] {e.label}: measured {r['gain']:.2f}x (estimated {e.gain:.2f}x), "
                     f"{r['metric_name']} {r['metric']:.4f} (drop {drop:+.4f}){' (cached)' if r.get('cached') else ''}")
             return points

@@ -57,7 +57,7 @@ def point_dict(p: Point) -> dict[str, Any]:
     return {"label": p.label, "families": list(p.families), "steps": p.steps, "estimated_gain": p.estimated_gain,
             "estimated_loss": p.estimated_loss, "gain": p.gain, "metric": p.metric, "drop": p.drop,
             "round": p.round, "combo": p.combo, "artifact_sha256": p.result.get("artifact_sha256"),
-            "latency_ms": p.result.get("latency_ms"), "cached": p.result.get("cached", False)}
+            "latency_ms": p.result.get("latency_ms"), "cached": p.result.get("cached", False), "mixed": p.mixed}
 
 
 def front_of(summary: Mapping[str, Any], points: Sequence[Point]) -> list[int]:

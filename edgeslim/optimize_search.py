@@ -26,6 +26,7 @@ from edgeslim.compress.lowrank_budget import allocate
 from edgeslim.compress.lowrank_latency import allocate_latency, fastest_speedup, reaim
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.progress import say
+from edgeslim.optimize_precision import allocate_precision, kept_fp32, loss_put_back
 from edgeslim.optimize_space import Combo, Space, bytes_per_weight
 
 TOLERANCE = 0.05  # the measured gain meets the asked one within 5%
@@ -43,6 +44,7 @@ class Estimate:
     gain: float  # base cost / cost
     loss: float
     aimed: float  # the gain the allocation aimed at
+    fp32: tuple[str, ...] = ()  # the modules the combo's wq stage leaves fp32 (a per-layer precision mix)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -53,7 +55,7 @@ class Estimate:
     def label(self) -> str:
         factored = sum(r is not None for r in self.ranks.values())
         parts = [s.label for s in self.combo.stages] + ([f"asvd {factored} layers"] if factored else [])
-        return " + ".join(parts) or "original"
+        return " + ".join(parts) + (f" ({len(self.fp32)} weights fp32)" if self.fp32 else "") or "original"
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Point:
     result: dict[str, Any] = field(default_factory=dict)  # the job's answer (artifact, ONNX file, cache flags)
     combo: str = ""
     round: int = 0
+    mixed: bool = False  # a per-layer precision mix (some weights of its wq stage fp32): no family's own recipe
 
 
 def drop_of(metric: float, base: float, name: str) -> float:
@@ -86,6 +89,8 @@ def estimate(combo: Combo, space: Space, aim: float, axis: str) -> Estimate | No
     if combo.cost <= target:  # the stages alone reach it (the original itself is no candidate)
         if not combo.stages:
             return None
+        if combo.precision:  # the slack keeps the weights that lose most per byte fp32
+            return _precision_mix(combo, space, target, aim)
         return Estimate(combo, dense, combo.cost, space.base_cost / combo.cost, combo.loss, aim)
     if not combo.spectra:
         return None
@@ -112,6 +117,18 @@ def estimate(combo: Combo, space: Space, aim: float, axis: str) -> Estimate | No
             return None
     loss = combo.loss + sum(s.error_at(ranks[s.name]) for s in combo.spectra if ranks[s.name] is not None)
     return Estimate(combo, ranks, cost, space.base_cost / cost, loss, aim)
+
+
+def _precision_mix(combo: Combo, space: Space, target: float, aim: float) -> Estimate:
+    """The wq combo with the weights whose quantization loses most per byte saved left fp32, within `target` bytes
+    (optimize_precision); the combo's measured loss less the sensitivities of the weights put back."""
+    layers = combo.precision
+    other = combo.cost - sum(l.quantized_bytes for l in layers)  # bytes outside the quantized weights
+    quantize = allocate_precision(layers, target - other)
+    cost = other + sum(l.quantized_bytes if quantize[l.name] else l.dense_params for l in layers)
+    loss = combo.loss - loss_put_back(layers, quantize)
+    dense = {s.name: None for s in combo.spectra}
+    return Estimate(combo, dense, cost, space.base_cost / cost, loss, aim, tuple(kept_fp32(layers, quantize)))
 
 
 def reachable(combo: Combo, space: Space, axis: str) -> float:
@@ -160,7 +177,7 @@ def best_single(points: Sequence[Point], asked: float, max_drop: float) -> dict[
     """For each family, its best single-family point (chosen as the whole search chooses)."""
     out = {}
     for family in sorted({f for p in points for f in p.families}):
-        alone = [p for p in points if p.families == (family,)]
+        alone = [p for p in points if p.families == (family,) and not p.mixed]
         if alone:
             out[family] = choose(alone, asked, max_drop)[0]
     return out
@@ -200,8 +217,8 @@ def search(space: Space, axis: str, asked: float, max_drop: float, verify: Verif
             fresh = [e for e in fresh if e.loss < promise]
         picked = sorted(fresh, key=lambda e: e.loss)[:top]
         for family in sorted({f for e in fresh for f in e.families}):  # the best single-family candidates
-            alone = [e for e in fresh if e.families == (family,)]
-            if alone and not any(p.families == (family,) and meets(p, asked, max_drop) for p in points):
+            alone = [e for e in fresh if e.families == (family,) and not e.fp32]
+            if alone and not any(p.families == (family,) and not p.mixed and meets(p, asked, max_drop) for p in points):
                 picked.append(min(alone, key=lambda e: e.loss))
         if r == 0:  # every single stage alone, measured, for the report's comparison
             picked += [Estimate(c, {s.name: None for s in c.spectra}, c.cost, space.base_cost / c.cost, c.loss, asked)
@@ -229,7 +246,7 @@ def search(space: Space, axis: str, asked: float, max_drop: float, verify: Verif
 
 
 def _signature(e: Estimate) -> str:
-    return f"{e.combo.label}|{sorted((k, v) for k, v in e.ranks.items() if v is not None)}"
+    return f"{e.combo.label}|{sorted((k, v) for k, v in e.ranks.items() if v is not None)}|{list(e.fp32)}"
 
 
 def pareto(points: Sequence[Mapping[str, float]], higher_better: bool = True) -> list[int]:

@@ -3,7 +3,7 @@
 A candidate is a list of recipe steps in the pipeline's step order: pruning first (it changes the shapes
 later steps see), then low-rank factorization of single linear maps (asvd: one step per rank, each
 targeting its layers by name), then INT8 (an ONNX-level stage, last) or weight-only quantization (wq,
-last: its weights are no longer float). Two kinds of choices:
+last: its weights are no longer float). Three kinds of choices:
 - **stages**, whole-model choices of a family (a pruning ratio, INT8, wq int8/int4): every product of
   them (a `Combo`) is really applied to the source, exported and timed on the target beside the
   original (so INT8 kernels are timed, never assumed), and its task-loss change measured on the
@@ -12,6 +12,9 @@ last: its weights are no longer float). Two kinds of choices:
   (`LayerTimes`: the target's GEMM table) and its estimated loss change: the layer's loss-measured
   sensitivity (compress/sensitivity.py, one probe of every layer alone on the original) per unit of its
   relative weighted squared error, times that error at the rank (`LayerSpectrum.error_at`).
+- **per-weight precision** of a wq stage alone under a size budget (optimize_precision): each weight
+  quantized or left fp32, with its bytes both ways and its loss change (Fisher's estimate with class or
+  next-token targets, else measured with it alone quantized).
 A family that cannot apply to the model (no linear map, a runtime without INT8 kernels, no gain on the
 budget's axis) is left out with the reason (`Space.skipped`).
 """
@@ -37,6 +40,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.core.progress import say
 from edgeslim.loaded import LoadedModel
+from edgeslim.optimize_precision import PrecisionLayer, precision_layers
 
 FAMILIES = ("asvd", "prune", "int8", "wq")
 PRUNE_KEPT = (0.75, 0.5)  # pruning stages: kept fraction of the prunable groups' parameters
@@ -66,6 +70,7 @@ class Combo:
     loss: float = 0.0  # task-loss change on the calibration data against the original
     layers: list[LayerTimes] = field(default_factory=list)  # asvd options (speed budgets)
     spectra: list[LayerSpectrum] = field(default_factory=list)  # asvd options (all budgets)
+    precision: list[PrecisionLayer] = field(default_factory=list)  # per-weight fp32 options of a wq stage (size)
 
     @property
     def label(self) -> str:
@@ -75,8 +80,10 @@ class Combo:
     def families(self) -> tuple[str, ...]:
         return tuple(s.family for s in self.stages)
 
-    def steps(self, ranks: Mapping[str, int | None], calib: str, align: int) -> list[dict[str, Any]]:
-        """The recipe steps of this combo with `ranks` (None: dense) of asvd, in the pipeline's step order."""
+    def steps(self, ranks: Mapping[str, int | None], calib: str, align: int, fp32: Sequence[str] = ()
+              ) -> list[dict[str, Any]]:
+        """The recipe steps of this combo with `ranks` (None: dense) of asvd, in the pipeline's step order; `fp32`:
+        the modules its wq stage leaves fp32."""
         by_rank: dict[int, list[str]] = {}
         for name, rank in ranks.items():
             if rank is not None:
@@ -84,7 +91,8 @@ class Combo:
         lowrank = [{"method": LOWRANK, "rank": r, "target": sorted(names), "align": align, "calib": calib}
                    for r, names in sorted(by_rank.items())]
         first = [dict(s.step) for s in self.stages if s.family == "prune"]
-        last = [dict(s.step) for s in self.stages if s.family != "prune"]
+        last = [dict(s.step) | ({"exclude": list(fp32)} if fp32 and s.family == "wq" else {})
+                for s in self.stages if s.family != "prune"]
         return first + lowrank + last
 
 
@@ -182,11 +190,13 @@ def build_combo(loaded: LoadedModel, stages: tuple[Stage, ...], profile_name: st
 
 def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure: Any, profile_name: str,
                 runtime: str, families: Sequence[str], axis: str, context: CompressContext, explicit: bool = False,
-                known: Mapping[str, tuple[float, float]] | None = None) -> Space:
+                known: Mapping[str, tuple[float, float]] | None = None,
+                known_precision: Mapping[str, Sequence[Sequence[Any]]] | None = None) -> Space:
     """Apply and measure every combo of the families' stages, and the per-layer asvd options on each.
 
     `known`: combo label -> (cost, loss) measured by an earlier run of the same search (resumed: not measured
-    again, so that its estimates, and so its candidates, are the same).
+    again, so that its estimates, and so its candidates, are the same); `known_precision`: combo label -> its
+    PrecisionLayer fields, likewise.
 
     Raises:
         ConfigError: a family the user named explicitly (`explicit`) cannot apply (named, with why), or none can.
@@ -204,15 +214,25 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
         if folder is not None:
             export_model(loaded, "onnx", folder / "original.onnx", profile_name, quiet=True)
         built.append((Combo((), loaded), Path(tmp) / "original.onnx"))
+        broken: dict[str, str] = {}  # stage label -> why it cannot apply to this model
         for stages in combos_of(groups)[1:]:
-            if {s.family for s in stages} & set(skipped):
+            if {s.family for s in stages} & set(skipped) or any(s.label in broken for s in stages):
                 continue
             try:
                 current, path = build_combo(loaded, stages, profile_name, folder)
-            except EdgeslimError as exc:  # a stage that cannot apply to this model: its family is left out
-                skipped[stages[-1].family] = " ".join(str(exc).split())
+            except EdgeslimError as exc:  # a stage (or product) that cannot apply to this model is left out
+                why = " ".join(str(exc).split())
+                if len(stages) == 1:
+                    broken[stages[0].label] = why
+                else:
+                    say(f"{' + '.join(s.label for s in stages)} left out: {why}")
                 continue
             built.append((Combo(stages, current), path))
+        for group in groups:  # a family none of whose stages applies is left out, with the first one's why
+            if all(s.label in broken for s in group):
+                skipped[group[0].family] = broken[group[0].label]
+            for stage in (s for s in group if s.label in broken and group[0].family not in skipped):
+                say(f"stage {stage.label} left out: {broken[stage.label]}")
         combos = [c for c, _ in built if not {s.family for s in c.stages} & set(skipped)]
         paths = [p for c, p in built if not {s.family for s in c.stages} & set(skipped)]
         if all(c.label in known for c in combos):  # a resumed search: the combos as measured before
@@ -227,9 +247,14 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
                 combo.cost = times[i] if axis == "ms" else float(weight_bytes(combo.loaded.model))
                 combo.loss = 0.0 if i == 0 else mean_loss(runnable(combo.loaded), data.head(2)) - base_loss
     _refuse_skipped(loaded, skipped, explicit)
-    torch_level = {c.families: c for c in combos}
-    for combo in combos:  # the fp32 torch model an INT8 combo quantizes: the same combo without int8
-        combo.dense_cost = torch_level[tuple(f for f in combo.families if f != "int8")].cost
+    set_dense_costs(combos)
+    if axis == "bytes":
+        fisher: dict[str, torch.Tensor] = {}  # shared by the wq stages (the same weights at other precisions)
+        for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
+            if combo.families == ("wq",) and combo.label in (known_precision or {}):
+                combo.precision = [PrecisionLayer(*row) for row in known_precision[combo.label]]
+            elif combo.families == ("wq",):
+                combo.precision = precision_layers(loaded.model, combo.loaded.model, data.head(2), combo.label, fisher)
     profile = None
     if "asvd" in families and "asvd" not in skipped:
         profile = _lowrank_profile(loaded, calib, context)
@@ -246,6 +271,14 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
         raise ConfigError("no compression family applies to this model: " +
                           "; ".join(f"{f}: {why}" for f, why in skipped.items()))
     return Space(combos, combos[0].cost, skipped, profile, align)
+
+
+def set_dense_costs(combos: Sequence[Combo]) -> None:
+    """Each combo's dense_cost: the cost of the fp32 torch model its INT8 stage quantizes, the same stages
+    without int8 (keyed by the stages themselves: prune 0.75 and prune 0.5 are one family, two models)."""
+    torch_level = {tuple(s.label for s in c.stages): c for c in combos}
+    for combo in combos:
+        combo.dense_cost = torch_level[tuple(s.label for s in combo.stages if s.family != "int8")].cost
 
 
 def _refuse_skipped(loaded: LoadedModel, skipped: Mapping[str, str], explicit: bool) -> None:

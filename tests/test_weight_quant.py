@@ -233,3 +233,15 @@ def test_cli_exclude_lm_head_keeps_the_tied_embedding_fp32(in_tmp, capsys):
     assert again.model.hf.lm_head.weight is again.model.hf.model.embed_tokens.weight
     assert torch.equal(again.model.hf.lm_head.weight, source.model.hf.lm_head.weight)
     assert not any("embed_tokens" in n or "lm_head" in n for n in decompressors(again.model))
+
+
+def test_exclude_one_layer_of_a_module_list_keeps_that_layer_alone_fp32(in_tmp):
+    """NNCF's op names drop ModuleList indices: the layer left out is found by the weight its op reads."""
+    loaded = load_model(str(llama(in_tmp / "llama")))
+    left = "hf.model.layers.1.mlp.down_proj"
+    result = WQ.compress(loaded.model, WQ.make_config({"mode": "int8", "exclude": [left]}),
+                         context=CompressContext(inputs=tuple(loaded.inputs)))
+    quantized = set(decompressors(result.model))
+    assert f"{left}.weight" not in quantized and "hf.model.layers.0.mlp.down_proj.weight" in quantized
+    assert len(quantized) == 2 * 7  # every other linear map of both layers, and the tied embedding
+    assert torch.equal(result.model.get_submodule(left).weight, loaded.model.get_submodule(left).weight)

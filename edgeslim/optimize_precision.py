@@ -1,0 +1,154 @@
+"""Per-layer precision of a weight-only quantization stage under a size budget: which weights stay fp32.
+
+A wq stage quantizes every linear map (and the embeddings) at one mode. When the quantized model is
+smaller than a --size-mb budget, the slack buys loss back: the weights whose quantization costs the most
+loss per byte it saves stay fp32 (the wq step's `exclude`). Each weight is scored by its loss-measured
+sensitivity: the task loss with that weight alone replaced by its dequantized value (the integers the
+real stage stored, `weight_quant.dequantized`), less the original's loss (as compress/sensitivity.py
+measures layers). The shared allocator (lowrank_budget.allocate, the greedy on each layer's convex hull)
+then picks, in bytes, the weights to quantize: each is a `PrecisionLayer` whose one non-dense decision is
+"quantized" (its stored integers, scales and zero points) and whose dense state is fp32.
+With class or next-token targets the loss change is estimated from the empirical Fisher instead (one
+backward pass a batch for every weight, AutoQuantize's score): measuring 211 weights of SmolLM2 one by one
+took about 10 s each on the shared 2-core machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from edgeslim.compress.base import BudgetConfig
+from edgeslim.compress.lowrank_budget import allocate
+from edgeslim.compress.sensitivity import mean_loss
+from edgeslim.compress.train import task_loss
+from edgeslim.core.calib import CalibData
+from edgeslim.core.progress import bar
+
+QUANTIZED = 0  # the one non-dense decision of a PrecisionLayer
+
+
+@dataclass
+class PrecisionLayer:
+    """One quantized weight as the shared allocator sees it (a BudgetLayer, in bytes)."""
+
+    name: str  # the module that owns the weight (what wq's `exclude` names)
+    dense_params: int  # bytes of the fp32 weight
+    quantized_bytes: int  # bytes of its integers, scales and zero points
+    delta: float  # task-loss change with this weight alone quantized (may be slightly negative)
+
+    def decisions(self, align: int) -> list[int]:
+        return [QUANTIZED] if self.quantized_bytes < self.dense_params else []
+
+    def params_at(self, d: int) -> int:
+        return self.quantized_bytes
+
+    def error_at(self, d: int) -> float:
+        return max(self.delta, 0.0)
+
+    def rank_decision(self, rank: int, align: int) -> int | None:
+        return QUANTIZED
+
+    def energy_decision(self, fraction: float, align: int) -> int | None:
+        return QUANTIZED
+
+
+def precision_layers(original: nn.Module, quantized: nn.Module, data: CalibData, label: str = "wq",
+                     fisher: dict[str, torch.Tensor] | None = None, progress: bool = True) -> list[PrecisionLayer]:
+    """Every weight a wq stage quantized in `quantized` (the stage applied to `original`), with its bytes both
+    ways and its estimated loss change on `data` (which has targets). With class or next-token targets the
+    estimate is Fisher's (`fisher_diagonal`, computed once into `fisher` and shared by the stages); with
+    distillation targets (the original's own outputs, where every gradient is 0) it is measured: the loss with
+    that weight alone quantized, less the original's. A weight tied to others (an LM head sharing the
+    embedding) is one layer: its one parameter is every use of it."""
+    from edgeslim.compress.weight_quant import decompressors, integer_weights
+
+    ints = integer_weights(quantized)
+    stored = decompressors(quantized)
+    if data.targets is not None and not torch.is_floating_point(data.targets[0]):
+        fisher = {} if fisher is None else fisher
+        missing = [n for n in sorted(ints) if n not in fisher]
+        if missing:
+            fisher.update(fisher_diagonal(original, data, missing))
+        delta = {n: 0.5 * float((fisher[n] * (iw.dense().reshape(fisher[n].shape) - original.get_parameter(n).detach()
+                                               ).square()).sum()) for n, iw in ints.items()}
+    else:
+        delta = measured_losses(original, {n: iw.dense() for n, iw in ints.items()}, data, label, progress)
+    out = []
+    for name in sorted(ints):
+        kept, q = original.get_parameter(name), quantized.get_parameter(name)
+        qbytes = q.numel() * q.element_size() + sum(b.numel() * b.element_size() for b in stored[name].buffers())
+        out.append(PrecisionLayer(name.rsplit(".", 1)[0], kept.numel() * kept.element_size(), int(qbytes),
+                                  delta[name]))
+    return out
+
+
+def fisher_diagonal(model: nn.Module, data: CalibData, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The empirical Fisher of the named parameters on `data`: the mean over batches of the task loss's squared
+    gradient, so that 0.5 * sum(F * dw**2) estimates the loss change of a weight moved by dw (the second-order
+    term at a trained model; AutoQuantize's score, ModelOpt)."""
+    params = [model.get_parameter(n) for n in names]
+    flags = [p.requires_grad for p in params]
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _, batch, target in data:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(task_loss(model(**batch), target), params, allow_unused=True)
+            for f, g in zip(fisher, grads):
+                if g is not None:
+                    f += g.detach().float().square() / len(data.batches)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return dict(zip(names, fisher))
+
+
+@torch.no_grad()
+def measured_losses(model: nn.Module, replaced: Mapping[str, torch.Tensor], data: CalibData, label: str,
+                    progress: bool = True) -> dict[str, float]:
+    """Task-loss change on `data` with each named parameter alone set to its `replaced` value (put back after)."""
+    was_training = model.training
+    model.eval()
+    base = mean_loss(model, data)
+    out = {}
+    try:
+        with bar(f"loss of each weight of {label} quantized alone", len(replaced), progress) as shown:
+            for name, value in sorted(replaced.items()):
+                param = model.get_parameter(name)
+                kept = param.data
+                param.data = value.reshape(kept.shape).to(kept.dtype)
+                try:
+                    out[name] = mean_loss(model, data) - base
+                finally:
+                    param.data = kept
+                shown.advance()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def allocate_precision(layers: Sequence[PrecisionLayer], budget: float) -> dict[str, bool]:
+    """Which weights to quantize (name -> True) so that their bytes stay within `budget`, with the least summed
+    sensitivity of the quantized ones: the shared allocator's greedy, fp32 being each layer's dense state.
+    A budget below every weight quantized quantizes them all."""
+    dense = sum(l.dense_params for l in layers)
+    ratio = min(max(budget / max(dense, 1), 0.0), 1.0)
+    decided = allocate(layers, BudgetConfig(ratio=ratio, allocation="sensitivity", align=1))
+    return {name: d is not None for name, d in decided.items()}
+
+
+def kept_fp32(layers: Sequence[PrecisionLayer], quantize: Mapping[str, bool]) -> list[str]:
+    """The modules left fp32 by an allocation, as wq's `exclude`."""
+    return sorted(l.name for l in layers if not quantize[l.name])
+
+
+def loss_put_back(layers: Sequence[PrecisionLayer], quantize: Mapping[str, bool]) -> float:
+    """The estimated loss the fp32 weights take back from the all-quantized stage: their summed sensitivities."""
+    return sum(l.error_at(QUANTIZED) for l in layers if not quantize[l.name])
