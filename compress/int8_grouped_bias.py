@@ -47,6 +47,8 @@ def correct_grouped_biases(fp32, quantized, batches: Sequence[dict[str, np.ndarr
     by the fp32 graph's output channel means minus its own on `batches`, each measured after the corrections
     before it. Returns {conv name: largest absolute change of its bias}."""
     convs = grouped_convs(quantized)
+    if not convs:
+        return {}
     want = probe_values(fp32, [c.output[0] for c in convs], batches)
     from onnx import numpy_helper
     changes = {}

@@ -102,11 +102,19 @@ def reverted(quantized, fp32, dq_names: Sequence[str]):
     return model
 
 
+def sensitivity_notes(info: dict[str, Any]) -> dict[str, str]:
+    """The layer-row note of each op keep_sensitive reverted."""
+    return {op: "kept fp32: no INT8 kernel reads its input" for op in info.get("free_ops", ())} | {
+        op: "kept fp32: measured sensitivity" for op in info["fp32_ops"]}
+
+
 def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], min_gain: float, max_macs: float,
                    outputs: Collection[str] = (), progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """The quantized graph with its most sensitive compute ops reverted to fp32, and what was measured:
-    {"error_int8", "error", "fp32_ops", "macs_fp32_share" (of the INT8 kernels' multiply-adds, the reverted
-    ops' and those they unfuse; `outputs` as in int8_ops), "ranking": [{"op", "error_if_fp32", "macs"}]}."""
+    {"error_int8", "error", "fp32_ops", "free_ops" (ops with a quantized input that no INT8 kernel reads,
+    reverted last, all together, when that lowers the error and unfuses no kernel), "macs_fp32_share" (of the INT8 kernels'
+    multiply-adds, the reverted ops' and those they unfuse; `outputs` as in int8_ops), "ranking": [{"op",
+    "error_if_fp32", "macs"}]}."""
     fp32_session = ort_session(fp32)
     reference = [fp32_session.run(None, f) for f in batches]
     full = output_error(quantized, batches, reference)
@@ -120,8 +128,11 @@ def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], mi
     ranking.sort()
     fast = int8_ops(quantized, outputs)
     total = sum(macs[o] for o in fast)
+    free = [o for o in dqs if o not in fast]
     chosen, model, error, lost = [], quantized, full, 0
     for _, op in ranking:
+        if op in free:
+            continue
         trial = reverted(quantized, fp32, sorted({d for o in chosen + [op] for d in dqs[o]}))
         trial_lost = sum(macs[o] for o in fast - int8_ops(trial, outputs))  # its neighbours' kernels it unfuses too
         if trial_lost > max_macs * total:
@@ -130,5 +141,13 @@ def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], mi
         if error - trial_error < min_gain * full:
             break
         chosen, model, error, lost = chosen + [op], trial, trial_error, trial_lost
-    return model, {"error_int8": full, "error": error, "fp32_ops": chosen, "macs_fp32_share": lost / max(total, 1),
+    if free:  # quantized inputs no INT8 kernel reads (ORT dequantizes them for an fp32 op): fp32 at no cost
+        trial = reverted(quantized, fp32, sorted({d for o in chosen + free for d in dqs[o]}))
+        trial_error = output_error(trial, batches, reference)
+        if int8_ops(trial, outputs) == int8_ops(model, outputs) and trial_error < error:
+            model, error = trial, trial_error
+        else:
+            free = []
+    return model, {"error_int8": full, "error": error, "fp32_ops": chosen, "free_ops": free,
+                   "macs_fp32_share": lost / max(total, 1),
                    "ranking": [{"op": op, "error_if_fp32": e, "macs": macs[op]} for e, op in ranking]}

@@ -32,7 +32,7 @@ from edgeslim.compress.base import CompressContext, CompressResult, Compressor, 
 from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, fold_unfused_weights, output_ranges,
                                            output_sites, site_ranges, unsigned_activations)
 from edgeslim.compress.int8_grouped_bias import correct_grouped_biases
-from edgeslim.compress.int8_sensitivity import keep_sensitive
+from edgeslim.compress.int8_sensitivity import keep_sensitive, sensitivity_notes
 from edgeslim.compress.int8_dynamic import check_dynamic, dynamic_record, dynamic_rows, quantize_dynamic_graph
 from edgeslim.compress.int8_record import (MIN_OPSET, activation_quantizers, check_record, dense_output, layer_rows,
                                            metric, ort_session, probe_values, quantization_errors, record_graph,
@@ -280,7 +280,7 @@ class Int8(Compressor):
                 quantized, resolved["sensitivity"] = keep_sensitive(
                     fp32, full, batches[:subset], config.sensitive_gain, config.sensitive_macs,
                     output_sites(full) if config.quantize_output else ())
-                notes = {op: "kept fp32: measured sensitivity" for op in resolved["sensitivity"]["fp32_ops"]}
+                notes = sensitivity_notes(resolved["sensitivity"])
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
         record = record_graph(fp32, quantized, full)
