@@ -15,7 +15,9 @@ all three. ORT's quantizers ship inside onnxruntime and NNCF is edgeslim's own e
 - EfficientNet-Lite0: top-1 agreement with fp32 on crops of the bundled images, latency at batch 1,
   and per variant the Conv/MatMul/Gemm nodes ORT still runs in fp32, with why (runtime/op_profile.py);
   edgeslim's default beside the same without the ops its measured sensitivity keeps fp32
-  (`sensitive_fp32=false`), so what that lever costs and buys is timed in the same rounds.
+  (`sensitive_fp32=false`) and without the bias correction of its depthwise convs
+  (`grouped_bias_correction=false`, the default before it), so what each lever costs and buys is timed in
+  the same rounds.
 - The CPU: machine_info() (model, INT8 features) and the measured int8/fp32 GEMM ratio; on a CPU
   without VNNI/AMX that ratio is the bound stated instead of a speedup goal.
 Latencies of the variants of one model are timed in alternating rounds (the CPU is shared); the
@@ -313,7 +315,9 @@ def effnet_part(cfg: dict, tmp: Path) -> dict:
     fp32 = to_onnx(loaded.model, loaded.inputs, tmp / "effnet.onnx", dims={"batch": 1}).path
     q, info = int8_onnx(loaded, calib, fp32, tmp / "effnet-int8.onnx")
     plain = int8_onnx(loaded, calib, fp32, tmp / "effnet-int8-plain.onnx", sensitive_fp32=False)[0]  # the lever's share
-    paths = {"fp32": fp32, "int8": q, "int8_no_sensitive_fp32": plain,
+    # the default before grouped (depthwise) bias correction: what that lever buys, in the same rounds
+    no_dw = int8_onnx(loaded, calib, fp32, tmp / "effnet-int8-nodw.onnx", grouped_bias_correction=False)
+    paths = {"fp32": fp32, "int8": q, "int8_no_sensitive_fp32": plain, "int8_no_grouped_bias": no_dw[0],
              "ort_quantize_static": ort_static(fp32, calib, tmp / "effnet-ortq.onnx"),
              "nncf_default": nncf_default(fp32, calib, tmp / "effnet-nncf.onnx")}
     ref = OrtModule(fp32)(x=x).numpy().argmax(1)
@@ -321,7 +325,8 @@ def effnet_part(cfg: dict, tmp: Path) -> dict:
     lat = interleaved(paths, feeds, cfg.get("effnet_rounds", cfg["rounds"]), cfg.get("effnet_iters", cfg["iters"]))
     row = {"crops": len(x), "calibration_crops": len(calib_x), "fp32_p50_ms": lat["fp32"], "fp32_bytes": fp32.stat().st_size, "int8": info,
            "op_shares": op_shares(paths, feeds),
-           "note": "calibrated on 48 crops, agreement on the other crops (no other images are bundled)"}
+           "note": "calibrated on 48 crops, agreement on the other crops (no other images are bundled)",
+           "int8_no_grouped_bias": {"sensitivity": no_dw[1]["sensitivity"]}}
     for tag, p in list(paths.items())[1:]:
         kept = fp32_compute_ops(p)
         row[tag] = row.get(tag, {}) | {"top1_agreement": float((OrtModule(p)(x=x).numpy().argmax(1) == ref).mean()),

@@ -171,3 +171,19 @@ def test_the_most_sensitive_op_is_kept_fp32_and_replays(tmp_path):
     # no INT8 kernel fits a zero budget: only the head may go back (ORT runs it in fp32 anyway: no output quantizer)
     none = comp.compress(model, {"sensitive_macs": 0.0}, calib, context=context).resolved["sensitivity"]
     assert mid not in none["fp32_ops"] and none["macs_fp32_share"] == 0.0 and set(none["fp32_ops"]) <= head
+
+
+def test_a_quantized_input_no_int8_kernel_reads_goes_back_to_fp32_first(tmp_path):
+    model = MobileBlock().eval()
+    calib, comp, context, fp32 = _setup(model, tmp_path)
+    head = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gemm"]
+    # no ranked op can remove the whole error: only the free one (ORT runs the Gemm head in fp32 either way) goes
+    result = comp.compress(model, {"sensitive_gain": 1.0}, calib, context=context)
+    sens = result.resolved["sensitivity"]
+    assert sens["free_ops"] == head and sens["fp32_ops"] == [] and sens["macs_fp32_share"] == 0.0
+    assert sens["error"] < sens["error_int8"]
+    assert [r.note for r in result.changes if f"({head[0]})" in r.kind] == ["kept fp32: no INT8 kernel reads its input"]
+    comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)
+    kept = fp32_compute_ops(tmp_path / "q.onnx")
+    assert kept[head[0]] == "Gemm: no quantizer on its input"  # its Q/DQ pair is gone, not just left unfused
+    assert sum(why.startswith("Conv") for why in kept.values()) == 1  # the stem only: no Conv kernel was unfused
