@@ -45,6 +45,8 @@ def tiny(arch: str) -> torch.nn.Module:
 
 FAST = ["llama", "gpt2", "qwen2"]
 ROTATE_HALF = {"llama", "qwen2", "mistral", "phi3", "gemma"}  # full-width rotate-half rope: fused (export/rotary.py)
+# attention as GroupQueryAttention (export/gqa.py); Mistral's sliding-window cache slices its present: left as is
+GQA = ROTATE_HALF - {"mistral"}
 SLOW = ["mistral", "phi3", "gemma", "gpt_neox", "opt"]
 
 
@@ -56,8 +58,11 @@ def test_cache_graph_matches_torch(arch, tmp_path):
     assert set(res.max_abs_diff) == set(PARITY_PASTS)
     assert max(res.max_abs_diff.values()) < 1e-4
     import onnx
-    rotary = sum(n.op_type == "RotaryEmbedding" for n in onnx.load(str(res.path)).graph.node)
-    assert rotary == (2 * res.layers if arch in ROTATE_HALF else 0)  # q and k of each layer: one node each
+    ops = [n.op_type for n in onnx.load(str(res.path)).graph.node]
+    assert ops.count("RotaryEmbedding") == (2 * res.layers if arch in ROTATE_HALF else 0)  # q and k of each layer
+    # export/gqa.py: each layer's attention (and the Concat of its past) one GroupQueryAttention node
+    assert ops.count("GroupQueryAttention") == (res.layers if arch in GQA else 0)
+    assert ops.count("Softmax") == (0 if arch in GQA else res.layers)
     graph = open_cache_graph(res.path)
     names = {i.name for i in graph.session.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names

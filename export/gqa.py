@@ -1,0 +1,209 @@
+"""A cache graph's attention as one ONNX Runtime node per layer: `GroupQueryAttention` (com.microsoft).
+
+After the RMSNorm and rotary fusions a LLaMA-family layer still runs its attention as ~17 kernels per token
+(Reshape and Transpose of q, k and v into heads, the Concat of the past into the present, the grouped
+MatMul, scale, mask Add, Softmax, MatMul and the Transposes back). This pass finds that subgraph from each
+layer's `present.{i}.key/value` Concat and writes, in its place, what ONNX Runtime's model builder (ORT
+GenAI) writes: GroupQueryAttention(query, key, value [batch, sequence, heads * head_dim], past key/value,
+seqlens_k, total_sequence_length), its outputs the attention [batch, sequence, hidden] and the layer's
+`present.*` under their Optimum names, so runners feed the file as before. Exactly the same computation:
+the rotary embeddings stay ORT's RotaryEmbedding (on the [batch, sequence, hidden] tensors, fed
+`position_ids`), and the graph's own additive mask (causal and padding, as the model built it) is the
+node's `attention_bias`, so every batch entry counts the whole past (seqlens_k = past + sequence - 1).
+Layers whose subgraph does not have this form (another attention, rope left unfused) are left as they are.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeslim.export.graph_rewrite import Chains
+
+MS = "com.microsoft"
+_VIEW = ("Reshape", "Transpose")
+
+
+def query_heads(hf) -> list[int] | None:
+    """Query heads of every layer of a Hugging Face causal LM (pruned heads included), read from the
+    attention weights of one short eager forward pass; None when the model does not return them."""
+    import torch
+    from edgeslim.core.onnx_io import _quiet_torch, eager_attention
+    ids = torch.zeros((1, 2), dtype=torch.int64)
+    try:
+        with torch.inference_mode(), _quiet_torch(), eager_attention(hf):
+            out = hf(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    weights = getattr(out, "attentions", None)
+    return [int(w.shape[1]) for w in weights] if weights and all(w is not None for w in weights) else None
+
+
+def fuse_group_query_attention(model, heads: list[int], kv_heads: list[int]) -> int:
+    """Rewrite each layer's attention subgraph of the cache graph `model` (a ModelProto, see the module
+    docstring) in place; `heads`/`kv_heads` per layer. Returns how many layers were fused."""
+    from onnx import helper
+
+    graph = model.graph
+    names = {i.name for i in graph.input}
+    if "attention_mask" not in names:
+        return 0
+    chains = Chains(graph)
+    readers: dict[str, list] = {}
+    for node in chains.nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    replaced, drop, fused = {}, set(), 0
+    for layer, (h, kv) in enumerate(zip(heads, kv_heads)):
+        found = _layer(chains, readers, layer)
+        if found is None:
+            continue
+        stem = f"gqa_{layer}"
+        inputs = []
+        for role in ("q", "k"):
+            rotary = found[f"{role}_rotary"]
+            if rotary is None:
+                inputs.append(found[role])
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
+            inputs.append(f"{stem}_{role}_rotated")
+            replaced.setdefault(id(found["out_node"]), []).append(helper.make_node(
+                "RotaryEmbedding", [found[role], *rotary.input[1:]], [inputs[-1]], name=f"{stem}_{role}_rotary",
+                domain=MS, **attrs))
+        past_k, past_v = found["past"]
+        replaced.setdefault(id(found["out_node"]), []).append(helper.make_node(
+            "GroupQueryAttention", [*inputs, found["v"], past_k, past_v, "gqa_seqlens_k", "gqa_total_length",
+                                    "", "", "", found["mask"], "", "", "", "", "", "gqa_query_lengths"],
+            [found["out"], f"present.{layer}.key", f"present.{layer}.value"], name=stem, domain=MS,
+            num_heads=h, kv_num_heads=kv, scale=found["scale"]))
+        drop.update(id(n) for n in found["concats"])
+        fused += 1
+    if not fused:
+        return 0
+    chains.rewrite(replaced, drop)
+    nodes = _length_nodes(graph) + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    return fused
+
+
+def _length_nodes(graph) -> list:
+    """seqlens_k [batch] int32 (past + sequence - 1 for every entry: the mask goes in as attention_bias),
+    total_sequence_length (a scalar int32) and query_seqlens [batch] (the sequence: ORT's CPU kernel takes
+    several new tokens with a past for a batch of one only, unless told each entry's count), from the shapes
+    of attention_mask and input_ids."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
+                              (("gqa_c0", [0]), ("gqa_c1", 1), ("gqa_c1v", [1]))])
+    return [
+        helper.make_node("Shape", ["attention_mask"], ["gqa_mask_shape"], name="gqa_mask_shape"),
+        helper.make_node("Gather", ["gqa_mask_shape", "gqa_c1"], ["gqa_total64"], name="gqa_total", axis=0),
+        helper.make_node("Cast", ["gqa_total64"], ["gqa_total_length"], name="gqa_total_cast", to=TensorProto.INT32),
+        helper.make_node("Sub", ["gqa_total64", "gqa_c1"], ["gqa_last64"], name="gqa_last"),
+        helper.make_node("Slice", ["gqa_mask_shape", "gqa_c0", "gqa_c1v"], ["gqa_batch"], name="gqa_batch"),
+        helper.make_node("Expand", ["gqa_last64", "gqa_batch"], ["gqa_seqlens64"], name="gqa_seqlens_expand"),
+        helper.make_node("Cast", ["gqa_seqlens64"], ["gqa_seqlens_k"], name="gqa_seqlens_cast", to=TensorProto.INT32),
+        helper.make_node("Shape", ["input_ids"], ["gqa_ids_shape"], name="gqa_ids_shape"),
+        helper.make_node("Gather", ["gqa_ids_shape", "gqa_c1"], ["gqa_new64"], name="gqa_new", axis=0),
+        helper.make_node("Expand", ["gqa_new64", "gqa_batch"], ["gqa_query64"], name="gqa_query_expand"),
+        helper.make_node("Cast", ["gqa_query64"], ["gqa_query_lengths"], name="gqa_query_cast", to=TensorProto.INT32),
+    ]
+
+
+def _perm(node) -> list[int] | None:
+    from onnx import helper
+    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+
+
+def _heads_view(chains: Chains, name: str) -> tuple[str, object | None] | None:
+    """The [batch, sequence, hidden] tensor that `name` [batch, heads, sequence, head_dim] is a view of
+    (Reshape then Transpose 0,2,1,3, optionally rotated by a RotaryEmbedding), and that rotary node."""
+    rotary = chains.only(name, "RotaryEmbedding")
+    if rotary is not None:
+        name = rotary.input[0]
+    transpose = chains.only(name, "Transpose")
+    if transpose is None or _perm(transpose) != [0, 2, 1, 3]:
+        return None
+    reshape = chains.only(transpose.input[0], "Reshape")
+    return (reshape.input[0], rotary) if reshape is not None else None
+
+
+def _layer(chains: Chains, readers: dict[str, list], layer: int) -> dict | None:
+    """The pieces of layer `layer`'s attention subgraph, or None when it does not have the expected form."""
+    producer = chains.producer
+    present_k, present_v = f"present.{layer}.key", f"present.{layer}.value"
+    concats = [producer.get(present_k), producer.get(present_v)]
+    if any(c is None or c.op_type != "Concat" or len(c.input) != 2 for c in concats):
+        return None
+    past = (concats[0].input[0], concats[1].input[0])
+    if past != (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"):
+        return None
+    k, v = _heads_view(chains, concats[0].input[1]), _heads_view(chains, concats[1].input[1])
+    if k is None or v is None or v[1] is not None:
+        return None
+    # present.key -> Transpose(0,1,3,2) -> MatMul(q, .) -> Mul(scale) -> [Reshape] -> Add(mask) -> [Reshape] -> Softmax
+    kt = [n for n in readers.get(present_k, []) if n.op_type == "Transpose" and _perm(n) == [0, 1, 3, 2]]
+    scores = [n for n in readers.get(kt[0].output[0], []) if n.op_type == "MatMul"] if len(kt) == 1 else []
+    if len(scores) != 1 or len(readers.get(present_k, [])) != 1:
+        return None
+    query = scores[0].input[0]
+    while chains.only(query, "Reshape") is not None:
+        query = chains.producer[query].input[0]
+    q = _heads_view(chains, query)
+    node, scale, mask = _single_reader(readers, scores[0]), None, None
+    if q is None or node is None or node.op_type != "Mul":
+        return None
+    scale = next((chains.scalar(i) for i in node.input if chains.scalar(i) is not None), None)
+    node = _skip_views(readers, node)
+    if scale is None or node is None or node.op_type != "Add":
+        return None
+    mask = next((i for i in node.input if i != _producer_output(chains, node)), None)
+    mask = _drop_unsqueeze(chains, mask)
+    node = _skip_views(readers, node)
+    if node is None or node.op_type != "Softmax":
+        return None
+    out = [n for n in readers.get(node.output[0], []) if n.op_type == "MatMul" and n.input[1] == present_v]
+    if len(out) != 1 or len(readers.get(present_v, [])) != 1:
+        return None
+    tail, transposes = out[0], 0
+    while True:
+        nxt = _single_reader(readers, tail)
+        if nxt is None or nxt.op_type not in _VIEW:
+            break
+        transposes += nxt.op_type == "Transpose" and _perm(nxt) == [0, 2, 1, 3]
+        tail = nxt
+    if tail.op_type != "Reshape" or transposes != 1:
+        return None
+    return {"q": q[0], "q_rotary": q[1], "k": k[0], "k_rotary": k[1], "v": v[0], "past": past, "scale": scale,
+            "mask": mask, "out": tail.output[0], "out_node": tail, "concats": concats}
+
+
+def _single_reader(readers: dict[str, list], node):
+    got = readers.get(node.output[0], [])
+    return got[0] if len(got) == 1 else None
+
+
+def _skip_views(readers: dict[str, list], node):
+    """The first reader after `node` and any Reshapes that follow it alone."""
+    nxt = _single_reader(readers, node)
+    while nxt is not None and nxt.op_type == "Reshape":
+        nxt = _single_reader(readers, nxt)
+    return nxt
+
+
+def _producer_output(chains: Chains, add) -> str | None:
+    """The input of the mask Add that the scores chain made (a Mul or a Reshape of it)."""
+    for name in add.input:
+        node = chains.producer.get(name)
+        if node is not None and node.op_type in ("Mul", "Reshape") and chains.readers.get(name) == 1:
+            return name
+    return None
+
+
+def _drop_unsqueeze(chains: Chains, name: str | None) -> str | None:
+    """The [batch, 1, sequence, total] mask behind grouped attention's Unsqueeze(axes=[2])."""
+    node = chains.producer.get(name) if name else None
+    if node is not None and node.op_type == "Unsqueeze" and len(node.input) == 2 and \
+            np.array_equal(chains.consts.get(node.input[1], np.array([])).reshape(-1), [2]):
+        return node.input[0]
+    return name
