@@ -6,10 +6,12 @@ MatMul, scale, mask Add, Softmax, MatMul and the Transposes back). This pass fin
 layer's `present.{i}.key/value` Concat and writes, in its place, what ONNX Runtime's model builder (ORT
 GenAI) writes: GroupQueryAttention(query, key, value [batch, sequence, heads * head_dim], past key/value,
 seqlens_k, total_sequence_length), its outputs the attention [batch, sequence, hidden] and the layer's
-`present.*` under their Optimum names, so runners feed the file as before. Exactly the same computation:
-the rotary embeddings stay ORT's RotaryEmbedding (on the [batch, sequence, hidden] tensors, fed
-`position_ids`), and the graph's own additive mask (causal and padding, as the model built it) is the
-node's `attention_bias`, so every batch entry counts the whole past (seqlens_k = past + sequence - 1).
+`present.*` under their Optimum names, so runners feed the file as before. The same computation: the
+rotary embeddings (ORT's RotaryEmbedding after export/rotary.py) move into the node (do_rotary, the same
+cos/sin tables and `position_ids`), and the graph's own additive mask (causal and padding, as the model
+built it) is the node's `attention_bias`, so every batch entry counts the whole past (seqlens_k = past +
+sequence - 1). After the MatMulNBits lowering merges q, k and v into one product, `pack_qkv` feeds it to
+the node whole (ORT's packed-QKV form: no Split).
 Layers whose subgraph does not have this form (another attention, rope left unfused) are left as they are.
 """
 from __future__ import annotations
@@ -37,9 +39,10 @@ def query_heads(hf) -> list[int] | None:
     return [int(w.shape[1]) for w in weights] if weights and all(w is not None for w in weights) else None
 
 
-def fuse_group_query_attention(model, heads: list[int], kv_heads: list[int]) -> int:
+def fuse_group_query_attention(model, heads: list[int], kv_heads: list[int], head_dims: list[int]) -> int:
     """Rewrite each layer's attention subgraph of the cache graph `model` (a ModelProto, see the module
-    docstring) in place; `heads`/`kv_heads` per layer. Returns how many layers were fused."""
+    docstring) in place; `heads`/`kv_heads`/`head_dims` per layer. Returns how many layers were fused.
+    ORT's kernel rotates heads whose size is a multiple of 16 only: other layers are left as they are."""
     from onnx import helper
 
     graph = model.graph
@@ -52,28 +55,26 @@ def fuse_group_query_attention(model, heads: list[int], kv_heads: list[int]) -> 
         for name in node.input:
             readers.setdefault(name, []).append(node)
     replaced, drop, fused = {}, set(), 0
-    for layer, (h, kv) in enumerate(zip(heads, kv_heads)):
+    for layer, (h, kv, d) in enumerate(zip(heads, kv_heads, head_dims)):
         found = _layer(chains, readers, layer)
-        if found is None:
+        if found is None or (found["q_rotary"] is not None and d % 16):
             continue
-        stem = f"gqa_{layer}"
-        inputs = []
-        for role in ("q", "k"):
-            rotary = found[f"{role}_rotary"]
-            if rotary is None:
-                inputs.append(found[role])
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
-            inputs.append(f"{stem}_{role}_rotated")
-            replaced.setdefault(id(found["out_node"]), []).append(helper.make_node(
-                "RotaryEmbedding", [found[role], *rotary.input[1:]], [inputs[-1]], name=f"{stem}_{role}_rotary",
-                domain=MS, **attrs))
-        past_k, past_v = found["past"]
-        replaced.setdefault(id(found["out_node"]), []).append(helper.make_node(
-            "GroupQueryAttention", [*inputs, found["v"], past_k, past_v, "gqa_seqlens_k", "gqa_total_length",
-                                    "", "", "", found["mask"], "", "", "", "", "", "gqa_query_lengths"],
-            [found["out"], f"present.{layer}.key", f"present.{layer}.value"], name=stem, domain=MS,
-            num_heads=h, kv_num_heads=kv, scale=found["scale"]))
+        rotary = found["q_rotary"]
+        if (rotary is None) != (found["k_rotary"] is None) or \
+                (rotary is not None and list(rotary.input[1:]) != list(found["k_rotary"].input[1:])):
+            continue
+        interleaved = next((helper.get_attribute_value(a) for a in rotary.attribute if a.name == "interleaved"), 0) \
+            if rotary is not None else 0
+        # inputs: query key value past_key past_value seqlens_k total_sequence_length cos_cache sin_cache
+        # position_ids attention_bias, then (16) query_seqlens
+        tables = [rotary.input[2], rotary.input[3], rotary.input[1]] if rotary is not None else ["", "", ""]
+        replaced[id(found["out_node"])] = helper.make_node(
+            "GroupQueryAttention", [found["q"], found["k"], found["v"], *found["past"], "gqa_seqlens_k",
+                                    "gqa_total_length", *tables, found["mask"], "", "", "", "", "",
+                                    "gqa_query_lengths"],
+            [found["out"], f"present.{layer}.key", f"present.{layer}.value"], name=f"gqa_{layer}", domain=MS,
+            num_heads=h, kv_num_heads=kv, scale=found["scale"], do_rotary=int(rotary is not None),
+            rotary_interleaved=int(interleaved))
         drop.update(id(n) for n in found["concats"])
         fused += 1
     if not fused:
@@ -207,3 +208,32 @@ def _drop_unsqueeze(chains: Chains, name: str | None) -> str | None:
             np.array_equal(chains.consts.get(node.input[1], np.array([])).reshape(-1), [2]):
         return node.input[0]
     return name
+
+
+def pack_qkv(model) -> int:
+    """Feed each GroupQueryAttention whose query, key and value are the three outputs of one Split (the q/k/v
+    MatMulNBits merged by export/nbits.py) the Split's input whole, ORT's packed-QKV form; returns how many."""
+    from onnx import helper
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    producer = {o: n for n in model.graph.node for o in n.output}
+    packed, drop = 0, set()
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MS:
+            continue
+        split = producer.get(node.input[0])
+        axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0) \
+            if split is not None and split.op_type == "Split" else None
+        if axis not in (-1, 2) or list(split.output) != list(node.input[:3]) or \
+                any(readers.get(o) != 1 for o in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        drop.add(id(split))
+        packed += 1
+    if packed:
+        kept = [n for n in model.graph.node if id(n) not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return packed
