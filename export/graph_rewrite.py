@@ -31,13 +31,9 @@ class Chains:
         return float(value.item()) if isinstance(value, np.ndarray) and value.size == 1 else None
 
     def rewrite(self, replaced: dict[int, object], drop: set[int]) -> None:
-        """Put `replaced[id(node)]` (a node, or a list of nodes) in each such node's place, leave out the `drop`
-        ones, then every node whose outputs nothing reads any more (the chains' leftover inputs)."""
-        nodes = []
-        for n in self.nodes:
-            if id(n) not in drop:
-                new = replaced.get(id(n), n)
-                nodes += new if isinstance(new, list) else [new]
+        """Put `replaced[id(node)]` in each such node's place, leave out the `drop` ones, then every node whose
+        outputs nothing reads any more (the chains' leftover inputs)."""
+        nodes = [replaced.get(id(n), n) for n in self.nodes if id(n) not in drop]
         outputs = {o.name for o in self.graph.output}
         while True:
             read = {i for n in nodes for i in n.input} | outputs

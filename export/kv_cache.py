@@ -30,7 +30,6 @@ from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
 from edgeslim.export.attention import grouped_attention
-from edgeslim.export.gqa import fuse_group_query_attention, pack_qkv, query_heads
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.rms_norm import fuse_rms_norms
 from edgeslim.export.rotary import fuse_rotary, rotary_tables
@@ -285,9 +284,6 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             tables = rotary_tables(hf, positions) if pos else None
             rotary = fuse_rotary(graph, *tables) if tables else 0
             notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
-            heads = query_heads(hf) if rotary else None
-            fused = fuse_group_query_attention(graph, heads, kv_heads, head_dims) if heads else 0
-            notes += [f"{fused} attention layer(s) as GroupQueryAttention"] if fused else []
             entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
                      "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
             graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
@@ -295,10 +291,6 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             lowered = None
             if quantized:  # rewrites the file, its metadata kept
                 lowered = lower_matmul_nbits(target, quantized, 0)
-                if fused:  # q, k and v now one MatMulNBits and a Split: fed to GroupQueryAttention whole
-                    graph = onnx.load(str(target))
-                    if pack_qkv(graph):
-                        onnx.save(graph, str(target))
                 notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
                              f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
                              + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"

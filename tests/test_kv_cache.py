@@ -13,8 +13,8 @@ from edgeslim.runtime.kv_decoder import open_cache_graph, past_arrays
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=192)  # heads of 16: ORT's GroupQueryAttention rotates multiples of 16 only
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=192)
 
 
 def tiny(arch: str) -> torch.nn.Module:
@@ -31,7 +31,7 @@ def tiny(arch: str) -> torch.nn.Module:
     if arch == "phi3":
         return t.Phi3ForCausalLM(t.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0)).eval()
     if arch == "gemma":
-        return t.GemmaForCausalLM(t.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=16)).eval()
+        return t.GemmaForCausalLM(t.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=8)).eval()
     if arch == "gpt2":
         return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=192)).eval()
     if arch == "gpt_neox":
@@ -45,8 +45,6 @@ def tiny(arch: str) -> torch.nn.Module:
 
 FAST = ["llama", "gpt2", "qwen2"]
 ROTATE_HALF = {"llama", "qwen2", "mistral", "phi3", "gemma"}  # full-width rotate-half rope: fused (export/rotary.py)
-# attention as GroupQueryAttention (export/gqa.py); Mistral's sliding-window cache slices its present: left as is
-GQA = ROTATE_HALF - {"mistral"}
 SLOW = ["mistral", "phi3", "gemma", "gpt_neox", "opt"]
 
 
@@ -58,12 +56,8 @@ def test_cache_graph_matches_torch(arch, tmp_path):
     assert set(res.max_abs_diff) == set(PARITY_PASTS)
     assert max(res.max_abs_diff.values()) < 1e-4
     import onnx
-    ops = [n.op_type for n in onnx.load(str(res.path)).graph.node]
-    # q and k of each layer: one RotaryEmbedding each, or (export/gqa.py) inside the layer's GroupQueryAttention,
-    # which computes its attention and the Concat of its past
-    assert ops.count("RotaryEmbedding") == (2 * res.layers if arch in ROTATE_HALF - GQA else 0)
-    assert ops.count("GroupQueryAttention") == (res.layers if arch in GQA else 0)
-    assert ops.count("Softmax") == (0 if arch in GQA else res.layers)
+    rotary = sum(n.op_type == "RotaryEmbedding" for n in onnx.load(str(res.path)).graph.node)
+    assert rotary == (2 * res.layers if arch in ROTATE_HALF else 0)  # q and k of each layer: one node each
     graph = open_cache_graph(res.path)
     names = {i.name for i in graph.session.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
