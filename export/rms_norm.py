@@ -5,9 +5,7 @@ torch exports a LLaMA-style RMSNorm (LLaMA, Qwen2, Mistral, Phi-3, Gemma) as sev
 ONNX Runtime fuses that chain only in the Div form, so each norm of a decoded token ran as seven kernels
 (two per layer: 14 of the ~73 nodes a SmolLM2 layer ran per token). This pass rewrites each such chain in a
 graph file into ONNX Runtime's `SimplifiedLayerNormalization` (its CPU kernel, ai.onnx domain as ONNX
-Runtime registers it; its model builder writes the same node), which computes the same fp32 sums. A norm of
-a residual sum (x = a + b, LLaMA's every norm after the first) takes the Add in too:
-`SkipSimplifiedLayerNormalization` (com.microsoft) returns the norm and the sum, which the next residual reads.
+Runtime registers it; its model builder writes the same node), which computes the same fp32 sums.
 """
 from __future__ import annotations
 
@@ -30,24 +28,13 @@ def fuse_rms_norms(model) -> int:
         chain = _chain(other, only, scalar, consts) if weight is not None else None
         if chain is None:
             continue
-        residual = chains.producer.get(chain["x"])
-        if residual is not None and residual.op_type == "Add" and id(residual) not in replaced and \
-                not any(i in consts for i in residual.input):  # x = a + b: the sum and its norm, one kernel
-            replaced[id(residual)] = helper.make_node(
-                "SkipSimplifiedLayerNormalization", [*residual.input, weight], [node.output[0], "", "", chain["x"]],
-                name=f"{node.name or weight}_skip_rms", domain="com.microsoft", epsilon=chain["eps"])
-            drop.add(id(node))
-        else:
-            replaced[id(node)] = helper.make_node(
-                "SimplifiedLayerNormalization", [chain["x"], weight], [node.output[0]],
-                name=f"{node.name or weight}_rms", axis=-1, epsilon=chain["eps"], stash_type=1)
+        replaced[id(node)] = helper.make_node(
+            "SimplifiedLayerNormalization", [chain["x"], weight], [node.output[0]], name=f"{node.name or weight}_rms",
+            axis=-1, epsilon=chain["eps"], stash_type=1)
         drop.update(id(n) for n in chain["nodes"])
         fused += 1
     if fused:
         chains.rewrite(replaced, drop)
-        if any(n.domain == "com.microsoft" for n in model.graph.node) and \
-                not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return fused
 
 
