@@ -28,13 +28,15 @@ class IntegerWeight:
     """One quantized weight [N, K] as unsigned integers: w[n, k] = scale[n, g] * (q[n, k] - zero[n, g])
     (+ offset[n, g] when given), g = k // (K / G). Symmetric modes are shifted to unsigned (zero = 8 or
     128), so every mode reads alike; a float minimum m (int4_min) is an integer zero point z plus the
-    offset m + d * z."""
+    offset m + d * z, itself kept on a symmetric int8 grid (`offset_grid`: what the ONNX file stores)."""
 
     q: torch.Tensor  # uint8 [N, K], values < 2**bits
     scale: torch.Tensor  # float32 [N, G]
     zero: torch.Tensor  # uint8 [N, G]
     bits: int  # 4 or 8
     offset: torch.Tensor | None = None  # float32 [N, G]: what a block's float minimum adds (int4_min), else None
+    offset_q: torch.Tensor | None = None  # uint8 [N, G]: offset = offset_scale * (offset_q - 128), per OFFSET_BLOCK
+    offset_scale: torch.Tensor | None = None  # float32 [N, ceil(G / OFFSET_BLOCK)]
 
     def dense(self) -> torch.Tensor:
         """The fp32 weight these integers define (computed in fp32: what MatMulNBits computes)."""
@@ -45,6 +47,22 @@ class IntegerWeight:
         if self.offset is not None:
             w = w + self.offset[..., None]
         return w.reshape(n, k)
+
+
+def offset_grid(offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offset on the grid, q uint8 [N, G], scale [N, ceil(G / OFFSET_BLOCK)]): symmetric int8 per
+    OFFSET_BLOCK consecutive blocks, offset = scale * (q - 128). int4_min's offsets (|offset| <= d / 2) then
+    take 1 byte per block in the file, not 4, added by an 8-bit MatMulNBits over the block sums
+    (export/nbits.py); what this moves a weight is at most 1/254 of the largest offset in its OFFSET_BLOCK
+    blocks (under 1/508 of their largest step d)."""
+    from edgeslim.export.nbits import OFFSET_BLOCK
+    n, g = offset.shape
+    o = nn.functional.pad(offset.float(), (0, -g % OFFSET_BLOCK)).reshape(n, -1, OFFSET_BLOCK)
+    scale = o.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(o / scale[..., None])
+    value = (q * scale[..., None]).reshape(n, -1)[:, :g]
+    return value, (q + 128).reshape(n, -1)[:, :g].to(torch.uint8), scale
 
 
 def _blocks(weight: torch.Tensor, group: int | None) -> torch.Tensor:
@@ -65,7 +83,8 @@ def grid_weight(weight: torch.Tensor, grid: str, group: int | None) -> IntegerWe
         # w = d * (q - z) + (m + d * z): the integer zero point nearest -m / d takes the bulk of the minimum, the
         # offset only the rest (|offset| <= d / 2 inside the grid), so the two terms a runtime sums stay small
         z = torch.clamp(torch.round(-lo / d), 0, 15)
-        return IntegerWeight(q.reshape(n, -1).to(torch.uint8), d, z.to(torch.uint8), 4, lo + d * z)
+        offset, offset_q, offset_scale = offset_grid(lo + d * z)
+        return IntegerWeight(q.reshape(n, -1).to(torch.uint8), d, z.to(torch.uint8), 4, offset, offset_q, offset_scale)
     if grid == "int8_sym":
         d = b.abs().amax(-1) / 127
         d = torch.where(d > 0, d, torch.ones_like(d))

@@ -266,7 +266,8 @@ class WeightQuant(Compressor):
             w = original.get_parameter(name)
             err = float(torch.linalg.vector_norm(iw.dense().reshape(w.shape) - w.detach().float())
                         / torch.linalg.vector_norm(w.detach().float()).clamp_min(1e-30))
-            stored = iw.q.numel() * iw.bits // 8 + _nbytes([iw.scale]) + (_nbytes([iw.offset]) if iw.offset is not None else 0)
+            stored = iw.q.numel() * iw.bits // 8 + _nbytes([iw.scale]) + \
+                (iw.offset_q.numel() + _nbytes([iw.offset_scale]) if iw.offset is not None else 0)
             grid = layers[name]
             shape = "per row" if iw.scale.shape[1] == 1 else f"blocks of {w.shape[1] // iw.scale.shape[1]}"
             changes.append(LayerChange(owners[id(w)], f"{type(original.get_submodule(owners[id(w)])).__name__} -> "

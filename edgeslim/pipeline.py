@@ -250,7 +250,8 @@ def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, ops
         record = next(s.get("resolved") for s in loaded.steps if s["method"] == "wq")
         model, ints = dequantized(loaded.model, record)
         quantized = [QuantizedMatrix(name, model.get_parameter(name).detach().numpy(), w.q.numpy(), w.scale.numpy(),
-                                     w.zero.numpy(), w.bits, None if w.offset is None else w.offset.numpy())
+                                     w.zero.numpy(), w.bits, *((None,) * 3 if w.offset is None else
+                                                               (w.offset.numpy(), w.offset_q.numpy(), w.offset_scale.numpy())))
                      for name, w in ints.items()]
     with stage(f"export {Path(path).stem} with its key/value cache (validated in ONNX Runtime)", quiet):
         res = to_onnx_cache(model, path, positions=max_positions(config) if config is not None else None,

@@ -39,6 +39,8 @@ class QuantizedMatrix:
     zero: np.ndarray  # uint8 [N, G]
     bits: int
     offset: np.ndarray | None = None  # float32 [N, G]: + offset per block (a float minimum, int4_min)
+    offset_q: np.ndarray | None = None  # uint8 [N, G]: offset = offset_scale * (offset_q - 128), with an offset
+    offset_scale: np.ndarray | None = None  # float32 [N, ceil(G / OFFSET_BLOCK)]
 
 
 @dataclass
@@ -56,6 +58,8 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest() + str(array.shape)
 
 
+# int4_min's offsets are int8 with one scale per this many blocks of a row (compress/block_quant.offset_grid)
+OFFSET_BLOCK = 16
 MAX_BLOCK = 128  # ORT's blockwise kernels take blocks of 16..128 (an 8-bit block of 512 came out wrong at level 0)
 
 
@@ -171,8 +175,8 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
                 name=node.name or f"{stem}_matmulnbits", domain=MS_DOMAIN, K=k, N=n, bits=m.bits,
                 block_size=block, accuracy_level=accuracy_level))
             if m.offset is not None:
-                new_nodes += _offset_nodes(m, node.input[0], out, whole, stem, new_inits, sums)
-                report.bytes_after += m.offset.size * 4
+                new_nodes += _offset_nodes(m, node.input[0], out, whole, stem, new_inits, sums, accuracy_level)
+                report.bytes_after += m.offset_q.size + m.offset_scale.size * 4
             if len(group) > 1:
                 new_inits.append(numpy_helper.from_array(np.array([x.q.shape[0] for x in members], np.int64),
                                                          f"{stem}_split"))
@@ -222,14 +226,17 @@ def _concatenated(members: list[QuantizedMatrix]) -> QuantizedMatrix:
     """The weights of `members` stacked along N (their outputs side by side)."""
     def cat(field: str):
         return np.concatenate([getattr(m, field) for m in members], axis=0)
+    offset = () if members[0].offset is None else (cat("offset"), cat("offset_q"), cat("offset_scale"))
     return QuantizedMatrix(f"{members[0].name}.merged", cat("dense"), cat("q"), cat("scale"), cat("zero"),
-                           members[0].bits, None if members[0].offset is None else cat("offset"))
+                           members[0].bits, *offset)
 
 
 def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list,
-                  sums: dict[tuple[str, int, int], str]) -> list:
+                  sums: dict[tuple[str, int, int], str], level: int) -> list:
     """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) = x @ E, E [K, blocks] the
-    0/1 block indicator: one initializer per (K, blocks), one product per input (q, k and v read the same x)."""
+    0/1 block indicator: one initializer per (K, blocks), one product per input (q, k and v read the same x). The
+    offsets are int8 (block_quant.offset_grid): the product is an 8-bit MatMulNBits over the block sums, its
+    block the offsets' (a row's last block padded with zeros)."""
     from onnx import helper, numpy_helper
     n, k = m.q.shape
     groups = m.offset.shape[1]
@@ -242,8 +249,15 @@ def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str,
                                                      indicator))
         sums[key] = f"{out}_blocksum"
         nodes.append(helper.make_node("MatMul", [x, indicator], [sums[key]], name=f"{stem}_blocksum"))
-    new_inits.append(numpy_helper.from_array(np.ascontiguousarray(m.offset.T.astype(np.float32)), f"{stem}_offset_t"))
-    return nodes + [helper.make_node("MatMul", [sums[key], f"{stem}_offset_t"], [f"{out}_off"], name=f"{stem}_offset"),
+    blocks, block = m.offset_scale.shape[1], OFFSET_BLOCK
+    q = np.full((n, blocks * block), 128, np.uint8)
+    q[:, :groups] = m.offset_q
+    for suffix, value in (("_offset_q", q.reshape(n, blocks, block)), ("_offset_scales", m.offset_scale.reshape(-1)),
+                          ("_offset_zp", np.full(n * blocks, 128, np.uint8))):
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value), stem + suffix))
+    return nodes + [helper.make_node("MatMulNBits", [sums[key], f"{stem}_offset_q", f"{stem}_offset_scales",
+                                                     f"{stem}_offset_zp"], [f"{out}_off"], name=f"{stem}_offset",
+                                     domain=MS_DOMAIN, K=groups, N=n, bits=8, block_size=block, accuracy_level=level),
                     helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
 
 
