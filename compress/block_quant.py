@@ -55,7 +55,7 @@ def offset_grid(offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     take 1 byte per block in the file, not 4, added by an 8-bit MatMulNBits over the block sums
     (export/nbits.py); what this moves a weight is at most 1/254 of the largest offset in its OFFSET_BLOCK
     blocks (under 1/508 of their largest step d)."""
-    from edgeslim.export.nbits import OFFSET_BLOCK
+    from edgeslim.core.onnx_io import OFFSET_BLOCK
     n, g = offset.shape
     o = nn.functional.pad(offset.float(), (0, -g % OFFSET_BLOCK)).reshape(n, -1, OFFSET_BLOCK)
     scale = o.abs().amax(-1) / 127

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from edgeslim.core.onnx_io import OFFSET_BLOCK
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -58,8 +60,6 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest() + str(array.shape)
 
 
-# int4_min's offsets are int8 with one scale per this many blocks of a row (compress/block_quant.offset_grid)
-OFFSET_BLOCK = 16
 MAX_BLOCK = 128  # ORT's blockwise kernels take blocks of 16..128 (an 8-bit block of 512 came out wrong at level 0)
 
 

@@ -22,6 +22,9 @@ from edgeslim.core.specs import TensorSpec
 
 # Sizes used for named dimensions when none are given: not 0 or 1, which torch.export specializes.
 DEFAULT_DIMS = {"batch": 2, "sequence": 16, "height": 24, "width": 20}
+# int4_min's offsets are int8 with one scale per this many blocks of a row: compress/block_quant.offset_grid
+# writes them so, export/nbits.py feeds them to an 8-bit MatMulNBits of that block size (ORT takes 16..128)
+OFFSET_BLOCK = 16
 OTHER_DIM = 8
 
 
