@@ -225,7 +225,8 @@ def layer_rows(fp32, quantized, record, errors: Mapping[str, float],
         err = max((errors[a] for a in act), default=None)
         rows.append(LayerChange(node_scope(node), kind + " -> QDQ int8", params, params, status="quantized",
                                 bytes_before=4 * params, bytes_after=int(quant_bytes), rel_error=err, sensitivity=err,
-                                note=f"{len(act)} activation quantizer(s)"))
+                                note=f"{len(act)} activation quantizer(s)"
+                                + (f"; {notes[node.name]}" if notes and node.name in notes else "")))
     return rows
 
 

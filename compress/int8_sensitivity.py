@@ -43,6 +43,13 @@ def op_quantizers(quantized) -> dict[str, list[str]]:
     return ops
 
 
+def weight_quantizers(quantized) -> set[str]:
+    """The DequantizeLinear nodes of stored weights: reading an initializer, or a QuantizeLinear of one."""
+    weights = {i.name for i in quantized.graph.initializer}
+    weights |= {n.output[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in weights}
+    return {n.name for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+
+
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish")
 
 
@@ -108,15 +115,16 @@ def reverted(quantized, fp32, dq_names: Sequence[str]):
 
 def sensitivity_notes(info: dict[str, Any]) -> dict[str, str]:
     """The layer-row note of each op keep_sensitive reverted."""
-    return {op: "kept fp32: no INT8 kernel reads its input" for op in info.get("free_ops", ())} | {
+    return {op: "activations kept fp32: no INT8 kernel reads them" for op in info.get("free_ops", ())} | {
         op: "kept fp32: measured sensitivity" for op in info["fp32_ops"]}
 
 
 def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], min_gain: float, max_macs: float,
                    outputs: Collection[str] = (), progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """The quantized graph with its most sensitive compute ops reverted to fp32, and what was measured:
-    {"error_int8", "error", "fp32_ops", "free_ops" (ops with a quantized input that no INT8 kernel reads,
-    reverted last, all together, when that lowers the error and unfuses no kernel), "macs_fp32_share" (of the INT8 kernels'
+    {"error_int8", "error", "fp32_ops", "free_ops" (ops with a quantized input that no INT8 kernel reads:
+    their activations reverted last, all together, when that lowers the error and unfuses no kernel; their
+    weights stay int8), "macs_fp32_share" (of the INT8 kernels'
     multiply-adds, the reverted ops' and those they unfuse; `outputs` as in int8_ops), "ranking": [{"op",
     "error_if_fp32", "macs"}]}."""
     fp32_session = ort_session(fp32)
@@ -145,8 +153,10 @@ def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], mi
         if error - trial_error < min_gain * full:
             break
         chosen, model, error, lost = chosen + [op], trial, trial_error, trial_lost
-    if free:  # quantized inputs no INT8 kernel reads (ORT dequantizes them for an fp32 op): fp32 at no cost
-        trial = reverted(quantized, fp32, sorted({d for o in chosen + free for d in dqs[o]}))
+    if free:  # quantized activations no INT8 kernel reads (ORT dequantizes them for an fp32 op): fp32 at no cost
+        stored = weight_quantizers(quantized)  # their weights stay int8: the file stays small
+        trial = reverted(quantized, fp32, sorted({d for o in chosen for d in dqs[o]}
+                                                 | {d for o in free for d in dqs[o] if d not in stored}))
         trial_error = output_error(trial, batches, reference)
         if int8_ops(trial, outputs) == int8_ops(model, outputs) and trial_error < error:
             model, error = trial, trial_error

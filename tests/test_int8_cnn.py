@@ -182,7 +182,8 @@ def test_a_quantized_input_no_int8_kernel_reads_goes_back_to_fp32_first(tmp_path
     sens = result.resolved["sensitivity"]
     assert sens["free_ops"] == head and sens["fp32_ops"] == [] and sens["macs_fp32_share"] == 0.0
     assert sens["error"] < sens["error_int8"]
-    assert [r.note for r in result.changes if f"({head[0]})" in r.kind] == ["kept fp32: no INT8 kernel reads its input"]
+    assert [r.note for r in result.changes if f"({head[0]})" in r.kind] == [
+        "0 activation quantizer(s); activations kept fp32: no INT8 kernel reads them"]  # its weight stays int8
     comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)
     kept = fp32_compute_ops(tmp_path / "q.onnx")
     assert kept[head[0]] == "Gemm: no quantizer on its input"  # its Q/DQ pair is gone, not just left unfused
