@@ -207,8 +207,9 @@ def check_manifest(manifest: Mapping[str, Any], file: Path) -> None:
         _require(isinstance(step.get("resolved", {}), dict), file, f"step {i} 'resolved' must be a JSON object")
         changes = step.get("changes", [])
         _require(isinstance(changes, list) and all(
-            isinstance(c, dict) and _count(c.get("params_before")) and _count(c.get("params_after")) for c in changes),
-            file, f"step {i} 'changes' must be a list of rows with params_before and params_after")
+            isinstance(c, dict) and isinstance(c.get("name"), str) and _count(c.get("params_before"))
+            and _count(c.get("params_after")) for c in changes),
+            file, f"step {i} 'changes' must be a list of rows with a name, params_before and params_after")
     files = manifest["files"]
     for name, digest in files.items():
         _require(is_plain_name(name) and name != MANIFEST, file,

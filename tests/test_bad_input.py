@@ -150,6 +150,18 @@ def test_fuzz_manifests(good_manifest, tmp_path, monkeypatch, capfd, data):
         assert _snapshot(tmp_path) == before
 
 
+def test_a_change_row_without_a_name_is_refused(good_manifest, tmp_path, capfd):
+    """What the fuzz above found once: inspect read each change row's name unchecked (a KeyError traceback)."""
+    shutil.copytree(good_manifest, tmp_path / "a.slim")
+    manifest = json.loads((tmp_path / "a.slim" / "manifest.json").read_text())
+    del manifest["steps"][0]["changes"][0]["name"]
+    (tmp_path / "a.slim" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(tmp_path / "a.slim")]) == 3
+    err = capfd.readouterr().err
+    one_line_error(err)
+    assert "'changes' must be a list of rows with a name" in err
+
+
 RECIPE_KEYS = [f.name for f in dataclasses.fields(RecipeSection)] + ["junk"]
 SECTION_KEYS = [f.name for f in dataclasses.fields(ProfileSection) + dataclasses.fields(ExportSection)
                 ] + ["junk"]
