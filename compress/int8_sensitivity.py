@@ -28,7 +28,8 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 
-from edgeslim.compress.int8_record import COMPUTE_OPS, initializer_arrays, ort_session, probe_values, revert_quantizers
+from edgeslim.compress.int8_record import (COMPUTE_OPS, activation_quantizers, initializer_arrays, ort_session,
+                                           probe_values, revert_quantizers)
 from edgeslim.core.progress import bar
 
 
@@ -41,13 +42,6 @@ def op_quantizers(quantized) -> dict[str, list[str]]:
         if node.op_type in COMPUTE_OPS and found:
             ops[node.name] = found
     return ops
-
-
-def weight_quantizers(quantized) -> set[str]:
-    """The DequantizeLinear nodes of stored weights: reading an initializer, or a QuantizeLinear of one."""
-    weights = {i.name for i in quantized.graph.initializer}
-    weights |= {n.output[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in weights}
-    return {n.name for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
 
 
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish")
@@ -154,9 +148,10 @@ def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], mi
             break
         chosen, model, error, lost = chosen + [op], trial, trial_error, trial_lost
     if free:  # quantized activations no INT8 kernel reads (ORT dequantizes them for an fp32 op): fp32 at no cost
-        stored = weight_quantizers(quantized)  # their weights stay int8: the file stays small
+        acts = {q.output[0] for q in activation_quantizers(quantized).values()}  # their weights stay int8
+        of_act = {n.name for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in acts}
         trial = reverted(quantized, fp32, sorted({d for o in chosen for d in dqs[o]}
-                                                 | {d for o in free for d in dqs[o] if d not in stored}))
+                                                 | {d for o in free for d in dqs[o] if d in of_act}))
         trial_error = output_error(trial, batches, reference)
         if int8_ops(trial, outputs) == int8_ops(model, outputs) and trial_error < error:
             model, error = trial, trial_error
