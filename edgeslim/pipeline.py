@@ -318,10 +318,11 @@ def record_dims(path: Path, loaded: LoadedModel) -> None:
 
     import onnx
     from edgeslim.core.specs import dynamic_dims
+    from edgeslim.export.onnx import read_onnx_header
     dims = {k: int(v) for k, v in loaded.dims.items() if k != "batch" and k in dynamic_dims(loaded.inputs)}
     if not dims:
         return
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_onnx_header(path)
     kept = [m for m in model.metadata_props if m.key != DIMS_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
