@@ -30,11 +30,12 @@ from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
 from edgeslim.export.attention import grouped_attention
+from edgeslim.export.last_logits import add_logits_to_keep
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.rms_norm import fuse_rms_norms
 from edgeslim.export.rotary import fuse_rotary, rotary_tables
 from edgeslim.export.validate import close
-from edgeslim.runtime.kv_decoder import META_KEY, PAST, PRESENT, open_cache_graph
+from edgeslim.runtime.kv_decoder import KEEP, META_KEY, PAST, PRESENT, open_cache_graph
 
 NO_POSITION_IDS = frozenset({"opt"})  # families whose forward derives positions from the attention mask
 PARITY_PASTS = (0, 1, 100)
@@ -175,6 +176,10 @@ def _check_parity(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[in
         expected = _torch_call(wrapper, feeds, len(kv_heads))
         actual = graph.session.run(None, feeds)
         names = [o.name for o in graph.session.get_outputs()]
+        if graph.keeps_logits:  # the last position alone (logits_to_keep=1), as generation asks for it
+            names.append(f"logits ({KEEP}=1)")
+            actual.append(graph.session.run(["logits"], {**feeds, KEEP: np.array(1, np.int64)})[0])
+            expected.append(expected[0][:, -1:])
         bad = [(n, a.shape, e.shape) for n, a, e in zip(names, actual, expected)
                if a.shape != e.shape or not close(a, e, atol, rtol)]
         diffs[past] = float(np.max(np.abs(actual[0] - expected[0]))) if actual[0].shape == expected[0].shape else float("inf")
@@ -284,6 +289,8 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             tables = rotary_tables(hf, positions) if pos else None
             rotary = fuse_rotary(graph, *tables) if tables else 0
             notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
+            if not add_logits_to_keep(graph):
+                notes.append(f"no {KEEP} input: the LM head was not found before logits (a prefill computes every position's)")
             entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
                      "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
             graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))

@@ -9,8 +9,9 @@ zero points uint8 (4-bit: packed per row, low nibble first), the artifact's grou
 (a per-channel scale is repeated over power-of-two blocks that divide K). A float minimum per block
 (wq int4_min, GGUF's Q4_1 grid: w = d * q + m) is not a zero point MatMulNBits computes fast (a float
 zero_points input makes ORT dequantize B on every call), so an integer zero point takes the bulk of
-the minimum and the rest (`offset`) is added after it: y = MatMulNBits(x) + blocksum(x) @ offset^T,
-blocksum(x) [..., K / block] the sum of x over each block (x @ a 0/1 block indicator).
+the minimum and the rest (`offset`, int8 in the file) is added after it: y = MatMulNBits(x) +
+blocksum(x) @ offset^T, blocksum(x) [..., K / block] the sum of x over each block (x @ a 0/1 block
+indicator), offset^T fp32 once ONNX Runtime has folded its constants.
 An 8-bit embedding table (per row, NNCF's choice for the embedding an LM head is tied to, or per
 block, int4_min's Q8_0) becomes a Gather of the same integers times their scales, minus their zero
 points (the MatMulNBits tensors reshaped): the file keeps one copy of the table.
@@ -175,7 +176,7 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
                 name=node.name or f"{stem}_matmulnbits", domain=MS_DOMAIN, K=k, N=n, bits=m.bits,
                 block_size=block, accuracy_level=accuracy_level))
             if m.offset is not None:
-                new_nodes += _offset_nodes(m, node.input[0], out, whole, stem, new_inits, sums, accuracy_level)
+                new_nodes += _offset_nodes(m, node.input[0], out, whole, stem, new_inits, sums)
                 report.bytes_after += m.offset_q.size + m.offset_scale.size * 4
             if len(group) > 1:
                 new_inits.append(numpy_helper.from_array(np.array([x.q.shape[0] for x in members], np.int64),
@@ -232,33 +233,45 @@ def _concatenated(members: list[QuantizedMatrix]) -> QuantizedMatrix:
 
 
 def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list,
-                  sums: dict[tuple[str, int, int], str], level: int) -> list:
-    """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) = x @ E, E [K, blocks] the
-    0/1 block indicator: one initializer per (K, blocks), one product per input (q, k and v read the same x). The
-    offsets are int8 (block_quant.offset_grid): the product is an 8-bit MatMulNBits over the block sums, its
-    block the offsets' (a row's last block padded with zeros)."""
+                  sums: dict[tuple[str, int, int], str]) -> list:
+    """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) = x @ E, E [K, G'] the
+    0/1 block indicator (G' = G padded to whole OFFSET_BLOCKs, its last columns zero): one initializer per (K,
+    G'), one product per input (q, k and v read the same x). The offsets stay int8 in the file
+    (block_quant.offset_grid: q [G' / OFFSET_BLOCK, OFFSET_BLOCK, N] and one scale per OFFSET_BLOCK blocks and
+    output); offset^T = Reshape(Cast(q) * scale), constants ONNX Runtime folds when it loads the file, so a
+    call runs one fp32 MatMul of [.., G'] by [G', N] (an 8-bit MatMulNBits over the block sums cost 2-3x more
+    per token and 15% of a prefill: its int8 kernel pays per call, not per weight)."""
+    import onnx
     from onnx import helper, numpy_helper
     n, k = m.q.shape
     groups = m.offset.shape[1]
+    blocks = m.offset_scale.shape[1]
+    padded = blocks * OFFSET_BLOCK
     nodes = []
-    key = (x, k, groups)
+    key = (x, k, padded)
     if key not in sums:
-        indicator = f"block_indicator_{k}x{groups}"
+        indicator = f"block_indicator_{k}x{padded}"
         if indicator not in {i.name for i in new_inits}:
-            new_inits.append(numpy_helper.from_array(np.repeat(np.eye(groups, dtype=np.float32), k // groups, axis=0),
-                                                     indicator))
+            e = np.zeros((k, padded), np.float32)
+            e[:, :groups] = np.repeat(np.eye(groups, dtype=np.float32), k // groups, axis=0)
+            new_inits.append(numpy_helper.from_array(e, indicator))
         sums[key] = f"{out}_blocksum"
         nodes.append(helper.make_node("MatMul", [x, indicator], [sums[key]], name=f"{stem}_blocksum"))
-    blocks, block = m.offset_scale.shape[1], OFFSET_BLOCK
-    q = np.full((n, blocks * block), 128, np.uint8)
-    q[:, :groups] = m.offset_q
-    for suffix, value in (("_offset_q", q.reshape(n, blocks, block)), ("_offset_scales", m.offset_scale.reshape(-1)),
-                          ("_offset_zp", np.full(n * blocks, 128, np.uint8))):
+    q = np.zeros((n, padded), np.int8)
+    q[:, :groups] = (m.offset_q.astype(np.int16) - 128).astype(np.int8)
+    for suffix, value in (("_offset_q", q.T.reshape(blocks, OFFSET_BLOCK, n)),
+                          ("_offset_scales", m.offset_scale.T.reshape(blocks, 1, n).astype(np.float32)),
+                          ("_offset_shape", np.array([padded, n], np.int64))):
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value), stem + suffix))
-    return nodes + [helper.make_node("MatMulNBits", [sums[key], f"{stem}_offset_q", f"{stem}_offset_scales",
-                                                     f"{stem}_offset_zp"], [f"{out}_off"], name=f"{stem}_offset",
-                                     domain=MS_DOMAIN, K=groups, N=n, bits=8, block_size=block, accuracy_level=level),
-                    helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
+    return nodes + [
+        helper.make_node("Cast", [f"{stem}_offset_q"], [f"{stem}_offset_qf"], name=f"{stem}_offset_cast",
+                         to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{stem}_offset_qf", f"{stem}_offset_scales"], [f"{stem}_offset_t3"],
+                         name=f"{stem}_offset_scale"),
+        helper.make_node("Reshape", [f"{stem}_offset_t3", f"{stem}_offset_shape"], [f"{stem}_offset_t"],
+                         name=f"{stem}_offset_rows"),
+        helper.make_node("MatMul", [sums[key], f"{stem}_offset_t"], [f"{out}_off"], name=f"{stem}_offset"),
+        helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
 
 
 def _gather_nodes(m: QuantizedMatrix, q_name: str, block: int, ids: str, out: str, new_inits: list) -> list:

@@ -22,6 +22,7 @@ from edgeslim.core.errors import ConfigError, SourceError
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
 META_KEY = "edgeslim.lm"  # the ONNX metadata entry export/kv_cache.py writes: JSON (layers, positions, tokenizer)
+KEEP = "logits_to_keep"  # optional input (export/last_logits.py): logits of the last n positions only, 0 for all
 
 
 @dataclass
@@ -50,6 +51,7 @@ class CacheGraph:
     head_dims: list[int]
     position_ids: bool
     meta: dict = field(default_factory=dict)
+    keeps_logits: bool = False  # the graph takes `logits_to_keep` (an optional input)
 
     @property
     def max_positions(self) -> int | None:
@@ -84,13 +86,15 @@ class CacheGraph:
                 length = shape[2]
         return int(length or 0)
 
-    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray], attention_mask: np.ndarray | None = None
-             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray], attention_mask: np.ndarray | None = None,
+             last: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One call of the graph: logits [batch, sequence, vocab] and the grown past.
 
+        `last`: only the last position's logits are wanted (generation): a graph that takes `logits_to_keep`
+        computes [batch, 1, vocab] only; an older one returns every position (its last row is the same).
         `attention_mask` covers past + new tokens (default all ones); position ids follow it. The past
-        goes in and comes out as ONNX Runtime values bound to the call (IO binding: `present.*` is fed
-        back as the next `past_key_values.*` where ORT wrote it, never copied through numpy); numpy
+        goes in and comes out as ONNX Runtime values (`present.*` is fed back as the next
+        `past_key_values.*` where ORT wrote it, never copied through numpy); numpy
         arrays are accepted too (`past_arrays` reads one back).
         """
         batch, seq = input_ids.shape
@@ -103,17 +107,13 @@ class CacheGraph:
         if self.position_ids:
             pos = np.cumsum(attention_mask, axis=1) - 1
             feeds["position_ids"] = np.maximum(pos[:, past_len:], 0).astype(np.int64)
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
+        if last and self.keeps_logits:
+            feeds[KEEP] = np.array(1, np.int64)
+        import onnxruntime as ort
+        values = {name: value if not isinstance(value, np.ndarray) else ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(value)) for name, value in feeds.items()}
         names = [o.name for o in self.session.get_outputs()]
-        for name in names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        values = dict(zip(names, binding.get_outputs()))
+        values = dict(zip(names, self.session.run_with_ort_values(names, values)))
         grown = {PAST.format(i, kv): values[PRESENT.format(i, kv)] for i in range(self.layers) for kv in ("key", "value")}
         return values["logits"].numpy(), grown
 
@@ -134,7 +134,7 @@ class CacheGraph:
         past = self.empty_past(1)
         self.last_stop = "length"
         for i in range(n):
-            logits, past = self.step(ids, past)
+            logits, past = self.step(ids, past, last=True)
             token = _choose(logits[0, -1], temperature, rng)
             yield token, time.perf_counter() - start
             if token in eos:
@@ -209,4 +209,6 @@ def open_cache_graph(path: str | Path, threads: int | None = None) -> CacheGraph
                           "[batch, kv_heads, past, head_dim] with fixed heads and head size")
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     meta = json.loads(raw) if raw else {}
-    return CacheGraph(session, layers, [s[1] for s in shapes], [s[3] for s in shapes], "position_ids" in inputs, meta)
+    keeps = KEEP in {i.name for i in session.get_overridable_initializers()} | set(inputs)
+    return CacheGraph(session, layers, [s[1] for s in shapes], [s[3] for s in shapes], "position_ids" in inputs, meta,
+                      keeps)

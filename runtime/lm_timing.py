@@ -24,7 +24,7 @@ SHORT_PAST = 16
 def _prefill(graph: CacheGraph, batch: int, length: int, rng: np.random.Generator) -> tuple[float, dict]:
     ids = rng.integers(1, 64, (batch, length)).astype(np.int64)
     start = time.perf_counter()
-    logits, past = graph.step(ids, graph.empty_past(batch))
+    logits, past = graph.step(ids, graph.empty_past(batch), last=True)
     np.argmax(logits[:, -1], axis=-1)
     return time.perf_counter() - start, past
 
@@ -34,7 +34,7 @@ def _decode(graph: CacheGraph, past: dict, batch: int, tokens: int) -> float:
     token = np.ones((batch, 1), np.int64)
     start = time.perf_counter()
     for _ in range(tokens):
-        logits, past = graph.step(token, past)
+        logits, past = graph.step(token, past, last=True)
         token = np.argmax(logits[:, -1], axis=-1).astype(np.int64)[:, None]
     return time.perf_counter() - start
 

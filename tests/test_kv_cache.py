@@ -74,6 +74,16 @@ def test_cache_graph_matches_torch(arch, tmp_path):
         logits, past = graph.step(ids[:, j:j + 1], past)
     assert graph.check_past(past, 3) == 6 and past_arrays(past)["past_key_values.0.key"].shape[2] == 6
     np.testing.assert_allclose(logits[:, -1], whole[:, -1], atol=1e-4)
+    # logits_to_keep: an optional input (Optimum's names alone still give every position); generation asks
+    # for the last position only and gets the same row
+    assert graph.keeps_logits and "logits_to_keep" not in names
+    last, _ = graph.step(ids, graph.empty_past(3), last=True)
+    assert last.shape == (3, 1, 96)
+    np.testing.assert_allclose(last[:, 0], whole[:, -1], atol=1e-5)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **graph.empty_past(3)}
+    if "position_ids" in names:
+        feeds["position_ids"] = np.broadcast_to(np.arange(6), (3, 6)).copy()
+    assert graph.session.run(["logits"], feeds)[0].shape == (3, 6, 96)
     # torch generate, once more, from the file alone
     prompt = [5, 17, 3, 44]
     with torch.inference_mode():
