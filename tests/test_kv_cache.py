@@ -155,3 +155,38 @@ def test_grouped_cache_graph_does_not_expand_the_past(tmp_path, monkeypatch):
         res = to_onnx_cache(tiny("llama"), tmp_path / f"{grouped}.onnx")  # validated against eager torch
         counts[grouped] = sum(n.op_type == "Expand" for n in onnx.load(str(res.path)).graph.node)
     assert counts[False] - counts[True] == 2 * res.layers  # repeat_kv of keys and values, per layer
+
+
+def test_logits_to_keep_slices_before_the_head(tmp_path):
+    """export/last_logits.py on a bare head (MatMul, then a bias Add): 0 keeps every position, n the last n."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from edgeslim.export.last_logits import add_logits_to_keep
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["h", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["logits"])],
+                              "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "sequence", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 5])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert add_logits_to_keep(model) and not add_logits_to_keep(model)  # once
+    onnx.save(model, str(tmp_path / "head.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "head.onnx"), providers=["CPUExecutionProvider"])
+    h = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    full = session.run(None, {"h": h})[0]
+    np.testing.assert_allclose(full, h @ w + b, rtol=1e-6, atol=1e-6)
+    for n in (0, 1, 3):
+        np.testing.assert_array_equal(session.run(None, {"h": h, "logits_to_keep": np.array(n, np.int64)})[0],
+                                      session.run(None, {"h": h[:, -n:] if n else h})[0])
+
+
+def test_a_graph_without_logits_to_keep_still_generates(tmp_path, monkeypatch):
+    """Older cache graphs (no logits_to_keep): step(last=True) returns every position, generation is the same."""
+    from edgeslim.export import kv_cache
+    monkeypatch.setattr(kv_cache, "add_logits_to_keep", lambda model: False)
+    res = to_onnx_cache(tiny("llama"), tmp_path / "m.onnx", positions=192)
+    assert res.greedy_equal == 3 and any("no logits_to_keep" in n for n in res.notes)
+    graph = open_cache_graph(res.path)
+    ids = np.random.default_rng(1).integers(0, 96, (1, 5))
+    assert not graph.keeps_logits and graph.step(ids, graph.empty_past(1), last=True)[0].shape == (1, 5, 96)
