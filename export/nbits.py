@@ -239,8 +239,8 @@ def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str,
     G'), one product per input (q, k and v read the same x). The offsets stay int8 in the file
     (block_quant.offset_grid: q [G' / OFFSET_BLOCK, OFFSET_BLOCK, N] and one scale per OFFSET_BLOCK blocks and
     output); offset^T = Reshape(Cast(q) * scale), constants ONNX Runtime folds when it loads the file, so a
-    call runs one fp32 MatMul of [.., G'] by [G', N] (an 8-bit MatMulNBits over the block sums cost 2-3x more
-    per token and 15% of a prefill: its int8 kernel pays per call, not per weight)."""
+    call runs one fp32 MatMul of [.., G'] by [G', N] (an 8-bit MatMulNBits over the block sums, the previous
+    form, took ~15% of a 512-token prefill in ORT's profiler: its int8 kernel pays per call, not per weight)."""
     import onnx
     from onnx import helper, numpy_helper
     n, k = m.q.shape

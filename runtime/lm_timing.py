@@ -1,7 +1,8 @@
 """What an LLM user measures, through a key/value-cache graph in ONNX Runtime (numpy and ORT only).
 
 - time to first token (TTFT) at each prompt length: one prefill call on the prompt (past of length 0)
-  and the choice of the first token, the median of `repeats` calls;
+  and the choice of the first token, the median of `repeats` calls (the LM head on the last position only
+  where the graph takes `logits_to_keep`, as generation runs it);
 - decode tokens/s after that prompt: `new_tokens` single-token calls, each feeding the grown cache back,
   at each batch size (tokens/s per sequence; x batch for the aggregate);
 - decode tokens/s at a short past (`SHORT_PAST`) beside the long one: a cache graph's cost per token
