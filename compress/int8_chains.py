@@ -267,6 +267,27 @@ def unsigned_activations(model) -> int:
     return len(changed)
 
 
+def unfused_weight_dqs(model) -> set[str]:
+    """The names of `model`'s weight DequantizeLinear nodes (constant inputs) that ONNX Runtime leaves unfused:
+    the DequantizeLinear nodes with constant inputs left in its optimized graph (CPU provider, extended level).
+    It dequantizes those weights on every call for an fp32 op."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from edgeslim.core.onnx_io import ort_fused_graph
+    inits = {i.name for i in model.graph.initializer}
+    weight_dqs = {n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name
+                  and all(i in inits for i in n.input if i)}
+    if not weight_dqs:
+        return set()
+    with tempfile.TemporaryDirectory(prefix="edgeslim-fold-") as tmp:
+        path = Path(tmp) / "q.onnx"
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+        return weight_dqs & {n.name for n in ort_fused_graph(path).node if n.op_type == "DequantizeLinear"}
+
+
 def fold_unfused_weights(model) -> list[str]:
     """Replace each weight DequantizeLinear that ONNX Runtime leaves unfused by its fp32 result, in place;
     returns the folded DQ nodes' names.
@@ -274,30 +295,17 @@ def fold_unfused_weights(model) -> list[str]:
     ORT fuses `DQ(weights)` into an int8 kernel only when the data input is dequantized too (also through
     a Reshape or Transpose it moves the DQ across); where it cannot (EfficientNet-Lite0's classifier Gemm
     after the pooling), it dequantized the 1000 x 1280 weights on every call: 14% of the int8 model's
-    time, measured (issue 39). ORT itself says which: the DequantizeLinear nodes with constant inputs left
-    in its optimized graph (CPU provider, extended level). The values are the ones the DequantizeLinear
-    computes, (q - zero point) * scale in float32, so the outputs are unchanged.
+    time, measured (issue 39). ORT itself says which (unfused_weight_dqs). The values are the ones the
+    DequantizeLinear computes, (q - zero point) * scale in float32, so the outputs are unchanged.
     """
-    import tempfile
-    from pathlib import Path
-
-    import onnx
     from onnx import numpy_helper
 
-    from edgeslim.core.onnx_io import ort_fused_graph
     inits = {i.name: i for i in model.graph.initializer}
-    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name
-                  and all(i in inits for i in n.input if i)]
-    if not weight_dqs:
-        return []
-    with tempfile.TemporaryDirectory(prefix="edgeslim-fold-") as tmp:
-        path = Path(tmp) / "q.onnx"
-        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
-        left = {n.name for n in ort_fused_graph(path).node if n.op_type == "DequantizeLinear"}
+    left = unfused_weight_dqs(model)
     outputs = {o.name for o in model.graph.output}
     folded, freed = [], set()
-    for dq in weight_dqs:
-        if dq.name not in left or dq.output[0] in outputs:
+    for dq in [n for n in model.graph.node if n.name in left]:
+        if dq.output[0] in outputs:
             continue
         q, scale = numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]])
         zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)

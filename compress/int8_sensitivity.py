@@ -11,14 +11,19 @@ it unfuses too: a Conv whose output quantizer only fed the reverted op runs in f
 reverted DequantizeLinear nodes go into the record (`reverted`), and the export replays them without data.
 
 Last, the ops whose quantized input no INT8 kernel reads (ORT dequantizes it for an fp32 op: a CNN's Gemm
-head) go back to fp32 together, at no cost in time, when that lowers the output error and unfuses no kernel.
+head) get their activations back in fp32 together, at no cost in time, when that lowers the output error and
+unfuses no kernel; their weights too where ORT leaves the weight's DequantizeLinear unfused (it would
+dequantize them on every call, and the export stores them in fp32 anyway: no cost in time or size).
 
 Measured on EfficientNet-Lite0 (48 bundled crops, Xeon AMX): before its depthwise biases were corrected
 (int8_grouped_bias.py) the first depthwise conv alone carried 41 % of the output error, and the defaults kept
 three ops of the 112 x 112 stage fp32 (agreement on 192 held-out crops 0.932 -> 0.958, but batch-1 speedup
 1.63x -> 1.43x: fp32 convs at 112 x 112 lose ORT's NCHWc layout, a cost their 8.6 % of the MACs understates).
-With them corrected no op removes more than 2.1 % of the error: one 1x1 conv at 14 x 14 and the Gemm head's
-input are kept fp32 (output error 0.064 -> 0.062; bench/int8.py). ESPCN x3's two quantized convs (88 %, 12 %
+With them corrected no op removes more than 2.1 % of the error: one 1x1 conv at 14 x 14 and the Gemm head
+(its input, and its weight, which ORT would dequantize on every call) are kept fp32: output error 0.0636 ->
+0.0619 on the calibration crops, 0.0647 -> 0.0644 on the 192 held-out ones (0.0623 and 0.0647 with the head's
+weight int8). Reverting the next 8 ops of the ranking too (22 % of the MACs) leaves 0.0601: the error of
+8-bit weights is spread over every layer (weights alone: 0.053). ESPCN x3's two quantized convs (88 %, 12 %
 of the MACs) never fit.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 
+from edgeslim.compress.int8_chains import unfused_weight_dqs
 from edgeslim.compress.int8_record import (COMPUTE_OPS, activation_quantizers, initializer_arrays, ort_session,
                                            probe_values, revert_quantizers)
 from edgeslim.core.progress import bar
@@ -109,7 +115,9 @@ def reverted(quantized, fp32, dq_names: Sequence[str]):
 
 def sensitivity_notes(info: dict[str, Any]) -> dict[str, str]:
     """The layer-row note of each op keep_sensitive reverted."""
-    return {op: "activations kept fp32: no INT8 kernel reads them" for op in info.get("free_ops", ())} | {
+    whole = set(info.get("free_weights", ()))
+    return {op: "kept fp32: ORT runs it in fp32 (no INT8 kernel reads its input), weights included" if op in whole
+            else "activations kept fp32: no INT8 kernel reads them" for op in info.get("free_ops", ())} | {
         op: "kept fp32: measured sensitivity" for op in info["fp32_ops"]}
 
 
@@ -118,7 +126,7 @@ def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], mi
     """The quantized graph with its most sensitive compute ops reverted to fp32, and what was measured:
     {"error_int8", "error", "fp32_ops", "free_ops" (ops with a quantized input that no INT8 kernel reads:
     their activations reverted last, all together, when that lowers the error and unfuses no kernel; their
-    weights stay int8), "macs_fp32_share" (of the INT8 kernels'
+    weights stay int8 unless ORT leaves their DequantizeLinear unfused: "free_weights"), "macs_fp32_share" (of the INT8 kernels'
     multiply-adds, the reverted ops' and those they unfuse; `outputs` as in int8_ops), "ranking": [{"op",
     "error_if_fp32", "macs"}]}."""
     fp32_session = ort_session(fp32)
@@ -147,16 +155,21 @@ def keep_sensitive(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], mi
         if error - trial_error < min_gain * full:
             break
         chosen, model, error, lost = chosen + [op], trial, trial_error, trial_lost
+    whole: list[str] = []
     if free:  # quantized activations no INT8 kernel reads (ORT dequantizes them for an fp32 op): fp32 at no cost
-        acts = {q.output[0] for q in activation_quantizers(quantized).values()}  # their weights stay int8
+        acts = {q.output[0] for q in activation_quantizers(quantized).values()}
         of_act = {n.name for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in acts}
-        trial = reverted(quantized, fp32, sorted({d for o in chosen for d in dqs[o]}
-                                                 | {d for o in free for d in dqs[o] if d in of_act}))
+        kept = {d for o in chosen for d in dqs[o]} | {d for o in free for d in dqs[o] if d in of_act}
+        # their weights stay int8 (an MPO model's core products: MatMulIntegerToFloat), unless ORT dequantizes
+        # them on every call too (the export then stores them in fp32 anyway: fold_unfused_weights)
+        left = unfused_weight_dqs(reverted(quantized, fp32, sorted(kept)))
+        whole = [o for o in free if any(d in left for d in dqs[o])]
+        trial = reverted(quantized, fp32, sorted(kept | {d for o in whole for d in dqs[o]}))
         trial_error = output_error(trial, batches, reference)
         if int8_ops(trial, outputs) == int8_ops(model, outputs) and trial_error < error:
             model, error = trial, trial_error
         else:
-            free = []
-    return model, {"error_int8": full, "error": error, "fp32_ops": chosen, "free_ops": free,
+            free, whole = [], []
+    return model, {"error_int8": full, "error": error, "fp32_ops": chosen, "free_ops": free, "free_weights": whole,
                    "macs_fp32_share": lost / max(total, 1),
                    "ranking": [{"op": op, "error_if_fp32": e, "macs": macs[op]} for e, op in ranking]}

@@ -181,10 +181,15 @@ def test_a_quantized_input_no_int8_kernel_reads_goes_back_to_fp32_first(tmp_path
     result = comp.compress(model, {"sensitive_gain": 1.0}, calib, context=context)
     sens = result.resolved["sensitivity"]
     assert sens["free_ops"] == head and sens["fp32_ops"] == [] and sens["macs_fp32_share"] == 0.0
+    assert sens["free_weights"] == head  # ORT would dequantize its int8 weight on every call: fp32 weight too
     assert sens["error"] < sens["error_int8"]
     assert [r.note for r in result.changes if f"({head[0]})" in r.kind] == [
-        "0 activation quantizer(s); activations kept fp32: no INT8 kernel reads them"]  # its weight stays int8
+        "kept fp32: ORT runs it in fp32 (no INT8 kernel reads its input), weights included"]
     comp.onnx_stage(result.resolved, fp32, tmp_path / "q.onnx", context)
     kept = fp32_compute_ops(tmp_path / "q.onnx")
     assert kept[head[0]] == "Gemm: no quantizer on its input"  # its Q/DQ pair is gone, not just left unfused
+    graphs = [onnx.load(str(p)).graph for p in (fp32, tmp_path / "q.onnx")]
+    weights = [{i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}[next(
+        n for n in g.node if n.name == head[0]).input[1]] for g in graphs]
+    assert np.array_equal(weights[0], weights[1])  # the fp32 weight itself, not its dequantized int8 values
     assert sum(why.startswith("Conv") for why in kept.values()) == 1  # the stem only: no Conv kernel was unfused
