@@ -1,0 +1,82 @@
+"""Per-op precision of an INT8 stage under a time budget: which compute ops stay fp32.
+
+An INT8 stage quantizes every Conv / MatMul / Gemm it can. When the INT8 graph is faster than a --speedup or
+--latency-ms budget, the slack buys loss back: the ops whose INT8 costs the most task loss per millisecond it
+saves stay fp32 (the int8 step's `ignored`, ONNX node names). Each op is scored by its loss-measured
+sensitivity: the task loss on the calibration data of the INT8 graph with that op alone back in fp32, run in
+ONNX Runtime, less the INT8 graph's own (static QDQ: the DequantizeLinear nodes on its inputs taken out,
+int8_sensitivity.reverted; dynamic: ORT's quantize_dynamic again with the op excluded). Each op's time is
+its share, by multiply-adds (int8_sensitivity.op_macs), of the stage's measured saving: the original's p50
+less the INT8 graph's, timed side by side on the target (the INT8 kernels are timed; only their split among
+the ops is by work). A static op's share counts the kernels it unfuses too (a Conv whose output quantizer
+only fed it runs in fp32 as well: int8_sensitivity.int8_ops before and after), as keep_sensitive counts them. An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
+more than the measured graph), so optimize_precision's greedy (the shared allocator) picks them.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from edgeslim.compress.sensitivity import mean_loss
+from edgeslim.core.calib import CalibData
+from edgeslim.core.progress import bar
+from edgeslim.optimize_precision import PrecisionLayer
+
+
+def int8_layers(fp32_path: Path, int8_path: Path, resolved: Mapping[str, Any], data: CalibData, saving_ms: float,
+                progress: bool = True) -> list[PrecisionLayer]:
+    """Every compute op the INT8 stage (its record `resolved`) runs as an INT8 kernel in `int8_path` (the stage
+    replayed on `fp32_path`), with its share of `saving_ms` and its loss change on `data` (which has targets):
+    the INT8 graph's task loss less the one with that op alone fp32."""
+    import onnx
+
+    from edgeslim.compress.int8_sensitivity import op_macs
+    from edgeslim.runtime.session import OrtModule
+
+    fp32 = onnx.load(str(fp32_path))
+    ops, one_fp32 = _op_reverter(fp32, fp32_path, int8_path, resolved)
+    names = {i.name for i in fp32.graph.input}
+    feeds = {k: v[:1].numpy() for k, v in data.batches[0].items() if k in names}
+    macs = op_macs(fp32, ops, feeds)
+    total = max(sum(macs.values()), 1)
+    quantized = mean_loss(OrtModule(int8_path), data)
+    delta, share = {}, {}
+    with tempfile.TemporaryDirectory(prefix="edgeslim-int8-ops-") as tmp, \
+            bar(f"loss of each of {len(ops)} INT8 ops put back in fp32 alone", len(ops), progress) as shown:
+        for i, op in enumerate(ops):
+            path = Path(tmp) / f"op{i}.onnx"
+            share[op] = sum(macs[o] for o in one_fp32(op, path)) / total
+            delta[op] = quantized - mean_loss(OrtModule(path), data)
+            path.unlink()
+            shown.advance()
+    return [PrecisionLayer(op, saving_ms * share[op], 0.0, delta[op]) for op in ops]
+
+
+def _op_reverter(fp32, fp32_path: Path, int8_path: Path, resolved: Mapping[str, Any]
+                 ) -> tuple[list[str], Callable[[str, Path], set[str]]]:
+    """The INT8 kernels' op names, and how to write the INT8 graph with one of them fp32 (which returns the
+    kernels that graph runs in fp32: the op and those it unfuses)."""
+    import onnx
+
+    if resolved.get("activations_mode") == "dynamic":
+        from edgeslim.compress.int8_dynamic import quantize_dynamic_graph
+        record = resolved["dynamic"]
+        inits, ignored = {i.name for i in fp32.graph.initializer}, set(record.get("ignored", ()))
+        ops = [n.name for n in fp32.graph.node if n.op_type in record["op_types"] and len(n.input) > 1
+               and n.input[1] in inits and n.name not in ignored]
+
+        def dynamic(op: str, path: Path) -> set[str]:
+            quantize_dynamic_graph(dict(record) | {"ignored": [*record.get("ignored", ()), op]}, fp32_path, path)
+            return {op}
+        return ops, dynamic
+
+    from edgeslim.compress.int8_sensitivity import int8_ops, op_quantizers, reverted
+    quantized = onnx.load(str(int8_path))
+    dqs, kernels = op_quantizers(quantized), int8_ops(quantized)
+
+    def static(op: str, path: Path) -> set[str]:
+        model = reverted(quantized, fp32, dqs[op])
+        onnx.save(model, str(path))
+        return kernels - int8_ops(model)
+    return sorted(kernels & set(dqs)), static
