@@ -9,26 +9,35 @@ int8_sensitivity.reverted; dynamic: ORT's quantize_dynamic again with the op exc
 its share, by multiply-adds (int8_sensitivity.op_macs), of the stage's measured saving: the original's p50
 less the INT8 graph's, timed side by side on the target (the INT8 kernels are timed; only their split among
 the ops is by work). A static op's share counts the kernels it unfuses too (a Conv whose output quantizer
-only fed it runs in fp32 as well: int8_sensitivity.int8_ops before and after), as keep_sensitive counts them. An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
+only fed it runs in fp32 as well: int8_sensitivity.int8_ops before and after), as keep_sensitive counts them,
+and is timed as well: each graph with one op fp32 beside the INT8 graph, the larger cost kept. Work priced
+7 convs of EfficientNet-Lite0 (1x1 at 28x28 to 7x7, with the depthwise convs their reverts unfuse) at 1.75x
+-> 1.52x; the graph measured 1.03x (a depthwise conv's time is not its multiply-adds, and fp32 convs among
+INT8 ones lose ORT's NCHWc layout). A dynamic MatMul fuses nothing: on MiniLM the share priced 14 of them
+at 1.51x, measured 1.50x. An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
 more than the measured graph), so optimize_precision's greedy (the shared allocator) picks them.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from edgeslim.compress.sensitivity import mean_loss
 from edgeslim.core.calib import CalibData
-from edgeslim.core.progress import bar
+from edgeslim.core.progress import bar, say
 from edgeslim.optimize_precision import PrecisionLayer
+
+Timing = Callable[[Sequence[Path]], list[float]]  # ONNX files -> p50 ms of each, timed side by side on the target
 
 
 def int8_layers(fp32_path: Path, int8_path: Path, resolved: Mapping[str, Any], data: CalibData, saving_ms: float,
-                progress: bool = True) -> list[PrecisionLayer]:
+                timing: Timing | None = None, progress: bool = True) -> list[PrecisionLayer]:
     """Every compute op the INT8 stage (its record `resolved`) runs as an INT8 kernel in `int8_path` (the stage
-    replayed on `fp32_path`), with its share of `saving_ms` and its loss change on `data` (which has targets):
-    the INT8 graph's task loss less the one with that op alone fp32."""
+    replayed on `fp32_path`), with its cost fp32 and its loss change on `data` (which has targets): the INT8
+    graph's task loss less the one with that op alone fp32. The cost is the op's share of `saving_ms` by
+    multiply-adds; with `timing` (files -> p50 ms on the target, side by side) a static op's cost is also
+    measured, its graph's p50 less the INT8 graph's, and the larger of the two is kept."""
     import onnx
 
     from edgeslim.compress.int8_sensitivity import op_macs
@@ -36,21 +45,27 @@ def int8_layers(fp32_path: Path, int8_path: Path, resolved: Mapping[str, Any], d
 
     fp32 = onnx.load(str(fp32_path))
     ops, one_fp32 = _op_reverter(fp32, fp32_path, int8_path, resolved)
+    timing = None if resolved.get("activations_mode") == "dynamic" else timing
     names = {i.name for i in fp32.graph.input}
     feeds = {k: v[:1].numpy() for k, v in data.batches[0].items() if k in names}
     macs = op_macs(fp32, ops, feeds)
     total = max(sum(macs.values()), 1)
     quantized = mean_loss(OrtModule(int8_path), data)
-    delta, share = {}, {}
-    with tempfile.TemporaryDirectory(prefix="edgeslim-int8-ops-") as tmp, \
-            bar(f"loss of each of {len(ops)} INT8 ops put back in fp32 alone", len(ops), progress) as shown:
-        for i, op in enumerate(ops):
-            path = Path(tmp) / f"op{i}.onnx"
-            share[op] = sum(macs[o] for o in one_fp32(op, path)) / total
-            delta[op] = quantized - mean_loss(OrtModule(path), data)
-            path.unlink()
-            shown.advance()
-    return [PrecisionLayer(op, saving_ms * share[op], 0.0, delta[op]) for op in ops]
+    delta, cost = {}, {}
+    with tempfile.TemporaryDirectory(prefix="edgeslim-int8-ops-") as tmp:
+        paths = [Path(tmp) / f"op{i}.onnx" for i in range(len(ops))]
+        with bar(f"loss of each of {len(ops)} INT8 ops put back in fp32 alone", len(ops), progress) as shown:
+            for op, path in zip(ops, paths):
+                cost[op] = saving_ms * sum(macs[o] for o in one_fp32(op, path)) / total
+                delta[op] = quantized - mean_loss(OrtModule(path), data)
+                if timing is None:
+                    path.unlink()
+                shown.advance()
+        if timing is not None and ops:
+            say(f"timing the INT8 graph and its {len(ops)} graphs with one op fp32 side by side on the target")
+            times = timing([int8_path, *paths])
+            cost = {op: max(cost[op], ms - times[0]) for op, ms in zip(ops, times[1:])}
+    return [PrecisionLayer(op, cost[op], 0.0, delta[op]) for op in ops]
 
 
 def _op_reverter(fp32, fp32_path: Path, int8_path: Path, resolved: Mapping[str, Any]

@@ -42,7 +42,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.core.progress import say
 from edgeslim.loaded import LoadedModel
-from edgeslim.optimize_int8 import int8_layers
+from edgeslim.optimize_int8 import Timing, int8_layers
 from edgeslim.optimize_precision import PrecisionLayer, precision_layers
 
 FAMILIES = ("asvd", "prune", "int8", "wq")
@@ -253,7 +253,8 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
         _refuse_skipped(loaded, skipped, explicit)
         set_dense_costs(combos)
         if axis == "ms":
-            _int8_precision(combos, paths, data.head(2), known_precision or {})
+            _int8_precision(combos, paths, data.head(2), known_precision or {},
+                            lambda files: measure.files_ms(files, loaded.inputs, context.dims))
     if axis == "bytes":
         fisher: dict[str, torch.Tensor] = {}  # shared by the wq stages (the same weights at other precisions)
         for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
@@ -288,10 +289,10 @@ def set_dense_costs(combos: Sequence[Combo]) -> None:
 
 
 def _int8_precision(combos: Sequence[Combo], paths: Sequence[Path], data: CalibData,
-                    known: Mapping[str, Sequence[Sequence[Any]]]) -> None:
+                    known: Mapping[str, Sequence[Sequence[Any]]], timing: Timing) -> None:
     """An INT8 stage alone that is faster than the original: which ops could stay fp32, at what loss and time
-    each (optimize_int8; `known`: as measured by an earlier run of the search). `paths`: each combo's export,
-    the original's first."""
+    each (optimize_int8; `known`: as measured by an earlier run of the search; `timing`: files -> p50 ms on the
+    target). `paths`: each combo's export, the original's first."""
     for combo, path in zip(combos, paths):
         if combo.families != ("int8",) or combo.cost >= combo.dense_cost:
             continue
@@ -299,7 +300,7 @@ def _int8_precision(combos: Sequence[Combo], paths: Sequence[Path], data: CalibD
             combo.precision = [PrecisionLayer(*row) for row in known[combo.label]]
             continue
         resolved = next(s.get("resolved", {}) for s in combo.loaded.steps if s["method"] == "int8")
-        combo.precision = int8_layers(paths[0], path, resolved, data, combo.dense_cost - combo.cost)
+        combo.precision = int8_layers(paths[0], path, resolved, data, combo.dense_cost - combo.cost, timing)
 
 
 def _refuse_skipped(loaded: LoadedModel, skipped: Mapping[str, str], explicit: bool) -> None:

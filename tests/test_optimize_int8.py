@@ -86,6 +86,21 @@ def test_an_int8_stage_keeps_its_most_sensitive_op_fp32_within_the_slack(tmp_pat
     worst = max(layers, key=lambda l: l.delta)
     assert worst.name == mid and worst.delta > 2 * max(l.delta for l in layers if l.name != mid) > 0
 
+    timed = []
+
+    def timing(files):  # the target: the INT8 graph 5 ms, the middle conv's graph 4 ms more, the others 0.01 more
+        assert all(f.is_file() for f in files)
+        timed.extend(files)
+        ops = sorted(l.name for l in layers)  # the order int8_layers lists them in
+        return [5.0] + [5.0 + (4.0 if op == mid else 0.01) for op in ops]
+
+    measured = int8_layers(fp32, q, resolved, data, saving_ms=3.0, timing=timing, progress=False)
+    assert timed[0] == q and len(timed) == len(layers) + 1
+    share = {l.name: l.dense_params for l in layers}  # the larger of the share and the measured cost is kept
+    assert {l.name: l.dense_params for l in measured} == pytest.approx(
+        {op: 4.0 if op == mid else max(share[op], 0.01) for op in share})
+    assert [l.delta for l in measured] == pytest.approx([l.delta for l in layers])
+
     # INT8 alone 2x (5 ms of 10), room for the middle conv's share of the saving: the mix keeps it fp32
     share = next(l.dense_params for l in layers if l.name == mid)
     int8_loss = mean_loss(OrtModule(q), data) - mean_loss(model, data)
@@ -128,7 +143,10 @@ def test_a_dynamic_int8_stage_scores_each_matmul_alone_fp32(tmp_path):
     record = dynamic_record("disable", [])
     quantize_dynamic_graph(record, fp32, tmp_path / "q.onnx")
     resolved = {"activations_mode": "dynamic", "dynamic": record}
-    layers = int8_layers(fp32, tmp_path / "q.onnx", resolved, data, saving_ms=1.0, progress=False)
+    def timing(files):
+        raise AssertionError("a dynamic MatMul fuses nothing: its share of the saving is its cost, nothing is timed")
+
+    layers = int8_layers(fp32, tmp_path / "q.onnx", resolved, data, saving_ms=1.0, timing=timing, progress=False)
     assert len(layers) == 3 and sum(l.dense_params for l in layers) == pytest.approx(1.0)
     base = mean_loss(OrtModule(tmp_path / "q.onnx"), data)
     for layer in layers:  # each score is the loss of the graph quantized again without that MatMul
