@@ -10,11 +10,11 @@ its share, by multiply-adds (int8_sensitivity.op_macs), of the stage's measured 
 less the INT8 graph's, timed side by side on the target (the INT8 kernels are timed; only their split among
 the ops is by work). A static op's share counts the kernels it unfuses too (a Conv whose output quantizer
 only fed it runs in fp32 as well: int8_sensitivity.int8_ops before and after), as keep_sensitive counts them,
-and is timed as well: each graph with one op fp32 beside the INT8 graph, the larger cost kept. Work priced
-7 convs of EfficientNet-Lite0 (1x1 at 28x28 to 7x7, with the depthwise convs their reverts unfuse) at 1.75x
--> 1.52x; the graph measured 1.03x (a depthwise conv's time is not its multiply-adds, and fp32 convs among
-INT8 ones lose ORT's NCHWc layout). A dynamic MatMul fuses nothing: on MiniLM the share priced 14 of them
-at 1.51x, measured 1.50x. An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
+and is timed as well: each graph with one op fp32 beside the INT8 graph, the larger cost kept. A dynamic
+MatMul fuses nothing: on MiniLM the share priced 14 of them at 1.51x, measured 1.50x. On EfficientNet-Lite0
+the share priced 7 convs at 1.52x (measured 1.03x), the timed costs 4 convs at 1.51x (measured 1.07x): the
+mix is built with those ops in NNCF's `ignored`, whose placement leaves more convs fp32 than the revert
+that scored them (docs/optimize.md, What it measured). An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
 more than the measured graph), so optimize_precision's greedy (the shared allocator) picks them.
 """
 from __future__ import annotations
