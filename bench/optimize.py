@@ -13,8 +13,9 @@ Models (cut to fit a ~35-minute timing window on 2 cores; each model's cuts are 
   folder labelled by the original's own top-1 class: its accuracy is the agreement), max drop 0.01;
 - SmolLM2-135M: perplexity on BBC News test articles, --size-mb budgets 0.5x and 0.3x of the fp32 weights,
   at most 10% higher perplexity.
---quick runs the tiny BERT in seconds; --models picks models (the JSON keeps the other models' rows of the
-previous results file, each with the date of its run).
+--quick runs the tiny BERT in seconds; --models picks models, --rows picks rows (MODEL:GAIN, the asked speedup or
+size ratio); the JSON keeps the rows of the previous results file that were not run again, each with the date
+of its run.
 """
 from __future__ import annotations
 
@@ -172,13 +173,48 @@ def salvage(work: Path, out: Path, keep: list[dict]) -> dict:
     return write(models, out, [r for r in keep if r["model"] not in models] + rows, time.monotonic() - seconds)
 
 
+def picked_rows(spec: str) -> dict:
+    """The models (configs cut to the asked rows) of --rows "MODEL[:GAIN],...": GAIN an asked speedup or size
+    ratio of MODEL's, every row of MODEL without one."""
+    picked: dict = {}
+    for item in spec.split(","):
+        name, _, gain = item.partition(":")
+        if name not in MODELS:
+            raise SystemExit(f"--rows: unknown model {name!r} (known: {', '.join(MODELS)})")
+        picked.setdefault(name, set()).add(float(gain) if gain else None)
+    out = {}
+    for name, gains in picked.items():
+        cfg = dict(MODELS[name])
+        for key in ("speedups", "size_ratios"):
+            if key in cfg and None not in gains:
+                cfg[key] = [g for g in cfg[key] if g in gains]
+        out[name] = cfg
+    return out
+
+
+def row_gain(row: dict) -> float:
+    """The asked speedup or size ratio of a row (what --rows names; a refused size row: 0)."""
+    return row["budget_value"] if row["budget"] == "speedup" else row.get("asked_size_ratio", 0.0)
+
+
+def rerun(row: dict, models: dict) -> bool:
+    """Whether `row` (of an earlier results file) is one of the rows `models` run again."""
+    cfg = models.get(row["model"])
+    return cfg is not None and any(abs(row_gain(row) - g) < 1e-3 for g in
+                                   cfg.get("speedups", []) + cfg.get("size_ratios", []))
+
+
 def run(models: dict, out: Path, keep: list[dict] | None = None) -> dict:
     rows, work = [], Path(tempfile.mkdtemp(prefix="bench_optimize_"))
     os.environ["EDGESLIM_CACHE"] = str(work / "cache")  # nothing measured before this run is reused
     start = time.monotonic()
+    order = list(MODELS)
     for name, cfg in models.items():  # written after each model: a later failure keeps the rows measured
         rows += model_rows(name, cfg, work)
-        result = write(models, out, [r for r in keep or [] if r["model"] not in models] + rows, start)
+        kept = sorted([r for r in keep or [] if not rerun(r, models)] + rows,
+                      key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order), r["budget"],
+                                     row_gain(r)))
+        result = write(models, out, kept, start)
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -264,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny BERT, one round: seconds")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated MODEL[:GAIN] (e.g. minilm:1.5,efficientnet-lite0): run only these rows, "
+                             "keep the others of the results file")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--regrade", action="store_true",
                         help="recompute the comparisons and goals of the results file from its points, measure nothing")
@@ -279,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"goals {salvage(args.salvage, out, earlier_rows(json.loads((out / 'optimize.json').read_text())))['goals']}")
         return
     out = args.out or (Path(tempfile.mkdtemp(prefix="optimize_quick_")) if args.quick else RESULTS)
-    picked = QUICK if args.quick else {m: MODELS[m] for m in args.models.split(",")}
+    picked = QUICK if args.quick else picked_rows(args.rows) if args.rows else {m: MODELS[m] for m in
+                                                                                 args.models.split(",")}
     previous = out / "optimize.json"
     keep = earlier_rows(json.loads(previous.read_text())) if previous.is_file() and not args.quick else []
     result = run(picked, out, keep)

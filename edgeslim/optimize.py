@@ -25,7 +25,7 @@ from edgeslim.trust import Trust
 LATENCY_BATCH = 8  # the batch size a time budget is measured at (other dims: the model's defaults)
 CALIB_COUNT = 64  # calibration samples of the default data set
 SPACE = "space"  # the result cache's entry of the combos' measured costs and losses (a resumed search reuses them)
-PRECISION = "precision"  # its entry of each wq combo's per-weight bytes and losses (optimize_precision)
+PRECISION = "precision"  # its entry of each wq (int8) combo's per-weight bytes (per-op ms) and losses
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Per-layer precision of a weight-only quantization stage under a size budget: which weights stay fp32.
+(The same layers and greedy, in milliseconds, choose the ops an INT8 stage keeps fp32: optimize_int8.py.)
 
 A wq stage quantizes every linear map (and the embeddings) at one mode. When the quantized model is
 smaller than a --size-mb budget, the slack buys loss back: the weights whose quantization costs the most
@@ -32,18 +33,19 @@ QUANTIZED = 0  # the one non-dense decision of a PrecisionLayer
 
 @dataclass
 class PrecisionLayer:
-    """One quantized weight as the shared allocator sees it (a BudgetLayer, in bytes)."""
+    """One quantized weight (or INT8 op) as the shared allocator sees it (a BudgetLayer, in the budget's unit:
+    bytes, or milliseconds for an INT8 op)."""
 
-    name: str  # the module that owns the weight (what wq's `exclude` names)
-    dense_params: int  # bytes of the fp32 weight
-    quantized_bytes: int  # bytes of its integers, scales and zero points
-    delta: float  # task-loss change with this weight alone quantized (may be slightly negative)
+    name: str  # the module that owns the weight (what wq's `exclude` names), or the ONNX op (int8's `ignored`)
+    dense_params: float  # cost fp32: bytes of the fp32 weight (an INT8 op: the ms its INT8 kernel saves)
+    quantized_cost: float  # cost quantized: bytes of its integers, scales and zero points (an INT8 op: 0 more ms)
+    delta: float  # task-loss change with this weight (op) alone quantized (may be slightly negative)
 
     def decisions(self, align: int) -> list[int]:
-        return [QUANTIZED] if self.quantized_bytes < self.dense_params else []
+        return [QUANTIZED] if self.quantized_cost < self.dense_params else []
 
-    def params_at(self, d: int) -> int:
-        return self.quantized_bytes
+    def params_at(self, d: int) -> float:
+        return self.quantized_cost
 
     def error_at(self, d: int) -> float:
         return max(self.delta, 0.0)
@@ -135,13 +137,17 @@ def measured_losses(model: nn.Module, replaced: Mapping[str, torch.Tensor], data
 
 
 def allocate_precision(layers: Sequence[PrecisionLayer], budget: float) -> dict[str, bool]:
-    """Which weights to quantize (name -> True) so that their bytes stay within `budget`, with the least summed
+    """Which weights to quantize (name -> True) so that their cost stays within `budget`, with the least summed
     sensitivity of the quantized ones: the shared allocator's greedy, fp32 being each layer's dense state.
+    A weight whose quantization loses nothing (delta <= 0) stays quantized: fp32 would buy nothing back.
     A budget below every weight quantized quantizes them all."""
-    dense = sum(l.dense_params for l in layers)
-    ratio = min(max(budget / max(dense, 1), 0.0), 1.0)
-    decided = allocate(layers, BudgetConfig(ratio=ratio, allocation="sensitivity", align=1))
-    return {name: d is not None for name, d in decided.items()}
+    lossy = [l for l in layers if l.delta > 0]
+    budget -= sum(l.quantized_cost for l in layers if l.delta <= 0)
+    if not lossy or budget <= sum(l.quantized_cost for l in lossy):  # no room to put any weight back
+        return {l.name: True for l in layers}
+    ratio = min(budget / sum(l.dense_params for l in lossy), 1.0)
+    decided = allocate(lossy, BudgetConfig(ratio=ratio, allocation="sensitivity", align=1))
+    return {l.name: l.delta <= 0 or decided[l.name] is not None for l in layers}
 
 
 def kept_fp32(layers: Sequence[PrecisionLayer], quantize: Mapping[str, bool]) -> list[str]:

@@ -44,7 +44,7 @@ class Estimate:
     gain: float  # base cost / cost
     loss: float
     aimed: float  # the gain the allocation aimed at
-    fp32: tuple[str, ...] = ()  # the modules the combo's wq stage leaves fp32 (a per-layer precision mix)
+    fp32: tuple[str, ...] = ()  # the modules its wq stage (ONNX ops its int8 stage) leaves fp32: a precision mix
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -55,7 +55,8 @@ class Estimate:
     def label(self) -> str:
         factored = sum(r is not None for r in self.ranks.values())
         parts = [s.label for s in self.combo.stages] + ([f"asvd {factored} layers"] if factored else [])
-        return " + ".join(parts) + (f" ({len(self.fp32)} weights fp32)" if self.fp32 else "") or "original"
+        kept = f" ({len(self.fp32)} {'ops' if 'int8' in self.combo.families else 'weights'} fp32)"
+        return " + ".join(parts) + (kept if self.fp32 else "") or "original"
 
 
 @dataclass
@@ -73,7 +74,8 @@ class Point:
     result: dict[str, Any] = field(default_factory=dict)  # the job's answer (artifact, ONNX file, cache flags)
     combo: str = ""
     round: int = 0
-    mixed: bool = False  # a per-layer precision mix (some weights of its wq stage fp32): no family's own recipe
+    mixed: bool = False  # a per-layer precision mix (some weights of its wq stage, ops of its int8 stage, fp32):
+    # no family's own recipe
 
 
 def drop_of(metric: float, base: float, name: str) -> float:
@@ -120,12 +122,13 @@ def estimate(combo: Combo, space: Space, aim: float, axis: str) -> Estimate | No
 
 
 def _precision_mix(combo: Combo, space: Space, target: float, aim: float) -> Estimate:
-    """The wq combo with the weights whose quantization loses most per byte saved left fp32, within `target` bytes
-    (optimize_precision); the combo's measured loss less the sensitivities of the weights put back."""
+    """The wq (int8) combo with the weights (ops) whose quantization loses most per byte (ms) saved left fp32,
+    within `target` (optimize_precision, optimize_int8); the combo's measured loss less the sensitivities of the
+    weights put back."""
     layers = combo.precision
-    other = combo.cost - sum(l.quantized_bytes for l in layers)  # bytes outside the quantized weights
+    other = combo.cost - sum(l.quantized_cost for l in layers)  # outside the quantized weights (INT8 ops: all)
     quantize = allocate_precision(layers, target - other)
-    cost = other + sum(l.quantized_bytes if quantize[l.name] else l.dense_params for l in layers)
+    cost = other + sum(l.quantized_cost if quantize[l.name] else l.dense_params for l in layers)
     loss = combo.loss - loss_put_back(layers, quantize)
     dense = {s.name: None for s in combo.spectra}
     return Estimate(combo, dense, cost, space.base_cost / cost, loss, aim, tuple(kept_fp32(layers, quantize)))
@@ -231,7 +234,7 @@ def search(space: Space, axis: str, asked: float, max_drop: float, verify: Verif
         verified_rounds = r + 1
         points += new
         for est, point in zip(picked, new):
-            if est.combo.spectra and point.gain > 0:
+            if (est.combo.spectra or est.combo.precision) and point.gain > 0:
                 measured[est.combo.label].append({"estimated": est.gain, "measured": point.gain})
         for combo in space.combos:
             if measured[combo.label]:

@@ -14,7 +14,9 @@ last: its weights are no longer float). Three kinds of choices:
   relative weighted squared error, times that error at the rank (`LayerSpectrum.error_at`).
 - **per-weight precision** of a wq stage alone under a size budget (optimize_precision): each weight
   quantized or left fp32, with its bytes both ways and its loss change (Fisher's estimate with class or
-  next-token targets, else measured with it alone quantized).
+  next-token targets, else measured with it alone quantized);
+- **per-op precision** of an INT8 stage alone under a time budget (optimize_int8): each Conv / MatMul / Gemm
+  INT8 or left fp32, with its share of the stage's measured time saving and its measured loss change.
 A family that cannot apply to the model (no linear map, a runtime without INT8 kernels, no gain on the
 budget's axis) is left out with the reason (`Space.skipped`).
 """
@@ -40,6 +42,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.core.errors import ConfigError, EdgeslimError
 from edgeslim.core.progress import say
 from edgeslim.loaded import LoadedModel
+from edgeslim.optimize_int8 import Timing, int8_layers
 from edgeslim.optimize_precision import PrecisionLayer, precision_layers
 
 FAMILIES = ("asvd", "prune", "int8", "wq")
@@ -47,6 +50,7 @@ PRUNE_KEPT = (0.75, 0.5)  # pruning stages: kept fraction of the prunable groups
 WQ_MODES = ("int8", "int4")  # weight-only stages (a --size-mb budget)
 PROBE_RATIO = 0.5  # the uniform asvd probe the loss-measured sensitivities are taken at
 LOWRANK = "asvd"  # the low-rank family the per-layer ranks come from (activation-aware SVD)
+KEPT_FP32 = {"wq": "exclude", "int8": "ignored"}  # the step option that names what a precision mix keeps fp32
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Combo:
     loss: float = 0.0  # task-loss change on the calibration data against the original
     layers: list[LayerTimes] = field(default_factory=list)  # asvd options (speed budgets)
     spectra: list[LayerSpectrum] = field(default_factory=list)  # asvd options (all budgets)
-    precision: list[PrecisionLayer] = field(default_factory=list)  # per-weight fp32 options of a wq stage (size)
+    precision: list[PrecisionLayer] = field(default_factory=list)  # fp32 options: a wq stage's weights, int8's ops
 
     @property
     def label(self) -> str:
@@ -83,7 +87,7 @@ class Combo:
     def steps(self, ranks: Mapping[str, int | None], calib: str, align: int, fp32: Sequence[str] = ()
               ) -> list[dict[str, Any]]:
         """The recipe steps of this combo with `ranks` (None: dense) of asvd, in the pipeline's step order; `fp32`:
-        the modules its wq stage leaves fp32."""
+        the modules its wq stage (the ONNX ops its int8 stage) leaves fp32."""
         by_rank: dict[int, list[str]] = {}
         for name, rank in ranks.items():
             if rank is not None:
@@ -91,7 +95,7 @@ class Combo:
         lowrank = [{"method": LOWRANK, "rank": r, "target": sorted(names), "align": align, "calib": calib}
                    for r, names in sorted(by_rank.items())]
         first = [dict(s.step) for s in self.stages if s.family == "prune"]
-        last = [dict(s.step) | ({"exclude": list(fp32)} if fp32 and s.family == "wq" else {})
+        last = [dict(s.step) | ({KEPT_FP32[s.family]: list(fp32)} if fp32 and s.family in KEPT_FP32 else {})
                 for s in self.stages if s.family != "prune"]
         return first + lowrank + last
 
@@ -246,8 +250,11 @@ def build_space(loaded: LoadedModel, calib: CalibData, calib_spec: str, measure:
             for i, combo in enumerate(combos):
                 combo.cost = times[i] if axis == "ms" else float(weight_bytes(combo.loaded.model))
                 combo.loss = 0.0 if i == 0 else mean_loss(runnable(combo.loaded), data.head(2)) - base_loss
-    _refuse_skipped(loaded, skipped, explicit)
-    set_dense_costs(combos)
+        _refuse_skipped(loaded, skipped, explicit)
+        set_dense_costs(combos)
+        if axis == "ms":
+            _int8_precision(combos, paths, data.head(2), known_precision or {},
+                            lambda files: measure.files_ms(files, loaded.inputs, context.dims))
     if axis == "bytes":
         fisher: dict[str, torch.Tensor] = {}  # shared by the wq stages (the same weights at other precisions)
         for combo in combos:  # a wq stage alone: which weights could stay fp32, at what loss each
@@ -279,6 +286,21 @@ def set_dense_costs(combos: Sequence[Combo]) -> None:
     torch_level = {tuple(s.label for s in c.stages): c for c in combos}
     for combo in combos:
         combo.dense_cost = torch_level[tuple(s.label for s in combo.stages if s.family != "int8")].cost
+
+
+def _int8_precision(combos: Sequence[Combo], paths: Sequence[Path], data: CalibData,
+                    known: Mapping[str, Sequence[Sequence[Any]]], timing: Timing) -> None:
+    """An INT8 stage alone that is faster than the original: which ops could stay fp32, at what loss and time
+    each (optimize_int8; `known`: as measured by an earlier run of the search; `timing`: files -> p50 ms on the
+    target). `paths`: each combo's export, the original's first."""
+    for combo, path in zip(combos, paths):
+        if combo.families != ("int8",) or combo.cost >= combo.dense_cost:
+            continue
+        if combo.label in known:
+            combo.precision = [PrecisionLayer(*row) for row in known[combo.label]]
+            continue
+        resolved = next(s.get("resolved", {}) for s in combo.loaded.steps if s["method"] == "int8")
+        combo.precision = int8_layers(paths[0], path, resolved, data, combo.dense_cost - combo.cost, timing)
 
 
 def _refuse_skipped(loaded: LoadedModel, skipped: Mapping[str, str], explicit: bool) -> None:

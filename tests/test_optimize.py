@@ -293,6 +293,23 @@ def test_bench_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
     assert set(result["goals"]) >= {"optimize_ge_single_every_row", "optimize_strictly_better_half"}
 
 
+def test_bench_rows_pick_the_rows_run_again_and_keep_the_others():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_optimize", Path(__file__).parents[1] / "bench" / "optimize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    picked = bench.picked_rows("minilm:1.5,minilm:2,smollm2")
+    assert picked["minilm"]["speedups"] == [1.5, 2.0] and picked["smollm2"]["size_ratios"] == [0.5, 0.3]
+    rows = [{"model": "minilm", "budget": "speedup", "budget_value": g} for g in (1.5, 2.0, 3.0)] + \
+        [{"model": "smollm2", "budget": "size_mb", "budget_value": 269.0, "asked_size_ratio": 0.5000001},
+         {"model": "efficientnet-lite0", "budget": "speedup", "budget_value": 1.5}]
+    kept = [r for r in rows if not bench.rerun(r, picked)]
+    assert [(r["model"], r["budget_value"]) for r in kept] == [("minilm", 3.0), ("efficientnet-lite0", 1.5)]
+    with pytest.raises(SystemExit, match="unknown model 'nope'"):
+        bench.picked_rows("nope:2")
+
+
 def test_the_search_stops_when_no_estimate_promises_less_loss_than_a_point_that_meets():
     sp = space(int8_factor=2.0)
     sp.combos[1].loss = 0.0  # INT8 measured no loss change: nothing can promise less
