@@ -36,6 +36,7 @@ import numpy as np
 from edgeslim.compress.int8_chains import unfused_weight_dqs
 from edgeslim.compress.int8_record import (COMPUTE_OPS, activation_quantizers, initializer_arrays, ort_session,
                                            probe_values, revert_quantizers)
+from edgeslim.core.errors import ConfigError
 from edgeslim.core.progress import bar
 
 
@@ -111,6 +112,28 @@ def reverted(quantized, fp32, dq_names: Sequence[str]):
     model.CopyFrom(quantized)
     revert_quantizers(model, fp32, dq_names)
     return model
+
+
+def check_op_names(fp32, ops: Sequence[str], where: str) -> None:
+    """ConfigError unless every name in `ops` is a node of `fp32` (the int8 step's fp32_ops)."""
+    known = {n.name for n in fp32.graph.node}
+    unknown = [o for o in ops if o not in known]
+    if unknown:
+        compute = sorted(n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS)
+        raise ConfigError(f"{where}: fp32_ops {unknown[:3]} are not ops of the exported graph (ONNX node names, "
+                          f"e.g. {compute[:3]})")
+
+
+def keep_named(fp32, quantized, ops: Sequence[str], where: str):
+    """`quantized` with the named compute ops back in fp32 as keep_sensitive scores one op (its DequantizeLinear
+    inputs taken out: `reverted`, so the record replays it without data); an op already fp32 stays so.
+
+    Raises:
+        ConfigError: a name that is not an op of the graph.
+    """
+    check_op_names(fp32, ops, where)
+    dqs = op_quantizers(quantized)
+    return reverted(quantized, fp32, sorted({d for o in ops for d in dqs.get(o, ())}))
 
 
 def sensitivity_notes(info: dict[str, Any]) -> dict[str, str]:

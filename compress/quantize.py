@@ -29,10 +29,10 @@ from torch import nn
 
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, register, working_copy
-from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, fold_unfused_weights, output_ranges,
-                                           output_sites, site_ranges, unsigned_activations)
+from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, fold_unfused_weights, image_input_grid,
+                                           output_ranges, output_sites, site_ranges, unsigned_activations)
 from edgeslim.compress.int8_grouped_bias import correct_grouped_biases
-from edgeslim.compress.int8_sensitivity import keep_sensitive, sensitivity_notes
+from edgeslim.compress.int8_sensitivity import check_op_names, keep_named, keep_sensitive, sensitivity_notes
 from edgeslim.compress.int8_dynamic import check_dynamic, dynamic_record, dynamic_rows, quantize_dynamic_graph
 from edgeslim.compress.int8_record import (MIN_OPSET, activation_quantizers, check_record, dense_output, layer_rows,
                                            metric, ort_session, probe_values, quantization_errors, record_graph,
@@ -59,7 +59,10 @@ class Int8Config(ConfigBase):
     # one in graph order on the calibration data (int8_grouped_bias.py); None: with fast_bias_correction
     # (static path without max_drop). EfficientNet-Lite0: output error 0.120 -> 0.064 with every op INT8
     grouped_bias_correction: bool | None = None
-    ignored: tuple[str, ...] = ()  # ONNX node names kept in fp32
+    ignored: tuple[str, ...] = ()  # ONNX node names kept in fp32 (left out of NNCF's placement)
+    # ONNX node names put back in fp32 after NNCF (and sensitive_fp32) placed every quantizer: their input
+    # quantizers taken out, as optimize scores one op; dynamic activations: the same as ignored
+    fp32_ops: tuple[str, ...] = ()
     max_drop: float | None = None  # accuracy-aware: largest allowed drop of the metric (absolute)
     eval_fraction: float = 0.25  # with max_drop: share of the calibration batches held out to measure it
     opset: int = 20  # must match the opset the artifact is exported with
@@ -189,15 +192,6 @@ def resolve_overflow_fix(setting: str, int8_features: Sequence[str] | None) -> s
     return "disable" if any(f in NON_SATURATING for f in int8_features or ()) else "enable"
 
 
-def image_input_grid(quantized, inputs: Sequence[str], activations: dict[str, Any]) -> None:
-    """Put the uint8 quantizers of graph inputs on 1/255 steps over [0, 1] (in `activations`, the record): an
-    image's own 8-bit values then pass exactly, where the calibrated range clips what the calibration
-    patches never reached (espcn-x3: [0, 0.90])."""
-    for name, node in activation_quantizers(quantized).items():
-        if node.input[0] in inputs and activations[name]["dtype"] == "uint8" and np.ndim(activations[name]["scale"]) == 0:
-            activations[name] |= {"scale": 1.0 / 255.0, "zero_point": 0}
-
-
 def dynamic_mode_wins(model_type: str, int8_features: Sequence[str] | None) -> bool:
     """Whether "auto" activations are dynamic: for transformers on a CPU with a VNNI/AMX dot product (no
     7-bit weights there; measured on MiniLM, BBC News, Intel Xeon with AMX: sentence cosine 0.9949 against
@@ -283,6 +277,9 @@ class Int8(Compressor):
                 notes = sensitivity_notes(resolved["sensitivity"])
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
+        if config.fp32_ops:  # after the sensitivity step: recorded in `reverted` with it
+            full, quantized = quantized if full is None else full, keep_named(fp32, quantized, config.fp32_ops, "int8")
+            notes |= {op: "kept fp32: fp32_ops" for op in config.fp32_ops}
         record = record_graph(fp32, quantized, full)
         check_record(resolved | record, f"int8 calibration on {calib.name}")  # NaN/inf data: NaN scales
         errors = quantization_errors(fp32, record, quantized, batches)
@@ -308,7 +305,8 @@ class Int8(Compressor):
         """Dynamic activations: the settings, one row per compute op, and the output's relative L2 error
         to fp32 on the calibration batches (the data checks the mode; it decides nothing)."""
         import onnx
-        record = dynamic_record(fix, config.ignored)
+        check_op_names(fp32, config.fp32_ops, "int8")
+        record = dynamic_record(fix, (*config.ignored, *config.fp32_ops))
         with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
             onnx.save(fp32, str(Path(tmp) / "fp32.onnx"))
             quantize_dynamic_graph(record, Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx")

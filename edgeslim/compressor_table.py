@@ -351,7 +351,14 @@ ROWS = [{'name': 'asvd',
                                               'fast_bias_correction (static path without max_drop). '
                                               'EfficientNet-Lite0: output error 0.120 -> 0.064 with every op '
                                               'INT8'},
-           'ignored': {'default': (), 'choices': None, 'doc': 'ONNX node names kept in fp32'},
+           'ignored': {'default': (),
+                       'choices': None,
+                       'doc': "ONNX node names kept in fp32 (left out of NNCF's placement)"},
+           'fp32_ops': {'default': (),
+                        'choices': None,
+                        'doc': 'ONNX node names put back in fp32 after NNCF (and sensitive_fp32) placed '
+                               'every quantizer: their input quantizers taken out, as optimize scores one '
+                               'op; dynamic activations: the same as ignored'},
            'max_drop': {'default': None,
                         'choices': None,
                         'doc': 'accuracy-aware: largest allowed drop of the metric (absolute)'},

@@ -2,7 +2,7 @@
 
 An INT8 stage quantizes every Conv / MatMul / Gemm it can. When the INT8 graph is faster than a --speedup or
 --latency-ms budget, the slack buys loss back: the ops whose INT8 costs the most task loss per millisecond it
-saves stay fp32 (the int8 step's `ignored`, ONNX node names). Each op is scored by its loss-measured
+saves stay fp32 (the int8 step's `fp32_ops`, ONNX node names). Each op is scored by its loss-measured
 sensitivity: the task loss on the calibration data of the INT8 graph with that op alone back in fp32, run in
 ONNX Runtime, less the INT8 graph's own (static QDQ: the DequantizeLinear nodes on its inputs taken out,
 int8_sensitivity.reverted; dynamic: ORT's quantize_dynamic again with the op excluded). Each op's time is
@@ -12,9 +12,11 @@ the ops is by work). A static op's share counts the kernels it unfuses too (a Co
 only fed it runs in fp32 as well: int8_sensitivity.int8_ops before and after), as keep_sensitive counts them,
 and is timed as well: each graph with one op fp32 beside the INT8 graph, the larger cost kept. A dynamic
 MatMul fuses nothing: on MiniLM the share priced 14 of them at 1.51x, measured 1.50x. On EfficientNet-Lite0
-the share priced 7 convs at 1.52x (measured 1.03x), the timed costs 4 convs at 1.51x (measured 1.07x): the
-mix is built with those ops in NNCF's `ignored`, whose placement leaves more convs fp32 than the revert
-that scored them (docs/optimize.md, What it measured). An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
+the share priced 7 convs at 1.52x (measured 1.03x), the timed costs 4 convs at 1.51x (measured 1.07x) while
+the mix was built with NNCF's `ignored`, whose placement leaves more convs fp32 than the revert that scored
+them; the mix is now built with `fp32_ops` (static: the same revert after NNCF's placement, replayed from the
+record; dynamic: the same exclusion from quantize_dynamic) so it is built as scored (docs/optimize.md).
+An op is a PrecisionLayer in milliseconds (fp32: the ms its kernel saves; INT8: none
 more than the measured graph), so optimize_precision's greedy (the shared allocator) picks them.
 """
 from __future__ import annotations

@@ -36,7 +36,7 @@ class PrecisionLayer:
     """One quantized weight (or INT8 op) as the shared allocator sees it (a BudgetLayer, in the budget's unit:
     bytes, or milliseconds for an INT8 op)."""
 
-    name: str  # the module that owns the weight (what wq's `exclude` names), or the ONNX op (int8's `ignored`)
+    name: str  # the module that owns the weight (what wq's `exclude` names), or the ONNX op (int8's `fp32_ops`)
     dense_params: float  # cost fp32: bytes of the fp32 weight (an INT8 op: the ms its INT8 kernel saves)
     quantized_cost: float  # cost quantized: bytes of its integers, scales and zero points (an INT8 op: 0 more ms)
     delta: float  # task-loss change with this weight (op) alone quantized (may be slightly negative)

@@ -50,7 +50,9 @@ PRUNE_KEPT = (0.75, 0.5)  # pruning stages: kept fraction of the prunable groups
 WQ_MODES = ("int8", "int4")  # weight-only stages (a --size-mb budget)
 PROBE_RATIO = 0.5  # the uniform asvd probe the loss-measured sensitivities are taken at
 LOWRANK = "asvd"  # the low-rank family the per-layer ranks come from (activation-aware SVD)
-KEPT_FP32 = {"wq": "exclude", "int8": "ignored"}  # the step option that names what a precision mix keeps fp32
+# the step option that names what a precision mix keeps fp32; int8's fp32_ops reverts the ops after NNCF's
+# placement, as optimize_int8 scored each one (NNCF's `ignored` moves other quantizers: EfficientNet-Lite0)
+KEPT_FP32 = {"wq": "exclude", "int8": "fp32_ops"}
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,34 @@ def test_a_quantized_input_no_int8_kernel_reads_goes_back_to_fp32_first(tmp_path
         n for n in g.node if n.name == head[0]).input[1]] for g in graphs]
     assert np.array_equal(weights[0], weights[1])  # the fp32 weight itself, not its dequantized int8 values
     assert sum(why.startswith("Conv") for why in kept.values()) == 1  # the stem only: no Conv kernel was unfused
+
+
+def test_fp32_ops_are_reverted_as_optimize_scores_them_and_replay(tmp_path):
+    import onnxruntime as ort
+
+    from edgeslim.compress.int8_sensitivity import op_quantizers, reverted
+    from edgeslim.core.errors import ConfigError
+    model = MobileBlock().eval()
+    calib, comp, context, fp32 = _setup(model, tmp_path)
+    depthwise = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"][2]
+    plain = {"stem_fp32": False, "sensitive_fp32": False}
+    comp.onnx_stage(comp.compress(model, plain, calib, context=context).resolved, fp32, tmp_path / "q.onnx", context)
+    result = comp.compress(model, plain | {"fp32_ops": [depthwise]}, calib, context=context)
+    assert result.resolved["reverted"] and [r.note for r in result.changes if f"({depthwise})" in r.kind] == [
+        "kept fp32: fp32_ops"]
+    comp.onnx_stage(result.resolved, fp32, tmp_path / "m.onnx", context)  # replayed from the record, no data
+    # optimize's score of that op: the all-INT8 graph with its input quantizers taken out
+    all_int8 = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.save(reverted(all_int8, onnx.load(str(fp32)), op_quantizers(all_int8)[depthwise]), str(tmp_path / "s.onnx"))
+    kept, scored = fp32_compute_ops(tmp_path / "m.onnx"), fp32_compute_ops(tmp_path / "s.onnx")
+    assert depthwise in kept and set(kept) == set(scored) and len(kept) < 4  # other Convs still INT8 kernels
+    mixed = onnx.load(str(tmp_path / "m.onnx"))
+    node = next(n for n in mixed.graph.node if n.name == depthwise)
+    weight = {i.name: i for i in mixed.graph.initializer}[node.input[1]]
+    assert weight.data_type == onnx.TensorProto.FLOAT  # read straight, not through an int8 DequantizeLinear
+    x = np.concatenate([b["x"].numpy() for b in calib.batches])
+    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for f in ("f.onnx", "m.onnx", "s.onnx")]
+    assert np.linalg.norm(outs[1] - outs[2]) < 0.05 * np.linalg.norm(outs[1] - outs[0])  # the graph it scored
+    with pytest.raises(ConfigError, match="fp32_ops \\['nope'\\] are not ops of the exported graph"):
+        comp.compress(model, plain | {"fp32_ops": ["nope"]}, calib, context=context)
