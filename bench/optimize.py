@@ -63,22 +63,26 @@ QUICK = {"tiny-bert": dict(source="tiny-bert", eval="sentences", calib="sentence
 TOLERANCE = 0.05
 
 
-def compare_single(summary: dict, max_drop: float) -> dict:
+def compare_single(summary: dict, max_drop: float, asked: float) -> dict:
     """The best single-family point at least as fast (small) as the chosen one (within 5%), and the verdict.
     A single-family point is a family's own recipe: one whole-model stage (a pruning ratio, INT8, wq int8 or
     int4) or asvd's allocated ranks; a per-layer precision mix the search made (some of a wq stage's weights
-    left fp32) is not one. Where no single family reaches the chosen one's gain, the chosen one is strictly better only if it is
-    within the metric budget (a point outside it is better at nothing)."""
+    left fp32) is not one. The chosen one is strictly better only where it meets the `asked` gain within 5%
+    (a point that misses the asked speed or size is no answer: EfficientNet-Lite0's 1.07x mix asked 1.5x), and,
+    where no single family reaches its gain, only if it is within the metric budget (a point outside it is
+    better at nothing)."""
     chosen, lower = summary["chosen"], summary["metric"] == "perplexity"
     alone = [p for p in summary["points"] if len(p["families"]) == 1 and not p.get("mixed")]
     fast = [p for p in alone if p["gain"] >= chosen["gain"] * (1 - TOLERANCE)]
     best = (min if lower else max)(fast, key=lambda p: p["metric"]) if fast else None
     sign = -1.0 if lower else 1.0
-    within = chosen["drop"] <= max_drop
+    within, meets = chosen["drop"] <= max_drop, chosen["gain"] >= asked * (1 - TOLERANCE)
+    better = within if best is None else sign * chosen["metric"] > sign * best["metric"]
+    notes = ([] if best else ["no single-family candidate reached the chosen one's measured gain"]) + (
+        [] if meets else [f"not strictly better: {chosen['gain']:.2f}x misses the asked {asked:.2f}x by more than 5%"])
     return {"best_single_at_latency": best,
             "optimize_ge_single": best is None or sign * chosen["metric"] >= sign * best["metric"],
-            "optimize_strictly_better": within if best is None else sign * chosen["metric"] > sign * best["metric"],
-            "note": None if best else "no single-family candidate reached the chosen one's measured gain"}
+            "optimize_strictly_better": meets and better, "note": "; ".join(notes) or None}
 
 
 def crop_folders(root: Path, eval_count: int, calib_count: int) -> tuple[Path, Path]:
@@ -148,7 +152,7 @@ def row_of(name: str, kind: str, value: float, cfg: dict, summary: dict) -> dict
            "chosen": summary["chosen"], "seconds": summary["seconds"], "rounds": summary["rounds"],
            "points": summary["points"], "best_single_family": summary["best_single_family"],
            "skipped": summary["skipped"], "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-           } | compare_single(summary, cfg["max_drop"])
+           } | compare_single(summary, cfg["max_drop"], asked)
     if kind == "size_mb":
         row["asked_size_ratio"] = 1 / asked
     print(f"{name} {kind} {value:g} (gain {asked:.2f}x): {row['chosen']['label']} measured {row['measured_gain']:.2f}x, "
@@ -238,7 +242,12 @@ def regrade(out: Path) -> dict:
                 row["regraded"] = f"chosen again from its points on {time.strftime('%Y-%m-%d')} (was {row['chosen']['label']})"
             row |= {"chosen": vars(chosen), "met": met, "measured_gain": chosen.gain,
                     "within_5pct": chosen.gain >= row["asked_gain"] * (1 - TOLERANCE)}
-            row |= compare_single(row, row["max_drop"])
+            was = row["optimize_strictly_better"]
+            row |= compare_single(row, row["max_drop"], row["asked_gain"])
+            if was != row["optimize_strictly_better"]:
+                row["regraded"] = (f"{row.get('regraded', '')}; " if "regraded" in row else "") + (
+                    f"strictly better {was} -> {row['optimize_strictly_better']} on {time.strftime('%Y-%m-%d')}: "
+                    "a point counts only where it meets the asked gain within 5%")
     result["goals"] = goals_of(result["rows"])
     with replace_output(out / "optimize.json", JSON) as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=str))

@@ -332,3 +332,19 @@ def test_a_size_budget_exports_only_the_chosen_candidate(in_tmp, encoder, monkey
     assert summary["met"] and summary["chosen"]["families"] == ["wq"]
     exported = (in_tmp / "out" / "best.onnx").is_file()
     assert exported == ("best.onnx" in summary["files"]) and exported != ("export_note" in summary)
+
+
+def test_bench_counts_a_point_strictly_better_only_where_it_meets_the_asked_gain():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_optimize", Path(__file__).parents[1] / "bench" / "optimize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    int8 = {"label": "int8", "families": ["int8"], "gain": 1.84, "metric": 0.960, "drop": 0.04}
+    mix = {"label": "int8 mixed", "families": ["int8"], "mixed": True, "gain": 1.07, "metric": 0.970, "drop": 0.03}
+    summary = {"chosen": mix, "metric": "accuracy", "points": [int8, mix]}
+    missed = bench.compare_single(summary, 0.01, 1.5)  # better than INT8 alone, but at 1.07x for an asked 1.5x
+    assert missed["best_single_at_latency"] == int8 and missed["optimize_ge_single"]
+    assert not missed["optimize_strictly_better"] and "misses the asked 1.50x" in missed["note"]
+    assert bench.compare_single(summary, 0.01, 1.1)["optimize_strictly_better"]  # 1.07x is within 5% of 1.1x
+    assert not bench.compare_single(summary | {"chosen": int8}, 0.01, 1.5)["optimize_strictly_better"]  # a tie
