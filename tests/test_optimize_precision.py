@@ -12,7 +12,7 @@ from edgeslim.core.calib import CalibData
 from edgeslim.core.specs import TensorSpec
 from edgeslim.loaded import LoadedModel
 from edgeslim.optimize_precision import PrecisionLayer, allocate_precision, kept_fp32, precision_layers
-from edgeslim.optimize_search import Point, best_single, estimate, search
+from edgeslim.optimize_search import Point, best_single, estimate, first_weight_mix, search
 from edgeslim.optimize_space import Combo, Space, Stage, weight_bytes
 
 
@@ -134,6 +134,32 @@ def test_a_size_budget_with_slack_buys_loss_back_and_beats_the_stage_alone():
     alone = outcome.best_single["wq"]
     assert not alone.mixed and alone.label == "wq int8" and alone.drop > outcome.chosen.drop
     assert best_single(outcome.points, aim, 0.01)["wq"] is not outcome.chosen
+
+
+def test_a_size_budget_also_verifies_the_greedys_first_weight_alone_and_keeps_the_better_measured_mix():
+    """Each weight's loss is estimated alone, and those losses need not add (SmolLM2: the full mix measured worse
+    than its first weight alone fp32): the search verifies both in its first round and chooses by measurement."""
+    model = tiny()
+    layers = [PrecisionLayer(n, model.get_submodule(n).weight.numel() * 4, model.get_submodule(n).weight.numel() + 64,
+                             d) for n, d in (("layers.0", 0.002), ("layers.1", 0.03), ("layers.2", 0.0005))]
+    sp = bytes_space(model, layers, 0.033)
+    aim = 1.05  # room for every weight fp32 but the largest gain's margin
+    full = estimate(sp.combos[1], sp, aim, "bytes")
+    first = first_weight_mix(sp.combos[1], sp, aim)
+    assert set(full.fp32) > {"layers.1"} and first.fp32 == ("layers.1",)  # the most loss per byte saved
+    assert first.cost == pytest.approx(sp.combos[1].cost + layers[1].dense_params - layers[1].quantized_cost)
+    assert first.loss == pytest.approx(0.033 - 0.03) and first.cost <= sp.base_cost / aim
+    assert first_weight_mix(sp.combos[1], sp, sp.base_cost / (sp.combos[1].cost + 1000)) is None  # no room for it
+    measured = {(): 0.033, ("layers.1",): 0.004}  # what the verification measures: the full mix loses more
+
+    def verify(estimates, round_):
+        return [Point(e.label, e.families, [], e.gain, e.loss, e.gain, 1.0 - measured.get(e.fp32, 0.02),
+                      measured.get(e.fp32, 0.02), {}, e.combo.label, round_, bool(e.fp32)) for e in estimates]
+
+    outcome = search(sp, "bytes", aim, max_drop=0.01, verify=verify, rounds=1)
+    assert sorted(p.label for p in outcome.points) == ["wq int8", "wq int8 (1 weights fp32)",
+                                                       f"wq int8 ({len(full.fp32)} weights fp32)"]
+    assert outcome.met and outcome.chosen.label == "wq int8 (1 weights fp32)" and outcome.chosen.drop == 0.004
 
 
 def test_an_int8_combo_is_costed_against_its_own_pruned_model():
