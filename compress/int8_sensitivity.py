@@ -124,14 +124,10 @@ def check_op_names(fp32, ops: Sequence[str], where: str) -> None:
                           f"e.g. {compute[:3]})")
 
 
-def keep_named(fp32, quantized, ops: Sequence[str], where: str):
+def keep_named(fp32, quantized, ops: Sequence[str]):
     """`quantized` with the named compute ops back in fp32 as keep_sensitive scores one op (its DequantizeLinear
-    inputs taken out: `reverted`, so the record replays it without data); an op already fp32 stays so.
-
-    Raises:
-        ConfigError: a name that is not an op of the graph.
-    """
-    check_op_names(fp32, ops, where)
+    inputs taken out: `reverted`, so the record replays it without data); an op already fp32 stays so. The
+    names are checked beforehand (check_op_names, before calibration)."""
     dqs = op_quantizers(quantized)
     return reverted(quantized, fp32, sorted({d for o in ops for d in dqs.get(o, ())}))
 

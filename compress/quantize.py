@@ -236,6 +236,7 @@ class Int8(Compressor):
             feeds = {k: torch.from_numpy(v) for k, v in example_feeds(inputs, dims_for(inputs), seed=0).items()}
             export_graph(model, inputs, feeds, path, config.opset)  # slimmed as the pipeline's export is
             fp32 = onnx.load(str(path))
+        check_op_names(fp32, config.fp32_ops, "int8")  # before calibrating: a typo costs no NNCF run
         names = _graph_inputs(fp32)
         batches = _numpy_batches(calib, names)
         subset, samples = calibration_batches(batches, config.subset_size, f"int8 calibration on {calib.name}")
@@ -278,7 +279,7 @@ class Int8(Compressor):
         else:
             quantized, full, drop = self._accuracy_control(fp32, calib, batches, config, kwargs, advanced)
         if config.fp32_ops:  # after the sensitivity step: recorded in `reverted` with it
-            full, quantized = quantized if full is None else full, keep_named(fp32, quantized, config.fp32_ops, "int8")
+            full, quantized = quantized if full is None else full, keep_named(fp32, quantized, config.fp32_ops)
             notes |= {op: "kept fp32: fp32_ops" for op in config.fp32_ops}
         record = record_graph(fp32, quantized, full)
         check_record(resolved | record, f"int8 calibration on {calib.name}")  # NaN/inf data: NaN scales
@@ -305,7 +306,6 @@ class Int8(Compressor):
         """Dynamic activations: the settings, one row per compute op, and the output's relative L2 error
         to fp32 on the calibration batches (the data checks the mode; it decides nothing)."""
         import onnx
-        check_op_names(fp32, config.fp32_ops, "int8")
         record = dynamic_record(fix, (*config.ignored, *config.fp32_ops))
         with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
             onnx.save(fp32, str(Path(tmp) / "fp32.onnx"))
