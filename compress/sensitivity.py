@@ -39,6 +39,29 @@ def mean_loss(model: nn.Module, data: CalibData) -> float:
     return total / len(data.batches)
 
 
+@torch.no_grad()
+def loss_changes(model: nn.Module, data: CalibData, swaps: Mapping[str, Callable[[], Callable[[], None]]], title: str,
+                 progress: bool = True) -> dict[str, float]:
+    """Task-loss change on `data` caused by each swap alone: `swaps[name]()` changes the model in place and returns
+    the function that puts it back (called before the next swap, also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        base = mean_loss(model, data)
+        out: dict[str, float] = {}
+        with bar(title, len(swaps), progress) as shown:
+            for name, swap in swaps.items():
+                undo = swap()
+                try:
+                    out[name] = mean_loss(model, data) - base
+                finally:
+                    undo()
+                shown.advance()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def layer_sensitivity(model: nn.Module, data: CalibData, builders: Mapping[str, Callable[[nn.Module], nn.Module]],
                       progress: bool = True) -> dict[str, float]:
     """Task-loss increase caused by replacing each named layer alone (all others left original).
@@ -53,25 +76,18 @@ def layer_sensitivity(model: nn.Module, data: CalibData, builders: Mapping[str, 
     Returns:
         layer name -> loss(with that layer replaced) - loss(original); may be slightly negative.
     """
-    was_training = model.training
-    model.eval()
     if data.targets is None:
         data = teacher_targets(model, data)
-    try:
-        base = mean_loss(model, data)
-        out: dict[str, float] = {}
-        with bar(f"layer sensitivity on {data.name}", len(builders), progress) as shown:
-            for name, build in builders.items():
-                original = model.get_submodule(name)
-                set_submodule(model, name, build(original))
-                try:
-                    out[name] = mean_loss(model, data) - base
-                finally:
-                    set_submodule(model, name, original)
-                shown.advance()
-    finally:
-        model.train(was_training)
-    return out
+
+    def replace(name: str, build: Callable[[nn.Module], nn.Module]) -> Callable[[], Callable[[], None]]:
+        def swap() -> Callable[[], None]:
+            original = model.get_submodule(name)
+            set_submodule(model, name, build(original))
+            return lambda: set_submodule(model, name, original)
+        return swap
+
+    swaps = {name: replace(name, build) for name, build in builders.items()}
+    return loss_changes(model, data, swaps, f"layer sensitivity on {data.name}", progress)
 
 
 def loss_per_error(delta: Mapping[str, float], error: Mapping[str, float]) -> tuple[dict[str, float], float]:

@@ -16,17 +16,16 @@ took about 10 s each on the shared 2-core machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from edgeslim.compress.base import BudgetConfig
 from edgeslim.compress.lowrank_budget import allocate
-from edgeslim.compress.sensitivity import mean_loss
+from edgeslim.compress.sensitivity import loss_changes
 from edgeslim.compress.train import task_loss
 from edgeslim.core.calib import CalibData
-from edgeslim.core.progress import bar
 
 QUANTIZED = 0  # the one non-dense decision of a PrecisionLayer
 
@@ -112,28 +111,19 @@ def fisher_diagonal(model: nn.Module, data: CalibData, names: Sequence[str]) -> 
     return dict(zip(names, fisher))
 
 
-@torch.no_grad()
 def measured_losses(model: nn.Module, replaced: Mapping[str, torch.Tensor], data: CalibData, label: str,
                     progress: bool = True) -> dict[str, float]:
     """Task-loss change on `data` with each named parameter alone set to its `replaced` value (put back after)."""
-    was_training = model.training
-    model.eval()
-    base = mean_loss(model, data)
-    out = {}
-    try:
-        with bar(f"loss of each weight of {label} quantized alone", len(replaced), progress) as shown:
-            for name, value in sorted(replaced.items()):
-                param = model.get_parameter(name)
-                kept = param.data
-                param.data = value.reshape(kept.shape).to(kept.dtype)
-                try:
-                    out[name] = mean_loss(model, data) - base
-                finally:
-                    param.data = kept
-                shown.advance()
-    finally:
-        model.train(was_training)
-    return out
+    def set_to(name: str, value: torch.Tensor) -> Callable[[], Callable[[], None]]:
+        def swap() -> Callable[[], None]:
+            param = model.get_parameter(name)
+            kept = param.data
+            param.data = value.reshape(kept.shape).to(kept.dtype)
+            return lambda: setattr(param, "data", kept)
+        return swap
+
+    swaps = {name: set_to(name, replaced[name]) for name in sorted(replaced)}
+    return loss_changes(model, data, swaps, f"loss of each weight of {label} quantized alone", progress)
 
 
 def allocate_precision(layers: Sequence[PrecisionLayer], budget: float) -> dict[str, bool]:
