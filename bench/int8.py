@@ -77,7 +77,7 @@ CUT = ["BBC News: 600 of the 1558 training articles fit the probe (all 333 test 
 LOADED = 1.5  # 1-minute load above which a timed part is flagged (other work shares the CPU)
 PARTS = ("espcn", "text", "effnet")
 # ESPCN x3 (tanh) beside the default in the same rounds: what each lever of issue 39 buys (quantize.py)
-LEVERS = {"int8_stem_fp32": {"stem_fp32": True, "sensitive_fp32": True},  # the default before: stem fp32
+LEVERS = {"int8_stem_fp32": {"stem_fp32": True, "sensitive_fp32": True},  # stem fp32, as the default was
           "int8_no_conv_kernels": {"conv_kernels": False},  # MLAS's ConvSym shapes off (int8_kernels.py)
           "int8_one_plane_no_output_bias": {"fine_input": False, "output_bias_correction": False}}
 
