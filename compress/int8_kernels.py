@@ -50,15 +50,23 @@ def _attr(node, name: str, default):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _set(inits: dict[str, Any], name: str, value: np.ndarray) -> None:
+def _set(model, inits: dict[str, Any], name: str, value: np.ndarray) -> None:
+    """Replace initializer `name` (and forget its recorded shape: NNCF records its initializers' shapes)."""
     from onnx import numpy_helper
     inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    _forget_shapes(model, {name})
 
 
 def _add(model, name: str, value: np.ndarray) -> str:
     from onnx import numpy_helper
     model.graph.initializer.append(numpy_helper.from_array(value, name))
     return name
+
+
+def _forget_shapes(model, names: set[str]) -> None:
+    """Drop the recorded shapes (value_info) of tensors a rewrite widened; shape inference finds the new ones."""
+    for info in [v for v in model.graph.value_info if v.name in names]:
+        model.graph.value_info.remove(info)
 
 
 def _quantized_conv(conv, producer, inits) -> Any | None:
@@ -114,13 +122,14 @@ def pad_output_channels(model) -> list[str]:
             value = numpy_helper.to_array(inits[name])
             if value.ndim:  # per-channel (a scalar scale or zero point holds for every channel)
                 extra = np.full((padded - count,) + value.shape[1:], fill, value.dtype)
-                _set(inits, name, np.concatenate([value, extra]))
+                _set(model, inits, name, np.concatenate([value, extra]))
         sliced, wide = q.output[0], f"{q.output[0]}_kernel_padded"
         q.output[0] = wide
         args = [_add(model, f"{wide}_{k}", np.array([v], np.int64)) for k, v in (("start", 0), ("end", count),
                                                                                  ("axis", 1))]
         at = list(model.graph.node).index(q) + 1
         model.graph.node.insert(at, helper.make_node("Slice", [wide, *args], [sliced], name=f"{conv.name}_channels"))
+        _forget_shapes(model, {conv.output[0], dq.output[0]})
         done.append(conv.name)
     return done
 
@@ -146,7 +155,7 @@ def shift_columns(model) -> list[str]:
         copies = next(n for n in range(kw, kw + INPUT_BLOCK) if n * chans % INPUT_BLOCK == 0)
         shifted = np.zeros((out_ch, copies * chans, kh, 1), np.int8)  # channel j * chans + c: W[:, c, :, j]
         shifted[:, :kw * chans, :, 0] = weight.transpose(0, 3, 1, 2).reshape(out_ch, kw * chans, kh)
-        _set(inits, dq.input[0], shifted)
+        _set(model, inits, dq.input[0], shifted)
         base = f"{conv.name}_columns"
         src = x_dq.input[0]
         pads = _add(model, f"{base}_pads", np.array([0, 0, 0, left, 0, 0, 0, right], np.int64))
@@ -169,6 +178,7 @@ def shift_columns(model) -> list[str]:
                 a.ints[:] = [kh, 1]
             elif a.name == "pads":
                 a.ints[:] = [top, 0, bottom, 0]
+        _forget_shapes(model, {x_dq.output[0], dq.output[0]})
         done.append(conv.name)
     return done
 
@@ -199,7 +209,7 @@ def split_input_planes(model, fp32) -> list[str]:
             continue
         exact = numpy_helper.to_array(fp32_inits[fp32_weights[conv.name]]).astype(np.float64)
         fine = np.clip(np.round(exact / (FINE_STEPS * scale.reshape(-1, 1, 1, 1))), -127, 127).astype(np.int8)
-        _set(inits, dq.input[0], np.concatenate([weight, fine], axis=1))
+        _set(model, inits, dq.input[0], np.concatenate([weight, fine], axis=1))
         base, x = f"{conv.name}_planes", q.input[0]
         lower = _add(model, f"{base}_lower_by", np.array(step * (0.5 - 0.5 / FINE_STEPS), np.float32))
         fine_scale = _add(model, f"{base}_fine_scale", np.array(step / FINE_STEPS, np.float32))
@@ -220,5 +230,6 @@ def split_input_planes(model, fp32) -> list[str]:
         at = list(model.graph.node).index(x_dq)
         for k, node in enumerate(nodes[1:]):
             model.graph.node.insert(at + k, node)
+        _forget_shapes(model, {x_dq.output[0], dq.output[0]})
         done.append(conv.name)
     return done

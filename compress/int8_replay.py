@@ -26,6 +26,9 @@ def apply_activations(model, wanted: Mapping[str, Any]) -> None:
     for name, q in wanted.items():
         set_initializer(model, found[name].input[1], np.asarray(q["scale"], dtype=np.float32))
         set_initializer(model, found[name].input[2], np.asarray(q["zero_point"], dtype=q["dtype"]))
+    names = {n for q in found.values() for n in q.input[1:3]}  # NNCF's recorded types: a zero point may change one
+    for info in [v for v in model.graph.value_info if v.name in names]:
+        model.graph.value_info.remove(info)
 
 
 def finish_graph(model, fp32, resolved: Mapping[str, Any], where: str, kernels: bool = True) -> None:

@@ -87,8 +87,8 @@ class Int8Config(ConfigBase):
     # keep the stem (a Conv on the pixels: <= 4 input channels) in fp32; None: for every CNN (measured on
     # EfficientNet-Lite0, bundled crops: top-1 agreement 0.875 -> 0.917, output error 0.17 -> 0.12, for a conv
     # with under 3% of the MACs) but one read on the image grid (super-resolution): ESPCN x3's int8 stem, on
-    # two input planes and column shifts (int8_kernels.py), lost 0.097 dB against 0.081 with it fp32, and ran
-    # the fp32 stem's NCHWc conv, reorder, quantizer and transpose as one fast QLinearConv (bench/int8.py)
+    # two input planes and column shifts (int8_kernels.py), ran at 2.02x fp32 against 1.53x with it fp32 (its
+    # NCHWc conv, reorder, quantizer and transpose), 0.092 against 0.081 dB lost (bench/int8.py, Xeon AMX)
     stem_fp32: bool | None = None
     # keep in fp32 the compute ops whose INT8 error costs the output most, measured on the calibration data
     # (int8_sensitivity.py): ranked by the output error left with each alone in fp32, reverted in that order

@@ -85,6 +85,7 @@ def test_conv_kernels_change_shapes_not_values(tmp_path, net, context):
     assert max(d[0] for n, d in weights.items() if n.startswith("q_output_")) == CHANNEL_BLOCK  # 9 or 4 -> 16
     x = np.random.default_rng(3).random((2, 1, 11, 14), dtype=np.float32)
     np.testing.assert_array_equal(_run(shaped, x), _run(plain, x))  # the same integer sums: bit for bit
+    onnx.shape_inference.infer_shapes(onnx.load(str(shaped)), data_prop=True)  # no stale recorded shape or type
 
 
 def test_two_input_planes_read_8_bit_pixels_exactly_and_the_rest_finer(tmp_path):
