@@ -61,7 +61,7 @@ SPEC = [TensorSpec("x", ("batch", 1, "height", "width"))]
 FULL = dict(frame=(1080, 1920), relu_steps=400, calib_patches=256, rounds=7, iters=6, crop=None,
             text_model="minilm", train_docs=600, test_docs=333, text_batch=8, text_iters_b1=30,
             effnet=True, effnet_crops=48, effnet_eval_crops=192, effnet_rounds=7, effnet_iters=30,  # a 12 ms model: more iterations
-            espcn_rounds=7, espcn_iters=8)  # 100 ms a call: 3 x 4 moved its ratios by 15% between runs
+            espcn_rounds=7, espcn_iters=8, text_rounds=15)  # 100 ms a call: 3 x 4 moved its ratios by 15% between runs
 QUICK = dict(frame=(72, 96), relu_steps=3, calib_patches=64, rounds=1, iters=2, crop=96,
              text_model="tiny-bert", train_docs=24, test_docs=16, text_batch=4, text_iters_b1=2,
              effnet=False, effnet_crops=0, effnet_eval_crops=0)
@@ -72,9 +72,14 @@ CUT = ["BBC News: 600 of the 1558 training articles fit the probe (all 333 test 
        "EfficientNet-Lite0: calibrated on 48 random crops of the bundled images, agreement on 192 other crops of "
        "them (no other images are bundled)",
        "ESPCN: one 1080p frame of random pixels timed; PSNR on the held-out bundled photos only",
-       "latency: 7 alternating rounds (not the 12-20 of issue 39's figures); the median round's p50 is kept"]
+       "latency: 7 alternating rounds (MiniLM: 15, every round's ratio kept) (not the 12-20 of issue 39's figures); "
+       "the median round's p50 is kept"]
 LOADED = 1.5  # 1-minute load above which a timed part is flagged (other work shares the CPU)
 PARTS = ("espcn", "text", "effnet")
+# ESPCN x3 (tanh) beside the default in the same rounds: what each lever of issue 39 buys (quantize.py)
+LEVERS = {"int8_stem_fp32": {"stem_fp32": True, "sensitive_fp32": True},  # stem fp32, as the default was
+          "int8_no_conv_kernels": {"conv_kernels": False},  # MLAS's ConvSym shapes off (int8_kernels.py)
+          "int8_one_plane_no_output_bias": {"fine_input": False, "output_bias_correction": False}}
 
 
 def int8_onnx(loaded, calib: CalibData, fp32_path: Path, out: Path, **config) -> tuple[Path, dict]:
@@ -146,8 +151,10 @@ def load_now() -> float:
     return os.getloadavg()[0]
 
 
-def interleaved(paths: dict[str, Path], feeds: dict, rounds: int, iters: int) -> dict[str, float]:
-    """Median over alternating rounds of each file's p50 (ms) in ORT CPU (cpu-ort-fp32 settings)."""
+def interleaved(paths: dict[str, Path], feeds: dict, rounds: int, iters: int,
+                each: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Median over alternating rounds of each file's p50 (ms) in ORT CPU (cpu-ort-fp32 settings); `each`, when
+    given, receives every round's p50 per file (the spread)."""
     if not TIMED:  # --no-timing: accuracy only, latencies NaN (written as null)
         return {k: float("nan") for k in paths}
     sessions = {k: open_session(p, "cpu-ort-fp32") for k, p in paths.items()}
@@ -161,6 +168,8 @@ def interleaved(paths: dict[str, Path], feeds: dict, rounds: int, iters: int) ->
         for s in sessions.values():
             s.close()
     LOADS.append(load_now())
+    if each is not None:
+        each |= times
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -207,11 +216,11 @@ def espcn_part(cfg: dict, tmp: Path) -> dict:
         row = {"int8": info}
         tags = [("fp32", fp32), ("int8", q), ("ort_quantize_static", peer),
                 ("nncf_default", nncf_default(fp32, calib, tmp / f"espcn-{act}-nncf.onnx"))]
-        if act == "tanh":  # the lever of keeping one more conv in fp32: the last (11% of the MACs)
-            import onnx
+        if act == "tanh":  # the levers, in the same rounds: the last conv (11% of the MACs) fp32 too; the stem
+            import onnx      # fp32 (the default before); neither the conv shapes nor the planes and output biases
             last = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"][-1]
-            tags.append(("int8_last_conv_fp32", int8_onnx(loaded, calib, fp32, tmp / "espcn-tanh-last.onnx",
-                                                          ignored=(last,))[0]))
+            for tag, extra in (LEVERS | {"int8_last_conv_fp32": {"ignored": (last,)}}).items():
+                tags.append((tag, int8_onnx(loaded, calib, fp32, tmp / f"espcn-tanh-{tag}.onnx", **extra)[0]))
         for tag, p in tags:
             net = model if tag == "fp32" else OrtModule(p)
             row[f"{tag}_psnr"] = espcn_psnr(net, cfg["crop"])
@@ -226,7 +235,7 @@ def espcn_part(cfg: dict, tmp: Path) -> dict:
         out["models"][act][f"{tag}_p50_ms"] = ms
     out["op_shares"] = op_shares(paths, feeds)
     for act, row in out["models"].items():
-        for tag in ("int8", "ort_quantize_static", "nncf_default", "int8_last_conv_fp32"):
+        for tag in ("int8", "ort_quantize_static", "nncf_default", "int8_last_conv_fp32", *LEVERS):
             if f"{tag}_p50_ms" not in row:
                 continue
             row[f"{tag}_speedup"] = row["fp32_p50_ms"] / row[f"{tag}_p50_ms"]
@@ -273,10 +282,14 @@ def text_part(cfg: dict, tmp: Path) -> dict:
     seq = int(test_b[0]["input_ids"].shape[1])
     for batch, iters in ((cfg["text_batch"], cfg["iters"]), (1, cfg["text_iters_b1"])):
         feeds = {k: v[:batch].numpy() for k, v in test_b[0].items()}
-        lat = interleaved(paths, feeds, cfg["rounds"], iters)
+        each: dict[str, list[float]] = {}
+        lat = interleaved(paths, feeds, cfg.get("text_rounds", cfg["rounds"]), iters, each)
         for tag, ms in lat.items():
             rows[tag][f"p50_ms_b{batch}"] = ms
             rows[tag][f"speedup_b{batch}"] = lat["fp32"] / ms
+            rows[tag][f"speedup_b{batch}_per_round"] = [f / m for f, m in zip(each["fp32"], each[tag])]
+        ratio = [p / m for p, m in zip(each["ort_quantize_dynamic"], each["int8"])]  # > 1: edgeslim faster that round
+        rows["int8"][f"peer_over_int8_b{batch}_per_round"] = ratio
     shares = op_shares({k: paths[k] for k in ("fp32", "int8", "int8_static", "ort_quantize_dynamic")}, feeds)
     big = cfg["text_batch"]
     for tag, r in rows.items():
@@ -385,11 +398,13 @@ def plot(summary: dict, out: Path) -> None:
     esp = summary["espcn"]["models"]
     labels, speed, drop = [], [], []
     for act, r in esp.items():
-        for tag in ("int8", "int8_last_conv_fp32", "nncf_default", "ort_quantize_static"):
+        for tag in ("int8", *LEVERS, "int8_last_conv_fp32", "nncf_default", "ort_quantize_static"):
             if f"{tag}_p50_ms" not in r:
                 continue
             labels.append(f"{act}\n" + {"int8": "edgeslim", "int8_last_conv_fp32": "es, last fp32", "nncf_default": "NNCF",
-                                         "ort_quantize_static": "ORT qs"}[tag])
+                                         "ort_quantize_static": "ORT qs", "int8_stem_fp32": "es, stem fp32",
+                                         "int8_no_conv_kernels": "es, no shapes",
+                                         "int8_one_plane_no_output_bias": "es, 1 plane"}[tag])
             fp32, ms = (np.nan if v is None else v for v in (r["fp32_p50_ms"], r[f"{tag}_p50_ms"]))  # null: untimed
             speed.append(fp32 / ms)
             drop.append(r["fp32_psnr"] - r[f"{tag}_psnr"])

@@ -99,6 +99,10 @@ def close_outputs(model, sites: Mapping[str, Sequence]) -> None:
             raise KeyError(z)
         conv = _producer(model)[z]
         _quantize_output(model, conv, *uint8_grid(lo, hi))
+        if z in {o.name for o in model.graph.output}:  # the Conv's output is the graph's: the DQ writes it now
+            dq = _producer(model)[f"chain_dq_{z}"]
+            conv.output[0], dq.output[0] = f"chain_conv_{z}", z
+            _consumers(model)[z][0].input[0] = f"chain_conv_{z}"
         users = _consumers(model).get(f"chain_dq_{z}", [])
         if users and users[0].op_type == "DepthToSpace":
             d2s, dq = users[0], _producer(model)[f"chain_dq_{z}"]

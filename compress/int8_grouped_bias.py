@@ -46,16 +46,25 @@ def correct_grouped_biases(fp32, quantized, batches: Sequence[dict[str, np.ndarr
     """Correct, in place and in graph order, the bias of each of `quantized`'s grouped convs (grouped_convs)
     by the fp32 graph's output channel means minus its own on `batches`, each measured after the corrections
     before it. Returns {conv name: largest absolute change of its bias}."""
-    convs = grouped_convs(quantized)
+    return correct_biases(fp32, quantized, batches, grouped_convs(quantized), "grouped convs", progress)
+
+
+def correct_biases(fp32, quantized, batches: Sequence[dict[str, np.ndarray]], convs: Sequence,
+                   what: str, progress: bool = True, fp32_outputs: Sequence[str] | None = None) -> dict[str, float]:
+    """Correct, in place and in the given order, the bias (an initializer) of each Conv in `convs` (nodes of
+    `quantized`) by the fp32 graph's output channel means of that Conv (`fp32_outputs`: its output's names
+    there, where they differ) minus `quantized`'s on `batches`, each measured after the corrections before it.
+    Returns {conv name: largest absolute change of its bias}."""
     if not convs:
         return {}
-    want = probe_values(fp32, [c.output[0] for c in convs], batches)
+    names = dict(zip([c.output[0] for c in convs], fp32_outputs or [c.output[0] for c in convs]))
+    want = probe_values(fp32, list(names.values()), batches)
     from onnx import numpy_helper
     changes = {}
-    with bar(f"INT8 bias correction of {len(convs)} grouped convs", len(convs), progress) as shown:
+    with bar(f"INT8 bias correction of {len(convs)} {what}", len(convs), progress) as shown:
         for conv in convs:
             got = probe_values(quantized, [conv.output[0]], batches)[conv.output[0]]
-            delta = channel_means(want[conv.output[0]]) - channel_means(got)
+            delta = channel_means(want[names[conv.output[0]]]) - channel_means(got)
             bias = next(numpy_helper.to_array(i) for i in quantized.graph.initializer if i.name == conv.input[2])
             set_initializer(quantized, conv.input[2], (bias + delta).astype(bias.dtype))
             changes[conv.name] = float(np.abs(delta).max())

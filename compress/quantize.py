@@ -29,9 +29,10 @@ from torch import nn
 
 from edgeslim.core.calib import CalibData
 from edgeslim.compress.base import CompressContext, CompressResult, Compressor, register, working_copy
-from edgeslim.compress.int8_chains import (chain_sites, close_chains, close_outputs, fold_unfused_weights, image_input_grid,
-                                           output_ranges, output_sites, site_ranges, unsigned_activations)
+from edgeslim.compress.int8_chains import (chain_sites, fold_unfused_weights, image_input_grid, output_ranges,
+                                           output_sites, site_ranges)
 from edgeslim.compress.int8_grouped_bias import correct_grouped_biases
+from edgeslim.compress.int8_replay import apply_activations, correct_output_biases, finish_graph, overflow_fix
 from edgeslim.compress.int8_sensitivity import check_op_names, keep_named, keep_sensitive, sensitivity_notes
 from edgeslim.compress.int8_dynamic import check_dynamic, dynamic_record, dynamic_rows, quantize_dynamic_graph
 from edgeslim.compress.int8_record import (MIN_OPSET, activation_quantizers, check_record, dense_output, layer_rows,
@@ -85,17 +86,31 @@ class Int8Config(ConfigBase):
     activations: Literal["auto", "static", "dynamic"] = "auto"
     # keep the stem (a Conv on the pixels: <= 4 input channels) in fp32; None: for every CNN (measured on
     # EfficientNet-Lite0, bundled crops: top-1 agreement 0.875 -> 0.917, output error 0.17 -> 0.12, for a conv
-    # with under 3% of the MACs; on the shipped ESPCN x3: -0.113 -> -0.091 dB, and ORT's int8 Conv on one
-    # input channel (im2col with K = 25) was slower than the fp32 one: 0.91x -> 1.16x at 1080p, Xeon AMX)
+    # with under 3% of the MACs) but one read on the image grid (super-resolution): ESPCN x3's int8 stem, on
+    # two input planes and column shifts (int8_kernels.py), ran at 2.02x fp32 against 1.53x with it fp32 (its
+    # NCHWc conv, reorder, quantizer and transpose), 0.092 against 0.081 dB lost (bench/int8.py, Xeon AMX)
     stem_fp32: bool | None = None
     # keep in fp32 the compute ops whose INT8 error costs the output most, measured on the calibration data
     # (int8_sensitivity.py): ranked by the output error left with each alone in fp32, reverted in that order
     # while each removes >= sensitive_gain of the all-INT8 output error, their multiply-adds (and those of
     # the kernels they unfuse) within sensitive_macs of the INT8 kernels'; None: for every CNN on the static
-    # path without max_drop (EfficientNet-Lite0: 1 op and the head, 0.064 -> 0.062; ESPCN: none fits)
+    # path without max_drop (EfficientNet-Lite0: 1 op and the head, 0.064 -> 0.062) but one read on the image
+    # grid (super-resolution: measured on NNCF's QDQ graph, not on the tables and input planes export builds,
+    # it put ESPCN x3's stem back in fp32)
     sensitive_fp32: bool | None = None
     sensitive_gain: float = 0.02  # sensitive_fp32: least share of the all-INT8 output error one more op must remove
     sensitive_macs: float = 0.1  # sensitive_fp32: most multiply-adds kept fp32, as a share of the INT8 kernels'
+    # shape quantized Convs for ORT's fast symmetric INT8 conv kernel (int8_kernels.py; exact): an output conv
+    # padded to 16 channels, a one-channel conv (a quantized stem) on column shifts; ESPCN x3's last conv 3-5x faster
+    conv_kernels: bool = True
+    # a quantized one-channel stem on an image's 1/255 grid reads the input as two planes, the grid value and
+    # the rest 16x finer (int8_kernels.split_input_planes: 8-bit pixels read exactly as before, BT.601 luma to
+    # 1/16 of a step); None: where the stem is quantized and output_grid is image
+    fine_input: bool | None = None
+    # the biases of the convs whose outputs are the graph's (quantize_output) corrected on the calibration
+    # batches by the fp32 graph's channel means minus the final INT8 graph's (tables, grids and input planes
+    # included); None: where fast_bias_correction is off (image-to-image); recorded in `changed`
+    output_bias_correction: bool | None = None
 
     def validate(self) -> None:
         if self.subset_size is not None and self.subset_size < 1:
@@ -201,11 +216,6 @@ def dynamic_mode_wins(model_type: str, int8_features: Sequence[str] | None) -> b
     return model_type == "transformer" and any(f in NON_SATURATING for f in int8_features or ())
 
 
-def overflow_fix(resolved: Mapping[str, Any]) -> str:
-    """The recorded overflow fix; artifacts written before it was recorded used NNCF's default."""
-    return resolved["nncf"].get("overflow_fix", "first_layer")
-
-
 def _detect_type(model, config: Int8Config) -> str:
     if config.model_type != "auto":
         return config.model_type
@@ -254,7 +264,12 @@ class Int8(Compressor):
         bias_correction = config.fast_bias_correction
         if bias_correction is None:
             bias_correction = not dense_output(fp32)
-        keep_stem = config.stem_fp32 if config.stem_fp32 is not None else model_type == "generic"
+        grid = config.output_grid
+        if grid == "auto":
+            grid = "image" if context is not None and context.task == "super-resolution" else "calibrated"
+        # a super-resolution net on the image grid: its stem INT8, on two input planes (see stem_fp32)
+        image_net = model_type == "generic" and grid == "image"
+        keep_stem = config.stem_fp32 if config.stem_fp32 is not None else model_type == "generic" and not image_net
         ignored = list(config.ignored) + [n for n in (stem_conv(fp32) if keep_stem else []) if n not in config.ignored]
         resolved = {"nncf": {"preset": preset, "model_type": model_type,
                              "subset_size": subset, "ignored": ignored,
@@ -270,7 +285,7 @@ class Int8(Compressor):
                                                   **kwargs), None, None
             if config.grouped_bias_correction if config.grouped_bias_correction is not None else bias_correction:
                 resolved["grouped_bias_correction"] = correct_grouped_biases(fp32, quantized, batches[:subset])
-            if config.sensitive_fp32 if config.sensitive_fp32 is not None else model_type == "generic":
+            if config.sensitive_fp32 if config.sensitive_fp32 is not None else model_type == "generic" and not image_net:
                 full = quantized
                 quantized, resolved["sensitivity"] = keep_sensitive(
                     fp32, full, batches[:subset], config.sensitive_gain, config.sensitive_macs,
@@ -288,15 +303,18 @@ class Int8(Compressor):
         sites = chain_sites(quantized) if config.tanh_table else []
         resolved |= record | {"tanh_table": site_ranges(probe_values(fp32, sites, batches)) if sites else {}}
         outs = output_sites(quantized) if config.quantize_output else []
-        grid = config.output_grid
-        if grid == "auto":
-            grid = "image" if context is not None and context.task == "super-resolution" else "calibrated"
         if grid == "image":
             resolved["output_ranges"] = {z: [0.0, 1.0] for z in outs}
             image_input_grid(quantized, names, resolved["activations"])
         else:
             resolved["output_ranges"] = output_ranges(probe_values(fp32, outs, batches)) if outs else {}
         resolved["output_grid"] = grid if outs else None
+        stem_int8 = not keep_stem and bool(stem_conv(fp32))
+        resolved["fine_input"] = config.fine_input if config.fine_input is not None else grid == "image" and stem_int8
+        resolved["conv_kernels"] = config.conv_kernels
+        correct = config.output_bias_correction
+        if outs and (correct if correct is not None else not bias_correction):
+            resolved["output_bias_correction"] = correct_output_biases(fp32, quantized, resolved, outs, batches[:subset])
         if drop is not None:
             resolved["accuracy"] = drop
         return self.result(model, config, changes, resolved)
@@ -382,10 +400,7 @@ class Int8(Compressor):
                 f"{onnx_in}: the exported graph's INT8 quantizers differ from those recorded at compress time "
                 f"(missing {missing[:5]}, unrecorded {extra[:5]}); export with opset {resolved['opset']} and the "
                 f"edgeslim/NNCF {resolved['nncf_version']} that wrote the artifact")
-        for name, q in wanted.items():
-            node = found[name]
-            set_initializer(model, node.input[1], np.asarray(q["scale"], dtype=np.float32))
-            set_initializer(model, node.input[2], np.asarray(q["zero_point"], dtype=q["dtype"]))
+        apply_activations(model, wanted)
         dtypes = {i.name: i.data_type for i in fp32.graph.initializer}
         for name, value in resolved["changed"].items():
             try:
@@ -395,15 +410,6 @@ class Int8(Compressor):
                                             "graph") from None
         if reverted:
             revert_quantizers(model, fp32, sorted(reverted))
-        try:
-            close_chains(model, resolved.get("tanh_table", {}), seven_bit=overflow_fix(resolved) == "first_layer")
-        except KeyError as exc:
-            raise ExportValidationError(f"{onnx_in}: recorded Conv -> Tanh site {exc} is not in the exported graph") from None
-        try:  # artifacts written before output_ranges existed replay as they were made
-            close_outputs(model, resolved.get("output_ranges", {}))
-        except KeyError as exc:
-            raise ExportValidationError(f"{onnx_in}: recorded Conv output {exc} is not a quantizable graph output of "
-                                        "the exported graph") from None
-        unsigned_activations(model)  # lossless; lets ORT fuse Convs between uint8 and int8 activations
+        finish_graph(model, fp32, resolved, str(onnx_in))
         fold_unfused_weights(model)  # lossless; no per-call dequantization of weights no int8 kernel reads
         onnx.save(model, str(onnx_out))
