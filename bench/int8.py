@@ -49,6 +49,7 @@ from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.base import CompressContext, get_compressor  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
 from edgeslim.core.files import JSON, replace_output  # noqa: E402
+from edgeslim.report import save_png  # noqa: E402
 from edgeslim.runtime.machine import int8_features, machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
 from edgeslim.runtime.op_profile import fp32_compute_ops, op_breakdown  # noqa: E402
@@ -155,7 +156,9 @@ def interleaved(paths: dict[str, Path], feeds: dict, rounds: int, iters: int,
                 each: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median over alternating rounds of each file's p50 (ms) in ORT CPU (cpu-ort-fp32 settings); `each`, when
     given, receives every round's p50 per file (the spread)."""
-    if not TIMED:  # --no-timing: accuracy only, latencies NaN (written as null)
+    if not TIMED:  # --no-timing: accuracy only, latencies NaN (written as null), no rounds
+        if each is not None:
+            each |= {k: [] for k in paths}
         return {k: float("nan") for k in paths}
     sessions = {k: open_session(p, "cpu-ort-fp32") for k, p in paths.items()}
     times: dict[str, list[float]] = {k: [] for k in paths}
@@ -416,7 +419,7 @@ def plot(summary: dict, out: Path) -> None:
     axes[1].axhline(0.1, ls="--", c="k", lw=0.8)
     axes[1].set_title("PSNR lost vs fp32 (dB, held-out images)")
     fig.tight_layout()
-    fig.savefig(out / "int8_espcn.png", dpi=110)
+    save_png(fig, out / "int8_espcn.png")
     plt.close(fig)
     if "text" in summary:
         rows = summary["text"]["rows"]
@@ -430,7 +433,7 @@ def plot(summary: dict, out: Path) -> None:
         ax.set_ylabel("sentence-embedding cosine to fp32")
         ax.set_title(f"{summary['text']['model']}: edgeslim INT8 and peers\n{cpu}", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "int8_minilm.png", dpi=110)
+        save_png(fig, out / "int8_minilm.png")
         plt.close(fig)
 
 

@@ -49,7 +49,8 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import bbc_news_classes, bbc_news_split  # noqa: E402
 from edgeslim.core.errors import ConfigError, require  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
-from edgeslim.core.files import HF_FOLDER, JSON, REPORT, replace_output  # noqa: E402
+from edgeslim.core.files import HF_FOLDER, JSON, replace_output  # noqa: E402
+from edgeslim.report import save_png  # noqa: E402
 from edgeslim.latency import LocalMeasure  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
 from edgeslim.runtime.measure import measure  # noqa: E402
@@ -378,7 +379,8 @@ def write_results(summary: dict, out: Path) -> None:
     axes[0].set(xlabel="kept ratio of encoder Linear parameters", title="MiniLM-L6 on BBC News")
     axes[1].set(xlabel="measured speedup (ORT CPU, batch 8, seq 128)", title="accuracy vs measured speedup")
     axes[1].legend(fontsize=7)
-    _save(fig, out / "lowrank_minilm_accuracy.png")
+    save_png(fig, out / "lowrank_minilm_accuracy.png")
+    plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 5))
     for method in [*METHODS, "asvd-speedup"]:
         pts = [(r["flops_ratio"], r["latency_ratio"]) for r in rows if r["method"] == method and not r["healed"]]
@@ -391,12 +393,7 @@ def write_results(summary: dict, out: Path) -> None:
     ax.plot(lim, [1.15 * amdahl_bound(m, f) for f in lim], "b:", lw=0.8, label="1.15 x bound")
     ax.set(xlim=lim, ylim=[0, 1.3], xlabel="FLOPs ratio", ylabel="ORT CPU p50 latency ratio")
     ax.legend(fontsize=8)
-    _save(fig, out / "lowrank_minilm_latency.png")
-
-
-def _save(fig, path: Path) -> None:
-    with replace_output(path, REPORT) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    save_png(fig, out / "lowrank_minilm_latency.png")
     plt.close(fig)
 
 

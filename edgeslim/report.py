@@ -108,6 +108,12 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def save_png(fig, path: Path) -> None:
+    """Write a figure as a PNG report file (`replace_output`: recorded in the folder's ledger, never half-written)."""
+    with replace_output(path, REPORT) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+
+
 def _plot_latency(summary: Mapping[str, Any]) -> bytes:
     fig = figure(5, 3.2)
     ax = fig.subplots()
