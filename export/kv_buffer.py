@@ -12,7 +12,7 @@ and feeds the whole buffer as the next past, the positions not yet written maske
     scores = [q K_past^T, q K_new^T] * scaling + mask bias   (the small score tensors are concatenated)
     P = softmax(scores);  out = P_past V_past + P_new V_new
 
-with the query heads of a kv head as a group axis the keys and values broadcast over (no repeated copies).
+with the query heads of a kv head folded into its rows (export/attention.py: no repeated keys or values).
 The past positions all precede the new ones, so the past's bias is the padding mask alone; the new
 positions' is causal and padding. Positions come from `position_ids` (the runner's cumulative mask) or,
 for OPT, from the mask itself, so a gap of unwritten slots changes nothing. A sliding window (a
@@ -39,12 +39,18 @@ _ACTIVE: list["_Record"] = []  # the record of the forward pass being traced (on
 class _Record:
     """Per layer, what the cache was given: past keys/values and the new ones; the mask biases."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], bias_past: torch.Tensor,
-                 bias_new: torch.Tensor) -> None:
-        self.past, self.bias_past, self.bias_new = past, bias_past, bias_new
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor) -> None:
+        self.past, self.bias = past, bias  # bias: [b, 1, s, past + s], additive
+        self._tiled: dict[int, torch.Tensor] = {}
         self.by_key: dict[int, int] = {}  # id(new keys) -> layer
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attended: set[int] = set()
+
+    def tiled(self, group: int) -> torch.Tensor:
+        """The bias for rows (query head in the group, position): [b, 1, group * s, past + s], made once per group size."""
+        if group not in self._tiled:
+            self._tiled[group] = self.bias.repeat(1, 1, group, 1)
+        return self._tiled[group]
 
 
 def _recording_cache(past: list[tuple[torch.Tensor, torch.Tensor]], record: _Record):
@@ -72,17 +78,14 @@ def buffer_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     b, heads, s, d = query.shape
     kv = key.shape[1]
     scale = d ** -0.5 if scaling is None else scaling
-    # the group of query heads sharing a kv head as the leading axis, [group, b, kv, s, d] against the cache's
-    # [b, kv, T, d]: MatMul broadcasts the keys/values over the group as they lie (an Unsqueeze of the cache
-    # would copy it: ONNX Runtime does not alias a graph input), and a decoding step is one row per query
-    # head, which MLAS computes without packing the keys (its M=1 kernels; the scale goes on q as a vector,
-    # not a scalar ORT would fold into FusedMatMul's alpha, which leaves that path)
-    q = query.reshape(b, kv, heads // kv, s, d).permute(2, 0, 1, 3, 4) * torch.full((d,), scale, dtype=query.dtype)
-    w_past = torch.matmul(q, past_k.transpose(2, 3)) + record.bias_past  # [g, b, kv, s, T]
-    w_new = torch.matmul(q, key.transpose(2, 3)) + record.bias_new  # [g, b, kv, s, s]
-    p = nn.functional.softmax(torch.cat([w_past, w_new], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+    group = heads // kv
+    # the query heads sharing a kv head folded into its rows (export/attention.py): one MatMul per kv head
+    # reads the cache in place; the mask bias, tiled over the group once per forward, is one Add
+    q = query.reshape(b, kv, group * s, d)
+    w = torch.cat([torch.matmul(q, past_k.transpose(2, 3)) * scale, torch.matmul(q, key.transpose(2, 3)) * scale], dim=-1)
+    p = nn.functional.softmax(w + record.tiled(group), dim=-1, dtype=torch.float32).to(query.dtype)
     p_past, p_new = torch.split(p, [past_k.shape[2], s], dim=-1)
-    out = (torch.matmul(p_past, past_v) + torch.matmul(p_new, value)).permute(1, 2, 0, 3, 4)  # [b, kv, g, s, d]
+    out = torch.matmul(p_past, past_v) + torch.matmul(p_new, value)  # [b, kv, group * s, d]
     return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), None
 
 
@@ -97,12 +100,10 @@ class BufferCacheModel(nn.Module):
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         past_len, s = past[0][0].shape[2], input_ids.shape[1]
         neg = torch.finfo(torch.float32).min
-        valid = attention_mask[:, :past_len].to(torch.float32)
-        bias_past = ((1.0 - valid) * neg)[:, None, None, :]  # [b, 1, 1, past]
         causal = torch.ones((s, s), dtype=torch.bool, device=input_ids.device).tril()
-        allowed = causal[None] & attention_mask[:, past_len:].bool()[:, None, :]
-        bias_new = torch.where(allowed, 0.0, neg)[:, None]  # [b, 1, s, s]
-        record = _Record(list(past), bias_past, bias_new)
+        allowed = torch.cat([attention_mask[:, None, :past_len].bool().expand(-1, s, -1),
+                             causal[None] & attention_mask[:, past_len:].bool()[:, None, :]], dim=-1)
+        record = _Record(list(past), torch.where(allowed, 0.0, neg)[:, None])  # [b, 1, s, past + s]
         kwargs = {} if position_ids is None else {"position_ids": position_ids}
         _ACTIVE.append(record)
         try:
