@@ -1,10 +1,11 @@
 """Benchmark: SmolLM2-135M deployed as users deploy it, edgeslim's cache graphs against llama.cpp and ORT GenAI.
 
 Side by side, 2 threads, the same held-out BBC News test documents (the same token ids) for every row:
-- edgeslim: the fp32 key/value-cache ONNX graph (`export --kv-cache`), `wq` int8, `wq` int4 g32 (NNCF's
-  integer zero points, scored only), `wq` int4_min (GGUF's Q4_1 grid) with groups of 32 (MatMulNBits in
-  the file; the quick run adds a second group), and asvd (kept 0.9, ranks aligned to 32) followed by
-  wq int4_min g32;
+- edgeslim: the fp32 key/value-cache ONNX graph (`export --kv-cache --kv-layout buffer`: the cache written
+  in place by the runner), `wq` int8, `wq` int4 g32 (NNCF's integer zero points, scored only), `wq`
+  int4_min (GGUF's Q4_1 grid) with groups of 32 (MatMulNBits in the file; the quick run adds a second
+  group), the same int4_min file in Optimum's layout (present = past + new: the cache copied per token),
+  and asvd (kept 0.9, ranks aligned to 32) followed by wq int4_min g32;
 - llama.cpp (`llama-cpp-python`) on the packaged GGUF (Q4_1) and on Q8_0 / Q4_0 made from it by
   llama.cpp's own quantizer (re-quantized from Q4_1: the only weights shipped);
 - ONNX Runtime GenAI's model builder, int4 CPU, on the HF folder `smollm2` caches.
@@ -46,8 +47,8 @@ QUICK = dict(FULL, model="tiny", eval_docs=3, eval_tokens=40, prompts=[8, 16], n
              align=16, calib="sentences:8", peers=False)
 
 
-def candidates(cfg: dict) -> list[tuple[str, list[dict], int, bool]]:
-    """(row name, compression steps, MatMulNBits accuracy_level (4 = int8 activations), timed).
+def candidates(cfg: dict) -> list[tuple[str, list[dict], int, bool, str]]:
+    """(row name, compression steps, MatMulNBits accuracy_level (4 = int8 activations), timed, cache layout).
 
     A wq model is exported once, at level 4 (checked exact at level 0 first); its level-0 row is that file
     set back to level 0, scored for perplexity but not timed: ORT runs an 8-bit MatMulNBits (the LM head,
@@ -55,7 +56,7 @@ def candidates(cfg: dict) -> list[tuple[str, list[dict], int, bool]]:
     g_small, g_large = cfg["groups"]
     nncf4 = {"method": "wq", "mode": "int4", "group_size": g_small}
     min4 = {"method": "wq", "mode": "int4_min", "group_size": g_small}
-    return [("edgeslim fp32", [], 0, True),
+    rows = [("edgeslim fp32", [], 0, True),
             ("edgeslim wq int8 int8-act", [{"method": "wq", "mode": "int8"}], 4, True),
             (f"edgeslim wq int4 g{g_small} (NNCF zero points)", [nncf4], 0, False),
             (f"edgeslim wq int4 g{g_small} (NNCF zero points) int8-act", [nncf4], 4, True),
@@ -65,6 +66,8 @@ def candidates(cfg: dict) -> list[tuple[str, list[dict], int, bool]]:
               if g_large else []),
             (f"edgeslim asvd 0.9 + wq int4_min g{g_small} int8-act",
              [{"method": "asvd", "ratio": 0.9, "align": cfg["align"], "calib": cfg["calib"]}, min4], 4, True)]
+    optimum = [(f"edgeslim wq int4_min g{g_small} int8-act, Optimum layout", [min4], 4, True, "optimum")]
+    return [(*row, "buffer") for row in rows] + optimum
 
 
 def eval_tokens(tokenizer, cfg: dict) -> list[list[int]]:
@@ -109,27 +112,29 @@ def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]]) -> 
 
 
 def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, dict, float]], docs: list[list[int]],
-                 name: str, steps: list[dict], accuracy: int, timed: bool) -> dict:
-    """`built`: steps -> (file, export info, seconds), so each compressed model is exported once."""
+                 name: str, steps: list[dict], accuracy: int, timed: bool, layout: str) -> dict:
+    """`built`: (steps, layout) -> (file, export info, seconds), so each compressed model is exported once
+    per layout."""
     import shutil
 
     from edgeslim.export.kv_cache import set_accuracy
     from edgeslim.pipeline import apply_steps, export_cache
     from edgeslim.runtime.child import child_lm
 
-    key = json.dumps(steps)
+    key = json.dumps([steps, layout])
     if key not in built:
         start = time.perf_counter()
         loaded = apply_steps(original, steps, quiet=True, profile=None)[0]
         path = work / f"model{len(built)}.onnx"
-        info = export_cache(loaded, path, quiet=True, accuracy_level=4 if steps else 0)
+        info = export_cache(loaded, path, quiet=True, accuracy_level=4 if steps else 0, layout=layout)
         built[key] = (path, info, time.perf_counter() - start)
     built_path, info, seconds = built[key]
-    path = work / (name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "") + ".onnx")
+    path = work / (name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "").replace(",", "") + ".onnx")
     shutil.copy(built_path, path)
     if steps:
         set_accuracy(path, accuracy)
-    row = {"name": name, "steps": steps, "nbits_accuracy_level": accuracy, "file_bytes": path.stat().st_size,
+    row = {"name": name, "steps": steps, "cache_layout": info["cache_layout"], "nbits_accuracy_level": accuracy,
+           "file_bytes": path.stat().st_size,
            "build_s": seconds, "matmul_nbits": info["matmul_nbits"], "export_max_abs_diff": info["max_abs_diff"],
            # the export checks level 0 strictly (all prompts equal, or it fails), then counts level 4's
            "greedy_prompts_equal": info["greedy_prompts_equal"] if accuracy else 3,
@@ -182,6 +187,13 @@ def goals(rows: list[dict], cfg: dict) -> dict:
         out["int4_file_over_fp32"] = int4["file_bytes"] / fp32["file_bytes"]
         out["int4_decode_flatness"] = int4[f"decode_tokens_per_s_{p_long}"] / int4["decode_tokens_per_s_past16"]
         out["fp32_decode_flatness"] = fp32[f"decode_tokens_per_s_{p_long}"] / fp32["decode_tokens_per_s_past16"]
+    copied = by.get(f"edgeslim wq int4_min g{g} int8-act, Optimum layout")
+    if int4 and copied:  # the same file's graph, the cache written in place against copied per token
+        out["int4_optimum_layout_decode_flatness"] = copied[f"decode_tokens_per_s_{p_long}"] / \
+            copied["decode_tokens_per_s_past16"]
+        for p in cfg["prompts"]:
+            out[f"int4_decode{p}_buffer_over_optimum_layout"] = int4[f"decode_tokens_per_s_{p}"] / \
+                copied[f"decode_tokens_per_s_{p}"]
     for label, row in (("int4_min", exact), ("int4_min_int8_act", int4), ("nncf_int4", nncf)):
         if row and fp32:
             out[f"{label}_perplexity_over_fp32"] = row["perplexity"] / fp32["perplexity"]

@@ -229,12 +229,17 @@ def _print_agreement(console: Any, quality: dict[str, Any], source: str, method:
 @click.option("--nbits-accuracy", "accuracy_level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="--kv-cache of a wq model: MatMulNBits accuracy_level (4: int8 activations, faster on VNNI/AMX "
               "CPUs, checked at a looser tolerance after the exact check at 0)")
+@click.option("--kv-layout", "kv_layout", type=click.Choice(["optimum", "buffer"]), default="optimum", show_default=True,
+              help="--kv-cache: optimum (present.* = past + new, for Optimum-style runners) or buffer (new_key_values.*: "
+              "the new positions only, written in place by edgeslim's runner: no copy of the cache per token; a "
+              "family it does not cover gets optimum, with a note)")
 @click.option("-o", "--out", callback=not_empty, help="output file (with --bundle: folder)")
 @json_option
 @trust_options
 def export(item: str, to: str, profile: str | None, weights: str | None, inputs: str | None, task: str | None,
            base: str | None, unmerged: bool, precision: str | None, data: str | None, bundle: bool, kv_cache: bool,
-           accuracy_level: int, out: str | None, as_json: bool, trusted: str | None, trust_source: bool) -> None:
+           accuracy_level: int, kv_layout: str, out: str | None, as_json: bool, trusted: str | None,
+           trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.core.files import BUNDLE, check_output
     from edgeslim.pipeline import check_export_paths, export_bundle, export_model
@@ -247,23 +252,25 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
         check_output(path, BUNDLE)
     else:
         check_export_paths(path, to)  # before any work: never over a foreign file or folder
+    if accuracy_level and not kv_cache:
+        raise ConfigError("--nbits-accuracy applies to a --kv-cache export of a wq model")
+    if kv_layout != "optimum" and not kv_cache:
+        raise ConfigError("--kv-layout applies to a --kv-cache export")
     loaded = load_model(item, weights, inputs, task=task, trust=trust, base=base)
     from edgeslim.compress.compacter import METHODS, merge_for_export
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses
         loaded = dataclasses.replace(loaded, model=merge_for_export(loaded.model))
-    if accuracy_level and not kv_cache:
-        raise ConfigError("--nbits-accuracy applies to a --kv-cache export of a wq model")
     if kv_cache:
         if bundle or to != "onnx" or precision == "fp16":
             raise ConfigError("--kv-cache writes an fp32 ONNX graph: drop --bundle, --to tensorrt and --precision fp16")
         from edgeslim.pipeline import export_cache
-        info = export_cache(loaded, path, quiet=as_json, accuracy_level=accuracy_level)
+        info = export_cache(loaded, path, quiet=as_json, accuracy_level=accuracy_level, layout=kv_layout)
         if as_json:
             print_json({"source": item, "to": to, "task": loaded.task, "kv_cache": True} | info)
             return
         _console().print(f"wrote {info['onnx']} ({info['onnx_bytes']:,} bytes, {info['layers']} layers, key/value "
-                         f"cache); max |ONNX - PyTorch| of the logits at past 0/1/100: "
+                         f"cache, {info['cache_layout']} layout); max |ONNX - PyTorch| of the logits at past 0/1/100: "
                          + ", ".join(f"{v:.2e}" for v in info["max_abs_diff"].values())
                          + f"; greedy tokens equal to torch generate for {info['greedy_prompts_equal']} prompts")
         return

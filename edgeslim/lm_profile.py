@@ -30,8 +30,9 @@ def is_cache_graph(item: str) -> bool:
 
 @contextlib.contextmanager
 def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[Path]:
-    """The cache graph of `item`: an .onnx file as it is, else the source or artifact exported (validated)
-    into a temporary folder, removed after."""
+    """The cache graph of `item`: an .onnx file as it is, else the source or artifact exported (validated,
+    in the buffer layout: no file leaves here, and edgeslim's runner writes the cache in place) into a
+    temporary folder, removed after."""
     if item.endswith(".onnx"):
         if not Path(item).is_file():
             raise SourceError(f"no such ONNX file: {item}")
@@ -41,7 +42,7 @@ def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[
         from edgeslim.pipeline import export_cache
         from edgeslim.sources import load_model
         path = Path(tmp) / "model.onnx"
-        export_cache(load_model(item, **source), path, quiet=quiet)
+        export_cache(load_model(item, **source), path, quiet=quiet, layout="buffer")
         yield path
 
 

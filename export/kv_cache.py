@@ -7,7 +7,10 @@ sequence] (families that take them; not OPT, which derives positions from the ma
 vocab], `present.{i}.key/value` [batch, kv_heads, past + sequence, head_dim]. Batch, sequence and
 past are dynamic; a past of length 0 is the prompt. The Hugging Face model runs with transformers'
 DynamicCache built from the flat tensors, exported by torch.export (dynamo), so any layer a
-compressor put in (low-rank, MPO, pruned heads) exports as it runs.
+compressor put in (low-rank, MPO, pruned heads) exports as it runs. `layout="buffer"` writes the
+same inputs with `new_key_values.{i}.key/value` [batch, kv_heads, sequence, head_dim] (the new positions
+only) in place of `present.*`, for a runner that keeps the cache in a preallocated buffer
+(export/kv_buffer.py, runtime/kv_buffer.py); the layout is recorded in the metadata (`cache_layout`).
 
 Validation before the file is moved into place: logits and presents agree with PyTorch at past
 lengths 0, 1 and 100 (`PARITY_PASTS`), and greedy decoding of `GREEDY_TOKENS` tokens from
@@ -30,12 +33,13 @@ from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
 from edgeslim.export.attention import grouped_attention
+from edgeslim.export.kv_buffer import BufferCacheModel, buffer_attention, buffer_refusal
 from edgeslim.export.last_logits import add_logits_to_keep
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
 from edgeslim.export.rms_norm import fuse_rms_norms
 from edgeslim.export.rotary import fuse_rotary, rotary_tables
 from edgeslim.export.validate import close
-from edgeslim.runtime.kv_decoder import KEEP, META_KEY, PAST, PRESENT, open_cache_graph
+from edgeslim.runtime.kv_decoder import KEEP, LAYOUTS, META_KEY, NEW, PAST, PRESENT, open_cache_graph
 
 NO_POSITION_IDS = frozenset({"opt"})  # families whose forward derives positions from the attention mask
 PARITY_PASTS = (0, 1, 100)
@@ -66,6 +70,7 @@ class CacheExport:
     greedy_equal: int = 0  # prompts whose greedy tokens in ORT equal torch generate's
     notes: list[str] = field(default_factory=list)
     lowering: Lowering | None = None  # the MatMulNBits pass, for a weight-only quantized model
+    layout: str = "optimum"  # the cache layout written (one of LAYOUTS)
 
 
 class CacheModel(nn.Module):
@@ -130,22 +135,40 @@ def _feeds(vocab: int, kv_heads: Sequence[int], head_dims: Sequence[int], batch:
     return feeds
 
 
-def _torch_call(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int) -> list[np.ndarray]:
+def _torch_call(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, layout: str = "optimum") -> list[np.ndarray]:
+    """The outputs PyTorch's own attention gives (presents cut to the new positions in the buffer layout)."""
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     past = [(t[PAST.format(i, "key")], t[PAST.format(i, "value")]) for i in range(layers)]
     with torch.inference_mode():
         out = wrapper(t["input_ids"], t["attention_mask"], past, t.get("position_ids"))
-    return [o.float().numpy() for o in out]
+    start = past[0][0].shape[2] if layout == "buffer" else 0
+    return [out[0].float().numpy()] + [o[:, :, start:].float().numpy() for o in out[1:]]
 
 
-def _names(layers: int, position_ids: bool) -> tuple[list[str], list[str]]:
+def _names(layers: int, position_ids: bool, layout: str = "optimum") -> tuple[list[str], list[str]]:
     past = [PAST.format(i, kv) for i in range(layers) for kv in ("key", "value")]
     inputs = ["input_ids", "attention_mask", *past] + (["position_ids"] if position_ids else [])
-    return inputs, ["logits"] + [PRESENT.format(i, kv) for i in range(layers) for kv in ("key", "value")]
+    out = NEW if layout == "buffer" else PRESENT
+    return inputs, ["logits"] + [out.format(i, kv) for i in range(layers) for kv in ("key", "value")]
 
 
-def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, position_ids: bool, path: Path,
-            opset: int) -> None:
+def _with_gap(feeds: dict[str, np.ndarray], layers: int, gap: int, seed: int) -> dict[str, np.ndarray]:
+    """`feeds` with `gap` random slots after the past, masked out (a buffer not yet full)."""
+    rng = np.random.default_rng(seed)
+    out = dict(feeds)
+    past = feeds[PAST.format(0, "key")].shape[2]
+    mask = feeds["attention_mask"]
+    out["attention_mask"] = np.concatenate([mask[:, :past], np.zeros((mask.shape[0], gap), np.int64), mask[:, past:]], 1)
+    for i in range(layers):
+        for kv in ("key", "value"):
+            a = feeds[PAST.format(i, kv)]
+            noise = rng.standard_normal((*a.shape[:2], gap, a.shape[3])).astype(np.float32)
+            out[PAST.format(i, kv)] = np.concatenate([a, noise], 2)
+    return out
+
+
+def _export(wrapper: nn.Module, feeds: dict[str, np.ndarray], layers: int, position_ids: bool, path: Path,
+            opset: int, layout: str = "optimum") -> None:
     from torch.export import Dim
     from edgeslim.core.onnx_io import eager_attention
     batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
@@ -156,8 +179,9 @@ def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, posi
     if position_ids:
         args += (t["position_ids"],)
         shapes.append({0: batch, 1: seq})
-    inputs, outputs = _names(layers, position_ids)
-    with _quiet_torch(), eager_attention(wrapper), grouped_attention(wrapper.hf):
+    inputs, outputs = _names(layers, position_ids, layout)
+    attention = buffer_attention(wrapper.hf) if layout == "buffer" else grouped_attention(wrapper.hf)
+    with _quiet_torch(), eager_attention(wrapper), attention:
         try:
             torch.onnx.export(wrapper, args, str(path), dynamo=True, dynamic_shapes=tuple(shapes), input_names=inputs,
                               output_names=outputs, opset_version=opset, verbose=False)
@@ -168,14 +192,20 @@ def _export(wrapper: CacheModel, feeds: dict[str, np.ndarray], layers: int, posi
 
 def _check_parity(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int], head_dims: list[int],
                   position_ids: bool, limit: int | None, atol: float, rtol: float) -> dict[int, float]:
+    """Every output against PyTorch at each past length; in the buffer layout also with 3 masked slots
+    after the past (a buffer not yet full) against the same call without them."""
     graph = open_cache_graph(path)
     diffs = {}
     for past in PARITY_PASTS:
         past = min(past, (limit or past + 4) - 4)
         feeds = _feeds(vocab, kv_heads, head_dims, 2, 3, past, position_ids, seed=past + 1)
-        expected = _torch_call(wrapper, feeds, len(kv_heads))
+        expected = _torch_call(wrapper, feeds, len(kv_heads), graph.layout)
         actual = graph.session.run(None, feeds)
         names = [o.name for o in graph.session.get_outputs()]
+        if graph.buffered:  # the same graph's outputs without the slots: only the order of sums may differ
+            names += [f"{n} (3 masked slots)" for n in names]
+            actual += graph.session.run(None, _with_gap(feeds, len(kv_heads), 3, seed=past))
+            expected += actual[:len(expected)]
         if graph.keeps_logits:  # the last position alone (logits_to_keep=1), as generation asks for it
             names.append(f"logits ({KEEP}=1)")
             actual.append(graph.session.run(["logits"], {**feeds, KEEP: np.array(1, np.int64)})[0])
@@ -195,8 +225,9 @@ def _check_drift(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int
                  position_ids: bool) -> float:
     """Relative L2 error of the logits of a prefill from an empty cache; every output within ACTIVATION_REL."""
     feeds = _feeds(vocab, kv_heads, head_dims, 2, 3, 0, position_ids, seed=1)
-    expected = _torch_call(wrapper, feeds, len(kv_heads))
-    session = open_cache_graph(path).session
+    graph = open_cache_graph(path)
+    expected = _torch_call(wrapper, feeds, len(kv_heads), graph.layout)
+    session = graph.session
     actual = session.run(None, feeds)
     errors = [float(np.linalg.norm(a - e) / max(float(np.linalg.norm(e)), 1e-12)) if a.shape == e.shape
               else float("inf") for a, e in zip(actual, expected)]
@@ -243,7 +274,7 @@ def set_accuracy(path: Path, level: int) -> None:
 
 def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = None, meta: dict[str, Any] | None = None,
                   opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True,
-                  quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0) -> CacheExport:
+                  quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0, layout: str = "optimum") -> CacheExport:
     """Export a causal LM's key/value-cache graph to `path`, validated (see the module docstring).
 
     Args:
@@ -260,12 +291,16 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         accuracy_level: MatMulNBits' compute type: 0 (fp32) is checked at atol/rtol; 4 (int8 activations,
             faster on CPUs with VNNI/AMX) is checked exact at 0 first, then each output of a prefill within
             ACTIVATION_REL relative L2 error, with the greedy agreement counted, not required.
+        layout: "optimum" (present = past + new) or "buffer" (the new positions only: export/kv_buffer.py);
+            a model the buffer layout refuses gets Optimum's, with the reason in the notes.
 
     Raises:
-        ConfigError: not a causal LM.
+        ConfigError: not a causal LM, or an unknown layout.
         ExportValidationError: it does not export, or ORT differs from torch (nothing is written then).
     """
     import onnx
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown cache layout {layout!r}: one of {', '.join(LAYOUTS)}")
     hf = causal_hf(model)
     was_training = hf.training
     hf.eval()
@@ -277,9 +312,14 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             else int(hf.config.vocab_size)
         wrapper = CacheModel(hf).eval()
         notes: list[str] = []
+        refusal = buffer_refusal(hf, positions) if layout == "buffer" else None
+        if refusal:
+            notes.append(f"buffer cache layout refused ({refusal}): Optimum's layout written")
+            layout = "optimum"
         with replace_output(path, ONNX) as tmp, tempfile.TemporaryDirectory(prefix="edgeslim-kv-", dir=path.parent) as work:
             target = Path(work) / path.name
-            _export(wrapper, _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset)
+            _export(BufferCacheModel(hf).eval() if layout == "buffer" else wrapper,
+                    _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset, layout)
             if slim:
                 note = slim_onnx(target)
                 notes += [note] if note else []
@@ -291,7 +331,7 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
             if not add_logits_to_keep(graph):
                 notes.append(f"no {KEEP} input: the LM head was not found before logits (a prefill computes every position's)")
-            entry = {"layers": layers, "max_positions": positions, "position_ids": pos,
+            entry = {"layers": layers, "max_positions": positions, "position_ids": pos, "cache_layout": layout,
                      "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
             graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
             onnx.save(graph, str(target))
@@ -315,4 +355,5 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             shutil.move(str(target), tmp)
     finally:
         hf.train(was_training)
-    return CacheExport(path, path.stat().st_size, layers, kv_heads, head_dims, pos, diffs, equal, notes, lowered)
+    return CacheExport(path, path.stat().st_size, layers, kv_heads, head_dims, pos, diffs, equal, notes, lowered,
+                       layout)

@@ -5,6 +5,8 @@ The graph follows Optimum's merged-decoder convention (export/kv_cache.py writes
 `past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim]; outputs `logits` and
 `present.{i}.key/value` (the past with the new tokens appended). One graph serves the prompt (past of
 length 0) and each new token (a sequence of 1), so a token costs the same whatever came before it.
+A graph in the "buffer" layout (export/kv_buffer.py, metadata `cache_layout`) returns `new_key_values.{i}.*`,
+the new positions only: its past is a `KVBuffer` (runtime/kv_buffer.py) written in place, never copied.
 numpy and onnxruntime only: no torch import (an edge device runs this file's code alone).
 """
 from __future__ import annotations
@@ -18,9 +20,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.runtime.kv_buffer import KVBuffer
 
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
+NEW = "new_key_values.{}.{}"  # the buffer layout's outputs: the new positions' keys/values only
+LAYOUTS = ("optimum", "buffer")  # present = past + new (Optimum's merged decoder), or new only (export/kv_buffer.py)
 META_KEY = "edgeslim.lm"  # the ONNX metadata entry export/kv_cache.py writes: JSON (layers, positions, tokenizer)
 KEEP = "logits_to_keep"  # optional input (export/last_logits.py): logits of the last n positions only, 0 for all
 
@@ -52,25 +57,36 @@ class CacheGraph:
     position_ids: bool
     meta: dict = field(default_factory=dict)
     keeps_logits: bool = False  # the graph takes `logits_to_keep` (an optional input)
+    layout: str = "optimum"  # one of LAYOUTS
+
+    @property
+    def buffered(self) -> bool:
+        return self.layout == "buffer"
 
     @property
     def max_positions(self) -> int | None:
         return self.meta.get("max_positions")
 
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length past of every layer for `batch` sequences."""
+    def empty_past(self, batch: int) -> dict[str, np.ndarray] | KVBuffer:
+        """Zero-length past of every layer for `batch` sequences (a KVBuffer in the buffer layout)."""
+        if self.buffered:
+            return KVBuffer(batch, self.kv_heads, self.head_dims, PAST)
         out = {}
         for i in range(self.layers):
             for kv in ("key", "value"):
                 out[PAST.format(i, kv)] = np.zeros((batch, self.kv_heads[i], 0, self.head_dims[i]), np.float32)
         return out
 
-    def check_past(self, past: dict[str, np.ndarray], batch: int) -> int:
+    def check_past(self, past: dict[str, np.ndarray] | KVBuffer, batch: int) -> int:
         """The past length of `past`, after checking every layer's shape against the graph's.
 
         Raises:
             ConfigError: a missing layer or a shape that is not [batch, kv_heads, past, head_dim].
         """
+        if isinstance(past, KVBuffer):
+            if not self.buffered:
+                raise ConfigError("a cache buffer is for a graph in the buffer layout; this one returns present.*")
+            return past.check(batch, self.kv_heads, self.head_dims)
         length = None
         for i in range(self.layers):
             for kv in ("key", "value"):
@@ -86,8 +102,8 @@ class CacheGraph:
                 length = shape[2]
         return int(length or 0)
 
-    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray], attention_mask: np.ndarray | None = None,
-             last: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | KVBuffer, attention_mask: np.ndarray | None = None,
+             last: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray] | KVBuffer]:
         """One call of the graph: logits [batch, sequence, vocab] and the grown past.
 
         `last`: only the last position's logits are wanted (generation): a graph that takes `logits_to_keep`
@@ -95,15 +111,24 @@ class CacheGraph:
         `attention_mask` covers past + new tokens (default all ones); position ids follow it. The past
         goes in and comes out as ONNX Runtime values (`present.*` is fed back as the next
         `past_key_values.*` where ORT wrote it, never copied through numpy); numpy
-        arrays are accepted too (`past_arrays` reads one back).
+        arrays are accepted too (`past_arrays` reads one back). In the buffer layout the past is a
+        `KVBuffer`, grown in place and returned (the same object; past arrays are copied into a new one).
         """
         batch, seq = input_ids.shape
         past_len = self.check_past(past, batch)
+        if self.buffered and not isinstance(past, KVBuffer):
+            past = KVBuffer.of(past, self.kv_heads, self.head_dims, PAST, past_len)
         if self.max_positions and past_len + seq > self.max_positions:
             raise ConfigError(f"{past_len + seq} tokens exceed the model's {self.max_positions} positions")
         if attention_mask is None:
             attention_mask = np.ones((batch, past_len + seq), np.int64)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **past}
+            if isinstance(past, KVBuffer):
+                attention_mask[:, :past_len] = past.valid
+        attention_mask = attention_mask.astype(np.int64)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
+        feeds.update(past.ort_values() if isinstance(past, KVBuffer) else past)
+        if isinstance(past, KVBuffer):
+            feeds["attention_mask"] = past.full_mask(attention_mask)
         if self.position_ids:
             pos = np.cumsum(attention_mask, axis=1) - 1
             feeds["position_ids"] = np.maximum(pos[:, past_len:], 0).astype(np.int64)
@@ -114,6 +139,10 @@ class CacheGraph:
             np.ascontiguousarray(value)) for name, value in feeds.items()}
         names = [o.name for o in self.session.get_outputs()]
         values = dict(zip(names, self.session.run_with_ort_values(names, values)))
+        if isinstance(past, KVBuffer):
+            past.append({PAST.format(i, kv): values[NEW.format(i, kv)].numpy() for i in range(self.layers)
+                         for kv in ("key", "value")}, attention_mask[:, past_len:])
+            return values["logits"].numpy(), past
         grown = {PAST.format(i, kv): values[PRESENT.format(i, kv)] for i in range(self.layers) for kv in ("key", "value")}
         return values["logits"].numpy(), grown
 
@@ -160,8 +189,10 @@ def _shape(value) -> tuple:
     return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 
 
-def past_arrays(past: dict) -> dict[str, np.ndarray]:
-    """A past (as `CacheGraph.step` returns it) as numpy arrays (a copy)."""
+def past_arrays(past: dict | KVBuffer) -> dict[str, np.ndarray]:
+    """A past (as `CacheGraph.step` returns it) as numpy arrays (a copy; a buffer's written slots)."""
+    if isinstance(past, KVBuffer):
+        return past.prefix()
     return {name: value if isinstance(value, np.ndarray) else value.numpy() for name, value in past.items()}
 
 
@@ -210,5 +241,9 @@ def open_cache_graph(path: str | Path, threads: int | None = None) -> CacheGraph
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     meta = json.loads(raw) if raw else {}
     keeps = KEEP in {i.name for i in session.get_overridable_initializers()} | set(inputs)
+    outputs = {o.name for o in session.get_outputs()}
+    layout = "buffer" if NEW.format(0, "key") in outputs else "optimum"
+    if meta.get("cache_layout", layout) != layout:
+        raise ConfigError(f"{path}: its metadata says cache layout {meta['cache_layout']!r}, its outputs are {layout!r}")
     return CacheGraph(session, layers, [s[1] for s in shapes], [s[3] for s in shapes], "position_ids" in inputs, meta,
-                      keeps)
+                      keeps, layout)

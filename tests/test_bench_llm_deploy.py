@@ -19,7 +19,8 @@ def test_llm_deploy_quick_mode_runs_end_to_end(tmp_path):
     rows = {r["name"]: r for r in summary["rows"]}
     assert list(rows) == ["edgeslim fp32", "edgeslim wq int8 int8-act", "edgeslim wq int4 g16 (NNCF zero points)",
                           "edgeslim wq int4 g16 (NNCF zero points) int8-act", "edgeslim wq int4_min g16", "edgeslim wq int4_min g16 int8-act", "edgeslim wq int4_min g32 int8-act",
-                          "edgeslim asvd 0.9 + wq int4_min g16 int8-act"]
+                          "edgeslim asvd 0.9 + wq int4_min g16 int8-act", "edgeslim wq int4_min g16 int8-act, Optimum layout"]
+    assert [r["cache_layout"] for r in rows.values()] == ["buffer"] * 8 + ["optimum"]
     fp32 = rows["edgeslim fp32"]
     for name, row in rows.items():
         assert row["greedy_prompts_equal"] == (3 if "int8-act" not in name else row["greedy_prompts_equal"])
@@ -34,5 +35,6 @@ def test_llm_deploy_quick_mode_runs_end_to_end(tmp_path):
     assert rows["edgeslim asvd 0.9 + wq int4_min g16 int8-act"]["matmul_nbits"] > rows["edgeslim wq int4_min g16"]["matmul_nbits"]
     assert summary["goals"]["int4_file_over_fp32"] < 1 and summary["notes"] == []
     assert summary["goals"]["int4_decode_flatness"] > 0
+    assert summary["goals"]["int4_decode16_buffer_over_optimum_layout"] > 0
     assert summary["machine"]["cpu_model"] and "int8_features" in summary["machine"]
     assert (tmp_path / "llm_deploy_tokens_vs_perplexity.png").stat().st_size > 0

@@ -40,6 +40,22 @@ def test_export_kv_cache_json(lm_folder, tmp_path, capsys):
     assert max(info["max_abs_diff"].values()) < 1e-4
 
 
+def test_export_buffer_layout_generates_the_same_text(lm_folder, lm_onnx, tmp_path, capsys):
+    out = tmp_path / "buffer.onnx"
+    assert main(["export", str(lm_folder), "--kv-cache", "--kv-layout", "buffer", "-o", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cache_layout"] == "buffer" and info["greedy_prompts_equal"] == 3
+    assert main(["generate", str(out), "--prompt", "hello world", "-n", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 20
+    from edgeslim.runtime.kv_decoder import open_cache_graph
+    prompt = list(range(3, 40))
+    tokens = [open_cache_graph(path).generate(prompt, 40).tokens for path in (lm_onnx, out)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 40
+    assert main(["export", str(lm_folder), "--kv-layout", "buffer", "-o", str(tmp_path / "plain.onnx")]) == 2
+    assert "--kv-layout applies to a --kv-cache export" in capsys.readouterr().err
+    assert not (tmp_path / "plain.onnx").exists()
+
+
 def test_generate_equals_torch_greedy(lm_folder, lm_onnx, capsys):
     assert main(["generate", str(lm_onnx), "--prompt", "hello world", "-n", "12", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -1,6 +1,7 @@
 """Key/value-cache ONNX export of causal LMs (export/kv_cache.py) and its ORT decoder (runtime/kv_decoder.py),
-on tiny random models of every architecture the issue names: logits parity at past 0, 1, 100 and
-greedy tokens equal to torch generate (both checked inside to_onnx_cache; asserted again here)."""
+on tiny random models of every architecture the issue names, in both cache layouts (Optimum's present = past +
+new, and the buffer layout of export/kv_buffer.py with runtime/kv_buffer.py): logits parity at past 0, 1, 100
+and greedy tokens equal to torch generate (both checked inside to_onnx_cache; asserted again here)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.export.kv_cache import GREEDY_TOKENS, PARITY_PASTS, to_onnx_cache
-from edgeslim.runtime.kv_decoder import open_cache_graph, past_arrays
+from edgeslim.runtime import kv_buffer
+from edgeslim.runtime.kv_decoder import LAYOUTS, open_cache_graph, past_arrays
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,11 +50,14 @@ ROTATE_HALF = {"llama", "qwen2", "mistral", "phi3", "gemma"}  # full-width rotat
 SLOW = ["mistral", "phi3", "gemma", "gpt_neox", "opt"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", FAST + [pytest.param(a, marks=pytest.mark.slow) for a in SLOW])
-def test_cache_graph_matches_torch(arch, tmp_path):
+def test_cache_graph_matches_torch(arch, layout, tmp_path, monkeypatch):
+    # a buffer of 4-slot chunks: the greedy checks write past unwritten (masked) slots and grow it many times
+    monkeypatch.setattr(kv_buffer, "CHUNK", 4)
     hf = tiny(arch)
-    res = to_onnx_cache(hf, tmp_path / "m.onnx", positions=192)
-    assert res.greedy_equal == 3
+    res = to_onnx_cache(hf, tmp_path / "m.onnx", positions=192, layout=layout)
+    assert res.layout == layout and res.greedy_equal == 3
     assert set(res.max_abs_diff) == set(PARITY_PASTS)
     assert max(res.max_abs_diff.values()) < 1e-4
     import onnx
@@ -63,7 +68,8 @@ def test_cache_graph_matches_torch(arch, tmp_path):
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
     assert ("position_ids" in names) == (arch != "opt")
     outs = [o.name for o in graph.session.get_outputs()]
-    assert outs[0] == "logits" and "present.1.value" in outs
+    new = "new_key_values.1.value" if layout == "buffer" else "present.1.value"
+    assert outs[0] == "logits" and new in outs and graph.layout == layout and graph.meta["cache_layout"] == layout
     # batch and past are dynamic: a batch of 3 with a past of 7 runs, and a prompt in one call equals
     # the same prompt fed token by token through the cache
     rng = np.random.default_rng(1)
@@ -74,13 +80,18 @@ def test_cache_graph_matches_torch(arch, tmp_path):
         logits, past = graph.step(ids[:, j:j + 1], past)
     assert graph.check_past(past, 3) == 6 and past_arrays(past)["past_key_values.0.key"].shape[2] == 6
     np.testing.assert_allclose(logits[:, -1], whole[:, -1], atol=1e-4)
+    if layout == "buffer":  # a past given as arrays goes into a buffer; a buffer of another batch is refused
+        again, _ = graph.step(ids[:, 5:], {k: v[:, :, :5] for k, v in past_arrays(past).items()})
+        np.testing.assert_allclose(again[:, -1], whole[:, -1], atol=1e-4)
+        with pytest.raises(ConfigError, match="cache buffer holds batch 3"):
+            graph.step(ids[:1, :1], past)
     # logits_to_keep: an optional input (Optimum's names alone still give every position); generation asks
     # for the last position only and gets the same row
     assert graph.keeps_logits and "logits_to_keep" not in names
     last, _ = graph.step(ids, graph.empty_past(3), last=True)
     assert last.shape == (3, 1, 96)
     np.testing.assert_allclose(last[:, 0], whole[:, -1], atol=1e-5)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **graph.empty_past(3)}
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **past_arrays(graph.empty_past(3))}
     if "position_ids" in names:
         feeds["position_ids"] = np.broadcast_to(np.arange(6), (3, 6)).copy()
     assert graph.session.run(["logits"], feeds)[0].shape == (3, 6, 96)
@@ -190,3 +201,22 @@ def test_a_graph_without_logits_to_keep_still_generates(tmp_path, monkeypatch):
     graph = open_cache_graph(res.path)
     ids = np.random.default_rng(1).integers(0, 96, (1, 5))
     assert not graph.keeps_logits and graph.step(ids, graph.empty_past(1), last=True)[0].shape == (1, 5, 96)
+
+
+def test_buffer_layout_reads_the_past_in_place(tmp_path):
+    """No node of a buffer-layout graph concatenates (copies) a past input; Optimum's does, once per input."""
+    import onnx
+    concats = {}
+    for layout in LAYOUTS:
+        graph = onnx.load(str(to_onnx_cache(tiny("qwen2"), tmp_path / f"{layout}.onnx", layout=layout).path)).graph
+        concats[layout] = sum(n.op_type == "Concat" and any(i.startswith("past_key_values.") for i in n.input)
+                              for n in graph.node)
+    assert concats == {"optimum": 4, "buffer": 0}
+
+
+def test_buffer_layout_refused_for_a_short_sliding_window(tmp_path):
+    """A window shorter than the positions measures slot distances, which the buffer's gap would change."""
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, num_key_value_heads=1, sliding_window=160))
+    res = to_onnx_cache(hf.eval(), tmp_path / "m.onnx", positions=192, layout="buffer")
+    assert res.layout == "optimum" and any("sliding-window" in n for n in res.notes) and res.greedy_equal == 3
+    assert open_cache_graph(res.path).layout == "optimum"

@@ -70,3 +70,9 @@ def test_eval_perplexity_through_the_cache_graph(lm, tmp_path, capsys):
     onnx_ppl = json.loads(capsys.readouterr().out)
     assert onnx_ppl["value"] == pytest.approx(torch_ppl["value"], rel=1e-4)
     assert onnx_ppl["metric"] == "perplexity" and onnx_ppl["metrics"]["tokens"] == torch_ppl["metrics"]["tokens"] > 10
+    # the buffer layout (new keys/values only, written in place by the runner) scores the same
+    buffered = tmp_path / "buffer.onnx"
+    assert main(["export", str(folder), "--kv-cache", "--kv-layout", "buffer", "-o", str(buffered)]) == 0
+    assert "buffer layout" in capsys.readouterr().out
+    assert main(["eval", str(folder), "--data", str(docs), "--onnx", str(buffered), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["value"] == pytest.approx(onnx_ppl["value"], rel=1e-5)
