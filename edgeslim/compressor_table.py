@@ -402,9 +402,11 @@ ROWS = [{'name': 'asvd',
                          'doc': 'keep the stem (a Conv on the pixels: <= 4 input channels) in fp32; None: '
                                 'for every CNN (measured on EfficientNet-Lite0, bundled crops: top-1 '
                                 'agreement 0.875 -> 0.917, output error 0.17 -> 0.12, for a conv with under '
-                                "3% of the MACs; on the shipped ESPCN x3: -0.113 -> -0.091 dB, and ORT's "
-                                'int8 Conv on one input channel (im2col with K = 25) was slower than the '
-                                'fp32 one: 0.91x -> 1.16x at 1080p, Xeon AMX)'},
+                                '3% of the MACs) but one read on the image grid (super-resolution): ESPCN '
+                                "x3's int8 stem, on two input planes and column shifts (int8_kernels.py), "
+                                'ran at 2.02x fp32 against 1.53x with it fp32 (its NCHWc conv, reorder, '
+                                'quantizer and transpose), 0.092 against 0.081 dB lost (bench/int8.py, Xeon '
+                                'AMX)'},
            'sensitive_fp32': {'default': None,
                               'choices': None,
                               'doc': 'keep in fp32 the compute ops whose INT8 error costs the output most, '
@@ -414,7 +416,9 @@ ROWS = [{'name': 'asvd',
                                      'their multiply-adds (and those of the kernels they unfuse) within '
                                      "sensitive_macs of the INT8 kernels'; None: for every CNN on the static "
                                      'path without max_drop (EfficientNet-Lite0: 1 op and the head, 0.064 -> '
-                                     '0.062; ESPCN: none fits)'},
+                                     '0.062) but one read on the image grid (super-resolution: measured on '
+                                     "NNCF's QDQ graph, not on the tables and input planes export builds, it "
+                                     "put ESPCN x3's stem back in fp32)"},
            'sensitive_gain': {'default': 0.02,
                               'choices': None,
                               'doc': 'sensitive_fp32: least share of the all-INT8 output error one more op '
@@ -422,7 +426,28 @@ ROWS = [{'name': 'asvd',
            'sensitive_macs': {'default': 0.1,
                               'choices': None,
                               'doc': 'sensitive_fp32: most multiply-adds kept fp32, as a share of the INT8 '
-                                     "kernels'"}}},
+                                     "kernels'"},
+           'conv_kernels': {'default': True,
+                            'choices': None,
+                            'doc': "shape quantized Convs for ORT's fast symmetric INT8 conv kernel "
+                                   '(int8_kernels.py; exact): an output conv padded to 16 channels, a '
+                                   "one-channel conv (a quantized stem) on column shifts; ESPCN x3's last "
+                                   'conv 3-5x faster'},
+           'fine_input': {'default': None,
+                          'choices': None,
+                          'doc': "a quantized one-channel stem on an image's 1/255 grid reads the input as "
+                                 'two planes, the grid value and the rest 16x finer '
+                                 '(int8_kernels.split_input_planes: 8-bit pixels read exactly as before, '
+                                 'BT.601 luma to 1/16 of a step); None: where the stem is quantized and '
+                                 'output_grid is image'},
+           'output_bias_correction': {'default': None,
+                                      'choices': None,
+                                      'doc': "the biases of the convs whose outputs are the graph's "
+                                             '(quantize_output) corrected on the calibration batches by the '
+                                             "fp32 graph's channel means minus the final INT8 graph's "
+                                             '(tables, grids and input planes included); None: where '
+                                             'fast_bias_correction is off (image-to-image); recorded in '
+                                             '`changed`'}}},
  {'name': 'lora',
   'kind': 'adapter',
   'needs_calibration': False,
