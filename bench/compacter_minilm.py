@@ -33,7 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lowrank_minilm import _minilm_path, _save, paired_latency  # noqa: E402  (the low-rank benchmark's helpers)
+from lowrank_minilm import _minilm_path, paired_latency  # noqa: E402  (the low-rank benchmark's helpers)
+from edgeslim.report import save_png  # noqa: E402
 from edgeslim.adapter import encode_pairs, evaluate, save_adapter, trainable_count  # noqa: E402
 from edgeslim.compress.base import CompressResult, get_compressor  # noqa: E402
 from edgeslim.compress.compacter import adapted_model, merge_for_export, paper_param_count, state_sha256  # noqa: E402
@@ -166,7 +167,8 @@ def write_results(summary: dict, out: Path) -> None:
                     xytext=(4, 2), textcoords="offset points")
     ax.set(xscale="log", xlabel="trainable parameters (% of the base)", ylabel="test accuracy",
            title=f"MiniLM-L6 on BBC News ({summary['train_docs']} training docs)")
-    _save(fig, out / "compacter_minilm_accuracy.png")
+    save_png(fig, out / "compacter_minilm_accuracy.png")
+    plt.close(fig)
     lat = [r for r in rows if "unmerged_latency_ratio" in r]
     if lat:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -177,7 +179,8 @@ def write_results(summary: dict, out: Path) -> None:
         ax.set_xticks(list(x), [r["method"] for r in lat])
         ax.set(ylabel="ORT p50 / head-only model", title="inference latency overhead")
         ax.legend(fontsize=8)
-        _save(fig, out / "compacter_minilm_latency.png")
+        save_png(fig, out / "compacter_minilm_latency.png")
+        plt.close(fig)
 
 
 def table(summary: dict) -> str:

@@ -49,7 +49,8 @@ from edgeslim.runtime.session import open_session  # noqa: E402
 from edgeslim.sources import load_model  # noqa: E402
 from edgeslim.core.specs import example_feeds  # noqa: E402
 from edgeslim.tasks import lm_targets  # noqa: E402
-from lowrank_minilm import _save, paired_latency  # noqa: E402
+from lowrank_minilm import paired_latency  # noqa: E402
+from edgeslim.report import save_png  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = r"hf\.model\.layers\.\d+\..*"  # the decoder's linear maps
@@ -258,7 +259,8 @@ def write_results(summary: dict, out: Path) -> None:
     ax.set(xlabel="kept ratio of the decoder's linear-map parameters", ylabel="perplexity (log)", yscale="log",
            title=f"{summary['model']} on BBC News test text")
     ax.legend(fontsize=8)
-    _save(fig, out / "lowrank_llm_perplexity.png")
+    save_png(fig, out / "lowrank_llm_perplexity.png")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

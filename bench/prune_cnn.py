@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lowrank_minilm import _save, plt  # noqa: E402
+from lowrank_minilm import plt  # noqa: E402
+from edgeslim.report import save_png  # noqa: E402
 
 from edgeslim.core.calib import CalibData  # noqa: E402
 from edgeslim.compress.prune import Prune  # noqa: E402
@@ -339,7 +340,8 @@ def write_results(summary: dict, out: Path, name: str) -> None:
     ax.plot([0, 1.1], [0, 1.1], "k-", lw=0.8, label="latency = MACs")
     ax.set(xlim=[0, 1.1], ylim=[0, 1.4], xlabel="MACs ratio", ylabel="ORT CPU p50 latency ratio", title=name)
     ax.legend(fontsize=7)
-    _save(fig, out / f"{name}_latency.png")
+    save_png(fig, out / f"{name}_latency.png")
+    plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     metric = "accuracy" if "cnn" in summary else "agreement"
     for c in CRITERIA:
@@ -363,7 +365,8 @@ def write_results(summary: dict, out: Path, name: str) -> None:
         axes[1].set(xlabel="kept params ratio", ylabel="KL(unpruned || pruned), nats")
     for ax in axes:
         ax.legend(fontsize=7)
-    _save(fig, out / f"{name}_accuracy.png")
+    save_png(fig, out / f"{name}_accuracy.png")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

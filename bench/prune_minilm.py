@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lowrank_minilm import FULL as LOWRANK_FULL  # noqa: E402
-from lowrank_minilm import _save, accuracy, export_and_count, finetuned_setup, paired_latency, plt  # noqa: E402
+from edgeslim.report import save_png  # noqa: E402
+from lowrank_minilm import accuracy, export_and_count, finetuned_setup, paired_latency, plt  # noqa: E402
 
 from edgeslim.compress.prune import Prune  # noqa: E402
 from edgeslim.compress.replace import count_params  # noqa: E402
@@ -103,7 +104,8 @@ def write_results(summary: dict, out: Path) -> None:
     axes[1].set(xlim=[0, 1.1], ylim=[0, 1.3], xlabel="FLOPs ratio", ylabel="ORT CPU p50 latency ratio")
     for ax in axes:
         ax.legend(fontsize=7)
-    _save(fig, out / "prune_minilm.png")
+    save_png(fig, out / "prune_minilm.png")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

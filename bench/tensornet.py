@@ -49,6 +49,7 @@ from edgeslim.compress.train import heal  # noqa: E402
 from edgeslim.data import text_calibration  # noqa: E402
 from edgeslim.evaluate import perplexity  # noqa: E402
 from edgeslim.export.onnx import to_onnx  # noqa: E402
+from edgeslim.report import save_png  # noqa: E402
 from edgeslim.core.errors import ConfigError, require  # noqa: E402
 from edgeslim.core.files import JSON, replace_output  # noqa: E402
 from edgeslim.runtime.machine import machine_info  # noqa: E402
@@ -448,7 +449,8 @@ def write_results(summary: dict, out: Path) -> None:
                              ylabel="relative Frobenius error")
             axes[1][col].set(xlabel="kept parameters", ylabel="FLOPs ratio (vs dense)", yscale="log")
             axes[0][col].legend(fontsize=7)
-        lr._save(fig, out / "tensornet_layers.png")
+        save_png(fig, out / "tensornet_layers.png")
+        plt.close(fig)
     m = summary.get("minilm")
     if m and m["rows"]:
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
@@ -468,7 +470,8 @@ def write_results(summary: dict, out: Path) -> None:
         bx.plot([0, 1.5], [0, 1.5], "k-", lw=0.8, label="latency = FLOPs")
         bx.set(xlabel="FLOPs ratio", ylabel="ORT CPU p50 latency ratio", title="speed (batch 8, seq 128)")
         bx.legend(fontsize=7)
-        lr._save(fig, out / "tensornet_minilm.png")
+        save_png(fig, out / "tensornet_minilm.png")
+        plt.close(fig)
     sens = [s for s in (m or {}).get("sensitivity", []) if s["delta_loss"] is not None]
     llm = summary.get("smollm2", {}).get("block_sensitivity")
     if sens or llm:
@@ -484,7 +487,8 @@ def write_results(summary: dict, out: Path) -> None:
             pts = [(int(s["block"].rsplit(".", 1)[1]), s["delta_loss"]) for s in llm]
             axes[1].plot(*zip(*pts), "-o")
             axes[1].set(xlabel="decoder block", ylabel="LM loss change (one block as MPO)", title="SmolLM2-135M blocks")
-        lr._save(fig, out / "tensornet_sensitivity.png")
+        save_png(fig, out / "tensornet_sensitivity.png")
+        plt.close(fig)
 
 
 def table(summary: dict) -> str:
