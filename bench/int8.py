@@ -397,30 +397,31 @@ def goals(summary: dict) -> dict:
 
 def plot(summary: dict, out: Path) -> None:
     cpu = f"{summary['machine']['cpu_model']} ({', '.join(summary['machine']['int8_features']) or 'no INT8 features'})"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    esp = summary["espcn"]["models"]
-    labels, speed, drop = [], [], []
-    for act, r in esp.items():
-        for tag in ("int8", *LEVERS, "int8_last_conv_fp32", "nncf_default", "ort_quantize_static"):
-            if f"{tag}_p50_ms" not in r:
-                continue
-            labels.append(f"{act}\n" + {"int8": "edgeslim", "int8_last_conv_fp32": "es, last fp32", "nncf_default": "NNCF",
-                                         "ort_quantize_static": "ORT qs", "int8_stem_fp32": "es, stem fp32",
-                                         "int8_no_conv_kernels": "es, no shapes",
-                                         "int8_one_plane_no_output_bias": "es, 1 plane"}[tag])
-            fp32, ms = (np.nan if v is None else v for v in (r["fp32_p50_ms"], r[f"{tag}_p50_ms"]))  # null: untimed
-            speed.append(fp32 / ms)
-            drop.append(r["fp32_psnr"] - r[f"{tag}_psnr"])
-    axes[0].bar(labels, speed, color="tab:blue")
-    axes[0].axhline(1.5, ls="--", c="k", lw=0.8)
-    axes[0].set_title("ESPCN x3 1080p: speedup over fp32 (ORT CPU)", fontsize=9)
-    fig.suptitle(cpu, fontsize=8)
-    axes[1].bar(labels, drop, color="tab:orange")
-    axes[1].axhline(0.1, ls="--", c="k", lw=0.8)
-    axes[1].set_title("PSNR lost vs fp32 (dB, held-out images)")
-    fig.tight_layout()
-    save_png(fig, out / "int8_espcn.png")
-    plt.close(fig)
+    if "espcn" in summary:  # a --parts run into a new folder may have no ESPCN part
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        esp = summary["espcn"]["models"]
+        labels, speed, drop = [], [], []
+        for act, r in esp.items():
+            for tag in ("int8", *LEVERS, "int8_last_conv_fp32", "nncf_default", "ort_quantize_static"):
+                if f"{tag}_p50_ms" not in r:
+                    continue
+                labels.append(f"{act}\n" + {"int8": "edgeslim", "int8_last_conv_fp32": "es, last fp32", "nncf_default": "NNCF",
+                                             "ort_quantize_static": "ORT qs", "int8_stem_fp32": "es, stem fp32",
+                                             "int8_no_conv_kernels": "es, no shapes",
+                                             "int8_one_plane_no_output_bias": "es, 1 plane"}[tag])
+                fp32, ms = (np.nan if v is None else v for v in (r["fp32_p50_ms"], r[f"{tag}_p50_ms"]))  # null: untimed
+                speed.append(fp32 / ms)
+                drop.append(r["fp32_psnr"] - r[f"{tag}_psnr"])
+        axes[0].bar(labels, speed, color="tab:blue")
+        axes[0].axhline(1.5, ls="--", c="k", lw=0.8)
+        axes[0].set_title("ESPCN x3 1080p: speedup over fp32 (ORT CPU)", fontsize=9)
+        fig.suptitle(cpu, fontsize=8)
+        axes[1].bar(labels, drop, color="tab:orange")
+        axes[1].axhline(0.1, ls="--", c="k", lw=0.8)
+        axes[1].set_title("PSNR lost vs fp32 (dB, held-out images)")
+        fig.tight_layout()
+        save_png(fig, out / "int8_espcn.png")
+        plt.close(fig)
     if "text" in summary:
         rows = summary["text"]["rows"]
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
