@@ -49,7 +49,8 @@ def test_transformer_mode_follows_the_cpu_and_replays_without_data(cpu, mode, pe
         return
     rows = results[0].changes
     matmuls = [r for r in rows if r.kind.startswith("MatMul")]
-    assert ops["MatMulInteger"] == sum(r.status == "quantized" for r in matmuls) > 0
+    assert ops["MatMulInteger"] + 3 * ops["QAttention"] == sum(r.status == "quantized" for r in matmuls) > 0
+    assert sum("QAttention" in r.kind for r in matmuls) == 3 * ops["QAttention"] > 0  # q, k, v of each layer
     assert ops["DynamicQuantizeLinear"] > 0 and "QuantizeLinear" not in ops and "Gather" in ops  # embeddings fp32
     assert resolved["dynamic"]["reduce_range"] is False and resolved["calibration_rel_l2"] < 0.05
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(info["onnx"])).graph.initializer
