@@ -253,7 +253,7 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert "cpu_model" in json.dumps(summary["machine"])
     for act in ("tanh", "relu"):
         row = summary["espcn"]["models"][act]
-        assert row["int8_bytes"] < row["fp32_bytes"] and row["int8"]["quantized_layers"] == 3  # super-resolution: the stem too (on the image grid)
+        assert row["int8_bytes"] < row["fp32_bytes"] and row["int8"]["quantized_layers"] == 3  # stem int8 too
         # a smoke bound on the 96-pixel quick crop (fp32 ~40 dB there, where small errors cost many dB): the
         # retrained espcn-x3 drops 4.9 dB (the previous one 2.5 dB; 256 calibration patches do not help);
         # the full benchmark (bench/results/int8.json) measures the real drop on the held-out images
