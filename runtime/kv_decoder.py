@@ -122,13 +122,14 @@ class CacheGraph:
             raise ConfigError(f"{past_len + seq} tokens exceed the model's {self.max_positions} positions")
         if attention_mask is None:
             attention_mask = np.ones((batch, past_len + seq), np.int64)
-            if isinstance(past, KVBuffer):
+            if self.buffered:
                 attention_mask[:, :past_len] = past.valid
         attention_mask = attention_mask.astype(np.int64)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask}
-        feeds.update(past.ort_values() if isinstance(past, KVBuffer) else past)
-        if isinstance(past, KVBuffer):
-            feeds["attention_mask"] = past.full_mask(attention_mask)
+        feeds = {"input_ids": input_ids.astype(np.int64)}
+        if self.buffered:  # past is a KVBuffer here: its slots as the graph's past, unwritten ones masked
+            feeds |= past.ort_values() | {"attention_mask": past.full_mask(attention_mask)}
+        else:
+            feeds |= past | {"attention_mask": attention_mask}
         if self.position_ids:
             pos = np.cumsum(attention_mask, axis=1) - 1
             feeds["position_ids"] = np.maximum(pos[:, past_len:], 0).astype(np.int64)
@@ -139,7 +140,7 @@ class CacheGraph:
             np.ascontiguousarray(value)) for name, value in feeds.items()}
         names = [o.name for o in self.session.get_outputs()]
         values = dict(zip(names, self.session.run_with_ort_values(names, values)))
-        if isinstance(past, KVBuffer):
+        if self.buffered:
             past.append({PAST.format(i, kv): values[NEW.format(i, kv)].numpy() for i in range(self.layers)
                          for kv in ("key", "value")}, attention_mask[:, past_len:])
             return values["logits"].numpy(), past
