@@ -52,7 +52,8 @@ def finish_graph(model, fp32, resolved: Mapping[str, Any], where: str, kernels: 
                                     "the exported graph") from None
     unsigned_activations(model)  # lossless; lets ORT fuse Convs between uint8 and int8 activations
     if kernels and resolved.get("conv_kernels"):
-        pad_output_channels(model), shift_columns(model)  # lossless; MLAS's ConvSym kernel takes them
+        pad_output_channels(model)  # lossless; MLAS's ConvSym kernel takes them
+        shift_columns(model)
 
 
 def correct_output_biases(fp32, quantized, resolved: dict, outs: Sequence[str], batches) -> dict[str, float]:
