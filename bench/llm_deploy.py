@@ -66,8 +66,9 @@ def candidates(cfg: dict) -> list[tuple[str, list[dict], int, bool, str]]:
               if g_large else []),
             (f"edgeslim asvd 0.9 + wq int4_min g{g_small} int8-act",
              [{"method": "asvd", "ratio": 0.9, "align": cfg["align"], "calib": cfg["calib"]}, min4], 4, True)]
-    optimum = [(f"edgeslim wq int4_min g{g_small} int8-act, Optimum layout", [min4], 4, True, "optimum")]
-    return [(*row, "buffer") for row in rows] + optimum
+    others = [(f"edgeslim wq int4_min g{g_small} int8-act, Optimum layout", [min4], 4, True, "optimum"),
+              (f"edgeslim wq int4_min g{g_small} int8-act, shared layout", [min4], 4, True, "shared")]
+    return [(*row, "buffer") for row in rows] + others
 
 
 def eval_tokens(tokenizer, cfg: dict) -> list[list[int]]:
@@ -177,7 +178,9 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     by = {r["name"]: r for r in rows}
     p_long = max(cfg["prompts"])
     g = cfg["groups"][0]
-    int4 = by.get(f"edgeslim wq int4_min g{g} int8-act")
+    buffered = by.get(f"edgeslim wq int4_min g{g} int8-act")
+    shared = by.get(f"edgeslim wq int4_min g{g} int8-act, shared layout")
+    int4 = shared if shared and shared["cache_layout"] == "shared" else buffered  # the fastest layout, where it applies
     exact, nncf = by.get(f"edgeslim wq int4_min g{g}"), by.get(f"edgeslim wq int4 g{g} (NNCF zero points)")
     fp32 = by.get("edgeslim fp32")
     q40, q41 = by.get("llama.cpp Q4_0 (from Q4_1)"), by.get("llama.cpp Q4_1 (shipped)")
@@ -188,12 +191,18 @@ def goals(rows: list[dict], cfg: dict) -> dict:
         out["int4_decode_flatness"] = int4[f"decode_tokens_per_s_{p_long}"] / int4["decode_tokens_per_s_past16"]
         out["fp32_decode_flatness"] = fp32[f"decode_tokens_per_s_{p_long}"] / fp32["decode_tokens_per_s_past16"]
     copied = by.get(f"edgeslim wq int4_min g{g} int8-act, Optimum layout")
-    if int4 and copied:  # the same file's graph, the cache written in place against copied per token
-        out["int4_optimum_layout_decode_flatness"] = copied[f"decode_tokens_per_s_{p_long}"] / \
-            copied["decode_tokens_per_s_past16"]
+    for label, row in (("optimum_layout", copied), ("buffer_layout", buffered)):
+        if row and row is not int4 and f"decode_tokens_per_s_{p_long}" in row:  # the same weights, other layouts
+            out[f"int4_{label}_decode_flatness"] = row[f"decode_tokens_per_s_{p_long}"] / row["decode_tokens_per_s_past16"]
+    if buffered and copied:  # the cache written in place against copied per token
         for p in cfg["prompts"]:
-            out[f"int4_decode{p}_buffer_over_optimum_layout"] = int4[f"decode_tokens_per_s_{p}"] / \
+            out[f"int4_decode{p}_buffer_over_optimum_layout"] = buffered[f"decode_tokens_per_s_{p}"] / \
                 copied[f"decode_tokens_per_s_{p}"]
+    if int4 is shared and buffered:  # GroupQueryAttention writing the shared buffer against the buffer layout
+        for p in cfg["prompts"]:
+            out[f"int4_decode{p}_shared_over_buffer_layout"] = shared[f"decode_tokens_per_s_{p}"] / \
+                buffered[f"decode_tokens_per_s_{p}"]
+            out[f"int4_ttft{p}_shared_over_buffer_layout"] = shared[f"ttft_ms_{p}"] / buffered[f"ttft_ms_{p}"]
     for label, row in (("int4_min", exact), ("int4_min_int8_act", int4), ("nncf_int4", nncf)):
         if row and fp32:
             out[f"{label}_perplexity_over_fp32"] = row["perplexity"] / fp32["perplexity"]

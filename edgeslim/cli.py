@@ -229,10 +229,13 @@ def _print_agreement(console: Any, quality: dict[str, Any], source: str, method:
 @click.option("--nbits-accuracy", "accuracy_level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="--kv-cache of a wq model: MatMulNBits accuracy_level (4: int8 activations, faster on VNNI/AMX "
               "CPUs, checked at a looser tolerance after the exact check at 0)")
-@click.option("--kv-layout", "kv_layout", type=click.Choice(["optimum", "buffer"]), default="optimum", show_default=True,
-              help="--kv-cache: optimum (present.* = past + new, for Optimum-style runners) or buffer (new_key_values.*: "
-              "the new positions only, written in place by edgeslim's runner: no copy of the cache per token; a "
-              "family it does not cover gets optimum, with a note)")
+@click.option("--kv-layout", "kv_layout", type=click.Choice(["optimum", "buffer", "shared"]), default="optimum",
+              show_default=True,
+              help="--kv-cache: optimum (present.* = past + new, for Optimum-style runners), buffer (new_key_values.*: "
+              "the new positions only, written in place by edgeslim's runner: no copy of the cache per token) or "
+              "shared (Optimum's names, attention as ORT's GroupQueryAttention, which writes present.* into the past's "
+              "buffer when a runner binds both to it, as edgeslim's and ORT GenAI's do; unpadded batches); a family a "
+              "layout does not cover gets optimum, with a note")
 @click.option("-o", "--out", callback=not_empty, help="output file (with --bundle: folder)")
 @json_option
 @trust_options

@@ -31,8 +31,8 @@ def is_cache_graph(item: str) -> bool:
 @contextlib.contextmanager
 def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[Path]:
     """The cache graph of `item`: an .onnx file as it is, else the source or artifact exported (validated,
-    in the buffer layout: no file leaves here, and edgeslim's runner writes the cache in place) into a
-    temporary folder, removed after."""
+    in the shared layout, or the buffer layout for a model it does not cover: no file leaves here, and edgeslim's
+    runner writes the cache in place either way) into a temporary folder, removed after."""
     if item.endswith(".onnx"):
         if not Path(item).is_file():
             raise SourceError(f"no such ONNX file: {item}")
@@ -42,7 +42,7 @@ def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[
         from edgeslim.pipeline import export_cache
         from edgeslim.sources import load_model
         path = Path(tmp) / "model.onnx"
-        export_cache(load_model(item, **source), path, quiet=quiet, layout="buffer")
+        export_cache(load_model(item, **source), path, quiet=quiet, layout="shared", fallback="buffer")
         yield path
 
 

@@ -10,7 +10,9 @@ DynamicCache built from the flat tensors, exported by torch.export (dynamo), so 
 compressor put in (low-rank, MPO, pruned heads) exports as it runs. `layout="buffer"` writes the
 same inputs with `new_key_values.{i}.key/value` [batch, kv_heads, sequence, head_dim] (the new positions
 only) in place of `present.*`, for a runner that keeps the cache in a preallocated buffer
-(export/kv_buffer.py, runtime/kv_buffer.py); the layout is recorded in the metadata (`cache_layout`).
+(export/kv_buffer.py, runtime/kv_buffer.py). `layout="shared"` keeps Optimum's names with each layer's attention
+as ORT's GroupQueryAttention, which writes present.* into the past's own buffer when a runner binds both to it
+(export/gqa.py). The layout is recorded in the metadata (`cache_layout`).
 
 Validation before the file is moved into place: logits and presents agree with PyTorch at past
 lengths 0, 1 and 100 (`PARITY_PASTS`), and greedy decoding of `GREEDY_TOKENS` tokens from
@@ -33,6 +35,7 @@ from edgeslim.core.errors import ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
 from edgeslim.export.attention import grouped_attention
+from edgeslim.export.gqa import fuse_group_query_attention, pack_qkv, query_heads, shared_refusal
 from edgeslim.export.kv_buffer import BufferCacheModel, buffer_attention, buffer_refusal
 from edgeslim.export.last_logits import add_logits_to_keep
 from edgeslim.export.nbits import Lowering, QuantizedMatrix, lower_matmul_nbits
@@ -202,7 +205,7 @@ def _check_parity(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[in
         expected = _torch_call(wrapper, feeds, len(kv_heads), graph.layout)
         actual = graph.session.run(None, feeds)
         names = [o.name for o in graph.session.get_outputs()]
-        if graph.buffered:  # the same graph's outputs without the slots: only the order of sums may differ
+        if graph.layout == "buffer":  # the same graph's outputs without the slots: only the order of sums may differ
             names += [f"{n} (3 masked slots)" for n in names]
             actual += graph.session.run(None, _with_gap(feeds, len(kv_heads), 3, seed=past))
             expected += actual[:len(expected)]
@@ -274,7 +277,8 @@ def set_accuracy(path: Path, level: int) -> None:
 
 def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = None, meta: dict[str, Any] | None = None,
                   opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True,
-                  quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0, layout: str = "optimum") -> CacheExport:
+                  quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0, layout: str = "optimum",
+                  fallback: str = "optimum") -> CacheExport:
     """Export a causal LM's key/value-cache graph to `path`, validated (see the module docstring).
 
     Args:
@@ -291,16 +295,18 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         accuracy_level: MatMulNBits' compute type: 0 (fp32) is checked at atol/rtol; 4 (int8 activations,
             faster on CPUs with VNNI/AMX) is checked exact at 0 first, then each output of a prefill within
             ACTIVATION_REL relative L2 error, with the greedy agreement counted, not required.
-        layout: "optimum" (present = past + new) or "buffer" (the new positions only: export/kv_buffer.py);
-            a model the buffer layout refuses gets Optimum's, with the reason in the notes.
+        layout: "optimum" (present = past + new), "buffer" (the new positions only: export/kv_buffer.py) or
+            "shared" (Optimum's names, GroupQueryAttention writing present into the past's buffer: export/gqa.py);
+            a model the shared layout refuses gets `fallback`'s, one the buffer layout refuses Optimum's, with the
+            reason in the notes.
 
     Raises:
         ConfigError: not a causal LM, or an unknown layout.
         ExportValidationError: it does not export, or ORT differs from torch (nothing is written then).
     """
     import onnx
-    if layout not in LAYOUTS:
-        raise ConfigError(f"unknown cache layout {layout!r}: one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS or fallback not in LAYOUTS:
+        raise ConfigError(f"unknown cache layout {layout!r} / {fallback!r}: one of {', '.join(LAYOUTS)}")
     hf = causal_hf(model)
     was_training = hf.training
     hf.eval()
@@ -312,6 +318,10 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             else int(hf.config.vocab_size)
         wrapper = CacheModel(hf).eval()
         notes: list[str] = []
+        refusal = shared_refusal(hf, positions, head_dims) if layout == "shared" else None
+        if refusal:
+            notes.append(f"shared cache layout refused ({refusal}): {fallback} layout asked instead")
+            layout = fallback
         refusal = buffer_refusal(hf, positions) if layout == "buffer" else None
         if refusal:
             notes.append(f"buffer cache layout refused ({refusal}): Optimum's layout written")
@@ -329,6 +339,12 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             tables = rotary_tables(hf, positions) if pos else None
             rotary = fuse_rotary(graph, *tables) if tables else 0
             notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
+            if layout == "shared":
+                fused = fuse_group_query_attention(graph, query_heads(hf) or [], kv_heads, head_dims)
+                if fused != layers:
+                    raise ExportValidationError(f"{fused} of {layers} attention layers have the form GroupQueryAttention "
+                                                "replaces: export --kv-layout buffer or optimum")
+                notes.append(f"{fused} attention layer(s) as GroupQueryAttention (present written in the past's buffer)")
             if not add_logits_to_keep(graph):
                 notes.append(f"no {KEEP} input: the LM head was not found before logits (a prefill computes every position's)")
             entry = {"layers": layers, "max_positions": positions, "position_ids": pos, "cache_layout": layout,
@@ -338,6 +354,10 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             lowered = None
             if quantized:  # rewrites the file, its metadata kept
                 lowered = lower_matmul_nbits(target, quantized, 0)
+                if layout == "shared":  # q, k and v now one MatMulNBits and a Split: fed to GroupQueryAttention whole
+                    packed = onnx.load(str(target))
+                    if pack_qkv(packed):
+                        onnx.save(packed, str(target))
                 notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
                              f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
                              + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"

@@ -194,6 +194,7 @@ def lower_matmul_nbits(path: str | Path, matrices: Sequence[QuantizedMatrix], ac
                 dropped.add(node.input[0])
                 continue
         new_nodes.append(node)
+    new_nodes = _offsets_into_residuals(new_nodes, {o.name for o in graph.output})
     live = {i for node in new_nodes for i in node.input} | {o.name for o in graph.output}
     new_nodes = [n for n in new_nodes if n.op_type != "Transpose" or n.output[0] in live]  # W^T no longer read
     still_used = {i for node in new_nodes for i in node.input}
@@ -234,13 +235,13 @@ def _concatenated(members: list[QuantizedMatrix]) -> QuantizedMatrix:
 
 def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str, new_inits: list,
                   sums: dict[tuple[str, int, int], str]) -> list:
-    """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) = x @ E, E [K, G'] the
-    0/1 block indicator (G' = G padded to whole OFFSET_BLOCKs, its last columns zero): one initializer per (K,
-    G'), one product per input (q, k and v read the same x). The offsets stay int8 in the file
-    (block_quant.offset_grid: q [G' / OFFSET_BLOCK, OFFSET_BLOCK, N] and one scale per OFFSET_BLOCK blocks and
-    output); offset^T = Reshape(Cast(q) * scale), constants ONNX Runtime folds when it loads the file, so a
-    call runs one fp32 MatMul of [.., G'] by [G', N] (an 8-bit MatMulNBits over the block sums, the previous
-    form, took ~15% of a 512-token prefill in ORT's profiler: its int8 kernel pays per call, not per weight)."""
+    """out = partial + blocksum(x) @ offset^T (sum_k x_k * offset_block(k)). blocksum(x) [batch, sequence, G] sums
+    x [batch, sequence, K] over each block: ReduceSum over a [batch, sequence, G, K / G] view, one per input (q, k
+    and v read the same x; a 0/1 indicator MatMul, the previous form, cost ~4x as much per call). The offsets stay
+    int8 in the file (block_quant.offset_grid: q [G' / OFFSET_BLOCK, OFFSET_BLOCK, N] with G' = G padded to whole
+    OFFSET_BLOCKs and one scale per OFFSET_BLOCK blocks and output); offset^T = Slice(Reshape(Cast(q) * scale)),
+    constants ONNX Runtime folds when it loads the file, so a call runs one fp32 MatMul of [.., G] by [G, N] (an
+    8-bit MatMulNBits over the block sums took ~15% of a 512-token prefill in ORT's profiler)."""
     import onnx
     from onnx import helper, numpy_helper
     n, k = m.q.shape
@@ -248,30 +249,61 @@ def _offset_nodes(m: QuantizedMatrix, x: str, partial: str, out: str, stem: str,
     blocks = m.offset_scale.shape[1]
     padded = blocks * OFFSET_BLOCK
     nodes = []
-    key = (x, k, padded)
+    key = (x, k, groups)
     if key not in sums:
-        indicator = f"block_indicator_{k}x{padded}"
-        if indicator not in {i.name for i in new_inits}:
-            e = np.zeros((k, padded), np.float32)
-            e[:, :groups] = np.repeat(np.eye(groups, dtype=np.float32), k // groups, axis=0)
-            new_inits.append(numpy_helper.from_array(e, indicator))
+        view = f"block_view_{groups}x{k // groups}"
+        names = {i.name for i in new_inits}
+        for name, value in ((view, [0, 0, groups, k // groups]), ("block_sum_axis", [-1])):
+            if name not in names:
+                new_inits.append(numpy_helper.from_array(np.array(value, np.int64), name))
         sums[key] = f"{out}_blocksum"
-        nodes.append(helper.make_node("MatMul", [x, indicator], [sums[key]], name=f"{stem}_blocksum"))
+        nodes += [helper.make_node("Reshape", [x, view], [f"{out}_blocks"], name=f"{stem}_blocks"),
+                  helper.make_node("ReduceSum", [f"{out}_blocks", "block_sum_axis"], [sums[key]], name=f"{stem}_blocksum",
+                                   keepdims=0)]
     q = np.zeros((n, padded), np.int8)
     q[:, :groups] = (m.offset_q.astype(np.int16) - 128).astype(np.int8)
     for suffix, value in (("_offset_q", q.T.reshape(blocks, OFFSET_BLOCK, n)),
                           ("_offset_scales", m.offset_scale.T.reshape(blocks, 1, n).astype(np.float32)),
-                          ("_offset_shape", np.array([padded, n], np.int64))):
+                          ("_offset_shape", np.array([padded, n], np.int64)),
+                          ("_offset_rows_kept", np.array([groups], np.int64)),
+                          ("_offset_axis", np.array([0], np.int64))):
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value), stem + suffix))
     return nodes + [
         helper.make_node("Cast", [f"{stem}_offset_q"], [f"{stem}_offset_qf"], name=f"{stem}_offset_cast",
                          to=onnx.TensorProto.FLOAT),
         helper.make_node("Mul", [f"{stem}_offset_qf", f"{stem}_offset_scales"], [f"{stem}_offset_t3"],
                          name=f"{stem}_offset_scale"),
-        helper.make_node("Reshape", [f"{stem}_offset_t3", f"{stem}_offset_shape"], [f"{stem}_offset_t"],
+        helper.make_node("Reshape", [f"{stem}_offset_t3", f"{stem}_offset_shape"], [f"{stem}_offset_padded"],
                          name=f"{stem}_offset_rows"),
+        helper.make_node("Slice", [f"{stem}_offset_padded", f"{stem}_offset_axis", f"{stem}_offset_rows_kept",
+                                   f"{stem}_offset_axis"], [f"{stem}_offset_t"], name=f"{stem}_offset_groups"),
         helper.make_node("MatMul", [sums[key], f"{stem}_offset_t"], [f"{out}_off"], name=f"{stem}_offset"),
         helper.make_node("Add", [partial, f"{out}_off"], [out], name=f"{stem}_add_offset")]
+
+
+def _offsets_into_residuals(nodes: list, outputs: set[str]) -> list:
+    """An offset Add (MatMulNBits + offset) whose sum only a residual Add reads becomes one Sum of the three
+    (o_proj and down_proj: h + W x + offset, one kernel fewer per product and token)."""
+    from onnx import helper
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    merged: dict[int, object] = {}
+    gone: set[int] = set()
+    for node in nodes:
+        if node.op_type != "Add" or not node.name.endswith("_add_offset") or node.output[0] in outputs:
+            continue
+        after = readers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Add" or id(after[0]) in merged or len(after[0].input) != 2:
+            continue
+        other = next(i for i in after[0].input if i != node.output[0]) if after[0].input[0] != after[0].input[1] else None
+        if other is None:
+            continue
+        merged[id(after[0])] = helper.make_node("Sum", [other, *node.input], list(after[0].output),
+                                                name=f"{node.name}_residual")
+        gone.add(id(node))
+    return [merged.get(id(n), n) for n in nodes if id(n) not in gone]
 
 
 def _gather_nodes(m: QuantizedMatrix, q_name: str, block: int, ids: str, out: str, new_inits: list) -> list:

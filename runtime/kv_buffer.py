@@ -6,7 +6,9 @@ Runtime value fed as `past_key_values.{i}.*` (no copy), writes each call's new k
 the valid prefix, and grows it when full by an eighth of its length, at least `CHUNK` slots (one copy per growth:
 amortised; the masked slots the graph still reads stay within an eighth of the past).
 The graph sees the whole buffer as its past; `full_mask` marks the slots not yet written as padding, and
-position ids follow the caller's mask, so the unwritten slots change nothing but the work.
+position ids follow the caller's mask, so the unwritten slots change nothing but the work. In the "shared"
+layout (export/gqa.py) the graph writes the new positions itself: its `present.*` outputs are bound to the same
+values (`reserve` before the call, `advance` after), and the mask covers the written slots alone.
 numpy and onnxruntime only: no torch import.
 """
 from __future__ import annotations
@@ -58,17 +60,26 @@ class KVBuffer:
         gap = np.zeros((self.batch, self.capacity - self.length), np.int64)
         return np.concatenate([mask[:, :self.length], gap, mask[:, self.length:]], axis=1)
 
+    def reserve(self, n: int) -> None:
+        """Room for `n` more positions after the written ones (grown by an eighth of the length, at least `chunk`)."""
+        if self.length + n > self.capacity:
+            need = self.length + n
+            self._allocate(need + max(self.chunk, need // 8))
+
+    def advance(self, mask: np.ndarray) -> None:
+        """Count the next mask.shape[1] slots as written (by the graph itself, in the shared layout); `mask` is the
+        caller's mask of those positions."""
+        self.valid = np.concatenate([self.valid, mask.astype(np.int64)], axis=1)
+        self.length += mask.shape[1]
+
     def append(self, new: dict[str, np.ndarray], mask: np.ndarray) -> None:
         """Write the new positions (`new`: past input name -> [batch, kv_heads, n, head_dim]) after the
         written ones; `mask` is the caller's mask of those n positions."""
         n = mask.shape[1]
-        if self.length + n > self.capacity:  # free slots: an eighth of the length, at least `chunk`
-            need = self.length + n
-            self._allocate(need + max(self.chunk, need // 8))
+        self.reserve(n)
         for name, array in self.arrays.items():
             array[:, :, self.length:self.length + n] = new[name]
-        self.valid = np.concatenate([self.valid, mask.astype(np.int64)], axis=1)
-        self.length += n
+        self.advance(mask)
 
     def prefix(self) -> dict[str, np.ndarray]:
         """The written slots as Optimum-style past arrays (a copy)."""

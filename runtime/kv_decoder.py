@@ -6,7 +6,9 @@ The graph follows Optimum's merged-decoder convention (export/kv_cache.py writes
 `present.{i}.key/value` (the past with the new tokens appended). One graph serves the prompt (past of
 length 0) and each new token (a sequence of 1), so a token costs the same whatever came before it.
 A graph in the "buffer" layout (export/kv_buffer.py, metadata `cache_layout`) returns `new_key_values.{i}.*`,
-the new positions only: its past is a `KVBuffer` (runtime/kv_buffer.py) written in place, never copied.
+the new positions only: its past is a `KVBuffer` (runtime/kv_buffer.py) written in place, never copied. A graph in
+the "shared" layout (export/gqa.py) keeps Optimum's names, and its GroupQueryAttention writes the new positions into
+the past it was given when `present.*` is bound to that same buffer (IO binding): a `KVBuffer` again, never copied.
 numpy and onnxruntime only: no torch import (an edge device runs this file's code alone).
 """
 from __future__ import annotations
@@ -25,7 +27,9 @@ from edgeslim.runtime.kv_buffer import KVBuffer
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
 NEW = "new_key_values.{}.{}"  # the buffer layout's outputs: the new positions' keys/values only
-LAYOUTS = ("optimum", "buffer")  # present = past + new (Optimum's merged decoder), or new only (export/kv_buffer.py)
+# present = past + new (Optimum's merged decoder), new only (export/kv_buffer.py), or Optimum's names with present
+# written into the past's own buffer when both are bound to it (export/gqa.py: GroupQueryAttention)
+LAYOUTS = ("optimum", "buffer", "shared")
 META_KEY = "edgeslim.lm"  # the ONNX metadata entry export/kv_cache.py writes: JSON (layers, positions, tokenizer)
 KEEP = "logits_to_keep"  # optional input (export/last_logits.py): logits of the last n positions only, 0 for all
 
@@ -61,7 +65,8 @@ class CacheGraph:
 
     @property
     def buffered(self) -> bool:
-        return self.layout == "buffer"
+        """The past is a `KVBuffer` (buffer and shared layouts)."""
+        return self.layout in ("buffer", "shared")
 
     @property
     def max_positions(self) -> int | None:
@@ -125,8 +130,15 @@ class CacheGraph:
             if self.buffered:
                 attention_mask[:, :past_len] = past.valid
         attention_mask = attention_mask.astype(np.int64)
+        if self.layout == "shared" and not _counts(attention_mask, past_len):
+            raise ConfigError("a graph in the shared cache layout takes padding only after a prompt's tokens, with an "
+                              "empty past (its attention counts each row's ones as its length): export it with "
+                              "--kv-layout buffer for other masks")
         feeds = {"input_ids": input_ids.astype(np.int64)}
-        if self.buffered:  # past is a KVBuffer here: its slots as the graph's past, unwritten ones masked
+        if self.layout == "shared":  # the graph writes the new positions after the written ones itself
+            past.reserve(seq)
+            feeds |= past.ort_values() | {"attention_mask": attention_mask}
+        elif self.buffered:  # past is a KVBuffer here: its slots as the graph's past, unwritten ones masked
             feeds |= past.ort_values() | {"attention_mask": past.full_mask(attention_mask)}
         else:
             feeds |= past | {"attention_mask": attention_mask}
@@ -138,6 +150,8 @@ class CacheGraph:
         import onnxruntime as ort
         values = {name: value if not isinstance(value, np.ndarray) else ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(value)) for name, value in feeds.items()}
+        if self.layout == "shared":
+            return self._run_shared(values, past, attention_mask[:, past_len:]), past
         names = [o.name for o in self.session.get_outputs()]
         values = dict(zip(names, self.session.run_with_ort_values(names, values)))
         if self.buffered:
@@ -146,6 +160,18 @@ class CacheGraph:
             return values["logits"].numpy(), past
         grown = {PAST.format(i, kv): values[PRESENT.format(i, kv)] for i in range(self.layers) for kv in ("key", "value")}
         return values["logits"].numpy(), grown
+
+    def _run_shared(self, values: dict, past: KVBuffer, new_mask: np.ndarray) -> np.ndarray:
+        """One call with every `present.*` bound to its past's buffer (written in place): the logits."""
+        binding = self.session.io_binding()
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in past.ort_values().items():
+            binding.bind_ortvalue_output(PRESENT.format(*name.split(".")[1:]), value)
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        past.advance(new_mask)
+        return binding.get_outputs()[-1].numpy()
 
     def stream(self, prompt: Sequence[int], n: int, temperature: float = 0.0, eos: Sequence[int] = (),
                seed: int = 0) -> Iterator[tuple[int, float]]:
@@ -183,6 +209,13 @@ class CacheGraph:
             tokens.append(token)
             times.append(t)
         return Generation(tokens, len(prompt), times[0], times[-1] - times[0], self.last_stop)
+
+
+def _counts(mask: np.ndarray, past_len: int) -> bool:
+    """Whether each row's ones count its positions: no padding, or (from an empty past) ones then zeros."""
+    if mask.all():
+        return True
+    return past_len == 0 and bool(np.array_equal(mask, np.arange(mask.shape[1]) < mask.sum(1, keepdims=True)))
 
 
 def _shape(value) -> tuple:
@@ -244,6 +277,8 @@ def open_cache_graph(path: str | Path, threads: int | None = None) -> CacheGraph
     keeps = KEEP in {i.name for i in session.get_overridable_initializers()} | set(inputs)
     outputs = {o.name for o in session.get_outputs()}
     layout = "buffer" if NEW.format(0, "key") in outputs else "optimum"
+    if layout == "optimum" and meta.get("cache_layout") == "shared":  # Optimum's names; present may share the past
+        layout = "shared"
     if meta.get("cache_layout", layout) != layout:
         raise ConfigError(f"{path}: its metadata says cache layout {meta['cache_layout']!r}, its outputs are {layout!r}")
     return CacheGraph(session, layers, [s[1] for s in shapes], [s[3] for s in shapes], "position_ids" in inputs, meta,

@@ -73,16 +73,17 @@ def test_offset_lowering_matches_the_dense_matmul(tmp_path):
     report = lower_matmul_nbits(path, [m])
     assert report.matmuls == 1 and not report.unmatched
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    # the weights at 4 bits; their offsets int8 in the file, over the block sums (one MatMul with the block
-    # indicator) as one fp32 MatMul whose matrix ORT computes from the int8 once, when it loads the file
-    assert ops.count("MatMulNBits") == 1 and ops.count("MatMul") == 2 and "wt" not in {i.name for i in onnx.load(str(path)).graph.initializer}
+    # the weights at 4 bits; their offsets int8 in the file, over the block sums (a ReduceSum over a view of the
+    # input) as one fp32 MatMul whose matrix ORT computes from the int8 once, when it loads the file
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMul") == 1 and ops.count("ReduceSum") == 1
+    assert "wt" not in {i.name for i in onnx.load(str(path)).graph.initializer}
     inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
     assert inits["w_offset_q"].data_type == onnx.TensorProto.INT8
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     assert sorted(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node) == \
-        ["Add", "MatMul", "MatMul", "MatMulNBits"]  # Cast, Mul, Reshape of constants folded
+        ["Add", "MatMul", "MatMulNBits", "ReduceSum", "Reshape"]  # Cast, Mul, Reshape, Slice of constants folded
     x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
     y = session.run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ m.dense.T, rtol=1e-5, atol=1e-5)
@@ -102,12 +103,15 @@ def test_int4_min_cache_graph(tmp_path, capsys):
     assert info["greedy_prompts_equal"] == 3 and max(info["max_abs_diff"].values()) < 1e-4
     model = onnx.load(info["onnx"])
     bits = sorted({a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
-    # q, k, v as one MatMulNBits and gate, up as one (then a Split each); the offsets: one block sum (a MatMul)
+    # q, k, v as one MatMulNBits and gate, up as one (then a Split each); the offsets: one block sum (a ReduceSum)
     # per input (qkv, o, gate/up, down) and one fp32 product per MatMulNBits
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 4 + 1 and sum(n.op_type == "Split" for n in model.graph.node) == 2 * 2
-    # MatMuls left: per layer the 4 block sums, 4 offset products and attention's 2 (scores, weighted values)
-    assert bits == [4, 8] and sum(n.op_type == "MatMul" for n in model.graph.node) == 2 * (4 + 4 + 2)
+    # MatMuls left: per layer the 4 offset products and attention's 2 (scores, weighted values)
+    assert bits == [4, 8] and sum(n.op_type == "MatMul" for n in model.graph.node) == 2 * (4 + 2)
+    assert sum(n.op_type == "ReduceSum" for n in model.graph.node) == 2 * 4
+    # o_proj's and down_proj's offsets added with the residual in one Sum
+    assert sum(n.op_type == "Sum" and len(n.input) == 3 for n in model.graph.node) == 2 * 2
     sizes = [sum(len(i.raw_data) for i in onnx.load(p).graph.initializer) for p in (info["onnx"], fp32["onnx"])]
     assert sizes[0] / sizes[1] < 0.30  # 4 bits + fp32 scale and minimum per 32 weights; the table at 8 bits
     assert not any(tuple(i.dims) == (90, 128) and i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer)

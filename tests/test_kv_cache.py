@@ -1,6 +1,7 @@
 """Key/value-cache ONNX export of causal LMs (export/kv_cache.py) and its ORT decoder (runtime/kv_decoder.py),
-on tiny random models of every architecture the issue names, in both cache layouts (Optimum's present = past +
-new, and the buffer layout of export/kv_buffer.py with runtime/kv_buffer.py): logits parity at past 0, 1, 100
+on tiny random models of every architecture the issue names, in every cache layout (Optimum's present = past +
+new, the buffer layout of export/kv_buffer.py with runtime/kv_buffer.py, and the shared layout of export/gqa.py):
+logits parity at past 0, 1, 100
 and greedy tokens equal to torch generate (both checked inside to_onnx_cache; asserted again here)."""
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_lay
              max_position_embeddings=192)
 
 
-def tiny(arch: str) -> torch.nn.Module:
-    """A tiny random causal LM of `arch` (seeded)."""
+def tiny(arch: str, head: int = 8) -> torch.nn.Module:
+    """A tiny random causal LM of `arch` (seeded), heads of `head` (16 for GroupQueryAttention's rotary)."""
     t = transformers
     torch.manual_seed(0)
+    SMALL = dict(globals()["SMALL"], hidden_size=4 * head)
     if arch == "llama":
         cfg = t.LlamaConfig(**SMALL, num_key_value_heads=2)
         return t.LlamaForCausalLM(cfg).eval()
@@ -33,7 +35,7 @@ def tiny(arch: str) -> torch.nn.Module:
     if arch == "phi3":
         return t.Phi3ForCausalLM(t.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0)).eval()
     if arch == "gemma":
-        return t.GemmaForCausalLM(t.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=8)).eval()
+        return t.GemmaForCausalLM(t.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=head)).eval()
     if arch == "gpt2":
         return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=192)).eval()
     if arch == "gpt_neox":
@@ -48,6 +50,9 @@ def tiny(arch: str) -> torch.nn.Module:
 FAST = ["llama", "gpt2", "qwen2"]
 ROTATE_HALF = {"llama", "qwen2", "mistral", "phi3", "gemma"}  # full-width rotate-half rope: fused (export/rotary.py)
 SLOW = ["mistral", "phi3", "gemma", "gpt_neox", "opt"]
+# the shared layout's attention as GroupQueryAttention (export/gqa.py); Mistral's sliding-window cache slices its
+# present, and the others have no rotate-half rope: those keep Optimum's layout
+GQA = ROTATE_HALF - {"mistral"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -55,14 +60,19 @@ SLOW = ["mistral", "phi3", "gemma", "gpt_neox", "opt"]
 def test_cache_graph_matches_torch(arch, layout, tmp_path, monkeypatch):
     # a buffer of 4-slot chunks: the greedy checks write past unwritten (masked) slots and grow it many times
     monkeypatch.setattr(kv_buffer, "CHUNK", 4)
-    hf = tiny(arch)
+    hf = tiny(arch, 16 if layout == "shared" else 8)
     res = to_onnx_cache(hf, tmp_path / "m.onnx", positions=192, layout=layout)
+    fused = layout == "shared" and arch in GQA
+    layout = "optimum" if layout == "shared" and not fused else layout
     assert res.layout == layout and res.greedy_equal == 3
     assert set(res.max_abs_diff) == set(PARITY_PASTS)
     assert max(res.max_abs_diff.values()) < 1e-4
     import onnx
-    rotary = sum(n.op_type == "RotaryEmbedding" for n in onnx.load(str(res.path)).graph.node)
-    assert rotary == (2 * res.layers if arch in ROTATE_HALF else 0)  # q and k of each layer: one node each
+    ops = [n.op_type for n in onnx.load(str(res.path)).graph.node]
+    # q and k of each layer: one RotaryEmbedding each, or inside the layer's GroupQueryAttention
+    assert ops.count("RotaryEmbedding") == (2 * res.layers if arch in ROTATE_HALF and not fused else 0)
+    assert ops.count("GroupQueryAttention") == (res.layers if fused else 0)
+    assert ops.count("Softmax") == (0 if fused else res.layers)
     graph = open_cache_graph(res.path)
     names = {i.name for i in graph.session.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
@@ -80,7 +90,7 @@ def test_cache_graph_matches_torch(arch, layout, tmp_path, monkeypatch):
         logits, past = graph.step(ids[:, j:j + 1], past)
     assert graph.check_past(past, 3) == 6 and past_arrays(past)["past_key_values.0.key"].shape[2] == 6
     np.testing.assert_allclose(logits[:, -1], whole[:, -1], atol=1e-4)
-    if layout == "buffer":  # a past given as arrays goes into a buffer; a buffer of another batch is refused
+    if layout != "optimum":  # a past given as arrays goes into a buffer; a buffer of another batch is refused
         again, _ = graph.step(ids[:, 5:], {k: v[:, :, :5] for k, v in past_arrays(past).items()})
         np.testing.assert_allclose(again[:, -1], whole[:, -1], atol=1e-4)
         with pytest.raises(ConfigError, match="cache buffer holds batch 3"):
@@ -208,10 +218,31 @@ def test_buffer_layout_reads_the_past_in_place(tmp_path):
     import onnx
     concats = {}
     for layout in LAYOUTS:
-        graph = onnx.load(str(to_onnx_cache(tiny("qwen2"), tmp_path / f"{layout}.onnx", layout=layout).path)).graph
+        graph = onnx.load(str(to_onnx_cache(tiny("qwen2", 16), tmp_path / f"{layout}.onnx", positions=192,
+                                            layout=layout).path)).graph
         concats[layout] = sum(n.op_type == "Concat" and any(i.startswith("past_key_values.") for i in n.input)
                               for n in graph.node)
-    assert concats == {"optimum": 4, "buffer": 0}
+    assert concats == {"optimum": 4, "buffer": 0, "shared": 0}
+
+
+def test_shared_layout_writes_the_past_in_place(tmp_path):
+    """GroupQueryAttention writes the new keys into the buffer bound as both past and present: after a step the
+    buffer's own array holds what a plain (Optimum-style) call of the same graph returns as present. A padded mask
+    is refused; a model without rotate-half rope keeps Optimum's layout and says why."""
+    res = to_onnx_cache(tiny("llama", 16), tmp_path / "m.onnx", positions=192, layout="shared")
+    graph = open_cache_graph(res.path)
+    ids = np.array([[3, 9, 4]])
+    _, past = graph.step(ids, graph.empty_past(1))
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, 3), np.int64), "position_ids": np.arange(3)[None],
+             **{k: v[:, :, :0] for k, v in past_arrays(past).items()}}
+    present = graph.session.run(["present.0.key", "present.1.value"], feeds)
+    assert past.capacity > past.length == 3
+    np.testing.assert_array_equal(past.arrays["past_key_values.0.key"][:, :, :3], present[0])
+    np.testing.assert_array_equal(past.arrays["past_key_values.1.value"][:, :, :3], present[1])
+    with pytest.raises(ConfigError, match="takes padding only after a prompt"):
+        graph.step(np.array([[5]]), past, attention_mask=np.array([[0, 1, 1, 1]]))
+    gpt2 = to_onnx_cache(tiny("gpt2"), tmp_path / "gpt2.onnx", positions=192, layout="shared")
+    assert gpt2.layout == "optimum" and any("shared cache layout refused" in n for n in gpt2.notes)
 
 
 def test_buffer_layout_refused_for_a_short_sliding_window(tmp_path):

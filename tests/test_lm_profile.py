@@ -76,3 +76,17 @@ def test_eval_perplexity_through_the_cache_graph(lm, tmp_path, capsys):
     assert "buffer layout" in capsys.readouterr().out
     assert main(["eval", str(folder), "--data", str(docs), "--onnx", str(buffered), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["value"] == pytest.approx(onnx_ppl["value"], rel=1e-5)
+
+
+def test_eval_through_the_shared_layout(tmp_path, capsys):
+    """GroupQueryAttention's cache graph (heads of 16) scores a batch padded after its tokens as Optimum's does."""
+    folder = llama_folder(tmp_path / "wide", hidden=64, positions=192)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("the quick brown fox jumps over the lazy dog\nhello world, this is a test of perplexity\n")
+    ppl = {}
+    for layout in ("optimum", "shared"):
+        assert main(["export", str(folder), "--kv-cache", "--kv-layout", layout, "-o", str(tmp_path / f"{layout}.onnx")]) == 0
+        assert f"{layout} layout" in capsys.readouterr().out
+        assert main(["eval", str(folder), "--data", str(docs), "--onnx", str(tmp_path / f"{layout}.onnx"), "--json"]) == 0
+        ppl[layout] = json.loads(capsys.readouterr().out)["value"]
+    assert ppl["shared"] == pytest.approx(ppl["optimum"], rel=1e-5)
