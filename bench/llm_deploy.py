@@ -178,9 +178,9 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     by = {r["name"]: r for r in rows}
     p_long = max(cfg["prompts"])
     g = cfg["groups"][0]
-    buffered = by.get(f"edgeslim wq int4_min g{g} int8-act")
+    int4 = by.get(f"edgeslim wq int4_min g{g} int8-act")  # the buffer layout
     shared = by.get(f"edgeslim wq int4_min g{g} int8-act, shared layout")
-    int4 = shared if shared and shared["cache_layout"] == "shared" else buffered  # the fastest layout, where it applies
+    shared = shared if shared and shared["cache_layout"] == "shared" else None  # GroupQueryAttention, where it applies
     exact, nncf = by.get(f"edgeslim wq int4_min g{g}"), by.get(f"edgeslim wq int4 g{g} (NNCF zero points)")
     fp32 = by.get("edgeslim fp32")
     q40, q41 = by.get("llama.cpp Q4_0 (from Q4_1)"), by.get("llama.cpp Q4_1 (shipped)")
@@ -191,22 +191,22 @@ def goals(rows: list[dict], cfg: dict) -> dict:
         out["int4_decode_flatness"] = int4[f"decode_tokens_per_s_{p_long}"] / int4["decode_tokens_per_s_past16"]
         out["fp32_decode_flatness"] = fp32[f"decode_tokens_per_s_{p_long}"] / fp32["decode_tokens_per_s_past16"]
     copied = by.get(f"edgeslim wq int4_min g{g} int8-act, Optimum layout")
-    for label, row in (("optimum_layout", copied), ("buffer_layout", buffered)):
-        if row and row is not int4 and f"decode_tokens_per_s_{p_long}" in row:  # the same weights, other layouts
+    for label, row in (("optimum_layout", copied), ("shared_layout", shared)):
+        if row and f"decode_tokens_per_s_{p_long}" in row:  # the same weights in another layout
             out[f"int4_{label}_decode_flatness"] = row[f"decode_tokens_per_s_{p_long}"] / row["decode_tokens_per_s_past16"]
-    if buffered and copied:  # the cache written in place against copied per token
+    if int4 and copied:  # the cache written in place against copied per token
         for p in cfg["prompts"]:
-            out[f"int4_decode{p}_buffer_over_optimum_layout"] = buffered[f"decode_tokens_per_s_{p}"] / \
+            out[f"int4_decode{p}_buffer_over_optimum_layout"] = int4[f"decode_tokens_per_s_{p}"] / \
                 copied[f"decode_tokens_per_s_{p}"]
-    if int4 is shared and buffered:  # GroupQueryAttention writing the shared buffer against the buffer layout
+    if int4 and shared:  # GroupQueryAttention writing the shared buffer against the buffer layout's attention
         for p in cfg["prompts"]:
             out[f"int4_decode{p}_shared_over_buffer_layout"] = shared[f"decode_tokens_per_s_{p}"] / \
-                buffered[f"decode_tokens_per_s_{p}"]
-            out[f"int4_ttft{p}_shared_over_buffer_layout"] = shared[f"ttft_ms_{p}"] / buffered[f"ttft_ms_{p}"]
+                int4[f"decode_tokens_per_s_{p}"]
+            out[f"int4_ttft{p}_shared_over_buffer_layout"] = shared[f"ttft_ms_{p}"] / int4[f"ttft_ms_{p}"]
     for label, row in (("int4_min", exact), ("int4_min_int8_act", int4), ("nncf_int4", nncf)):
         if row and fp32:
             out[f"{label}_perplexity_over_fp32"] = row["perplexity"] / fp32["perplexity"]
-    fast = {"int4": int4, "nncf_int4": by.get(f"edgeslim wq int4 g{g} (NNCF zero points) int8-act")}
+    fast = {"int4": int4, "int4_shared": shared, "nncf_int4": by.get(f"edgeslim wq int4 g{g} (NNCF zero points) int8-act")}
     for label, candidate in fast.items():  # each timed int4 row against the peers
         for peer, row in (("llama_cpp_q4_0", q40), ("ort_genai_int4", genai)):
             if candidate and row:
