@@ -234,8 +234,8 @@ def _print_agreement(console: Any, quality: dict[str, Any], source: str, method:
               help="--kv-cache: optimum (present.* = past + new, for Optimum-style runners), buffer (new_key_values.*: "
               "the new positions only, written in place by edgeslim's runner: no copy of the cache per token) or "
               "shared (Optimum's names, attention as ORT's GroupQueryAttention, which writes present.* into the past's "
-              "buffer when a runner binds both to it, as edgeslim's and ORT GenAI's do; unpadded batches); a family a "
-              "layout does not cover gets optimum, with a note")
+              "buffer when a runner binds both to it, as edgeslim's and ORT GenAI's do; padding only after a prompt); a "
+              "family a layout does not cover gets optimum, with a note")
 @click.option("-o", "--out", callback=not_empty, help="output file (with --bundle: folder)")
 @json_option
 @trust_options

@@ -36,12 +36,24 @@ def shared_refusal(hf, positions: int | None, head_dims: list[int]) -> str | Non
     family = getattr(hf.config, "model_type", "")
     if family not in FAMILIES:
         return f"{family or type(hf).__name__} is not a family it was checked on ({', '.join(sorted(FAMILIES))})"
+    if _kernel_inputs() < 17:
+        import onnxruntime
+        return f"ONNX Runtime {onnxruntime.__version__}'s GroupQueryAttention takes no query_seqlens input"
     odd = next((d for d in head_dims if d % 16), None)
     if odd is not None:
         return f"heads of {odd}: ORT's GroupQueryAttention rotates multiples of 16 only"
     if rotary_tables(hf, positions) is None:
         return "its rotary embedding has no fixed tables over a known length (rope type, or no --positions limit)"
     return None
+
+
+def _kernel_inputs() -> int:
+    """How many inputs the installed ONNX Runtime's GroupQueryAttention takes (0 when it has none)."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:
+        return 0
+    return next((len(s.inputs) for s in get_all_operator_schema() if s.name == "GroupQueryAttention" and s.domain == MS), 0)
 
 
 def query_heads(hf) -> list[int] | None:

@@ -73,7 +73,7 @@ class CacheGraph:
         return self.meta.get("max_positions")
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray] | KVBuffer:
-        """Zero-length past of every layer for `batch` sequences (a KVBuffer in the buffer layout)."""
+        """Zero-length past of every layer for `batch` sequences (a KVBuffer in the buffer and shared layouts)."""
         if self.buffered:
             return KVBuffer(batch, self.kv_heads, self.head_dims, PAST)
         out = {}
@@ -90,7 +90,8 @@ class CacheGraph:
         """
         if isinstance(past, KVBuffer):
             if not self.buffered:
-                raise ConfigError("a cache buffer is for a graph in the buffer layout; this one returns present.*")
+                raise ConfigError("a cache buffer is for a graph in the buffer or shared layout; this one copies its "
+                                  "past into present.*")
             return past.check(batch, self.kv_heads, self.head_dims)
         length = None
         for i in range(self.layers):
@@ -116,7 +117,7 @@ class CacheGraph:
         `attention_mask` covers past + new tokens (default all ones); position ids follow it. The past
         goes in and comes out as ONNX Runtime values (`present.*` is fed back as the next
         `past_key_values.*` where ORT wrote it, never copied through numpy); numpy
-        arrays are accepted too (`past_arrays` reads one back). In the buffer layout the past is a
+        arrays are accepted too (`past_arrays` reads one back). In the buffer and shared layouts the past is a
         `KVBuffer`, grown in place and returned (the same object; past arrays are copied into a new one).
         """
         batch, seq = input_ids.shape
@@ -129,6 +130,9 @@ class CacheGraph:
             attention_mask = np.ones((batch, past_len + seq), np.int64)
             if self.buffered:
                 attention_mask[:, :past_len] = past.valid
+        if attention_mask.shape != (batch, past_len + seq):
+            raise ConfigError(f"attention_mask has shape {list(attention_mask.shape)}; the call takes [batch={batch}, "
+                              f"past + new = {past_len + seq}]")
         attention_mask = attention_mask.astype(np.int64)
         if self.layout == "shared" and not _counts(attention_mask, past_len):
             raise ConfigError("a graph in the shared cache layout takes padding only after a prompt's tokens, with an "
@@ -168,7 +172,7 @@ class CacheGraph:
             binding.bind_ortvalue_input(name, value)
         for name, value in past.ort_values().items():
             binding.bind_ortvalue_output(PRESENT.format(*name.split(".")[1:]), value)
-        binding.bind_output("logits")
+        binding.bind_output("logits")  # bound last: the last output
         self.session.run_with_iobinding(binding)
         past.advance(new_mask)
         return binding.get_outputs()[-1].numpy()
@@ -215,7 +219,8 @@ def _counts(mask: np.ndarray, past_len: int) -> bool:
     """Whether each row's ones count its positions: no padding, or (from an empty past) ones then zeros."""
     if mask.all():
         return True
-    return past_len == 0 and bool(np.array_equal(mask, np.arange(mask.shape[1]) < mask.sum(1, keepdims=True)))
+    ones = mask.sum(1, keepdims=True)
+    return past_len == 0 and bool(ones.min() >= 1 and np.array_equal(mask, np.arange(mask.shape[1]) < ones))
 
 
 def _shape(value) -> tuple:

@@ -118,3 +118,25 @@ def test_int4_min_cache_graph(tmp_path, capsys):
     assert main(["compress", str(folder), "-m", "wq", "--set", "mode=int4_min", "--set", "all_layers=true",
                  "-o", str(tmp_path / "x.slim")]) == 2
     assert report["steps"][-1]["resolved"]["grid"]["hf.model.embed_tokens.weight"] == "int8_sym"
+
+
+def test_int4_min_shared_layout_feeds_the_packed_product(tmp_path, capsys):
+    """int4_min with GroupQueryAttention (heads of 16): the merged q/k/v MatMulNBits (with its offsets) is the
+    attention's packed input, no Split; checked against the fake-quantized model like every cache graph."""
+    folder = llama_folder(tmp_path / "tiny-llama", hidden=64, positions=192)
+    slim = tmp_path / "min.slim"
+    assert main(["compress", str(folder), "-m", "wq", "--set", "mode=int4_min", "--set", "group_size=32",
+                 "-o", str(slim)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(slim), "--kv-cache", "--kv-layout", "shared", "-o", str(tmp_path / "min.onnx"),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cache_layout"] == "shared" and info["greedy_prompts_equal"] == 3
+    model = onnx.load(info["onnx"])
+    producer = {o: n for n in model.graph.node for o in n.output}
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.input[1] == n.input[2] == "" for n in gqa)
+    # the packed q/k/v: the MatMulNBits product plus its offsets, read whole
+    assert all(producer[n.input[0]].op_type == "Add" and "MatMulNBits" in
+               {producer[i].op_type for i in producer[n.input[0]].input if i in producer} for n in gqa)
+    assert sum(n.op_type == "Split" for n in model.graph.node) == 2  # gate and up only

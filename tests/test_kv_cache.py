@@ -90,9 +90,11 @@ def test_cache_graph_matches_torch(arch, layout, tmp_path, monkeypatch):
         logits, past = graph.step(ids[:, j:j + 1], past)
     assert graph.check_past(past, 3) == 6 and past_arrays(past)["past_key_values.0.key"].shape[2] == 6
     np.testing.assert_allclose(logits[:, -1], whole[:, -1], atol=1e-4)
-    if layout != "optimum":  # a past given as arrays goes into a buffer; a buffer of another batch is refused
-        again, _ = graph.step(ids[:, 5:], {k: v[:, :, :5] for k, v in past_arrays(past).items()})
-        np.testing.assert_allclose(again[:, -1], whole[:, -1], atol=1e-4)
+    if layout != "optimum":  # a past given as arrays goes into a buffer (free slots after it); a buffer of another
+        # batch is refused
+        for start in (5, 2):  # one new token, then three at once after the past
+            again, _ = graph.step(ids[:, start:], {k: v[:, :, :start] for k, v in past_arrays(past).items()})
+            np.testing.assert_allclose(again[:, -1], whole[:, -1], atol=1e-4)
         with pytest.raises(ConfigError, match="cache buffer holds batch 3"):
             graph.step(ids[:1, :1], past)
     # logits_to_keep: an optional input (Optimum's names alone still give every position); generation asks
@@ -241,8 +243,22 @@ def test_shared_layout_writes_the_past_in_place(tmp_path):
     np.testing.assert_array_equal(past.arrays["past_key_values.1.value"][:, :, :3], present[1])
     with pytest.raises(ConfigError, match="takes padding only after a prompt"):
         graph.step(np.array([[5]]), past, attention_mask=np.array([[0, 1, 1, 1]]))
+    with pytest.raises(ConfigError, match=r"attention_mask has shape \[1, 3\]"):  # the mask covers past + new
+        graph.step(np.array([[5]]), past, attention_mask=np.ones((1, 3), np.int64))
     gpt2 = to_onnx_cache(tiny("gpt2"), tmp_path / "gpt2.onnx", positions=192, layout="shared")
     assert gpt2.layout == "optimum" and any("shared cache layout refused" in n for n in gpt2.notes)
+
+
+def test_shared_layout_falls_back_when_a_layer_does_not_fuse(tmp_path, monkeypatch):
+    """A layer whose attention GroupQueryAttention cannot replace (another form): exported again in the fallback."""
+    from edgeslim.export import kv_cache
+    monkeypatch.setattr(kv_cache, "fuse_group_query_attention", lambda *args: 1)
+    res = to_onnx_cache(tiny("llama", 16), tmp_path / "m.onnx", positions=192, layout="shared", fallback="buffer")
+    assert res.layout == "buffer" and res.greedy_equal == 3
+    assert res.notes[0].startswith("shared cache layout refused (1 of 2 layers' attention")
+    assert open_cache_graph(res.path).layout == "buffer"
+    with pytest.raises(ConfigError, match="fallback 'shared'"):
+        to_onnx_cache(tiny("llama", 16), tmp_path / "x.onnx", layout="shared", fallback="shared")
 
 
 def test_buffer_layout_refused_for_a_short_sliding_window(tmp_path):
