@@ -229,26 +229,19 @@ def pack_qkv(model) -> int:
     """Feed each GroupQueryAttention whose query, key and value are the three outputs of one Split (the q/k/v
     MatMulNBits merged by export/nbits.py) the Split's input whole, ORT's packed-QKV form; returns how many."""
     from onnx import helper
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    producer = {o: n for n in model.graph.node for o in n.output}
-    packed, drop = 0, set()
-    for node in model.graph.node:
+    chains = Chains(model.graph)
+    drop = set()
+    for node in chains.nodes:
         if node.op_type != "GroupQueryAttention" or node.domain != MS:
             continue
-        split = producer.get(node.input[0])
+        split = chains.producer.get(node.input[0])
         axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0) \
             if split is not None and split.op_type == "Split" else None
         if axis not in (-1, 2) or list(split.output) != list(node.input[:3]) or \
-                any(readers.get(o) != 1 for o in split.output):
+                any(chains.readers.get(o) != 1 for o in split.output):
             continue
         node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
         drop.add(id(split))
-        packed += 1
-    if packed:
-        kept = [n for n in model.graph.node if id(n) not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
-    return packed
+    if drop:
+        chains.rewrite({}, drop)
+    return len(drop)

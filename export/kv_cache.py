@@ -275,6 +275,10 @@ def set_accuracy(path: Path, level: int) -> None:
     onnx.save(graph, str(path))
 
 
+class _Unfused(Exception):
+    """Not every layer's attention became GroupQueryAttention: the shared layout does not apply."""
+
+
 def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = None, meta: dict[str, Any] | None = None,
                   opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True,
                   quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0, layout: str = "optimum",
@@ -304,6 +308,7 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         ConfigError: not a causal LM, or an unknown layout.
         ExportValidationError: it does not export, or ORT differs from torch (nothing is written then).
     """
+    import onnx
     if layout not in LAYOUTS or fallback not in ("optimum", "buffer"):
         raise ConfigError(f"unknown cache layout {layout!r} (one of {', '.join(LAYOUTS)}) or fallback {fallback!r} "
                           "(optimum or buffer)")
@@ -313,7 +318,7 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
     path = Path(path)
     try:
         kv_heads, head_dims = cache_layout(hf)
-        pos = uses_position_ids(hf)
+        layers, pos = len(kv_heads), uses_position_ids(hf)
         vocab = int(hf.get_output_embeddings().weight.shape[0]) if hf.get_output_embeddings() is not None \
             else int(hf.config.vocab_size)
         wrapper = CacheModel(hf).eval()
@@ -326,72 +331,57 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         if refusal:
             notes.append(f"buffer cache layout refused ({refusal}): Optimum's layout written")
             layout = "optimum"
-        try:
-            return _write(hf, wrapper, path, positions, meta, opset, atol, rtol, slim, quantized, accuracy_level, layout,
-                          vocab, kv_heads, head_dims, pos, notes)
-        except _Unfused as why:
-            res = to_onnx_cache(model, path, positions, meta, opset, atol, rtol, slim, quantized, accuracy_level, fallback)
-            res.notes.insert(0, f"shared cache layout refused ({why}): {fallback} layout written")
-            return res
+        with replace_output(path, ONNX) as tmp, tempfile.TemporaryDirectory(prefix="edgeslim-kv-", dir=path.parent) as work:
+            target = Path(work) / path.name
+            _export(BufferCacheModel(hf).eval() if layout == "buffer" else wrapper,
+                    _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset, layout)
+            if slim:
+                note = slim_onnx(target)
+                notes += [note] if note else []
+            graph = onnx.load(str(target))  # one pass over the file: the fusions and the runner's metadata
+            norms = fuse_rms_norms(graph)
+            notes += [f"{norms} RMSNorm(s) as SimplifiedLayerNormalization"] if norms else []
+            tables = rotary_tables(hf, positions) if pos else None
+            rotary = fuse_rotary(graph, *tables) if tables else 0
+            notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
+            if layout == "shared":
+                fused = fuse_group_query_attention(graph, query_heads(hf) or [], kv_heads, head_dims)
+                if fused != layers:  # exported again in the fallback layout (nothing of this attempt is written)
+                    raise _Unfused(f"{fused} of {layers} layers' attention has the form GroupQueryAttention replaces")
+                notes.append(f"{fused} attention layer(s) as GroupQueryAttention (present written in the past's buffer)")
+            if not add_logits_to_keep(graph):
+                notes.append(f"no {KEEP} input: the LM head was not found before logits (a prefill computes every position's)")
+            entry = {"layers": layers, "max_positions": positions, "position_ids": pos, "cache_layout": layout,
+                     "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
+            graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
+            onnx.save(graph, str(target))
+            lowered = None
+            if quantized:  # rewrites the file, its metadata kept
+                lowered = lower_matmul_nbits(target, quantized, 0)
+                if layout == "shared":  # q, k and v now one MatMulNBits and a Split: fed to GroupQueryAttention whole
+                    packed = onnx.load(str(target))
+                    if pack_qkv(packed):
+                        onnx.save(packed, str(target))
+                notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
+                             f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
+                             + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"
+                                if lowered.unmatched else ""))
+            diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions,
+                                  max(atol, NBITS_ATOL) if lowered is not None else atol, rtol)
+            equal = _check_greedy(target, hf, vocab, positions)
+            if lowered is not None and accuracy_level:  # exact at level 0 first, then the faster compute checked
+                set_accuracy(target, accuracy_level)  # int8 activations are not exact: a bound on their drift
+                drift = _check_drift(target, wrapper, vocab, kv_heads, head_dims, pos)
+                equal = _check_greedy(target, hf, vocab, positions, strict=False)
+                notes.append(f"MatMulNBits accuracy_level {accuracy_level}: exact at level 0, then a prefill's "
+                             f"logits within {drift:.2g} relative L2 error and greedy tokens equal for {equal} of "
+                             f"{len(PROMPTS)} prompts")
+            shutil.move(str(target), tmp)
+    except _Unfused as why:  # exported again in the fallback layout (nothing of this attempt was written)
+        res = to_onnx_cache(model, path, positions, meta, opset, atol, rtol, slim, quantized, accuracy_level, fallback)
+        res.notes.insert(0, f"shared cache layout refused ({why}): {fallback} layout written")
+        return res
     finally:
         hf.train(was_training)
-
-
-class _Unfused(Exception):
-    """Not every layer's attention became GroupQueryAttention: the shared layout does not apply."""
-
-
-def _write(hf: nn.Module, wrapper: CacheModel, path: Path, positions: int | None, meta: dict[str, Any] | None, opset: int,
-           atol: float, rtol: float, slim: bool, quantized: Sequence[QuantizedMatrix], accuracy_level: int, layout: str,
-           vocab: int, kv_heads: list[int], head_dims: list[int], pos: bool, notes: list[str]) -> CacheExport:
-    """Export, fuse, lower and check the cache graph in a temporary folder, then move it to `path`."""
-    import onnx
-    layers = len(kv_heads)
-    with replace_output(path, ONNX) as tmp, tempfile.TemporaryDirectory(prefix="edgeslim-kv-", dir=path.parent) as work:
-        target = Path(work) / path.name
-        _export(BufferCacheModel(hf).eval() if layout == "buffer" else wrapper,
-                _feeds(vocab, kv_heads, head_dims, 2, 3, 5, pos, seed=0), layers, pos, target, opset, layout)
-        if slim:
-            note = slim_onnx(target)
-            notes += [note] if note else []
-        graph = onnx.load(str(target))  # one pass over the file: the fusions and the runner's metadata
-        norms = fuse_rms_norms(graph)
-        notes += [f"{norms} RMSNorm(s) as SimplifiedLayerNormalization"] if norms else []
-        tables = rotary_tables(hf, positions) if pos else None
-        rotary = fuse_rotary(graph, *tables) if tables else 0
-        notes += [f"{rotary} rotary embedding(s) as RotaryEmbedding"] if rotary else []
-        if layout == "shared":
-            fused = fuse_group_query_attention(graph, query_heads(hf) or [], kv_heads, head_dims)
-            if fused != layers:  # exported again in the fallback layout (nothing of this attempt is written)
-                raise _Unfused(f"{fused} of {layers} layers' attention has the form GroupQueryAttention replaces")
-            notes.append(f"{fused} attention layer(s) as GroupQueryAttention (present written in the past's buffer)")
-        if not add_logits_to_keep(graph):
-            notes.append(f"no {KEEP} input: the LM head was not found before logits (a prefill computes every position's)")
-        entry = {"layers": layers, "max_positions": positions, "position_ids": pos, "cache_layout": layout,
-                 "model_type": getattr(hf.config, "model_type", None), **(meta or {})}
-        graph.metadata_props.add(key=META_KEY, value=json.dumps(entry))
-        onnx.save(graph, str(target))
-        lowered = None
-        if quantized:  # rewrites the file, its metadata kept
-            lowered = lower_matmul_nbits(target, quantized, 0)
-            if layout == "shared":  # q, k and v now one MatMulNBits and a Split: fed to GroupQueryAttention whole
-                packed = onnx.load(str(target))
-                if pack_qkv(packed):
-                    onnx.save(packed, str(target))
-            notes.append(f"{lowered.matmuls} MatMul(s) as MatMulNBits, {lowered.gathers} embedding(s) gathered "
-                         f"from integers: {lowered.bytes_before:,} -> {lowered.bytes_after:,} weight bytes"
-                         + (f"; left fp32 (no MatMulNBits block fits): {', '.join(lowered.unmatched[:5])}"
-                            if lowered.unmatched else ""))
-        diffs = _check_parity(target, wrapper, vocab, kv_heads, head_dims, pos, positions,
-                              max(atol, NBITS_ATOL) if lowered is not None else atol, rtol)
-        equal = _check_greedy(target, hf, vocab, positions)
-        if lowered is not None and accuracy_level:  # exact at level 0 first, then the faster compute checked
-            set_accuracy(target, accuracy_level)  # int8 activations are not exact: a bound on their drift
-            drift = _check_drift(target, wrapper, vocab, kv_heads, head_dims, pos)
-            equal = _check_greedy(target, hf, vocab, positions, strict=False)
-            notes.append(f"MatMulNBits accuracy_level {accuracy_level}: exact at level 0, then a prefill's "
-                         f"logits within {drift:.2g} relative L2 error and greedy tokens equal for {equal} of "
-                         f"{len(PROMPTS)} prompts")
-        shutil.move(str(target), tmp)
     return CacheExport(path, path.stat().st_size, layers, kv_heads, head_dims, pos, diffs, equal, notes, lowered,
                        layout)
