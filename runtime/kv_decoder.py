@@ -170,8 +170,10 @@ class CacheGraph:
         binding = self.session.io_binding()
         for name, value in values.items():
             binding.bind_ortvalue_input(name, value)
-        for name, value in past.ort_values().items():
-            binding.bind_ortvalue_output(PRESENT.format(*name.split(".")[1:]), value)
+        buffers = past.ort_values()
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                binding.bind_ortvalue_output(PRESENT.format(i, kv), buffers[PAST.format(i, kv)])
         binding.bind_output("logits")  # bound last: the last output
         self.session.run_with_iobinding(binding)
         past.advance(new_mask)
