@@ -245,7 +245,7 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
            trust_source: bool) -> None:
     """Export an artifact (or any source) to ONNX, validated in ONNX Runtime, or to a TensorRT engine."""
     from edgeslim.core.files import BUNDLE, check_output
-    from edgeslim.pipeline import check_export_paths, export_bundle, export_model
+    from edgeslim.pipeline import check_export_paths, export_bundle, export_model, stage
     from edgeslim.sources import load_model
 
     trust = trust_of(trusted, trust_source)
@@ -259,7 +259,8 @@ def export(item: str, to: str, profile: str | None, weights: str | None, inputs:
         raise ConfigError("--nbits-accuracy applies to a --kv-cache export of a wq model")
     if kv_layout != "optimum" and not kv_cache:
         raise ConfigError("--kv-layout applies to a --kv-cache export")
-    loaded = load_model(item, weights, inputs, task=task, trust=trust, base=base)
+    with stage(f"load {item}", as_json):
+        loaded = load_model(item, weights, inputs, task=task, trust=trust, base=base)
     from edgeslim.compress.compacter import METHODS, merge_for_export
     if not unmerged and any(s.get("method") in METHODS for s in loaded.steps):
         import dataclasses

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import tempfile
 import threading
 import time
@@ -37,12 +38,13 @@ STAGE_LINE_S = 2.0  # off a terminal, a stage that runs longer than this says so
 @contextlib.contextmanager
 def stage(message: str, quiet: bool = False) -> Iterator[None]:
     """Show a spinner with the elapsed time while a long stage runs (stderr; off a terminal, a line when it
-    starts), then a done line."""
+    starts), then a done line. Written to the stderr of the stage's start: a library call inside that
+    swaps sys.stderr to hide its own noise (core/onnx_io._quiet_torch) does not hide the stage."""
     if quiet:
         yield
         return
     from rich.console import Console
-    console = Console(stderr=True)
+    console = Console(file=sys.stderr)
     start = time.perf_counter()
     if console.is_terminal:
         with console.status(f"{message} ..."):

@@ -51,3 +51,16 @@ def test_a_stage_says_it_runs_only_once_it_runs_long(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert "quick ..." not in err and "slow ..." in err  # a fast refusal stays one line; a long stage shows itself
     assert [line.split(" (")[0] for line in err if line.startswith("done")] == ["done quick", "done slow"]
+
+
+def test_a_stage_shows_itself_while_a_library_inside_hides_its_own_stderr(monkeypatch, capsys):
+    import contextlib
+    import io
+    import time
+
+    from edgeslim import pipeline
+
+    monkeypatch.setattr(pipeline, "STAGE_LINE_S", 0.05)
+    with pipeline.stage("export"), contextlib.redirect_stderr(io.StringIO()) as hidden:  # as _quiet_torch does
+        time.sleep(0.3)
+    assert "export ..." in capsys.readouterr().err.splitlines() and hidden.getvalue() == ""
