@@ -226,7 +226,7 @@ def run(cfg: dict, out: Path, only_peers: bool = False, name: str = "llm_deploy"
     work = Path(tempfile.mkdtemp(prefix="llm_deploy_"))
     if cfg["model"] == "tiny":
         from lowrank_llm import tiny_llama
-        source = str(tiny_llama(work / "tiny"))
+        source = str(tiny_llama(work / "tiny", hidden=64))  # heads of 16: the shared layout's rotary takes them
     else:
         source = cfg["model"]
     loaded = load_model(source)

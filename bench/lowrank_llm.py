@@ -72,13 +72,15 @@ CUT = ("svd and fwsvd only at kept 0.8 (SVD-LLM's 20% compression, the ordering 
        "tokens, KL to the original's logits) of asvd+loss at 0.9 and 0.8 only; latency 2 alternating rounds x 1 call")
 
 
-def tiny_llama(folder: Path) -> Path:
-    """A random 2-layer LLaMA with tied embeddings and the tiny character tokenizer, saved to `folder`."""
+def tiny_llama(folder: Path, hidden: int = 32) -> Path:
+    """A random 2-layer LLaMA (4 heads, 2 kv heads) with tied embeddings and the tiny character tokenizer, saved
+    to `folder`."""
     import transformers
 
     from edgeslim.zoo import _tiny_tokenizer
-    config = transformers.LlamaConfig(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(vocab_size=90, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     _tiny_tokenizer().save_pretrained(folder)
