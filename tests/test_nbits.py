@@ -63,6 +63,10 @@ def test_int4_and_int8_files(folder, tmp_path, capsys):
     levels = {a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     assert levels == {4}
+    from edgeslim.lm_profile import cache_graph_file
+    with cache_graph_file(str(tmp_path / "int4.slim"), quiet=True) as graph:  # what generate / profile of a .slim run
+        assert {a.i for n in onnx.load(str(graph)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "accuracy_level"} == {4}
     assert main(["export", str(folder), "--nbits-accuracy", "4", "-o", str(tmp_path / "x.onnx")]) == 2
     # generate runs the int4 file
     assert main(["generate", str(tmp_path / "int4.onnx"), "--prompt", "abc", "-n", "5", "--raw", "--json"]) == 0
