@@ -11,8 +11,10 @@ Side by side, 2 threads, the same held-out BBC News test documents (the same tok
 - ONNX Runtime GenAI's model builder, int4 CPU, on the HF folder `smollm2` caches.
 Columns: perplexity (each document's first `eval_tokens` tokens scored in one pass), decode tokens/s
 after a 128- and a 512-token prompt, time to first token at 128 and 512, peak RSS of the process that
-ran it, file size. The peers are installed BY THIS SCRIPT into their own folder (pip --target, out of
-the project's environment): llama-cpp-python builds from source (several minutes).
+ran it, file size. The rows run one after another, so the two headline int4 rows (buffer and shared layouts) are
+timed again after the peers (`drift_decode_*`: end over start; a note when it moved by more than DRIFT: on a
+VM the machine's speed can change within a run). The peers are installed BY THIS SCRIPT into their own
+folder (pip --target, out of the project's environment): llama-cpp-python builds from source (several minutes).
 SmolLM2's weights already sit on a 4-bit grid (Q4_1): int4_min with groups of 32 finds that grid again
 (lossless), NNCF's int4 (an integer zero point) cannot.
 
@@ -25,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,9 @@ FULL = dict(model="smollm2", eval_docs=12, eval_tokens=512, prompts=[128, 512], 
             groups=[32, None], align=32, calib="bbc-news:16", peers=True)
 QUICK = dict(FULL, model="tiny", eval_docs=3, eval_tokens=40, prompts=[8, 16], new_tokens=8, groups=[16, 32],
              align=16, calib="sentences:8", peers=False)
+# the headline int4 rows are timed again after the peers (`retime`): a change of their decode rate by more than
+# this between the two marks the run's ratios to the peers as untrustworthy (the machine's speed moved)
+DRIFT = 0.1
 
 
 def candidates(cfg: dict) -> list[tuple[str, list[dict], int, bool, str]]:
@@ -116,8 +122,6 @@ def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, d
                  name: str, steps: list[dict], accuracy: int, timed: bool, layout: str) -> dict:
     """`built`: (steps, layout) -> (file, export info, seconds), so each compressed model is exported once
     per layout."""
-    import shutil
-
     from edgeslim.export.kv_cache import set_accuracy
     from edgeslim.pipeline import apply_steps, export_cache
     from edgeslim.runtime.child import child_lm
@@ -130,7 +134,7 @@ def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, d
         info = export_cache(loaded, path, quiet=True, accuracy_level=4 if steps else 0, layout=layout)
         built[key] = (path, info, time.perf_counter() - start)
     built_path, info, seconds = built[key]
-    path = work / (name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "").replace(",", "") + ".onnx")
+    path = row_file(work, name)
     shutil.copy(built_path, path)
     if steps:
         set_accuracy(path, accuracy)
@@ -145,6 +149,34 @@ def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, d
         row.update(peak_rss_bytes=lm["memory"]["peak_rss_bytes"], **speed_columns(lm["rows"]))
     print(json.dumps({k: v for k, v in row.items() if k not in ("steps", "export_max_abs_diff")}), flush=True)
     return row
+
+
+def row_file(work: Path, name: str) -> Path:
+    """Where edgeslim_row keeps the cache graph of the row `name` (until the run ends)."""
+    return work / (name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "").replace(",", "") + ".onnx")
+
+
+def retime(cfg: dict, work: Path, rows: list[dict]) -> list[str]:
+    """Time the headline int4 rows again after the peers, so their figures bracket the peers': each gets its
+    decode rates at the end and `drift_decode_{prompt}` (end over start); a note when the machine's speed moved
+    by more than DRIFT between the two (a VM's neighbours): the ratios to the peers are then not trustworthy."""
+    from edgeslim.runtime.child import child_lm
+
+    g, notes = cfg["groups"][0], []
+    for row in rows:
+        if row["name"] not in (f"edgeslim wq int4_min g{g} int8-act", f"edgeslim wq int4_min g{g} int8-act, shared layout") \
+                or "decode_tokens_per_s_past16" not in row:
+            continue
+        lm = child_lm(row_file(work, row["name"]), cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
+        for key, value in speed_columns(lm["rows"]).items():
+            if key.startswith("decode_"):
+                row[f"{key}_end"] = value
+        for p in cfg["prompts"]:
+            row[f"drift_decode_{p}"] = row[f"decode_tokens_per_s_{p}_end"] / row[f"decode_tokens_per_s_{p}"]
+            if abs(row[f"drift_decode_{p}"] - 1) > DRIFT:
+                notes.append(f"{row['name']}: decode after {p} tokens {row[f'drift_decode_{p}']:.2f}x at the end of the "
+                             "run against its start (the machine's speed moved): ratios to the peers are not trustworthy")
+    return notes
 
 
 def speed_columns(rows: list[dict]) -> dict:
@@ -234,16 +266,20 @@ def run(cfg: dict, out: Path, only_peers: bool = False, name: str = "llm_deploy"
     hf_folder = Path(loaded.source.identifier) if cfg["model"] == "tiny" else _smollm2_folder()
     del loaded
     start = time.perf_counter()
-    rows, notes = ([], []) if only_peers else edgeslim_rows(cfg, work, source, docs)
-    if cfg["peers"]:
-        for peer, part in (("llama.cpp", lambda: llama_cpp_rows(cfg, work, docs)),
-                           ("ORT GenAI", lambda: genai_rows(cfg, work, hf_folder, docs))):
-            try:
-                got, why = part()
-            except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
-                got, why = [], [f"{peer}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"]
-            rows += got
-            notes += why
+    try:
+        rows, notes = ([], []) if only_peers else edgeslim_rows(cfg, work, source, docs)
+        if cfg["peers"]:
+            for peer, part in (("llama.cpp", lambda: llama_cpp_rows(cfg, work, docs)),
+                               ("ORT GenAI", lambda: genai_rows(cfg, work, hf_folder, docs))):
+                try:
+                    got, why = part()
+                except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+                    got, why = [], [f"{peer}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"]
+                rows += got
+                notes += why
+        notes += retime(cfg, work, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the cache graphs and the peers' files (GBs for SmolLM2)
     summary = {"config": cfg, "machine": machine_start, "machine_end": machine_info(),
                "docs": len(docs), "scored_tokens": sum(len(d) - 1 for d in docs), "rows": rows,
                "goals": goals(rows, cfg), "notes": notes, "wall_s": time.perf_counter() - start,

@@ -35,7 +35,11 @@ def test_llm_deploy_quick_mode_runs_end_to_end(tmp_path):
             assert row["matmul_nbits"] > 0 and row["file_bytes"] < fp32["file_bytes"]
             assert abs(row["perplexity"] / fp32["perplexity"] - 1) < 0.05
     assert rows["edgeslim asvd 0.9 + wq int4_min g16 int8-act"]["matmul_nbits"] > rows["edgeslim wq int4_min g16"]["matmul_nbits"]
-    assert summary["goals"]["int4_file_over_fp32"] < 1 and summary["notes"] == []
+    # the headline int4 rows timed again at the end, bracketing the peers (a tiny model's rates may well drift)
+    for name in ("edgeslim wq int4_min g16 int8-act", "edgeslim wq int4_min g16 int8-act, shared layout"):
+        assert rows[name]["drift_decode_16"] == rows[name]["decode_tokens_per_s_16_end"] / rows[name]["decode_tokens_per_s_16"]
+    assert summary["goals"]["int4_file_over_fp32"] < 1
+    assert all("the machine's speed moved" in note for note in summary["notes"])
     assert summary["goals"]["int4_decode_flatness"] > 0
     assert summary["goals"]["int4_decode16_buffer_over_optimum_layout"] > 0
     assert summary["machine"]["cpu_model"] and "int8_features" in summary["machine"]
