@@ -151,6 +151,13 @@ def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, d
     return row
 
 
+def headline_names(cfg: dict) -> tuple[str, str]:
+    """The int4 rows the goals are checked on: int4_min at the first group size, int8 activations, in the buffer
+    layout and in the shared layout."""
+    g = cfg["groups"][0]
+    return f"edgeslim wq int4_min g{g} int8-act", f"edgeslim wq int4_min g{g} int8-act, shared layout"
+
+
 def row_file(work: Path, name: str) -> Path:
     """Where edgeslim_row keeps the cache graph of the row `name` (until the run ends)."""
     return work / (name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "").replace(",", "") + ".onnx")
@@ -162,20 +169,24 @@ def retime(cfg: dict, work: Path, rows: list[dict]) -> list[str]:
     by more than DRIFT between the two (a VM's neighbours): the ratios to the peers are then not trustworthy."""
     from edgeslim.runtime.child import child_lm
 
-    g, notes = cfg["groups"][0], []
+    notes = []
     for row in rows:
-        if row["name"] not in (f"edgeslim wq int4_min g{g} int8-act", f"edgeslim wq int4_min g{g} int8-act, shared layout") \
-                or "decode_tokens_per_s_past16" not in row:
+        if row["name"] not in headline_names(cfg) or not all(f"decode_tokens_per_s_{p}" in row for p in cfg["prompts"]):
             continue
-        lm = child_lm(row_file(work, row["name"]), cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
+        try:
+            lm = child_lm(row_file(work, row["name"]), cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
+        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as exc:
+            notes.append(f"{row['name']}: not timed again ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            continue
         for key, value in speed_columns(lm["rows"]).items():
             if key.startswith("decode_"):
                 row[f"{key}_end"] = value
         for p in cfg["prompts"]:
             row[f"drift_decode_{p}"] = row[f"decode_tokens_per_s_{p}_end"] / row[f"decode_tokens_per_s_{p}"]
             if abs(row[f"drift_decode_{p}"] - 1) > DRIFT:
-                notes.append(f"{row['name']}: decode after {p} tokens {row[f'drift_decode_{p}']:.2f}x at the end of the "
-                             "run against its start (the machine's speed moved): ratios to the peers are not trustworthy")
+                notes.append(f"{row['name']}: decode after {p} tokens {row[f'drift_decode_{p}']:.2f}x at the end of "
+                             "the run against its start (the machine's speed moved): ratios to the peers are not "
+                             "trustworthy")
     return notes
 
 
@@ -210,8 +221,7 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     by = {r["name"]: r for r in rows}
     p_long = max(cfg["prompts"])
     g = cfg["groups"][0]
-    int4 = by.get(f"edgeslim wq int4_min g{g} int8-act")  # the buffer layout
-    shared = by.get(f"edgeslim wq int4_min g{g} int8-act, shared layout")
+    int4, shared = (by.get(name) for name in headline_names(cfg))  # the buffer layout, the shared layout
     shared = shared if shared and shared["cache_layout"] == "shared" else None  # GroupQueryAttention, where it applies
     exact, nncf = by.get(f"edgeslim wq int4_min g{g}"), by.get(f"edgeslim wq int4 g{g} (NNCF zero points)")
     fp32 = by.get("edgeslim fp32")
@@ -256,17 +266,17 @@ def run(cfg: dict, out: Path, only_peers: bool = False, name: str = "llm_deploy"
 
     machine_start = machine_info()
     work = Path(tempfile.mkdtemp(prefix="llm_deploy_"))
-    if cfg["model"] == "tiny":
-        from lowrank_llm import tiny_llama
-        source = str(tiny_llama(work / "tiny", hidden=64))  # heads of 16: the shared layout's rotary takes them
-    else:
-        source = cfg["model"]
-    loaded = load_model(source)
-    docs = eval_tokens(loaded.encode.tokenizer, cfg)
-    hf_folder = Path(loaded.source.identifier) if cfg["model"] == "tiny" else _smollm2_folder()
-    del loaded
-    start = time.perf_counter()
     try:
+        if cfg["model"] == "tiny":
+            from lowrank_llm import tiny_llama
+            source = str(tiny_llama(work / "tiny", hidden=64))  # heads of 16: the shared layout's rotary takes them
+        else:
+            source = cfg["model"]
+        loaded = load_model(source)
+        docs = eval_tokens(loaded.encode.tokenizer, cfg)
+        hf_folder = Path(loaded.source.identifier) if cfg["model"] == "tiny" else _smollm2_folder()
+        del loaded
+        start = time.perf_counter()
         rows, notes = ([], []) if only_peers else edgeslim_rows(cfg, work, source, docs)
         if cfg["peers"]:
             for peer, part in (("llama.cpp", lambda: llama_cpp_rows(cfg, work, docs)),

@@ -7,6 +7,7 @@ import contextlib
 import html
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,18 +35,24 @@ def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[
     in the shared layout, or the buffer layout for a model it does not cover: no file leaves here, and edgeslim's
     runner writes the cache in place either way) into a temporary folder, removed after. A wq model's
     MatMulNBits compute with int8 activations (`export --nbits-accuracy 4`, checked as that export checks it):
-    at level 0 ORT dequantizes an 8-bit MatMulNBits whole on every call (SmolLM2's LM head: 0.2-0.5 s a token)."""
+    at level 0 ORT dequantizes an 8-bit MatMulNBits whole on every call (SmolLM2's LM head: 0.2-0.5 s a token).
+    Where int8 activations drift too far from PyTorch, level 0 instead, with a warning."""
     if item.endswith(".onnx"):
         if not Path(item).is_file():
             raise SourceError(f"no such ONNX file: {item}")
         yield Path(item)
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-lm-") as tmp:
+        from edgeslim.export.kv_cache import ActivationDriftError
         from edgeslim.pipeline import export_cache
         from edgeslim.sources import load_model
-        path = Path(tmp) / "model.onnx"
-        export_cache(load_model(item, **source), path, quiet=quiet, layout="shared", fallback="buffer",
-                     accuracy_level=4)
+        path, loaded = Path(tmp) / "model.onnx", load_model(item, **source)
+        try:
+            export_cache(loaded, path, quiet=quiet, layout="shared", fallback="buffer", accuracy_level=4)
+        except ActivationDriftError as exc:
+            warnings.warn(f"{exc}: MatMulNBits at accuracy level 0 (fp32 activations, slower) instead", RuntimeWarning,
+                          stacklevel=3)
+            export_cache(loaded, path, quiet=quiet, layout="shared", fallback="buffer")
         yield path
 
 

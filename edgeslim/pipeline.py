@@ -44,7 +44,9 @@ def stage(message: str, quiet: bool = False) -> Iterator[None]:
         yield
         return
     from rich.console import Console
-    console = Console(file=sys.stderr)
+    from rich.markup import escape
+    console = Console(file=sys.stderr) if sys.stderr is not None else Console(stderr=True)
+    message = escape(message)  # a user's path such as "runs/[a]" is text, not markup
     start = time.perf_counter()
     if console.is_terminal:
         with console.status(f"{message} ..."):

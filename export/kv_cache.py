@@ -224,6 +224,11 @@ def _check_parity(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[in
     return diffs
 
 
+class ActivationDriftError(ExportValidationError):
+    """With int8 activations (MatMulNBits level 4) the graph drifts from PyTorch beyond ACTIVATION_REL; the same
+    file at level 0 passed its exact checks."""
+
+
 def _check_drift(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int], head_dims: list[int],
                  position_ids: bool) -> float:
     """Relative L2 error of the logits of a prefill from an empty cache; every output within ACTIVATION_REL."""
@@ -237,7 +242,7 @@ def _check_drift(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int
     worst = int(np.argmax(errors))
     if not errors[worst] <= ACTIVATION_REL:
         name = session.get_outputs()[worst].name
-        raise ExportValidationError(f"with int8 activations ONNX Runtime's {name} is {errors[worst]:.3g} (relative "
+        raise ActivationDriftError(f"with int8 activations ONNX Runtime's {name} is {errors[worst]:.3g} (relative "
                                     f"L2) from PyTorch's on a prefill, over {ACTIVATION_REL:g}")
     return errors[0]
 

@@ -63,10 +63,19 @@ def test_int4_and_int8_files(folder, tmp_path, capsys):
     levels = {a.i for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     assert levels == {4}
+    from edgeslim.export import kv_cache
     from edgeslim.lm_profile import cache_graph_file
+
+    def levels_of(graph):
+        return {a.i for n in onnx.load(str(graph)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "accuracy_level"}
     with cache_graph_file(str(tmp_path / "int4.slim"), quiet=True) as graph:  # what generate / profile of a .slim run
-        assert {a.i for n in onnx.load(str(graph)).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                if a.name == "accuracy_level"} == {4}
+        assert levels_of(graph) == {4}
+    with pytest.MonkeyPatch.context() as patch:  # int8 activations drifting too far: level 0, with a warning
+        patch.setattr(kv_cache, "ACTIVATION_REL", -1.0)
+        with pytest.warns(RuntimeWarning, match="accuracy level 0"), \
+                cache_graph_file(str(tmp_path / "int4.slim"), quiet=True) as graph:
+            assert levels_of(graph) == {0}
     assert main(["export", str(folder), "--nbits-accuracy", "4", "-o", str(tmp_path / "x.onnx")]) == 2
     # generate runs the int4 file
     assert main(["generate", str(tmp_path / "int4.onnx"), "--prompt", "abc", "-n", "5", "--raw", "--json"]) == 0
