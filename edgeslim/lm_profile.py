@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from edgeslim.core.errors import ConfigError, SourceError
+from edgeslim.core.errors import ActivationDriftError, ConfigError, SourceError
 
 DEFAULT_PROMPTS = (128, 512)
 DEFAULT_NEW_TOKENS = 128
@@ -43,7 +43,6 @@ def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[
         yield Path(item)
         return
     with tempfile.TemporaryDirectory(prefix="edgeslim-lm-") as tmp:
-        from edgeslim.export.kv_cache import ActivationDriftError
         from edgeslim.pipeline import export_cache
         from edgeslim.sources import load_model
         path, loaded = Path(tmp) / "model.onnx", load_model(item, **source)

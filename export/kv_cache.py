@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.core.errors import ConfigError, ExportValidationError
+from edgeslim.core.errors import ActivationDriftError, ConfigError, ExportValidationError
 from edgeslim.core.files import ONNX, replace_output
 from edgeslim.core.onnx_io import _quiet_torch, export_cause, slim_onnx
 from edgeslim.export.attention import grouped_attention
@@ -222,11 +222,6 @@ def _check_parity(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[in
                                         f"{past}: {len(bad)} output(s), first {n} (shapes ORT {list(a)}, torch {list(e)}; "
                                         f"max |logits diff| {diffs[past]:.3g})")
     return diffs
-
-
-class ActivationDriftError(ExportValidationError):
-    """With int8 activations (MatMulNBits level 4) the graph drifts from PyTorch beyond ACTIVATION_REL; the same
-    file at level 0 passed its exact checks."""
 
 
 def _check_drift(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int], head_dims: list[int],

@@ -32,6 +32,11 @@ class ExportValidationError(EdgeslimError):
     exit_code = 5
 
 
+class ActivationDriftError(ExportValidationError):
+    """With int8 activations (MatMulNBits accuracy level 4) a graph drifts from PyTorch beyond its bound; the same
+    file at level 0 passed its exact checks (export/kv_cache.py)."""
+
+
 class InferenceCrashError(EdgeslimError):
     """The process running a model died (a runtime crash, out of memory, a timeout); the message says how."""
 
