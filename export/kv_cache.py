@@ -238,7 +238,7 @@ def _check_drift(path: Path, wrapper: CacheModel, vocab: int, kv_heads: list[int
     if not errors[worst] <= ACTIVATION_REL:
         name = session.get_outputs()[worst].name
         raise ActivationDriftError(f"with int8 activations ONNX Runtime's {name} is {errors[worst]:.3g} (relative "
-                                    f"L2) from PyTorch's on a prefill, over {ACTIVATION_REL:g}")
+                                   f"L2) from PyTorch's on a prefill, over {ACTIVATION_REL:g}")
     return errors[0]
 
 
