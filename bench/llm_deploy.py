@@ -11,10 +11,12 @@ Side by side, 2 threads, the same held-out BBC News test documents (the same tok
 - ONNX Runtime GenAI's model builder, int4 CPU, on the HF folder `smollm2` caches.
 Columns: perplexity (each document's first `eval_tokens` tokens scored in one pass), decode tokens/s
 after a 128- and a 512-token prompt, time to first token at 128 and 512, peak RSS of the process that
-ran it, file size. The rows run one after another, so the two headline int4 rows (buffer and shared layouts) are
-timed again after the peers (`drift_decode_*`: end over start; a note when it moved by more than DRIFT: on a
-VM the machine's speed can change within a run). The peers are installed BY THIS SCRIPT into their own
-folder (pip --target, out of the project's environment): llama-cpp-python builds from source (several minutes).
+ran it, file size. The rows run one after another (~20 min, while a VM's speed can move by 1.4x), so the ratios
+the goals read come from `interleave`: after every row, the two headline int4 rows (buffer and shared layouts)
+and the peers the goals name are timed again, alternating, over `rounds` rounds (each a fresh process, the order
+rotated); a ratio is the median over rounds of the two rates taken within one round. The peers are installed BY
+THIS SCRIPT into their own folder (pip --target, out of the project's environment): llama-cpp-python builds from
+source (several minutes).
 SmolLM2's weights already sit on a 4-bit grid (Q4_1): int4_min with groups of 32 finds that grid again
 (lossless), NNCF's int4 (an integer zero point) cannot.
 
@@ -24,6 +26,7 @@ SmolLM2's weights already sit on a 4-bit grid (Q4_1): int4_min with groups of 32
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -45,11 +48,13 @@ RESULTS = Path(__file__).parent / "results"
 # groups: 32 (GGUF's block) only: the issue's 128 does not divide SmolLM2's 576 inputs, and a second group
 # (64) is left out to fit the run in ~25 min (None: no row)
 FULL = dict(model="smollm2", eval_docs=12, eval_tokens=512, prompts=[128, 512], new_tokens=128, threads=2,
-            groups=[32, None], align=32, calib="bbc-news:16", peers=True)
+            groups=[32, None], align=32, calib="bbc-news:16", peers=True, rounds=3)
 QUICK = dict(FULL, model="tiny", eval_docs=3, eval_tokens=40, prompts=[8, 16], new_tokens=8, groups=[16, 32],
-             align=16, calib="sentences:8", peers=False)
-# the headline int4 rows are timed again after the peers (`retime`): a change of their decode rate by more than
-# this between the two marks the run's ratios to the peers as untrustworthy (the machine's speed moved)
+             align=16, calib="sentences:8", peers=False, rounds=2)
+# the rows `interleave` alternates besides the headline int4 rows: the peers the goals compare with
+RIVALS = ("llama.cpp Q4_0 (from Q4_1)", "ORT GenAI int4 (model builder)")
+# a candidate whose decode rate moved by more than this across the interleaved rounds gets a note (the machine's
+# speed moved: its sequential row is not comparable with the others; the per-round ratios still are)
 DRIFT = 0.1
 
 
@@ -103,8 +108,9 @@ def cache_graph_perplexity(path: Path, docs: list[list[int]], threads: int) -> f
     return math.exp(total / count)
 
 
-def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]]) -> tuple[list[dict], list[str]]:
-    """One row per candidate; a candidate that fails is a note (the others still run)."""
+def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]], timers: dict) -> tuple[list[dict], list[str]]:
+    """One row per candidate; a candidate that fails is a note (the others still run). Each timed row's file gets
+    a timer in `timers` (row name -> a call that times it again in a fresh process)."""
     from edgeslim.core.errors import EdgeslimError
     from edgeslim.sources import load_model
     original, built = load_model(source), {}
@@ -112,6 +118,8 @@ def edgeslim_rows(cfg: dict, work: Path, source: str, docs: list[list[int]]) -> 
     for candidate in [c for c in candidates(cfg) if wanted(c[0], cfg)]:
         try:
             rows.append(edgeslim_row(cfg, work, original, built, docs, *candidate))
+            if f"decode_tokens_per_s_{max(cfg['prompts'])}" in rows[-1]:  # timed
+                timers[candidate[0]] = functools.partial(_time_cache_graph, row_file(work, candidate[0]), cfg)
         except (EdgeslimError, RuntimeError, ValueError, OSError) as exc:
             notes.append(f"{candidate[0]}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             print(notes[-1], flush=True)
@@ -163,31 +171,39 @@ def row_file(work: Path, name: str) -> Path:
     return work / (name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "").replace(",", "") + ".onnx")
 
 
-def retime(cfg: dict, work: Path, rows: list[dict]) -> list[str]:
-    """Time the headline int4 rows again after the peers, so their figures bracket the peers': each gets its
-    decode rates at the end and `drift_decode_{prompt}` (end over start); a note when the machine's speed moved
-    by more than DRIFT between the two (a VM's neighbours): the ratios to the peers are then not trustworthy."""
+def _time_cache_graph(path: Path, cfg: dict) -> dict:
     from edgeslim.runtime.child import child_lm
+    return speed_columns(child_lm(path, cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])["rows"])
 
+
+def interleave(cfg: dict, timers: dict) -> tuple[dict, list[str]]:
+    """The headline int4 rows and the RIVALS timed again in turn, `cfg["rounds"]` rounds, each in a fresh process,
+    the order rotated every round: {name: [its speed columns per round, None where that round failed]}, and a
+    note per failed timing and per candidate whose decode moved by more than DRIFT across the rounds."""
+    names = [n for n in (*headline_names(cfg), *RIVALS) if n in timers]
+    rounds: dict[str, list] = {name: [] for name in names}
     notes = []
-    for row in rows:
-        if row["name"] not in headline_names(cfg) or not all(f"decode_tokens_per_s_{p}" in row for p in cfg["prompts"]):
-            continue
-        try:
-            lm = child_lm(row_file(work, row["name"]), cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
-        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as exc:
-            notes.append(f"{row['name']}: not timed again ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
-            continue
-        for key, value in speed_columns(lm["rows"]).items():
-            if key.startswith("decode_"):
-                row[f"{key}_end"] = value
-        for p in cfg["prompts"]:
-            row[f"drift_decode_{p}"] = row[f"decode_tokens_per_s_{p}_end"] / row[f"decode_tokens_per_s_{p}"]
-            if abs(row[f"drift_decode_{p}"] - 1) > DRIFT:
-                notes.append(f"{row['name']}: decode after {p} tokens {row[f'drift_decode_{p}']:.2f}x at the end of "
-                             "the run against its start (the machine's speed moved): ratios to the peers are not "
-                             "trustworthy")
-    return notes
+    for r in range(cfg["rounds"] if len(names) > 1 else 0):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            try:
+                rounds[name].append(timers[name]())
+            except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+                rounds[name].append(None)
+                notes.append(f"{name}: round {r + 1} not timed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+    for name, got in rounds.items():
+        for key in (f"decode_tokens_per_s_{p}" for p in cfg["prompts"]):
+            rates = [g[key] for g in got if g and key in g]
+            if len(rates) > 1 and max(rates) / min(rates) - 1 > DRIFT:
+                notes.append(f"{name}: {key} moved {max(rates) / min(rates):.2f}x across the interleaved rounds (the "
+                             "machine's speed moved): compare the per-round ratios, not the rows")
+    return rounds, notes
+
+
+def round_ratio(rounds: dict, name: str, other: str, key: str) -> dict | None:
+    """`name`'s `key` over `other`'s, per round where both were timed: {"median", "rounds"}; None without a pair."""
+    pairs = [a[key] / b[key] for a, b in zip(rounds.get(name, []), rounds.get(other, []))
+             if a and b and key in a and key in b]
+    return {"median": float(np.median(pairs)), "rounds": pairs} if pairs else None
 
 
 def speed_columns(rows: list[dict]) -> dict:
@@ -216,9 +232,18 @@ def plot(rows: list[dict], path: Path, prompt: int) -> None:
     plt.close(fig)
 
 
-def goals(rows: list[dict], cfg: dict) -> dict:
-    """The issue's goals, checked on the rows at hand (absent where a row is missing)."""
+def goals(rows: list[dict], cfg: dict, rounds: dict | None = None) -> dict:
+    """The issue's goals, checked on the rows at hand (absent where a row is missing). A ratio between two rows that
+    `interleave` timed in the same `rounds` is the median of its per-round ratios (`{goal}_rounds`: each round's)."""
     by = {r["name"]: r for r in rows}
+    out: dict = {}
+
+    def ratio(goal: str, a: dict, b: dict, key: str) -> None:
+        paired = round_ratio(rounds or {}, a["name"], b["name"], key)
+        out[goal] = paired["median"] if paired else a[key] / b[key]
+        if paired:
+            out[f"{goal}_rounds"] = paired["rounds"]
+
     p_long = max(cfg["prompts"])
     g = cfg["groups"][0]
     int4, shared = (by.get(name) for name in headline_names(cfg))  # the buffer layout, the shared layout
@@ -227,7 +252,6 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     fp32 = by.get("edgeslim fp32")
     q40, q41 = by.get("llama.cpp Q4_0 (from Q4_1)"), by.get("llama.cpp Q4_1 (shipped)")
     genai = by.get("ORT GenAI int4 (model builder)")
-    out: dict = {}
     if int4 and fp32:
         out["int4_file_over_fp32"] = int4["file_bytes"] / fp32["file_bytes"]
         out["int4_decode_flatness"] = int4[f"decode_tokens_per_s_{p_long}"] / int4["decode_tokens_per_s_past16"]
@@ -242,9 +266,8 @@ def goals(rows: list[dict], cfg: dict) -> dict:
                 copied[f"decode_tokens_per_s_{p}"]
     if int4 and shared:  # GroupQueryAttention writing the shared buffer against the buffer layout's attention
         for p in cfg["prompts"]:
-            out[f"int4_decode{p}_shared_over_buffer_layout"] = shared[f"decode_tokens_per_s_{p}"] / \
-                int4[f"decode_tokens_per_s_{p}"]
-            out[f"int4_ttft{p}_shared_over_buffer_layout"] = shared[f"ttft_ms_{p}"] / int4[f"ttft_ms_{p}"]
+            ratio(f"int4_decode{p}_shared_over_buffer_layout", shared, int4, f"decode_tokens_per_s_{p}")
+            ratio(f"int4_ttft{p}_shared_over_buffer_layout", shared, int4, f"ttft_ms_{p}")
     for label, row in (("int4_min", exact), ("int4_min_int8_act", int4), ("nncf_int4", nncf)):
         if row and fp32:
             out[f"{label}_perplexity_over_fp32"] = row["perplexity"] / fp32["perplexity"]
@@ -252,9 +275,8 @@ def goals(rows: list[dict], cfg: dict) -> dict:
     for label, candidate in fast.items():  # each timed int4 row against the peers
         for peer, row in (("llama_cpp_q4_0", q40), ("ort_genai_int4", genai)):
             if candidate and row:
-                out[f"{label}_decode_over_{peer}"] = candidate[f"decode_tokens_per_s_{p_long}"] / \
-                    row[f"decode_tokens_per_s_{p_long}"]
-                out[f"{label}_ttft{p_long}_over_{peer}"] = candidate[f"ttft_ms_{p_long}"] / row[f"ttft_ms_{p_long}"]
+                ratio(f"{label}_decode_over_{peer}", candidate, row, f"decode_tokens_per_s_{p_long}")
+                ratio(f"{label}_ttft{p_long}_over_{peer}", candidate, row, f"ttft_ms_{p_long}")
         if candidate and q41:
             out[f"{label}_perplexity_over_llama_cpp_q4_1"] = candidate["perplexity"] / q41["perplexity"]
     return out
@@ -276,25 +298,26 @@ def run(cfg: dict, out: Path, only_peers: bool = False, name: str = "llm_deploy"
         docs = eval_tokens(loaded.encode.tokenizer, cfg)
         hf_folder = Path(loaded.source.identifier) if cfg["model"] == "tiny" else _smollm2_folder()
         del loaded
-        start = time.perf_counter()
-        rows, notes = ([], []) if only_peers else edgeslim_rows(cfg, work, source, docs)
+        start, timers = time.perf_counter(), {}
+        rows, notes = ([], []) if only_peers else edgeslim_rows(cfg, work, source, docs, timers)
         if cfg["peers"]:
-            for peer, part in (("llama.cpp", lambda: llama_cpp_rows(cfg, work, docs)),
-                               ("ORT GenAI", lambda: genai_rows(cfg, work, hf_folder, docs))):
+            for peer, part in (("llama.cpp", lambda: llama_cpp_rows(cfg, work, docs, timers)),
+                               ("ORT GenAI", lambda: genai_rows(cfg, work, hf_folder, docs, timers))):
                 try:
                     got, why = part()
                 except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
                     got, why = [], [f"{peer}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"]
                 rows += got
                 notes += why
-        notes += retime(cfg, work, rows)
+        rounds, why = interleave(cfg, timers)
+        notes += why
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the cache graphs and the peers' files (GBs for SmolLM2)
     summary = {"config": cfg, "machine": machine_start, "machine_end": machine_info(),
                "docs": len(docs), "scored_tokens": sum(len(d) - 1 for d in docs), "rows": rows,
-               "goals": goals(rows, cfg), "notes": notes, "wall_s": time.perf_counter() - start,
+               "interleaved": rounds, "goals": goals(rows, cfg, rounds), "notes": notes, "wall_s": time.perf_counter() - start,
                "subsampled": f"{len(docs)} BBC News test documents, first {cfg['eval_tokens']} tokens each; TTFT the "
-                             "median of 3 prefills; decode over one run of new_tokens tokens per prompt length; "
+                             "median of 3 prefills; decode over one run of new_tokens tokens per prompt length (in the rows, and in each interleaved round); "
                              f"int4 groups {[g for g in cfg['groups'] if g]} (128 does not divide SmolLM2's 576 inputs, 64 "
                              "left out for time); "
                              "rows at MatMulNBits accuracy level 0 scored, not timed (ORT dequantizes an 8-bit "

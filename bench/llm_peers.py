@@ -3,6 +3,7 @@ benchmark into their own folder (pip --target, out of the project's environment)
 own process: perplexity on the same token ids, time to first token, decode tokens/s, peak RSS."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -78,10 +79,11 @@ LLAMA_CPP = COMMON + textwrap.dedent("""
     llm = Llama(req["model"], n_ctx=max(req["eval_tokens"], max(req["prompts"]) + req["new_tokens"]) + 8,
                 n_threads=req["threads"], n_threads_batch=req["threads"], n_batch=512, logits_all=True, verbose=False)
     total = count = 0
-    for ids in req["docs"]:
+    for ids in req["docs"]:  # none when only timed again
         llm.reset(); llm.eval(ids)
         nll, n = nll_of(np.asarray(llm.scores[: len(ids)]), ids); total += nll; count += n
-    out["perplexity"] = math.exp(total / count)
+    if count:
+        out["perplexity"] = math.exp(total / count)
     del llm
     llm = Llama(req["model"], n_ctx=max(req["prompts"]) + req["new_tokens"] + 8, n_threads=req["threads"],
                 n_threads_batch=req["threads"], n_batch=512, logits_all=False, verbose=False)
@@ -123,7 +125,8 @@ GENAI = COMMON + textwrap.dedent("""
         for t in ids:
             g.append_tokens([t]); rows.append(np.asarray(g.get_output("logits"))[0, -1])
         nll, n = nll_of(np.stack(rows), ids); total += nll; count += n
-    out["perplexity"] = math.exp(total / count)
+    if count:  # none when only timed again
+        out["perplexity"] = math.exp(total / count)
     rng = np.random.default_rng(0)
     for p in req["prompts"]:
         prompt = rng.integers(1, 1000, p).tolist()
@@ -141,7 +144,8 @@ GENAI = COMMON + textwrap.dedent("""
 """)
 
 
-def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[dict], list[str]]:
+def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]], timers: dict) -> tuple[list[dict], list[str]]:
+    """One row per GGUF file; `timers` gets, per row, a call that times its file again (no perplexity)."""
     import importlib.util
 
     from edgeslim.zoo import SMOLLM2_GGUF
@@ -169,11 +173,13 @@ def llama_cpp_rows(cfg: dict, work: Path, docs: list[list[int]]) -> tuple[list[d
             notes.append(f"{name}: {exc}")
             continue
         rows.append({"name": name, "file_bytes": path.stat().st_size, **res})
+        timers[name] = functools.partial(run_peer, folder, LLAMA_CPP, {"model": str(path), "docs": [], **_req(cfg)})
         print(json.dumps(rows[-1]), flush=True)
     return rows, notes
 
 
-def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) -> tuple[list[dict], list[str]]:
+def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]], timers: dict) -> tuple[list[dict], list[str]]:
+    """The model builder's int4 CPU model as a row; `timers` gets a call that times it again (no perplexity)."""
     if not wanted("ORT GenAI int4 (model builder)", cfg):
         return [], []
     folder = PEERS / "onnxruntime-genai"
@@ -199,6 +205,7 @@ def genai_rows(cfg: dict, work: Path, hf_folder: Path, docs: list[list[int]]) ->
         return [], [f"ORT GenAI: {exc}"]
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data"))
     row = {"name": "ORT GenAI int4 (model builder)", "file_bytes": size, **res}
+    timers[row["name"]] = functools.partial(run_peer, folder, GENAI, {"model": str(out), "docs": [], **_req(cfg)})
     print(json.dumps(row), flush=True)
     return [row], []
 
