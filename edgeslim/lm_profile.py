@@ -7,11 +7,10 @@ import contextlib
 import html
 import statistics
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from edgeslim.core.errors import ActivationDriftError, ConfigError, SourceError
+from edgeslim.core.errors import ConfigError, SourceError
 
 DEFAULT_PROMPTS = (128, 512)
 DEFAULT_NEW_TOKENS = 128
@@ -36,7 +35,7 @@ def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[
     runner writes the cache in place either way) into a temporary folder, removed after. A wq model's
     MatMulNBits compute with int8 activations (`export --nbits-accuracy 4`, checked as that export checks it):
     at level 0 ORT dequantizes an 8-bit MatMulNBits whole on every call (SmolLM2's LM head: 0.2-0.5 s a token).
-    Where int8 activations drift too far from PyTorch, level 0 instead, with a warning."""
+    Where int8 activations drift too far from PyTorch, the export keeps its level-0 file, with a warning."""
     if item.endswith(".onnx"):
         if not Path(item).is_file():
             raise SourceError(f"no such ONNX file: {item}")
@@ -46,12 +45,8 @@ def cache_graph_file(item: str, quiet: bool = False, **source: Any) -> Iterator[
         from edgeslim.pipeline import export_cache
         from edgeslim.sources import load_model
         path, loaded = Path(tmp) / "model.onnx", load_model(item, **source)
-        try:
-            export_cache(loaded, path, quiet=quiet, layout="shared", fallback="buffer", accuracy_level=4)
-        except ActivationDriftError as exc:
-            warnings.warn(f"{exc}: MatMulNBits at accuracy level 0 (fp32 activations, slower) instead", RuntimeWarning,
-                          stacklevel=3)
-            export_cache(loaded, path, quiet=quiet, layout="shared", fallback="buffer")
+        export_cache(loaded, path, quiet=quiet, layout="shared", fallback="buffer", accuracy_level=4,
+                     drift_fallback=True)
         yield path
 
 

@@ -224,7 +224,8 @@ def export_model(loaded: LoadedModel, to: str, path: str | Path, profile: str | 
 
 
 def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, opset: int = 20,
-                 accuracy_level: int = 0, layout: str = "optimum", fallback: str = "optimum") -> dict[str, Any]:
+                 accuracy_level: int = 0, layout: str = "optimum", fallback: str = "optimum",
+                 drift_fallback: bool = False) -> dict[str, Any]:
     """A causal LM's key/value-cache ONNX graph (export/kv_cache.py), validated, with its tokenizer, chat
     template and end-of-sequence ids in the file's metadata for a torch-free runner.
 
@@ -232,7 +233,8 @@ def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, ops
     fake-quantized fp32 model; `accuracy_level` 4 lets ORT compute with int8 activations. `layout` "buffer"
     returns the new positions' keys/values only, for a runner that writes them in place (export/kv_buffer.py);
     "shared" attends with GroupQueryAttention, which writes present.* into a past buffer bound to it (export/gqa.py);
-    a model it does not cover gets `fallback`'s.
+    a model it does not cover gets `fallback`'s. `drift_fallback`: int8 activations drifting past their bound leave
+    the file at level 0 with a warning (export/kv_cache.py `to_onnx_cache`) instead of failing.
 
     Raises:
         ConfigError: not a causal LM, or a model with ONNX-level steps (INT8), which the cache graph does not run.
@@ -263,7 +265,8 @@ def export_cache(loaded: LoadedModel, path: str | Path, quiet: bool = False, ops
     with stage(f"export {Path(path).stem} with its key/value cache (validated in ONNX Runtime)", quiet):
         res = to_onnx_cache(model, path, positions=max_positions(config) if config is not None else None,
                             meta=lm_meta(loaded), opset=opset, quantized=quantized,
-                            accuracy_level=accuracy_level, layout=layout, fallback=fallback)
+                            accuracy_level=accuracy_level, layout=layout, fallback=fallback,
+                            drift_fallback=drift_fallback)
     return {"onnx": str(res.path), "onnx_bytes": res.file_bytes, "layers": res.layers, "kv_heads": res.kv_heads,
             "head_dims": res.head_dims, "position_ids": res.position_ids, "cache_layout": res.layout,
             "max_abs_diff": {f"logits@past{k}": v for k, v in res.max_abs_diff.items()},

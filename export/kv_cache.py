@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -282,7 +283,7 @@ class _Unfused(Exception):
 def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = None, meta: dict[str, Any] | None = None,
                   opset: int = 20, atol: float = 1e-4, rtol: float = 1e-3, slim: bool = True,
                   quantized: Sequence[QuantizedMatrix] = (), accuracy_level: int = 0, layout: str = "optimum",
-                  fallback: str = "optimum") -> CacheExport:
+                  fallback: str = "optimum", drift_fallback: bool = False) -> CacheExport:
     """Export a causal LM's key/value-cache graph to `path`, validated (see the module docstring).
 
     Args:
@@ -299,6 +300,8 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
         accuracy_level: MatMulNBits' compute type: 0 (fp32) is checked at atol/rtol; 4 (int8 activations,
             faster on CPUs with VNNI/AMX) is checked exact at 0 first, then each output of a prefill within
             ACTIVATION_REL relative L2 error, with the greedy agreement counted, not required.
+        drift_fallback: where int8 activations drift past ACTIVATION_REL, keep the file at level 0 (checked
+            exact already) with a RuntimeWarning and a note, instead of raising ActivationDriftError.
         layout: "optimum" (present = past + new), "buffer" (the new positions only: export/kv_buffer.py) or
             "shared" (Optimum's names, GroupQueryAttention writing present into the past's buffer: export/gqa.py);
             a model the shared layout refuses gets `fallback`'s, one the buffer layout refuses Optimum's, with the
@@ -371,14 +374,24 @@ def to_onnx_cache(model: nn.Module, path: str | Path, positions: int | None = No
             equal = _check_greedy(target, hf, vocab, positions)
             if lowered is not None and accuracy_level:  # exact at level 0 first, then the faster compute checked
                 set_accuracy(target, accuracy_level)  # int8 activations are not exact: a bound on their drift
-                drift = _check_drift(target, wrapper, vocab, kv_heads, head_dims, pos)
-                equal = _check_greedy(target, hf, vocab, positions, strict=False)
-                notes.append(f"MatMulNBits accuracy_level {accuracy_level}: exact at level 0, then a prefill's "
-                             f"logits within {drift:.2g} relative L2 error and greedy tokens equal for {equal} of "
-                             f"{len(PROMPTS)} prompts")
+                try:
+                    drift = _check_drift(target, wrapper, vocab, kv_heads, head_dims, pos)
+                except ActivationDriftError as exc:
+                    if not drift_fallback:
+                        raise
+                    set_accuracy(target, 0)
+                    warnings.warn(f"{exc}: MatMulNBits at accuracy level 0 (fp32 activations, slower) instead",
+                                  RuntimeWarning, stacklevel=2)
+                    notes.append(f"MatMulNBits accuracy_level {accuracy_level} refused ({exc}): level 0 kept")
+                else:
+                    equal = _check_greedy(target, hf, vocab, positions, strict=False)
+                    notes.append(f"MatMulNBits accuracy_level {accuracy_level}: exact at level 0, then a prefill's "
+                                 f"logits within {drift:.2g} relative L2 error and greedy tokens equal for {equal} of "
+                                 f"{len(PROMPTS)} prompts")
             shutil.move(str(target), tmp)
     except _Unfused as why:  # exported again in the fallback layout (nothing of this attempt was written)
-        res = to_onnx_cache(model, path, positions, meta, opset, atol, rtol, slim, quantized, accuracy_level, fallback)
+        res = to_onnx_cache(model, path, positions, meta, opset, atol, rtol, slim, quantized, accuracy_level, fallback,
+                            drift_fallback=drift_fallback)
         res.notes.insert(0, f"shared cache layout refused ({why}): {fallback} layout written")
         return res
     finally:
