@@ -20,7 +20,7 @@ source (several minutes).
 SmolLM2's weights already sit on a 4-bit grid (Q4_1): int4_min with groups of 32 finds that grid again
 (lossless), NNCF's int4 (an integer zero point) cannot.
 
-    python bench/llm_deploy.py            # the full run (~20 min on 2 cores), bench/results/llm_deploy.json
+    python bench/llm_deploy.py            # the full run (~25 min on 2 cores), bench/results/llm_deploy.json
     python bench/llm_deploy.py --quick    # tiny random LLaMA, edgeslim rows only, no peers; used by a test
 """
 from __future__ import annotations
