@@ -12,7 +12,7 @@ Side by side, 2 threads, the same held-out BBC News test documents (the same tok
 Columns: perplexity (each document's first `eval_tokens` tokens scored in one pass), decode tokens/s
 after a 128- and a 512-token prompt, time to first token at 128 and 512, peak RSS of the process that
 ran it, file size. The rows run one after another (~20 min, while a VM's speed can move by 1.4x), so the ratios
-the goals read come from `interleave`: after every row, the two headline int4 rows (buffer and shared layouts)
+the goals read come from `interleave`: after all the rows, the two headline int4 rows (buffer and shared layouts)
 and the peers the goals name are timed again, alternating, over `rounds` rounds (each a fresh process, the order
 rotated); a ratio is the median over rounds of the two rates taken within one round. The peers are installed BY
 THIS SCRIPT into their own folder (pip --target, out of the project's environment): llama-cpp-python builds from
@@ -180,14 +180,16 @@ def interleave(cfg: dict, timers: dict) -> tuple[dict, list[str]]:
     """The headline int4 rows and the RIVALS timed again in turn, `cfg["rounds"]` rounds, each in a fresh process,
     the order rotated every round: {name: [its speed columns per round, None where that round failed]}, and a
     note per failed timing and per candidate whose decode moved by more than DRIFT across the rounds."""
+    from edgeslim.core.errors import EdgeslimError  # a child that crashed or timed out (InferenceCrashError)
     names = [n for n in (*headline_names(cfg), *RIVALS) if n in timers]
     rounds: dict[str, list] = {name: [] for name in names}
     notes = []
-    for r in range(cfg["rounds"] if len(names) > 1 else 0):
+    paired = len(names) > 1 and any(n in timers for n in headline_names(cfg))  # a goal reads the rounds
+    for r in range(cfg["rounds"] if paired else 0):
         for name in names[r % len(names):] + names[: r % len(names)]:
             try:
                 rounds[name].append(timers[name]())
-            except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+            except (EdgeslimError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
                 rounds[name].append(None)
                 notes.append(f"{name}: round {r + 1} not timed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
     for name, got in rounds.items():

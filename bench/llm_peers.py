@@ -76,15 +76,16 @@ LLAMA_CPP = COMMON + textwrap.dedent("""
     out = {}
     def last_logits(llm):  # llm.scores holds n_batch rows without logits_all: read the context's last row
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-    llm = Llama(req["model"], n_ctx=max(req["eval_tokens"], max(req["prompts"]) + req["new_tokens"]) + 8,
-                n_threads=req["threads"], n_threads_batch=req["threads"], n_batch=512, logits_all=True, verbose=False)
-    total = count = 0
-    for ids in req["docs"]:  # none when only timed again
-        llm.reset(); llm.eval(ids)
-        nll, n = nll_of(np.asarray(llm.scores[: len(ids)]), ids); total += nll; count += n
-    if count:
+    if req["docs"]:  # none when only timed again
+        llm = Llama(req["model"], n_ctx=max(req["eval_tokens"], max(req["prompts"]) + req["new_tokens"]) + 8,
+                    n_threads=req["threads"], n_threads_batch=req["threads"], n_batch=512, logits_all=True,
+                    verbose=False)
+        total = count = 0
+        for ids in req["docs"]:
+            llm.reset(); llm.eval(ids)
+            nll, n = nll_of(np.asarray(llm.scores[: len(ids)]), ids); total += nll; count += n
         out["perplexity"] = math.exp(total / count)
-    del llm
+        del llm
     llm = Llama(req["model"], n_ctx=max(req["prompts"]) + req["new_tokens"] + 8, n_threads=req["threads"],
                 n_threads_batch=req["threads"], n_batch=512, logits_all=False, verbose=False)
     rng = np.random.default_rng(0)

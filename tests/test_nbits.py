@@ -74,6 +74,11 @@ def test_int4_and_int8_files(folder, tmp_path, capsys):
         with pytest.warns(RuntimeWarning, match="accuracy level 0"), \
                 cache_graph_file(str(tmp_path / "int4.slim"), quiet=True) as graph:
             assert levels_of(graph) == {0}
+        # `export --nbits-accuracy 4` itself refuses the drift: an export error, no file
+        refused = tmp_path / "int4-drifting.onnx"
+        assert main(["export", str(tmp_path / "int4.slim"), "--kv-cache", "--nbits-accuracy", "4", "-o",
+                     str(refused)]) == 5
+        assert "with int8 activations" in capsys.readouterr().err and not refused.exists()
     assert main(["export", str(folder), "--nbits-accuracy", "4", "-o", str(tmp_path / "x.onnx")]) == 2
     # generate runs the int4 file
     assert main(["generate", str(tmp_path / "int4.onnx"), "--prompt", "abc", "-n", "5", "--raw", "--json"]) == 0
