@@ -16,6 +16,7 @@ import torch
 
 from edgeslim import artifact, pipeline
 from edgeslim.cli import main
+from edgeslim.core import files
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.files import ARTIFACT, ONNX, TEMP_SUFFIX, clean_stale_temps, replace_output, write_owner
 
@@ -195,7 +196,9 @@ def _dead_pid() -> int:
 
 
 def test_stale_temps_of_dead_old_writers_only(tmp_path):
-    old = time.time() - 3600
+    # older than the running command (this process, started when edgeslim was imported: a full suite on a slow
+    # machine passes the hour mark before this test, so "an hour ago" would no longer be older)
+    old = files._COMMAND_START - 3600
     dead, live = _dead_pid(), os.getppid()
     stale = tmp_path / f".m.slim.{dead}-0123abcd{TEMP_SUFFIX}"
     mid_swap = tmp_path / f".k.slim.{dead}-89abcdef{TEMP_SUFFIX}"  # killed between the two renames
