@@ -11,7 +11,7 @@ Side by side, 2 threads, the same held-out BBC News test documents (the same tok
 - ONNX Runtime GenAI's model builder, int4 CPU, on the HF folder `smollm2` caches.
 Columns: perplexity (each document's first `eval_tokens` tokens scored in one pass), decode tokens/s
 after a 128- and a 512-token prompt, time to first token at 128 and 512, peak RSS of the process that
-ran it, file size. The rows run one after another (~20 min, while a VM's speed can move by 1.4x), so the ratios
+ran it, file size. The rows run one after another (~25 min, while a VM's speed can move by 1.4x), so the ratios
 the goals read come from `interleave`: after all the rows, the two headline int4 rows (buffer and shared layouts)
 and the peers the goals name are timed again, alternating, over `rounds` rounds (each a fresh process, the order
 rotated); a ratio is the median over rounds of the two rates taken within one round. The peers are installed BY
@@ -132,8 +132,6 @@ def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, d
     per layout."""
     from edgeslim.export.kv_cache import set_accuracy
     from edgeslim.pipeline import apply_steps, export_cache
-    from edgeslim.runtime.child import child_lm
-
     key = json.dumps([steps, layout])
     if key not in built:
         start = time.perf_counter()
@@ -153,8 +151,7 @@ def edgeslim_row(cfg: dict, work: Path, original, built: dict[str, tuple[Path, d
            "greedy_prompts_equal": info["greedy_prompts_equal"] if accuracy else 3,
            "perplexity": cache_graph_perplexity(path, docs, cfg["threads"])}
     if timed:
-        lm = child_lm(path, cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
-        row.update(peak_rss_bytes=lm["memory"]["peak_rss_bytes"], **speed_columns(lm["rows"]))
+        row.update(_time_cache_graph(path, cfg))
     print(json.dumps({k: v for k, v in row.items() if k not in ("steps", "export_max_abs_diff")}), flush=True)
     return row
 
@@ -172,8 +169,10 @@ def row_file(work: Path, name: str) -> Path:
 
 
 def _time_cache_graph(path: Path, cfg: dict) -> dict:
+    """The speed columns and peak RSS of the cache graph at `path`, measured in a fresh process at batch 1."""
     from edgeslim.runtime.child import child_lm
-    return speed_columns(child_lm(path, cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])["rows"])
+    lm = child_lm(path, cfg["prompts"], cfg["new_tokens"], [1], cfg["threads"])
+    return {"peak_rss_bytes": lm["memory"]["peak_rss_bytes"], **speed_columns(lm["rows"])}
 
 
 def interleave(cfg: dict, timers: dict) -> tuple[dict, list[str]]:
@@ -187,6 +186,7 @@ def interleave(cfg: dict, timers: dict) -> tuple[dict, list[str]]:
     paired = len(names) > 1 and any(n in timers for n in headline_names(cfg))  # a goal reads the rounds
     for r in range(cfg["rounds"] if paired else 0):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            print(f"interleaved round {r + 1}/{cfg['rounds']}: {name}", flush=True)  # ~20 s a timing for SmolLM2
             try:
                 rounds[name].append(timers[name]())
             except (EdgeslimError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
